@@ -1,0 +1,82 @@
+//! The cache stage: completed upstream responses, stored as their raw chunks
+//! so a hit replays as a real stream with the original chunk boundaries.
+//! An in-process bounded TTL cache for embedded mode, Redis for production.
+
+mod memory;
+mod redis;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::config::{CacheBackend, CacheConfig};
+use crate::protocol::Chunk;
+
+pub use memory::MemoryCache;
+pub use redis::RedisCache;
+
+/// A completed response: every upstream chunk, in order, `[DONE]` excluded.
+pub type CachedResponse = Arc<[Chunk]>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cache backend unavailable: {0}")]
+    Unavailable(String),
+    #[error("cache entry is corrupt: {0}")]
+    Corrupt(String),
+}
+
+#[async_trait]
+pub trait Cache: Send + Sync + 'static {
+    async fn get(&self, key: &str) -> Result<Option<CachedResponse>, CacheError>;
+    async fn put(&self, key: &str, value: CachedResponse) -> Result<(), CacheError>;
+    async fn ping(&self) -> Result<(), CacheError>;
+}
+
+/// Builds the configured cache; `None` when caching is off.
+pub async fn open(config: &CacheConfig, metrics: Arc<crate::metrics::Metrics>) -> Option<Arc<dyn Cache>> {
+    match &config.backend {
+        CacheBackend::Disabled => None,
+        CacheBackend::Memory { max_bytes } => Some(Arc::new(MemoryCache::new(*max_bytes, config.ttl))),
+        CacheBackend::Redis {
+            url,
+            key_prefix,
+            timeout,
+        } => Some(Arc::new(RedisCache::connect(url, key_prefix, config.ttl, *timeout, metrics).await)),
+    }
+}
+
+/// Serialises a response as the SSE body it came from; [`decode`] reverses it.
+pub fn encode(chunks: &[Chunk]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(chunks.iter().map(|c| c.framed().len()).sum());
+    for chunk in chunks {
+        out.extend_from_slice(chunk.framed());
+    }
+    out
+}
+
+pub fn decode(bytes: &[u8]) -> Result<CachedResponse, CacheError> {
+    let mut parser = crate::sse::SseParser::new();
+    parser.push(bytes);
+    let chunks: Vec<Chunk> = std::iter::from_fn(|| parser.next_event()).map(|e| e.chunk).collect();
+    if parser.pending() != 0 || chunks.is_empty() {
+        return Err(CacheError::Corrupt(format!("{} trailing bytes", parser.pending())));
+    }
+    Ok(chunks.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_decode_keeps_chunk_boundaries() {
+        let chunks: Vec<Chunk> = vec![
+            Chunk::from_payload(br#"{"a":1}"#),
+            Chunk::from_payload(br#"{"b":"x\ny"}"#),
+        ];
+        let decoded = decode(&encode(&chunks)).unwrap();
+        assert_eq!(&decoded[..], &chunks[..]);
+        assert!(decode(b"data: {\"a\"").is_err());
+    }
+}

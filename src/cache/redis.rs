@@ -1,0 +1,167 @@
+//! The Redis cache (via fred). Redis is optional at runtime: when it is down
+//! or slow, requests are served uncached. Each outage is logged once when it
+//! starts and once when it ends, every bypass is counted, and the client
+//! reconnects by itself.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use fred::prelude::*;
+use fred::types::config::Options;
+
+use super::{Cache, CacheError, CachedResponse};
+use crate::metrics::Metrics;
+
+/// After a failure, how long to serve uncached before trying Redis again.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+pub struct RedisCache {
+    client: Client,
+    key_prefix: String,
+    ttl_secs: i64,
+    options: Options,
+    /// Set while an outage is in progress, so it is logged once.
+    down: AtomicBool,
+    /// Milliseconds since `epoch` before which calls are not attempted.
+    retry_at_ms: AtomicU64,
+    epoch: Instant,
+    metrics: Arc<Metrics>,
+    url: String,
+}
+
+impl RedisCache {
+    /// Creates the client and starts connecting in the background. Never fails:
+    /// an unreachable Redis at startup is the same as one that went away later.
+    pub async fn connect(
+        url: &str,
+        key_prefix: &str,
+        ttl: Duration,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let redacted = crate::config::redact_url(url);
+        let config = Config::from_url(url).unwrap_or_else(|err| {
+            tracing::error!(url = %redacted, %err, "invalid Redis URL; the cache will stay bypassed");
+            Config::default()
+        });
+        let client = Builder::from_config(config)
+            .with_connection_config(|c| {
+                c.connection_timeout = Duration::from_secs(2);
+                c.tcp = TcpConfig {
+                    nodelay: Some(true),
+                    ..Default::default()
+                };
+            })
+            .with_performance_config(|p| p.default_command_timeout = timeout)
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+            .build()
+            .unwrap_or_else(|_| Client::default());
+        client.on_error(|(error, _server)| async move {
+            tracing::debug!(%error, "redis connection error");
+            Ok(())
+        });
+        let _connection = client.connect();
+        // Give the first connection a moment so the first requests can use it.
+        let _ = tokio::time::timeout(Duration::from_millis(500), client.wait_for_connect()).await;
+        Self {
+            client,
+            key_prefix: key_prefix.to_string(),
+            ttl_secs: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1),
+            options: Options {
+                fail_fast: true,
+                max_attempts: Some(1),
+                timeout: Some(timeout),
+                ..Default::default()
+            },
+            down: AtomicBool::new(false),
+            retry_at_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            metrics,
+            url: redacted,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Whether to try Redis now; false during the back-off after a failure.
+    fn should_try(&self) -> bool {
+        if !self.down.load(Ordering::Relaxed) {
+            return self.client.is_connected() || self.record_failure("not connected");
+        }
+        self.now_ms() >= self.retry_at_ms.load(Ordering::Relaxed)
+    }
+
+    /// Marks an outage; logs only on the transition. Always returns false.
+    fn record_failure(&self, reason: &str) -> bool {
+        self.retry_at_ms
+            .store(self.now_ms() + RETRY_AFTER.as_millis() as u64, Ordering::Relaxed);
+        if !self.down.swap(true, Ordering::Relaxed) {
+            tracing::warn!(url = %self.url, reason, "Redis cache unavailable; serving requests uncached until it is back");
+            self.metrics.backend_up.with_label_values(&["cache"]).set(0);
+        }
+        false
+    }
+
+    fn record_success(&self) {
+        if self.down.swap(false, Ordering::Relaxed) {
+            tracing::info!(url = %self.url, "Redis cache is back");
+            self.metrics.backend_up.with_label_values(&["cache"]).set(1);
+        }
+    }
+
+    fn unavailable(&self, err: impl std::fmt::Display) -> CacheError {
+        let reason = err.to_string();
+        self.record_failure(&reason);
+        CacheError::Unavailable(reason)
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}{}", self.key_prefix, key)
+    }
+}
+
+#[async_trait]
+impl Cache for RedisCache {
+    async fn get(&self, key: &str) -> Result<Option<CachedResponse>, CacheError> {
+        if !self.should_try() {
+            return Err(CacheError::Unavailable("Redis is down (backing off)".into()));
+        }
+        let value: Option<Vec<u8>> = self
+            .client
+            .with_options(&self.options)
+            .get(self.key(key))
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        self.record_success();
+        value.map(|bytes| super::decode(&bytes)).transpose()
+    }
+
+    async fn put(&self, key: &str, value: CachedResponse) -> Result<(), CacheError> {
+        if !self.should_try() {
+            return Err(CacheError::Unavailable("Redis is down (backing off)".into()));
+        }
+        let encoded = super::encode(&value);
+        let _: () = self
+            .client
+            .with_options(&self.options)
+            .set(self.key(key), encoded, Some(Expiration::EX(self.ttl_secs)), None, false)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        self.record_success();
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), CacheError> {
+        let _: () = self
+            .client
+            .with_options(&self.options)
+            .ping(None)
+            .await
+            .map_err(|e| CacheError::Unavailable(e.to_string()))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,58 @@
+//! `sluice demo`: the gateway in embedded mode with a simulated vLLM in the
+//! same process, a fresh demo key, and a ready-to-paste `curl` command.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::app::Gateway;
+use crate::config::{Config, StoreConfig, StoreKind};
+use crate::simulator::{Simulator, SimulatorConfig};
+
+pub struct DemoOptions {
+    pub listen: SocketAddr,
+    pub token_delay: Duration,
+}
+
+pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<()> {
+    let simulator = Simulator::start(SimulatorConfig {
+        token_delay: options.token_delay,
+        ..SimulatorConfig::default()
+    })
+    .await?;
+    let db = std::env::temp_dir().join(format!("sluice-demo-{}.db", std::process::id()));
+    config.store = StoreConfig {
+        kind: StoreKind::Sqlite,
+        url: format!("sqlite://{}", db.display()),
+        ..config.store
+    };
+    config.upstream.urls = vec![simulator.url().parse()?];
+    config.server.listen = options.listen;
+
+    let listener = tokio::net::TcpListener::bind(options.listen).await.map_err(|err| {
+        anyhow::anyhow!("cannot listen on {}: {err} (pick another address with --listen)", options.listen)
+    })?;
+    let addr = listener.local_addr()?;
+    let gateway = Gateway::start(config).await?;
+    let key = crate::auth::create_key(gateway.store().as_ref(), "demo").await?;
+
+    println!("sluice demo: gateway on http://{addr}, simulated vLLM on {}", simulator.url());
+    println!("demo API key (shown once): {}", key.secret);
+    println!();
+    println!("Stream a completion:");
+    println!();
+    println!("  curl -N http://{addr}/v1/completions \\");
+    println!("    -H 'Authorization: Bearer {}' \\", key.secret);
+    println!("    -H 'Content-Type: application/json' \\");
+    println!("    -d '{{\"model\": \"sim-llama\", \"prompt\": \"Once upon a time\", \"max_tokens\": 24, \"stream\": true}}'");
+    println!();
+    println!("Run it twice: the second answer streams from the cache. Metrics: http://{addr}/metrics. Ctrl-C stops.");
+
+    gateway
+        .serve(listener, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    let _ = std::fs::remove_file(&db);
+    drop(simulator);
+    Ok(())
+}

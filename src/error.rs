@@ -1,0 +1,211 @@
+//! The one error type a client can see, and its mapping to HTTP and to the
+//! OpenAI/vLLM error shape `{"error": {"message", "type", "param", "code"}}`.
+//!
+//! Every layer has its own `thiserror` enum (store, cache, queue, upstream,
+//! plugins); each converts into [`GatewayError`] here, so status codes and
+//! error types are decided in exactly one place.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+/// An error as it travels between processes (worker to edge over the queue)
+/// and as it is rendered to clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    pub status: u16,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub message: String,
+}
+
+impl ErrorInfo {
+    pub fn new(status: StatusCode, kind: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            status: status.as_u16(),
+            kind: kind.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn status_code(&self) -> StatusCode {
+        StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_GATEWAY)
+    }
+
+    /// The OpenAI-shaped JSON body: `{"error": {"message", "type", "param": null, "code"}}`.
+    pub fn to_json(&self) -> String {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            error: Inner<'a>,
+        }
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            message: &'a str,
+            #[serde(rename = "type")]
+            kind: &'a str,
+            param: Option<()>,
+            code: u16,
+        }
+        serde_json::to_string(&Body {
+            error: Inner {
+                message: &self.message,
+                kind: &self.kind,
+                param: None,
+                code: self.status,
+            },
+        })
+        .unwrap_or_else(|_| String::from(r#"{"error":{"message":"internal error","type":"InternalServerError","param":null,"code":500}}"#))
+    }
+}
+
+/// Everything that can go wrong while serving a request.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("request body is larger than the {limit}-byte limit")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// A plugin's `on-request` hook rejected the request.
+    #[error("{message}")]
+    Rejected { status: StatusCode, message: String },
+    /// The upstream (vLLM) answered with an error, or failed mid-stream.
+    #[error("{}", .0.message)]
+    Upstream(ErrorInfo),
+    #[error("upstream unavailable: {0}")]
+    UpstreamUnavailable(String),
+    #[error("upstream timed out: {0}")]
+    UpstreamTimeout(String),
+    #[error("{0}")]
+    Overloaded(String),
+    /// A fail-closed plugin trapped, timed out or misbehaved.
+    #[error("plugin {plugin} failed: {reason}")]
+    Plugin { plugin: String, reason: String },
+    #[error("{0}")]
+    Backend(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Rejected { status, .. } => *status,
+            Self::Upstream(info) => info.status_code(),
+            Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Overloaded(_) | Self::Backend(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Plugin { .. } | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The error `type`, named like the OpenAI SDK's exception classes (as vLLM does).
+    fn kind(&self) -> &str {
+        match self {
+            Self::Upstream(info) => &info.kind,
+            Self::Rejected { status, .. } => kind_for_status(*status),
+            other => kind_for_status(other.status()),
+        }
+    }
+
+    pub fn info(&self) -> ErrorInfo {
+        match self {
+            Self::Upstream(info) => info.clone(),
+            other => ErrorInfo::new(other.status(), other.kind(), other.to_string()),
+        }
+    }
+
+    /// A short, low-cardinality label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "bad_request",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::NotFound(_) => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Rejected { .. } => "plugin_rejected",
+            Self::Upstream(_) => "upstream_error",
+            Self::UpstreamUnavailable(_) => "upstream_unavailable",
+            Self::UpstreamTimeout(_) => "upstream_timeout",
+            Self::Overloaded(_) => "overloaded",
+            Self::Plugin { .. } => "plugin_failed",
+            Self::Backend(_) => "backend_unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+}
+
+/// The `type` string for a status code, following the OpenAI SDK's names.
+pub fn kind_for_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "BadRequestError",
+        401 => "AuthenticationError",
+        403 => "PermissionDeniedError",
+        404 => "NotFoundError",
+        405 => "MethodNotAllowedError",
+        409 => "ConflictError",
+        413 => "PayloadTooLargeError",
+        422 => "UnprocessableEntityError",
+        429 => "RateLimitError",
+        502 => "BadGatewayError",
+        503 => "ServiceUnavailableError",
+        504 => "GatewayTimeoutError",
+        s if s >= 500 => "InternalServerError",
+        _ => "BadRequestError",
+    }
+}
+
+impl From<ErrorInfo> for GatewayError {
+    fn from(info: ErrorInfo) -> Self {
+        Self::Upstream(info)
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let info = self.info();
+        let mut response = (info.status_code(), info.to_json()).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if matches!(self, Self::Unauthorized(_)) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_body_has_the_openai_shape() {
+        let err = GatewayError::BadRequest("prompt is required".into());
+        let body: serde_json::Value = serde_json::from_str(&err.info().to_json()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"error": {"message": "prompt is required", "type": "BadRequestError", "param": null, "code": 400}})
+        );
+    }
+
+    #[test]
+    fn upstream_errors_keep_their_status_and_type() {
+        let err = GatewayError::from(ErrorInfo::new(StatusCode::NOT_FOUND, "NotFoundError", "model x not found"));
+        assert_eq!(err.status(), StatusCode::NOT_FOUND);
+        assert_eq!(err.info().kind, "NotFoundError");
+    }
+}

@@ -1,0 +1,110 @@
+//! `POST /v1/completions`: SSE when `stream: true`, the assembled JSON body otherwise.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, Limited};
+
+use crate::app::AppState;
+use crate::auth::presented_secret;
+use crate::error::GatewayError;
+use crate::pipeline::{self, Completion, Delivery, RequestRecord};
+use crate::policy::RequestContext;
+use crate::protocol::{CompletionRequest, ResponseAssembler};
+
+pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let received_at = Instant::now();
+    let request_id = super::new_request_id();
+    let record = RequestRecord::new(state.clone(), request_id.clone(), "json", received_at);
+    let response = handle(state, headers, body, record).await;
+    super::with_request_id(response, &request_id)
+}
+
+async fn handle(state: Arc<AppState>, headers: HeaderMap, body: Body, mut record: RequestRecord) -> Response {
+    macro_rules! bail {
+        ($err:expr) => {{
+            let err: GatewayError = $err;
+            record.fail(&err);
+            return err.into_response();
+        }};
+    }
+    let identity = match state.auth.authenticate(presented_secret(&headers, None)).await {
+        Ok(identity) => identity,
+        Err(err) => bail!(err),
+    };
+    record.key_id = Some(identity.key_id.clone());
+    let body = match read_body(&headers, body, state.config.server.max_body_bytes).await {
+        Ok(body) => body,
+        Err(err) => bail!(err),
+    };
+    let request = match CompletionRequest::parse(&body) {
+        Ok(request) => request,
+        Err(err) => bail!(err),
+    };
+    let stream = request.is_stream();
+    record.transport = if stream { "sse" } else { "json" };
+    let ctx = RequestContext {
+        request_id: record.request_id.clone(),
+        identity,
+        route: record.route,
+        transport: record.transport,
+    };
+    match pipeline::start(&state, &ctx, request, record).await {
+        Err((err, _record)) => err.into_response(),
+        Ok(completion) if stream => sse_response(completion),
+        Ok(completion) => json_response(completion).await,
+    }
+}
+
+/// Reads the body, refusing more than `limit` bytes (before reading, when Content-Length says so).
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, GatewayError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(GatewayError::PayloadTooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(GatewayError::PayloadTooLarge { limit }),
+        Err(err) => Err(GatewayError::BadRequest(format!("could not read the request body: {err}"))),
+    }
+}
+
+const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
+
+fn sse_response(completion: Completion) -> Response {
+    let events = futures::stream::unfold(Some(completion), |completion| async move {
+        let mut completion = completion?;
+        let (bytes, rest) = match completion.next().await {
+            Delivery::Chunk(chunk) => (chunk.framed().clone(), Some(completion)),
+            Delivery::Error(info) => (Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", info.to_json())), None),
+            Delivery::Done => (Bytes::from_static(DONE_EVENT), None),
+        };
+        Some((Ok::<_, Infallible>(bytes), rest))
+    });
+    let mut response = Body::from_stream(events).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+async fn json_response(mut completion: Completion) -> Response {
+    let mut assembler = ResponseAssembler::default();
+    loop {
+        match completion.next().await {
+            Delivery::Chunk(chunk) => assembler.push(chunk.payload_slice()),
+            Delivery::Error(info) => return GatewayError::Upstream(info).into_response(),
+            Delivery::Done => break,
+        }
+    }
+    axum::Json(assembler.finish()).into_response()
+}

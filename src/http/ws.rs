@@ -1,0 +1,182 @@
+//! `GET /v1/completions` upgraded to a WebSocket. Each text frame from the
+//! client is one request body; the server answers with text frames that
+//! carry exactly what SSE `data:` events would (chunks, or an error object),
+//! always ending with `[DONE]`. The connection then takes the next request.
+//! Closing the socket mid-stream cancels the upstream generation.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+
+use crate::app::AppState;
+use crate::auth::{Identity, presented_secret};
+use crate::error::{ErrorInfo, GatewayError};
+use crate::pipeline::{self, Delivery, RequestRecord};
+use crate::policy::RequestContext;
+use crate::protocol::{CompletionRequest, ResponseAssembler};
+
+#[derive(Deserialize)]
+pub struct WsParams {
+    api_key: Option<String>,
+}
+
+pub async fn websocket(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(params): Query<WsParams>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => {
+            return GatewayError::BadRequest(format!(
+                "GET /v1/completions is the WebSocket endpoint: {}",
+                rejection.body_text()
+            ))
+            .into_response();
+        }
+    };
+    let identity = match state
+        .auth
+        .authenticate(presented_secret(&headers, params.api_key.as_deref()))
+        .await
+    {
+        Ok(identity) => identity,
+        Err(err) => return err.into_response(),
+    };
+    let limit = state.config.server.max_body_bytes;
+    upgrade
+        .max_message_size(limit)
+        .on_upgrade(move |socket| serve_socket(state, identity, socket))
+}
+
+type Sink = SplitSink<WebSocket, Message>;
+
+async fn send_text(sink: &mut Sink, text: impl Into<Utf8Bytes>) -> bool {
+    sink.send(Message::Text(text.into())).await.is_ok()
+}
+
+async fn send_error(sink: &mut Sink, info: &ErrorInfo) -> bool {
+    send_text(sink, info.to_json()).await && send_text(sink, "[DONE]").await
+}
+
+/// What the client sent while a response was streaming.
+enum Incoming {
+    Request(Utf8Bytes),
+    Other,
+    Closed,
+}
+
+async fn receive(stream: &mut SplitStream<WebSocket>) -> Incoming {
+    match stream.next().await {
+        Some(Ok(Message::Text(text))) => Incoming::Request(text),
+        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => Incoming::Closed,
+        Some(Ok(_)) => Incoming::Other,
+    }
+}
+
+async fn serve_socket(state: Arc<AppState>, identity: Identity, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let mut queued: VecDeque<Utf8Bytes> = VecDeque::new();
+    loop {
+        let text = match queued.pop_front() {
+            Some(text) => text,
+            None => match stream.next().await {
+                Some(Ok(Message::Text(text))) => text,
+                Some(Ok(Message::Binary(_))) => {
+                    let err = GatewayError::BadRequest("send each request as a text frame holding its JSON body".into());
+                    if !send_error(&mut sink, &err.info()).await {
+                        return;
+                    }
+                    continue;
+                }
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => continue,
+            },
+        };
+        if !serve_request(&state, &identity, text.as_bytes(), &mut sink, &mut stream, &mut queued).await {
+            return;
+        }
+    }
+}
+
+/// Serves one request; returns false when the connection is gone.
+async fn serve_request(
+    state: &Arc<AppState>,
+    identity: &Identity,
+    body: &[u8],
+    sink: &mut Sink,
+    stream: &mut SplitStream<WebSocket>,
+    queued: &mut VecDeque<Utf8Bytes>,
+) -> bool {
+    let received_at = Instant::now();
+    let request_id = crate::http::new_request_id();
+    let mut record = RequestRecord::new(state.clone(), request_id.clone(), "ws", received_at);
+    record.key_id = Some(identity.key_id.clone());
+    let request = match CompletionRequest::parse(body) {
+        Ok(request) => request,
+        Err(err) => {
+            record.fail(&err);
+            return send_error(sink, &err.info()).await;
+        }
+    };
+    let stream_mode = request.is_stream();
+    let ctx = RequestContext {
+        request_id,
+        identity: identity.clone(),
+        route: record.route,
+        transport: "ws",
+    };
+    let mut completion = match pipeline::start(state, &ctx, request, record).await {
+        Ok(completion) => completion,
+        Err((err, _record)) => return send_error(sink, &err.info()).await,
+    };
+    let mut assembler = (!stream_mode).then(ResponseAssembler::default);
+    loop {
+        let delivery = tokio::select! {
+            delivery = completion.next() => delivery,
+            incoming = receive(stream) => match incoming {
+                Incoming::Request(text) => {
+                    queued.push_back(text);
+                    continue;
+                }
+                Incoming::Other => continue,
+                // Dropping the completion cancels the upstream request.
+                Incoming::Closed => return false,
+            },
+        };
+        let sent = match delivery {
+            Delivery::Chunk(chunk) => match &mut assembler {
+                Some(assembler) => {
+                    assembler.push(chunk.payload_slice());
+                    true
+                }
+                None => match Utf8Bytes::try_from(chunk.payload()) {
+                    Ok(text) => send_text(sink, text).await,
+                    Err(_) => send_text(sink, String::from_utf8_lossy(chunk.payload_slice()).into_owned()).await,
+                },
+            },
+            Delivery::Error(info) => return send_error(sink, &info).await,
+            Delivery::Done => {
+                if let Some(assembler) = assembler.take() {
+                    if !send_text(sink, assembler.finish().to_string()).await {
+                        return false;
+                    }
+                }
+                return send_text(sink, "[DONE]").await;
+            }
+        };
+        if !sent {
+            return false;
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! The request pipeline, shared by REST and WebSocket: policy hooks, cache
+//! lookup, queue submission, then a [`Completion`] that yields the chunks to
+//! deliver. Transports only format what it yields.
+//!
+//! A [`RequestRecord`] follows each request from authentication to its last
+//! byte; when it is dropped (finished, failed or abandoned by the client) it
+//! writes the request's metrics and its inference-log row.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+
+use crate::app::AppState;
+use crate::cache::CachedResponse;
+use crate::error::{ErrorInfo, GatewayError};
+use crate::policy::{CacheKeyDecision, FilterChain, Filtered, RequestContext};
+use crate::protocol::{Chunk, CompletionRequest, Usage};
+use crate::queue::{QueuedRequest, ResponseEvent, ResponseStream};
+use crate::store::InferenceRecord;
+
+/// HTTP status logged for a request whose client went away first (nginx's convention).
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// Everything measured about one request; reported when dropped.
+pub struct RequestRecord {
+    state: Arc<AppState>,
+    pub request_id: String,
+    pub route: &'static str,
+    pub transport: &'static str,
+    pub key_id: Option<String>,
+    pub model: String,
+    pub cache_hit: bool,
+    pub status: u16,
+    received_at: Instant,
+    first_chunk_at: Option<Instant>,
+    last_chunk_at: Option<Instant>,
+    pub usage: Option<Usage>,
+    chunks_sent: u64,
+}
+
+impl RequestRecord {
+    pub fn new(state: Arc<AppState>, request_id: String, transport: &'static str, received_at: Instant) -> Self {
+        Self {
+            state,
+            request_id,
+            route: "/v1/completions",
+            transport,
+            key_id: None,
+            model: String::new(),
+            cache_hit: false,
+            status: CLIENT_CLOSED,
+            received_at,
+            first_chunk_at: None,
+            last_chunk_at: None,
+            usage: None,
+            chunks_sent: 0,
+        }
+    }
+
+    fn chunk_sent(&mut self) {
+        let now = Instant::now();
+        match self.last_chunk_at {
+            None => {
+                self.first_chunk_at = Some(now);
+                let cache = if self.cache_hit { "hit" } else { "miss" };
+                self.state
+                    .metrics
+                    .time_to_first_token
+                    .with_label_values(&[self.transport, cache])
+                    .observe((now - self.received_at).as_secs_f64());
+            }
+            Some(last) => self.state.metrics.inter_token_latency.observe((now - last).as_secs_f64()),
+        }
+        self.last_chunk_at = Some(now);
+        self.chunks_sent += 1;
+    }
+
+    pub fn fail(&mut self, error: &GatewayError) {
+        self.status = error.status().as_u16();
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        let metrics = &self.state.metrics;
+        let elapsed = self.received_at.elapsed();
+        let status = self.status.to_string();
+        let labels = [self.route, self.transport, status.as_str()];
+        metrics.requests.with_label_values(&labels).inc();
+        metrics.request_duration.with_label_values(&labels).observe(elapsed.as_secs_f64());
+        let usage = self.usage.unwrap_or_default();
+        let completion_tokens = if self.usage.is_some() { usage.completion_tokens } else { self.chunks_sent };
+        if self.status == 200 {
+            metrics.prompt_tokens.with_label_values(&[&self.model]).inc_by(usage.prompt_tokens);
+            metrics.completion_tokens.with_label_values(&[&self.model]).inc_by(completion_tokens);
+        }
+        let ttft_ms = self
+            .first_chunk_at
+            .map(|t| (t - self.received_at).as_secs_f64() * 1000.0);
+        tracing::info!(
+            request_id = %self.request_id,
+            key_id = self.key_id.as_deref().unwrap_or("-"),
+            model = %self.model,
+            transport = self.transport,
+            status = self.status,
+            cache = if self.cache_hit { "hit" } else { "miss" },
+            prompt_tokens = usage.prompt_tokens,
+            completion_tokens,
+            ttft_ms = ttft_ms.unwrap_or(-1.0),
+            total_ms = elapsed.as_secs_f64() * 1000.0,
+            "request finished"
+        );
+        if let Some(key_id) = self.key_id.take() {
+            self.state.inference_log.log(InferenceRecord {
+                request_id: std::mem::take(&mut self.request_id),
+                key_id,
+                model: std::mem::take(&mut self.model),
+                prompt_tokens: i64::try_from(usage.prompt_tokens).unwrap_or(i64::MAX),
+                completion_tokens: i64::try_from(completion_tokens).unwrap_or(i64::MAX),
+                cache_hit: self.cache_hit,
+                status: i32::from(self.status),
+                ttft_ms,
+                total_ms: elapsed.as_secs_f64() * 1000.0,
+                created_at: Utc::now(),
+            });
+        }
+    }
+}
+
+/// What a transport sends next.
+#[derive(Debug)]
+pub enum Delivery {
+    Chunk(Chunk),
+    /// The response failed; nothing follows but the end marker.
+    Error(ErrorInfo),
+    Done,
+}
+
+enum Source {
+    Cached { chunks: CachedResponse, next: usize },
+    Queue { responses: Box<dyn ResponseStream>, first: Option<ResponseEvent> },
+}
+
+/// A response being delivered: from the cache or from a worker, through the token filters.
+pub struct Completion {
+    pub record: RequestRecord,
+    source: Source,
+    filters: FilterChain,
+    /// Whether the final usage-only chunk is delivered (streams that asked, and JSON assembly).
+    deliver_usage_chunk: bool,
+    /// On a cache miss: the key and the raw chunks to store once complete.
+    to_cache: Option<(String, Vec<Chunk>)>,
+    last_chunk: Option<Chunk>,
+    /// A chunk that must go out before `Done` (flushed held text).
+    pending_done: bool,
+    finished: bool,
+}
+
+/// Runs the request through the hooks, the cache and the queue. Returns the
+/// response to deliver, or the error to answer with (before anything was sent).
+pub async fn start(
+    state: &Arc<AppState>,
+    ctx: &RequestContext,
+    mut request: CompletionRequest,
+    mut record: RequestRecord,
+) -> Result<Completion, (GatewayError, RequestRecord)> {
+    record.model = request.model.clone();
+    if let Err(err) = state.policy.on_request(ctx, &mut request).await {
+        record.fail(&err);
+        return Err((err, record));
+    }
+    let deliver_usage_chunk = !request.is_stream() || request.wants_usage_chunk();
+    let filters = FilterChain::new(state.policy.token_filters(ctx));
+
+    let cache_key = match &state.cache {
+        None => None,
+        Some(_) => match state.policy.cache_key(ctx, &request, request.default_cache_key()).await {
+            Ok(CacheKeyDecision::Key(key)) => Some(key),
+            Ok(CacheKeyDecision::Bypass) => None,
+            Err(err) => {
+                record.fail(&err);
+                return Err((err, record));
+            }
+        },
+    };
+    let metrics = &state.metrics;
+    match (&state.cache, &cache_key) {
+        (Some(cache), Some(key)) => match cache.get(key).await {
+            Ok(Some(chunks)) => {
+                metrics.cache_lookups.with_label_values(&["hit"]).inc();
+                record.cache_hit = true;
+                return Ok(Completion::new(record, Source::Cached { chunks, next: 0 }, filters, deliver_usage_chunk, None));
+            }
+            Ok(None) => metrics.cache_lookups.with_label_values(&["miss"]).inc(),
+            Err(err) => {
+                metrics.cache_lookups.with_label_values(&["error"]).inc();
+                tracing::debug!(%err, "cache lookup failed; serving uncached");
+            }
+        },
+        _ => metrics.cache_lookups.with_label_values(&["bypass"]).inc(),
+    }
+
+    let submitted = Instant::now();
+    let queued = QueuedRequest::new(ctx.request_id.clone(), request.upstream_body(), Vec::new());
+    let mut responses = match state.queue.submit(queued).await {
+        Ok(responses) => responses,
+        Err(err) => {
+            let err = GatewayError::from(err);
+            record.fail(&err);
+            return Err((err, record));
+        }
+    };
+    let first = responses.next().await;
+    metrics.queue_wait.observe(submitted.elapsed().as_secs_f64());
+    if let ResponseEvent::Error(info) = first {
+        let err = GatewayError::Upstream(info);
+        record.fail(&err);
+        return Err((err, record));
+    }
+    let to_cache = cache_key.map(|key| (key, Vec::new()));
+    Ok(Completion::new(
+        record,
+        Source::Queue { responses, first: Some(first) },
+        filters,
+        deliver_usage_chunk,
+        to_cache,
+    ))
+}
+
+impl Completion {
+    fn new(
+        record: RequestRecord,
+        source: Source,
+        filters: FilterChain,
+        deliver_usage_chunk: bool,
+        to_cache: Option<(String, Vec<Chunk>)>,
+    ) -> Self {
+        record.state.metrics.active_streams.inc();
+        Self {
+            record,
+            source,
+            filters,
+            deliver_usage_chunk,
+            to_cache,
+            last_chunk: None,
+            pending_done: false,
+            finished: false,
+        }
+    }
+
+    async fn next_event(&mut self) -> ResponseEvent {
+        match &mut self.source {
+            Source::Cached { chunks, next } => match chunks.get(*next) {
+                Some(chunk) => {
+                    *next += 1;
+                    ResponseEvent::Chunk(chunk.clone())
+                }
+                None => ResponseEvent::Done,
+            },
+            Source::Queue { responses, first } => match first.take() {
+                Some(event) => event,
+                None => responses.next().await,
+            },
+        }
+    }
+
+    /// The next thing to send. After `Error` or `Done`, always `Done`.
+    pub async fn next(&mut self) -> Delivery {
+        loop {
+            if self.pending_done {
+                self.pending_done = false;
+                return self.complete();
+            }
+            if self.finished {
+                return Delivery::Done;
+            }
+            match self.next_event().await {
+                ResponseEvent::Chunk(chunk) => {
+                    let summary = chunk.summary();
+                    if summary.usage.is_some() {
+                        self.record.usage = summary.usage;
+                    }
+                    if let Some((_, raw)) = &mut self.to_cache {
+                        raw.push(chunk.clone());
+                    }
+                    if summary.is_usage_only() {
+                        if self.deliver_usage_chunk {
+                            return Delivery::Chunk(chunk);
+                        }
+                        continue;
+                    }
+                    self.last_chunk = Some(chunk.clone());
+                    match self.filters.apply(chunk) {
+                        Ok(Filtered::Chunk(chunk)) => {
+                            self.record.chunk_sent();
+                            return Delivery::Chunk(chunk);
+                        }
+                        Ok(Filtered::Skip) => continue,
+                        Ok(Filtered::Stop(chunk)) => {
+                            // The response ends here: release the upstream now and do not cache a partial answer.
+                            self.source = Source::Cached { chunks: Arc::from(Vec::new()), next: 0 };
+                            self.to_cache = None;
+                            self.pending_done = true;
+                            self.record.chunk_sent();
+                            return Delivery::Chunk(chunk);
+                        }
+                        Err(err) => return self.fail(err.info()),
+                    }
+                }
+                ResponseEvent::Error(info) => return self.fail(info),
+                ResponseEvent::Done => match self.filters.finish(self.last_chunk.as_ref()) {
+                    Ok(Some(chunk)) => {
+                        self.pending_done = true;
+                        self.record.chunk_sent();
+                        return Delivery::Chunk(chunk);
+                    }
+                    Ok(None) => return self.complete(),
+                    Err(err) => return self.fail(err.info()),
+                },
+            }
+        }
+    }
+
+    fn fail(&mut self, info: ErrorInfo) -> Delivery {
+        self.finished = true;
+        self.to_cache = None;
+        self.record.status = info.status;
+        Delivery::Error(info)
+    }
+
+    fn complete(&mut self) -> Delivery {
+        self.finished = true;
+        self.record.status = 200;
+        if let (Some((key, raw)), Some(cache)) = (self.to_cache.take(), self.record.state.cache.clone()) {
+            if !raw.is_empty() {
+                let chunks: CachedResponse = raw.into();
+                tokio::spawn(async move {
+                    if let Err(err) = cache.put(&key, chunks).await {
+                        tracing::debug!(%err, "could not store the response in the cache");
+                    }
+                });
+            }
+        }
+        Delivery::Done
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        self.record.state.metrics.active_streams.dec();
+    }
+}

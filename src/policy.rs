@@ -1,0 +1,273 @@
+//! The policy phases the pipeline calls at its three hook points, in the
+//! pingora style: one trait whose methods default to "do nothing", so the
+//! pipeline never special-cases the absence of plugins. The WebAssembly
+//! plugin host implements it.
+//!
+//! Token filtering is per stream: [`Policy::token_filters`] hands out fresh
+//! filters for each response, so a filter may keep state across chunks.
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::auth::Identity;
+use crate::error::GatewayError;
+use crate::protocol::{Chunk, CompletionRequest};
+
+/// What a hook knows about the request it runs for.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    pub request_id: String,
+    pub identity: Identity,
+    /// `/v1/completions` over `rest` or `websocket`.
+    pub route: &'static str,
+    pub transport: &'static str,
+}
+
+/// The `cache-key` hook's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheKeyDecision {
+    /// Use this key (the default key, or a plugin's own).
+    Key(String),
+    /// Do not read or write the cache for this request.
+    Bypass,
+}
+
+/// A token filter's answer for one piece of text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenAction {
+    /// Send the text unchanged.
+    Pass,
+    /// Send this text instead.
+    Replace(String),
+    /// Send nothing now; the filter keeps the text and emits it later
+    /// (with a later `Replace`, or from `finish`).
+    Hold,
+    /// Send this text, then end the response with `finish_reason: "stop"`.
+    Stop(String),
+}
+
+/// One stateful filter over the text of one response.
+pub trait TokenFilter: Send {
+    /// Called with each chunk's text for choice `index`.
+    fn on_text(&mut self, index: u32, text: &str) -> Result<TokenAction, GatewayError>;
+    /// Called when choice `index` ends; returns held text to send.
+    fn finish(&mut self, index: u32) -> Result<String, GatewayError>;
+}
+
+#[async_trait]
+pub trait Policy: Send + Sync + 'static {
+    /// `on-request`: may rewrite the request in place, or reject it.
+    async fn on_request(&self, _ctx: &RequestContext, _request: &mut CompletionRequest) -> Result<(), GatewayError> {
+        Ok(())
+    }
+
+    /// `cache-key`: may replace the default key or bypass the cache.
+    async fn cache_key(
+        &self,
+        _ctx: &RequestContext,
+        _request: &CompletionRequest,
+        default_key: String,
+    ) -> Result<CacheKeyDecision, GatewayError> {
+        Ok(CacheKeyDecision::Key(default_key))
+    }
+
+    /// `on-token`: the filters for one response, in chain order.
+    fn token_filters(&self, _ctx: &RequestContext) -> Vec<Box<dyn TokenFilter>> {
+        Vec::new()
+    }
+}
+
+/// The policy of a gateway without plugins.
+pub struct NoPolicy;
+
+impl Policy for NoPolicy {}
+
+/// What applying the filters to one chunk produced.
+pub enum Filtered {
+    Chunk(Chunk),
+    /// Everything in the chunk was held back.
+    Skip,
+    /// The chunk to send last: a filter stopped the response.
+    Stop(Chunk),
+}
+
+/// The token filters of one response, applied to each chunk in order.
+pub struct FilterChain {
+    filters: Vec<Box<dyn TokenFilter>>,
+    /// Choices that have already been finished (flushed).
+    finished: Vec<u32>,
+}
+
+impl FilterChain {
+    pub fn new(filters: Vec<Box<dyn TokenFilter>>) -> Self {
+        Self {
+            filters,
+            finished: Vec::new(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.filters.is_empty()
+    }
+
+    /// Runs `text` of choice `index` through every filter; a filter's output is the next one's input.
+    fn run(&mut self, index: u32, text: &str, finishing: bool) -> Result<(String, bool), GatewayError> {
+        let mut current = text.to_string();
+        let mut stopped = false;
+        for filter in self.filters.iter_mut() {
+            if !current.is_empty() {
+                match filter.on_text(index, &current)? {
+                    TokenAction::Pass => {}
+                    TokenAction::Replace(text) => current = text,
+                    TokenAction::Hold => current.clear(),
+                    TokenAction::Stop(text) => {
+                        current = text;
+                        stopped = true;
+                    }
+                }
+            }
+            if finishing || stopped {
+                let held = filter.finish(index)?;
+                // Held text still passes through the filters after this one.
+                current.push_str(&held);
+            }
+        }
+        Ok((current, stopped))
+    }
+
+    /// Filters one chunk. Chunks without text changes are returned as they came.
+    pub fn apply(&mut self, chunk: Chunk) -> Result<Filtered, GatewayError> {
+        if self.filters.is_empty() {
+            return Ok(Filtered::Chunk(chunk));
+        }
+        let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(chunk.payload_slice()) else {
+            return Ok(Filtered::Chunk(chunk));
+        };
+        let Some(Value::Array(choices)) = body.get_mut("choices") else {
+            return Ok(Filtered::Chunk(chunk));
+        };
+        if choices.is_empty() {
+            return Ok(Filtered::Chunk(chunk));
+        }
+        let mut stopped = false;
+        let mut all_empty = true;
+        for choice in choices.iter_mut() {
+            let Value::Object(choice) = choice else { continue };
+            let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0) as u32;
+            let text = choice.get("text").and_then(Value::as_str).unwrap_or_default().to_string();
+            let finishing = choice.get("finish_reason").is_some_and(|r| !r.is_null());
+            let (filtered, stop) = self.run(index, &text, finishing)?;
+            if finishing || stop {
+                self.finished.push(index);
+            }
+            if stop {
+                stopped = true;
+                choice.insert("finish_reason".into(), Value::from("stop"));
+            }
+            if !filtered.is_empty() || finishing || stop {
+                all_empty = false;
+            }
+            choice.insert("text".into(), Value::String(filtered));
+        }
+        let rebuilt = Chunk::from_payload(&serde_json::to_vec(&body).unwrap_or_default());
+        Ok(if stopped {
+            Filtered::Stop(rebuilt)
+        } else if all_empty {
+            Filtered::Skip
+        } else {
+            Filtered::Chunk(rebuilt)
+        })
+    }
+
+    /// Flushes choices that never saw a `finish_reason` (a stream that ended
+    /// early); returns their held text as one last chunk modelled on `template`.
+    pub fn finish(&mut self, template: Option<&Chunk>) -> Result<Option<Chunk>, GatewayError> {
+        if self.filters.is_empty() {
+            return Ok(None);
+        }
+        let Some(template) = template else { return Ok(None) };
+        let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(template.payload_slice()) else {
+            return Ok(None);
+        };
+        let indices: Vec<u32> = match body.get("choices") {
+            Some(Value::Array(choices)) => choices
+                .iter()
+                .filter_map(|c| c.get("index").and_then(Value::as_u64))
+                .map(|i| i as u32)
+                .filter(|i| !self.finished.contains(i))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut out = Vec::new();
+        for index in indices {
+            let (text, _) = self.run(index, "", true)?;
+            self.finished.push(index);
+            if !text.is_empty() {
+                out.push(serde_json::json!({"index": index, "text": text, "logprobs": null, "finish_reason": null, "stop_reason": null}));
+            }
+        }
+        if out.is_empty() {
+            return Ok(None);
+        }
+        body.insert("choices".into(), Value::Array(out));
+        body.insert("usage".into(), Value::Null);
+        Ok(Some(Chunk::from_payload(&serde_json::to_vec(&body).unwrap_or_default())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Upper-cases text, holding anything after a `#` until the end.
+    struct Upper {
+        held: String,
+    }
+
+    impl TokenFilter for Upper {
+        fn on_text(&mut self, _index: u32, text: &str) -> Result<TokenAction, GatewayError> {
+            if text.contains('#') || !self.held.is_empty() {
+                self.held.push_str(text);
+                return Ok(TokenAction::Hold);
+            }
+            Ok(TokenAction::Replace(text.to_uppercase()))
+        }
+        fn finish(&mut self, _index: u32) -> Result<String, GatewayError> {
+            Ok(std::mem::take(&mut self.held))
+        }
+    }
+
+    fn chunk(text: &str, finish: Option<&str>) -> Chunk {
+        let body = serde_json::json!({"id":"c","object":"text_completion","created":1,"model":"m",
+            "choices":[{"index":0,"text":text,"logprobs":null,"finish_reason":finish,"stop_reason":null}],"usage":null});
+        Chunk::from_payload(body.to_string().as_bytes())
+    }
+
+    fn text_of(filtered: Filtered) -> Option<String> {
+        match filtered {
+            Filtered::Chunk(c) | Filtered::Stop(c) => {
+                let v: Value = serde_json::from_slice(c.payload_slice()).unwrap();
+                Some(v["choices"][0]["text"].as_str().unwrap().to_string())
+            }
+            Filtered::Skip => None,
+        }
+    }
+
+    #[test]
+    fn replaces_holds_and_flushes_at_the_finishing_chunk() {
+        let mut chain = FilterChain::new(vec![Box::new(Upper { held: String::new() })]);
+        assert_eq!(text_of(chain.apply(chunk("ab", None)).unwrap()).as_deref(), Some("AB"));
+        assert_eq!(text_of(chain.apply(chunk("#x", None)).unwrap()), None);
+        assert_eq!(text_of(chain.apply(chunk("y", Some("length"))).unwrap()).as_deref(), Some("#xy"));
+        assert!(chain.finish(Some(&chunk("", None))).unwrap().is_none());
+    }
+
+    #[test]
+    fn flushes_held_text_when_the_stream_ends_without_finish_reason() {
+        let mut chain = FilterChain::new(vec![Box::new(Upper { held: String::new() })]);
+        let template = chunk("#held", None);
+        assert!(matches!(chain.apply(template.clone()).unwrap(), Filtered::Skip));
+        let last = chain.finish(Some(&template)).unwrap().unwrap();
+        assert_eq!(text_of(Filtered::Chunk(last)).as_deref(), Some("#held"));
+    }
+}

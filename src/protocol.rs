@@ -1,0 +1,612 @@
+//! The vLLM/OpenAI completions wire format: the request body sluice accepts,
+//! the stream chunks it relays, and the assembly of a non-streaming response
+//! from those chunks.
+//!
+//! Chunks are kept as the exact bytes the upstream sent (`data: <json>\n\n`),
+//! so relaying a chunk as SSE, storing it in the cache or replaying it costs
+//! no re-serialisation.
+
+use std::collections::BTreeMap;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::de::{self, IgnoredAny};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::error::GatewayError;
+
+/// A `POST /v1/completions` body. Fields sluice does not know are kept in
+/// `extra` and passed through to the upstream unchanged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: Prompt,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Stop>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub echo: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_usage: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continuous_usage_stats: Option<bool>,
+}
+
+/// `prompt`: a string, a batch of strings, token ids, or a batch of token ids.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenBatches(Vec<Vec<u32>>),
+}
+
+/// `stop`: one string or several.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+const PROMPT_SHAPE: &str = "prompt must be a string, an array of strings, an array of token ids or an array of token-id arrays";
+
+impl<'de> Deserialize<'de> for Prompt {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        let prompt = match value {
+            Value::String(text) => Prompt::Text(text),
+            Value::Array(items) if items.iter().all(Value::is_string) => Prompt::Texts(
+                items
+                    .into_iter()
+                    .filter_map(|v| match v {
+                        Value::String(s) => Some(s),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            Value::Array(items) if items.iter().all(Value::is_u64) => {
+                Prompt::Tokens(token_ids(&items).ok_or_else(|| de::Error::custom(PROMPT_SHAPE))?)
+            }
+            Value::Array(items) if items.iter().all(Value::is_array) => Prompt::TokenBatches(
+                items
+                    .iter()
+                    .map(|batch| batch.as_array().and_then(|b| token_ids(b)))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| de::Error::custom(PROMPT_SHAPE))?,
+            ),
+            _ => return Err(de::Error::custom(PROMPT_SHAPE)),
+        };
+        Ok(prompt)
+    }
+}
+
+fn token_ids(items: &[Value]) -> Option<Vec<u32>> {
+    items
+        .iter()
+        .map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()))
+        .collect()
+}
+
+impl<'de> Deserialize<'de> for Stop {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match Value::deserialize(deserializer)? {
+            Value::String(s) => Ok(Stop::One(s)),
+            Value::Array(items) => items
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    _ => Err(de::Error::custom("stop must be a string or an array of strings")),
+                })
+                .collect::<Result<_, _>>()
+                .map(Stop::Many),
+            _ => Err(de::Error::custom("stop must be a string or an array of strings")),
+        }
+    }
+}
+
+impl Prompt {
+    fn is_empty(&self) -> bool {
+        match self {
+            Prompt::Text(s) => s.is_empty(),
+            Prompt::Texts(v) => v.is_empty() || v.iter().any(String::is_empty),
+            Prompt::Tokens(v) => v.is_empty(),
+            Prompt::TokenBatches(v) => v.is_empty() || v.iter().any(Vec::is_empty),
+        }
+    }
+
+    /// The prompt texts, for plugins; token-id prompts have none.
+    pub fn texts(&self) -> Vec<String> {
+        match self {
+            Prompt::Text(s) => vec![s.clone()],
+            Prompt::Texts(v) => v.clone(),
+            Prompt::Tokens(_) | Prompt::TokenBatches(_) => Vec::new(),
+        }
+    }
+
+    /// Approximate character count, for logs.
+    pub fn text_len(&self) -> usize {
+        match self {
+            Prompt::Text(s) => s.len(),
+            Prompt::Texts(v) => v.iter().map(String::len).sum(),
+            Prompt::Tokens(v) => v.len(),
+            Prompt::TokenBatches(v) => v.iter().map(Vec::len).sum(),
+        }
+    }
+}
+
+impl CompletionRequest {
+    /// Parses and validates a request body; every failure is a 400 that says what is wrong.
+    pub fn parse(body: &[u8]) -> Result<Self, GatewayError> {
+        let deserializer = &mut serde_json::Deserializer::from_slice(body);
+        let request: CompletionRequest =
+            serde_path_to_error::deserialize(deserializer).map_err(|err| {
+                let path = err.path().to_string();
+                let inner = err.into_inner();
+                let message = if inner.is_syntax() || inner.is_eof() {
+                    format!("request body is not valid JSON: {inner}")
+                } else if path.is_empty() || path == "." {
+                    format!("invalid request: {inner}")
+                } else {
+                    format!("invalid value for `{path}`: {inner}")
+                };
+                GatewayError::BadRequest(message)
+            })?;
+        request.validate()?;
+        Ok(request)
+    }
+
+    fn validate(&self) -> Result<(), GatewayError> {
+        let bad = |m: &str| Err(GatewayError::BadRequest(m.to_string()));
+        if self.model.trim().is_empty() {
+            return bad("model must not be empty");
+        }
+        if self.prompt.is_empty() {
+            return bad("prompt must not be empty");
+        }
+        if self.n == Some(0) {
+            return bad("n must be at least 1");
+        }
+        if self.temperature.is_some_and(|t| !(0.0..=100.0).contains(&t)) {
+            return bad("temperature must be a non-negative number");
+        }
+        if self.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+            return bad("top_p must be in (0, 1]");
+        }
+        if self.stream_options.is_some() && !self.is_stream() {
+            return bad("Stream options can only be defined when `stream=True`.");
+        }
+        Ok(())
+    }
+
+    pub fn is_stream(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+
+    /// Whether the client asked for the final usage chunk of a stream.
+    pub fn wants_usage_chunk(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
+    }
+
+    /// The body sent upstream: always streaming, always with the usage chunk
+    /// (the gateway needs token counts; it strips the chunk for clients that did not ask).
+    pub fn upstream_body(&self) -> Bytes {
+        let mut upstream = self.clone();
+        upstream.stream = Some(true);
+        let mut options = upstream.stream_options.take().unwrap_or_default();
+        options.include_usage = Some(true);
+        upstream.stream_options = Some(options);
+        Bytes::from(serde_json::to_vec(&upstream).unwrap_or_default())
+    }
+
+    /// The default cache key: a digest of everything that changes the output.
+    /// Transport choices (`stream`, `stream_options.include_usage`) are left out
+    /// so that a streaming and a non-streaming request share one entry.
+    pub fn default_cache_key(&self) -> String {
+        let mut canonical = self.clone();
+        canonical.stream = None;
+        if let Some(options) = canonical.stream_options.as_mut() {
+            options.include_usage = None;
+            if options.continuous_usage_stats != Some(true) {
+                canonical.stream_options = None;
+            }
+        }
+        let json = serde_json::to_vec(&canonical).unwrap_or_default();
+        format!("v1:{}", hex::encode(Sha256::digest(&json)))
+    }
+}
+
+const SSE_PREFIX: &[u8] = b"data: ";
+const SSE_SUFFIX: &[u8] = b"\n\n";
+
+/// One upstream stream chunk, held as the SSE event bytes `data: <json>\n\n`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    framed: Bytes,
+}
+
+impl Chunk {
+    /// Frames a JSON payload as an SSE `data:` event.
+    pub fn from_payload(payload: &[u8]) -> Self {
+        let mut framed = BytesMut::with_capacity(payload.len() + SSE_PREFIX.len() + SSE_SUFFIX.len());
+        framed.put_slice(SSE_PREFIX);
+        framed.put_slice(payload);
+        framed.put_slice(SSE_SUFFIX);
+        Self { framed: framed.freeze() }
+    }
+
+    /// Wraps bytes that are already exactly `data: <payload>\n\n`.
+    pub fn from_framed(framed: Bytes) -> Option<Self> {
+        (framed.len() >= SSE_PREFIX.len() + SSE_SUFFIX.len()
+            && framed.starts_with(SSE_PREFIX)
+            && framed.ends_with(SSE_SUFFIX))
+        .then_some(Self { framed })
+    }
+
+    /// The SSE event, ready to write to a client.
+    pub fn framed(&self) -> &Bytes {
+        &self.framed
+    }
+
+    /// The JSON payload (what a WebSocket frame carries).
+    pub fn payload(&self) -> Bytes {
+        self.framed
+            .slice(SSE_PREFIX.len()..self.framed.len() - SSE_SUFFIX.len())
+    }
+
+    pub fn payload_slice(&self) -> &[u8] {
+        &self.framed[SSE_PREFIX.len()..self.framed.len() - SSE_SUFFIX.len()]
+    }
+
+    /// Reads what the gateway needs to know about a chunk without keeping it parsed.
+    pub fn summary(&self) -> ChunkSummary {
+        #[derive(Deserialize)]
+        struct Peek {
+            #[serde(default)]
+            choices: Vec<IgnoredAny>,
+            #[serde(default)]
+            usage: Option<Usage>,
+        }
+        match serde_json::from_slice::<Peek>(self.payload_slice()) {
+            Ok(peek) => ChunkSummary {
+                choices: peek.choices.len(),
+                usage: peek.usage,
+            },
+            Err(_) => ChunkSummary::default(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ChunkSummary {
+    pub choices: usize,
+    pub usage: Option<Usage>,
+}
+
+impl ChunkSummary {
+    /// The final `choices: []` chunk that carries only `usage`.
+    pub fn is_usage_only(&self) -> bool {
+        self.choices == 0 && self.usage.is_some()
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+/// Recognises an upstream error event (`{"error": {...}}`, or the older
+/// flat `{"object": "error", ...}`) among stream payloads.
+pub fn parse_error_event(payload: &[u8]) -> Option<crate::error::ErrorInfo> {
+    #[derive(Deserialize)]
+    struct Nested {
+        error: Value,
+    }
+    #[derive(Deserialize)]
+    struct Flat {
+        object: String,
+        #[serde(default)]
+        message: String,
+        #[serde(default, rename = "type")]
+        kind: String,
+        #[serde(default)]
+        code: Option<u16>,
+    }
+    // Cheap pre-check: chunks start with {"id"; only errors mention "error" early.
+    let head = &payload[..payload.len().min(64)];
+    if !head.windows(5).any(|w| w == b"error") {
+        return None;
+    }
+    if let Ok(Nested { error }) = serde_json::from_slice::<Nested>(payload) {
+        return Some(error_info_from_value(&error));
+    }
+    match serde_json::from_slice::<Flat>(payload) {
+        Ok(flat) if flat.object == "error" => Some(crate::error::ErrorInfo {
+            status: flat.code.unwrap_or(500),
+            kind: if flat.kind.is_empty() { "InternalServerError".into() } else { flat.kind },
+            message: flat.message,
+        }),
+        _ => None,
+    }
+}
+
+/// Builds an [`ErrorInfo`](crate::error::ErrorInfo) from the `error` object of an upstream body.
+pub fn error_info_from_value(error: &Value) -> crate::error::ErrorInfo {
+    match error {
+        Value::Object(fields) => crate::error::ErrorInfo {
+            status: fields
+                .get("code")
+                .and_then(Value::as_u64)
+                .and_then(|c| u16::try_from(c).ok())
+                .filter(|c| (400..600).contains(c))
+                .unwrap_or(500),
+            kind: fields
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("InternalServerError")
+                .to_string(),
+            message: fields
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("upstream error")
+                .to_string(),
+        },
+        Value::String(message) => crate::error::ErrorInfo {
+            status: 500,
+            kind: "InternalServerError".into(),
+            message: message.clone(),
+        },
+        other => crate::error::ErrorInfo {
+            status: 500,
+            kind: "InternalServerError".into(),
+            message: other.to_string(),
+        },
+    }
+}
+
+/// Accumulates stream chunks into the body vLLM returns for `stream: false`.
+#[derive(Default)]
+pub struct ResponseAssembler {
+    id: String,
+    created: i64,
+    model: String,
+    choices: BTreeMap<u64, ChoiceAcc>,
+    usage: Option<Value>,
+}
+
+#[derive(Default)]
+struct ChoiceAcc {
+    text: String,
+    logprobs: Option<LogprobsAcc>,
+    finish_reason: Value,
+    stop_reason: Value,
+    token_ids: Option<Vec<Value>>,
+    prompt_token_ids: Value,
+}
+
+#[derive(Default)]
+struct LogprobsAcc {
+    text_offset: Vec<Value>,
+    token_logprobs: Vec<Value>,
+    tokens: Vec<Value>,
+    top_logprobs: Vec<Value>,
+}
+
+impl ResponseAssembler {
+    pub fn push(&mut self, payload: &[u8]) {
+        let Ok(Value::Object(mut chunk)) = serde_json::from_slice::<Value>(payload) else {
+            return;
+        };
+        if self.id.is_empty() {
+            if let Some(Value::String(id)) = chunk.remove("id") {
+                self.id = id;
+            }
+            self.created = chunk.get("created").and_then(Value::as_i64).unwrap_or(0);
+            if let Some(Value::String(model)) = chunk.remove("model") {
+                self.model = model;
+            }
+        }
+        if let Some(usage) = chunk.remove("usage").filter(|u| !u.is_null()) {
+            self.usage = Some(usage);
+        }
+        let Some(Value::Array(choices)) = chunk.remove("choices") else {
+            return;
+        };
+        for choice in choices {
+            let Value::Object(mut choice) = choice else { continue };
+            let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
+            let acc = self.choices.entry(index).or_default();
+            if let Some(Value::String(text)) = choice.get("text") {
+                acc.text.push_str(text);
+            }
+            if let Some(Value::Object(mut lp)) = choice.remove("logprobs") {
+                let logprobs = acc.logprobs.get_or_insert_with(Default::default);
+                let mut take = |name: &str, into: &mut Vec<Value>| {
+                    if let Some(Value::Array(items)) = lp.remove(name) {
+                        into.extend(items);
+                    }
+                };
+                take("text_offset", &mut logprobs.text_offset);
+                take("token_logprobs", &mut logprobs.token_logprobs);
+                take("tokens", &mut logprobs.tokens);
+                take("top_logprobs", &mut logprobs.top_logprobs);
+            }
+            if let Some(reason) = choice.remove("finish_reason").filter(|v| !v.is_null()) {
+                acc.finish_reason = reason;
+            }
+            if let Some(reason) = choice.remove("stop_reason").filter(|v| !v.is_null()) {
+                acc.stop_reason = reason;
+            }
+            if let Some(Value::Array(ids)) = choice.remove("token_ids") {
+                acc.token_ids.get_or_insert_with(Vec::new).extend(ids);
+            }
+            if let Some(ids) = choice.remove("prompt_token_ids").filter(|v| !v.is_null()) {
+                acc.prompt_token_ids = ids;
+            }
+        }
+    }
+
+    /// The usage reported by the upstream, if any.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+            .as_ref()
+            .and_then(|u| serde_json::from_value(u.clone()).ok())
+    }
+
+    pub fn finish(self) -> Value {
+        let choices: Vec<Value> = self
+            .choices
+            .into_iter()
+            .map(|(index, acc)| {
+                let logprobs = acc.logprobs.map_or(Value::Null, |lp| {
+                    serde_json::json!({
+                        "text_offset": lp.text_offset,
+                        "token_logprobs": lp.token_logprobs,
+                        "tokens": lp.tokens,
+                        "top_logprobs": lp.top_logprobs,
+                    })
+                });
+                serde_json::json!({
+                    "index": index,
+                    "text": acc.text,
+                    "logprobs": logprobs,
+                    "finish_reason": acc.finish_reason,
+                    "stop_reason": acc.stop_reason,
+                    "token_ids": acc.token_ids.map_or(Value::Null, Value::Array),
+                    "prompt_logprobs": Value::Null,
+                    "prompt_token_ids": acc.prompt_token_ids,
+                })
+            })
+            .collect();
+        let mut usage = self.usage.unwrap_or_else(|| {
+            serde_json::json!({"prompt_tokens": 0, "total_tokens": 0, "completion_tokens": 0})
+        });
+        if let Value::Object(fields) = &mut usage {
+            fields
+                .entry("prompt_tokens_details")
+                .or_insert(Value::Null);
+        }
+        serde_json::json!({
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "service_tier": Value::Null,
+            "system_fingerprint": Value::Null,
+            "usage": usage,
+            "kv_transfer_params": Value::Null,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<CompletionRequest, String> {
+        CompletionRequest::parse(body.as_bytes()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn accepts_every_documented_field_and_keeps_unknown_ones() {
+        let req = parse(
+            r#"{"model":"m","prompt":["a","b"],"max_tokens":5,"temperature":0.5,"top_p":0.9,"n":2,
+                "stop":["x"],"seed":7,"stream":true,"stream_options":{"include_usage":true},
+                "logprobs":2,"echo":false,"user":"u","top_k":40}"#,
+        )
+        .unwrap();
+        assert_eq!(req.prompt, Prompt::Texts(vec!["a".into(), "b".into()]));
+        assert_eq!(req.extra.get("top_k"), Some(&serde_json::json!(40)));
+        let upstream: Value = serde_json::from_slice(&req.upstream_body()).unwrap();
+        assert_eq!(upstream["top_k"], 40);
+        assert_eq!(upstream["stream"], true);
+        assert_eq!(upstream["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn rejects_bad_bodies_with_a_message_naming_the_problem() {
+        assert!(parse("{not json").unwrap_err().contains("not valid JSON"));
+        assert!(parse(r#"{"prompt":"x"}"#).unwrap_err().contains("model"));
+        assert!(parse(r#"{"model":"m"}"#).unwrap_err().contains("prompt"));
+        assert!(parse(r#"{"model":"m","prompt":"x","max_tokens":"ten"}"#)
+            .unwrap_err()
+            .contains("max_tokens"));
+        assert!(parse(r#"{"model":"m","prompt":{"a":1}}"#).unwrap_err().contains("prompt must be"));
+        assert!(parse(r#"[1,2]"#).is_err());
+        assert!(parse(r#"{"model":"m","prompt":""}"#).unwrap_err().contains("empty"));
+    }
+
+    #[test]
+    fn cache_key_ignores_transport_but_not_sampling() {
+        let a = parse(r#"{"model":"m","prompt":"x","stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
+        let b = parse(r#"{"model":"m","prompt":"x"}"#).unwrap();
+        let c = parse(r#"{"model":"m","prompt":"x","temperature":0.1}"#).unwrap();
+        let d = parse(r#"{"model":"m","prompt":"x","top_k":3}"#).unwrap();
+        assert_eq!(a.default_cache_key(), b.default_cache_key());
+        assert_ne!(b.default_cache_key(), c.default_cache_key());
+        assert_ne!(b.default_cache_key(), d.default_cache_key());
+    }
+
+    #[test]
+    fn chunk_payload_and_framing_round_trip() {
+        let chunk = Chunk::from_payload(br#"{"id":"x","choices":[]}"#);
+        assert_eq!(chunk.framed().as_ref(), b"data: {\"id\":\"x\",\"choices\":[]}\n\n");
+        assert_eq!(chunk.payload().as_ref(), br#"{"id":"x","choices":[]}"#);
+        assert_eq!(Chunk::from_framed(chunk.framed().clone()), Some(chunk));
+    }
+
+    #[test]
+    fn recognises_error_events() {
+        let nested = br#"{"error":{"message":"boom","type":"InternalServerError","param":null,"code":500}}"#;
+        assert_eq!(parse_error_event(nested).unwrap().message, "boom");
+        let chunk = br#"{"id":"cmpl-1","object":"text_completion","choices":[{"index":0,"text":" error"}]}"#;
+        assert!(parse_error_event(chunk).is_none());
+    }
+
+    #[test]
+    fn assembles_text_logprobs_and_usage() {
+        let mut asm = ResponseAssembler::default();
+        asm.push(br#"{"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"a","logprobs":{"text_offset":[0],"token_logprobs":[-1.0],"tokens":["a"],"top_logprobs":[{"a":-1.0}]},"finish_reason":null,"stop_reason":null}],"usage":null}"#);
+        asm.push(br#"{"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"b","logprobs":{"text_offset":[1],"token_logprobs":[-2.0],"tokens":["b"],"top_logprobs":[{"b":-2.0}]},"finish_reason":"length","stop_reason":null}],"usage":null}"#);
+        asm.push(br#"{"id":"c","object":"text_completion","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":1,"total_tokens":3,"completion_tokens":2}}"#);
+        let body = asm.finish();
+        assert_eq!(body["choices"][0]["text"], "ab");
+        assert_eq!(body["choices"][0]["finish_reason"], "length");
+        assert_eq!(body["choices"][0]["logprobs"]["tokens"], serde_json::json!(["a", "b"]));
+        assert_eq!(body["usage"]["completion_tokens"], 2);
+    }
+}

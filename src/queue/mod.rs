@@ -1,0 +1,116 @@
+//! The queue stage: hands requests from edges to workers and streams each
+//! upstream chunk back to the edge that waits for it.
+//!
+//! Edges see [`Queue`] (submit a request, read its [`ResponseStream`]; dropping
+//! the stream cancels the request). Workers see [`JobSource`] (take the next
+//! [`Job`], send its events to the job's [`ResponseSink`], stop when its
+//! `cancel` token fires). The in-process implementation connects the two with
+//! channels; the Kafka one with a request topic and a response topic.
+
+
+mod memory;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{ErrorInfo, GatewayError};
+use crate::protocol::Chunk;
+
+pub use memory::MemoryQueue;
+
+/// A request as it travels to a worker.
+#[derive(Debug, Clone)]
+pub struct QueuedRequest {
+    pub request_id: String,
+    /// The JSON body for the upstream's `/v1/completions` (already `stream: true`).
+    pub body: Bytes,
+    /// W3C trace context (`traceparent`, `tracestate`) of the edge span.
+    pub trace_context: Vec<(String, String)>,
+    /// When the edge submitted it, in Unix milliseconds.
+    pub submitted_at_ms: i64,
+}
+
+impl QueuedRequest {
+    pub fn new(request_id: String, body: Bytes, trace_context: Vec<(String, String)>) -> Self {
+        Self {
+            request_id,
+            body,
+            trace_context,
+            submitted_at_ms: chrono::Utc::now().timestamp_millis(),
+        }
+    }
+
+    /// How long ago the edge submitted it.
+    pub fn age(&self) -> std::time::Duration {
+        let ms = chrono::Utc::now().timestamp_millis() - self.submitted_at_ms;
+        std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+    }
+}
+
+/// What a worker sends back for a request. `Error` and `Done` end the stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResponseEvent {
+    Chunk(Chunk),
+    Error(ErrorInfo),
+    Done,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("no worker capacity: the request waited {0:?} for a place in the queue")]
+    Full(std::time::Duration),
+    #[error("queue unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<QueueError> for GatewayError {
+    fn from(err: QueueError) -> Self {
+        match err {
+            QueueError::Full(_) => GatewayError::Overloaded(err.to_string()),
+            QueueError::Unavailable(_) => GatewayError::Backend(err.to_string()),
+        }
+    }
+}
+
+/// The edge side of the queue.
+#[async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Submits a request; its events arrive on the returned stream.
+    /// Dropping the stream cancels the request, wherever it is running.
+    async fn submit(&self, request: QueuedRequest) -> Result<Box<dyn ResponseStream>, QueueError>;
+    async fn ping(&self) -> Result<(), QueueError>;
+}
+
+/// The events of one submitted request, in order, each exactly once.
+#[async_trait]
+pub trait ResponseStream: Send {
+    /// The next event; after `Error` or `Done` the stream is finished.
+    async fn next(&mut self) -> ResponseEvent;
+}
+
+/// Where a worker sends the events of one job.
+#[async_trait]
+pub trait ResponseSink: Send {
+    /// Fails when nobody waits for the response any more.
+    async fn send(&mut self, event: ResponseEvent) -> Result<(), SinkClosed>;
+}
+
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the requester is gone")]
+pub struct SinkClosed;
+
+/// One request for a worker to run.
+pub struct Job {
+    pub request: QueuedRequest,
+    pub sink: Box<dyn ResponseSink>,
+    /// Fires when the requester cancels (client disconnected).
+    pub cancel: CancellationToken,
+}
+
+/// The worker side of the queue.
+#[async_trait]
+pub trait JobSource: Send + Sync + 'static {
+    /// The next job, or `None` when the source is shut down.
+    async fn next_job(&self) -> Option<Job>;
+}

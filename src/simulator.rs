@@ -1,0 +1,613 @@
+//! A simulated vLLM server for tests, benchmarks and `sluice demo`.
+//!
+//! It speaks vLLM's OpenAI-compatible `/v1/completions` wire format: chunk
+//! ids `cmpl-<X-Request-Id>`, `object: "text_completion"`, per-choice `index`,
+//! `finish_reason`/`stop_reason`, the usage chunk before `[DONE]` when
+//! `stream_options.include_usage` is set, and error bodies
+//! `{"error": {"message", "type", "param", "code"}}`. Output is deterministic
+//! (a function of prompt, seed and choice), generated at a configurable delay
+//! per token. Extra body fields make it misbehave on request:
+//!
+//! | field | effect |
+//! |---|---|
+//! | `sim_error_status: 503` | answer with that status and a vLLM error body |
+//! | `sim_error_after: N` | after N tokens, send an error event and `[DONE]` |
+//! | `sim_stall_after: N` | after N tokens, send nothing more |
+//! | `sim_drop_after: N` | after N tokens, cut the connection |
+//! | `sim_token_delay_ms`, `sim_first_token_delay_ms` | override the delays |
+//!
+//! It records every request it receives and every generation a client
+//! aborted (connection closed before the end), so tests can assert both.
+
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+const VOCABULARY: &[&str] = &[
+    "the", "river", "flows", "through", "a", "quiet", "valley", "where", "light", "falls", "on", "stone", "and",
+    "water", "meets", "sky", "every", "morning", "brings", "new", "sound", "of", "wind", "over", "fields", "gate",
+    "opens", "slowly", "as", "boats", "drift", "past", "old", "mills", "lanterns", "glow", "near", "harbor",
+    "walls", "while", "gulls", "circle", "high", "above", "tide", "returns", "again", "to", "sand", "shore",
+    "bright", "cold", "deep", "long", "narrow", "green", "silver", "north", "south", "east", "west", "path",
+    "bridge", "sluice",
+];
+
+#[derive(Debug, Clone)]
+pub struct SimulatorConfig {
+    /// The one model served; requests for another get vLLM's 404.
+    pub model: String,
+    pub token_delay: Duration,
+    pub first_token_delay: Duration,
+    /// `max_tokens` when the request has none (vLLM's default is 16).
+    pub default_max_tokens: u32,
+}
+
+impl Default for SimulatorConfig {
+    fn default() -> Self {
+        Self {
+            model: "sim-llama".into(),
+            token_delay: Duration::from_millis(20),
+            first_token_delay: Duration::from_millis(50),
+            default_max_tokens: 16,
+        }
+    }
+}
+
+/// One request as the simulator received it.
+#[derive(Debug, Clone)]
+pub struct ReceivedRequest {
+    pub request_id: String,
+    pub body: Value,
+    pub headers: HeaderMap,
+}
+
+#[derive(Default)]
+struct Records {
+    received: Vec<ReceivedRequest>,
+    completed: Vec<String>,
+    aborted: Vec<String>,
+}
+
+struct SimState {
+    config: SimulatorConfig,
+    records: std::sync::Mutex<Records>,
+    changed: Notify,
+    next_id: AtomicU64,
+}
+
+impl SimState {
+    fn record(&self, f: impl FnOnce(&mut Records)) {
+        if let Ok(mut records) = self.records.lock() {
+            f(&mut records);
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+/// A running simulated vLLM server.
+pub struct Simulator {
+    addr: SocketAddr,
+    state: Arc<SimState>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Simulator {
+    /// Starts on an ephemeral port on 127.0.0.1.
+    pub async fn start(config: SimulatorConfig) -> std::io::Result<Self> {
+        Self::serve(config, TcpListener::bind("127.0.0.1:0").await?)
+    }
+
+    pub fn serve(config: SimulatorConfig, listener: TcpListener) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let state = Arc::new(SimState {
+            config,
+            records: Default::default(),
+            changed: Notify::new(),
+            next_id: AtomicU64::new(1),
+        });
+        let app = Router::new()
+            .route("/v1/completions", post(completions))
+            .route("/v1/models", get(models))
+            .route("/health", get(|| async { StatusCode::OK }))
+            .with_state(state.clone());
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let listener = crate::http::nodelay(listener);
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        });
+        Ok(Self { addr, state, shutdown })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The base URL to configure as `upstream.urls`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<ReceivedRequest> {
+        self.state.records.lock().map(|r| r.received.clone()).unwrap_or_default()
+    }
+
+    pub fn completed(&self) -> Vec<String> {
+        self.state.records.lock().map(|r| r.completed.clone()).unwrap_or_default()
+    }
+
+    pub fn aborted(&self) -> Vec<String> {
+        self.state.records.lock().map(|r| r.aborted.clone()).unwrap_or_default()
+    }
+
+    /// Waits until `predicate` holds over the records, or `timeout` passes.
+    async fn wait_until(&self, timeout: Duration, predicate: impl Fn(&Records) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.state.changed.notified();
+            if self.state.records.lock().map(|r| predicate(&r)).unwrap_or(false) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Waits until the generation for `request_id` has been aborted by its client.
+    pub async fn wait_for_abort(&self, request_id: &str, timeout: Duration) -> bool {
+        let id = request_id.to_string();
+        self.wait_until(timeout, move |r| r.aborted.contains(&id)).await
+    }
+
+    /// Waits until a request with `request_id` has been received.
+    pub async fn wait_for_request(&self, request_id: &str, timeout: Duration) -> bool {
+        let id = request_id.to_string();
+        self.wait_until(timeout, move |r| r.received.iter().any(|q| q.request_id == id))
+            .await
+    }
+
+    /// The completion an upstream call for `body` returns, computed without a call:
+    /// the text of each choice, in index order.
+    pub fn expected_texts(&self, body: &Value) -> Vec<String> {
+        match Generation::from_body(&self.state.config, "x".into(), body) {
+            Ok(generation) => generation
+                .choices()
+                .map(|(p, c)| {
+                    let mut text = String::new();
+                    for step in 0..generation.max_tokens {
+                        text.push_str(&generation.token(p, c, step));
+                    }
+                    text
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+fn error_response(status: StatusCode, kind: &str, message: &str) -> Response {
+    let body = serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": status.as_u16()}});
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+async fn models(State(state): State<Arc<SimState>>) -> Response {
+    let body = serde_json::json!({"object": "list", "data": [{
+        "id": state.config.model, "object": "model", "created": 0, "owned_by": "vllm",
+        "root": state.config.model, "parent": null, "max_model_len": 4096, "permission": []
+    }]});
+    axum::Json(body).into_response()
+}
+
+async fn completions(State(state): State<Arc<SimState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let body: Value = match serde_json::from_slice(&body) {
+        Ok(value @ Value::Object(_)) => value,
+        _ => return error_response(StatusCode::BAD_REQUEST, "BadRequestError", "request body must be a JSON object"),
+    };
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from)
+        .unwrap_or_else(|| format!("sim-{}", state.next_id.fetch_add(1, Ordering::Relaxed)));
+    state.record(|r| {
+        r.received.push(ReceivedRequest {
+            request_id: request_id.clone(),
+            body: body.clone(),
+            headers: headers.clone(),
+        })
+    });
+
+    if let Some(status) = body.get("sim_error_status").and_then(Value::as_u64) {
+        let status = u16::try_from(status)
+            .ok()
+            .and_then(|s| StatusCode::from_u16(s).ok())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return error_response(status, crate::error::kind_for_status(status), "simulated upstream failure");
+    }
+    let model = body.get("model").and_then(Value::as_str).unwrap_or_default();
+    if model != state.config.model {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "NotFoundError",
+            &format!("The model `{model}` does not exist."),
+        );
+    }
+    let generation = match Generation::from_body(&state.config, request_id.clone(), &body) {
+        Ok(generation) => generation,
+        Err(message) => return error_response(StatusCode::BAD_REQUEST, "BadRequestError", &message),
+    };
+    if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
+        stream_response(state, generation)
+    } else {
+        let guard = AbortGuard {
+            state: state.clone(),
+            request_id,
+            finished: false,
+        };
+        full_response(generation, guard).await
+    }
+}
+
+/// Records an abort if dropped before the generation finished.
+struct AbortGuard {
+    state: Arc<SimState>,
+    request_id: String,
+    finished: bool,
+}
+
+impl AbortGuard {
+    fn finish(&mut self) {
+        self.finished = true;
+        let id = self.request_id.clone();
+        self.state.record(|r| r.completed.push(id));
+    }
+}
+
+impl Drop for AbortGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            let id = std::mem::take(&mut self.request_id);
+            self.state.record(|r| r.aborted.push(id));
+        }
+    }
+}
+
+struct Generation {
+    id: String,
+    created: u64,
+    model: String,
+    prompts: Vec<(String, u64)>,
+    n: u32,
+    max_tokens: u32,
+    seed: i64,
+    echo: bool,
+    logprobs: Option<u32>,
+    include_usage: bool,
+    continuous_usage: bool,
+    error_after: Option<u32>,
+    stall_after: Option<u32>,
+    drop_after: Option<u32>,
+    first_token_delay: Duration,
+    token_delay: Duration,
+}
+
+impl Generation {
+    fn from_body(config: &SimulatorConfig, request_id: String, body: &Value) -> Result<Self, String> {
+        let prompts: Vec<(String, u64)> = match body.get("prompt") {
+            Some(Value::String(s)) => vec![(s.clone(), count_words(s))],
+            Some(Value::Array(items)) if items.iter().all(Value::is_string) => items
+                .iter()
+                .filter_map(Value::as_str)
+                .map(|s| (s.to_string(), count_words(s)))
+                .collect(),
+            Some(Value::Array(items)) if items.iter().all(Value::is_u64) => {
+                vec![(format!("{items:?}"), items.len() as u64)]
+            }
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|batch| (batch.to_string(), batch.as_array().map_or(1, |b| b.len() as u64)))
+                .collect(),
+            _ => return Err("prompt is required".into()),
+        };
+        let number = |name: &str| body.get(name).and_then(Value::as_u64);
+        let ms = |name: &str, default: Duration| number(name).map_or(default, Duration::from_millis);
+        let options = body.get("stream_options");
+        let option = |name: &str| {
+            options
+                .and_then(|o| o.get(name))
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+        };
+        Ok(Self {
+            id: format!("cmpl-{request_id}"),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            model: config.model.clone(),
+            prompts,
+            n: number("n").map_or(1, |n| n.max(1) as u32),
+            max_tokens: number("max_tokens").map_or(config.default_max_tokens, |n| n as u32),
+            seed: body.get("seed").and_then(Value::as_i64).unwrap_or(0),
+            echo: body.get("echo").and_then(Value::as_bool).unwrap_or(false),
+            logprobs: number("logprobs").map(|n| n as u32),
+            include_usage: option("include_usage"),
+            continuous_usage: option("continuous_usage_stats"),
+            error_after: number("sim_error_after").map(|n| n as u32),
+            stall_after: number("sim_stall_after").map(|n| n as u32),
+            drop_after: number("sim_drop_after").map(|n| n as u32),
+            first_token_delay: ms("sim_first_token_delay_ms", config.first_token_delay),
+            token_delay: ms("sim_token_delay_ms", config.token_delay),
+        })
+    }
+
+    /// (prompt index, choice index) pairs in output order.
+    fn choices(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
+        (0..self.prompts.len()).flat_map(move |p| (0..self.n).map(move |c| (p, c)))
+    }
+
+    fn token(&self, prompt: usize, choice: u32, step: u32) -> String {
+        let mut hasher = std::hash::DefaultHasher::new();
+        (&self.prompts[prompt].0, self.seed, choice, step).hash(&mut hasher);
+        let word = VOCABULARY[(hasher.finish() % VOCABULARY.len() as u64) as usize];
+        format!(" {word}")
+    }
+
+    fn prompt_tokens(&self) -> u64 {
+        self.prompts.iter().map(|(_, n)| n).sum()
+    }
+
+    fn usage(&self, completion_tokens: u64) -> Usage {
+        let prompt_tokens = self.prompt_tokens();
+        Usage {
+            prompt_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            completion_tokens,
+        }
+    }
+
+    /// The choice for `step`, with the text offset before it updated in `offsets`.
+    fn choice(&self, prompt: usize, choice: u32, step: u32, offset: &mut u64) -> StreamChoice {
+        let token = self.token(prompt, choice, step);
+        let mut text = token.clone();
+        if step == 0 && self.echo {
+            text = format!("{}{}", self.prompts[prompt].0, token);
+        }
+        let logprobs = self.logprobs.map(|_| {
+            let logprob = -((step % 7) as f64 + 1.0) / 4.0;
+            Logprobs {
+                text_offset: vec![*offset],
+                token_logprobs: vec![logprob],
+                tokens: vec![token.clone()],
+                top_logprobs: vec![std::iter::once((token.clone(), logprob)).collect()],
+            }
+        });
+        *offset += text.len() as u64;
+        let last = step + 1 == self.max_tokens;
+        StreamChoice {
+            index: prompt as u32 * self.n + choice,
+            text,
+            logprobs,
+            finish_reason: last.then_some("length"),
+            stop_reason: None,
+            prompt_token_ids: None,
+            token_ids: None,
+        }
+    }
+}
+
+fn count_words(s: &str) -> u64 {
+    s.split_whitespace().count().max(1) as u64
+}
+
+#[derive(Serialize, Clone)]
+struct Logprobs {
+    text_offset: Vec<u64>,
+    token_logprobs: Vec<f64>,
+    tokens: Vec<String>,
+    top_logprobs: Vec<std::collections::BTreeMap<String, f64>>,
+}
+
+#[derive(Serialize)]
+struct StreamChoice {
+    index: u32,
+    text: String,
+    logprobs: Option<Logprobs>,
+    finish_reason: Option<&'static str>,
+    stop_reason: Option<Value>,
+    prompt_token_ids: Option<Vec<u32>>,
+    token_ids: Option<Vec<u32>>,
+}
+
+#[derive(Serialize, Clone, Copy)]
+struct Usage {
+    prompt_tokens: u64,
+    total_tokens: u64,
+    completion_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct StreamChunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: Vec<StreamChoice>,
+    usage: Option<Usage>,
+}
+
+#[derive(Serialize)]
+struct UsageChunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: [(); 0],
+    usage: Usage,
+}
+
+fn sse(payload: &impl Serialize) -> Bytes {
+    let mut out = b"data: ".to_vec();
+    let _ = serde_json::to_writer(&mut out, payload);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+struct StreamState {
+    generation: Generation,
+    guard: AbortGuard,
+    step: u32,
+    offsets: Vec<u64>,
+    pending: std::collections::VecDeque<Bytes>,
+    done: bool,
+}
+
+fn stream_response(state: Arc<SimState>, generation: Generation) -> Response {
+    let choices = generation.choices().count();
+    let guard = AbortGuard {
+        state,
+        request_id: generation.id.trim_start_matches("cmpl-").to_string(),
+        finished: false,
+    };
+    let stream_state = StreamState {
+        generation,
+        guard,
+        step: 0,
+        offsets: vec![0; choices],
+        pending: Default::default(),
+        done: false,
+    };
+    let body = futures::stream::unfold(stream_state, |mut s| async move {
+        loop {
+            if let Some(bytes) = s.pending.pop_front() {
+                return Some((Ok::<_, std::io::Error>(bytes), s));
+            }
+            if s.done {
+                return None;
+            }
+            let g = &s.generation;
+            let step = s.step;
+            if g.stall_after == Some(step) {
+                std::future::pending::<()>().await;
+            }
+            if g.drop_after == Some(step) {
+                s.done = true;
+                return Some((Err(std::io::Error::other("simulated connection drop")), s));
+            }
+            if g.error_after == Some(step) {
+                let error = serde_json::json!({"error": {"message": "simulated failure mid-stream", "type": "InternalServerError", "param": null, "code": 500}});
+                s.pending.push_back(Bytes::from(format!("data: {error}\n\n")));
+                s.pending.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                s.done = true;
+                s.guard.finish();
+                continue;
+            }
+            if step >= g.max_tokens {
+                let completion_tokens = u64::from(g.max_tokens) * s.offsets.len() as u64;
+                if g.include_usage {
+                    s.pending.push_back(sse(&UsageChunk {
+                        id: &g.id,
+                        object: "text_completion",
+                        created: g.created,
+                        model: &g.model,
+                        choices: [],
+                        usage: g.usage(completion_tokens),
+                    }));
+                }
+                s.pending.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                s.done = true;
+                s.guard.finish();
+                continue;
+            }
+            tokio::time::sleep(if step == 0 { g.first_token_delay } else { g.token_delay }).await;
+            let pairs: Vec<(usize, u32)> = g.choices().collect();
+            for (i, (p, c)) in pairs.into_iter().enumerate() {
+                let choice = g.choice(p, c, step, &mut s.offsets[i]);
+                let usage = g.continuous_usage.then(|| g.usage(u64::from(step + 1)));
+                s.pending.push_back(sse(&StreamChunk {
+                    id: &g.id,
+                    object: "text_completion",
+                    created: g.created,
+                    model: &g.model,
+                    choices: vec![choice],
+                    usage,
+                }));
+            }
+            s.step += 1;
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn full_response(generation: Generation, mut guard: AbortGuard) -> Response {
+    let g = &generation;
+    let total = g.first_token_delay + g.token_delay * g.max_tokens.saturating_sub(1);
+    tokio::time::sleep(total).await;
+    let mut choices = Vec::new();
+    for (p, c) in g.choices() {
+        let mut offset = 0;
+        let mut text = String::new();
+        let mut logprobs: Option<Logprobs> = None;
+        for step in 0..g.max_tokens {
+            let choice = g.choice(p, c, step, &mut offset);
+            text.push_str(&choice.text);
+            if let Some(lp) = choice.logprobs {
+                let acc = logprobs.get_or_insert_with(|| Logprobs {
+                    text_offset: vec![],
+                    token_logprobs: vec![],
+                    tokens: vec![],
+                    top_logprobs: vec![],
+                });
+                acc.text_offset.extend(lp.text_offset);
+                acc.token_logprobs.extend(lp.token_logprobs);
+                acc.tokens.extend(lp.tokens);
+                acc.top_logprobs.extend(lp.top_logprobs);
+            }
+        }
+        choices.push(serde_json::json!({
+            "index": p as u32 * g.n + c,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": if g.max_tokens > 0 { Value::from("length") } else { Value::Null },
+            "stop_reason": null,
+            "token_ids": null,
+            "prompt_logprobs": null,
+            "prompt_token_ids": null,
+        }));
+    }
+    let usage = g.usage(u64::from(g.max_tokens) * choices.len() as u64);
+    let body = serde_json::json!({
+        "id": g.id, "object": "text_completion", "created": g.created, "model": g.model,
+        "choices": choices, "service_tier": null, "system_fingerprint": null,
+        "usage": {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.total_tokens,
+                  "completion_tokens": usage.completion_tokens, "prompt_tokens_details": null},
+        "kv_transfer_params": null,
+    });
+    guard.finish();
+    axum::Json(body).into_response()
+}

@@ -1,0 +1,261 @@
+//! The upstream client: calls vLLM's `/v1/completions` with `stream: true`
+//! and yields each chunk the moment its SSE event is complete.
+//!
+//! Dropping an [`UpstreamStream`] closes its HTTP connection, which is how
+//! vLLM learns to abort the generation.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use tokio::time::Instant;
+use url::Url;
+
+use crate::config::UpstreamConfig;
+use crate::error::{ErrorInfo, GatewayError, kind_for_status};
+use crate::protocol::{Chunk, error_info_from_value, parse_error_event};
+use crate::queue::QueuedRequest;
+use crate::sse::SseParser;
+
+/// Largest error body read from the upstream.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot reach the upstream: {0}")]
+    Connect(String),
+    #[error("the upstream sent nothing for {0:?}")]
+    Timeout(Duration),
+    /// An error status before the stream began, with the upstream's own message.
+    #[error("upstream answered {}: {}", .0.status, .0.message)]
+    Status(ErrorInfo),
+    /// An error event in the middle of the stream.
+    #[error("upstream error: {}", .0.message)]
+    Event(ErrorInfo),
+    #[error("reading the upstream response failed: {0}")]
+    Body(String),
+    #[error("the upstream closed the stream before [DONE]")]
+    Truncated,
+}
+
+impl UpstreamError {
+    pub fn info(&self) -> ErrorInfo {
+        match self {
+            Self::Status(info) | Self::Event(info) => info.clone(),
+            Self::Timeout(_) => GatewayError::UpstreamTimeout(self.to_string()).info(),
+            Self::Connect(_) | Self::Body(_) | Self::Truncated => {
+                GatewayError::UpstreamUnavailable(self.to_string()).info()
+            }
+        }
+    }
+
+    /// A low-cardinality label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Connect(_) => "connect",
+            Self::Timeout(_) => "timeout",
+            Self::Status(_) => "status",
+            Self::Event(_) => "stream_error",
+            Self::Body(_) => "body",
+            Self::Truncated => "truncated",
+        }
+    }
+}
+
+pub struct UpstreamClient {
+    http: reqwest::Client,
+    endpoints: Vec<Url>,
+    next: AtomicUsize,
+    api_key: Option<String>,
+    first_chunk_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl UpstreamClient {
+    pub fn new(config: &UpstreamConfig) -> Result<Self, GatewayError> {
+        let http = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .connect_timeout(config.connect_timeout)
+            .pool_max_idle_per_host(1024)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| GatewayError::Internal(format!("cannot build the HTTP client: {e}")))?;
+        let endpoints = config
+            .urls
+            .iter()
+            .map(|base| {
+                let mut url = base.clone();
+                let path = format!("{}/v1/completions", url.path().trim_end_matches('/'));
+                url.set_path(&path);
+                url
+            })
+            .collect();
+        Ok(Self {
+            http,
+            endpoints,
+            next: AtomicUsize::new(0),
+            api_key: config.api_key.clone(),
+            first_chunk_timeout: config.first_chunk_timeout,
+            idle_timeout: config.idle_timeout,
+        })
+    }
+
+    fn endpoint(&self) -> &Url {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
+        &self.endpoints[i]
+    }
+
+    /// Starts the upstream request; resolves once response headers arrive.
+    pub async fn open(&self, request: &QueuedRequest) -> Result<UpstreamStream, UpstreamError> {
+        let deadline = Instant::now() + self.first_chunk_timeout;
+        let mut builder = self
+            .http
+            .post(self.endpoint().clone())
+            .header("content-type", "application/json")
+            .header("accept", "text/event-stream")
+            .header("x-request-id", &request.request_id)
+            .body(request.body.clone());
+        for (name, value) in &request.trace_context {
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        if let Some(key) = &self.api_key {
+            builder = builder.bearer_auth(key);
+        }
+        let response = tokio::time::timeout_at(deadline, builder.send())
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.first_chunk_timeout))?
+            .map_err(|e| UpstreamError::Connect(without_url(&e)))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = tokio::time::timeout_at(deadline, read_limited(response, MAX_ERROR_BODY))
+                .await
+                .unwrap_or_default();
+            return Err(UpstreamError::Status(error_from_body(status, &body)));
+        }
+        Ok(UpstreamStream {
+            body: response.bytes_stream().boxed(),
+            parser: SseParser::new(),
+            deadline: Some(deadline),
+            first_chunk_timeout: self.first_chunk_timeout,
+            idle_timeout: self.idle_timeout,
+            finished: false,
+        })
+    }
+}
+
+/// reqwest errors print the URL; keep messages short and credential-free.
+fn without_url(err: &reqwest::Error) -> String {
+    let mut message = err.to_string();
+    if let Some(url) = err.url() {
+        message = message.replace(url.as_str(), url.host_str().unwrap_or("upstream"));
+    }
+    let mut source = std::error::Error::source(err);
+    while let Some(inner) = source {
+        message = format!("{message}: {inner}");
+        source = inner.source();
+    }
+    message
+}
+
+async fn read_limited(response: reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    let mut stream = response.bytes_stream();
+    while let Some(Ok(bytes)) = stream.next().await {
+        body.extend_from_slice(&bytes[..bytes.len().min(limit - body.len())]);
+        if body.len() >= limit {
+            break;
+        }
+    }
+    body
+}
+
+/// Maps an upstream error response to the error the client sees, keeping
+/// vLLM's status, type and message.
+fn error_from_body(status: StatusCode, body: &[u8]) -> ErrorInfo {
+    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) {
+        let error = value.get("error").unwrap_or(&value);
+        let mut info = error_info_from_value(error);
+        info.status = status.as_u16();
+        if error.get("type").is_none() {
+            info.kind = kind_for_status(status).to_string();
+        }
+        return info;
+    }
+    let text = String::from_utf8_lossy(body);
+    ErrorInfo::new(
+        status,
+        kind_for_status(status),
+        if text.trim().is_empty() {
+            format!("upstream answered {status}")
+        } else {
+            text.chars().take(512).collect::<String>()
+        },
+    )
+}
+
+/// The chunks of one upstream response.
+pub struct UpstreamStream {
+    body: BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    parser: SseParser,
+    /// Until the first chunk arrives, the absolute first-chunk deadline.
+    deadline: Option<Instant>,
+    first_chunk_timeout: Duration,
+    idle_timeout: Duration,
+    finished: bool,
+}
+
+impl UpstreamStream {
+    /// The next chunk; `Ok(None)` after `[DONE]`.
+    pub async fn next(&mut self) -> Result<Option<Chunk>, UpstreamError> {
+        loop {
+            if self.finished {
+                return Ok(None);
+            }
+            if let Some(event) = self.parser.next_event() {
+                if event.is_done() {
+                    self.finished = true;
+                    return Ok(None);
+                }
+                if let Some(info) = parse_error_event(event.chunk.payload_slice()) {
+                    self.finished = true;
+                    return Err(UpstreamError::Event(info));
+                }
+                self.deadline = None;
+                return Ok(Some(event.chunk));
+            }
+            let (deadline, waited) = match self.deadline {
+                Some(deadline) => (deadline, self.first_chunk_timeout),
+                None => (Instant::now() + self.idle_timeout, self.idle_timeout),
+            };
+            match tokio::time::timeout_at(deadline, self.body.next()).await {
+                Err(_) => return Err(UpstreamError::Timeout(waited)),
+                Ok(None) => {
+                    self.finished = true;
+                    return Err(UpstreamError::Truncated);
+                }
+                Ok(Some(Err(err))) => {
+                    self.finished = true;
+                    return Err(UpstreamError::Body(without_url(&err)));
+                }
+                Ok(Some(Ok(bytes))) => self.parser.push(&bytes),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vllm_error_bodies_keep_status_type_and_message() {
+        let body = br#"{"error":{"message":"The model `x` does not exist.","type":"NotFoundError","param":null,"code":404}}"#;
+        let info = error_from_body(StatusCode::NOT_FOUND, body);
+        assert_eq!(info, ErrorInfo::new(StatusCode::NOT_FOUND, "NotFoundError", "The model `x` does not exist."));
+        let info = error_from_body(StatusCode::SERVICE_UNAVAILABLE, b"overloaded");
+        assert_eq!(info.status, 503);
+        assert_eq!(info.message, "overloaded");
+    }
+}
