@@ -138,7 +138,7 @@ pub async fn run(
 }
 
 /// Runs a standalone worker (Kafka queue) with its own health and metrics listener.
-pub async fn run_worker(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run_worker(_config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let _ = shutdown;
     anyhow::bail!(
         "`sluice worker` needs the kafka:// queue; with {} the in-process worker of `sluice serve` does the work",

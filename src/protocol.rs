@@ -417,7 +417,7 @@ struct ChoiceAcc {
     prompt_token_ids: Value,
 }
 
-#[derive(Default)]
+#[derive(Default, Serialize)]
 struct LogprobsAcc {
     text_offset: Vec<Value>,
     token_logprobs: Vec<Value>,
@@ -486,50 +486,63 @@ impl ResponseAssembler {
             .and_then(|u| serde_json::from_value(u.clone()).ok())
     }
 
-    pub fn finish(self) -> Value {
-        let choices: Vec<Value> = self
+    /// The JSON body vLLM returns for `stream: false`, fields in vLLM's order.
+    pub fn finish(self) -> String {
+        #[derive(Serialize)]
+        struct Body {
+            id: String,
+            object: &'static str,
+            created: i64,
+            model: String,
+            choices: Vec<ChoiceOut>,
+            service_tier: Option<()>,
+            system_fingerprint: Option<()>,
+            usage: Value,
+            kv_transfer_params: Option<()>,
+        }
+        #[derive(Serialize)]
+        struct ChoiceOut {
+            index: u64,
+            text: String,
+            logprobs: Option<LogprobsAcc>,
+            finish_reason: Value,
+            stop_reason: Value,
+            token_ids: Option<Vec<Value>>,
+            prompt_logprobs: Option<()>,
+            prompt_token_ids: Value,
+        }
+        let choices = self
             .choices
             .into_iter()
-            .map(|(index, acc)| {
-                let logprobs = acc.logprobs.map_or(Value::Null, |lp| {
-                    serde_json::json!({
-                        "text_offset": lp.text_offset,
-                        "token_logprobs": lp.token_logprobs,
-                        "tokens": lp.tokens,
-                        "top_logprobs": lp.top_logprobs,
-                    })
-                });
-                serde_json::json!({
-                    "index": index,
-                    "text": acc.text,
-                    "logprobs": logprobs,
-                    "finish_reason": acc.finish_reason,
-                    "stop_reason": acc.stop_reason,
-                    "token_ids": acc.token_ids.map_or(Value::Null, Value::Array),
-                    "prompt_logprobs": Value::Null,
-                    "prompt_token_ids": acc.prompt_token_ids,
-                })
+            .map(|(index, acc)| ChoiceOut {
+                index,
+                text: acc.text,
+                logprobs: acc.logprobs,
+                finish_reason: acc.finish_reason,
+                stop_reason: acc.stop_reason,
+                token_ids: acc.token_ids,
+                prompt_logprobs: None,
+                prompt_token_ids: acc.prompt_token_ids,
             })
             .collect();
         let mut usage = self.usage.unwrap_or_else(|| {
             serde_json::json!({"prompt_tokens": 0, "total_tokens": 0, "completion_tokens": 0})
         });
         if let Value::Object(fields) = &mut usage {
-            fields
-                .entry("prompt_tokens_details")
-                .or_insert(Value::Null);
+            fields.entry("prompt_tokens_details").or_insert(Value::Null);
         }
-        serde_json::json!({
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            "service_tier": Value::Null,
-            "system_fingerprint": Value::Null,
-            "usage": usage,
-            "kv_transfer_params": Value::Null,
+        serde_json::to_string(&Body {
+            id: self.id,
+            object: "text_completion",
+            created: self.created,
+            model: self.model,
+            choices,
+            service_tier: None,
+            system_fingerprint: None,
+            usage,
+            kv_transfer_params: None,
         })
+        .unwrap_or_default()
     }
 }
 
@@ -603,7 +616,8 @@ mod tests {
         asm.push(br#"{"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"a","logprobs":{"text_offset":[0],"token_logprobs":[-1.0],"tokens":["a"],"top_logprobs":[{"a":-1.0}]},"finish_reason":null,"stop_reason":null}],"usage":null}"#);
         asm.push(br#"{"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"b","logprobs":{"text_offset":[1],"token_logprobs":[-2.0],"tokens":["b"],"top_logprobs":[{"b":-2.0}]},"finish_reason":"length","stop_reason":null}],"usage":null}"#);
         asm.push(br#"{"id":"c","object":"text_completion","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":1,"total_tokens":3,"completion_tokens":2}}"#);
-        let body = asm.finish();
+        let body: Value = serde_json::from_str(&asm.finish()).unwrap();
+        assert!(body.to_string().len() > 10);
         assert_eq!(body["choices"][0]["text"], "ab");
         assert_eq!(body["choices"][0]["finish_reason"], "length");
         assert_eq!(body["choices"][0]["logprobs"]["tokens"], serde_json::json!(["a", "b"]));

@@ -106,5 +106,5 @@ async fn json_response(mut completion: Completion) -> Response {
             Delivery::Done => break,
         }
     }
-    axum::Json(assembler.finish()).into_response()
+    ([(header::CONTENT_TYPE, "application/json")], assembler.finish()).into_response()
 }

@@ -168,7 +168,7 @@ async fn serve_request(
             Delivery::Error(info) => return send_error(sink, &info).await,
             Delivery::Done => {
                 if let Some(assembler) = assembler.take() {
-                    if !send_text(sink, assembler.finish().to_string()).await {
+                    if !send_text(sink, assembler.finish()).await {
                         return false;
                     }
                 }

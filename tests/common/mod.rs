@@ -1,0 +1,223 @@
+//! Test harness: a gateway on port 0 in front of a simulated vLLM, with a
+//! fresh SQLite file and a fresh API key, plus small SSE and WebSocket clients.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use sluice::config::{Config, StoreConfig, StoreKind};
+use sluice::simulator::{Simulator, SimulatorConfig};
+use sluice::sse::SseParser;
+use sluice::store::Store;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const MODEL: &str = "sim-llama";
+
+pub struct TestGateway {
+    pub url: String,
+    pub key: String,
+    pub key_id: String,
+    pub sim: Simulator,
+    pub store: Arc<dyn Store>,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+/// Defaults for tests: fast tokens, small timeouts.
+pub fn sim_config() -> SimulatorConfig {
+    SimulatorConfig {
+        token_delay: Duration::from_millis(2),
+        first_token_delay: Duration::from_millis(5),
+        ..SimulatorConfig::default()
+    }
+}
+
+impl TestGateway {
+    pub async fn start() -> Self {
+        Self::start_with(sim_config(), |_| {}).await
+    }
+
+    pub async fn start_with(sim: SimulatorConfig, customize: impl FnOnce(&mut Config)) -> Self {
+        let sim = Simulator::start(sim).await.expect("simulator starts");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config::default();
+        config.store = StoreConfig {
+            kind: StoreKind::Sqlite,
+            url: format!("sqlite://{}", dir.path().join("sluice.db").display()),
+            ..config.store
+        };
+        config.upstream.urls = vec![sim.url().parse().unwrap()];
+        config.server.shutdown_grace = Duration::from_secs(2);
+        customize(&mut config);
+        Self::start_on(sim, dir, config).await
+    }
+
+    async fn start_on(sim: Simulator, dir: tempfile::TempDir, config: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gateway = sluice::Gateway::start(config).await.expect("gateway starts");
+        let store = gateway.store();
+        let key = sluice::auth::create_key(store.as_ref(), "test").await.unwrap();
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let server = tokio::spawn(gateway.serve(listener, async move { stop.cancelled().await }));
+        Self {
+            url: format!("http://{addr}"),
+            key: key.secret,
+            key_id: key.id,
+            sim,
+            store,
+            http: reqwest::Client::new(),
+            shutdown,
+            server: Some(server),
+            _dir: dir,
+        }
+    }
+
+    pub fn completions_url(&self) -> String {
+        format!("{}/v1/completions", self.url)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("{}/v1/completions", self.url.replacen("http", "ws", 1))
+    }
+
+    pub async fn post(&self, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.completions_url())
+            .bearer_auth(&self.key)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Stops the server and waits for it (and its inference-log writer) to finish.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(server) = self.server.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Reads a whole SSE response into its `data:` payloads (including `[DONE]`).
+pub async fn sse_events(response: reqwest::Response) -> Vec<String> {
+    let mut reader = SseReader::new(response);
+    let mut events = Vec::new();
+    while let Some(event) = reader.next().await {
+        events.push(event);
+    }
+    events
+}
+
+pub struct SseReader {
+    response: reqwest::Response,
+    parser: SseParser,
+}
+
+impl SseReader {
+    pub fn new(response: reqwest::Response) -> Self {
+        Self {
+            response,
+            parser: SseParser::new(),
+        }
+    }
+
+    pub async fn next(&mut self) -> Option<String> {
+        loop {
+            if let Some(event) = self.parser.next_event() {
+                return Some(String::from_utf8(event.chunk.payload().to_vec()).unwrap());
+            }
+            match self.response.chunk().await {
+                Ok(Some(bytes)) => self.parser.push(&bytes),
+                _ => return None,
+            }
+        }
+    }
+}
+
+/// The concatenated text per choice index of a list of chunk payloads.
+pub fn texts(events: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for event in events {
+        let Ok(value) = serde_json::from_str::<Value>(event) else { continue };
+        for choice in value["choices"].as_array().into_iter().flatten() {
+            let index = choice["index"].as_u64().unwrap() as usize;
+            if out.len() <= index {
+                out.resize(index + 1, String::new());
+            }
+            out[index].push_str(choice["text"].as_str().unwrap_or_default());
+        }
+    }
+    out
+}
+
+pub fn request_id(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get("x-request-id")
+        .expect("x-request-id header")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Polls `check` every 20 ms until it returns Some or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return Some(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends `body` straight to the simulator, as the gateway's worker would, with the same request id.
+pub async fn direct(sim: &Simulator, body: &Value, request_id: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}/v1/completions", sim.url()))
+        .header("x-request-id", request_id)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A chunk payload without `created` (which differs between two calls a second apart).
+pub fn without_created(event: &str) -> Value {
+    let mut value: Value = serde_json::from_str(event).unwrap_or(Value::String(event.to_string()));
+    if let Some(object) = value.as_object_mut() {
+        object.remove("created");
+    }
+    value
+}
