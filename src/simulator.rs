@@ -54,6 +54,8 @@ pub struct SimulatorConfig {
     pub first_token_delay: Duration,
     /// `max_tokens` when the request has none (vLLM's default is 16).
     pub default_max_tokens: u32,
+    /// Record when each token chunk was handed to the connection (for benchmarks).
+    pub record_emit_times: bool,
 }
 
 impl Default for SimulatorConfig {
@@ -63,6 +65,7 @@ impl Default for SimulatorConfig {
             token_delay: Duration::from_millis(20),
             first_token_delay: Duration::from_millis(50),
             default_max_tokens: 16,
+            record_emit_times: false,
         }
     }
 }
@@ -80,6 +83,7 @@ struct Records {
     received: Vec<ReceivedRequest>,
     completed: Vec<String>,
     aborted: Vec<String>,
+    emitted: std::collections::HashMap<String, Vec<std::time::Instant>>,
 }
 
 struct SimState {
@@ -156,6 +160,16 @@ impl Simulator {
 
     pub fn completed(&self) -> Vec<String> {
         self.state.records.lock().map(|r| r.completed.clone()).unwrap_or_default()
+    }
+
+    /// When each token step of `request_id` was emitted (with `record_emit_times`).
+    pub fn emit_times(&self, request_id: &str) -> Vec<std::time::Instant> {
+        self.state
+            .records
+            .lock()
+            .ok()
+            .and_then(|mut r| r.emitted.remove(request_id))
+            .unwrap_or_default()
     }
 
     pub fn aborted(&self) -> Vec<String> {
@@ -311,6 +325,7 @@ struct Generation {
     drop_after: Option<u32>,
     first_token_delay: Duration,
     token_delay: Duration,
+    record_emit_times: bool,
 }
 
 impl Generation {
@@ -359,6 +374,7 @@ impl Generation {
             drop_after: number("sim_drop_after").map(|n| n as u32),
             first_token_delay: ms("sim_first_token_delay_ms", config.first_token_delay),
             token_delay: ms("sim_token_delay_ms", config.token_delay),
+            record_emit_times: config.record_emit_times,
         })
     }
 
@@ -555,6 +571,13 @@ fn stream_response(state: Arc<SimState>, generation: Generation) -> Response {
                 }));
             }
             s.step += 1;
+            if s.generation.record_emit_times {
+                let id = s.guard.request_id.clone();
+                let now = std::time::Instant::now();
+                if let Ok(mut records) = s.guard.state.records.lock() {
+                    records.emitted.entry(id).or_default().push(now);
+                }
+            }
         }
     });
     Response::builder()

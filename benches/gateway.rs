@@ -1,0 +1,294 @@
+//! Load benchmark: what sluice adds on top of calling vLLM directly.
+//!
+//! Starts the simulated vLLM (fixed per-token delay) and a gateway in front of
+//! it, then streams the same completions both ways at 1 and at 100 concurrent
+//! streams in flight (steady state: each client streams back to back, starts
+//! staggered) and reports:
+//! - time to first token (TTFT), from sending the request to the first chunk;
+//! - per-token delivery latency: from the moment the simulator emitted a chunk
+//!   to the moment the client read it;
+//! - the difference between the two paths (what the gateway adds);
+//! - cache-hit streams per second.
+//!
+//! Every request has a unique prompt, so latency runs are cache misses.
+//!
+//!     cargo bench --bench gateway                          # embedded mode
+//!     cargo bench --bench gateway -- --queue kafka://127.0.0.1:9092
+//!
+//! Other flags: --tokens N (32), --token-delay-ms N (10), --rounds N (5 streams per client;
+//! 50 at one stream), --hit-seconds N (5).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sluice::config::{Config, RawConfig};
+use sluice::simulator::{Simulator, SimulatorConfig};
+use sluice::sse::SseParser;
+
+struct Args {
+    queue: String,
+    tokens: u32,
+    token_delay_ms: u64,
+    rounds: usize,
+    hit_seconds: u64,
+}
+
+fn args() -> Args {
+    let mut args = Args {
+        queue: "memory://".into(),
+        tokens: 32,
+        token_delay_ms: 10,
+        rounds: 5,
+        hit_seconds: 5,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_default();
+        match flag.as_str() {
+            "--queue" => args.queue = value(),
+            "--tokens" => args.tokens = value().parse().unwrap_or(args.tokens),
+            "--token-delay-ms" => args.token_delay_ms = value().parse().unwrap_or(args.token_delay_ms),
+            "--rounds" => args.rounds = value().parse().unwrap_or(args.rounds),
+            "--hit-seconds" => args.hit_seconds = value().parse().unwrap_or(args.hit_seconds),
+            _ => {}
+        }
+    }
+    args
+}
+
+struct Sample {
+    ttft: Duration,
+    token_latencies: Vec<Duration>,
+}
+
+struct Target {
+    url: String,
+    key: Option<String>,
+}
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+async fn one_stream(client: &reqwest::Client, sim: &Simulator, target: &Target, tokens: u32) -> Sample {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let body = json!({"model": "sim-llama", "prompt": format!("benchmark prompt {n}"), "max_tokens": tokens, "stream": true});
+    let mut request = client.post(format!("{}/v1/completions", target.url)).json(&body);
+    let direct_id = format!("bench-{n}");
+    request = match &target.key {
+        Some(key) => request.bearer_auth(key),
+        None => request.header("x-request-id", &direct_id),
+    };
+    let sent = Instant::now();
+    let mut response = request.send().await.expect("request");
+    assert!(response.status().is_success(), "status {}", response.status());
+    let id = response
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from)
+        .unwrap_or(direct_id);
+    let mut parser = SseParser::new();
+    let mut received = Vec::with_capacity(tokens as usize);
+    'read: while let Ok(Some(bytes)) = response.chunk().await {
+        let now = Instant::now();
+        parser.push(&bytes);
+        while let Some(event) = parser.next_event() {
+            if event.is_done() {
+                break 'read;
+            }
+            received.push(now);
+        }
+    }
+    let emitted = sim.emit_times(&id);
+    assert_eq!(received.len(), emitted.len(), "every token arrived");
+    Sample {
+        ttft: received[0] - sent,
+        token_latencies: received.iter().zip(&emitted).map(|(r, e)| r.saturating_duration_since(*e)).collect(),
+    }
+}
+
+/// `concurrency` clients, each streaming `per_client` completions back to back,
+/// their starts staggered over one stream's duration: a steady state with
+/// `concurrency` streams in flight, not one synchronized burst.
+async fn measure(
+    client: &reqwest::Client,
+    sim: &Arc<Simulator>,
+    target: &Arc<Target>,
+    concurrency: usize,
+    per_client: usize,
+    tokens: u32,
+    stream_time: Duration,
+) -> (Vec<Duration>, Vec<Duration>) {
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|i| {
+            let (client, sim, target) = (client.clone(), sim.clone(), target.clone());
+            let stagger = stream_time.mul_f64(i as f64 / concurrency as f64);
+            tokio::spawn(async move {
+                tokio::time::sleep(stagger).await;
+                let mut samples = Vec::with_capacity(per_client);
+                for _ in 0..per_client {
+                    samples.push(one_stream(&client, &sim, &target, tokens).await);
+                }
+                samples
+            })
+        })
+        .collect();
+    let mut ttfts = Vec::new();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        for sample in task.await.expect("stream task") {
+            ttfts.push(sample.ttft);
+            latencies.extend(sample.token_latencies);
+        }
+    }
+    ttfts.sort();
+    latencies.sort();
+    (ttfts, latencies)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1000.0)
+}
+
+fn added(gateway: Duration, direct: Duration) -> String {
+    format!("{:+.3}", (gateway.as_secs_f64() - direct.as_secs_f64()) * 1000.0)
+}
+
+async fn cache_hit_rate(client: &reqwest::Client, target: &Arc<Target>, tokens: u32, seconds: u64) -> f64 {
+    let body = json!({"model": "sim-llama", "prompt": "the cached prompt", "max_tokens": tokens, "stream": true});
+    let send = |client: reqwest::Client, target: Arc<Target>, body: serde_json::Value| async move {
+        let response = client
+            .post(format!("{}/v1/completions", target.url))
+            .bearer_auth(target.key.as_deref().unwrap_or_default())
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        assert!(response.status().is_success());
+        let bytes = response.bytes().await.expect("body");
+        assert!(bytes.ends_with(b"data: [DONE]\n\n"));
+    };
+    send(client.clone(), target.clone(), body.clone()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let done = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..32)
+        .map(|_| {
+            let (client, target, body, done) = (client.clone(), target.clone(), body.clone(), done.clone());
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    send(client.clone(), target.clone(), body.clone()).await;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    for worker in workers {
+        worker.await.expect("worker");
+    }
+    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn gateway_config(args: &Args, upstream: &str, db: &std::path::Path) -> Config {
+    let toml = format!(
+        r#"
+        [store]
+        url = "sqlite://{db}"
+        [cache]
+        url = "memory://"
+        [queue]
+        url = "{queue}"
+        request_topic = "bench.requests.{run}"
+        response_topic = "bench.responses.{run}"
+        cancel_topic = "bench.cancels.{run}"
+        partitions = 4
+        [queue.producer]
+        "linger.ms" = 0
+        [queue.consumer]
+        "fetch.wait.max.ms" = 1
+        "fetch.error.backoff.ms" = 1
+        [worker]
+        concurrency = 512
+        [upstream]
+        urls = ["{upstream}"]
+        [log]
+        level = "warn"
+        "#,
+        db = db.display(),
+        queue = args.queue,
+        run = std::process::id(),
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("bench.toml");
+    std::fs::write(&path, toml).expect("write config");
+    let (raw, origins) = RawConfig::load_with_env(Some(&path), &[]).expect("bench config");
+    raw.validate(&origins).expect("valid bench config")
+}
+
+fn main() {
+    let args = args();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async move {
+        let sim = Arc::new(
+            Simulator::start(SimulatorConfig {
+                token_delay: Duration::from_millis(args.token_delay_ms),
+                first_token_delay: Duration::from_millis(20),
+                record_emit_times: true,
+                ..SimulatorConfig::default()
+            })
+            .await
+            .expect("simulator"),
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = gateway_config(&args, &sim.url(), &dir.path().join("bench.db"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let gateway = sluice::Gateway::start(config).await.expect("gateway");
+        let key = sluice::auth::create_key(gateway.store().as_ref(), "bench").await.expect("key");
+        tokio::spawn(gateway.serve(listener, std::future::pending()));
+
+        let client = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(512)
+            .build()
+            .expect("client");
+        let direct = Arc::new(Target { url: sim.url(), key: None });
+        let through = Arc::new(Target { url: format!("http://{addr}"), key: Some(key.secret) });
+
+        let stream_time = Duration::from_millis(20 + args.token_delay_ms * u64::from(args.tokens));
+        // Warm up connections on both paths.
+        measure(&client, &sim, &direct, 100, 1, args.tokens, stream_time).await;
+        measure(&client, &sim, &through, 100, 1, args.tokens, stream_time).await;
+
+        println!(
+            "sluice benchmark: queue {}, {} tokens per stream, {} ms per token, {} rounds\n",
+            args.queue, args.tokens, args.token_delay_ms, args.rounds
+        );
+        println!("| streams | metric | direct p50 | gateway p50 | added p50 | direct p99 | gateway p99 | added p99 |");
+        println!("|---|---|---|---|---|---|---|---|");
+        for concurrency in [1usize, 100] {
+            let rounds = if concurrency == 1 { args.rounds * 10 } else { args.rounds };
+            let (d_ttft, d_tok) = measure(&client, &sim, &direct, concurrency, rounds, args.tokens, stream_time).await;
+            let (g_ttft, g_tok) = measure(&client, &sim, &through, concurrency, rounds, args.tokens, stream_time).await;
+            for (name, d, g) in [("TTFT (ms)", &d_ttft, &g_ttft), ("per-token (ms)", &d_tok, &g_tok)] {
+                println!(
+                    "| {concurrency} | {name} | {} | {} | {} | {} | {} | {} |",
+                    ms(pct(d, 0.5)),
+                    ms(pct(g, 0.5)),
+                    added(pct(g, 0.5), pct(d, 0.5)),
+                    ms(pct(d, 0.99)),
+                    ms(pct(g, 0.99)),
+                    added(pct(g, 0.99), pct(d, 0.99)),
+                );
+            }
+        }
+        let rate = cache_hit_rate(&client, &through, args.tokens, args.hit_seconds).await;
+        println!("\ncache-hit streams per second ({} chunks each, 32 clients): {rate:.0}", args.tokens);
+    });
+}
