@@ -15,6 +15,7 @@ use crate::config::{Config, QueueBackend};
 use crate::inference_log::InferenceLogger;
 use crate::metrics::Metrics;
 use crate::policy::{NoPolicy, Policy};
+use crate::queue::kafka::{KafkaJobSource, KafkaQueue};
 use crate::queue::{JobSource, MemoryQueue, Queue};
 use crate::store::{self, Store};
 use crate::upstream::UpstreamClient;
@@ -58,18 +59,18 @@ impl Gateway {
         let queue: Arc<dyn Queue> = match &config.queue.backend {
             QueueBackend::Memory { capacity } => {
                 let queue = Arc::new(MemoryQueue::new(*capacity, config.queue.queue_timeout));
-                let upstream = Arc::new(UpstreamClient::new(&config.upstream)?);
-                let worker = Arc::new(Worker::new(
-                    upstream,
-                    metrics.clone(),
-                    config.worker.concurrency,
-                    config.queue.queue_timeout,
-                ));
                 let source: Arc<dyn JobSource> = queue.clone();
-                tasks.push(tokio::spawn(worker.run(source, worker_shutdown.clone(), config.server.shutdown_grace)));
+                tasks.push(spawn_worker(&config, source, metrics.clone(), worker_shutdown.clone())?);
                 queue
             }
-            QueueBackend::Kafka(_) => anyhow::bail!("the kafka:// queue is not available in this build"),
+            QueueBackend::Kafka(kafka) => {
+                let queue = KafkaQueue::connect(kafka, &config.queue, metrics.clone()).await?;
+                if config.worker.in_process {
+                    let source = KafkaJobSource::connect(kafka, &config.queue, metrics.clone()).await?;
+                    tasks.push(spawn_worker(&config, Arc::new(source), metrics.clone(), worker_shutdown.clone())?);
+                }
+                Arc::new(queue)
+            }
         };
         metrics.backend_up.with_label_values(&["queue"]).set(1);
 
@@ -137,11 +138,58 @@ pub async fn run(
     Gateway::start(config).await?.serve(listener, shutdown).await
 }
 
-/// Runs a standalone worker (Kafka queue) with its own health and metrics listener.
-pub async fn run_worker(_config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let _ = shutdown;
-    anyhow::bail!(
-        "`sluice worker` needs the kafka:// queue; with {} the in-process worker of `sluice serve` does the work",
-        "memory://"
-    )
+fn spawn_worker(
+    config: &Config,
+    source: Arc<dyn JobSource>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<JoinHandle<()>> {
+    let upstream = Arc::new(UpstreamClient::new(&config.upstream)?);
+    let worker = Arc::new(Worker::new(upstream, metrics, config.worker.concurrency, config.queue.queue_timeout));
+    Ok(tokio::spawn(worker.run(source, shutdown, config.server.shutdown_grace)))
+}
+
+/// A standalone worker on the Kafka queue: started, not yet stopped.
+pub struct StandaloneWorker {
+    pub metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl StandaloneWorker {
+    /// Joins the worker group and starts taking requests.
+    pub async fn start(config: &Config) -> anyhow::Result<Self> {
+        let QueueBackend::Kafka(kafka) = &config.queue.backend else {
+            anyhow::bail!(
+                "`sluice worker` needs the kafka:// queue; with memory:// the in-process worker of `sluice serve` does the work"
+            );
+        };
+        let metrics = Arc::new(Metrics::new());
+        let source = KafkaJobSource::connect(kafka, &config.queue, metrics.clone()).await?;
+        metrics.backend_up.with_label_values(&["queue"]).set(1);
+        let shutdown = CancellationToken::new();
+        let task = spawn_worker(config, Arc::new(source), metrics.clone(), shutdown.clone())?;
+        Ok(Self { metrics, shutdown, task })
+    }
+
+    /// Stops taking requests and waits for running ones (up to the grace period).
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Runs a standalone worker with its own `/health` and `/metrics` listener until `shutdown`.
+pub async fn run_worker(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let worker = StandaloneWorker::start(&config).await?;
+    let listener = TcpListener::bind(config.worker.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (worker.listen): {e}", config.worker.listen))?;
+    tracing::info!(listen = %config.worker.listen, "sluice worker running; metrics and health on this address");
+    let router = crate::http::worker_router(worker.metrics.clone());
+    axum::serve(crate::http::nodelay(listener), router)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    worker.stop().await;
+    Ok(())
 }

@@ -8,6 +8,7 @@
 //! channels; the Kafka one with a request topic and a response topic.
 
 
+pub mod kafka;
 mod memory;
 
 use async_trait::async_trait;

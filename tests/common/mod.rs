@@ -56,6 +56,11 @@ impl TestGateway {
         Self::start_on(sim, dir, config).await
     }
 
+    /// A gateway with exactly this config (for production backends).
+    pub async fn start_config(sim: Simulator, config: Config) -> Self {
+        Self::start_on(sim, tempfile::tempdir().unwrap(), config).await
+    }
+
     async fn start_on(sim: Simulator, dir: tempfile::TempDir, config: Config) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -220,4 +225,70 @@ pub fn without_created(event: &str) -> Value {
         object.remove("created");
     }
     value
+}
+pub mod services;
+
+/// A separate tokio runtime, as if it were another process: killing it drops
+/// every task and client it owns at once.
+pub struct Isolated {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Isolated {
+    pub fn new(name: &str) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        Self { runtime: Some(runtime) }
+    }
+
+    /// Runs `future` on this runtime and waits for its result.
+    pub async fn run<F, T>(&self, future: F) -> T
+    where
+        F: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.runtime.as_ref().expect("alive").spawn(future).await.expect("task")
+    }
+
+    /// Starts a gateway edge on this runtime; returns its base URL and store.
+    pub async fn start_edge(&self, config: Config) -> (String, Arc<dyn Store>) {
+        self.run(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let gateway = sluice::Gateway::start(config).await.expect("edge starts");
+            let store = gateway.store();
+            tokio::spawn(gateway.serve(listener, std::future::pending()));
+            (format!("http://{addr}"), store)
+        })
+        .await
+    }
+
+    /// Starts a standalone Kafka worker on this runtime.
+    pub async fn start_worker(&self, config: Config) {
+        self.run(async move {
+            let worker = sluice::app::StandaloneWorker::start(&config).await.expect("worker starts");
+            // Runs until the runtime is killed.
+            std::mem::forget(worker);
+        })
+        .await
+    }
+
+    /// Stops the runtime abruptly, like a killed process.
+    pub fn kill(mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Isolated {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
