@@ -66,7 +66,8 @@ impl TestGateway {
         let addr = listener.local_addr().unwrap();
         let gateway = sluice::Gateway::start(config).await.expect("gateway starts");
         let store = gateway.store();
-        let key = sluice::auth::create_key(store.as_ref(), "test").await.unwrap();
+        let name = format!("test-{}", uuid::Uuid::new_v4().simple());
+        let key = sluice::auth::create_key(store.as_ref(), &name).await.unwrap();
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let server = tokio::spawn(gateway.serve(listener, async move { stop.cancelled().await }));
