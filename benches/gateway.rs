@@ -211,7 +211,7 @@ fn gateway_config(args: &Args, upstream: &str, db: &std::path::Path) -> Config {
         [queue.producer]
         "linger.ms" = 0
         [queue.consumer]
-        "fetch.wait.max.ms" = 1
+        "fetch.wait.max.ms" = 0
         "fetch.error.backoff.ms" = 1
         [worker]
         concurrency = 512
@@ -227,7 +227,8 @@ fn gateway_config(args: &Args, upstream: &str, db: &std::path::Path) -> Config {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("bench.toml");
     std::fs::write(&path, toml).expect("write config");
-    let (raw, origins) = RawConfig::load_with_env(Some(&path), &[]).expect("bench config");
+    // SLUICE_* environment variables override these settings (e.g. librdkafka tuning).
+    let (raw, origins) = RawConfig::load(Some(&path)).expect("bench config");
     raw.validate(&origins).expect("valid bench config")
 }
 
@@ -286,6 +287,12 @@ fn main() {
                     ms(pct(g, 0.99)),
                     added(pct(g, 0.99), pct(d, 0.99)),
                 );
+            }
+        }
+        if std::env::var_os("BENCH_SHOW_QUEUE_METRICS").is_some() {
+            let metrics = client.get(format!("{}/metrics", through.url)).send().await.expect("metrics").text().await.expect("text");
+            for line in metrics.lines().filter(|l| l.starts_with("sluice_queue_")) {
+                println!("{line}");
             }
         }
         let rate = cache_hit_rate(&client, &through, args.tokens, args.hit_seconds).await;

@@ -1,0 +1,401 @@
+//! The edge's side of the Kafka queue: produces requests, reads its reply
+//! partition, and hands each frame to the request that waits for it, checking
+//! attempt and sequence so a client sees every chunk once and in order.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::http::StatusCode;
+use bytes::Bytes;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::message::Message;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::frames::{self, Frame, FrameKind};
+use super::*;
+use crate::config::QueueConfig;
+use crate::error::{ErrorInfo, GatewayError, kind_for_status};
+use crate::metrics::Metrics;
+use crate::protocol::Chunk;
+use crate::queue::{Queue, QueuedRequest, ResponseEvent, ResponseStream};
+use crate::sse::SseParser;
+
+/// Frames buffered per request; a client that falls further behind is cut off
+/// rather than stalling every other stream of this edge.
+const ROUTE_BUFFER: usize = 1024;
+
+struct Route {
+    tx: mpsc::Sender<Frame>,
+    overflowed: Arc<AtomicBool>,
+}
+
+type Routes = Arc<Mutex<HashMap<String, Route>>>;
+
+fn lock(routes: &Routes) -> std::sync::MutexGuard<'_, HashMap<String, Route>> {
+    routes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+struct EdgeShared {
+    kafka: KafkaConfig,
+    producer: FutureProducer,
+    edge_id: String,
+    reply_partition: i32,
+    queue_timeout: Duration,
+    worker_timeout: Duration,
+    max_attempts: u32,
+    metrics: Arc<Metrics>,
+}
+
+impl EdgeShared {
+    fn produce_request(&self, request: &QueuedRequest, attempt: u32) -> Result<DeliveryFuture, QueueError> {
+        let reply = self.reply_partition.to_string();
+        let attempt_text = attempt.to_string();
+        let submitted = request.submitted_at_ms.to_string();
+        let mut pairs = vec![
+            (H_KIND, KIND_REQUEST),
+            (H_REQUEST, request.request_id.as_str()),
+            (H_EDGE, self.edge_id.as_str()),
+            (H_REPLY_PARTITION, reply.as_str()),
+            (H_ATTEMPT, attempt_text.as_str()),
+            (H_SUBMITTED, submitted.as_str()),
+        ];
+        for (name, value) in &request.trace_context {
+            pairs.push((name.as_str(), value.as_str()));
+        }
+        // A retry gets its own key so it can land on a partition of a live worker.
+        let key = if attempt == 1 {
+            request.request_id.clone()
+        } else {
+            format!("{}#{attempt}", request.request_id)
+        };
+        let record = FutureRecord::to(&self.kafka.request_topic)
+            .key(key.as_str())
+            .payload(request.body.as_ref())
+            .headers(headers(&pairs));
+        self.producer
+            .send_result(record)
+            .map_err(|(e, _)| unavailable(&self.kafka, e))
+    }
+
+    /// Tells workers to stop attempts up to `attempt` of `request_id`. Fire and forget.
+    fn cancel(&self, request_id: &str, attempt: u32) {
+        let attempt = attempt.to_string();
+        let record = FutureRecord::to(&self.kafka.cancel_topic)
+            .key(request_id)
+            .payload(&[][..])
+            .headers(headers(&[
+                (H_KIND, KIND_CANCEL),
+                (H_REQUEST, request_id),
+                (H_EDGE, self.edge_id.as_str()),
+                (H_ATTEMPT, attempt.as_str()),
+            ]));
+        if let Err((err, _)) = self.producer.send_result::<str, [u8]>(record) {
+            tracing::warn!(%err, request_id, "could not publish a cancellation");
+        }
+    }
+}
+
+/// The edge's side of the Kafka queue.
+pub struct KafkaQueue {
+    shared: Arc<EdgeShared>,
+    routes: Routes,
+    router: JoinHandle<()>,
+}
+
+impl Drop for KafkaQueue {
+    fn drop(&mut self) {
+        self.router.abort();
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325, |hash, b| (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+impl KafkaQueue {
+    /// Creates missing topics and starts reading this edge's reply partition.
+    pub async fn connect(kafka: &KafkaConfig, queue: &QueueConfig, metrics: Arc<Metrics>) -> Result<Self, QueueError> {
+        let partitions = ensure_topics(kafka).await?;
+        let reply_partition = match kafka.reply_partition {
+            Some(p) if p < partitions => p,
+            Some(p) => {
+                return Err(unavailable(
+                    kafka,
+                    format!("queue.reply_partition {p} does not exist: {} has {partitions} partitions", kafka.response_topic),
+                ));
+            }
+            None => (fnv1a(kafka.edge_id.as_bytes()) % partitions as u64) as i32,
+        };
+        let consumer = tail_consumer(kafka, &format!("sluice-edge-{}", kafka.edge_id), &kafka.response_topic, vec![reply_partition], &[]).await?;
+        let shared = Arc::new(EdgeShared {
+            kafka: kafka.clone(),
+            producer: producer(kafka)?,
+            edge_id: kafka.edge_id.clone(),
+            reply_partition,
+            queue_timeout: queue.queue_timeout,
+            worker_timeout: queue.worker_timeout,
+            max_attempts: queue.max_attempts,
+            metrics,
+        });
+        let routes: Routes = Default::default();
+        let router = tokio::spawn(route_responses(consumer, shared.clone(), routes.clone()));
+        tracing::info!(edge_id = %kafka.edge_id, reply_partition, brokers = %kafka.brokers, "Kafka queue connected");
+        Ok(Self { shared, routes, router })
+    }
+}
+
+/// Reads the reply partition and hands each frame to the request that owns it.
+async fn route_responses(consumer: StreamConsumer, shared: Arc<EdgeShared>, routes: Routes) {
+    let topic = shared.kafka.response_topic.clone();
+    let skipped = |reason: &str| {
+        shared.metrics.queue_messages_skipped.with_label_values(&[topic.as_str(), reason]).inc();
+    };
+    loop {
+        let message = match consumer.recv().await {
+            Ok(message) => message,
+            Err(err) => {
+                tracing::warn!(%err, "error reading the response topic");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let h = ReadHeaders::of(&message);
+        match h.str(H_EDGE) {
+            Some(edge) if edge == shared.edge_id => {}
+            Some(_) => continue, // another edge sharing this partition
+            None => {
+                skipped("malformed");
+                tracing::warn!(offset = message.offset(), "skipping a response message without an edge id");
+                continue;
+            }
+        }
+        let decoded = (h.str(H_KIND) == Some(KIND_FRAMES))
+            .then(|| frames::decode(Bytes::copy_from_slice(message.payload().unwrap_or_default())))
+            .flatten();
+        let Some(decoded) = decoded else {
+            skipped("malformed");
+            tracing::warn!(offset = message.offset(), "skipping a malformed response message");
+            continue;
+        };
+        if let Some(created) = message.timestamp().to_millis() {
+            let age = chrono::Utc::now().timestamp_millis() - created;
+            shared.metrics.queue_consume_delay.observe(age.max(0) as f64 / 1000.0);
+        }
+        let mut routes = lock(&routes);
+        for frame in decoded {
+            let Some(route) = routes.get(&frame.request_id) else {
+                skipped("stale");
+                continue;
+            };
+            if let Err(full) = route.tx.try_send(frame) {
+                route.overflowed.store(true, Ordering::Relaxed);
+                routes.remove(&full.into_inner().request_id);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Queue for KafkaQueue {
+    async fn submit(&self, request: QueuedRequest) -> Result<Box<dyn ResponseStream>, QueueError> {
+        let (tx, rx) = mpsc::channel(ROUTE_BUFFER);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        lock(&self.routes).insert(
+            request.request_id.clone(),
+            Route {
+                tx,
+                overflowed: overflowed.clone(),
+            },
+        );
+        let mut stream = KafkaResponses {
+            shared: self.shared.clone(),
+            routes: self.routes.clone(),
+            request,
+            rx,
+            overflowed,
+            attempt: 1,
+            next_seq: 0,
+            accepted: false,
+            delivered: false,
+            deadline: Instant::now(),
+            pending: VecDeque::new(),
+            finished: false,
+        };
+        let started = Instant::now();
+        let delivery = stream.shared.produce_request(&stream.request, 1);
+        let acknowledged = match delivery {
+            Ok(delivery) => match tokio::time::timeout(self.shared.queue_timeout, delivery).await {
+                Ok(Ok(Ok(_))) => Ok(()),
+                Ok(Ok(Err((err, _)))) => Err(unavailable(&self.shared.kafka, err)),
+                _ => Err(unavailable(&self.shared.kafka, "the request was not acknowledged in time")),
+            },
+            Err(err) => Err(err),
+        };
+        if let Err(err) = acknowledged {
+            stream.finished = true;
+            return Err(err);
+        }
+        self.shared.metrics.queue_produce.observe(started.elapsed().as_secs_f64());
+        stream.deadline = Instant::now() + self.shared.queue_timeout;
+        Ok(Box::new(stream))
+    }
+
+    async fn ping(&self) -> Result<(), QueueError> {
+        partition_count(&self.shared.kafka, &self.shared.kafka.request_topic).await.map(|_| ())
+    }
+}
+
+/// The responses of one request, checked for attempt and order.
+struct KafkaResponses {
+    shared: Arc<EdgeShared>,
+    routes: Routes,
+    request: QueuedRequest,
+    rx: mpsc::Receiver<Frame>,
+    overflowed: Arc<AtomicBool>,
+    attempt: u32,
+    next_seq: u64,
+    accepted: bool,
+    /// Whether any chunk was handed on (then a retry could duplicate tokens).
+    delivered: bool,
+    /// When the current wait (for a worker to accept, or for a sign of life) runs out.
+    deadline: Instant,
+    pending: VecDeque<Chunk>,
+    finished: bool,
+}
+
+fn gateway_error(status: StatusCode, message: impl Into<String>) -> ResponseEvent {
+    ResponseEvent::Error(ErrorInfo::new(status, kind_for_status(status), message))
+}
+
+impl KafkaResponses {
+    fn finish(&mut self, event: ResponseEvent) -> ResponseEvent {
+        self.finished = true;
+        event
+    }
+
+    /// The worker went quiet: resubmit if nothing was delivered yet, else fail.
+    fn on_timeout(&mut self) -> Option<ResponseEvent> {
+        let waited = if self.accepted { self.shared.worker_timeout } else { self.shared.queue_timeout };
+        if self.delivered || self.attempt >= self.shared.max_attempts {
+            let message = if self.accepted {
+                format!("the worker serving this request stopped responding for {waited:?}")
+            } else {
+                format!("no worker picked the request up within {waited:?}")
+            };
+            let status = if self.delivered { StatusCode::BAD_GATEWAY } else { StatusCode::SERVICE_UNAVAILABLE };
+            return Some(self.finish(gateway_error(status, message)));
+        }
+        self.shared.cancel(&self.request.request_id, self.attempt);
+        self.attempt += 1;
+        self.accepted = false;
+        self.next_seq = 0;
+        self.deadline = Instant::now() + self.shared.queue_timeout;
+        self.shared.metrics.queue_retries.inc();
+        tracing::warn!(request_id = %self.request.request_id, attempt = self.attempt, "worker lost before sending anything; resubmitting");
+        if let Err(err) = self.shared.produce_request(&self.request, self.attempt) {
+            return Some(self.finish(ResponseEvent::Error(GatewayError::from(err).info())));
+        }
+        None
+    }
+
+    fn on_frame(&mut self, frame: Frame) -> Option<ResponseEvent> {
+        if frame.attempt != self.attempt {
+            return None; // a late frame from an abandoned attempt
+        }
+        if frame.kind == FrameKind::Heartbeat {
+            self.deadline = Instant::now() + self.shared.worker_timeout;
+            return None;
+        }
+        let seq = frame.seq?;
+        if seq < self.next_seq {
+            return None; // a duplicate
+        }
+        if seq > self.next_seq {
+            return Some(self.finish(gateway_error(
+                StatusCode::BAD_GATEWAY,
+                format!("response frames {}..{seq} were lost", self.next_seq),
+            )));
+        }
+        self.next_seq += 1;
+        self.deadline = Instant::now() + self.shared.worker_timeout;
+        match frame.kind {
+            FrameKind::Accepted | FrameKind::Heartbeat => {
+                self.accepted = true;
+                None
+            }
+            FrameKind::Chunk => {
+                match Chunk::from_framed(frame.payload.clone()).filter(|c| !c.payload_slice().contains(&b'\n')) {
+                    Some(chunk) => self.pending.push_back(chunk),
+                    None => {
+                        let mut parser = SseParser::new();
+                        parser.push(&frame.payload);
+                        while let Some(event) = parser.next_event() {
+                            self.pending.push_back(event.chunk);
+                        }
+                    }
+                }
+                self.pending.pop_front().map(|chunk| {
+                    self.delivered = true;
+                    ResponseEvent::Chunk(chunk)
+                })
+            }
+            FrameKind::Error => {
+                let info = serde_json::from_slice::<ErrorInfo>(&frame.payload).unwrap_or_else(|_| {
+                    ErrorInfo::new(StatusCode::BAD_GATEWAY, "BadGatewayError", "the worker reported an unreadable error")
+                });
+                Some(self.finish(ResponseEvent::Error(info)))
+            }
+            FrameKind::Done => Some(self.finish(ResponseEvent::Done)),
+        }
+    }
+}
+
+#[async_trait]
+impl ResponseStream for KafkaResponses {
+    async fn next(&mut self) -> ResponseEvent {
+        loop {
+            if let Some(chunk) = self.pending.pop_front() {
+                return ResponseEvent::Chunk(chunk);
+            }
+            if self.finished {
+                return ResponseEvent::Done;
+            }
+            // Cancel-safe: state changes only after a frame has been received.
+            let frame = match tokio::time::timeout_at(self.deadline, self.rx.recv()).await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => {
+                    let reason = if self.overflowed.load(Ordering::Relaxed) {
+                        "the client read too slowly; its response buffer overflowed"
+                    } else {
+                        "the response router stopped"
+                    };
+                    return self.finish(gateway_error(StatusCode::BAD_GATEWAY, reason));
+                }
+                Err(_) => match self.on_timeout() {
+                    Some(event) => return event,
+                    None => continue,
+                },
+            };
+            if let Some(event) = self.on_frame(frame) {
+                return event;
+            }
+        }
+    }
+}
+
+impl Drop for KafkaResponses {
+    fn drop(&mut self) {
+        lock(&self.routes).remove(&self.request.request_id);
+        if !self.finished {
+            self.shared.cancel(&self.request.request_id, self.attempt);
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The Kafka queue (rdkafka): edges and workers on any number of machines.
+//!
+//! Topics:
+//! - **request topic**: one message per request (key: request id, payload: the
+//!   upstream body). Workers consume it as one consumer group.
+//! - **response topic**: upstream chunks as [frames](frames), each message holding
+//!   the frames that were waiting for one edge (one chunk when idle, a batch under load). Each edge reads one partition of it
+//!   (its *reply partition*, from `queue.reply_partition` or a hash of its edge
+//!   id) and workers produce a request's responses to the partition its edge
+//!   named. An edge therefore reads only its own traffic plus that of edges
+//!   sharing its partition (filtered out by the `sluice-edge` header): size the
+//!   response topic with at least as many partitions as edges. Adding an edge
+//!   costs one partition's worth of consumer, not a copy of all traffic.
+//! - **cancel topic**: a small broadcast topic every worker reads completely, so a
+//!   client disconnect reaches the worker running the request wherever it is.
+//!
+//! Delivery guarantees. Every response message carries the request's attempt
+//! number and a sequence number. The edge accepts only the current attempt, in
+//! sequence; duplicates are dropped and a gap ends the stream with an error, so
+//! a client never sees a token twice or out of order. Workers commit request
+//! offsets on receipt (at most once), and edges own retries: a worker that goes
+//! silent (no chunk or heartbeat within `queue.worker_timeout_ms`) before
+//! anything was delivered has its request resubmitted as a new attempt; one
+//! that goes silent after delivering tokens ends the stream with an error.
+
+mod edge;
+mod frames;
+mod worker;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::FutureProducer;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::QueueError;
+use crate::config::KafkaConfig;
+
+pub use edge::KafkaQueue;
+pub use worker::KafkaJobSource;
+
+const H_KIND: &str = "sluice-kind";
+const H_REQUEST: &str = "sluice-request";
+const H_EDGE: &str = "sluice-edge";
+const H_REPLY_PARTITION: &str = "sluice-reply-partition";
+const H_ATTEMPT: &str = "sluice-attempt";
+const H_SUBMITTED: &str = "sluice-submitted-ms";
+const H_WORKER: &str = "sluice-worker";
+/// Trace-context headers carried through unchanged.
+const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
+
+const KIND_REQUEST: &str = "request";
+const KIND_CANCEL: &str = "cancel";
+/// A response message: a batch of [`frames`].
+const KIND_FRAMES: &str = "frames";
+/// How long startup waits for the brokers.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// Client configuration and topics
+// ---------------------------------------------------------------------------
+
+fn client_config(kafka: &KafkaConfig, defaults: &[(&str, &str)], overrides: &BTreeMap<String, String>) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &kafka.brokers);
+    for (key, value) in defaults {
+        config.set(*key, *value);
+    }
+    for (key, value) in overrides {
+        config.set(key, value);
+    }
+    config
+}
+
+fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, QueueError> {
+    client_config(
+        kafka,
+        &[("linger.ms", "1"), ("enable.idempotence", "true"), ("message.timeout.ms", "30000")],
+        &kafka.producer,
+    )
+    .create()
+    .map_err(|e| unavailable(kafka, e))
+}
+
+fn unavailable(kafka: &KafkaConfig, err: impl std::fmt::Display) -> QueueError {
+    QueueError::Unavailable(format!("Kafka at kafka://{}: {err}", kafka.brokers))
+}
+
+/// Creates the three topics when missing; returns the response topic's partition count.
+async fn ensure_topics(kafka: &KafkaConfig) -> Result<i32, QueueError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(kafka, &[], &BTreeMap::new())
+        .create()
+        .map_err(|e| unavailable(kafka, e))?;
+    let topics = [
+        NewTopic::new(&kafka.request_topic, kafka.partitions, TopicReplication::Fixed(kafka.replication_factor)),
+        NewTopic::new(&kafka.response_topic, kafka.partitions, TopicReplication::Fixed(kafka.replication_factor)),
+        NewTopic::new(&kafka.cancel_topic, 1, TopicReplication::Fixed(kafka.replication_factor)),
+    ];
+    let options = AdminOptions::new()
+        .request_timeout(Some(CONNECT_TIMEOUT))
+        .operation_timeout(Some(CONNECT_TIMEOUT));
+    let results = tokio::time::timeout(CONNECT_TIMEOUT, admin.create_topics(&topics, &options))
+        .await
+        .map_err(|_| unavailable(kafka, format!("no answer within {CONNECT_TIMEOUT:?}")))?
+        .map_err(|e| unavailable(kafka, e))?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(unavailable(kafka, format!("cannot create topic {topic}: {code}"))),
+        }
+    }
+    partition_count(kafka, &kafka.response_topic).await
+}
+
+async fn partition_count(kafka: &KafkaConfig, topic: &str) -> Result<i32, QueueError> {
+    let consumer: StreamConsumer = client_config(kafka, &[("group.id", "sluice-metadata")], &BTreeMap::new())
+        .create()
+        .map_err(|e| unavailable(kafka, e))?;
+    let topic = topic.to_string();
+    let kafka_for_err = kafka.clone();
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + CONNECT_TIMEOUT;
+        loop {
+            let metadata = consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(2))
+                .map_err(|e| unavailable(&kafka_for_err, e))?;
+            let partitions = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic)
+                .map_or(0, |t| t.partitions().len());
+            if partitions > 0 {
+                return Ok(partitions as i32);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(unavailable(&kafka_for_err, format!("topic {topic} has no partitions")));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await
+    .map_err(|e| QueueError::Unavailable(e.to_string()))?
+}
+
+/// A consumer reading `topic` partitions from their current end, without a
+/// consumer group. `settings` are applied last (after the configured ones).
+async fn tail_consumer(
+    kafka: &KafkaConfig,
+    group: &str,
+    topic: &str,
+    partitions: Vec<i32>,
+    settings: &[(&str, &str)],
+) -> Result<StreamConsumer, QueueError> {
+    let mut config = client_config(
+        kafka,
+        &[("group.id", group), ("enable.auto.commit", "false"), ("enable.partition.eof", "false")],
+        &kafka.consumer,
+    );
+    for (key, value) in settings {
+        config.set(*key, *value);
+    }
+    let consumer: StreamConsumer = config.create().map_err(|e| unavailable(kafka, e))?;
+    let consumer = Arc::new(consumer);
+    let blocking = consumer.clone();
+    let topic_name = topic.to_string();
+    let kafka_for_err = kafka.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut assignment = TopicPartitionList::new();
+        for partition in partitions {
+            let (_, high) = blocking
+                .fetch_watermarks(&topic_name, partition, CONNECT_TIMEOUT)
+                .map_err(|e| unavailable(&kafka_for_err, e))?;
+            assignment
+                .add_partition_offset(&topic_name, partition, Offset::Offset(high))
+                .map_err(|e| unavailable(&kafka_for_err, e))?;
+        }
+        blocking.assign(&assignment).map_err(|e| unavailable(&kafka_for_err, e))
+    })
+    .await
+    .map_err(|e| QueueError::Unavailable(e.to_string()))??;
+    Arc::try_unwrap(consumer).map_err(|_| QueueError::Unavailable("consumer still shared".into()))
+}
+
+// ---------------------------------------------------------------------------
+// Message headers
+// ---------------------------------------------------------------------------
+
+fn headers(pairs: &[(&str, &str)]) -> OwnedHeaders {
+    pairs.iter().fold(OwnedHeaders::new_with_capacity(pairs.len()), |h, (key, value)| {
+        h.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        })
+    })
+}
+
+/// The headers of a received message, by name.
+struct ReadHeaders<'a>(Vec<(&'a str, &'a [u8])>);
+
+impl<'a> ReadHeaders<'a> {
+    fn of(message: &'a impl Message) -> Self {
+        Self(
+            message
+                .headers()
+                .map(|h| h.iter().filter_map(|h| h.value.map(|v| (h.key, v))).collect())
+                .unwrap_or_default(),
+        )
+    }
+
+    fn str(&self, name: &str) -> Option<&'a str> {
+        self.0
+            .iter()
+            .find(|(key, _)| *key == name)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+
+    fn num<T: std::str::FromStr>(&self, name: &str) -> Option<T> {
+        self.str(name).and_then(|v| v.parse().ok())
+    }
+
+    fn trace_context(&self) -> Vec<(String, String)> {
+        TRACE_HEADERS
+            .iter()
+            .filter_map(|name| self.str(name).map(|v| (name.to_string(), v.to_string())))
+            .collect()
+    }
+}
