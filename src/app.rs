@@ -14,6 +14,7 @@ use crate::cache::{self, Cache};
 use crate::config::{Config, QueueBackend};
 use crate::inference_log::InferenceLogger;
 use crate::metrics::Metrics;
+use crate::plugins::PluginHost;
 use crate::policy::{NoPolicy, Policy};
 use crate::queue::kafka::{KafkaJobSource, KafkaQueue};
 use crate::queue::{JobSource, MemoryQueue, Queue};
@@ -74,13 +75,21 @@ impl Gateway {
         };
         metrics.backend_up.with_label_values(&["queue"]).set(1);
 
+        // With a config file to watch, the plugin host runs even with no plugins yet,
+        // so plugins added to the file later are picked up.
+        let watching = config.plugin_host.watch && config.source.is_some();
+        let policy: Arc<dyn Policy> = if config.plugins.is_empty() && !watching {
+            Arc::new(NoPolicy)
+        } else {
+            PluginHost::start(&config, metrics.clone()).await?
+        };
         let state = Arc::new(AppState {
             auth: Authenticator::new(store.clone(), config.auth.cache_ttl),
             config,
             store,
             cache,
             queue,
-            policy: Arc::new(NoPolicy),
+            policy,
             metrics,
             inference_log,
         });

@@ -1,4 +1,4 @@
-//! The command line: `serve`, `worker`, `demo`, `keys`, `migrate`, `config check`.
+//! The command line: `serve`, `worker`, `demo`, `keys`, `migrate`, `config check`, `plugin check`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -45,6 +45,22 @@ enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Work with WebAssembly plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Validate a component against wit/plugin.wit and list the hooks it implements.
+    Check {
+        file: PathBuf,
+        /// JSON handed to the plugin's `init` (its `[plugins.config]` table).
+        #[arg(long, default_value = "{}")]
+        plugin_config: String,
     },
 }
 
@@ -195,11 +211,32 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             println!("migrations applied to {}", crate::config::redact_url(&config.store.url));
             Ok(())
         }
+        Command::Plugin {
+            command: PluginCommand::Check { file, plugin_config },
+        } => {
+            let runtime = crate::plugins::Runtime::shared(config.plugin_host.epoch_tick)?;
+            let plugin = crate::config::PluginConfig {
+                name: file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+                path: file.clone(),
+                on_error: crate::config::OnError::FailClosed,
+                max_memory_bytes: 16 * 1024 * 1024,
+                timeout: Duration::from_millis(100),
+                keys: Vec::new(),
+                config_json: plugin_config,
+            };
+            let loaded = tokio::task::spawn_blocking(move || crate::plugins::LoadedPlugin::load(runtime, &plugin)).await??;
+            let hooks = loaded.exports.hooks();
+            println!("{}: a valid sluice:plugin@0.1.0 component", file.display());
+            println!("  on-request (request-hook):   {}", if hooks.on_request { "yes" } else { "no" });
+            println!("  cache-key (cache-key-hook):  {}", if hooks.cache_key { "yes" } else { "no" });
+            println!("  on-token (token-hook):       {}", if hooks.on_token { "yes" } else { "no" });
+            Ok(())
+        }
         Command::Config { command: ConfigCommand::Check } => {
             println!("configuration is valid");
             println!("  listen:   {}", config.server.listen);
             println!("  store:    {}", crate::config::redact_url(&config.store.url));
-            println!("  cache:    {:?}", describe_cache(&config));
+            println!("  cache:    {}", describe_cache(&config));
             println!("  queue:    {}", describe_queue(&config));
             println!("  upstream: {}", config.upstream.urls.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(", "));
             println!("  plugins:  {}", config.plugins.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "));

@@ -14,6 +14,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
+/// Largest `max_memory_bytes` a plugin may be given.
+pub const MAX_PLUGIN_MEMORY: u64 = 64 * 1024 * 1024;
+
 /// Prefix of environment variables that override config keys.
 pub const ENV_PREFIX: &str = "SLUICE_";
 
@@ -898,7 +901,16 @@ impl RawConfig {
                     name: plugin.name,
                     path: if path.is_absolute() { path } else { base_dir.join(path) },
                     on_error,
-                    max_memory_bytes: positive(&format!("{key}.max_memory_bytes"), plugin.max_memory_bytes)?,
+                    max_memory_bytes: match plugin.max_memory_bytes {
+                        0 => return Err(invalid(&format!("{key}.max_memory_bytes"), "must be greater than 0".into())),
+                        n if n > MAX_PLUGIN_MEMORY => {
+                            return Err(invalid(
+                                &format!("{key}.max_memory_bytes"),
+                                format!("{n} is over the {MAX_PLUGIN_MEMORY}-byte limit of the plugin runtime"),
+                            ));
+                        }
+                        n => n,
+                    },
                     timeout: ms(positive(&format!("{key}.timeout_ms"), plugin.timeout_ms)?),
                     keys: plugin.keys,
                     config_json,

@@ -16,6 +16,7 @@ pub mod http;
 pub mod inference_log;
 pub mod metrics;
 pub mod pipeline;
+pub mod plugins;
 pub mod policy;
 pub mod protocol;
 pub mod queue;

@@ -1,0 +1,100 @@
+//! A plugin that misbehaves on purpose, for the host's isolation tests.
+//!
+//! Config: `mode` = `loop` | `alloc` | `trap` | `bad-utf8` | `huge` |
+//! `init-fail` | `none`, and `hook` = `on-request` | `cache-key` | `on-token`
+//! (where to misbehave; the other hooks behave).
+
+use std::cell::RefCell;
+
+wit_bindgen::generate!({ path: "../../../wit", world: "full-plugin" });
+
+use exports::sluice::plugin::cache_key_hook::{CacheKeyDecision, Guest as CacheKeyHook};
+use exports::sluice::plugin::lifecycle::Guest as Lifecycle;
+use exports::sluice::plugin::request_hook::{CompletionRequest, Guest as RequestHook, RequestContext, RequestDecision};
+use exports::sluice::plugin::token_hook::{Guest as TokenHook, TokenAction};
+
+#[derive(serde::Deserialize, Default, Clone)]
+struct Config {
+    #[serde(default)]
+    mode: String,
+    #[serde(default)]
+    hook: String,
+}
+
+thread_local! {
+    static CONFIG: RefCell<Config> = RefCell::new(Config::default());
+}
+
+/// Misbehaves if configured for `hook`; otherwise returns `None`.
+fn misbehave(hook: &str) -> Option<String> {
+    let config = CONFIG.with(|c| c.borrow().clone());
+    if config.hook != hook {
+        return None;
+    }
+    match config.mode.as_str() {
+        "loop" => {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
+        "alloc" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![1u8; 1 << 20]);
+                std::hint::black_box(&hoard);
+            }
+        }
+        "trap" => std::process::abort(),
+        // SAFETY: deliberately not UTF-8; the host must refuse it.
+        "bad-utf8" => Some(unsafe { String::from_utf8_unchecked(vec![0xff, 0xfe, 0xfd]) }),
+        "huge" => Some("x".repeat(8 << 20)),
+        _ => None,
+    }
+}
+
+struct Plugin;
+
+impl Lifecycle for Plugin {
+    fn init(config: String) -> Result<(), String> {
+        let config: Config = serde_json::from_str(&config).map_err(|e| e.to_string())?;
+        if config.mode == "init-fail" {
+            return Err("configured to fail".into());
+        }
+        CONFIG.with(|c| *c.borrow_mut() = config);
+        Ok(())
+    }
+}
+
+impl RequestHook for Plugin {
+    fn on_request(_ctx: RequestContext, request: CompletionRequest) -> RequestDecision {
+        match misbehave("on-request") {
+            Some(text) => RequestDecision::Modify(CompletionRequest { prompts: vec![text], ..request }),
+            None => RequestDecision::Proceed,
+        }
+    }
+}
+
+impl CacheKeyHook for Plugin {
+    fn cache_key(_ctx: RequestContext, _request: CompletionRequest, _default_key: String) -> CacheKeyDecision {
+        match misbehave("cache-key") {
+            Some(text) => CacheKeyDecision::Custom(text),
+            None => CacheKeyDecision::UseDefault,
+        }
+    }
+}
+
+impl TokenHook for Plugin {
+    fn on_token(_index: u32, _text: String) -> TokenAction {
+        match misbehave("on-token") {
+            Some(text) => TokenAction::Replace(text),
+            None => TokenAction::Pass,
+        }
+    }
+
+    fn on_end(_index: u32) -> String {
+        String::new()
+    }
+}
+
+export!(Plugin);

@@ -1,0 +1,451 @@
+//! The WebAssembly plugin host: loads the `[[plugins]]` of `gateway.toml`,
+//! runs them at the pipeline's three hook points (as the [`Policy`]), and
+//! hot-reloads them when their files or the config change.
+//!
+//! Every call gets a fresh instance (`on-request`, `cache-key`) or the
+//! stream's own instance (`on-token`), a memory cap and a CPU deadline. A
+//! plugin that traps, times out or returns something invalid is handled by
+//! its `on_error` policy and its instance is thrown away.
+
+pub mod bindings;
+mod runtime;
+mod watch;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use axum::http::StatusCode;
+use sha2::{Digest, Sha256};
+
+use bindings::{CacheKeyDecision, CompletionRequest as WitRequest, RequestContext as WitContext, RequestDecision, TokenAction as WitAction};
+use crate::config::{Config, OnError, PluginConfig};
+use crate::error::GatewayError;
+use crate::metrics::Metrics;
+use crate::policy::{CacheKeyDecision as KeyDecision, Policy, RequestContext, TokenAction, TokenFilter};
+use crate::protocol::{CompletionRequest, Prompt};
+
+pub use runtime::{Hooks, LoadError, LoadedPlugin, PluginFailure, Runtime};
+
+/// Largest text a plugin may return for one chunk, and largest custom cache key.
+const MAX_PLUGIN_TEXT: usize = 64 * 1024;
+
+/// The plugins in chain order, as loaded at one moment.
+pub struct Chain {
+    pub plugins: Vec<Arc<LoadedPlugin>>,
+    pub version: u64,
+}
+
+pub struct PluginHost {
+    runtime: &'static Runtime,
+    chain: ArcSwap<Chain>,
+    metrics: Arc<Metrics>,
+    source: Option<PathBuf>,
+    max_body_bytes: usize,
+    reloading: tokio::sync::Mutex<()>,
+}
+
+impl PluginHost {
+    /// Loads every configured plugin; any that fails stops startup with its reason.
+    pub async fn start(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
+        let runtime = Runtime::shared(config.plugin_host.epoch_tick)?;
+        let host = Arc::new(Self {
+            runtime,
+            chain: ArcSwap::from_pointee(Chain {
+                plugins: Vec::new(),
+                version: 0,
+            }),
+            metrics,
+            source: config.source.clone(),
+            max_body_bytes: config.server.max_body_bytes,
+            reloading: tokio::sync::Mutex::new(()),
+        });
+        let mut plugins = Vec::new();
+        for plugin in &config.plugins {
+            let loaded = host.load(plugin.clone()).await.map_err(|err| anyhow::anyhow!("plugin `{}`: {err}", plugin.name))?;
+            host.metrics.plugin_reloads.with_label_values(&[&plugin.name, "ok"]).inc();
+            tracing::info!(plugin = %plugin.name, hooks = ?loaded.exports.hooks(), "plugin loaded");
+            plugins.push(Arc::new(loaded));
+        }
+        host.chain.store(Arc::new(Chain { plugins, version: 1 }));
+        if config.plugin_host.watch {
+            watch::spawn(host.clone(), config);
+        }
+        Ok(host)
+    }
+
+    /// The chain new requests use.
+    pub fn chain(&self) -> Arc<Chain> {
+        self.chain.load_full()
+    }
+
+    async fn load(self: &Arc<Self>, config: PluginConfig) -> Result<LoadedPlugin, LoadError> {
+        let runtime = self.runtime;
+        tokio::task::spawn_blocking(move || LoadedPlugin::load(runtime, &config))
+            .await
+            .unwrap_or_else(|err| {
+                Err(LoadError::Instantiate {
+                    path: "?".into(),
+                    reason: err.to_string(),
+                })
+            })
+    }
+
+    /// Re-reads the config and the plugin files, reloads what changed, and
+    /// swaps the chain. A plugin that fails to load keeps its previous version.
+    pub async fn reload(self: &Arc<Self>) {
+        let _one_at_a_time = self.reloading.lock().await;
+        let configs = match &self.source {
+            Some(path) => match Config::load(Some(path)) {
+                Ok(config) => config.plugins,
+                Err(err) => {
+                    tracing::error!(%err, "config changed but is invalid; plugins unchanged");
+                    self.metrics.plugin_reloads.with_label_values(&["config", "failed"]).inc();
+                    return;
+                }
+            },
+            None => self.chain().plugins.iter().map(|p| p.config.clone()).collect(),
+        };
+        let current = self.chain();
+        let mut next = Vec::with_capacity(configs.len());
+        let mut changed = current.plugins.len() != configs.len();
+        for config in configs {
+            let previous = current.plugins.iter().find(|p| p.config.name == config.name).cloned();
+            let unchanged = match (&previous, std::fs::read(&config.path)) {
+                (Some(p), Ok(bytes)) => p.config == config && p.digest[..] == Sha256::digest(&bytes)[..],
+                _ => false,
+            };
+            if unchanged {
+                next.push(previous.expect("checked above"));
+                continue;
+            }
+            changed = true;
+            let name = config.name.clone();
+            match self.load(config).await {
+                Ok(loaded) => {
+                    tracing::info!(plugin = %name, hooks = ?loaded.exports.hooks(), "plugin reloaded");
+                    self.metrics.plugin_reloads.with_label_values(&[&name, "ok"]).inc();
+                    next.push(Arc::new(loaded));
+                }
+                Err(err) => {
+                    self.metrics.plugin_reloads.with_label_values(&[&name, "failed"]).inc();
+                    match previous {
+                        Some(previous) => {
+                            tracing::error!(plugin = %name, %err, "plugin reload failed; the previous version keeps serving");
+                            next.push(previous);
+                        }
+                        None => tracing::error!(plugin = %name, %err, "new plugin failed to load; not added"),
+                    }
+                }
+            }
+        }
+        if changed {
+            let version = current.version + 1;
+            self.chain.store(Arc::new(Chain { plugins: next, version }));
+            tracing::info!(version, "plugin chain swapped");
+        }
+    }
+
+    /// Runs one hook call with metrics; `call` gets a fresh instance.
+    fn call<T>(
+        &self,
+        plugin: &LoadedPlugin,
+        hook: &'static str,
+        request_id: &str,
+        call: impl FnOnce(&mut runtime::Live) -> Result<T, PluginFailure>,
+    ) -> Result<T, PluginFailure> {
+        let started = Instant::now();
+        let result = plugin.instantiate(request_id).and_then(|mut live| {
+            live.arm();
+            call(&mut live)
+        });
+        self.observe(plugin, hook, started, result.as_ref().err());
+        result
+    }
+
+    fn observe(&self, plugin: &LoadedPlugin, hook: &'static str, started: Instant, failure: Option<&PluginFailure>) {
+        let labels = [&*plugin.name, hook];
+        self.metrics.plugin_calls.with_label_values(&labels).inc();
+        self.metrics
+            .plugin_call_duration
+            .with_label_values(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        match failure {
+            Some(f) if f.is_timeout() => self.metrics.plugin_timeouts.with_label_values(&labels).inc(),
+            Some(_) => self.metrics.plugin_traps.with_label_values(&labels).inc(),
+            None => {}
+        }
+    }
+
+    /// Applies the plugin's `on_error` policy: `Ok` to skip it, `Err` to fail the request.
+    fn on_failure(plugin: &LoadedPlugin, hook: &str, request_id: &str, failure: PluginFailure) -> Result<(), GatewayError> {
+        tracing::warn!(plugin = %plugin.name, hook, request_id, %failure, "plugin failed");
+        match plugin.on_error() {
+            OnError::FailOpen => Ok(()),
+            OnError::FailClosed => Err(GatewayError::Plugin {
+                plugin: plugin.name.to_string(),
+                reason: format!("{hook} {failure}"),
+            }),
+        }
+    }
+}
+
+fn wit_context(ctx: &RequestContext) -> WitContext {
+    WitContext {
+        request_id: ctx.request_id.clone(),
+        key_id: ctx.identity.key_id.clone(),
+        key_name: ctx.identity.key_name.clone(),
+        route: ctx.route.to_string(),
+        transport: ctx.transport.to_string(),
+    }
+}
+
+fn wit_request(request: &CompletionRequest) -> WitRequest {
+    WitRequest {
+        model: request.model.clone(),
+        prompts: request.prompt.texts(),
+        max_tokens: request.max_tokens,
+        temperature: request.temperature,
+        top_p: request.top_p,
+        user: request.user.clone(),
+        body_json: serde_json::to_string(request).unwrap_or_default(),
+    }
+}
+
+/// Applies a plugin's rewritten request, refusing results the gateway could not send.
+fn apply(request: &mut CompletionRequest, modified: WitRequest, max_bytes: usize) -> Result<(), PluginFailure> {
+    let size = modified.model.len() + modified.prompts.iter().map(String::len).sum::<usize>();
+    if size > max_bytes {
+        return Err(PluginFailure::Invalid(format!("rewritten request is {size} bytes, over the {max_bytes}-byte limit")));
+    }
+    if modified.model.trim().is_empty() {
+        return Err(PluginFailure::Invalid("rewritten request has an empty model".into()));
+    }
+    match &request.prompt {
+        Prompt::Text(_) | Prompt::Texts(_) => {
+            if modified.prompts.is_empty() || modified.prompts.iter().any(String::is_empty) {
+                return Err(PluginFailure::Invalid("rewritten request has an empty prompt".into()));
+            }
+            request.prompt = match (&request.prompt, modified.prompts.len()) {
+                (Prompt::Text(_), 1) => Prompt::Text(modified.prompts.into_iter().next().unwrap_or_default()),
+                _ => Prompt::Texts(modified.prompts),
+            };
+        }
+        Prompt::Tokens(_) | Prompt::TokenBatches(_) => {}
+    }
+    request.model = modified.model;
+    request.max_tokens = modified.max_tokens;
+    request.temperature = modified.temperature;
+    request.top_p = modified.top_p;
+    request.user = modified.user;
+    Ok(())
+}
+
+fn checked_text(text: String) -> Result<String, PluginFailure> {
+    if text.len() > MAX_PLUGIN_TEXT {
+        return Err(PluginFailure::Invalid(format!("returned {} bytes of text; the limit is {MAX_PLUGIN_TEXT}", text.len())));
+    }
+    Ok(text)
+}
+
+#[async_trait]
+impl Policy for PluginHost {
+    async fn on_request(&self, ctx: &RequestContext, request: &mut CompletionRequest) -> Result<(), GatewayError> {
+        let chain = self.chain();
+        let wit_ctx = wit_context(ctx);
+        for plugin in chain.plugins.iter().filter(|p| p.exports.request.is_some() && p.applies_to(&ctx.identity.key_name)) {
+            let Some(indices) = &plugin.exports.request else { continue };
+            let wit_req = wit_request(request);
+            let result = self.call(plugin, "on-request", &ctx.request_id, |live| {
+                let guest = indices.load(&mut live.store, &live.instance).map_err(|e| PluginFailure::Invalid(e.to_string()))?;
+                guest
+                    .call_on_request(&mut live.store, &wit_ctx, &wit_req)
+                    .map_err(|e| runtime_failure(e))
+            });
+            match result {
+                Ok(RequestDecision::Proceed) => {}
+                Ok(RequestDecision::Modify(modified)) => {
+                    if let Err(failure) = apply(request, modified, self.max_body_bytes) {
+                        self.metrics.plugin_traps.with_label_values(&[&*plugin.name, "on-request"]).inc();
+                        Self::on_failure(plugin, "on-request", &ctx.request_id, failure)?;
+                    }
+                }
+                Ok(RequestDecision::Reject(rejection)) => match StatusCode::from_u16(rejection.status) {
+                    Ok(status) if (400..600).contains(&rejection.status) => {
+                        return Err(GatewayError::Rejected {
+                            status,
+                            message: rejection.message.chars().take(4096).collect(),
+                        });
+                    }
+                    _ => {
+                        self.metrics.plugin_traps.with_label_values(&[&*plugin.name, "on-request"]).inc();
+                        let failure = PluginFailure::Invalid(format!("rejected with status {}, not 400..599", rejection.status));
+                        Self::on_failure(plugin, "on-request", &ctx.request_id, failure)?;
+                    }
+                },
+                Err(failure) => Self::on_failure(plugin, "on-request", &ctx.request_id, failure)?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn cache_key(&self, ctx: &RequestContext, request: &CompletionRequest, default_key: String) -> Result<KeyDecision, GatewayError> {
+        let chain = self.chain();
+        let mut key = default_key;
+        let plugins: Vec<_> = chain
+            .plugins
+            .iter()
+            .filter(|p| p.exports.cache_key.is_some() && p.applies_to(&ctx.identity.key_name))
+            .collect();
+        if plugins.is_empty() {
+            return Ok(KeyDecision::Key(key));
+        }
+        let wit_ctx = wit_context(ctx);
+        let wit_req = wit_request(request);
+        for plugin in plugins {
+            let Some(indices) = &plugin.exports.cache_key else { continue };
+            let result = self.call(plugin, "cache-key", &ctx.request_id, |live| {
+                let guest = indices.load(&mut live.store, &live.instance).map_err(|e| PluginFailure::Invalid(e.to_string()))?;
+                let decision = guest.call_cache_key(&mut live.store, &wit_ctx, &wit_req, &key).map_err(runtime_failure)?;
+                if let CacheKeyDecision::Custom(custom) = &decision {
+                    if custom.len() > MAX_PLUGIN_TEXT {
+                        return Err(PluginFailure::Invalid(format!("cache key of {} bytes", custom.len())));
+                    }
+                }
+                Ok(decision)
+            });
+            match result {
+                Ok(CacheKeyDecision::UseDefault) => {}
+                Ok(CacheKeyDecision::Custom(custom)) => {
+                    key = format!("plugin:{}", hex::encode(Sha256::digest(custom.as_bytes())));
+                }
+                Ok(CacheKeyDecision::Bypass) => return Ok(KeyDecision::Bypass),
+                Err(failure) => Self::on_failure(plugin, "cache-key", &ctx.request_id, failure)?,
+            }
+        }
+        Ok(KeyDecision::Key(key))
+    }
+
+    fn token_filters(&self, ctx: &RequestContext) -> Vec<Box<dyn TokenFilter>> {
+        let chain = self.chain();
+        chain
+            .plugins
+            .iter()
+            .filter(|p| p.exports.token.is_some() && p.applies_to(&ctx.identity.key_name))
+            .map(|plugin| {
+                Box::new(WasmTokenFilter {
+                    plugin: plugin.clone(),
+                    metrics: self.metrics.clone(),
+                    request_id: ctx.request_id.clone(),
+                    choices: HashMap::new(),
+                }) as Box<dyn TokenFilter>
+            })
+            .collect()
+    }
+}
+
+fn runtime_failure(err: wasmtime::Error) -> PluginFailure {
+    PluginFailure::from_wasmtime(err)
+}
+
+/// A stream's instance of one token plugin, per choice.
+enum ChoiceInstance {
+    Live(Box<runtime::Live>, bindings::token_hook::Guest),
+    /// Failed earlier in this stream (fail-open): text passes through.
+    Skipped,
+}
+
+struct WasmTokenFilter {
+    plugin: Arc<LoadedPlugin>,
+    metrics: Arc<Metrics>,
+    request_id: String,
+    choices: HashMap<u32, ChoiceInstance>,
+}
+
+impl WasmTokenFilter {
+    fn observe(&self, started: Instant, failure: Option<&PluginFailure>) {
+        let labels = [&*self.plugin.name, "on-token"];
+        self.metrics.plugin_calls.with_label_values(&labels).inc();
+        self.metrics
+            .plugin_call_duration
+            .with_label_values(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        match failure {
+            Some(f) if f.is_timeout() => self.metrics.plugin_timeouts.with_label_values(&labels).inc(),
+            Some(_) => self.metrics.plugin_traps.with_label_values(&labels).inc(),
+            None => {}
+        }
+    }
+
+    fn instance(&mut self, index: u32) -> Result<&mut ChoiceInstance, PluginFailure> {
+        if !self.choices.contains_key(&index) {
+            let live = self.plugin.instantiate(&self.request_id)?;
+            let mut live = Box::new(live);
+            let indices = self.plugin.exports.token.as_ref().ok_or_else(|| PluginFailure::Invalid("no token hook".into()))?;
+            let guest = indices.load(&mut live.store, &live.instance).map_err(|e| PluginFailure::Invalid(e.to_string()))?;
+            self.choices.insert(index, ChoiceInstance::Live(live, guest));
+        }
+        Ok(self.choices.get_mut(&index).expect("inserted above"))
+    }
+
+    fn fail(&mut self, index: u32, failure: PluginFailure) -> Result<(), GatewayError> {
+        // The trapped instance is dropped here, never reused.
+        self.choices.insert(index, ChoiceInstance::Skipped);
+        PluginHost::on_failure(&self.plugin, "on-token", &self.request_id, failure)
+    }
+}
+
+impl TokenFilter for WasmTokenFilter {
+    fn on_text(&mut self, index: u32, text: &str) -> Result<TokenAction, GatewayError> {
+        let started = Instant::now();
+        let result = self.instance(index).and_then(|instance| match instance {
+            ChoiceInstance::Skipped => Ok(None),
+            ChoiceInstance::Live(live, guest) => {
+                live.arm();
+                let action = guest.call_on_token(&mut live.store, index, text).map_err(runtime_failure)?;
+                Ok(Some(match action {
+                    WitAction::Pass => TokenAction::Pass,
+                    WitAction::Replace(text) => TokenAction::Replace(checked_text(text)?),
+                    WitAction::Hold => TokenAction::Hold,
+                    WitAction::Stop(text) => TokenAction::Stop(checked_text(text)?),
+                }))
+            }
+        });
+        match result {
+            Ok(None) => Ok(TokenAction::Pass),
+            Ok(Some(action)) => {
+                self.observe(started, None);
+                Ok(action)
+            }
+            Err(failure) => {
+                self.observe(started, Some(&failure));
+                self.fail(index, failure).map(|()| TokenAction::Pass)
+            }
+        }
+    }
+
+    fn finish(&mut self, index: u32) -> Result<String, GatewayError> {
+        let Some(ChoiceInstance::Live(mut live, guest)) = self.choices.remove(&index) else {
+            return Ok(String::new());
+        };
+        let started = Instant::now();
+        live.arm();
+        let result = guest
+            .call_on_end(&mut live.store, index)
+            .map_err(runtime_failure)
+            .and_then(checked_text);
+        match result {
+            Ok(text) => {
+                self.observe(started, None);
+                Ok(text)
+            }
+            Err(failure) => {
+                self.observe(started, Some(&failure));
+                self.fail(index, failure).map(|()| String::new())
+            }
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! The wasmtime side of the plugin host: one engine (component model, pooling
+//! allocator, epoch interruption), compiled plugins ready to instantiate, and
+//! instances with a memory cap and a CPU deadline per call.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, InstancePre, Linker};
+use wasmtime::{Config as EngineConfig, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+
+use super::bindings::{self, PluginState, cache_key_hook, lifecycle, request_hook, token_hook};
+use crate::config::{OnError, PluginConfig};
+
+/// Engine-wide ceiling on a plugin instance's linear memory (config validation enforces it).
+pub const MAX_PLUGIN_MEMORY: usize = crate::config::MAX_PLUGIN_MEMORY as usize;
+/// Plugin component instances that can exist at once (streams × token plugins, plus requests in flight).
+const MAX_INSTANCES: u32 = 4096;
+
+/// Why a plugin call did not produce a usable answer.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginFailure {
+    #[error("exceeded its CPU deadline")]
+    Timeout,
+    #[error("trapped: {0}")]
+    Trap(String),
+    #[error("returned an invalid result: {0}")]
+    Invalid(String),
+    #[error("init failed: {0}")]
+    Init(String),
+}
+
+impl PluginFailure {
+    pub fn from_wasmtime(err: wasmtime::Error) -> Self {
+        match err.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => Self::Timeout,
+            Some(trap) => Self::Trap(trap.to_string()),
+            // Lifting a result can fail without a trap: invalid UTF-8, out-of-bounds lists.
+            None => Self::Invalid(format!("{err:#}")),
+        }
+    }
+
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Timeout)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path} is not a WebAssembly component: {reason}")]
+    NotAComponent { path: String, reason: String },
+    #[error("{path} does not export {interface}; build it against wit/plugin.wit")]
+    MissingExport { path: String, interface: &'static str },
+    #[error("{path} exports no hook (request-hook, cache-key-hook or token-hook)")]
+    NoHooks { path: String },
+    #[error("{path} cannot be instantiated: {reason}")]
+    Instantiate { path: String, reason: String },
+}
+
+/// Which hooks a component implements.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Hooks {
+    pub on_request: bool,
+    pub cache_key: bool,
+    pub on_token: bool,
+}
+
+/// Stops the epoch ticker thread when dropped.
+struct EpochTicker(Arc<AtomicBool>);
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The engine, the linker and the epoch ticker that enforces CPU deadlines.
+/// One per process ([`Runtime::shared`]): engines are meant to be shared, and
+/// the pooling allocator reserves address space per engine.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<PluginState>,
+    epoch_tick: Duration,
+    _ticker: EpochTicker,
+}
+
+static SHARED: std::sync::OnceLock<Result<Runtime, String>> = std::sync::OnceLock::new();
+
+impl Runtime {
+    /// The process's runtime, created on first use with `epoch_tick`.
+    pub fn shared(epoch_tick: Duration) -> anyhow::Result<&'static Runtime> {
+        SHARED
+            .get_or_init(|| Runtime::new(epoch_tick).map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("cannot start the plugin runtime: {e}"))
+    }
+
+    fn new(epoch_tick: Duration) -> anyhow::Result<Self> {
+        let mut pooling = PoolingAllocationConfig::default();
+        pooling
+            .total_component_instances(MAX_INSTANCES)
+            .total_core_instances(MAX_INSTANCES * 8)
+            .total_memories(MAX_INSTANCES)
+            .total_tables(MAX_INSTANCES * 4)
+            .max_memory_size(MAX_PLUGIN_MEMORY)
+            .max_core_instances_per_component(16)
+            .max_memories_per_component(4)
+            .max_tables_per_component(8);
+        let mut config = EngineConfig::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .memory_reservation(MAX_PLUGIN_MEMORY as u64)
+            .memory_guard_size(2 << 20)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+        let engine = Engine::new(&config)?;
+        let linker = bindings::linker(&engine)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        // Deadlines must advance even when every request task is stuck in a plugin,
+        // so the ticker is a thread of its own.
+        let ticking = engine.clone();
+        let stopped = stop.clone();
+        std::thread::Builder::new()
+            .name("sluice-plugin-epoch".into())
+            .spawn(move || {
+                while !stopped.load(Ordering::Relaxed) {
+                    std::thread::sleep(epoch_tick);
+                    ticking.increment_epoch();
+                }
+            })?;
+        Ok(Self {
+            engine,
+            linker,
+            epoch_tick,
+            _ticker: EpochTicker(stop),
+        })
+    }
+
+    /// Compiles a component and checks its exports. CPU-heavy: call off the request path.
+    pub fn compile(&self, path: &str, bytes: &[u8]) -> Result<(Component, InstancePre<PluginState>, Exports), LoadError> {
+        let not_a_component = |reason: String| LoadError::NotAComponent {
+            path: path.to_string(),
+            reason,
+        };
+        match bytes.get(..8) {
+            Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => {
+                return Err(not_a_component(
+                    "it is a core WebAssembly module; build a component (cargo build --target wasm32-wasip2)".into(),
+                ));
+            }
+            Some([0, b'a', b's', b'm', ..]) => {}
+            _ => return Err(not_a_component("it is not a WebAssembly file".into())),
+        }
+        let component = Component::from_binary(&self.engine, bytes).map_err(|err| {
+            let reason = format!("{err:#}").split_whitespace().collect::<Vec<_>>().join(" ");
+            not_a_component(reason.chars().take(300).collect())
+        })?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|err| LoadError::Instantiate {
+            path: path.to_string(),
+            reason: format!("{err:#}"),
+        })?;
+        let lifecycle = lifecycle::GuestIndices::new(&pre).map_err(|_| LoadError::MissingExport {
+            path: path.to_string(),
+            interface: "sluice:plugin/lifecycle@0.1.0",
+        })?;
+        let exports = Exports {
+            lifecycle,
+            request: request_hook::GuestIndices::new(&pre).ok(),
+            cache_key: cache_key_hook::GuestIndices::new(&pre).ok(),
+            token: token_hook::GuestIndices::new(&pre).ok(),
+        };
+        if exports.hooks() == Hooks::default() {
+            return Err(LoadError::NoHooks { path: path.to_string() });
+        }
+        Ok((component, pre, exports))
+    }
+}
+
+/// Where a component's exported functions are.
+pub struct Exports {
+    lifecycle: lifecycle::GuestIndices,
+    pub request: Option<request_hook::GuestIndices>,
+    pub cache_key: Option<cache_key_hook::GuestIndices>,
+    pub token: Option<token_hook::GuestIndices>,
+}
+
+impl Exports {
+    pub fn hooks(&self) -> Hooks {
+        Hooks {
+            on_request: self.request.is_some(),
+            cache_key: self.cache_key.is_some(),
+            on_token: self.token.is_some(),
+        }
+    }
+}
+
+/// A compiled, validated plugin, ready to instantiate. Immutable: a reload
+/// builds a new one, and requests in flight keep the one they started with.
+pub struct LoadedPlugin {
+    pub name: Arc<str>,
+    pub config: PluginConfig,
+    pub digest: [u8; 32],
+    pub exports: Exports,
+    pre: InstancePre<PluginState>,
+    deadline_ticks: u64,
+    max_memory: usize,
+    engine: Engine,
+}
+
+/// A live instance: its store and instance, initialised.
+pub struct Live {
+    pub store: Store<PluginState>,
+    pub instance: wasmtime::component::Instance,
+    deadline_ticks: u64,
+}
+
+impl Live {
+    /// Arms the CPU deadline for the next call.
+    pub fn arm(&mut self) {
+        self.store.set_epoch_deadline(self.deadline_ticks);
+    }
+}
+
+impl LoadedPlugin {
+    /// Reads, compiles and validates (one instantiation and `init`) a plugin.
+    pub fn load(runtime: &Runtime, config: &PluginConfig) -> Result<Self, LoadError> {
+        let path = config.path.display().to_string();
+        let bytes = std::fs::read(&config.path).map_err(|source| LoadError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        let (_, pre, exports) = runtime.compile(&path, &bytes)?;
+        let tick = runtime.epoch_tick.as_nanos().max(1);
+        // +1: the current epoch may end right after the deadline is armed.
+        let deadline_ticks = (config.timeout.as_nanos().div_ceil(tick) as u64).max(1) + 1;
+        let plugin = Self {
+            name: Arc::from(config.name.as_str()),
+            config: config.clone(),
+            digest,
+            exports,
+            pre,
+            deadline_ticks,
+            max_memory: (config.max_memory_bytes as usize).min(MAX_PLUGIN_MEMORY),
+            engine: runtime.engine.clone(),
+        };
+        plugin.instantiate("load-check").map_err(|err| LoadError::Instantiate {
+            path,
+            reason: err.to_string(),
+        })?;
+        Ok(plugin)
+    }
+
+    pub fn on_error(&self) -> OnError {
+        self.config.on_error
+    }
+
+    /// Whether the plugin runs for requests made with this key.
+    pub fn applies_to(&self, key_name: &str) -> bool {
+        self.config.keys.is_empty() || self.config.keys.iter().any(|k| k == key_name)
+    }
+
+    /// A fresh, initialised instance.
+    pub fn instantiate(&self, request_id: &str) -> Result<Live, PluginFailure> {
+        let mut state = PluginState::new(self.name.clone(), self.max_memory);
+        state.request_id = request_id.to_string();
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| state.limiter());
+        store.set_epoch_deadline(self.deadline_ticks);
+        let instance = self.pre.instantiate(&mut store).map_err(PluginFailure::from_wasmtime)?;
+        let lifecycle = self
+            .exports
+            .lifecycle
+            .load(&mut store, &instance)
+            .map_err(PluginFailure::from_wasmtime)?;
+        lifecycle
+            .call_init(&mut store, &self.config.config_json)
+            .map_err(PluginFailure::from_wasmtime)?
+            .map_err(PluginFailure::Init)?;
+        Ok(Live {
+            store,
+            instance,
+            deadline_ticks: self.deadline_ticks,
+        })
+    }
+}
