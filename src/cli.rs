@@ -224,7 +224,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
                 keys: Vec::new(),
                 config_json: plugin_config,
             };
-            let loaded = tokio::task::spawn_blocking(move || crate::plugins::LoadedPlugin::load(runtime, &plugin)).await??;
+            let loaded = crate::plugins::load(runtime, plugin).await?;
             let hooks = loaded.exports.hooks();
             println!("{}: a valid sluice:plugin@0.1.0 component", file.display());
             println!("  on-request (request-hook):   {}", if hooks.on_request { "yes" } else { "no" });

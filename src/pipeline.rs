@@ -291,7 +291,7 @@ impl Completion {
                         continue;
                     }
                     self.last_chunk = Some(chunk.clone());
-                    match self.filters.apply(chunk) {
+                    match self.filters.apply(chunk).await {
                         Ok(Filtered::Chunk(chunk)) => {
                             self.record.chunk_sent();
                             return Delivery::Chunk(chunk);
@@ -309,7 +309,7 @@ impl Completion {
                     }
                 }
                 ResponseEvent::Error(info) => return self.fail(info),
-                ResponseEvent::Done => match self.filters.finish(self.last_chunk.as_ref()) {
+                ResponseEvent::Done => match self.filters.finish(self.last_chunk.as_ref()).await {
                     Ok(Some(chunk)) => {
                         self.pending_done = true;
                         self.record.chunk_sent();

@@ -47,11 +47,12 @@ pub enum TokenAction {
 }
 
 /// One stateful filter over the text of one response.
+#[async_trait]
 pub trait TokenFilter: Send {
     /// Called with each chunk's text for choice `index`.
-    fn on_text(&mut self, index: u32, text: &str) -> Result<TokenAction, GatewayError>;
+    async fn on_text(&mut self, index: u32, text: &str) -> Result<TokenAction, GatewayError>;
     /// Called when choice `index` ends; returns held text to send.
-    fn finish(&mut self, index: u32) -> Result<String, GatewayError>;
+    async fn finish(&mut self, index: u32) -> Result<String, GatewayError>;
 }
 
 #[async_trait]
@@ -111,12 +112,12 @@ impl FilterChain {
     }
 
     /// Runs `text` of choice `index` through every filter; a filter's output is the next one's input.
-    fn run(&mut self, index: u32, text: &str, finishing: bool) -> Result<(String, bool), GatewayError> {
+    async fn run(&mut self, index: u32, text: &str, finishing: bool) -> Result<(String, bool), GatewayError> {
         let mut current = text.to_string();
         let mut stopped = false;
         for filter in self.filters.iter_mut() {
             if !current.is_empty() {
-                match filter.on_text(index, &current)? {
+                match filter.on_text(index, &current).await? {
                     TokenAction::Pass => {}
                     TokenAction::Replace(text) => current = text,
                     TokenAction::Hold => current.clear(),
@@ -127,7 +128,7 @@ impl FilterChain {
                 }
             }
             if finishing || stopped {
-                let held = filter.finish(index)?;
+                let held = filter.finish(index).await?;
                 // Held text still passes through the filters after this one.
                 current.push_str(&held);
             }
@@ -136,7 +137,7 @@ impl FilterChain {
     }
 
     /// Filters one chunk. Chunks without text changes are returned as they came.
-    pub fn apply(&mut self, chunk: Chunk) -> Result<Filtered, GatewayError> {
+    pub async fn apply(&mut self, chunk: Chunk) -> Result<Filtered, GatewayError> {
         if self.filters.is_empty() {
             return Ok(Filtered::Chunk(chunk));
         }
@@ -156,7 +157,7 @@ impl FilterChain {
             let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0) as u32;
             let text = choice.get("text").and_then(Value::as_str).unwrap_or_default().to_string();
             let finishing = choice.get("finish_reason").is_some_and(|r| !r.is_null());
-            let (filtered, stop) = self.run(index, &text, finishing)?;
+            let (filtered, stop) = self.run(index, &text, finishing).await?;
             if finishing || stop {
                 self.finished.push(index);
             }
@@ -181,7 +182,7 @@ impl FilterChain {
 
     /// Flushes choices that never saw a `finish_reason` (a stream that ended
     /// early); returns their held text as one last chunk modelled on `template`.
-    pub fn finish(&mut self, template: Option<&Chunk>) -> Result<Option<Chunk>, GatewayError> {
+    pub async fn finish(&mut self, template: Option<&Chunk>) -> Result<Option<Chunk>, GatewayError> {
         if self.filters.is_empty() {
             return Ok(None);
         }
@@ -200,7 +201,7 @@ impl FilterChain {
         };
         let mut out = Vec::new();
         for index in indices {
-            let (text, _) = self.run(index, "", true)?;
+            let (text, _) = self.run(index, "", true).await?;
             self.finished.push(index);
             if !text.is_empty() {
                 out.push(serde_json::json!({"index": index, "text": text, "logprobs": null, "finish_reason": null, "stop_reason": null}));
@@ -224,15 +225,16 @@ mod tests {
         held: String,
     }
 
+    #[async_trait]
     impl TokenFilter for Upper {
-        fn on_text(&mut self, _index: u32, text: &str) -> Result<TokenAction, GatewayError> {
+        async fn on_text(&mut self, _index: u32, text: &str) -> Result<TokenAction, GatewayError> {
             if text.contains('#') || !self.held.is_empty() {
                 self.held.push_str(text);
                 return Ok(TokenAction::Hold);
             }
             Ok(TokenAction::Replace(text.to_uppercase()))
         }
-        fn finish(&mut self, _index: u32) -> Result<String, GatewayError> {
+        async fn finish(&mut self, _index: u32) -> Result<String, GatewayError> {
             Ok(std::mem::take(&mut self.held))
         }
     }
@@ -253,21 +255,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn replaces_holds_and_flushes_at_the_finishing_chunk() {
+    #[tokio::test]
+    async fn replaces_holds_and_flushes_at_the_finishing_chunk() {
         let mut chain = FilterChain::new(vec![Box::new(Upper { held: String::new() })]);
-        assert_eq!(text_of(chain.apply(chunk("ab", None)).unwrap()).as_deref(), Some("AB"));
-        assert_eq!(text_of(chain.apply(chunk("#x", None)).unwrap()), None);
-        assert_eq!(text_of(chain.apply(chunk("y", Some("length"))).unwrap()).as_deref(), Some("#xy"));
-        assert!(chain.finish(Some(&chunk("", None))).unwrap().is_none());
+        assert_eq!(text_of(chain.apply(chunk("ab", None)).await.unwrap()).as_deref(), Some("AB"));
+        assert_eq!(text_of(chain.apply(chunk("#x", None)).await.unwrap()), None);
+        assert_eq!(text_of(chain.apply(chunk("y", Some("length"))).await.unwrap()).as_deref(), Some("#xy"));
+        assert!(chain.finish(Some(&chunk("", None))).await.unwrap().is_none());
     }
 
-    #[test]
-    fn flushes_held_text_when_the_stream_ends_without_finish_reason() {
+    #[tokio::test]
+    async fn flushes_held_text_when_the_stream_ends_without_finish_reason() {
         let mut chain = FilterChain::new(vec![Box::new(Upper { held: String::new() })]);
         let template = chunk("#held", None);
-        assert!(matches!(chain.apply(template.clone()).unwrap(), Filtered::Skip));
-        let last = chain.finish(Some(&template)).unwrap().unwrap();
+        assert!(matches!(chain.apply(template.clone()).await.unwrap(), Filtered::Skip));
+        let last = chain.finish(Some(&template)).await.unwrap().unwrap();
         assert_eq!(text_of(Filtered::Chunk(last)).as_deref(), Some("#held"));
     }
 }

@@ -140,43 +140,50 @@ async fn serve_request(
         Ok(completion) => completion,
         Err((err, _record)) => return send_error(sink, &err.info()).await,
     };
-    let mut assembler = (!stream_mode).then(ResponseAssembler::default);
-    loop {
-        let delivery = tokio::select! {
-            delivery = completion.next() => delivery,
-            incoming = receive(stream) => match incoming {
-                Incoming::Request(text) => {
-                    queued.push_back(text);
-                    continue;
-                }
-                Incoming::Other => continue,
-                // Dropping the completion cancels the upstream request.
-                Incoming::Closed => return false,
-            },
-        };
-        let sent = match delivery {
-            Delivery::Chunk(chunk) => match &mut assembler {
-                Some(assembler) => {
-                    assembler.push(chunk.payload_slice());
-                    true
-                }
-                None => match Utf8Bytes::try_from(chunk.payload()) {
-                    Ok(text) => send_text(sink, text).await,
-                    Err(_) => send_text(sink, String::from_utf8_lossy(chunk.payload_slice()).into_owned()).await,
-                },
-            },
-            Delivery::Error(info) => return send_error(sink, &info).await,
-            Delivery::Done => {
-                if let Some(assembler) = assembler.take() {
-                    if !send_text(sink, assembler.finish()).await {
-                        return false;
+    // Deliver the response while watching the socket: a new request frame is
+    // queued for later, a close cancels the response. Only the watcher is ever
+    // cancelled mid-await, so no chunk (or plugin call) is cut in half.
+    let deliver = async {
+        let mut assembler = (!stream_mode).then(ResponseAssembler::default);
+        loop {
+            let sent = match completion.next().await {
+                Delivery::Chunk(chunk) => match &mut assembler {
+                    Some(assembler) => {
+                        assembler.push(chunk.payload_slice());
+                        true
                     }
+                    None => match Utf8Bytes::try_from(chunk.payload()) {
+                        Ok(text) => send_text(sink, text).await,
+                        Err(_) => send_text(sink, String::from_utf8_lossy(chunk.payload_slice()).into_owned()).await,
+                    },
+                },
+                Delivery::Error(info) => return send_error(sink, &info).await,
+                Delivery::Done => {
+                    if let Some(assembler) = assembler.take() {
+                        if !send_text(sink, assembler.finish()).await {
+                            return false;
+                        }
+                    }
+                    return send_text(sink, "[DONE]").await;
                 }
-                return send_text(sink, "[DONE]").await;
+            };
+            if !sent {
+                return false;
             }
-        };
-        if !sent {
-            return false;
         }
+    };
+    let watch = async {
+        loop {
+            match receive(stream).await {
+                Incoming::Request(text) => queued.push_back(text),
+                Incoming::Other => {}
+                Incoming::Closed => return,
+            }
+        }
+    };
+    tokio::select! {
+        connected = deliver => connected,
+        // Dropping the completion cancels the upstream request.
+        () = watch => false,
     }
 }

@@ -5,9 +5,12 @@ use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{ResourceLimiter, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+// Exports are called asynchronously: a plugin running long yields to the
+// executor at each epoch tick instead of holding a runtime thread.
 wasmtime::component::bindgen!({
     path: "wit",
     world: "full-plugin",
+    exports: { default: async },
 });
 
 pub use exports::sluice::plugin::cache_key_hook::{self, CacheKeyDecision};
@@ -28,6 +31,8 @@ pub struct PluginState {
     limits: StoreLimits,
     pub plugin: std::sync::Arc<str>,
     pub request_id: String,
+    /// When the current call must have returned.
+    pub deadline: std::time::Instant,
 }
 
 impl PluginState {
@@ -49,6 +54,7 @@ impl PluginState {
                 .build(),
             plugin,
             request_id: String::new(),
+            deadline: std::time::Instant::now(),
         }
     }
 
@@ -89,7 +95,7 @@ impl sluice::plugin::host::Host for PluginState {
 /// A linker with WASI (granting nothing) and the `host` interface.
 pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<PluginState>> {
     let mut linker = Linker::new(engine);
-    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     sluice::plugin::host::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |state| state)?;
     sluice::plugin::types::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |state| state)?;
     Ok(linker)

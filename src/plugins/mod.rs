@@ -28,7 +28,7 @@ use crate::metrics::Metrics;
 use crate::policy::{CacheKeyDecision as KeyDecision, Policy, RequestContext, TokenAction, TokenFilter};
 use crate::protocol::{CompletionRequest, Prompt};
 
-pub use runtime::{Hooks, LoadError, LoadedPlugin, PluginFailure, Runtime};
+pub use runtime::{Compiled, Hooks, LoadError, LoadedPlugin, PluginFailure, Runtime};
 
 /// Largest text a plugin may return for one chunk, and largest custom cache key.
 const MAX_PLUGIN_TEXT: usize = 64 * 1024;
@@ -83,15 +83,7 @@ impl PluginHost {
     }
 
     async fn load(self: &Arc<Self>, config: PluginConfig) -> Result<LoadedPlugin, LoadError> {
-        let runtime = self.runtime;
-        tokio::task::spawn_blocking(move || LoadedPlugin::load(runtime, &config))
-            .await
-            .unwrap_or_else(|err| {
-                Err(LoadError::Instantiate {
-                    path: "?".into(),
-                    reason: err.to_string(),
-                })
-            })
+        load(self.runtime, config).await
     }
 
     /// Re-reads the config and the plugin files, reloads what changed, and
@@ -149,23 +141,6 @@ impl PluginHost {
         }
     }
 
-    /// Runs one hook call with metrics; `call` gets a fresh instance.
-    fn call<T>(
-        &self,
-        plugin: &LoadedPlugin,
-        hook: &'static str,
-        request_id: &str,
-        call: impl FnOnce(&mut runtime::Live) -> Result<T, PluginFailure>,
-    ) -> Result<T, PluginFailure> {
-        let started = Instant::now();
-        let result = plugin.instantiate(request_id).and_then(|mut live| {
-            live.arm();
-            call(&mut live)
-        });
-        self.observe(plugin, hook, started, result.as_ref().err());
-        result
-    }
-
     fn observe(&self, plugin: &LoadedPlugin, hook: &'static str, started: Instant, failure: Option<&PluginFailure>) {
         let labels = [&*plugin.name, hook];
         self.metrics.plugin_calls.with_label_values(&labels).inc();
@@ -191,6 +166,15 @@ impl PluginHost {
             }),
         }
     }
+}
+
+/// Compiles (on a blocking thread) and validates a plugin.
+pub async fn load(runtime: &'static Runtime, config: PluginConfig) -> Result<LoadedPlugin, LoadError> {
+    let path = config.path.display().to_string();
+    let compiled = tokio::task::spawn_blocking(move || Compiled::compile(runtime, &config))
+        .await
+        .map_err(|err| LoadError::Instantiate { path, reason: err.to_string() })??;
+    compiled.validate(runtime).await
 }
 
 fn wit_context(ctx: &RequestContext) -> WitContext {
@@ -259,12 +243,18 @@ impl Policy for PluginHost {
         for plugin in chain.plugins.iter().filter(|p| p.exports.request.is_some() && p.applies_to(&ctx.identity.key_name)) {
             let Some(indices) = &plugin.exports.request else { continue };
             let wit_req = wit_request(request);
-            let result = self.call(plugin, "on-request", &ctx.request_id, |live| {
-                let guest = indices.load(&mut live.store, &live.instance).map_err(|e| PluginFailure::Invalid(e.to_string()))?;
+            let started = Instant::now();
+            let result = async {
+                let mut live = plugin.instantiate(&ctx.request_id).await?;
+                let guest = indices.load(&mut live.store, &live.instance).map_err(PluginFailure::from_wasmtime)?;
+                live.arm();
                 guest
                     .call_on_request(&mut live.store, &wit_ctx, &wit_req)
-                    .map_err(|e| runtime_failure(e))
-            });
+                    .await
+                    .map_err(PluginFailure::from_wasmtime)
+            }
+            .await;
+            self.observe(plugin, "on-request", started, result.as_ref().err());
             match result {
                 Ok(RequestDecision::Proceed) => {}
                 Ok(RequestDecision::Modify(modified)) => {
@@ -307,16 +297,24 @@ impl Policy for PluginHost {
         let wit_req = wit_request(request);
         for plugin in plugins {
             let Some(indices) = &plugin.exports.cache_key else { continue };
-            let result = self.call(plugin, "cache-key", &ctx.request_id, |live| {
-                let guest = indices.load(&mut live.store, &live.instance).map_err(|e| PluginFailure::Invalid(e.to_string()))?;
-                let decision = guest.call_cache_key(&mut live.store, &wit_ctx, &wit_req, &key).map_err(runtime_failure)?;
+            let started = Instant::now();
+            let result = async {
+                let mut live = plugin.instantiate(&ctx.request_id).await?;
+                let guest = indices.load(&mut live.store, &live.instance).map_err(PluginFailure::from_wasmtime)?;
+                live.arm();
+                let decision = guest
+                    .call_cache_key(&mut live.store, &wit_ctx, &wit_req, &key)
+                    .await
+                    .map_err(PluginFailure::from_wasmtime)?;
                 if let CacheKeyDecision::Custom(custom) = &decision {
                     if custom.len() > MAX_PLUGIN_TEXT {
                         return Err(PluginFailure::Invalid(format!("cache key of {} bytes", custom.len())));
                     }
                 }
                 Ok(decision)
-            });
+            }
+            .await;
+            self.observe(plugin, "cache-key", started, result.as_ref().err());
             match result {
                 Ok(CacheKeyDecision::UseDefault) => {}
                 Ok(CacheKeyDecision::Custom(custom)) => {
@@ -345,10 +343,6 @@ impl Policy for PluginHost {
             })
             .collect()
     }
-}
-
-fn runtime_failure(err: wasmtime::Error) -> PluginFailure {
-    PluginFailure::from_wasmtime(err)
 }
 
 /// A stream's instance of one token plugin, per choice.
@@ -380,15 +374,30 @@ impl WasmTokenFilter {
         }
     }
 
-    fn instance(&mut self, index: u32) -> Result<&mut ChoiceInstance, PluginFailure> {
+    async fn instance(&mut self, index: u32) -> Result<&mut ChoiceInstance, PluginFailure> {
         if !self.choices.contains_key(&index) {
-            let live = self.plugin.instantiate(&self.request_id)?;
-            let mut live = Box::new(live);
+            let mut live = Box::new(self.plugin.instantiate(&self.request_id).await?);
             let indices = self.plugin.exports.token.as_ref().ok_or_else(|| PluginFailure::Invalid("no token hook".into()))?;
-            let guest = indices.load(&mut live.store, &live.instance).map_err(|e| PluginFailure::Invalid(e.to_string()))?;
+            let guest = indices.load(&mut live.store, &live.instance).map_err(PluginFailure::from_wasmtime)?;
             self.choices.insert(index, ChoiceInstance::Live(live, guest));
         }
         Ok(self.choices.get_mut(&index).expect("inserted above"))
+    }
+
+    async fn call_on_token(&mut self, index: u32, text: &str) -> Result<Option<TokenAction>, PluginFailure> {
+        match self.instance(index).await? {
+            ChoiceInstance::Skipped => Ok(None),
+            ChoiceInstance::Live(live, guest) => {
+                live.arm();
+                let action = guest.call_on_token(&mut live.store, index, text).await.map_err(PluginFailure::from_wasmtime)?;
+                Ok(Some(match action {
+                    WitAction::Pass => TokenAction::Pass,
+                    WitAction::Replace(text) => TokenAction::Replace(checked_text(text)?),
+                    WitAction::Hold => TokenAction::Hold,
+                    WitAction::Stop(text) => TokenAction::Stop(checked_text(text)?),
+                }))
+            }
+        }
     }
 
     fn fail(&mut self, index: u32, failure: PluginFailure) -> Result<(), GatewayError> {
@@ -398,22 +407,11 @@ impl WasmTokenFilter {
     }
 }
 
+#[async_trait]
 impl TokenFilter for WasmTokenFilter {
-    fn on_text(&mut self, index: u32, text: &str) -> Result<TokenAction, GatewayError> {
+    async fn on_text(&mut self, index: u32, text: &str) -> Result<TokenAction, GatewayError> {
         let started = Instant::now();
-        let result = self.instance(index).and_then(|instance| match instance {
-            ChoiceInstance::Skipped => Ok(None),
-            ChoiceInstance::Live(live, guest) => {
-                live.arm();
-                let action = guest.call_on_token(&mut live.store, index, text).map_err(runtime_failure)?;
-                Ok(Some(match action {
-                    WitAction::Pass => TokenAction::Pass,
-                    WitAction::Replace(text) => TokenAction::Replace(checked_text(text)?),
-                    WitAction::Hold => TokenAction::Hold,
-                    WitAction::Stop(text) => TokenAction::Stop(checked_text(text)?),
-                }))
-            }
-        });
+        let result = self.call_on_token(index, text).await;
         match result {
             Ok(None) => Ok(TokenAction::Pass),
             Ok(Some(action)) => {
@@ -427,7 +425,7 @@ impl TokenFilter for WasmTokenFilter {
         }
     }
 
-    fn finish(&mut self, index: u32) -> Result<String, GatewayError> {
+    async fn finish(&mut self, index: u32) -> Result<String, GatewayError> {
         let Some(ChoiceInstance::Live(mut live, guest)) = self.choices.remove(&index) else {
             return Ok(String::new());
         };
@@ -435,7 +433,8 @@ impl TokenFilter for WasmTokenFilter {
         live.arm();
         let result = guest
             .call_on_end(&mut live.store, index)
-            .map_err(runtime_failure)
+            .await
+            .map_err(PluginFailure::from_wasmtime)
             .and_then(checked_text);
         match result {
             Ok(text) => {

@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, InstancePre, Linker};
-use wasmtime::{Config as EngineConfig, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime::{Config as EngineConfig, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline};
 
 use super::bindings::{self, PluginState, cache_key_hook, lifecycle, request_hook, token_hook};
 use crate::config::{OnError, PluginConfig};
@@ -83,9 +83,9 @@ impl Drop for EpochTicker {
 pub struct Runtime {
     engine: Engine,
     linker: Linker<PluginState>,
-    epoch_tick: Duration,
     _ticker: EpochTicker,
 }
+
 
 static SHARED: std::sync::OnceLock<Result<Runtime, String>> = std::sync::OnceLock::new();
 
@@ -108,7 +108,8 @@ impl Runtime {
             .max_memory_size(MAX_PLUGIN_MEMORY)
             .max_core_instances_per_component(16)
             .max_memories_per_component(4)
-            .max_tables_per_component(8);
+            .max_tables_per_component(8)
+            .total_stacks(MAX_INSTANCES);
         let mut config = EngineConfig::new();
         config
             .wasm_component_model(true)
@@ -134,7 +135,6 @@ impl Runtime {
         Ok(Self {
             engine,
             linker,
-            epoch_tick,
             _ticker: EpochTicker(stop),
         })
     }
@@ -197,6 +197,14 @@ impl Exports {
     }
 }
 
+/// A compiled plugin before its first instantiation.
+pub struct Compiled {
+    config: PluginConfig,
+    digest: [u8; 32],
+    exports: Exports,
+    pre: InstancePre<PluginState>,
+}
+
 /// A compiled, validated plugin, ready to instantiate. Immutable: a reload
 /// builds a new one, and requests in flight keep the one they started with.
 pub struct LoadedPlugin {
@@ -205,7 +213,6 @@ pub struct LoadedPlugin {
     pub digest: [u8; 32],
     pub exports: Exports,
     pre: InstancePre<PluginState>,
-    deadline_ticks: u64,
     max_memory: usize,
     engine: Engine,
 }
@@ -214,45 +221,53 @@ pub struct LoadedPlugin {
 pub struct Live {
     pub store: Store<PluginState>,
     pub instance: wasmtime::component::Instance,
-    deadline_ticks: u64,
+    timeout: Duration,
 }
 
 impl Live {
-    /// Arms the CPU deadline for the next call.
+    /// Arms the CPU deadline for the next call. The guest checks it at every
+    /// epoch tick, yielding to the executor meanwhile; past it, the call traps.
     pub fn arm(&mut self) {
-        self.store.set_epoch_deadline(self.deadline_ticks);
+        self.store.data_mut().deadline = Instant::now() + self.timeout;
+        self.store.set_epoch_deadline(1);
     }
 }
 
-impl LoadedPlugin {
-    /// Reads, compiles and validates (one instantiation and `init`) a plugin.
-    pub fn load(runtime: &Runtime, config: &PluginConfig) -> Result<Self, LoadError> {
+impl Compiled {
+    /// Reads and compiles a plugin. CPU-heavy: run it off the request path.
+    pub fn compile(runtime: &Runtime, config: &PluginConfig) -> Result<Self, LoadError> {
         let path = config.path.display().to_string();
-        let bytes = std::fs::read(&config.path).map_err(|source| LoadError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let bytes = std::fs::read(&config.path).map_err(|source| LoadError::Read { path: path.clone(), source })?;
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
         let (_, pre, exports) = runtime.compile(&path, &bytes)?;
-        let tick = runtime.epoch_tick.as_nanos().max(1);
-        // +1: the current epoch may end right after the deadline is armed.
-        let deadline_ticks = (config.timeout.as_nanos().div_ceil(tick) as u64).max(1) + 1;
-        let plugin = Self {
-            name: Arc::from(config.name.as_str()),
+        Ok(Self {
             config: config.clone(),
             digest,
             exports,
             pre,
-            deadline_ticks,
-            max_memory: (config.max_memory_bytes as usize).min(MAX_PLUGIN_MEMORY),
+        })
+    }
+
+    /// Validates the plugin by instantiating it once (with `init`).
+    pub async fn validate(self, runtime: &Runtime) -> Result<LoadedPlugin, LoadError> {
+        let plugin = LoadedPlugin {
+            name: Arc::from(self.config.name.as_str()),
+            max_memory: (self.config.max_memory_bytes as usize).min(MAX_PLUGIN_MEMORY),
+            config: self.config,
+            digest: self.digest,
+            exports: self.exports,
+            pre: self.pre,
             engine: runtime.engine.clone(),
         };
-        plugin.instantiate("load-check").map_err(|err| LoadError::Instantiate {
-            path,
+        plugin.instantiate("load-check").await.map_err(|err| LoadError::Instantiate {
+            path: plugin.config.path.display().to_string(),
             reason: err.to_string(),
         })?;
         Ok(plugin)
     }
+}
+
+impl LoadedPlugin {
 
     pub fn on_error(&self) -> OnError {
         self.config.on_error
@@ -264,26 +279,38 @@ impl LoadedPlugin {
     }
 
     /// A fresh, initialised instance.
-    pub fn instantiate(&self, request_id: &str) -> Result<Live, PluginFailure> {
+    pub async fn instantiate(&self, request_id: &str) -> Result<Live, PluginFailure> {
         let mut state = PluginState::new(self.name.clone(), self.max_memory);
         state.request_id = request_id.to_string();
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| state.limiter());
-        store.set_epoch_deadline(self.deadline_ticks);
-        let instance = self.pre.instantiate(&mut store).map_err(PluginFailure::from_wasmtime)?;
+        store.epoch_deadline_callback(|store| {
+            Ok(if Instant::now() >= store.data().deadline {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
+        let mut live = Live {
+            instance: {
+                store.data_mut().deadline = Instant::now() + self.config.timeout;
+                store.set_epoch_deadline(1);
+                self.pre.instantiate_async(&mut store).await.map_err(PluginFailure::from_wasmtime)?
+            },
+            store,
+            timeout: self.config.timeout,
+        };
         let lifecycle = self
             .exports
             .lifecycle
-            .load(&mut store, &instance)
+            .load(&mut live.store, &live.instance)
             .map_err(PluginFailure::from_wasmtime)?;
+        live.arm();
         lifecycle
-            .call_init(&mut store, &self.config.config_json)
+            .call_init(&mut live.store, &self.config.config_json)
+            .await
             .map_err(PluginFailure::from_wasmtime)?
             .map_err(PluginFailure::Init)?;
-        Ok(Live {
-            store,
-            instance,
-            deadline_ticks: self.deadline_ticks,
-        })
+        Ok(live)
     }
 }

@@ -293,3 +293,51 @@ impl Drop for Isolated {
         }
     }
 }
+
+/// The path of a built example plugin (`plugins/wasm/<name>.wasm`), building
+/// the plugins first (scripts/build-plugins.sh) if they are missing.
+pub fn plugin_wasm(name: &str) -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let path = root.join("plugins/wasm").join(format!("{name}.wasm"));
+    if !path.exists() {
+        BUILT.get_or_init(|| {
+            let status = std::process::Command::new(root.join("scripts/build-plugins.sh"))
+                .status()
+                .expect("run scripts/build-plugins.sh");
+            assert!(status.success(), "building the plugins failed");
+        });
+    }
+    assert!(path.exists(), "{} is missing after building the plugins", path.display());
+    path
+}
+
+/// A `[[plugins]]` entry for `config`.
+pub fn plugin(name: &str, wasm: &str, on_error: sluice::config::OnError, config: serde_json::Value) -> sluice::config::PluginConfig {
+    sluice::config::PluginConfig {
+        name: name.to_string(),
+        path: plugin_wasm(wasm),
+        on_error,
+        max_memory_bytes: 16 * 1024 * 1024,
+        timeout: Duration::from_millis(50),
+        keys: Vec::new(),
+        config_json: config.to_string(),
+    }
+}
+
+/// Reads frames from a WebSocket until `[DONE]`.
+pub async fn ws_frames<S>(ws: &mut S) -> Vec<String>
+where
+    S: futures::Stream<Item = Result<tokio_tungstenite::tungstenite::Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    use futures::StreamExt;
+    let mut frames = Vec::new();
+    while let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) = ws.next().await {
+        let done = text.as_str() == "[DONE]";
+        frames.push(text.to_string());
+        if done {
+            break;
+        }
+    }
+    frames
+}
