@@ -113,7 +113,8 @@ impl FilterChain {
 
     /// Runs `text` of choice `index` through every filter; a filter's output is the next one's input.
     async fn run(&mut self, index: u32, text: &str, finishing: bool) -> Result<(String, bool), GatewayError> {
-        let mut current = text.to_string();
+        let mut current = String::with_capacity(text.len() + 16);
+        current.push_str(text);
         let mut stopped = false;
         for filter in self.filters.iter_mut() {
             if !current.is_empty() {
@@ -136,48 +137,67 @@ impl FilterChain {
         Ok((current, stopped))
     }
 
-    /// Filters one chunk. Chunks without text changes are returned as they came.
+    /// Filters one chunk. A chunk whose text no filter changed is returned as
+    /// it came, without re-serialising it.
     pub async fn apply(&mut self, chunk: Chunk) -> Result<Filtered, GatewayError> {
         if self.filters.is_empty() {
             return Ok(Filtered::Chunk(chunk));
         }
+        #[derive(serde::Deserialize)]
+        struct Peek<'a> {
+            #[serde(borrow, default)]
+            choices: Vec<PeekChoice<'a>>,
+        }
+        #[derive(serde::Deserialize)]
+        struct PeekChoice<'a> {
+            #[serde(default)]
+            index: u32,
+            #[serde(borrow, default)]
+            text: std::borrow::Cow<'a, str>,
+            #[serde(default)]
+            finish_reason: Option<serde::de::IgnoredAny>,
+        }
+        let Ok(peek) = serde_json::from_slice::<Peek>(chunk.payload_slice()) else {
+            return Ok(Filtered::Chunk(chunk));
+        };
+        if peek.choices.is_empty() {
+            return Ok(Filtered::Chunk(chunk));
+        }
+        let mut outputs = Vec::with_capacity(peek.choices.len());
+        let mut changed = false;
+        let mut stopped = false;
+        for choice in &peek.choices {
+            let finishing = choice.finish_reason.is_some();
+            let (filtered, stop) = self.run(choice.index, &choice.text, finishing).await?;
+            if finishing || stop {
+                self.finished.push(choice.index);
+            }
+            changed |= stop || filtered != choice.text;
+            stopped |= stop;
+            outputs.push((filtered, finishing, stop));
+        }
+        if !changed {
+            return Ok(Filtered::Chunk(chunk));
+        }
+        if outputs.iter().all(|(text, finishing, stop)| text.is_empty() && !finishing && !stop) {
+            return Ok(Filtered::Skip);
+        }
+        // Rare path: rebuild the chunk with the filtered texts.
         let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(chunk.payload_slice()) else {
             return Ok(Filtered::Chunk(chunk));
         };
-        let Some(Value::Array(choices)) = body.get_mut("choices") else {
-            return Ok(Filtered::Chunk(chunk));
-        };
-        if choices.is_empty() {
-            return Ok(Filtered::Chunk(chunk));
-        }
-        let mut stopped = false;
-        let mut all_empty = true;
-        for choice in choices.iter_mut() {
-            let Value::Object(choice) = choice else { continue };
-            let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0) as u32;
-            let text = choice.get("text").and_then(Value::as_str).unwrap_or_default().to_string();
-            let finishing = choice.get("finish_reason").is_some_and(|r| !r.is_null());
-            let (filtered, stop) = self.run(index, &text, finishing).await?;
-            if finishing || stop {
-                self.finished.push(index);
+        if let Some(Value::Array(choices)) = body.get_mut("choices") {
+            for (choice, (text, _, stop)) in choices.iter_mut().zip(outputs) {
+                if let Value::Object(choice) = choice {
+                    choice.insert("text".into(), Value::String(text));
+                    if stop {
+                        choice.insert("finish_reason".into(), Value::from("stop"));
+                    }
+                }
             }
-            if stop {
-                stopped = true;
-                choice.insert("finish_reason".into(), Value::from("stop"));
-            }
-            if !filtered.is_empty() || finishing || stop {
-                all_empty = false;
-            }
-            choice.insert("text".into(), Value::String(filtered));
         }
         let rebuilt = Chunk::from_payload(&serde_json::to_vec(&body).unwrap_or_default());
-        Ok(if stopped {
-            Filtered::Stop(rebuilt)
-        } else if all_empty {
-            Filtered::Skip
-        } else {
-            Filtered::Chunk(rebuilt)
-        })
+        Ok(if stopped { Filtered::Stop(rebuilt) } else { Filtered::Chunk(rebuilt) })
     }
 
     /// Flushes choices that never saw a `finish_reason` (a stream that ended

@@ -2,10 +2,13 @@
 //! runs them at the pipeline's three hook points (as the [`Policy`]), and
 //! hot-reloads them when their files or the config change.
 //!
-//! Every call gets a fresh instance (`on-request`, `cache-key`) or the
-//! stream's own instance (`on-token`), a memory cap and a CPU deadline. A
-//! plugin that traps, times out or returns something invalid is handled by
-//! its `on_error` policy and its instance is thrown away.
+//! `on-request` and `cache-key` run on initialised instances taken from a
+//! small per-plugin pool (an instance serves one call at a time and may serve
+//! many requests in turn); `on-token` gets an instance of its own per stream
+//! and choice, returned to a pool once `on-end` has flushed it.
+//! Every call has a CPU deadline and every instance a memory cap. A plugin
+//! that traps, times out or returns something invalid is handled by its
+//! `on_error` policy, and its instance is thrown away, never reused.
 
 pub mod bindings;
 mod runtime;
@@ -245,13 +248,15 @@ impl Policy for PluginHost {
             let wit_req = wit_request(request);
             let started = Instant::now();
             let result = async {
-                let mut live = plugin.instantiate(&ctx.request_id).await?;
+                let mut live = plugin.checkout(&ctx.request_id, false).await?;
                 let guest = indices.load(&mut live.store, &live.instance).map_err(PluginFailure::from_wasmtime)?;
                 live.arm();
-                guest
+                let decision = guest
                     .call_on_request(&mut live.store, &wit_ctx, &wit_req)
                     .await
-                    .map_err(PluginFailure::from_wasmtime)
+                    .map_err(PluginFailure::from_wasmtime)?;
+                plugin.checkin(live, false);
+                Ok(decision)
             }
             .await;
             self.observe(plugin, "on-request", started, result.as_ref().err());
@@ -299,13 +304,14 @@ impl Policy for PluginHost {
             let Some(indices) = &plugin.exports.cache_key else { continue };
             let started = Instant::now();
             let result = async {
-                let mut live = plugin.instantiate(&ctx.request_id).await?;
+                let mut live = plugin.checkout(&ctx.request_id, false).await?;
                 let guest = indices.load(&mut live.store, &live.instance).map_err(PluginFailure::from_wasmtime)?;
                 live.arm();
                 let decision = guest
                     .call_cache_key(&mut live.store, &wit_ctx, &wit_req, &key)
                     .await
                     .map_err(PluginFailure::from_wasmtime)?;
+                plugin.checkin(live, false);
                 if let CacheKeyDecision::Custom(custom) = &decision {
                     if custom.len() > MAX_PLUGIN_TEXT {
                         return Err(PluginFailure::Invalid(format!("cache key of {} bytes", custom.len())));
@@ -334,12 +340,7 @@ impl Policy for PluginHost {
             .iter()
             .filter(|p| p.exports.token.is_some() && p.applies_to(&ctx.identity.key_name))
             .map(|plugin| {
-                Box::new(WasmTokenFilter {
-                    plugin: plugin.clone(),
-                    metrics: self.metrics.clone(),
-                    request_id: ctx.request_id.clone(),
-                    choices: HashMap::new(),
-                }) as Box<dyn TokenFilter>
+                Box::new(WasmTokenFilter::new(plugin.clone(), self.metrics.clone(), ctx.request_id.clone())) as Box<dyn TokenFilter>
             })
             .collect()
     }
@@ -355,18 +356,30 @@ enum ChoiceInstance {
 struct WasmTokenFilter {
     plugin: Arc<LoadedPlugin>,
     metrics: Arc<Metrics>,
+    /// This plugin's on-token call counter and latency histogram, resolved once per stream.
+    calls: prometheus::IntCounter,
+    latency: prometheus::Histogram,
     request_id: String,
     choices: HashMap<u32, ChoiceInstance>,
 }
 
 impl WasmTokenFilter {
+    fn new(plugin: Arc<LoadedPlugin>, metrics: Arc<Metrics>, request_id: String) -> Self {
+        let labels = [&*plugin.name, "on-token"];
+        Self {
+            calls: metrics.plugin_calls.with_label_values(&labels),
+            latency: metrics.plugin_call_duration.with_label_values(&labels),
+            plugin,
+            metrics,
+            request_id,
+            choices: HashMap::new(),
+        }
+    }
+
     fn observe(&self, started: Instant, failure: Option<&PluginFailure>) {
+        self.calls.inc();
+        self.latency.observe(started.elapsed().as_secs_f64());
         let labels = [&*self.plugin.name, "on-token"];
-        self.metrics.plugin_calls.with_label_values(&labels).inc();
-        self.metrics
-            .plugin_call_duration
-            .with_label_values(&labels)
-            .observe(started.elapsed().as_secs_f64());
         match failure {
             Some(f) if f.is_timeout() => self.metrics.plugin_timeouts.with_label_values(&labels).inc(),
             Some(_) => self.metrics.plugin_traps.with_label_values(&labels).inc(),
@@ -376,7 +389,7 @@ impl WasmTokenFilter {
 
     async fn instance(&mut self, index: u32) -> Result<&mut ChoiceInstance, PluginFailure> {
         if !self.choices.contains_key(&index) {
-            let mut live = Box::new(self.plugin.instantiate(&self.request_id).await?);
+            let mut live = Box::new(self.plugin.checkout(&self.request_id, true).await?);
             let indices = self.plugin.exports.token.as_ref().ok_or_else(|| PluginFailure::Invalid("no token hook".into()))?;
             let guest = indices.load(&mut live.store, &live.instance).map_err(PluginFailure::from_wasmtime)?;
             self.choices.insert(index, ChoiceInstance::Live(live, guest));
@@ -439,6 +452,8 @@ impl TokenFilter for WasmTokenFilter {
         match result {
             Ok(text) => {
                 self.observe(started, None);
+                // on-end has flushed this choice: the instance may serve a later stream.
+                self.plugin.checkin(*live, true);
                 Ok(text)
             }
             Err(failure) => {
