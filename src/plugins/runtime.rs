@@ -122,7 +122,7 @@ impl Runtime {
             .table_keep_resident(64 << 10)
             .async_stack_keep_resident(64 << 10)
             // Whatever still needs decommitting is done in batches.
-            .decommit_batch_size(64);
+            .decommit_batch_size(8);
         let mut config = EngineConfig::new();
         config
             .wasm_component_model(true)
