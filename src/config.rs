@@ -268,6 +268,8 @@ pub struct RawTelemetry {
     pub service_name: String,
     /// Fraction of new traces sampled (a client's sampled `traceparent` is always followed).
     pub sample_ratio: f64,
+    /// OTLP/HTTP encoding: `http/protobuf` or `http/json`.
+    pub protocol: String,
 }
 
 impl Default for RawTelemetry {
@@ -276,6 +278,7 @@ impl Default for RawTelemetry {
             otlp_endpoint: String::new(),
             service_name: "sluice".into(),
             sample_ratio: 1.0,
+            protocol: "http/protobuf".into(),
         }
     }
 }
@@ -610,6 +613,8 @@ pub struct TelemetryConfig {
     pub otlp_endpoint: Option<String>,
     pub service_name: String,
     pub sample_ratio: f64,
+    /// `true` for `http/json`, `false` for `http/protobuf`.
+    pub json: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -854,6 +859,13 @@ impl RawConfig {
             otlp_endpoint: Some(self.telemetry.otlp_endpoint).filter(|e| !e.is_empty()),
             service_name: self.telemetry.service_name,
             sample_ratio: self.telemetry.sample_ratio,
+            json: match self.telemetry.protocol.as_str() {
+                "http/protobuf" => false,
+                "http/json" => true,
+                other => {
+                    return Err(invalid("telemetry.protocol", format!("`{other}` must be http/protobuf or http/json")));
+                }
+            },
         };
 
         let plugin_host = PluginHostConfig {

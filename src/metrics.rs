@@ -85,7 +85,7 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(backend_up.clone())).expect("unique metric");
         Self {
-            requests: counter_vec(&r, "sluice_requests_total", "Completion requests by route, transport and HTTP status", &["route", "transport", "status"]),
+            requests: counter_vec(&r, "sluice_requests_total", "Completion requests by route, transport and HTTP status class (499, client gone, counts as 4xx)", &["route", "transport", "status"]),
             request_duration: histogram_vec(&r, "sluice_request_duration_seconds", "Time from request received to last byte sent", &["route", "transport", "status"], LATENCY_BUCKETS),
             time_to_first_token: histogram_vec(&r, "sluice_time_to_first_token_seconds", "Time from request received to the first chunk sent to the client", &["transport", "cache"], LATENCY_BUCKETS),
             inter_token_latency: histogram(&r, "sluice_inter_token_latency_seconds", "Time between consecutive chunks sent to a client", FINE_BUCKETS),

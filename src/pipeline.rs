@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
+use tracing::Instrument;
 
 use crate::app::AppState;
 use crate::cache::CachedResponse;
@@ -25,6 +26,9 @@ pub const CLIENT_CLOSED: u16 = 499;
 /// Everything measured about one request; reported when dropped.
 pub struct RequestRecord {
     state: Arc<AppState>,
+    /// The request's root span; every stage's span is a child of it.
+    pub span: tracing::Span,
+    pub key_name: String,
     pub request_id: String,
     pub route: &'static str,
     pub transport: &'static str,
@@ -41,8 +45,24 @@ pub struct RequestRecord {
 
 impl RequestRecord {
     pub fn new(state: Arc<AppState>, request_id: String, transport: &'static str, received_at: Instant) -> Self {
+        let span = tracing::info_span!(
+            "request",
+            otel.name = "POST /v1/completions",
+            otel.kind = "server",
+            request_id = %request_id,
+            transport,
+            key = tracing::field::Empty,
+            model = tracing::field::Empty,
+            status = tracing::field::Empty,
+            cache = tracing::field::Empty,
+            prompt_tokens = tracing::field::Empty,
+            completion_tokens = tracing::field::Empty,
+            ttft_ms = tracing::field::Empty,
+        );
         Self {
             state,
+            span,
+            key_name: String::new(),
             request_id,
             route: "/v1/completions",
             transport,
@@ -76,6 +96,13 @@ impl RequestRecord {
         self.chunks_sent += 1;
     }
 
+    /// Notes who made the request, once authenticated.
+    pub fn identify(&mut self, identity: &crate::auth::Identity) {
+        self.key_id = Some(identity.key_id.clone());
+        self.key_name = identity.key_name.clone();
+        self.span.record("key", identity.key_name.as_str());
+    }
+
     pub fn fail(&mut self, error: &GatewayError) {
         self.status = error.status().as_u16();
     }
@@ -85,8 +112,7 @@ impl Drop for RequestRecord {
     fn drop(&mut self) {
         let metrics = &self.state.metrics;
         let elapsed = self.received_at.elapsed();
-        let status = self.status.to_string();
-        let labels = [self.route, self.transport, status.as_str()];
+        let labels = [self.route, self.transport, status_class(self.status)];
         metrics.requests.with_label_values(&labels).inc();
         metrics.request_duration.with_label_values(&labels).observe(elapsed.as_secs_f64());
         let usage = self.usage.unwrap_or_default();
@@ -98,13 +124,25 @@ impl Drop for RequestRecord {
         let ttft_ms = self
             .first_chunk_at
             .map(|t| (t - self.received_at).as_secs_f64() * 1000.0);
+        let cache = if self.cache_hit { "hit" } else { "miss" };
+        let span = &self.span;
+        span.record("status", self.status);
+        span.record("cache", cache);
+        span.record("model", self.model.as_str());
+        span.record("prompt_tokens", usage.prompt_tokens);
+        span.record("completion_tokens", completion_tokens);
+        if let Some(ttft) = ttft_ms {
+            span.record("ttft_ms", ttft);
+        }
+        let _in_request = span.enter();
         tracing::info!(
             request_id = %self.request_id,
+            key = %self.key_name,
             key_id = self.key_id.as_deref().unwrap_or("-"),
             model = %self.model,
             transport = self.transport,
             status = self.status,
-            cache = if self.cache_hit { "hit" } else { "miss" },
+            cache,
             prompt_tokens = usage.prompt_tokens,
             completion_tokens,
             ttft_ms = ttft_ms.unwrap_or(-1.0),
@@ -125,6 +163,16 @@ impl Drop for RequestRecord {
                 created_at: Utc::now(),
             });
         }
+    }
+}
+
+/// `2xx`, `4xx` or `5xx`: the status label of request metrics.
+fn status_class(status: u16) -> &'static str {
+    match status {
+        200..=299 => "2xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
     }
 }
 
@@ -155,6 +203,7 @@ pub struct Completion {
     /// A chunk that must go out before `Done` (flushed held text).
     pending_done: bool,
     finished: bool,
+    delivery: tracing::Span,
 }
 
 /// Runs the request through the hooks, the cache and the queue. Returns the
@@ -166,6 +215,7 @@ pub async fn start(
     mut record: RequestRecord,
 ) -> Result<Completion, (GatewayError, RequestRecord)> {
     record.model = request.model.clone();
+    record.span.record("model", request.model.as_str());
     if let Err(err) = state.policy.on_request(ctx, &mut request).await {
         record.fail(&err);
         return Err((err, record));
@@ -185,25 +235,37 @@ pub async fn start(
         },
     };
     let metrics = &state.metrics;
+    let lookup = tracing::info_span!("cache.lookup", result = tracing::field::Empty);
     match (&state.cache, &cache_key) {
-        (Some(cache), Some(key)) => match cache.get(key).await {
+        (Some(cache), Some(key)) => match cache.get(key).instrument(lookup.clone()).await {
             Ok(Some(chunks)) => {
+                lookup.record("result", "hit");
                 metrics.cache_lookups.with_label_values(&["hit"]).inc();
                 record.cache_hit = true;
                 return Ok(Completion::new(record, Source::Cached { chunks, next: 0 }, filters, deliver_usage_chunk, None));
             }
-            Ok(None) => metrics.cache_lookups.with_label_values(&["miss"]).inc(),
+            Ok(None) => {
+                lookup.record("result", "miss");
+                metrics.cache_lookups.with_label_values(&["miss"]).inc();
+            }
             Err(err) => {
+                lookup.record("result", "error");
                 metrics.cache_lookups.with_label_values(&["error"]).inc();
                 tracing::debug!(%err, "cache lookup failed; serving uncached");
             }
         },
-        _ => metrics.cache_lookups.with_label_values(&["bypass"]).inc(),
+        _ => {
+            lookup.record("result", "bypass");
+            metrics.cache_lookups.with_label_values(&["bypass"]).inc();
+        }
     }
+    drop(lookup);
 
     let submitted = Instant::now();
-    let queued = QueuedRequest::new(ctx.request_id.clone(), request.upstream_body(), Vec::new());
-    let mut responses = match state.queue.submit(queued).await {
+    // Spans from the submission to the first chunk back; the worker's spans are its children.
+    let submit = tracing::info_span!("queue.submit", otel.kind = "producer", wait_ms = tracing::field::Empty);
+    let queued = QueuedRequest::new(ctx.request_id.clone(), request.upstream_body(), crate::telemetry::context_of(&submit));
+    let mut responses = match state.queue.submit(queued).instrument(submit.clone()).await {
         Ok(responses) => responses,
         Err(err) => {
             let err = GatewayError::from(err);
@@ -211,8 +273,10 @@ pub async fn start(
             return Err((err, record));
         }
     };
-    let first = responses.next().await;
+    let first = responses.next().instrument(submit.clone()).await;
     metrics.queue_wait.observe(submitted.elapsed().as_secs_f64());
+    submit.record("wait_ms", submitted.elapsed().as_secs_f64() * 1000.0);
+    drop(submit);
     if let ResponseEvent::Error(info) = first {
         let err = GatewayError::Upstream(info);
         record.fail(&err);
@@ -237,7 +301,9 @@ impl Completion {
         to_cache: Option<(String, Vec<Chunk>)>,
     ) -> Self {
         record.state.metrics.active_streams.inc();
+        let delivery = tracing::info_span!(parent: &record.span, "stream.delivery", chunks = tracing::field::Empty, outcome = tracing::field::Empty);
         Self {
+            delivery,
             record,
             source,
             filters,
@@ -349,5 +415,12 @@ impl Completion {
 impl Drop for Completion {
     fn drop(&mut self) {
         self.record.state.metrics.active_streams.dec();
+        self.delivery.record("chunks", self.record.chunks_sent);
+        let outcome = match (self.finished, self.record.status) {
+            (false, _) => "client_closed",
+            (true, 200) => "completed",
+            (true, _) => "failed",
+        };
+        self.delivery.record("outcome", outcome);
     }
 }

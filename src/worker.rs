@@ -65,7 +65,15 @@ impl Worker {
     }
 
     async fn process(&self, mut job: Job) {
-        let span = tracing::info_span!("worker.upstream", request_id = %job.request.request_id);
+        let span = tracing::info_span!(
+            "worker.upstream",
+            otel.kind = "consumer",
+            request_id = %job.request.request_id,
+            outcome = tracing::field::Empty,
+        );
+        crate::telemetry::continue_from_pairs(&span, &job.request.trace_context);
+        // vLLM continues the trace from the worker's span.
+        job.request.trace_context = crate::telemetry::context_of(&span);
         self.metrics.worker_inflight.inc();
         let cancel = job.cancel.clone();
         let outcome = tokio::select! {
@@ -74,6 +82,7 @@ impl Worker {
         };
         self.metrics.worker_inflight.dec();
         self.metrics.worker_requests.with_label_values(&[outcome]).inc();
+        span.record("outcome", outcome);
         span.in_scope(|| tracing::debug!(outcome, "upstream request finished"));
     }
 

@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, Limited};
+use tracing::Instrument;
 
 use crate::app::AppState;
 use crate::auth::presented_secret;
@@ -21,7 +22,9 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
     let received_at = Instant::now();
     let request_id = super::new_request_id();
     let record = RequestRecord::new(state.clone(), request_id.clone(), "json", received_at);
-    let response = handle(state, headers, body, record).await;
+    crate::telemetry::continue_from_headers(&record.span, &headers);
+    let span = record.span.clone();
+    let response = handle(state, headers, body, record).instrument(span).await;
     super::with_request_id(response, &request_id)
 }
 
@@ -33,11 +36,16 @@ async fn handle(state: Arc<AppState>, headers: HeaderMap, body: Body, mut record
             return err.into_response();
         }};
     }
-    let identity = match state.auth.authenticate(presented_secret(&headers, None)).await {
+    let identity = match state
+        .auth
+        .authenticate(presented_secret(&headers, None))
+        .instrument(tracing::info_span!("auth"))
+        .await
+    {
         Ok(identity) => identity,
         Err(err) => bail!(err),
     };
-    record.key_id = Some(identity.key_id.clone());
+    record.identify(&identity);
     let body = match read_body(&headers, body, state.config.server.max_body_bytes).await {
         Ok(body) => body,
         Err(err) => bail!(err),
@@ -48,6 +56,7 @@ async fn handle(state: Arc<AppState>, headers: HeaderMap, body: Body, mut record
     };
     let stream = request.is_stream();
     record.transport = if stream { "sse" } else { "json" };
+    record.span.record("transport", record.transport);
     let ctx = RequestContext {
         request_id: record.request_id.clone(),
         identity,
@@ -80,14 +89,19 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
 const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
 
 fn sse_response(completion: Completion) -> Response {
-    let events = futures::stream::unfold(Some(completion), |completion| async move {
-        let mut completion = completion?;
-        let (bytes, rest) = match completion.next().await {
-            Delivery::Chunk(chunk) => (chunk.framed().clone(), Some(completion)),
-            Delivery::Error(info) => (Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", info.to_json())), None),
-            Delivery::Done => (Bytes::from_static(DONE_EVENT), None),
-        };
-        Some((Ok::<_, Infallible>(bytes), rest))
+    let span = completion.record.span.clone();
+    let events = futures::stream::unfold(Some(completion), move |completion| {
+        let span = span.clone();
+        async move {
+            let mut completion = completion?;
+            let (bytes, rest) = match completion.next().await {
+                Delivery::Chunk(chunk) => (chunk.framed().clone(), Some(completion)),
+                Delivery::Error(info) => (Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", info.to_json())), None),
+                Delivery::Done => (Bytes::from_static(DONE_EVENT), None),
+            };
+            Some((Ok::<_, Infallible>(bytes), rest))
+        }
+        .instrument(span)
     });
     let mut response = Body::from_stream(events).into_response();
     let headers = response.headers_mut();

@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
+use tracing::Instrument;
 
 use crate::app::AppState;
 use crate::auth::{Identity, presented_secret};
@@ -54,9 +55,14 @@ pub async fn websocket(
         Err(err) => return err.into_response(),
     };
     let limit = state.config.server.max_body_bytes;
+    // A traceparent on the upgrade request is the parent of every request on the socket.
+    let trace: Vec<(String, String)> = ["traceparent", "tracestate"]
+        .iter()
+        .filter_map(|name| headers.get(*name).and_then(|v| v.to_str().ok()).map(|v| (name.to_string(), v.to_string())))
+        .collect();
     upgrade
         .max_message_size(limit)
-        .on_upgrade(move |socket| serve_socket(state, identity, socket))
+        .on_upgrade(move |socket| serve_socket(state, identity, socket, trace))
 }
 
 type Sink = SplitSink<WebSocket, Message>;
@@ -84,7 +90,7 @@ async fn receive(stream: &mut SplitStream<WebSocket>) -> Incoming {
     }
 }
 
-async fn serve_socket(state: Arc<AppState>, identity: Identity, socket: WebSocket) {
+async fn serve_socket(state: Arc<AppState>, identity: Identity, socket: WebSocket, trace: Vec<(String, String)>) {
     let (mut sink, mut stream) = socket.split();
     let mut queued: VecDeque<Utf8Bytes> = VecDeque::new();
     loop {
@@ -103,7 +109,7 @@ async fn serve_socket(state: Arc<AppState>, identity: Identity, socket: WebSocke
                 Some(Ok(_)) => continue,
             },
         };
-        if !serve_request(&state, &identity, text.as_bytes(), &mut sink, &mut stream, &mut queued).await {
+        if !serve_request(&state, &identity, &trace, text.as_bytes(), &mut sink, &mut stream, &mut queued).await {
             return;
         }
     }
@@ -113,6 +119,7 @@ async fn serve_socket(state: Arc<AppState>, identity: Identity, socket: WebSocke
 async fn serve_request(
     state: &Arc<AppState>,
     identity: &Identity,
+    trace: &[(String, String)],
     body: &[u8],
     sink: &mut Sink,
     stream: &mut SplitStream<WebSocket>,
@@ -121,7 +128,23 @@ async fn serve_request(
     let received_at = Instant::now();
     let request_id = crate::http::new_request_id();
     let mut record = RequestRecord::new(state.clone(), request_id.clone(), "ws", received_at);
-    record.key_id = Some(identity.key_id.clone());
+    record.identify(identity);
+    crate::telemetry::continue_from_pairs(&record.span, trace);
+    let span = record.span.clone();
+    serve_recorded(state, identity, body, sink, stream, queued, record, request_id).instrument(span).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_recorded(
+    state: &Arc<AppState>,
+    identity: &Identity,
+    body: &[u8],
+    sink: &mut Sink,
+    stream: &mut SplitStream<WebSocket>,
+    queued: &mut VecDeque<Utf8Bytes>,
+    mut record: RequestRecord,
+    request_id: String,
+) -> bool {
     let request = match CompletionRequest::parse(body) {
         Ok(request) => request,
         Err(err) => {

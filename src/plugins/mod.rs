@@ -23,6 +23,7 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use axum::http::StatusCode;
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 
 use bindings::{CacheKeyDecision, CompletionRequest as WitRequest, RequestContext as WitContext, RequestDecision, TokenAction as WitAction};
 use crate::config::{Config, OnError, PluginConfig};
@@ -258,6 +259,7 @@ impl Policy for PluginHost {
                 plugin.checkin(live, false);
                 Ok(decision)
             }
+            .instrument(tracing::info_span!("plugin.on_request", plugin = %plugin.name))
             .await;
             self.observe(plugin, "on-request", started, result.as_ref().err());
             match result {
@@ -361,6 +363,8 @@ struct WasmTokenFilter {
     latency: prometheus::Histogram,
     request_id: String,
     choices: HashMap<u32, ChoiceInstance>,
+    /// One span for this plugin's filtering of the whole stream.
+    span: tracing::Span,
 }
 
 impl WasmTokenFilter {
@@ -369,6 +373,7 @@ impl WasmTokenFilter {
         Self {
             calls: metrics.plugin_calls.with_label_values(&labels),
             latency: metrics.plugin_call_duration.with_label_values(&labels),
+            span: tracing::info_span!("plugin.on_token", plugin = %plugin.name),
             plugin,
             metrics,
             request_id,
@@ -424,7 +429,8 @@ impl WasmTokenFilter {
 impl TokenFilter for WasmTokenFilter {
     async fn on_text(&mut self, index: u32, text: &str) -> Result<TokenAction, GatewayError> {
         let started = Instant::now();
-        let result = self.call_on_token(index, text).await;
+        let span = self.span.clone();
+        let result = self.call_on_token(index, text).instrument(span).await;
         match result {
             Ok(None) => Ok(TokenAction::Pass),
             Ok(Some(action)) => {

@@ -1,0 +1,125 @@
+//! OpenTelemetry traces: an OTLP/HTTP receiver in this process collects the
+//! spans of one streamed request through Kafka, and the test checks that they
+//! form one trace, continue the client's `traceparent`, and link the worker's
+//! spans to the edge's. (Its own test binary: the trace pipeline is global.)
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use common::services::Services;
+use common::*;
+use serde_json::{Value, json};
+use sluice::simulator::Simulator;
+
+#[derive(Debug, Clone)]
+struct Span {
+    name: String,
+    trace_id: String,
+    span_id: String,
+    parent: String,
+    attributes: HashMap<String, Value>,
+}
+
+fn collect(body: &Value, into: &mut Vec<Span>) {
+    for resource in body["resourceSpans"].as_array().into_iter().flatten() {
+        for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
+            for span in scope["spans"].as_array().into_iter().flatten() {
+                let text = |k: &str| span[k].as_str().unwrap_or_default().to_lowercase();
+                let attributes = span["attributes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|a| {
+                        let v = &a["value"];
+                        let value = v.get("stringValue").or(v.get("intValue")).or(v.get("doubleValue")).cloned().unwrap_or(Value::Null);
+                        (a["key"].as_str().unwrap_or_default().to_string(), value)
+                    })
+                    .collect();
+                into.push(Span {
+                    name: span["name"].as_str().unwrap_or_default().to_string(),
+                    trace_id: text("traceId"),
+                    span_id: text("spanId"),
+                    parent: text("parentSpanId"),
+                    attributes,
+                });
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_through_kafka_is_one_trace_from_client_to_worker() {
+    let Some(services) = Services::fresh().await else { return };
+    let received: Arc<Mutex<Vec<Span>>> = Default::default();
+    let sink = received.clone();
+    let collector = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: Bytes| {
+            let sink = sink.clone();
+            async move {
+                if let Ok(value) = serde_json::from_slice::<Value>(&body) {
+                    collect(&value, &mut sink.lock().unwrap());
+                }
+                "{}"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, collector).await });
+
+    let sim = Simulator::start(sim_config()).await.unwrap();
+    let telemetry_toml = format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\nprotocol = \"http/json\"\n");
+    let config = services.config(&sim.url(), &common::services::merge_toml(&services.kafka_queue(true), &telemetry_toml));
+    let telemetry = sluice::telemetry::init(&config.log, &config.telemetry);
+    assert!(telemetry.is_exporting());
+    let gw = TestGateway::start_config(sim, config).await;
+
+    let client_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let client_span = "00f067aa0ba902b7";
+    let response = gw
+        .http
+        .post(gw.completions_url())
+        .bearer_auth(&gw.key)
+        .header("traceparent", format!("00-{client_trace}-{client_span}-01"))
+        .json(&json!({"model": MODEL, "prompt": "trace me", "max_tokens": 6, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let request_id = request_id(&response);
+    assert_eq!(sse_events(response).await.len(), 7);
+    // vLLM is asked to continue the same trace.
+    let upstream_parent = gw.sim.received()[0].headers["traceparent"].to_str().unwrap().to_string();
+    assert!(upstream_parent.contains(client_trace), "{upstream_parent}");
+
+    let names = ["POST /v1/completions", "auth", "cache.lookup", "queue.submit", "worker.upstream", "stream.delivery"];
+    let spans = eventually(Duration::from_secs(10), || {
+        telemetry.flush();
+        let spans = received.lock().unwrap().clone();
+        let have_all = names.iter().all(|n| spans.iter().any(|s| s.name == *n));
+        async move { have_all.then_some(spans) }
+    })
+    .await
+    .unwrap_or_else(|| panic!("spans not exported: {:?}", received.lock().unwrap().iter().map(|s| s.name.clone()).collect::<Vec<_>>()));
+    let find = |name: &str| spans.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no {name} span"));
+
+    assert!(spans.iter().all(|s| s.trace_id == client_trace), "one trace, the client's: {spans:#?}");
+    let request = find("POST /v1/completions");
+    assert_eq!(request.parent, client_span, "the client's traceparent is continued");
+    assert_eq!(request.attributes["request_id"], json!(request_id));
+    assert_eq!(request.attributes["model"], json!(MODEL));
+    assert_eq!(request.attributes["cache"], json!("miss"));
+    for child in ["auth", "cache.lookup", "queue.submit", "stream.delivery"] {
+        assert_eq!(find(child).parent, request.span_id, "{child} is a child of the request span");
+    }
+    let worker = find("worker.upstream");
+    assert_eq!(worker.parent, find("queue.submit").span_id, "the worker's span continues across Kafka");
+    assert_eq!(worker.attributes["outcome"], json!("completed"));
+    assert!(upstream_parent.contains(&worker.span_id), "vLLM's parent is the worker span");
+    gw.stop().await;
+    services.drop_database().await;
+}
