@@ -15,6 +15,10 @@
 //!     cargo bench --bench gateway                          # embedded mode
 //!     cargo bench --bench gateway -- --queue kafka://127.0.0.1:9092
 //!
+//! `--telemetry` turns on trace export (every request sampled, to a local
+//! OTLP sink) and JSON request logs (to stderr: run with `2>/dev/null`), to
+//! measure what observability costs; `--hits-only` runs only the cache-hit part.
+//!
 //! Other flags: --tokens N (32), --token-delay-ms N (10), --rounds N (5 streams per client;
 //! 50 at one stream), --hit-seconds N (5).
 
@@ -28,6 +32,10 @@ use sluice::simulator::{Simulator, SimulatorConfig};
 use sluice::sse::SseParser;
 
 struct Args {
+    /// Export traces (to a local sink) and log every request as JSON (to stderr).
+    telemetry: bool,
+    /// Only measure cache-hit throughput.
+    hits_only: bool,
     queue: String,
     tokens: u32,
     token_delay_ms: u64,
@@ -37,6 +45,8 @@ struct Args {
 
 fn args() -> Args {
     let mut args = Args {
+        telemetry: false,
+        hits_only: false,
         queue: "memory://".into(),
         tokens: 32,
         token_delay_ms: 10,
@@ -49,9 +59,13 @@ fn args() -> Args {
         match flag.as_str() {
             "--queue" => args.queue = value(),
             "--tokens" => args.tokens = value().parse().unwrap_or(args.tokens),
-            "--token-delay-ms" => args.token_delay_ms = value().parse().unwrap_or(args.token_delay_ms),
+            "--token-delay-ms" => {
+                args.token_delay_ms = value().parse().unwrap_or(args.token_delay_ms)
+            }
             "--rounds" => args.rounds = value().parse().unwrap_or(args.rounds),
             "--hit-seconds" => args.hit_seconds = value().parse().unwrap_or(args.hit_seconds),
+            "--telemetry" => args.telemetry = true,
+            "--hits-only" => args.hits_only = true,
             _ => {}
         }
     }
@@ -70,10 +84,17 @@ struct Target {
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
-async fn one_stream(client: &reqwest::Client, sim: &Simulator, target: &Target, tokens: u32) -> Sample {
+async fn one_stream(
+    client: &reqwest::Client,
+    sim: &Simulator,
+    target: &Target,
+    tokens: u32,
+) -> Sample {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let body = json!({"model": "sim-llama", "prompt": format!("benchmark prompt {n}"), "max_tokens": tokens, "stream": true});
-    let mut request = client.post(format!("{}/v1/completions", target.url)).json(&body);
+    let mut request = client
+        .post(format!("{}/v1/completions", target.url))
+        .json(&body);
     let direct_id = format!("bench-{n}");
     request = match &target.key {
         Some(key) => request.bearer_auth(key),
@@ -81,7 +102,11 @@ async fn one_stream(client: &reqwest::Client, sim: &Simulator, target: &Target, 
     };
     let sent = Instant::now();
     let mut response = request.send().await.expect("request");
-    assert!(response.status().is_success(), "status {}", response.status());
+    assert!(
+        response.status().is_success(),
+        "status {}",
+        response.status()
+    );
     let id = response
         .headers()
         .get("x-request-id")
@@ -104,7 +129,11 @@ async fn one_stream(client: &reqwest::Client, sim: &Simulator, target: &Target, 
     assert_eq!(received.len(), emitted.len(), "every token arrived");
     Sample {
         ttft: received[0] - sent,
-        token_latencies: received.iter().zip(&emitted).map(|(r, e)| r.saturating_duration_since(*e)).collect(),
+        token_latencies: received
+            .iter()
+            .zip(&emitted)
+            .map(|(r, e)| r.saturating_duration_since(*e))
+            .collect(),
     }
 }
 
@@ -156,10 +185,18 @@ fn ms(d: Duration) -> String {
 }
 
 fn added(gateway: Duration, direct: Duration) -> String {
-    format!("{:+.3}", (gateway.as_secs_f64() - direct.as_secs_f64()) * 1000.0)
+    format!(
+        "{:+.3}",
+        (gateway.as_secs_f64() - direct.as_secs_f64()) * 1000.0
+    )
 }
 
-async fn cache_hit_rate(client: &reqwest::Client, target: &Arc<Target>, tokens: u32, seconds: u64) -> f64 {
+async fn cache_hit_rate(
+    client: &reqwest::Client,
+    target: &Arc<Target>,
+    tokens: u32,
+    seconds: u64,
+) -> f64 {
     let body = json!({"model": "sim-llama", "prompt": "the cached prompt", "max_tokens": tokens, "stream": true});
     let send = |client: reqwest::Client, target: Arc<Target>, body: serde_json::Value| async move {
         let response = client
@@ -179,7 +216,8 @@ async fn cache_hit_rate(client: &reqwest::Client, target: &Arc<Target>, tokens: 
     let done = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..32)
         .map(|_| {
-            let (client, target, body, done) = (client.clone(), target.clone(), body.clone(), done.clone());
+            let (client, target, body, done) =
+                (client.clone(), target.clone(), body.clone(), done.clone());
             tokio::spawn(async move {
                 while Instant::now() < deadline {
                     send(client.clone(), target.clone(), body.clone()).await;
@@ -193,6 +231,25 @@ async fn cache_hit_rate(client: &reqwest::Client, target: &Arc<Target>, tokens: 
         worker.await.expect("worker");
     }
     done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// User plus system CPU time of this process, in seconds.
+fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Fields 14 and 15 of /proc/<pid>/stat (utime, stime), counted after the ')'.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn gateway_config(args: &Args, upstream: &str, db: &std::path::Path) -> Config {
@@ -218,11 +275,12 @@ fn gateway_config(args: &Args, upstream: &str, db: &std::path::Path) -> Config {
         [upstream]
         urls = ["{upstream}"]
         [log]
-        level = "warn"
+        level = "{level}"
         "#,
         db = db.display(),
         queue = args.queue,
         run = std::process::id(),
+        level = if args.telemetry { "info" } else { "warn" },
     );
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("bench.toml");
@@ -234,8 +292,23 @@ fn gateway_config(args: &Args, upstream: &str, db: &std::path::Path) -> Config {
 
 fn main() {
     let args = args();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     runtime.block_on(async move {
+        let _telemetry = if args.telemetry {
+            let sink = axum::Router::new().route("/v1/traces", axum::routing::post(|| async { "" }));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind sink");
+            let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+            tokio::spawn(async move { axum::serve(listener, sink).await });
+            let (mut log, mut telemetry) = (Config::default().log, Config::default().telemetry);
+            log.format = sluice::config::LogFormat::Json;
+            telemetry.otlp_endpoint = Some(endpoint);
+            Some(sluice::telemetry::init(&log, &telemetry))
+        } else {
+            None
+        };
         let sim = Arc::new(
             Simulator::start(SimulatorConfig {
                 token_delay: Duration::from_millis(args.token_delay_ms),
@@ -262,6 +335,18 @@ fn main() {
         let direct = Arc::new(Target { url: sim.url(), key: None });
         let through = Arc::new(Target { url: format!("http://{addr}"), key: Some(key.secret) });
 
+        if args.hits_only {
+            let cpu_before = process_cpu_seconds();
+            let started = Instant::now();
+            let rate = cache_hit_rate(&client, &through, args.tokens, args.hit_seconds).await;
+            let streams = rate * started.elapsed().as_secs_f64();
+            let cpu_us = (process_cpu_seconds() - cpu_before) / streams * 1e6;
+            println!(
+                "cache-hit streams per second (telemetry {}): {rate:.0}; process CPU per stream (client included): {cpu_us:.1} µs",
+                if args.telemetry { "on" } else { "off" }
+            );
+            return;
+        }
         let stream_time = Duration::from_millis(20 + args.token_delay_ms * u64::from(args.tokens));
         // Warm up connections on both paths.
         measure(&client, &sim, &direct, 100, 1, args.tokens, stream_time).await;

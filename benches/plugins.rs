@@ -18,8 +18,14 @@ use sluice::protocol::{Chunk, CompletionRequest};
 use sluice::simulator::{Simulator, SimulatorConfig};
 
 fn wasm(name: &str) -> std::path::PathBuf {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/wasm").join(format!("{name}.wasm"));
-    assert!(path.exists(), "{} is missing: run scripts/build-plugins.sh", path.display());
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("plugins/wasm")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/build-plugins.sh",
+        path.display()
+    );
     path
 }
 
@@ -38,7 +44,11 @@ fn plugin(name: &str, file: &str, config: serde_json::Value) -> PluginConfig {
 fn all_plugins() -> Vec<PluginConfig> {
     vec![
         plugin("pii", "pii_redactor", json!({})),
-        plugin("guard", "prompt_guard", json!({"block": ["ignore previous instructions"]})),
+        plugin(
+            "guard",
+            "prompt_guard",
+            json!({"block": ["ignore previous instructions"]}),
+        ),
         plugin("normalizer", "cache_key_normalizer", json!({})),
         plugin("censor", "token_censor", json!({"words": ["darn", "heck"]})),
     ]
@@ -47,7 +57,10 @@ fn all_plugins() -> Vec<PluginConfig> {
 fn ctx() -> RequestContext {
     RequestContext {
         request_id: "bench".into(),
-        identity: Identity { key_id: "key_bench".into(), key_name: "bench".into() },
+        identity: Identity {
+            key_id: "key_bench".into(),
+            key_name: "bench".into(),
+        },
         route: "/v1/completions",
         transport: "sse",
     }
@@ -73,12 +86,22 @@ async fn host(plugins: Vec<PluginConfig>) -> Arc<PluginHost> {
     let mut config = Config::default();
     config.plugins = plugins;
     config.plugin_host.watch = false;
-    PluginHost::start(&config, Arc::new(Metrics::new())).await.expect("plugins load")
+    PluginHost::start(&config, Arc::new(Metrics::new()))
+        .await
+        .expect("plugins load")
 }
 
 /// Median time to filter one chunk through `n` censor plugins.
 async fn per_chunk(n: usize) -> Duration {
-    let plugins = (0..n).map(|i| plugin(&format!("censor{i}"), "token_censor", json!({"words": ["darn", "heck"]}))).collect();
+    let plugins = (0..n)
+        .map(|i| {
+            plugin(
+                &format!("censor{i}"),
+                "token_censor",
+                json!({"words": ["darn", "heck"]}),
+            )
+        })
+        .collect();
     let host = host(plugins).await;
     let chunks: Vec<Chunk> = (0..64).map(chunk).collect();
     let mut samples = Vec::new();
@@ -108,12 +131,23 @@ async fn streams_per_second(plugins: Vec<PluginConfig>, hits: bool, seconds: u64
     config.upstream.urls = vec![sim.url().parse().expect("url")];
     config.plugins = plugins;
     config.plugin_host.watch = false;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}/v1/completions", listener.local_addr().expect("addr"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!(
+        "http://{}/v1/completions",
+        listener.local_addr().expect("addr")
+    );
     let gateway = sluice::Gateway::start(config).await.expect("gateway");
-    let key = sluice::auth::create_key(gateway.store().as_ref(), "bench").await.expect("key").secret;
+    let key = sluice::auth::create_key(gateway.store().as_ref(), "bench")
+        .await
+        .expect("key")
+        .secret;
     tokio::spawn(gateway.serve(listener, std::future::pending()));
-    let client = reqwest::Client::builder().tcp_nodelay(true).build().expect("client");
+    let client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .build()
+        .expect("client");
     let next = Arc::new(AtomicU64::new(0));
     let run = |seconds: u64| {
         let deadline = Instant::now() + Duration::from_secs(seconds);
@@ -149,7 +183,10 @@ async fn streams_per_second(plugins: Vec<PluginConfig>, hits: bool, seconds: u64
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     runtime.block_on(async {
         if let Ok(which) = std::env::var("BENCH_ONLY_HITS") {
             let plugins: Vec<PluginConfig> = all_plugins().into_iter().filter(|p| which == "all" || which.split(',').any(|w| w == p.name)).collect();

@@ -53,7 +53,8 @@ impl Gateway {
         if cache.is_some() {
             metrics.backend_up.with_label_values(&["cache"]).set(1);
         }
-        let (inference_log, log_task) = InferenceLogger::start(store.clone(), config.store.log_buffer, metrics.clone());
+        let (inference_log, log_task) =
+            InferenceLogger::start(store.clone(), config.store.log_buffer, metrics.clone());
 
         let worker_shutdown = CancellationToken::new();
         let mut tasks = vec![log_task];
@@ -61,14 +62,25 @@ impl Gateway {
             QueueBackend::Memory { capacity } => {
                 let queue = Arc::new(MemoryQueue::new(*capacity, config.queue.queue_timeout));
                 let source: Arc<dyn JobSource> = queue.clone();
-                tasks.push(spawn_worker(&config, source, metrics.clone(), worker_shutdown.clone())?);
+                tasks.push(spawn_worker(
+                    &config,
+                    source,
+                    metrics.clone(),
+                    worker_shutdown.clone(),
+                )?);
                 queue
             }
             QueueBackend::Kafka(kafka) => {
                 let queue = KafkaQueue::connect(kafka, &config.queue, metrics.clone()).await?;
                 if config.worker.in_process {
-                    let source = KafkaJobSource::connect(kafka, &config.queue, metrics.clone()).await?;
-                    tasks.push(spawn_worker(&config, Arc::new(source), metrics.clone(), worker_shutdown.clone())?);
+                    let source =
+                        KafkaJobSource::connect(kafka, &config.queue, metrics.clone()).await?;
+                    tasks.push(spawn_worker(
+                        &config,
+                        Arc::new(source),
+                        metrics.clone(),
+                        worker_shutdown.clone(),
+                    )?);
                 }
                 Arc::new(queue)
             }
@@ -110,15 +122,21 @@ impl Gateway {
 
     /// Serves HTTP on `listener` until `shutdown` resolves, then drains
     /// in-flight requests (up to `server.shutdown_grace_ms`) and stops the worker.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let router = crate::http::router(self.state.clone());
         let grace = self.state.config.server.shutdown_grace;
         let stopping = CancellationToken::new();
         let signal = stopping.clone();
-        let server = axum::serve(crate::http::nodelay(listener), router).with_graceful_shutdown(async move {
-            shutdown.await;
-            signal.cancel();
-        });
+        let server = axum::serve(crate::http::nodelay(listener), router).with_graceful_shutdown(
+            async move {
+                shutdown.await;
+                signal.cancel();
+            },
+        );
         let server = tokio::spawn(async move { server.await });
         let mut server = server;
         tokio::select! {
@@ -144,7 +162,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    Gateway::start(config).await?.serve(listener, shutdown).await
+    Gateway::start(config)
+        .await?
+        .serve(listener, shutdown)
+        .await
 }
 
 fn spawn_worker(
@@ -154,8 +175,17 @@ fn spawn_worker(
     shutdown: CancellationToken,
 ) -> anyhow::Result<JoinHandle<()>> {
     let upstream = Arc::new(UpstreamClient::new(&config.upstream)?);
-    let worker = Arc::new(Worker::new(upstream, metrics, config.worker.concurrency, config.queue.queue_timeout));
-    Ok(tokio::spawn(worker.run(source, shutdown, config.server.shutdown_grace)))
+    let worker = Arc::new(Worker::new(
+        upstream,
+        metrics,
+        config.worker.concurrency,
+        config.queue.queue_timeout,
+    ));
+    Ok(tokio::spawn(worker.run(
+        source,
+        shutdown,
+        config.server.shutdown_grace,
+    )))
 }
 
 /// A standalone worker on the Kafka queue: started, not yet stopped.
@@ -178,7 +208,11 @@ impl StandaloneWorker {
         metrics.backend_up.with_label_values(&["queue"]).set(1);
         let shutdown = CancellationToken::new();
         let task = spawn_worker(config, Arc::new(source), metrics.clone(), shutdown.clone())?;
-        Ok(Self { metrics, shutdown, task })
+        Ok(Self {
+            metrics,
+            shutdown,
+            task,
+        })
     }
 
     /// Stops taking requests and waits for running ones (up to the grace period).
@@ -189,11 +223,17 @@ impl StandaloneWorker {
 }
 
 /// Runs a standalone worker with its own `/health` and `/metrics` listener until `shutdown`.
-pub async fn run_worker(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run_worker(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let worker = StandaloneWorker::start(&config).await?;
-    let listener = TcpListener::bind(config.worker.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {} (worker.listen): {e}", config.worker.listen))?;
+    let listener = TcpListener::bind(config.worker.listen).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {} (worker.listen): {e}",
+            config.worker.listen
+        )
+    })?;
     tracing::info!(listen = %config.worker.listen, "sluice worker running; metrics and health on this address");
     let router = crate::http::worker_router(worker.metrics.clone());
     axum::serve(crate::http::nodelay(listener), router)

@@ -70,7 +70,10 @@ pub fn presented_secret<'a>(headers: &'a HeaderMap, query_key: Option<&'a str>) 
     headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim)
         .or(query_key)
         .filter(|s| !s.is_empty())

@@ -90,7 +90,11 @@ enum ConfigCommand {
 }
 
 fn config_path(explicit: Option<PathBuf>) -> Option<PathBuf> {
-    explicit.or_else(|| Path::new("gateway.toml").exists().then(|| PathBuf::from("gateway.toml")))
+    explicit.or_else(|| {
+        Path::new("gateway.toml")
+            .exists()
+            .then(|| PathBuf::from("gateway.toml"))
+    })
 }
 
 pub fn main() -> ExitCode {
@@ -104,7 +108,10 @@ pub fn main() -> ExitCode {
         }
     };
     let telemetry = crate::telemetry::init(&config.log, &config.telemetry);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("sluice: cannot start the runtime: {err}");
@@ -126,13 +133,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},
@@ -152,7 +160,10 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             crate::app::run(config, listener, shutdown_signal()).await
         }
         Command::Worker => crate::app::run_worker(config, shutdown_signal()).await,
-        Command::Demo { listen, token_delay_ms } => {
+        Command::Demo {
+            listen,
+            token_delay_ms,
+        } => {
             crate::demo::run(
                 config,
                 crate::demo::DemoOptions {
@@ -177,7 +188,8 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
                             "{:<18} {:<24} {:<26} {}",
                             key.id,
                             key.name,
-                            key.created_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                            key.created_at
+                                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                             key.revoked_at
                                 .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
                                 .unwrap_or_else(|| "-".into())
@@ -191,7 +203,12 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
                 KeysCommand::Usage { since } => {
                     println!(
                         "{:<18} {:<24} {:>10} {:>10} {:>14} {:>18}",
-                        "key id", "name", "requests", "cache hits", "prompt tokens", "completion tokens"
+                        "key id",
+                        "name",
+                        "requests",
+                        "cache hits",
+                        "prompt tokens",
+                        "completion tokens"
                     );
                     for usage in store.key_usage(since).await? {
                         println!(
@@ -210,15 +227,25 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Migrate => {
             crate::store::open(&config.store).await?;
-            println!("migrations applied to {}", crate::config::redact_url(&config.store.url));
+            println!(
+                "migrations applied to {}",
+                crate::config::redact_url(&config.store.url)
+            );
             Ok(())
         }
         Command::Plugin {
-            command: PluginCommand::Check { file, plugin_config },
+            command:
+                PluginCommand::Check {
+                    file,
+                    plugin_config,
+                },
         } => {
             let runtime = crate::plugins::Runtime::shared(config.plugin_host.epoch_tick)?;
             let plugin = crate::config::PluginConfig {
-                name: file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+                name: file
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
                 path: file.clone(),
                 on_error: crate::config::OnError::FailClosed,
                 max_memory_bytes: 16 * 1024 * 1024,
@@ -229,19 +256,50 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             let loaded = crate::plugins::load(runtime, plugin).await?;
             let hooks = loaded.exports.hooks();
             println!("{}: a valid sluice:plugin@0.1.0 component", file.display());
-            println!("  on-request (request-hook):   {}", if hooks.on_request { "yes" } else { "no" });
-            println!("  cache-key (cache-key-hook):  {}", if hooks.cache_key { "yes" } else { "no" });
-            println!("  on-token (token-hook):       {}", if hooks.on_token { "yes" } else { "no" });
+            println!(
+                "  on-request (request-hook):   {}",
+                if hooks.on_request { "yes" } else { "no" }
+            );
+            println!(
+                "  cache-key (cache-key-hook):  {}",
+                if hooks.cache_key { "yes" } else { "no" }
+            );
+            println!(
+                "  on-token (token-hook):       {}",
+                if hooks.on_token { "yes" } else { "no" }
+            );
             Ok(())
         }
-        Command::Config { command: ConfigCommand::Check } => {
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => {
             println!("configuration is valid");
             println!("  listen:   {}", config.server.listen);
-            println!("  store:    {}", crate::config::redact_url(&config.store.url));
+            println!(
+                "  store:    {}",
+                crate::config::redact_url(&config.store.url)
+            );
             println!("  cache:    {}", describe_cache(&config));
             println!("  queue:    {}", describe_queue(&config));
-            println!("  upstream: {}", config.upstream.urls.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(", "));
-            println!("  plugins:  {}", config.plugins.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "));
+            println!(
+                "  upstream: {}",
+                config
+                    .upstream
+                    .urls
+                    .iter()
+                    .map(|u| u.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            println!(
+                "  plugins:  {}",
+                config
+                    .plugins
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
             Ok(())
         }
     }
@@ -250,7 +308,9 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
 fn describe_cache(config: &Config) -> String {
     match &config.cache.backend {
         crate::config::CacheBackend::Disabled => "off".into(),
-        crate::config::CacheBackend::Memory { max_bytes } => format!("memory (max {max_bytes} bytes)"),
+        crate::config::CacheBackend::Memory { max_bytes } => {
+            format!("memory (max {max_bytes} bytes)")
+        }
         crate::config::CacheBackend::Redis { url, .. } => crate::config::redact_url(url),
     }
 }
@@ -258,6 +318,9 @@ fn describe_cache(config: &Config) -> String {
 fn describe_queue(config: &Config) -> String {
     match &config.queue.backend {
         crate::config::QueueBackend::Memory { capacity } => format!("memory (capacity {capacity})"),
-        crate::config::QueueBackend::Kafka(kafka) => format!("kafka {} ({} / {})", kafka.brokers, kafka.request_topic, kafka.response_topic),
+        crate::config::QueueBackend::Kafka(kafka) => format!(
+            "kafka {} ({} / {})",
+            kafka.brokers, kafka.request_topic, kafka.response_topic
+        ),
     }
 }

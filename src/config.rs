@@ -438,7 +438,10 @@ impl RawConfig {
 /// librdkafka settings use dots (`fetch.wait.max.ms`); environment variables cannot,
 /// so `SLUICE_QUEUE__CONSUMER__FETCH_WAIT_MAX_MS` maps to `fetch.wait.max.ms`.
 fn normalize_env_segments(mut segments: Vec<String>) -> Vec<String> {
-    if segments.len() == 3 && segments[0] == "queue" && (segments[1] == "producer" || segments[1] == "consumer") {
+    if segments.len() == 3
+        && segments[0] == "queue"
+        && (segments[1] == "producer" || segments[1] == "consumer")
+    {
         segments[2] = segments[2].replace('_', ".");
     }
     segments
@@ -540,8 +543,14 @@ pub struct StoreConfig {
 #[derive(Debug, Clone)]
 pub enum CacheBackend {
     Disabled,
-    Memory { max_bytes: u64 },
-    Redis { url: String, key_prefix: String, timeout: Duration },
+    Memory {
+        max_bytes: u64,
+    },
+    Redis {
+        url: String,
+        key_prefix: String,
+        timeout: Duration,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -675,9 +684,16 @@ impl RawConfig {
 
         let server = ServerConfig {
             listen: self.server.listen.parse().map_err(|e| {
-                invalid("server.listen", format!("`{}` is not an address like 127.0.0.1:8080 ({e})", self.server.listen))
+                invalid(
+                    "server.listen",
+                    format!(
+                        "`{}` is not an address like 127.0.0.1:8080 ({e})",
+                        self.server.listen
+                    ),
+                )
             })?,
-            max_body_bytes: positive("server.max_body_bytes", self.server.max_body_bytes as u64)? as usize,
+            max_body_bytes: positive("server.max_body_bytes", self.server.max_body_bytes as u64)?
+                as usize,
             shutdown_grace: ms(self.server.shutdown_grace_ms),
         };
 
@@ -697,14 +713,20 @@ impl RawConfig {
             _ => {
                 return Err(invalid(
                     "store.url",
-                    format!("`{}` must start with sqlite:// or postgres://", redact_url(&self.store.url)),
+                    format!(
+                        "`{}` must start with sqlite:// or postgres://",
+                        redact_url(&self.store.url)
+                    ),
                 ));
             }
         };
         let store = StoreConfig {
             kind: store_kind,
             url: self.store.url.clone(),
-            max_connections: positive("store.max_connections", u64::from(self.store.max_connections))? as u32,
+            max_connections: positive(
+                "store.max_connections",
+                u64::from(self.store.max_connections),
+            )? as u32,
             log_buffer: positive("store.log_buffer", self.store.log_buffer as u64)? as usize,
         };
 
@@ -722,7 +744,10 @@ impl RawConfig {
                 _ => {
                     return Err(invalid(
                         "cache.url",
-                        format!("`{}` must be memory://, redis://HOST:PORT or off", redact_url(url)),
+                        format!(
+                            "`{}` must be memory://, redis://HOST:PORT or off",
+                            redact_url(url)
+                        ),
                     ));
                 }
             },
@@ -738,17 +763,31 @@ impl RawConfig {
                 capacity: positive("queue.capacity", q.capacity as u64)? as usize,
             },
             Some("kafka") => {
-                let brokers = q.url.trim_start_matches("kafka://").trim_end_matches('/').to_string();
+                let brokers = q
+                    .url
+                    .trim_start_matches("kafka://")
+                    .trim_end_matches('/')
+                    .to_string();
                 if brokers.is_empty() {
-                    return Err(invalid("queue.url", "kafka:// needs at least one HOST:PORT".into()));
+                    return Err(invalid(
+                        "queue.url",
+                        "kafka:// needs at least one HOST:PORT".into(),
+                    ));
                 }
                 for (key, topic) in [
                     ("queue.request_topic", &q.request_topic),
                     ("queue.response_topic", &q.response_topic),
                     ("queue.cancel_topic", &q.cancel_topic),
                 ] {
-                    if topic.is_empty() || !topic.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-                        return Err(invalid(key, format!("`{topic}` is not a valid Kafka topic name")));
+                    if topic.is_empty()
+                        || !topic
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                    {
+                        return Err(invalid(
+                            key,
+                            format!("`{topic}` is not a valid Kafka topic name"),
+                        ));
                     }
                 }
                 if q.partitions < 1 {
@@ -760,7 +799,10 @@ impl RawConfig {
                     p => {
                         return Err(invalid(
                             "queue.reply_partition",
-                            format!("{p} is outside the response topic's 0..{} partitions", q.partitions),
+                            format!(
+                                "{p} is outside the response topic's 0..{} partitions",
+                                q.partitions
+                            ),
                         ));
                     }
                 };
@@ -785,7 +827,10 @@ impl RawConfig {
             _ => {
                 return Err(invalid(
                     "queue.url",
-                    format!("`{}` must be memory:// or kafka://HOST:PORT[,HOST:PORT]", redact_url(&q.url)),
+                    format!(
+                        "`{}` must be memory:// or kafka://HOST:PORT[,HOST:PORT]",
+                        redact_url(&q.url)
+                    ),
                 ));
             }
         };
@@ -807,7 +852,10 @@ impl RawConfig {
             in_process: self.worker.in_process,
             concurrency: positive("worker.concurrency", self.worker.concurrency as u64)? as usize,
             listen: self.worker.listen.parse().map_err(|e| {
-                invalid("worker.listen", format!("`{}` is not an address ({e})", self.worker.listen))
+                invalid(
+                    "worker.listen",
+                    format!("`{}` is not an address ({e})", self.worker.listen),
+                )
             })?,
         };
         if matches!(queue.backend, QueueBackend::Memory { .. }) && !worker.in_process {
@@ -818,16 +866,23 @@ impl RawConfig {
         }
 
         if self.upstream.urls.is_empty() {
-            return Err(invalid("upstream.urls", "at least one vLLM URL is required".into()));
+            return Err(invalid(
+                "upstream.urls",
+                "at least one vLLM URL is required".into(),
+            ));
         }
         let urls = self
             .upstream
             .urls
             .iter()
             .map(|u| {
-                let url = Url::parse(u).map_err(|e| invalid("upstream.urls", format!("`{u}`: {e}")))?;
+                let url =
+                    Url::parse(u).map_err(|e| invalid("upstream.urls", format!("`{u}`: {e}")))?;
                 if url.scheme() != "http" && url.scheme() != "https" {
-                    return Err(invalid("upstream.urls", format!("`{u}` must be http:// or https://")));
+                    return Err(invalid(
+                        "upstream.urls",
+                        format!("`{u}` must be http:// or https://"),
+                    ));
                 }
                 Ok(url)
             })
@@ -835,9 +890,18 @@ impl RawConfig {
         let upstream = UpstreamConfig {
             urls,
             api_key: Some(self.upstream.api_key).filter(|k| !k.is_empty()),
-            connect_timeout: ms(positive("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms)?),
-            first_chunk_timeout: ms(positive("upstream.first_chunk_timeout_ms", self.upstream.first_chunk_timeout_ms)?),
-            idle_timeout: ms(positive("upstream.idle_timeout_ms", self.upstream.idle_timeout_ms)?),
+            connect_timeout: ms(positive(
+                "upstream.connect_timeout_ms",
+                self.upstream.connect_timeout_ms,
+            )?),
+            first_chunk_timeout: ms(positive(
+                "upstream.first_chunk_timeout_ms",
+                self.upstream.first_chunk_timeout_ms,
+            )?),
+            idle_timeout: ms(positive(
+                "upstream.idle_timeout_ms",
+                self.upstream.idle_timeout_ms,
+            )?),
         };
 
         let log = LogConfig {
@@ -845,15 +909,26 @@ impl RawConfig {
             format: match self.log.format.as_str() {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,
-                other => return Err(invalid("log.format", format!("`{other}` must be text or json"))),
+                other => {
+                    return Err(invalid(
+                        "log.format",
+                        format!("`{other}` must be text or json"),
+                    ));
+                }
             },
         };
         if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
-            return Err(invalid("log.level", format!("`{}` is not a valid log filter", log.level)));
+            return Err(invalid(
+                "log.level",
+                format!("`{}` is not a valid log filter", log.level),
+            ));
         }
 
         if !(0.0..=1.0).contains(&self.telemetry.sample_ratio) {
-            return Err(invalid("telemetry.sample_ratio", "must be between 0 and 1".into()));
+            return Err(invalid(
+                "telemetry.sample_ratio",
+                "must be between 0 and 1".into(),
+            ));
         }
         let telemetry = TelemetryConfig {
             otlp_endpoint: Some(self.telemetry.otlp_endpoint).filter(|e| !e.is_empty()),
@@ -863,14 +938,20 @@ impl RawConfig {
                 "http/protobuf" => false,
                 "http/json" => true,
                 other => {
-                    return Err(invalid("telemetry.protocol", format!("`{other}` must be http/protobuf or http/json")));
+                    return Err(invalid(
+                        "telemetry.protocol",
+                        format!("`{other}` must be http/protobuf or http/json"),
+                    ));
                 }
             },
         };
 
         let plugin_host = PluginHostConfig {
             watch: self.plugin_host.watch,
-            epoch_tick: ms(positive("plugin_host.epoch_tick_ms", self.plugin_host.epoch_tick_ms)?),
+            epoch_tick: ms(positive(
+                "plugin_host.epoch_tick_ms",
+                self.plugin_host.epoch_tick_ms,
+            )?),
         };
 
         let base_dir = origins
@@ -887,7 +968,10 @@ impl RawConfig {
                 return Err(invalid(&format!("{key}.name"), "must not be empty".into()));
             }
             if !seen.insert(plugin.name.clone()) {
-                return Err(invalid(&format!("{key}.name"), format!("`{}` is used by two plugins", plugin.name)));
+                return Err(invalid(
+                    &format!("{key}.name"),
+                    format!("`{}` is used by two plugins", plugin.name),
+                ));
             }
             if !plugin.enabled {
                 continue;
@@ -996,29 +1080,39 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, toml_text).unwrap();
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let (raw, origins) = RawConfig::load_with_env(Some(&path), &env)?;
         raw.validate(&origins)
     }
 
     #[test]
     fn the_shipped_gateway_toml_is_valid() {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/gateway.toml")).unwrap();
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/gateway.toml")).unwrap();
         load(&text, &[]).unwrap();
     }
 
     #[test]
     fn unknown_keys_are_rejected_with_their_name() {
-        let err = load("[server]\nlisten = \"127.0.0.1:1\"\nlisnen = 3\n", &[]).unwrap_err().to_string();
+        let err = load("[server]\nlisten = \"127.0.0.1:1\"\nlisnen = 3\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("lisnen"), "{err}");
         assert!(err.contains("server"), "{err}");
     }
 
     #[test]
     fn invalid_values_name_the_key() {
-        let err = load("[store]\nurl = \"mysql://x\"\n", &[]).unwrap_err().to_string();
+        let err = load("[store]\nurl = \"mysql://x\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("store.url"), "{err}");
-        let err = load("[server]\nmax_body_bytes = \"big\"\n", &[]).unwrap_err().to_string();
+        let err = load("[server]\nmax_body_bytes = \"big\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("server.max_body_bytes"), "{err}");
     }
 
@@ -1026,12 +1120,17 @@ mod tests {
     fn environment_overrides_the_file_and_is_named_in_errors() {
         let config = load(
             "[store]\nurl = \"sqlite://a.db\"\n",
-            &[("SLUICE_STORE__URL", "sqlite://b.db"), ("SLUICE_WORKER__CONCURRENCY", "7")],
+            &[
+                ("SLUICE_STORE__URL", "sqlite://b.db"),
+                ("SLUICE_WORKER__CONCURRENCY", "7"),
+            ],
         )
         .unwrap();
         assert_eq!(config.store.url, "sqlite://b.db");
         assert_eq!(config.worker.concurrency, 7);
-        let err = load("", &[("SLUICE_CACHE__URL", "memcached://x")]).unwrap_err().to_string();
+        let err = load("", &[("SLUICE_CACHE__URL", "memcached://x")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("SLUICE_CACHE__URL"), "{err}");
     }
 
@@ -1042,12 +1141,20 @@ mod tests {
             &[("SLUICE_QUEUE__CONSUMER__FETCH_WAIT_MAX_MS", "1")],
         )
         .unwrap();
-        let QueueBackend::Kafka(kafka) = config.queue.backend else { panic!("not kafka") };
-        assert_eq!(kafka.consumer.get("fetch.wait.max.ms").map(String::as_str), Some("1"));
+        let QueueBackend::Kafka(kafka) = config.queue.backend else {
+            panic!("not kafka")
+        };
+        assert_eq!(
+            kafka.consumer.get("fetch.wait.max.ms").map(String::as_str),
+            Some("1")
+        );
     }
 
     #[test]
     fn urls_are_redacted() {
-        assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
     }
 }

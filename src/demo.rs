@@ -28,14 +28,22 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<()>
     config.upstream.urls = vec![simulator.url().parse()?];
     config.server.listen = options.listen;
 
-    let listener = tokio::net::TcpListener::bind(options.listen).await.map_err(|err| {
-        anyhow::anyhow!("cannot listen on {}: {err} (pick another address with --listen)", options.listen)
-    })?;
+    let listener = tokio::net::TcpListener::bind(options.listen)
+        .await
+        .map_err(|err| {
+            anyhow::anyhow!(
+                "cannot listen on {}: {err} (pick another address with --listen)",
+                options.listen
+            )
+        })?;
     let addr = listener.local_addr()?;
     let gateway = Gateway::start(config).await?;
     let key = crate::auth::create_key(gateway.store().as_ref(), "demo").await?;
 
-    println!("sluice demo: gateway on http://{addr}, simulated vLLM on {}", simulator.url());
+    println!(
+        "sluice demo: gateway on http://{addr}, simulated vLLM on {}",
+        simulator.url()
+    );
     println!("demo API key (shown once): {}", key.secret);
     println!();
     println!("Stream a completion:");
@@ -43,9 +51,13 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<()>
     println!("  curl -N http://{addr}/v1/completions \\");
     println!("    -H 'Authorization: Bearer {}' \\", key.secret);
     println!("    -H 'Content-Type: application/json' \\");
-    println!("    -d '{{\"model\": \"sim-llama\", \"prompt\": \"Once upon a time\", \"max_tokens\": 24, \"stream\": true}}'");
+    println!(
+        "    -d '{{\"model\": \"sim-llama\", \"prompt\": \"Once upon a time\", \"max_tokens\": 24, \"stream\": true}}'"
+    );
     println!();
-    println!("Run it twice: the second answer streams from the cache. Metrics: http://{addr}/metrics. Ctrl-C stops.");
+    println!(
+        "Run it twice: the second answer streams from the cache. Metrics: http://{addr}/metrics. Ctrl-C stops."
+    );
 
     gateway
         .serve(listener, async {

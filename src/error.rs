@@ -204,7 +204,11 @@ mod tests {
 
     #[test]
     fn upstream_errors_keep_their_status_and_type() {
-        let err = GatewayError::from(ErrorInfo::new(StatusCode::NOT_FOUND, "NotFoundError", "model x not found"));
+        let err = GatewayError::from(ErrorInfo::new(
+            StatusCode::NOT_FOUND,
+            "NotFoundError",
+            "model x not found",
+        ));
         assert_eq!(err.status(), StatusCode::NOT_FOUND);
         assert_eq!(err.info().kind, "NotFoundError");
     }

@@ -23,7 +23,11 @@ pub struct InferenceLogger {
 
 impl InferenceLogger {
     /// Starts the writer; it runs until every logger clone is dropped, then flushes.
-    pub fn start(store: Arc<dyn Store>, buffer: usize, metrics: Arc<Metrics>) -> (Self, JoinHandle<()>) {
+    pub fn start(
+        store: Arc<dyn Store>,
+        buffer: usize,
+        metrics: Arc<Metrics>,
+    ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(buffer);
         let task = tokio::spawn(write_batches(store, rx));
         (Self { tx, metrics }, task)

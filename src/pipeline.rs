@@ -44,7 +44,12 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
-    pub fn new(state: Arc<AppState>, request_id: String, transport: &'static str, received_at: Instant) -> Self {
+    pub fn new(
+        state: Arc<AppState>,
+        request_id: String,
+        transport: &'static str,
+        received_at: Instant,
+    ) -> Self {
         let span = tracing::info_span!(
             "request",
             otel.name = "POST /v1/completions",
@@ -90,7 +95,11 @@ impl RequestRecord {
                     .with_label_values(&[self.transport, cache])
                     .observe((now - self.received_at).as_secs_f64());
             }
-            Some(last) => self.state.metrics.inter_token_latency.observe((now - last).as_secs_f64()),
+            Some(last) => self
+                .state
+                .metrics
+                .inter_token_latency
+                .observe((now - last).as_secs_f64()),
         }
         self.last_chunk_at = Some(now);
         self.chunks_sent += 1;
@@ -114,12 +123,25 @@ impl Drop for RequestRecord {
         let elapsed = self.received_at.elapsed();
         let labels = [self.route, self.transport, status_class(self.status)];
         metrics.requests.with_label_values(&labels).inc();
-        metrics.request_duration.with_label_values(&labels).observe(elapsed.as_secs_f64());
+        metrics
+            .request_duration
+            .with_label_values(&labels)
+            .observe(elapsed.as_secs_f64());
         let usage = self.usage.unwrap_or_default();
-        let completion_tokens = if self.usage.is_some() { usage.completion_tokens } else { self.chunks_sent };
+        let completion_tokens = if self.usage.is_some() {
+            usage.completion_tokens
+        } else {
+            self.chunks_sent
+        };
         if self.status == 200 {
-            metrics.prompt_tokens.with_label_values(&[&self.model]).inc_by(usage.prompt_tokens);
-            metrics.completion_tokens.with_label_values(&[&self.model]).inc_by(completion_tokens);
+            metrics
+                .prompt_tokens
+                .with_label_values(&[&self.model])
+                .inc_by(usage.prompt_tokens);
+            metrics
+                .completion_tokens
+                .with_label_values(&[&self.model])
+                .inc_by(completion_tokens);
         }
         let ttft_ms = self
             .first_chunk_at
@@ -186,8 +208,14 @@ pub enum Delivery {
 }
 
 enum Source {
-    Cached { chunks: CachedResponse, next: usize },
-    Queue { responses: Box<dyn ResponseStream>, first: Option<ResponseEvent> },
+    Cached {
+        chunks: CachedResponse,
+        next: usize,
+    },
+    Queue {
+        responses: Box<dyn ResponseStream>,
+        first: Option<ResponseEvent>,
+    },
 }
 
 /// A response being delivered: from the cache or from a worker, through the token filters.
@@ -225,7 +253,11 @@ pub async fn start(
 
     let cache_key = match &state.cache {
         None => None,
-        Some(_) => match state.policy.cache_key(ctx, &request, request.default_cache_key()).await {
+        Some(_) => match state
+            .policy
+            .cache_key(ctx, &request, request.default_cache_key())
+            .await
+        {
             Ok(CacheKeyDecision::Key(key)) => Some(key),
             Ok(CacheKeyDecision::Bypass) => None,
             Err(err) => {
@@ -242,7 +274,13 @@ pub async fn start(
                 lookup.record("result", "hit");
                 metrics.cache_lookups.with_label_values(&["hit"]).inc();
                 record.cache_hit = true;
-                return Ok(Completion::new(record, Source::Cached { chunks, next: 0 }, filters, deliver_usage_chunk, None));
+                return Ok(Completion::new(
+                    record,
+                    Source::Cached { chunks, next: 0 },
+                    filters,
+                    deliver_usage_chunk,
+                    None,
+                ));
             }
             Ok(None) => {
                 lookup.record("result", "miss");
@@ -263,8 +301,16 @@ pub async fn start(
 
     let submitted = Instant::now();
     // Spans from the submission to the first chunk back; the worker's spans are its children.
-    let submit = tracing::info_span!("queue.submit", otel.kind = "producer", wait_ms = tracing::field::Empty);
-    let queued = QueuedRequest::new(ctx.request_id.clone(), request.upstream_body(), crate::telemetry::context_of(&submit));
+    let submit = tracing::info_span!(
+        "queue.submit",
+        otel.kind = "producer",
+        wait_ms = tracing::field::Empty
+    );
+    let queued = QueuedRequest::new(
+        ctx.request_id.clone(),
+        request.upstream_body(),
+        crate::telemetry::context_of(&submit),
+    );
     let mut responses = match state.queue.submit(queued).instrument(submit.clone()).await {
         Ok(responses) => responses,
         Err(err) => {
@@ -274,7 +320,9 @@ pub async fn start(
         }
     };
     let first = responses.next().instrument(submit.clone()).await;
-    metrics.queue_wait.observe(submitted.elapsed().as_secs_f64());
+    metrics
+        .queue_wait
+        .observe(submitted.elapsed().as_secs_f64());
     submit.record("wait_ms", submitted.elapsed().as_secs_f64() * 1000.0);
     drop(submit);
     if let ResponseEvent::Error(info) = first {
@@ -285,7 +333,10 @@ pub async fn start(
     let to_cache = cache_key.map(|key| (key, Vec::new()));
     Ok(Completion::new(
         record,
-        Source::Queue { responses, first: Some(first) },
+        Source::Queue {
+            responses,
+            first: Some(first),
+        },
         filters,
         deliver_usage_chunk,
         to_cache,
@@ -365,7 +416,10 @@ impl Completion {
                         Ok(Filtered::Skip) => continue,
                         Ok(Filtered::Stop(chunk)) => {
                             // The response ends here: release the upstream now and do not cache a partial answer.
-                            self.source = Source::Cached { chunks: Arc::from(Vec::new()), next: 0 };
+                            self.source = Source::Cached {
+                                chunks: Arc::from(Vec::new()),
+                                next: 0,
+                            };
                             self.to_cache = None;
                             self.pending_done = true;
                             self.record.chunk_sent();
@@ -398,7 +452,9 @@ impl Completion {
     fn complete(&mut self) -> Delivery {
         self.finished = true;
         self.record.status = 200;
-        if let (Some((key, raw)), Some(cache)) = (self.to_cache.take(), self.record.state.cache.clone()) {
+        if let (Some((key, raw)), Some(cache)) =
+            (self.to_cache.take(), self.record.state.cache.clone())
+        {
             if !raw.is_empty() {
                 let chunks: CachedResponse = raw.into();
                 tokio::spawn(async move {

@@ -58,7 +58,11 @@ pub trait TokenFilter: Send {
 #[async_trait]
 pub trait Policy: Send + Sync + 'static {
     /// `on-request`: may rewrite the request in place, or reject it.
-    async fn on_request(&self, _ctx: &RequestContext, _request: &mut CompletionRequest) -> Result<(), GatewayError> {
+    async fn on_request(
+        &self,
+        _ctx: &RequestContext,
+        _request: &mut CompletionRequest,
+    ) -> Result<(), GatewayError> {
         Ok(())
     }
 
@@ -112,7 +116,12 @@ impl FilterChain {
     }
 
     /// Runs `text` of choice `index` through every filter; a filter's output is the next one's input.
-    async fn run(&mut self, index: u32, text: &str, finishing: bool) -> Result<(String, bool), GatewayError> {
+    async fn run(
+        &mut self,
+        index: u32,
+        text: &str,
+        finishing: bool,
+    ) -> Result<(String, bool), GatewayError> {
         let mut current = String::with_capacity(text.len() + 16);
         current.push_str(text);
         let mut stopped = false;
@@ -179,11 +188,15 @@ impl FilterChain {
         if !changed {
             return Ok(Filtered::Chunk(chunk));
         }
-        if outputs.iter().all(|(text, finishing, stop)| text.is_empty() && !finishing && !stop) {
+        if outputs
+            .iter()
+            .all(|(text, finishing, stop)| text.is_empty() && !finishing && !stop)
+        {
             return Ok(Filtered::Skip);
         }
         // Rare path: rebuild the chunk with the filtered texts.
-        let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(chunk.payload_slice()) else {
+        let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(chunk.payload_slice())
+        else {
             return Ok(Filtered::Chunk(chunk));
         };
         if let Some(Value::Array(choices)) = body.get_mut("choices") {
@@ -197,17 +210,27 @@ impl FilterChain {
             }
         }
         let rebuilt = Chunk::from_payload(&serde_json::to_vec(&body).unwrap_or_default());
-        Ok(if stopped { Filtered::Stop(rebuilt) } else { Filtered::Chunk(rebuilt) })
+        Ok(if stopped {
+            Filtered::Stop(rebuilt)
+        } else {
+            Filtered::Chunk(rebuilt)
+        })
     }
 
     /// Flushes choices that never saw a `finish_reason` (a stream that ended
     /// early); returns their held text as one last chunk modelled on `template`.
-    pub async fn finish(&mut self, template: Option<&Chunk>) -> Result<Option<Chunk>, GatewayError> {
+    pub async fn finish(
+        &mut self,
+        template: Option<&Chunk>,
+    ) -> Result<Option<Chunk>, GatewayError> {
         if self.filters.is_empty() {
             return Ok(None);
         }
-        let Some(template) = template else { return Ok(None) };
-        let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(template.payload_slice()) else {
+        let Some(template) = template else {
+            return Ok(None);
+        };
+        let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(template.payload_slice())
+        else {
             return Ok(None);
         };
         let indices: Vec<u32> = match body.get("choices") {
@@ -232,7 +255,9 @@ impl FilterChain {
         }
         body.insert("choices".into(), Value::Array(out));
         body.insert("usage".into(), Value::Null);
-        Ok(Some(Chunk::from_payload(&serde_json::to_vec(&body).unwrap_or_default())))
+        Ok(Some(Chunk::from_payload(
+            &serde_json::to_vec(&body).unwrap_or_default(),
+        )))
     }
 }
 
@@ -277,18 +302,37 @@ mod tests {
 
     #[tokio::test]
     async fn replaces_holds_and_flushes_at_the_finishing_chunk() {
-        let mut chain = FilterChain::new(vec![Box::new(Upper { held: String::new() })]);
-        assert_eq!(text_of(chain.apply(chunk("ab", None)).await.unwrap()).as_deref(), Some("AB"));
+        let mut chain = FilterChain::new(vec![Box::new(Upper {
+            held: String::new(),
+        })]);
+        assert_eq!(
+            text_of(chain.apply(chunk("ab", None)).await.unwrap()).as_deref(),
+            Some("AB")
+        );
         assert_eq!(text_of(chain.apply(chunk("#x", None)).await.unwrap()), None);
-        assert_eq!(text_of(chain.apply(chunk("y", Some("length"))).await.unwrap()).as_deref(), Some("#xy"));
-        assert!(chain.finish(Some(&chunk("", None))).await.unwrap().is_none());
+        assert_eq!(
+            text_of(chain.apply(chunk("y", Some("length"))).await.unwrap()).as_deref(),
+            Some("#xy")
+        );
+        assert!(
+            chain
+                .finish(Some(&chunk("", None)))
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[tokio::test]
     async fn flushes_held_text_when_the_stream_ends_without_finish_reason() {
-        let mut chain = FilterChain::new(vec![Box::new(Upper { held: String::new() })]);
+        let mut chain = FilterChain::new(vec![Box::new(Upper {
+            held: String::new(),
+        })]);
         let template = chunk("#held", None);
-        assert!(matches!(chain.apply(template.clone()).await.unwrap(), Filtered::Skip));
+        assert!(matches!(
+            chain.apply(template.clone()).await.unwrap(),
+            Filtered::Skip
+        ));
         let last = chain.finish(Some(&template)).await.unwrap().unwrap();
         assert_eq!(text_of(Filtered::Chunk(last)).as_deref(), Some("#held"));
     }

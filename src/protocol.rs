@@ -121,11 +121,15 @@ impl<'de> Deserialize<'de> for Stop {
                 .into_iter()
                 .map(|v| match v {
                     Value::String(s) => Ok(s),
-                    _ => Err(de::Error::custom("stop must be a string or an array of strings")),
+                    _ => Err(de::Error::custom(
+                        "stop must be a string or an array of strings",
+                    )),
                 })
                 .collect::<Result<_, _>>()
                 .map(Stop::Many),
-            _ => Err(de::Error::custom("stop must be a string or an array of strings")),
+            _ => Err(de::Error::custom(
+                "stop must be a string or an array of strings",
+            )),
         }
     }
 }
@@ -192,7 +196,10 @@ impl CompletionRequest {
         if self.n == Some(0) {
             return bad("n must be at least 1");
         }
-        if self.temperature.is_some_and(|t| !(0.0..=100.0).contains(&t)) {
+        if self
+            .temperature
+            .is_some_and(|t| !(0.0..=100.0).contains(&t))
+        {
             return bad("temperature must be a non-negative number");
         }
         if self.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
@@ -256,11 +263,14 @@ pub struct Chunk {
 impl Chunk {
     /// Frames a JSON payload as an SSE `data:` event.
     pub fn from_payload(payload: &[u8]) -> Self {
-        let mut framed = BytesMut::with_capacity(payload.len() + SSE_PREFIX.len() + SSE_SUFFIX.len());
+        let mut framed =
+            BytesMut::with_capacity(payload.len() + SSE_PREFIX.len() + SSE_SUFFIX.len());
         framed.put_slice(SSE_PREFIX);
         framed.put_slice(payload);
         framed.put_slice(SSE_SUFFIX);
-        Self { framed: framed.freeze() }
+        Self {
+            framed: framed.freeze(),
+        }
     }
 
     /// Wraps bytes that are already exactly `data: <payload>\n\n`.
@@ -356,7 +366,11 @@ pub fn parse_error_event(payload: &[u8]) -> Option<crate::error::ErrorInfo> {
     match serde_json::from_slice::<Flat>(payload) {
         Ok(flat) if flat.object == "error" => Some(crate::error::ErrorInfo {
             status: flat.code.unwrap_or(500),
-            kind: if flat.kind.is_empty() { "InternalServerError".into() } else { flat.kind },
+            kind: if flat.kind.is_empty() {
+                "InternalServerError".into()
+            } else {
+                flat.kind
+            },
             message: flat.message,
         }),
         _ => None,
@@ -446,7 +460,9 @@ impl ResponseAssembler {
             return;
         };
         for choice in choices {
-            let Value::Object(mut choice) = choice else { continue };
+            let Value::Object(mut choice) = choice else {
+                continue;
+            };
             let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
             let acc = self.choices.entry(index).or_default();
             if let Some(Value::String(text)) = choice.get("text") {
@@ -525,9 +541,9 @@ impl ResponseAssembler {
                 prompt_token_ids: acc.prompt_token_ids,
             })
             .collect();
-        let mut usage = self.usage.unwrap_or_else(|| {
-            serde_json::json!({"prompt_tokens": 0, "total_tokens": 0, "completion_tokens": 0})
-        });
+        let mut usage = self.usage.unwrap_or_else(
+            || serde_json::json!({"prompt_tokens": 0, "total_tokens": 0, "completion_tokens": 0}),
+        );
         if let Value::Object(fields) = &mut usage {
             fields.entry("prompt_tokens_details").or_insert(Value::Null);
         }
@@ -575,17 +591,30 @@ mod tests {
         assert!(parse("{not json").unwrap_err().contains("not valid JSON"));
         assert!(parse(r#"{"prompt":"x"}"#).unwrap_err().contains("model"));
         assert!(parse(r#"{"model":"m"}"#).unwrap_err().contains("prompt"));
-        assert!(parse(r#"{"model":"m","prompt":"x","max_tokens":"ten"}"#)
-            .unwrap_err()
-            .contains("max_tokens"));
-        assert!(parse(r#"{"model":"m","prompt":{"a":1}}"#).unwrap_err().contains("prompt must be"));
+        assert!(
+            parse(r#"{"model":"m","prompt":"x","max_tokens":"ten"}"#)
+                .unwrap_err()
+                .contains("max_tokens")
+        );
+        assert!(
+            parse(r#"{"model":"m","prompt":{"a":1}}"#)
+                .unwrap_err()
+                .contains("prompt must be")
+        );
         assert!(parse(r#"[1,2]"#).is_err());
-        assert!(parse(r#"{"model":"m","prompt":""}"#).unwrap_err().contains("empty"));
+        assert!(
+            parse(r#"{"model":"m","prompt":""}"#)
+                .unwrap_err()
+                .contains("empty")
+        );
     }
 
     #[test]
     fn cache_key_ignores_transport_but_not_sampling() {
-        let a = parse(r#"{"model":"m","prompt":"x","stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
+        let a = parse(
+            r#"{"model":"m","prompt":"x","stream":true,"stream_options":{"include_usage":true}}"#,
+        )
+        .unwrap();
         let b = parse(r#"{"model":"m","prompt":"x"}"#).unwrap();
         let c = parse(r#"{"model":"m","prompt":"x","temperature":0.1}"#).unwrap();
         let d = parse(r#"{"model":"m","prompt":"x","top_k":3}"#).unwrap();
@@ -597,14 +626,18 @@ mod tests {
     #[test]
     fn chunk_payload_and_framing_round_trip() {
         let chunk = Chunk::from_payload(br#"{"id":"x","choices":[]}"#);
-        assert_eq!(chunk.framed().as_ref(), b"data: {\"id\":\"x\",\"choices\":[]}\n\n");
+        assert_eq!(
+            chunk.framed().as_ref(),
+            b"data: {\"id\":\"x\",\"choices\":[]}\n\n"
+        );
         assert_eq!(chunk.payload().as_ref(), br#"{"id":"x","choices":[]}"#);
         assert_eq!(Chunk::from_framed(chunk.framed().clone()), Some(chunk));
     }
 
     #[test]
     fn recognises_error_events() {
-        let nested = br#"{"error":{"message":"boom","type":"InternalServerError","param":null,"code":500}}"#;
+        let nested =
+            br#"{"error":{"message":"boom","type":"InternalServerError","param":null,"code":500}}"#;
         assert_eq!(parse_error_event(nested).unwrap().message, "boom");
         let chunk = br#"{"id":"cmpl-1","object":"text_completion","choices":[{"index":0,"text":" error"}]}"#;
         assert!(parse_error_event(chunk).is_none());
@@ -620,7 +653,10 @@ mod tests {
         assert!(body.to_string().len() > 10);
         assert_eq!(body["choices"][0]["text"], "ab");
         assert_eq!(body["choices"][0]["finish_reason"], "length");
-        assert_eq!(body["choices"][0]["logprobs"]["tokens"], serde_json::json!(["a", "b"]));
+        assert_eq!(
+            body["choices"][0]["logprobs"]["tokens"],
+            serde_json::json!(["a", "b"])
+        );
         assert_eq!(body["usage"]["completion_tokens"], 2);
     }
 }

@@ -38,12 +38,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 const VOCABULARY: &[&str] = &[
-    "the", "river", "flows", "through", "a", "quiet", "valley", "where", "light", "falls", "on", "stone", "and",
-    "water", "meets", "sky", "every", "morning", "brings", "new", "sound", "of", "wind", "over", "fields", "gate",
-    "opens", "slowly", "as", "boats", "drift", "past", "old", "mills", "lanterns", "glow", "near", "harbor",
-    "walls", "while", "gulls", "circle", "high", "above", "tide", "returns", "again", "to", "sand", "shore",
-    "bright", "cold", "deep", "long", "narrow", "green", "silver", "north", "south", "east", "west", "path",
-    "bridge", "sluice",
+    "the", "river", "flows", "through", "a", "quiet", "valley", "where", "light", "falls", "on",
+    "stone", "and", "water", "meets", "sky", "every", "morning", "brings", "new", "sound", "of",
+    "wind", "over", "fields", "gate", "opens", "slowly", "as", "boats", "drift", "past", "old",
+    "mills", "lanterns", "glow", "near", "harbor", "walls", "while", "gulls", "circle", "high",
+    "above", "tide", "returns", "again", "to", "sand", "shore", "bright", "cold", "deep", "long",
+    "narrow", "green", "silver", "north", "south", "east", "west", "path", "bridge", "sluice",
 ];
 
 #[derive(Debug, Clone)]
@@ -142,7 +142,11 @@ impl Simulator {
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await;
         });
-        Ok(Self { addr, state, shutdown })
+        Ok(Self {
+            addr,
+            state,
+            shutdown,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -155,11 +159,19 @@ impl Simulator {
     }
 
     pub fn received(&self) -> Vec<ReceivedRequest> {
-        self.state.records.lock().map(|r| r.received.clone()).unwrap_or_default()
+        self.state
+            .records
+            .lock()
+            .map(|r| r.received.clone())
+            .unwrap_or_default()
     }
 
     pub fn completed(&self) -> Vec<String> {
-        self.state.records.lock().map(|r| r.completed.clone()).unwrap_or_default()
+        self.state
+            .records
+            .lock()
+            .map(|r| r.completed.clone())
+            .unwrap_or_default()
     }
 
     /// When each token step of `request_id` was emitted (with `record_emit_times`).
@@ -173,7 +185,11 @@ impl Simulator {
     }
 
     pub fn aborted(&self) -> Vec<String> {
-        self.state.records.lock().map(|r| r.aborted.clone()).unwrap_or_default()
+        self.state
+            .records
+            .lock()
+            .map(|r| r.aborted.clone())
+            .unwrap_or_default()
     }
 
     /// Waits until `predicate` holds over the records, or `timeout` passes.
@@ -181,7 +197,13 @@ impl Simulator {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.state.changed.notified();
-            if self.state.records.lock().map(|r| predicate(&r)).unwrap_or(false) {
+            if self
+                .state
+                .records
+                .lock()
+                .map(|r| predicate(&r))
+                .unwrap_or(false)
+            {
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -193,14 +215,17 @@ impl Simulator {
     /// Waits until the generation for `request_id` has been aborted by its client.
     pub async fn wait_for_abort(&self, request_id: &str, timeout: Duration) -> bool {
         let id = request_id.to_string();
-        self.wait_until(timeout, move |r| r.aborted.contains(&id)).await
+        self.wait_until(timeout, move |r| r.aborted.contains(&id))
+            .await
     }
 
     /// Waits until a request with `request_id` has been received.
     pub async fn wait_for_request(&self, request_id: &str, timeout: Duration) -> bool {
         let id = request_id.to_string();
-        self.wait_until(timeout, move |r| r.received.iter().any(|q| q.request_id == id))
-            .await
+        self.wait_until(timeout, move |r| {
+            r.received.iter().any(|q| q.request_id == id)
+        })
+        .await
     }
 
     /// The completion an upstream call for `body` returns, computed without a call:
@@ -224,7 +249,12 @@ impl Simulator {
 
 fn error_response(status: StatusCode, kind: &str, message: &str) -> Response {
     let body = serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": status.as_u16()}});
-    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 async fn models(State(state): State<Arc<SimState>>) -> Response {
@@ -235,10 +265,20 @@ async fn models(State(state): State<Arc<SimState>>) -> Response {
     axum::Json(body).into_response()
 }
 
-async fn completions(State(state): State<Arc<SimState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn completions(
+    State(state): State<Arc<SimState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let body: Value = match serde_json::from_slice(&body) {
         Ok(value @ Value::Object(_)) => value,
-        _ => return error_response(StatusCode::BAD_REQUEST, "BadRequestError", "request body must be a JSON object"),
+        _ => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "BadRequestError",
+                "request body must be a JSON object",
+            );
+        }
     };
     let request_id = headers
         .get("x-request-id")
@@ -258,9 +298,16 @@ async fn completions(State(state): State<Arc<SimState>>, headers: HeaderMap, bod
             .ok()
             .and_then(|s| StatusCode::from_u16(s).ok())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return error_response(status, crate::error::kind_for_status(status), "simulated upstream failure");
+        return error_response(
+            status,
+            crate::error::kind_for_status(status),
+            "simulated upstream failure",
+        );
     }
-    let model = body.get("model").and_then(Value::as_str).unwrap_or_default();
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     if model != state.config.model {
         return error_response(
             StatusCode::NOT_FOUND,
@@ -270,7 +317,9 @@ async fn completions(State(state): State<Arc<SimState>>, headers: HeaderMap, bod
     }
     let generation = match Generation::from_body(&state.config, request_id.clone(), &body) {
         Ok(generation) => generation,
-        Err(message) => return error_response(StatusCode::BAD_REQUEST, "BadRequestError", &message),
+        Err(message) => {
+            return error_response(StatusCode::BAD_REQUEST, "BadRequestError", &message);
+        }
     };
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
         stream_response(state, generation)
@@ -329,7 +378,11 @@ struct Generation {
 }
 
 impl Generation {
-    fn from_body(config: &SimulatorConfig, request_id: String, body: &Value) -> Result<Self, String> {
+    fn from_body(
+        config: &SimulatorConfig,
+        request_id: String,
+        body: &Value,
+    ) -> Result<Self, String> {
         let prompts: Vec<(String, u64)> = match body.get("prompt") {
             Some(Value::String(s)) => vec![(s.clone(), count_words(s))],
             Some(Value::Array(items)) if items.iter().all(Value::is_string) => items
@@ -342,12 +395,18 @@ impl Generation {
             }
             Some(Value::Array(items)) => items
                 .iter()
-                .map(|batch| (batch.to_string(), batch.as_array().map_or(1, |b| b.len() as u64)))
+                .map(|batch| {
+                    (
+                        batch.to_string(),
+                        batch.as_array().map_or(1, |b| b.len() as u64),
+                    )
+                })
                 .collect(),
             _ => return Err("prompt is required".into()),
         };
         let number = |name: &str| body.get(name).and_then(Value::as_u64);
-        let ms = |name: &str, default: Duration| number(name).map_or(default, Duration::from_millis);
+        let ms =
+            |name: &str, default: Duration| number(name).map_or(default, Duration::from_millis);
         let options = body.get("stream_options");
         let option = |name: &str| {
             options
@@ -533,7 +592,8 @@ fn stream_response(state: Arc<SimState>, generation: Generation) -> Response {
             }
             if g.error_after == Some(step) {
                 let error = serde_json::json!({"error": {"message": "simulated failure mid-stream", "type": "InternalServerError", "param": null, "code": 500}});
-                s.pending.push_back(Bytes::from(format!("data: {error}\n\n")));
+                s.pending
+                    .push_back(Bytes::from(format!("data: {error}\n\n")));
                 s.pending.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
                 s.done = true;
                 s.guard.finish();
@@ -556,7 +616,12 @@ fn stream_response(state: Arc<SimState>, generation: Generation) -> Response {
                 s.guard.finish();
                 continue;
             }
-            tokio::time::sleep(if step == 0 { g.first_token_delay } else { g.token_delay }).await;
+            tokio::time::sleep(if step == 0 {
+                g.first_token_delay
+            } else {
+                g.token_delay
+            })
+            .await;
             let pairs: Vec<(usize, u32)> = g.choices().collect();
             for (i, (p, c)) in pairs.into_iter().enumerate() {
                 let choice = g.choice(p, c, step, &mut s.offsets[i]);

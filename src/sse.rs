@@ -98,7 +98,9 @@ impl SseParser {
         while !content.is_empty() {
             let line_len = memchr::memchr2(b'\n', b'\r', &content).unwrap_or(content.len());
             let line = content.slice(..line_len);
-            let terminator = if content.get(line_len) == Some(&b'\r') && content.get(line_len + 1) == Some(&b'\n') {
+            let terminator = if content.get(line_len) == Some(&b'\r')
+                && content.get(line_len + 1) == Some(&b'\n')
+            {
                 2
             } else {
                 usize::from(line_len < content.len())
@@ -160,7 +162,10 @@ mod tests {
     #[test]
     fn several_events_in_one_read() {
         let mut p = SseParser::new();
-        let events = feed(&mut p, b"data: {\"a\":1}\n\ndata: {\"b\":2}\n\ndata: [DONE]\n\n");
+        let events = feed(
+            &mut p,
+            b"data: {\"a\":1}\n\ndata: {\"b\":2}\n\ndata: [DONE]\n\n",
+        );
         assert_eq!(events, vec!["{\"a\":1}", "{\"b\":2}", "[DONE]"]);
         assert_eq!(p.pending(), 0);
     }
@@ -179,7 +184,10 @@ mod tests {
     #[test]
     fn multi_line_data_and_other_fields() {
         let mut p = SseParser::new();
-        let events = feed(&mut p, b"event: message\nid: 3\ndata: line1\ndata:line2\n\n");
+        let events = feed(
+            &mut p,
+            b"event: message\nid: 3\ndata: line1\ndata:line2\n\n",
+        );
         assert_eq!(events, vec!["line1\nline2"]);
     }
 

@@ -21,9 +21,10 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{LogConfig, LogFormat, TelemetryConfig};
 
-/// Keeps the trace exporter alive; flushes it on drop.
+/// Keeps the log writer and the trace exporter alive; flushes both on drop.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    _log_writer: Option<tracing_appender::non_blocking::WorkerGuard>,
 }
 
 impl Telemetry {
@@ -55,18 +56,27 @@ fn tracer_provider(config: &TelemetryConfig) -> Option<SdkTracerProvider> {
     if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true")) {
         return None;
     }
-    let from_env = env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+    let from_env =
+        env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
     if config.otlp_endpoint.is_none() && !from_env {
         return None;
     }
     use opentelemetry_otlp::{Protocol, WithExportConfig};
     let mut builder = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
-        .with_protocol(if config.json { Protocol::HttpJson } else { Protocol::HttpBinary });
+        .with_protocol(if config.json {
+            Protocol::HttpJson
+        } else {
+            Protocol::HttpBinary
+        });
     // The standard variables win over the config file.
     if let (Some(endpoint), false) = (&config.otlp_endpoint, from_env) {
         let endpoint = endpoint.trim_end_matches('/');
-        let endpoint = if endpoint.ends_with("/v1/traces") { endpoint.to_string() } else { format!("{endpoint}/v1/traces") };
+        let endpoint = if endpoint.ends_with("/v1/traces") {
+            endpoint.to_string()
+        } else {
+            format!("{endpoint}/v1/traces")
+        };
         builder = builder.with_endpoint(endpoint);
     }
     let exporter = match builder.build() {
@@ -84,7 +94,9 @@ fn tracer_provider(config: &TelemetryConfig) -> Option<SdkTracerProvider> {
         .with_batch_exporter(exporter)
         .with_resource(resource.build());
     if !env_set("OTEL_TRACES_SAMPLER") {
-        provider = provider.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.sample_ratio))));
+        provider = provider.with_sampler(Sampler::ParentBased(Box::new(
+            Sampler::TraceIdRatioBased(config.sample_ratio),
+        )));
     }
     Some(provider.build())
 }
@@ -97,22 +109,40 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Telemetry {
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new(&log.level));
+    // Lines are written by a thread of their own, so a slow stderr never
+    // stalls a request; under a flood, lines are dropped rather than queued without bound.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(64 * 1024)
+        .finish(std::io::stderr());
     let fmt = match log.format {
-        LogFormat::Json => tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed(),
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_span_list(false)
+            .with_writer(writer)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
     };
     let provider = tracer_provider(telemetry);
     let otel = provider.as_ref().map(|provider| {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        // No busy/idle timing, thread or source-location attributes: each costs
+        // clock reads or allocations on every span enter and exit.
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("sluice"))
+            .with_tracked_inactivity(false)
+            .with_threads(false)
+            .with_location(false)
             .with_filter(EnvFilter::new("sluice=info,warn"))
     });
     let _ = tracing_subscriber::registry()
         .with(fmt.with_filter(filter))
         .with(otel)
         .try_init();
-    Telemetry { provider }
+    Telemetry {
+        provider,
+        _log_writer: Some(guard),
+    }
 }
 
 /// Installs logging only (no trace export).
@@ -143,7 +173,10 @@ struct PairsExtractor<'a>(&'a [(String, String)]);
 
 impl Extractor for PairsExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v.as_str())
     }
     fn keys(&self) -> Vec<&str> {
         self.0.iter().map(|(k, _)| k.as_str()).collect()

@@ -253,7 +253,14 @@ mod tests {
     fn vllm_error_bodies_keep_status_type_and_message() {
         let body = br#"{"error":{"message":"The model `x` does not exist.","type":"NotFoundError","param":null,"code":404}}"#;
         let info = error_from_body(StatusCode::NOT_FOUND, body);
-        assert_eq!(info, ErrorInfo::new(StatusCode::NOT_FOUND, "NotFoundError", "The model `x` does not exist."));
+        assert_eq!(
+            info,
+            ErrorInfo::new(
+                StatusCode::NOT_FOUND,
+                "NotFoundError",
+                "The model `x` does not exist."
+            )
+        );
         let info = error_from_body(StatusCode::SERVICE_UNAVAILABLE, b"overloaded");
         assert_eq!(info.status, 503);
         assert_eq!(info.message, "overloaded");

@@ -27,7 +27,12 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(upstream: Arc<UpstreamClient>, metrics: Arc<Metrics>, concurrency: usize, queue_timeout: Duration) -> Self {
+    pub fn new(
+        upstream: Arc<UpstreamClient>,
+        metrics: Arc<Metrics>,
+        concurrency: usize,
+        queue_timeout: Duration,
+    ) -> Self {
         Self {
             upstream,
             metrics,
@@ -37,7 +42,12 @@ impl Worker {
     }
 
     /// Runs until `shutdown` fires, then waits up to `grace` for running jobs.
-    pub async fn run(self: Arc<Self>, source: Arc<dyn JobSource>, shutdown: CancellationToken, grace: Duration) {
+    pub async fn run(
+        self: Arc<Self>,
+        source: Arc<dyn JobSource>,
+        shutdown: CancellationToken,
+        grace: Duration,
+    ) {
         let permits = Arc::new(Semaphore::new(self.concurrency));
         loop {
             let permit = tokio::select! {
@@ -59,7 +69,10 @@ impl Worker {
             });
         }
         let all = u32::try_from(self.concurrency).unwrap_or(u32::MAX);
-        if tokio::time::timeout(grace, permits.acquire_many(all)).await.is_err() {
+        if tokio::time::timeout(grace, permits.acquire_many(all))
+            .await
+            .is_err()
+        {
             tracing::warn!("worker stopped with requests still running");
         }
     }
@@ -81,7 +94,10 @@ impl Worker {
             () = cancel.cancelled() => "cancelled",
         };
         self.metrics.worker_inflight.dec();
-        self.metrics.worker_requests.with_label_values(&[outcome]).inc();
+        self.metrics
+            .worker_requests
+            .with_label_values(&[outcome])
+            .inc();
         span.record("outcome", outcome);
         span.in_scope(|| tracing::debug!(outcome, "upstream request finished"));
     }
@@ -99,7 +115,10 @@ impl Worker {
         let mut stream = match self.upstream.open(&job.request).await {
             Ok(stream) => stream,
             Err(err) => {
-                self.metrics.upstream_errors.with_label_values(&[err.kind()]).inc();
+                self.metrics
+                    .upstream_errors
+                    .with_label_values(&[err.kind()])
+                    .inc();
                 let _ = job.sink.send(ResponseEvent::Error(err.info())).await;
                 return "upstream_error";
             }
@@ -112,7 +131,10 @@ impl Worker {
                     return "completed";
                 }
                 Err(err) => {
-                    self.metrics.upstream_errors.with_label_values(&[err.kind()]).inc();
+                    self.metrics
+                        .upstream_errors
+                        .with_label_values(&[err.kind()])
+                        .inc();
                     let _ = job.sink.send(ResponseEvent::Error(err.info())).await;
                     return "upstream_error";
                 }

@@ -18,12 +18,19 @@ async fn sse_stream_is_the_upstream_stream_field_by_field() {
         "logprobs": 1, "echo": true, "seed": 3, "stream": true, "stream_options": {"include_usage": true}});
     let response = gw.post(&body).await;
     assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()["content-type"], "text/event-stream; charset=utf-8");
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/event-stream; charset=utf-8"
+    );
     let id = request_id(&response);
     let via_gateway = sse_events(response).await;
     let direct_events = sse_events(direct(&gw.sim, &body, &id).await).await;
 
-    assert_eq!(via_gateway.len(), 2 * 2 * 5 + 2, "20 token chunks, the usage chunk, [DONE]");
+    assert_eq!(
+        via_gateway.len(),
+        2 * 2 * 5 + 2,
+        "20 token chunks, the usage chunk, [DONE]"
+    );
     assert_eq!(via_gateway.len(), direct_events.len());
     for (ours, theirs) in via_gateway.iter().zip(&direct_events) {
         assert_eq!(without_created(ours), without_created(theirs));
@@ -40,7 +47,12 @@ async fn usage_chunk_is_only_sent_to_clients_that_ask_for_it() {
     let body = json!({"model": MODEL, "prompt": "hello", "max_tokens": 3, "stream": true});
     let events = sse_events(gw.post(&body).await).await;
     assert_eq!(events.len(), 4, "{events:?}");
-    assert!(events[..3].iter().all(|e| !serde_json::from_str::<Value>(e).unwrap()["choices"].as_array().unwrap().is_empty()));
+    assert!(events[..3].iter().all(|e| {
+        !serde_json::from_str::<Value>(e).unwrap()["choices"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    }));
     // The upstream was still asked for usage, so the gateway can log token counts.
     let upstream = &gw.sim.received()[0].body;
     assert_eq!(upstream["stream"], true);
@@ -57,7 +69,10 @@ async fn json_response_is_the_upstream_body_field_by_field() {
     let id = request_id(&response);
     let ours: Value = response.json().await.unwrap();
     let theirs: Value = direct(&gw.sim, &body, &id).await.json().await.unwrap();
-    assert_eq!(without_created(&ours.to_string()), without_created(&theirs.to_string()));
+    assert_eq!(
+        without_created(&ours.to_string()),
+        without_created(&theirs.to_string())
+    );
     assert_eq!(ours["object"], "text_completion");
     assert_eq!(ours["usage"]["completion_tokens"], 12);
     // Unknown fields reach the upstream untouched.
@@ -84,7 +99,10 @@ async fn cache_hit_replays_identical_chunks_without_calling_upstream() {
     // A non-streaming request for the same completion is served from the same entry.
     let json_body = json!({"model": MODEL, "prompt": "cache me", "max_tokens": 8});
     let assembled: Value = gw.post(&json_body).await.json().await.unwrap();
-    assert_eq!(assembled["choices"][0]["text"].as_str().unwrap(), texts(&first)[0]);
+    assert_eq!(
+        assembled["choices"][0]["text"].as_str().unwrap(),
+        texts(&first)[0]
+    );
     assert_eq!(gw.sim.received().len(), 1);
 
     let row = eventually(Duration::from_secs(3), || async {
@@ -112,11 +130,16 @@ async fn different_sampling_parameters_do_not_share_a_cache_entry() {
 async fn websocket_serves_two_requests_on_one_connection() {
     let gw = TestGateway::start().await;
     let mut request = gw.ws_url().into_client_request().unwrap();
-    request.headers_mut().insert("authorization", format!("Bearer {}", gw.key).parse().unwrap());
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", gw.key).parse().unwrap(),
+    );
     let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     for prompt in ["first prompt", "second prompt"] {
         let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 4, "stream": true});
-        ws.send(Message::Text(body.to_string().into())).await.unwrap();
+        ws.send(Message::Text(body.to_string().into()))
+            .await
+            .unwrap();
         let mut frames = Vec::new();
         while let Some(Ok(Message::Text(text))) = ws.next().await {
             let done = text.as_str() == "[DONE]";
@@ -132,10 +155,17 @@ async fn websocket_serves_two_requests_on_one_connection() {
     }
     // A non-streaming request over the socket gets the assembled body, then [DONE].
     let body = json!({"model": MODEL, "prompt": "third", "max_tokens": 3});
-    ws.send(Message::Text(body.to_string().into())).await.unwrap();
-    let Some(Ok(Message::Text(full))) = ws.next().await else { panic!("no body frame") };
+    ws.send(Message::Text(body.to_string().into()))
+        .await
+        .unwrap();
+    let Some(Ok(Message::Text(full))) = ws.next().await else {
+        panic!("no body frame")
+    };
     let full: Value = serde_json::from_str(&full).unwrap();
-    assert_eq!(full["choices"][0]["text"].as_str().unwrap(), gw.sim.expected_texts(&body)[0]);
+    assert_eq!(
+        full["choices"][0]["text"].as_str().unwrap(),
+        gw.sim.expected_texts(&body)[0]
+    );
     assert!(matches!(ws.next().await, Some(Ok(Message::Text(t))) if t.as_str() == "[DONE]"));
 }
 
@@ -144,9 +174,15 @@ async fn websocket_accepts_the_key_as_a_query_parameter_and_rejects_bad_frames()
     let gw = TestGateway::start().await;
     let url = format!("{}?api_key={}", gw.ws_url(), gw.key);
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    for bad in [Message::Text("not json".into()), Message::Text("{\"model\":1}".into()), Message::Binary(vec![1, 2].into())] {
+    for bad in [
+        Message::Text("not json".into()),
+        Message::Text("{\"model\":1}".into()),
+        Message::Binary(vec![1, 2].into()),
+    ] {
         ws.send(bad).await.unwrap();
-        let Some(Ok(Message::Text(error))) = ws.next().await else { panic!("no error frame") };
+        let Some(Ok(Message::Text(error))) = ws.next().await else {
+            panic!("no error frame")
+        };
         let error: Value = serde_json::from_str(&error).unwrap();
         assert_eq!(error["error"]["code"], 400, "{error}");
         assert_eq!(error["error"]["type"], "BadRequestError");
@@ -154,8 +190,12 @@ async fn websocket_accepts_the_key_as_a_query_parameter_and_rejects_bad_frames()
     }
     // The connection still serves requests afterwards.
     let body = json!({"model": MODEL, "prompt": "still alive", "max_tokens": 2, "stream": true});
-    ws.send(Message::Text(body.to_string().into())).await.unwrap();
-    let Some(Ok(Message::Text(chunk))) = ws.next().await else { panic!("no chunk") };
+    ws.send(Message::Text(body.to_string().into()))
+        .await
+        .unwrap();
+    let Some(Ok(Message::Text(chunk))) = ws.next().await else {
+        panic!("no chunk")
+    };
     assert!(chunk.as_str().contains("text_completion"));
 }
 
@@ -174,7 +214,10 @@ async fn assert_openai_error(response: reqwest::Response, status: u16) -> Value 
     assert_eq!(response.status().as_u16(), status);
     let body: Value = response.json().await.unwrap();
     let error = &body["error"];
-    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     assert!(error["type"].is_string(), "{body}");
     assert_eq!(error["param"], Value::Null);
     assert_eq!(error["code"], status, "{body}");
@@ -185,23 +228,59 @@ async fn assert_openai_error(response: reqwest::Response, status: u16) -> Value 
 async fn missing_invalid_and_revoked_keys_get_401() {
     let gw = TestGateway::start().await;
     let body = json!({"model": MODEL, "prompt": "x", "max_tokens": 1});
-    let missing = gw.http.post(gw.completions_url()).json(&body).send().await.unwrap();
+    let missing = gw
+        .http
+        .post(gw.completions_url())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_openai_error(missing, 401).await;
-    let invalid = gw.http.post(gw.completions_url()).bearer_auth("sk-sluice-nope").json(&body).send().await.unwrap();
+    let invalid = gw
+        .http
+        .post(gw.completions_url())
+        .bearer_auth("sk-sluice-nope")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_openai_error(invalid, 401).await;
 
-    let key = sluice::auth::create_key(gw.store.as_ref(), "to-revoke").await.unwrap();
-    let ok = gw.http.post(gw.completions_url()).bearer_auth(&key.secret).json(&body).send().await.unwrap();
-    assert_eq!(ok.status(), 200, "the key works before revocation (and is now remembered)");
+    let key = sluice::auth::create_key(gw.store.as_ref(), "to-revoke")
+        .await
+        .unwrap();
+    let ok = gw
+        .http
+        .post(gw.completions_url())
+        .bearer_auth(&key.secret)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        ok.status(),
+        200,
+        "the key works before revocation (and is now remembered)"
+    );
     assert_eq!(gw.store.revoke_key("to-revoke").await.unwrap(), 1);
     let revoked_at = Instant::now();
     let refused = eventually(Duration::from_secs(3), || async {
-        let response = gw.http.post(gw.completions_url()).bearer_auth(&key.secret).json(&body).send().await.unwrap();
+        let response = gw
+            .http
+            .post(gw.completions_url())
+            .bearer_auth(&key.secret)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         (response.status() == 401).then_some(revoked_at.elapsed())
     })
     .await
     .expect("revoked key refused");
-    assert!(refused < Duration::from_millis(1100), "revocation took {refused:?}");
+    assert!(
+        refused < Duration::from_millis(1100),
+        "revocation took {refused:?}"
+    );
 }
 
 #[tokio::test]
@@ -217,37 +296,92 @@ async fn bad_input_gets_a_clear_4xx_and_nothing_else_breaks() {
     };
     let err = assert_openai_error(post_raw("{\"model\": ".into()).await.unwrap(), 400).await;
     assert!(err["error"]["message"].as_str().unwrap().contains("JSON"));
-    let err = assert_openai_error(post_raw(json!({"model": MODEL, "prompt": "x", "max_tokens": "many"}).to_string()).await.unwrap(), 400).await;
-    assert!(err["error"]["message"].as_str().unwrap().contains("max_tokens"));
-    let err = assert_openai_error(post_raw(json!({"prompt": "x"}).to_string()).await.unwrap(), 400).await;
+    let err = assert_openai_error(
+        post_raw(json!({"model": MODEL, "prompt": "x", "max_tokens": "many"}).to_string())
+            .await
+            .unwrap(),
+        400,
+    )
+    .await;
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_tokens")
+    );
+    let err = assert_openai_error(
+        post_raw(json!({"prompt": "x"}).to_string()).await.unwrap(),
+        400,
+    )
+    .await;
     assert!(err["error"]["message"].as_str().unwrap().contains("model"));
-    let err = assert_openai_error(post_raw(json!({"model": MODEL}).to_string()).await.unwrap(), 400).await;
+    let err = assert_openai_error(
+        post_raw(json!({"model": MODEL}).to_string()).await.unwrap(),
+        400,
+    )
+    .await;
     assert!(err["error"]["message"].as_str().unwrap().contains("prompt"));
-    assert_openai_error(post_raw(json!({"model": MODEL, "prompt": 5}).to_string()).await.unwrap(), 400).await;
+    assert_openai_error(
+        post_raw(json!({"model": MODEL, "prompt": 5}).to_string())
+            .await
+            .unwrap(),
+        400,
+    )
+    .await;
     assert_openai_error(post_raw("[1, 2, 3]".into()).await.unwrap(), 400).await;
-    assert_openai_error(post_raw(json!({"model": MODEL, "prompt": "x".repeat(5000)}).to_string()).await.unwrap(), 413).await;
+    assert_openai_error(
+        post_raw(json!({"model": MODEL, "prompt": "x".repeat(5000)}).to_string())
+            .await
+            .unwrap(),
+        413,
+    )
+    .await;
 
-    let unknown = gw.http.get(format!("{}/v1/chat/nothing", gw.url)).send().await.unwrap();
+    let unknown = gw
+        .http
+        .get(format!("{}/v1/chat/nothing", gw.url))
+        .send()
+        .await
+        .unwrap();
     assert_openai_error(unknown, 404).await;
     let wrong_method = gw.http.delete(gw.completions_url()).send().await.unwrap();
     assert_openai_error(wrong_method, 405).await;
-    let plain_get = gw.http.get(gw.completions_url()).bearer_auth(&gw.key).send().await.unwrap();
+    let plain_get = gw
+        .http
+        .get(gw.completions_url())
+        .bearer_auth(&gw.key)
+        .send()
+        .await
+        .unwrap();
     assert_openai_error(plain_get, 400).await;
 
-    assert_eq!(gw.sim.received().len(), 0, "no bad request reached the upstream");
-    let ok = gw.post(&json!({"model": MODEL, "prompt": "fine", "max_tokens": 2})).await;
+    assert_eq!(
+        gw.sim.received().len(),
+        0,
+        "no bad request reached the upstream"
+    );
+    let ok = gw
+        .post(&json!({"model": MODEL, "prompt": "fine", "max_tokens": 2}))
+        .await;
     assert_eq!(ok.status(), 200);
 }
 
 #[tokio::test]
 async fn upstream_errors_before_the_first_chunk_keep_their_status() {
     let gw = TestGateway::start().await;
-    let not_found = gw.post(&json!({"model": "no-such-model", "prompt": "x", "stream": true})).await;
+    let not_found = gw
+        .post(&json!({"model": "no-such-model", "prompt": "x", "stream": true}))
+        .await;
     let err = assert_openai_error(not_found, 404).await;
     assert_eq!(err["error"]["type"], "NotFoundError");
-    assert_eq!(err["error"]["message"], "The model `no-such-model` does not exist.");
+    assert_eq!(
+        err["error"]["message"],
+        "The model `no-such-model` does not exist."
+    );
 
-    let unavailable = gw.post(&json!({"model": MODEL, "prompt": "x", "sim_error_status": 503})).await;
+    let unavailable = gw
+        .post(&json!({"model": MODEL, "prompt": "x", "sim_error_status": 503}))
+        .await;
     assert_openai_error(unavailable, 503).await;
 }
 
@@ -272,19 +406,32 @@ async fn upstream_errors_after_the_first_chunk_end_the_stream_with_an_error_even
 
 #[tokio::test]
 async fn a_stalled_or_truncated_upstream_ends_the_stream_with_an_error() {
-    let gw = TestGateway::start_with(sim_config(), |c| c.upstream.idle_timeout = Duration::from_millis(300)).await;
-    let events = sse_events(gw.post(&json!({"model": MODEL, "prompt": "x", "stream": true, "sim_stall_after": 2})).await).await;
+    let gw = TestGateway::start_with(sim_config(), |c| {
+        c.upstream.idle_timeout = Duration::from_millis(300)
+    })
+    .await;
+    let events = sse_events(
+        gw.post(&json!({"model": MODEL, "prompt": "x", "stream": true, "sim_stall_after": 2}))
+            .await,
+    )
+    .await;
     assert_eq!(events.len(), 4, "{events:?}");
     let error: Value = serde_json::from_str(&events[2]).unwrap();
     assert_eq!(error["error"]["code"], 504);
 
-    let events = sse_events(gw.post(&json!({"model": MODEL, "prompt": "y", "stream": true, "sim_drop_after": 2})).await).await;
+    let events = sse_events(
+        gw.post(&json!({"model": MODEL, "prompt": "y", "stream": true, "sim_drop_after": 2}))
+            .await,
+    )
+    .await;
     let error: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
     assert_eq!(error["error"]["code"], 502, "{events:?}");
     assert_eq!(events.last().unwrap(), "[DONE]");
 
     // Non-streaming: the error is the HTTP status.
-    let response = gw.post(&json!({"model": MODEL, "prompt": "z", "sim_stall_after": 1})).await;
+    let response = gw
+        .post(&json!({"model": MODEL, "prompt": "z", "sim_stall_after": 1}))
+        .await;
     assert_openai_error(response, 504).await;
 }
 
@@ -295,33 +442,53 @@ async fn client_disconnect_aborts_the_upstream_generation() {
         ..sim_config()
     };
     let gw = TestGateway::start_with(slow, |_| {}).await;
-    let response = gw.post(&json!({"model": MODEL, "prompt": "long", "max_tokens": 1000, "stream": true})).await;
+    let response = gw
+        .post(&json!({"model": MODEL, "prompt": "long", "max_tokens": 1000, "stream": true}))
+        .await;
     let id = request_id(&response);
     let mut reader = SseReader::new(response);
     assert!(reader.next().await.is_some(), "first chunk arrives");
     drop(reader);
-    assert!(gw.sim.wait_for_abort(&id, Duration::from_secs(2)).await, "upstream generation aborted");
-    let row = eventually(Duration::from_secs(3), || async { gw.store.inferences_for(&id).await.unwrap().pop() })
-        .await
-        .expect("log row");
+    assert!(
+        gw.sim.wait_for_abort(&id, Duration::from_secs(2)).await,
+        "upstream generation aborted"
+    );
+    let row = eventually(Duration::from_secs(3), || async {
+        gw.store.inferences_for(&id).await.unwrap().pop()
+    })
+    .await
+    .expect("log row");
     assert_eq!(row.status, 499);
 
     // The same over WebSocket: closing the socket aborts the generation.
     let url = format!("{}?api_key={}", gw.ws_url(), gw.key);
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     let body = json!({"model": MODEL, "prompt": "long ws", "max_tokens": 1000, "stream": true});
-    ws.send(Message::Text(body.to_string().into())).await.unwrap();
-    let Some(Ok(Message::Text(first))) = ws.next().await else { panic!("no chunk") };
-    let id = serde_json::from_str::<Value>(&first).unwrap()["id"].as_str().unwrap().trim_start_matches("cmpl-").to_string();
+    ws.send(Message::Text(body.to_string().into()))
+        .await
+        .unwrap();
+    let Some(Ok(Message::Text(first))) = ws.next().await else {
+        panic!("no chunk")
+    };
+    let id = serde_json::from_str::<Value>(&first).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("cmpl-")
+        .to_string();
     ws.close(None).await.unwrap();
     drop(ws);
-    assert!(gw.sim.wait_for_abort(&id, Duration::from_secs(2)).await, "upstream generation aborted after WS close");
+    assert!(
+        gw.sim.wait_for_abort(&id, Duration::from_secs(2)).await,
+        "upstream generation aborted after WS close"
+    );
 }
 
 #[tokio::test]
 async fn every_request_writes_one_inference_log_row() {
     let gw = TestGateway::start().await;
-    let response = gw.post(&json!({"model": MODEL, "prompt": "count my tokens please", "max_tokens": 7})).await;
+    let response = gw
+        .post(&json!({"model": MODEL, "prompt": "count my tokens please", "max_tokens": 7}))
+        .await;
     let id = request_id(&response);
     response.bytes().await.unwrap();
     let rows = eventually(Duration::from_secs(3), || async {
@@ -348,9 +515,25 @@ async fn every_request_writes_one_inference_log_row() {
 #[tokio::test]
 async fn health_readiness_and_metrics() {
     let gw = TestGateway::start().await;
-    let health: Value = gw.http.get(format!("{}/health", gw.url)).send().await.unwrap().json().await.unwrap();
+    let health: Value = gw
+        .http
+        .get(format!("{}/health", gw.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health["status"], "ok");
-    let ready: Value = gw.http.get(format!("{}/ready", gw.url)).send().await.unwrap().json().await.unwrap();
+    let ready: Value = gw
+        .http
+        .get(format!("{}/ready", gw.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["backends"]["store"]["status"], "ok");
 
@@ -358,13 +541,41 @@ async fn health_readiness_and_metrics() {
     sse_events(gw.post(&body).await).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     sse_events(gw.post(&body).await).await;
-    gw.http.post(gw.completions_url()).json(&body).send().await.unwrap();
+    gw.http
+        .post(gw.completions_url())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let metrics = gw.metrics().await;
-    assert!(metrics.contains(r#"sluice_requests_total{route="/v1/completions",status="2xx",transport="sse"} 2"#), "{metrics}");
-    assert!(metrics.contains(r#"sluice_requests_total{route="/v1/completions",status="4xx",transport="json"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"sluice_cache_lookups_total{result="hit"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"sluice_cache_lookups_total{result="miss"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"sluice_time_to_first_token_seconds_count{cache="hit",transport="sse"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains(
+            r#"sluice_requests_total{route="/v1/completions",status="2xx",transport="sse"} 2"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"sluice_requests_total{route="/v1/completions",status="4xx",transport="json"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"sluice_cache_lookups_total{result="hit"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"sluice_cache_lookups_total{result="miss"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains(r#"sluice_time_to_first_token_seconds_count{cache="hit",transport="sse"} 1"#),
+        "{metrics}"
+    );
     assert!(metrics.contains("sluice_active_streams 0"), "{metrics}");
-    assert!(metrics.contains(r#"sluice_completion_tokens_total{model="sim-llama"} 6"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"sluice_completion_tokens_total{model="sim-llama"} 6"#),
+        "{metrics}"
+    );
 }

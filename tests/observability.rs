@@ -9,7 +9,10 @@ use sluice::config::OnError::FailOpen;
 fn value(metrics: &str, series: &str) -> f64 {
     metrics
         .lines()
-        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no series {series} in\n{metrics}"))
 }
@@ -17,7 +20,12 @@ fn value(metrics: &str, series: &str) -> f64 {
 #[tokio::test]
 async fn metrics_show_hits_misses_a_plugin_trap_and_an_upstream_error() {
     let gw = TestGateway::start_with(sim_config(), |c| {
-        c.plugins = vec![plugin("trapper", "misbehave", FailOpen, json!({"mode": "trap", "hook": "cache-key"}))];
+        c.plugins = vec![plugin(
+            "trapper",
+            "misbehave",
+            FailOpen,
+            json!({"mode": "trap", "hook": "cache-key"}),
+        )];
         c.plugin_host.watch = false;
     })
     .await;
@@ -25,27 +33,94 @@ async fn metrics_show_hits_misses_a_plugin_trap_and_an_upstream_error() {
     sse_events(gw.post(&body).await).await; // miss
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     sse_events(gw.post(&body).await).await; // hit
-    let failed = gw.post(&json!({"model": MODEL, "prompt": "x", "sim_error_status": 503})).await;
+    let failed = gw
+        .post(&json!({"model": MODEL, "prompt": "x", "sim_error_status": 503}))
+        .await;
     assert_eq!(failed.status(), 503);
     failed.bytes().await.unwrap();
 
     let m = gw.metrics().await;
     let route = r#"route="/v1/completions""#;
-    assert_eq!(value(&m, &format!(r#"sluice_requests_total{{{route},status="2xx",transport="sse"}}"#)), 2.0);
-    assert_eq!(value(&m, &format!(r#"sluice_requests_total{{{route},status="5xx",transport="json"}}"#)), 1.0);
-    assert_eq!(value(&m, &format!(r#"sluice_request_duration_seconds_count{{{route},status="2xx",transport="sse"}}"#)), 2.0);
-    assert_eq!(value(&m, r#"sluice_cache_lookups_total{result="hit"}"#), 1.0);
-    assert_eq!(value(&m, r#"sluice_cache_lookups_total{result="miss"}"#), 2.0);
-    assert_eq!(value(&m, r#"sluice_time_to_first_token_seconds_count{cache="hit",transport="sse"}"#), 1.0);
-    assert_eq!(value(&m, r#"sluice_time_to_first_token_seconds_count{cache="miss",transport="sse"}"#), 1.0);
+    assert_eq!(
+        value(
+            &m,
+            &format!(r#"sluice_requests_total{{{route},status="2xx",transport="sse"}}"#)
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            &format!(r#"sluice_requests_total{{{route},status="5xx",transport="json"}}"#)
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            &format!(
+                r#"sluice_request_duration_seconds_count{{{route},status="2xx",transport="sse"}}"#
+            )
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(&m, r#"sluice_cache_lookups_total{result="hit"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(&m, r#"sluice_cache_lookups_total{result="miss"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"sluice_time_to_first_token_seconds_count{cache="hit",transport="sse"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"sluice_time_to_first_token_seconds_count{cache="miss",transport="sse"}"#
+        ),
+        1.0
+    );
     // Five chunks per stream: four gaps each.
     assert_eq!(value(&m, "sluice_inter_token_latency_seconds_count"), 8.0);
-    assert_eq!(value(&m, r#"sluice_completion_tokens_total{model="sim-llama"}"#), 10.0);
-    assert_eq!(value(&m, r#"sluice_plugin_traps_total{hook="cache-key",plugin="trapper"}"#), 3.0);
-    assert_eq!(value(&m, r#"sluice_plugin_calls_total{hook="cache-key",plugin="trapper"}"#), 3.0);
-    assert_eq!(value(&m, r#"sluice_upstream_errors_total{kind="status"}"#), 1.0);
-    assert_eq!(value(&m, r#"sluice_worker_requests_total{outcome="completed"}"#), 1.0);
-    assert_eq!(value(&m, r#"sluice_worker_requests_total{outcome="upstream_error"}"#), 1.0);
+    assert_eq!(
+        value(&m, r#"sluice_completion_tokens_total{model="sim-llama"}"#),
+        10.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"sluice_plugin_traps_total{hook="cache-key",plugin="trapper"}"#
+        ),
+        3.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"sluice_plugin_calls_total{hook="cache-key",plugin="trapper"}"#
+        ),
+        3.0
+    );
+    assert_eq!(
+        value(&m, r#"sluice_upstream_errors_total{kind="status"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(&m, r#"sluice_worker_requests_total{outcome="completed"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"sluice_worker_requests_total{outcome="upstream_error"}"#
+        ),
+        1.0
+    );
     assert_eq!(value(&m, "sluice_queue_first_chunk_seconds_count"), 2.0);
     assert_eq!(value(&m, "sluice_active_streams"), 0.0);
     assert_eq!(value(&m, "sluice_worker_inflight_requests"), 0.0);

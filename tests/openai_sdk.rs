@@ -22,8 +22,13 @@ fn python() -> Option<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn openai_python_sdk_streams_and_completes() {
     let Some(python) = python() else {
-        assert!(std::env::var_os("CI").is_none(), "CI is set but no Python with the openai package was found (set SLUICE_PYTHON)");
-        eprintln!("SKIPPED: no Python with the openai package; run scripts/test.sh or set SLUICE_PYTHON");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set but no Python with the openai package was found (set SLUICE_PYTHON)"
+        );
+        eprintln!(
+            "SKIPPED: no Python with the openai package; run scripts/test.sh or set SLUICE_PYTHON"
+        );
         return;
     };
     let gw = TestGateway::start().await;
@@ -33,9 +38,15 @@ async fn openai_python_sdk_streams_and_completes() {
         .output()
         .await
         .unwrap();
-    assert!(output.status.success(), "SDK script failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "SDK script failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let result: Value = serde_json::from_slice(&output.stdout).unwrap();
-    let expected = gw.sim.expected_texts(&json!({"model": MODEL, "prompt": "The river flows", "max_tokens": 6, "seed": 1}));
+    let expected = gw.sim.expected_texts(
+        &json!({"model": MODEL, "prompt": "The river flows", "max_tokens": 6, "seed": 1}),
+    );
     assert_eq!(result["text"], expected[0]);
     assert_eq!(result["streamed"], expected[0]);
     assert_eq!(result["finish_reason"], "length");

@@ -23,7 +23,9 @@ async fn gateway_with(plugins: Vec<sluice::config::PluginConfig>) -> TestGateway
 async fn ws_request(gw: &TestGateway, body: &Value) -> Vec<String> {
     let url = format!("{}?api_key={}", gw.ws_url(), gw.key);
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    ws.send(Message::Text(body.to_string().into())).await.unwrap();
+    ws.send(Message::Text(body.to_string().into()))
+        .await
+        .unwrap();
     ws_frames(&mut ws).await
 }
 
@@ -40,18 +42,37 @@ async fn prompt_guard_rejects_blocked_prompts_and_prepends_its_instruction() {
     let response = gw.post(&blocked).await;
     assert_eq!(response.status(), 403);
     let body: Value = response.json().await.unwrap();
-    assert_eq!(body["error"], json!({"message": "not allowed here", "type": "PermissionDeniedError", "param": null, "code": 403}));
+    assert_eq!(
+        body["error"],
+        json!({"message": "not allowed here", "type": "PermissionDeniedError", "param": null, "code": 403})
+    );
     let frames = ws_request(&gw, &blocked).await;
-    assert_eq!(serde_json::from_str::<Value>(&frames[0]).unwrap()["error"]["code"], 403);
+    assert_eq!(
+        serde_json::from_str::<Value>(&frames[0]).unwrap()["error"]["code"],
+        403
+    );
     assert_eq!(frames[1], "[DONE]");
-    assert!(gw.sim.received().is_empty(), "rejected prompts never reach the upstream");
+    assert!(
+        gw.sim.received().is_empty(),
+        "rejected prompts never reach the upstream"
+    );
 
     let allowed = json!({"model": MODEL, "prompt": "tell me a story", "max_tokens": 3});
     assert_eq!(gw.post(&allowed).await.status(), 200);
-    assert_eq!(gw.sim.received()[0].body["prompt"], "Be brief. tell me a story");
-    let frames = ws_request(&gw, &json!({"model": MODEL, "prompt": ["one", "two"], "max_tokens": 2, "stream": true})).await;
+    assert_eq!(
+        gw.sim.received()[0].body["prompt"],
+        "Be brief. tell me a story"
+    );
+    let frames = ws_request(
+        &gw,
+        &json!({"model": MODEL, "prompt": ["one", "two"], "max_tokens": 2, "stream": true}),
+    )
+    .await;
     assert_eq!(frames.last().unwrap(), "[DONE]");
-    assert_eq!(gw.sim.received()[1].body["prompt"], json!(["Be brief. one", "Be brief. two"]));
+    assert_eq!(
+        gw.sim.received()[1].body["prompt"],
+        json!(["Be brief. one", "Be brief. two"])
+    );
 }
 
 #[tokio::test]
@@ -60,29 +81,55 @@ async fn pii_redactor_keeps_emails_and_phone_numbers_from_the_upstream() {
     let body = json!({"model": MODEL, "prompt": "Write to jane@example.com or call +1 555 123 4567 today", "max_tokens": 2, "stream": true});
     let events = sse_events(gw.post(&body).await).await;
     assert_eq!(events.last().unwrap(), "[DONE]");
-    assert_eq!(gw.sim.received()[0].body["prompt"], "Write to [EMAIL] or call [PHONE] today");
-    ws_request(&gw, &json!({"model": MODEL, "prompt": "mail bob@corp.io", "max_tokens": 2, "stream": true})).await;
+    assert_eq!(
+        gw.sim.received()[0].body["prompt"],
+        "Write to [EMAIL] or call [PHONE] today"
+    );
+    ws_request(
+        &gw,
+        &json!({"model": MODEL, "prompt": "mail bob@corp.io", "max_tokens": 2, "stream": true}),
+    )
+    .await;
     assert_eq!(gw.sim.received()[1].body["prompt"], "mail [EMAIL]");
     // Redacted prompts are what the cache sees: a different address is a hit.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let other = json!({"model": MODEL, "prompt": "Write to joe@example.org or call +1 555 765 4321 today", "max_tokens": 2, "stream": true});
     sse_events(gw.post(&other).await).await;
-    assert_eq!(gw.sim.received().len(), 2, "served from the cache entry of the redacted prompt");
+    assert_eq!(
+        gw.sim.received().len(),
+        2,
+        "served from the cache entry of the redacted prompt"
+    );
 }
 
 #[tokio::test]
 async fn cache_key_normalizer_folds_case_whitespace_and_user() {
-    let gw = gateway_with(vec![plugin("normalizer", "cache_key_normalizer", FailClosed, json!({}))]).await;
+    let gw = gateway_with(vec![plugin(
+        "normalizer",
+        "cache_key_normalizer",
+        FailClosed,
+        json!({}),
+    )])
+    .await;
     let first = json!({"model": MODEL, "prompt": "Hello   World", "max_tokens": 4, "user": "alice", "stream": true});
     let second = json!({"model": MODEL, "prompt": " hello world", "max_tokens": 4, "user": "bob", "stream": true});
     let a = sse_events(gw.post(&first).await).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let b = ws_request(&gw, &second).await;
-    assert_eq!(gw.sim.received().len(), 1, "the second request was a cache hit");
+    assert_eq!(
+        gw.sim.received().len(),
+        1,
+        "the second request was a cache hit"
+    );
     assert_eq!(texts(&a), texts(&b));
-    let different = json!({"model": MODEL, "prompt": "hello world", "max_tokens": 5, "stream": true});
+    let different =
+        json!({"model": MODEL, "prompt": "hello world", "max_tokens": 5, "stream": true});
     sse_events(gw.post(&different).await).await;
-    assert_eq!(gw.sim.received().len(), 2, "max_tokens is still part of the key");
+    assert_eq!(
+        gw.sim.received().len(),
+        2,
+        "max_tokens is still part of the key"
+    );
 }
 
 /// A phrase that the simulator's answer to `body` splits across two chunks.
@@ -91,7 +138,11 @@ fn split_phrase(sim: &Simulator, body: &Value) -> String {
     let words: Vec<&str> = text.split_whitespace().collect();
     // The end of one token and the start of the next, e.g. "ver flo".
     let (a, b) = (words[2], words[3]);
-    format!("{} {}", &a[a.len().saturating_sub(2)..], &b[..b.len().min(2)])
+    format!(
+        "{} {}",
+        &a[a.len().saturating_sub(2)..],
+        &b[..b.len().min(2)]
+    )
 }
 
 fn censored(text: &str, phrase: &str, mask: &str) -> String {
@@ -105,7 +156,13 @@ async fn token_censor_masks_a_phrase_split_across_chunks_on_misses_and_hits() {
     let phrase = split_phrase(&sim, &body);
     let raw = sim.expected_texts(&body)[0].clone();
     drop(sim);
-    let gw = gateway_with(vec![plugin("censor", "token_censor", FailClosed, json!({"words": [phrase.clone()], "mask": "[censored]"}))]).await;
+    let gw = gateway_with(vec![plugin(
+        "censor",
+        "token_censor",
+        FailClosed,
+        json!({"words": [phrase.clone()], "mask": "[censored]"}),
+    )])
+    .await;
     let expected = censored(&raw, &phrase, "[censored]");
     assert_ne!(expected, raw);
 
@@ -119,37 +176,80 @@ async fn token_censor_masks_a_phrase_split_across_chunks_on_misses_and_hits() {
     let json_body = json!({"model": MODEL, "prompt": "censor this", "max_tokens": 12});
     let full: Value = gw.post(&json_body).await.json().await.unwrap();
     assert_eq!(full["choices"][0]["text"], expected, "non-streaming");
-    assert_eq!(gw.sim.received().len(), 1, "one upstream call; the rest were hits");
+    assert_eq!(
+        gw.sim.received().len(),
+        1,
+        "one upstream call; the rest were hits"
+    );
     // The cache holds the raw upstream text: the policy applies to hits too.
-    assert!(gw.metrics().await.contains(r#"sluice_plugin_calls_total{hook="on-token",plugin="censor"}"#));
+    assert!(
+        gw.metrics()
+            .await
+            .contains(r#"sluice_plugin_calls_total{hook="on-token",plugin="censor"}"#)
+    );
 }
 
 #[tokio::test]
 async fn every_example_plugin_together_over_websocket() {
     let gw = gateway_with(vec![
         plugin("pii", "pii_redactor", FailClosed, json!({})),
-        plugin("guard", "prompt_guard", FailClosed, json!({"block": ["forbidden"]})),
+        plugin(
+            "guard",
+            "prompt_guard",
+            FailClosed,
+            json!({"block": ["forbidden"]}),
+        ),
         plugin("normalizer", "cache_key_normalizer", FailClosed, json!({})),
-        plugin("censor", "token_censor", FailClosed, json!({"words": ["the"]})),
+        plugin(
+            "censor",
+            "token_censor",
+            FailClosed,
+            json!({"words": ["the"]}),
+        ),
     ])
     .await;
     let body = json!({"model": MODEL, "prompt": "Ask x@y.com", "max_tokens": 10, "stream": true});
     let frames = ws_request(&gw, &body).await;
     assert_eq!(frames.last().unwrap(), "[DONE]");
     assert_eq!(gw.sim.received()[0].body["prompt"], "Ask [EMAIL]");
-    let expected = censored(&gw.sim.expected_texts(&json!({"model": MODEL, "prompt": "Ask [EMAIL]", "max_tokens": 10}))[0], "the", "***");
+    let expected = censored(
+        &gw.sim
+            .expected_texts(&json!({"model": MODEL, "prompt": "Ask [EMAIL]", "max_tokens": 10}))[0],
+        "the",
+        "***",
+    );
     assert_eq!(texts(&frames)[0], expected);
-    let blocked = ws_request(&gw, &json!({"model": MODEL, "prompt": "forbidden", "stream": true})).await;
-    assert_eq!(serde_json::from_str::<Value>(&blocked[0]).unwrap()["error"]["code"], 400);
+    let blocked = ws_request(
+        &gw,
+        &json!({"model": MODEL, "prompt": "forbidden", "stream": true}),
+    )
+    .await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&blocked[0]).unwrap()["error"]["code"],
+        400
+    );
 }
 
-fn misbehaving(mode: &str, hook: &str, on_error: sluice::config::OnError) -> sluice::config::PluginConfig {
-    plugin("bad", "misbehave", on_error, json!({"mode": mode, "hook": hook}))
+fn misbehaving(
+    mode: &str,
+    hook: &str,
+    on_error: sluice::config::OnError,
+) -> sluice::config::PluginConfig {
+    plugin(
+        "bad",
+        "misbehave",
+        on_error,
+        json!({"mode": mode, "hook": hook}),
+    )
 }
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 
@@ -161,13 +261,23 @@ async fn misbehaving_plugins_never_take_the_gateway_down() {
             // Fail-open: the plugin is skipped and the client gets the normal answer.
             let gw = gateway_with(vec![misbehaving(mode, hook, FailOpen)]).await;
             let events = sse_events(gw.post(&body).await).await;
-            assert_eq!(texts(&events), gw.sim.expected_texts(&body), "{mode} in {hook}, fail-open");
+            assert_eq!(
+                texts(&events),
+                gw.sim.expected_texts(&body),
+                "{mode} in {hook}, fail-open"
+            );
             let metrics = gw.metrics().await;
             let count = |counter: &str| {
                 let prefix = format!(r#"{counter}{{hook="{hook}",plugin="bad"}} "#);
-                metrics.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.parse::<u64>().unwrap())
+                metrics
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&prefix))
+                    .map_or(0, |v| v.parse::<u64>().unwrap())
             };
-            let (timeouts, traps) = (count("sluice_plugin_timeouts_total"), count("sluice_plugin_traps_total"));
+            let (timeouts, traps) = (
+                count("sluice_plugin_timeouts_total"),
+                count("sluice_plugin_traps_total"),
+            );
             match mode {
                 "loop" => assert_eq!(timeouts, 1, "{mode} in {hook}\n{metrics}"),
                 // Filling 16 MiB can hit the CPU deadline first on a loaded machine.
@@ -182,12 +292,21 @@ async fn misbehaving_plugins_never_take_the_gateway_down() {
                 assert_eq!(response.status(), 200);
                 let events = sse_events(response).await;
                 let error: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
-                assert_eq!(error["error"]["code"], 500, "{mode} in {hook}, fail-closed: {events:?}");
+                assert_eq!(
+                    error["error"]["code"], 500,
+                    "{mode} in {hook}, fail-closed: {events:?}"
+                );
                 assert_eq!(events.last().unwrap(), "[DONE]");
             } else {
                 assert_eq!(response.status(), 500, "{mode} in {hook}, fail-closed");
                 let error: Value = response.json().await.unwrap();
-                assert!(error["error"]["message"].as_str().unwrap().contains("plugin bad failed"), "{error}");
+                assert!(
+                    error["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("plugin bad failed"),
+                    "{error}"
+                );
             }
         }
     }
@@ -204,7 +323,11 @@ async fn plugins_that_hoard_memory_do_not_leak_it_across_requests() {
     }
     let grown = rss_bytes().saturating_sub(before);
     // 40 instances each filled their 16 MiB cap: 640 MiB if any were kept.
-    assert!(grown < 128 << 20, "resident memory grew by {} MiB", grown >> 20);
+    assert!(
+        grown < 128 << 20,
+        "resident memory grew by {} MiB",
+        grown >> 20
+    );
 }
 
 #[tokio::test]
@@ -214,19 +337,33 @@ async fn plugins_that_cannot_load_stop_startup_with_a_clear_message() {
     std::fs::write(&garbage, b"definitely not wasm").unwrap();
     let core = dir.path().join("core.wasm");
     std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
-    for (path, expected) in [(garbage, "not a WebAssembly file"), (core, "core WebAssembly module")] {
+    for (path, expected) in [
+        (garbage, "not a WebAssembly file"),
+        (core, "core WebAssembly module"),
+    ] {
         let mut bad = misbehaving("none", "on-request", FailOpen);
         bad.path = path;
         let mut config = sluice::Config::default();
         config.plugins = vec![bad];
         config.store.url = format!("sqlite://{}", dir.path().join("x.db").display());
-        let err = sluice::Gateway::start(config).await.err().expect("startup fails").to_string();
-        assert!(err.contains("plugin `bad`") && err.contains(expected), "{err}");
+        let err = sluice::Gateway::start(config)
+            .await
+            .err()
+            .expect("startup fails")
+            .to_string();
+        assert!(
+            err.contains("plugin `bad`") && err.contains(expected),
+            "{err}"
+        );
     }
     let mut config = sluice::Config::default();
     config.plugins = vec![misbehaving("init-fail", "on-request", FailOpen)];
     config.store.url = format!("sqlite://{}", dir.path().join("y.db").display());
-    let err = sluice::Gateway::start(config).await.err().expect("startup fails").to_string();
+    let err = sluice::Gateway::start(config)
+        .await
+        .err()
+        .expect("startup fails")
+        .to_string();
     assert!(err.contains("configured to fail"), "{err}");
 }
 
@@ -295,7 +432,11 @@ async fn hot_reload_under_load_keeps_old_streams_on_the_old_version() {
     }
     std::fs::write(&config_path, gateway_toml("[v2]", "")).unwrap();
     assert!(
-        eventually(Duration::from_secs(10), || async { (reloads(&gw, "censor", "ok").await >= 2).then_some(()) }).await.is_some(),
+        eventually(Duration::from_secs(10), || async {
+            (reloads(&gw, "censor", "ok").await >= 2).then_some(())
+        })
+        .await
+        .is_some(),
         "the edited config was reloaded"
     );
     let gw_ref = &gw;
@@ -307,11 +448,22 @@ async fn hot_reload_under_load_keeps_old_streams_on_the_old_version() {
 
     for (i, task) in old.into_iter().enumerate() {
         let events = task.await.unwrap();
-        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "stream {i} completed");
+        assert_eq!(
+            events.last().map(String::as_str),
+            Some("[DONE]"),
+            "stream {i} completed"
+        );
         let text = &texts(&events)[0];
-        assert!(!text.contains("[v2]"), "stream {i} started before the reload stays on v1: {text}");
+        assert!(
+            !text.contains("[v2]"),
+            "stream {i} started before the reload stays on v1: {text}"
+        );
         let raw = &gw.sim.expected_texts(&body(i))[0];
-        assert_eq!(text.len(), raw.len() + text.matches("[v1]").count() * 4 - count_masked(raw), "stream {i}: {text}");
+        assert_eq!(
+            text.len(),
+            raw.len() + text.matches("[v1]").count() * 4 - count_masked(raw),
+            "stream {i}: {text}"
+        );
     }
     for events in &fresh {
         let text = &texts(events)[0];
@@ -344,7 +496,10 @@ async fn a_broken_plugin_file_leaves_the_previous_version_serving() {
     let wasm = dir.path().join("censor.wasm");
     std::fs::copy(plugin_wasm("token_censor"), &wasm).unwrap();
     let config_path = dir.path().join("gateway.toml");
-    let toml = gateway_toml("[v1]", "").replace(&plugin_wasm("token_censor").display().to_string(), &wasm.display().to_string());
+    let toml = gateway_toml("[v1]", "").replace(
+        &plugin_wasm("token_censor").display().to_string(),
+        &wasm.display().to_string(),
+    );
     std::fs::write(&config_path, &toml).unwrap();
     let path = config_path.clone();
     let gw = TestGateway::start_with(sim_config(), move |c| {
@@ -355,15 +510,45 @@ async fn a_broken_plugin_file_leaves_the_previous_version_serving() {
     })
     .await;
     std::fs::write(&wasm, b"\0asm garbage").unwrap();
-    assert!(eventually(Duration::from_secs(10), || async { (reloads(&gw, "censor", "failed").await >= 1).then_some(()) }).await.is_some());
-    let events = sse_events(gw.post(&json!({"model": MODEL, "prompt": "p", "max_tokens": 30, "stream": true})).await).await;
-    assert!(texts(&events)[0].contains("[v1]"), "the previous version still filters: {events:?}");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            (reloads(&gw, "censor", "failed").await >= 1).then_some(())
+        })
+        .await
+        .is_some()
+    );
+    let events = sse_events(
+        gw.post(&json!({"model": MODEL, "prompt": "p", "max_tokens": 30, "stream": true}))
+            .await,
+    )
+    .await;
+    assert!(
+        texts(&events)[0].contains("[v1]"),
+        "the previous version still filters: {events:?}"
+    );
 
     // A good file again (here: a different plugin at the same path) is picked up.
     std::fs::copy(plugin_wasm("misbehave"), &wasm).unwrap();
-    std::fs::write(&config_path, toml.replace("words = [\"the\", \"a\", \"of\"]\n        mask = \"[v1]\"", "mode = \"none\"")).unwrap();
-    assert!(eventually(Duration::from_secs(10), || async { (reloads(&gw, "censor", "ok").await >= 2).then_some(()) }).await.is_some());
-    let events = sse_events(gw.post(&json!({"model": MODEL, "prompt": "q", "max_tokens": 30, "stream": true})).await).await;
+    std::fs::write(
+        &config_path,
+        toml.replace(
+            "words = [\"the\", \"a\", \"of\"]\n        mask = \"[v1]\"",
+            "mode = \"none\"",
+        ),
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            (reloads(&gw, "censor", "ok").await >= 2).then_some(())
+        })
+        .await
+        .is_some()
+    );
+    let events = sse_events(
+        gw.post(&json!({"model": MODEL, "prompt": "q", "max_tokens": 30, "stream": true}))
+            .await,
+    )
+    .await;
     assert!(!texts(&events)[0].contains("[v1]"));
 }
 
@@ -372,8 +557,15 @@ async fn plugins_can_be_limited_to_some_keys() {
     let mut guard = plugin("guard", "prompt_guard", FailClosed, json!({"block": ["x"]}));
     guard.keys = vec!["restricted".into()];
     let gw = gateway_with(vec![guard]).await;
-    assert_eq!(gw.post(&json!({"model": MODEL, "prompt": "x", "max_tokens": 1})).await.status(), 200);
-    let restricted = sluice::auth::create_key(gw.store.as_ref(), "restricted").await.unwrap();
+    assert_eq!(
+        gw.post(&json!({"model": MODEL, "prompt": "x", "max_tokens": 1}))
+            .await
+            .status(),
+        200
+    );
+    let restricted = sluice::auth::create_key(gw.store.as_ref(), "restricted")
+        .await
+        .unwrap();
     let response = gw
         .http
         .post(gw.completions_url())

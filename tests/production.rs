@@ -29,7 +29,12 @@ async fn stream_from(http: &reqwest::Client, url: &str, key: &str, body: &Value)
         .send()
         .await
         .expect("request");
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap_or_default());
+    assert_eq!(
+        response.status(),
+        200,
+        "{}",
+        response.text().await.unwrap_or_default()
+    );
     sse_events(response).await
 }
 
@@ -39,21 +44,29 @@ async fn postgres_store_keeps_keys_revocations_and_inference_logs() {
     let sim = Simulator::start(sim_config()).await.unwrap();
     let config = services.config(&sim.url(), "");
     let gw = TestGateway::start_config(sim, config).await;
-    let response = gw.post(&json!({"model": MODEL, "prompt": "stored in postgres", "max_tokens": 5})).await;
+    let response = gw
+        .post(&json!({"model": MODEL, "prompt": "stored in postgres", "max_tokens": 5}))
+        .await;
     let id = request_id(&response);
     response.bytes().await.unwrap();
-    let row = eventually(Duration::from_secs(3), || async { gw.store.inferences_for(&id).await.unwrap().pop() })
-        .await
-        .expect("inference row in PostgreSQL");
-    assert_eq!((row.key_id.as_str(), row.completion_tokens, row.status), (gw.key_id.as_str(), 5, 200));
+    let row = eventually(Duration::from_secs(3), || async {
+        gw.store.inferences_for(&id).await.unwrap().pop()
+    })
+    .await
+    .expect("inference row in PostgreSQL");
+    assert_eq!(
+        (row.key_id.as_str(), row.completion_tokens, row.status),
+        (gw.key_id.as_str(), 5, 200)
+    );
 
     // The rows really are in PostgreSQL, under the documented schema.
     let pool = sqlx::PgPool::connect(&services.postgres).await.unwrap();
-    let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM inference_logs WHERE request_id = $1")
-        .bind(&id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let (count,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM inference_logs WHERE request_id = $1")
+            .bind(&id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(count, 1);
     let (hash,): (String,) = sqlx::query_as("SELECT key_hash FROM api_keys WHERE id = $1")
         .bind(&gw.key_id)
@@ -64,13 +77,24 @@ async fn postgres_store_keeps_keys_revocations_and_inference_logs() {
     assert_eq!(hash, sluice::auth::hash_secret(&gw.key));
 
     let keys = gw.store.list_keys().await.unwrap();
-    assert!(keys.iter().any(|k| k.id == gw.key_id && k.revoked_at.is_none()));
+    assert!(
+        keys.iter()
+            .any(|k| k.id == gw.key_id && k.revoked_at.is_none())
+    );
     let usage = gw.store.key_usage(None).await.unwrap();
-    assert!(usage.iter().any(|u| u.key_id == gw.key_id && u.completion_tokens == 5));
+    assert!(
+        usage
+            .iter()
+            .any(|u| u.key_id == gw.key_id && u.completion_tokens == 5)
+    );
 
     assert_eq!(gw.store.revoke_key(&gw.key_id).await.unwrap(), 1);
     let refused = eventually(Duration::from_secs(2), || async {
-        (gw.post(&json!({"model": MODEL, "prompt": "x", "max_tokens": 1})).await.status() == 401).then_some(())
+        (gw.post(&json!({"model": MODEL, "prompt": "x", "max_tokens": 1}))
+            .await
+            .status()
+            == 401)
+            .then_some(())
     })
     .await;
     assert!(refused.is_some(), "revoked key refused");
@@ -89,7 +113,8 @@ async fn redis_cache_serves_edge_b_what_edge_a_computed() {
     let edge_a = TestGateway::start_config(sim_a, config_a).await;
     let edge_b = TestGateway::start_config(sim_b, config_b).await;
 
-    let body = json!({"model": MODEL, "prompt": "shared through redis", "max_tokens": 6, "stream": true});
+    let body =
+        json!({"model": MODEL, "prompt": "shared through redis", "max_tokens": 6, "stream": true});
     let from_a = sse_events(edge_a.post(&body).await).await;
     let from_b = eventually(Duration::from_secs(3), || async {
         let events = sse_events(edge_b.post(&body).await).await;
@@ -99,7 +124,12 @@ async fn redis_cache_serves_edge_b_what_edge_a_computed() {
     .expect("edge B answered from the cache without calling its upstream");
     assert_eq!(from_a, from_b, "same chunks, same boundaries");
     assert_eq!(edge_a.sim.received().len(), 1);
-    assert!(edge_b.metrics().await.contains(r#"sluice_cache_lookups_total{result="hit"} 1"#));
+    assert!(
+        edge_b
+            .metrics()
+            .await
+            .contains(r#"sluice_cache_lookups_total{result="hit"} 1"#)
+    );
     edge_a.stop().await;
     edge_b.stop().await;
     services.drop_database().await;
@@ -115,7 +145,12 @@ async fn two_edges_two_workers_serve_200_concurrent_streams_exactly_once() {
     })
     .await
     .unwrap();
-    let edge_config = || services.config(&sim.url(), &merge_toml(&services.kafka_queue(false), "[cache]\nurl = \"off\"\n"));
+    let edge_config = || {
+        services.config(
+            &sim.url(),
+            &merge_toml(&services.kafka_queue(false), "[cache]\nurl = \"off\"\n"),
+        )
+    };
     let worker_config = || services.config(&sim.url(), &services.kafka_queue(false));
 
     let (rt_edge_a, rt_edge_b) = (Isolated::new("edge-a"), Isolated::new("edge-b"));
@@ -124,7 +159,10 @@ async fn two_edges_two_workers_serve_200_concurrent_streams_exactly_once() {
     rt_worker_2.start_worker(worker_config()).await;
     let (url_a, store) = rt_edge_a.start_edge(edge_config()).await;
     let (url_b, _) = rt_edge_b.start_edge(edge_config()).await;
-    let key = sluice::auth::create_key(store.as_ref(), "load").await.unwrap().secret;
+    let key = sluice::auth::create_key(store.as_ref(), "load")
+        .await
+        .unwrap()
+        .secret;
 
     let http = reqwest::Client::new();
     let requests = (0..200).map(|i| {
@@ -141,9 +179,16 @@ async fn two_edges_two_workers_serve_200_concurrent_streams_exactly_once() {
     join_all(requests).await;
 
     let received = sim.received();
-    assert_eq!(received.len(), 200, "the upstream saw each request exactly once");
+    assert_eq!(
+        received.len(),
+        200,
+        "the upstream saw each request exactly once"
+    );
     let ids: HashSet<_> = received.iter().map(|r| r.request_id.clone()).collect();
-    let prompts: HashSet<_> = received.iter().map(|r| r.body["prompt"].to_string()).collect();
+    let prompts: HashSet<_> = received
+        .iter()
+        .map(|r| r.body["prompt"].to_string())
+        .collect();
     assert_eq!((ids.len(), prompts.len()), (200, 200));
     for rt in [rt_edge_a, rt_edge_b, rt_worker_1, rt_worker_2] {
         rt.kill();
@@ -161,10 +206,17 @@ async fn client_disconnect_cancels_the_generation_on_a_remote_worker() {
     .await
     .unwrap();
     let worker = Isolated::new("worker");
-    worker.start_worker(services.config(&sim.url(), &services.kafka_queue(false))).await;
+    worker
+        .start_worker(services.config(&sim.url(), &services.kafka_queue(false)))
+        .await;
     let edge = Isolated::new("edge");
-    let (url, store) = edge.start_edge(services.config(&sim.url(), &services.kafka_queue(false))).await;
-    let key = sluice::auth::create_key(store.as_ref(), "cancel").await.unwrap().secret;
+    let (url, store) = edge
+        .start_edge(services.config(&sim.url(), &services.kafka_queue(false)))
+        .await;
+    let key = sluice::auth::create_key(store.as_ref(), "cancel")
+        .await
+        .unwrap()
+        .secret;
 
     let response = reqwest::Client::new()
         .post(format!("{url}/v1/completions"))
@@ -178,7 +230,10 @@ async fn client_disconnect_cancels_the_generation_on_a_remote_worker() {
     assert!(reader.next().await.is_some());
     drop(reader);
     let disconnected = Instant::now();
-    assert!(sim.wait_for_abort(&id, Duration::from_secs(5)).await, "the worker dropped the upstream request");
+    assert!(
+        sim.wait_for_abort(&id, Duration::from_secs(5)).await,
+        "the worker dropped the upstream request"
+    );
     let took = disconnected.elapsed();
     assert!(took < Duration::from_secs(1), "cancellation took {took:?}");
     edge.kill();
@@ -194,8 +249,13 @@ async fn a_worker_killed_before_its_first_chunk_is_replaced_transparently() {
     let first_worker = Isolated::new("worker-1");
     first_worker.start_worker(worker_config()).await;
     let edge = Isolated::new("edge");
-    let (url, store) = edge.start_edge(services.config(&sim.url(), &services.kafka_queue(false))).await;
-    let key = sluice::auth::create_key(store.as_ref(), "retry").await.unwrap().secret;
+    let (url, store) = edge
+        .start_edge(services.config(&sim.url(), &services.kafka_queue(false)))
+        .await;
+    let key = sluice::auth::create_key(store.as_ref(), "retry")
+        .await
+        .unwrap()
+        .secret;
 
     // A long prefill: the worker accepts the request but sends no token for 2 s.
     let body = json!({"model": MODEL, "prompt": "slow start", "max_tokens": 8, "stream": true, "sim_first_token_delay_ms": 2000});
@@ -203,18 +263,34 @@ async fn a_worker_killed_before_its_first_chunk_is_replaced_transparently() {
         let (url, key, body) = (url.clone(), key.clone(), body.clone());
         async move { stream_from(&reqwest::Client::new(), &url, &key, &body).await }
     });
-    assert!(eventually(Duration::from_secs(10), || async { (!sim.received().is_empty()).then_some(()) }).await.is_some());
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            (!sim.received().is_empty()).then_some(())
+        })
+        .await
+        .is_some()
+    );
     let second_worker = Isolated::new("worker-2");
     second_worker.start_worker(worker_config()).await;
     first_worker.kill();
 
-    let events = tokio::time::timeout(Duration::from_secs(40), client).await.expect("finished").unwrap();
-    assert_eq!(texts(&events), sim.expected_texts(&body), "the client got the whole answer, once");
+    let events = tokio::time::timeout(Duration::from_secs(40), client)
+        .await
+        .expect("finished")
+        .unwrap();
+    assert_eq!(
+        texts(&events),
+        sim.expected_texts(&body),
+        "the client got the whole answer, once"
+    );
     assert_eq!(events.len(), 9);
     let received = sim.received();
     assert_eq!(received.len(), 2, "the upstream saw the retry");
     assert_eq!(received[0].request_id, received[1].request_id);
-    assert!(sim.aborted().contains(&received[0].request_id), "the dead worker's generation was aborted");
+    assert!(
+        sim.aborted().contains(&received[0].request_id),
+        "the dead worker's generation was aborted"
+    );
     edge.kill();
     second_worker.kill();
     services.drop_database().await;
@@ -230,10 +306,17 @@ async fn a_worker_killed_mid_stream_ends_the_stream_with_an_error() {
     .await
     .unwrap();
     let worker = Isolated::new("worker");
-    worker.start_worker(services.config(&sim.url(), &services.kafka_queue(false))).await;
+    worker
+        .start_worker(services.config(&sim.url(), &services.kafka_queue(false)))
+        .await;
     let edge = Isolated::new("edge");
-    let (url, store) = edge.start_edge(services.config(&sim.url(), &services.kafka_queue(false))).await;
-    let key = sluice::auth::create_key(store.as_ref(), "midstream").await.unwrap().secret;
+    let (url, store) = edge
+        .start_edge(services.config(&sim.url(), &services.kafka_queue(false)))
+        .await;
+    let key = sluice::auth::create_key(store.as_ref(), "midstream")
+        .await
+        .unwrap()
+        .secret;
 
     let body = json!({"model": MODEL, "prompt": "interrupted", "max_tokens": 50, "stream": true});
     let response = reqwest::Client::new()
@@ -252,19 +335,31 @@ async fn a_worker_killed_mid_stream_ends_the_stream_with_an_error() {
     while let Some(event) = reader.next().await {
         events.push(event);
     }
-    let error: Value = serde_json::from_str(&events[events.len() - 2]).expect("an error event before [DONE]");
+    let error: Value =
+        serde_json::from_str(&events[events.len() - 2]).expect("an error event before [DONE]");
     assert_eq!(error["error"]["code"], 502, "{events:?}");
     assert_eq!(events.last().unwrap(), "[DONE]");
     let delivered = texts(&events[..events.len() - 2]);
     let expected = &sim.expected_texts(&body)[0];
-    assert!(expected.starts_with(&delivered[0]), "tokens in order, none twice: {delivered:?}");
-    assert_eq!(sim.received().len(), 1, "a request that delivered tokens is not retried");
+    assert!(
+        expected.starts_with(&delivered[0]),
+        "tokens in order, none twice: {delivered:?}"
+    );
+    assert_eq!(
+        sim.received().len(),
+        1,
+        "a request that delivered tokens is not retried"
+    );
     edge.kill();
     services.drop_database().await;
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn start_redis(port: u16) -> std::process::Child {
@@ -273,7 +368,16 @@ fn start_redis(port: u16) -> std::process::Child {
         .filter(|b| !b.is_empty())
         .unwrap_or_else(|| "redis-server".into());
     std::process::Command::new(binary)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("redis-server runs")
@@ -285,9 +389,13 @@ async fn requests_succeed_while_redis_is_down_and_the_cache_comes_back_by_itself
     let port = free_port();
     let mut redis = start_redis(port);
     let sim = Simulator::start(sim_config()).await.unwrap();
-    let config = services.config(&sim.url(), &format!("[cache]\nurl = \"redis://127.0.0.1:{port}\"\n"));
+    let config = services.config(
+        &sim.url(),
+        &format!("[cache]\nurl = \"redis://127.0.0.1:{port}\"\n"),
+    );
     let gw = TestGateway::start_config(sim, config).await;
-    let body = |prompt: &str| json!({"model": MODEL, "prompt": prompt, "max_tokens": 3, "stream": true});
+    let body =
+        |prompt: &str| json!({"model": MODEL, "prompt": prompt, "max_tokens": 3, "stream": true});
 
     sse_events(gw.post(&body("before")).await).await;
     let hit = eventually(Duration::from_secs(3), || async {
@@ -304,23 +412,38 @@ async fn requests_succeed_while_redis_is_down_and_the_cache_comes_back_by_itself
         assert_eq!(events.last().unwrap(), "[DONE]");
     }
     let metrics = gw.metrics().await;
-    assert!(metrics.contains(r#"sluice_cache_lookups_total{result="error"}"#), "{metrics}");
-    assert!(metrics.contains(r#"sluice_backend_up{backend="cache"} 0"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"sluice_cache_lookups_total{result="error"}"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"sluice_backend_up{backend="cache"} 0"#),
+        "{metrics}"
+    );
 
     let mut redis = start_redis(port);
     let hits_after = eventually(Duration::from_secs(15), || async {
         // Traffic is what probes a Redis that is backing off.
         sse_events(gw.post(&body("probe")).await).await;
         let metrics = gw.metrics().await;
-        metrics.contains(r#"sluice_backend_up{backend="cache"} 1"#).then_some(())
+        metrics
+            .contains(r#"sluice_backend_up{backend="cache"} 1"#)
+            .then_some(())
     })
     .await;
-    assert!(hits_after.is_some(), "the cache recovered without a restart");
+    assert!(
+        hits_after.is_some(),
+        "the cache recovered without a restart"
+    );
     let before = gw.sim.received().len();
     sse_events(gw.post(&body("after recovery")).await).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     sse_events(gw.post(&body("after recovery")).await).await;
-    assert_eq!(gw.sim.received().len(), before + 1, "the second request was a cache hit again");
+    assert_eq!(
+        gw.sim.received().len(),
+        before + 1,
+        "the second request was a cache hit again"
+    );
     redis.kill().unwrap();
     let _ = redis.wait();
     gw.stop().await;
@@ -343,18 +466,33 @@ async fn malformed_messages_on_both_topics_are_skipped_and_counted() {
     for partition in 0..4 {
         for topic in ["requests", "responses"] {
             let topic = format!("sluice-test-{}.{topic}", services.id);
-            let record = FutureRecord::<str, [u8]>::to(&topic).partition(partition).payload(&b"\x00\xffnot a sluice message"[..]);
-            producer.send(record, Duration::from_secs(5)).await.expect("garbage produced");
+            let record = FutureRecord::<str, [u8]>::to(&topic)
+                .partition(partition)
+                .payload(&b"\x00\xffnot a sluice message"[..]);
+            producer
+                .send(record, Duration::from_secs(5))
+                .await
+                .expect("garbage produced");
         }
     }
-    let body = json!({"model": MODEL, "prompt": "after the garbage", "max_tokens": 4, "stream": true});
+    let body =
+        json!({"model": MODEL, "prompt": "after the garbage", "max_tokens": 4, "stream": true});
     let events = sse_events(gw.post(&body).await).await;
     assert_eq!(texts(&events), gw.sim.expected_texts(&body));
     let metrics = gw.metrics().await;
-    let requests = format!(r#"sluice_queue_messages_skipped_total{{reason="malformed",topic="sluice-test-{}.requests"}} 4"#, services.id);
+    let requests = format!(
+        r#"sluice_queue_messages_skipped_total{{reason="malformed",topic="sluice-test-{}.requests"}} 4"#,
+        services.id
+    );
     assert!(metrics.contains(&requests), "{metrics}");
-    let responses = format!(r#"sluice_queue_messages_skipped_total{{reason="malformed",topic="sluice-test-{}.responses"}} 1"#, services.id);
-    assert!(metrics.contains(&responses), "the edge's reply partition had one: {metrics}");
+    let responses = format!(
+        r#"sluice_queue_messages_skipped_total{{reason="malformed",topic="sluice-test-{}.responses"}} 1"#,
+        services.id
+    );
+    assert!(
+        metrics.contains(&responses),
+        "the edge's reply partition had one: {metrics}"
+    );
     gw.stop().await;
     services.drop_database().await;
 }
@@ -362,23 +500,42 @@ async fn malformed_messages_on_both_topics_are_skipped_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_fails_clearly_when_a_required_backend_is_unreachable() {
     let services = services!();
-    let bad_store = config_from_toml("[store]\nurl = \"postgres://sluice:hunter2@127.0.0.1:1/db\"\n");
-    let err = sluice::Gateway::start(bad_store).await.err().expect("startup fails").to_string();
-    assert!(err.contains("PostgreSQL") && err.contains("127.0.0.1:1"), "{err}");
+    let bad_store =
+        config_from_toml("[store]\nurl = \"postgres://sluice:hunter2@127.0.0.1:1/db\"\n");
+    let err = sluice::Gateway::start(bad_store)
+        .await
+        .err()
+        .expect("startup fails")
+        .to_string();
+    assert!(
+        err.contains("PostgreSQL") && err.contains("127.0.0.1:1"),
+        "{err}"
+    );
     assert!(!err.contains("hunter2"), "credentials never appear: {err}");
 
     let bad_queue = services.config(
         "http://127.0.0.1:9",
         "[queue]\nurl = \"kafka://127.0.0.1:1\"\n[worker]\nin_process = false\n",
     );
-    let err = sluice::Gateway::start(bad_queue).await.err().expect("startup fails").to_string();
-    assert!(err.contains("Kafka") && err.contains("127.0.0.1:1"), "{err}");
+    let err = sluice::Gateway::start(bad_queue)
+        .await
+        .err()
+        .expect("startup fails")
+        .to_string();
+    assert!(
+        err.contains("Kafka") && err.contains("127.0.0.1:1"),
+        "{err}"
+    );
 
     // Redis is optional: an unreachable cache does not stop startup.
     let sim = Simulator::start(sim_config()).await.unwrap();
     let config = services.config(&sim.url(), "[cache]\nurl = \"redis://127.0.0.1:1\"\n");
     let gw = TestGateway::start_config(sim, config).await;
-    let events = sse_events(gw.post(&json!({"model": MODEL, "prompt": "no redis", "max_tokens": 2, "stream": true})).await).await;
+    let events = sse_events(
+        gw.post(&json!({"model": MODEL, "prompt": "no redis", "max_tokens": 2, "stream": true}))
+            .await,
+    )
+    .await;
     assert_eq!(events.last().unwrap(), "[DONE]");
     gw.stop().await;
     services.drop_database().await;

@@ -35,7 +35,12 @@ fn collect(body: &Value, into: &mut Vec<Span>) {
                     .flatten()
                     .map(|a| {
                         let v = &a["value"];
-                        let value = v.get("stringValue").or(v.get("intValue")).or(v.get("doubleValue")).cloned().unwrap_or(Value::Null);
+                        let value = v
+                            .get("stringValue")
+                            .or(v.get("intValue"))
+                            .or(v.get("doubleValue"))
+                            .cloned()
+                            .unwrap_or(Value::Null);
                         (a["key"].as_str().unwrap_or_default().to_string(), value)
                     })
                     .collect();
@@ -53,7 +58,9 @@ fn collect(body: &Value, into: &mut Vec<Span>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_request_through_kafka_is_one_trace_from_client_to_worker() {
-    let Some(services) = Services::fresh().await else { return };
+    let Some(services) = Services::fresh().await else {
+        return;
+    };
     let received: Arc<Mutex<Vec<Span>>> = Default::default();
     let sink = received.clone();
     let collector = axum::Router::new().route(
@@ -73,8 +80,12 @@ async fn one_request_through_kafka_is_one_trace_from_client_to_worker() {
     tokio::spawn(async move { axum::serve(listener, collector).await });
 
     let sim = Simulator::start(sim_config()).await.unwrap();
-    let telemetry_toml = format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\nprotocol = \"http/json\"\n");
-    let config = services.config(&sim.url(), &common::services::merge_toml(&services.kafka_queue(true), &telemetry_toml));
+    let telemetry_toml =
+        format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\nprotocol = \"http/json\"\n");
+    let config = services.config(
+        &sim.url(),
+        &common::services::merge_toml(&services.kafka_queue(true), &telemetry_toml),
+    );
     let telemetry = sluice::telemetry::init(&config.log, &config.telemetry);
     assert!(telemetry.is_exporting());
     let gw = TestGateway::start_config(sim, config).await;
@@ -93,10 +104,20 @@ async fn one_request_through_kafka_is_one_trace_from_client_to_worker() {
     let request_id = request_id(&response);
     assert_eq!(sse_events(response).await.len(), 7);
     // vLLM is asked to continue the same trace.
-    let upstream_parent = gw.sim.received()[0].headers["traceparent"].to_str().unwrap().to_string();
+    let upstream_parent = gw.sim.received()[0].headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert!(upstream_parent.contains(client_trace), "{upstream_parent}");
 
-    let names = ["POST /v1/completions", "auth", "cache.lookup", "queue.submit", "worker.upstream", "stream.delivery"];
+    let names = [
+        "POST /v1/completions",
+        "auth",
+        "cache.lookup",
+        "queue.submit",
+        "worker.upstream",
+        "stream.delivery",
+    ];
     let spans = eventually(Duration::from_secs(10), || {
         telemetry.flush();
         let spans = received.lock().unwrap().clone();
@@ -104,22 +125,54 @@ async fn one_request_through_kafka_is_one_trace_from_client_to_worker() {
         async move { have_all.then_some(spans) }
     })
     .await
-    .unwrap_or_else(|| panic!("spans not exported: {:?}", received.lock().unwrap().iter().map(|s| s.name.clone()).collect::<Vec<_>>()));
-    let find = |name: &str| spans.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no {name} span"));
+    .unwrap_or_else(|| {
+        panic!(
+            "spans not exported: {:?}",
+            received
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|s| s.name.clone())
+                .collect::<Vec<_>>()
+        )
+    });
+    let find = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no {name} span"))
+    };
 
-    assert!(spans.iter().all(|s| s.trace_id == client_trace), "one trace, the client's: {spans:#?}");
+    assert!(
+        spans.iter().all(|s| s.trace_id == client_trace),
+        "one trace, the client's: {spans:#?}"
+    );
     let request = find("POST /v1/completions");
-    assert_eq!(request.parent, client_span, "the client's traceparent is continued");
+    assert_eq!(
+        request.parent, client_span,
+        "the client's traceparent is continued"
+    );
     assert_eq!(request.attributes["request_id"], json!(request_id));
     assert_eq!(request.attributes["model"], json!(MODEL));
     assert_eq!(request.attributes["cache"], json!("miss"));
     for child in ["auth", "cache.lookup", "queue.submit", "stream.delivery"] {
-        assert_eq!(find(child).parent, request.span_id, "{child} is a child of the request span");
+        assert_eq!(
+            find(child).parent,
+            request.span_id,
+            "{child} is a child of the request span"
+        );
     }
     let worker = find("worker.upstream");
-    assert_eq!(worker.parent, find("queue.submit").span_id, "the worker's span continues across Kafka");
+    assert_eq!(
+        worker.parent,
+        find("queue.submit").span_id,
+        "the worker's span continues across Kafka"
+    );
     assert_eq!(worker.attributes["outcome"], json!("completed"));
-    assert!(upstream_parent.contains(&worker.span_id), "vLLM's parent is the worker span");
+    assert!(
+        upstream_parent.contains(&worker.span_id),
+        "vLLM's parent is the worker span"
+    );
     gw.stop().await;
     services.drop_database().await;
 }

@@ -34,15 +34,22 @@ pub trait Cache: Send + Sync + 'static {
 }
 
 /// Builds the configured cache; `None` when caching is off.
-pub async fn open(config: &CacheConfig, metrics: Arc<crate::metrics::Metrics>) -> Option<Arc<dyn Cache>> {
+pub async fn open(
+    config: &CacheConfig,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> Option<Arc<dyn Cache>> {
     match &config.backend {
         CacheBackend::Disabled => None,
-        CacheBackend::Memory { max_bytes } => Some(Arc::new(MemoryCache::new(*max_bytes, config.ttl))),
+        CacheBackend::Memory { max_bytes } => {
+            Some(Arc::new(MemoryCache::new(*max_bytes, config.ttl)))
+        }
         CacheBackend::Redis {
             url,
             key_prefix,
             timeout,
-        } => Some(Arc::new(RedisCache::connect(url, key_prefix, config.ttl, *timeout, metrics).await)),
+        } => Some(Arc::new(
+            RedisCache::connect(url, key_prefix, config.ttl, *timeout, metrics).await,
+        )),
     }
 }
 
@@ -58,9 +65,14 @@ pub fn encode(chunks: &[Chunk]) -> Vec<u8> {
 pub fn decode(bytes: &[u8]) -> Result<CachedResponse, CacheError> {
     let mut parser = crate::sse::SseParser::new();
     parser.push(bytes);
-    let chunks: Vec<Chunk> = std::iter::from_fn(|| parser.next_event()).map(|e| e.chunk).collect();
+    let chunks: Vec<Chunk> = std::iter::from_fn(|| parser.next_event())
+        .map(|e| e.chunk)
+        .collect();
     if parser.pending() != 0 || chunks.is_empty() {
-        return Err(CacheError::Corrupt(format!("{} trailing bytes", parser.pending())));
+        return Err(CacheError::Corrupt(format!(
+            "{} trailing bytes",
+            parser.pending()
+        )));
     }
     Ok(chunks.into())
 }

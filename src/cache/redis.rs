@@ -97,8 +97,10 @@ impl RedisCache {
 
     /// Marks an outage; logs only on the transition. Always returns false.
     fn record_failure(&self, reason: &str) -> bool {
-        self.retry_at_ms
-            .store(self.now_ms() + RETRY_AFTER.as_millis() as u64, Ordering::Relaxed);
+        self.retry_at_ms.store(
+            self.now_ms() + RETRY_AFTER.as_millis() as u64,
+            Ordering::Relaxed,
+        );
         if !self.down.swap(true, Ordering::Relaxed) {
             tracing::warn!(url = %self.url, reason, "Redis cache unavailable; serving requests uncached until it is back");
             self.metrics.backend_up.with_label_values(&["cache"]).set(0);
@@ -128,7 +130,9 @@ impl RedisCache {
 impl Cache for RedisCache {
     async fn get(&self, key: &str) -> Result<Option<CachedResponse>, CacheError> {
         if !self.should_try() {
-            return Err(CacheError::Unavailable("Redis is down (backing off)".into()));
+            return Err(CacheError::Unavailable(
+                "Redis is down (backing off)".into(),
+            ));
         }
         let value: Option<Vec<u8>> = self
             .client
@@ -142,13 +146,21 @@ impl Cache for RedisCache {
 
     async fn put(&self, key: &str, value: CachedResponse) -> Result<(), CacheError> {
         if !self.should_try() {
-            return Err(CacheError::Unavailable("Redis is down (backing off)".into()));
+            return Err(CacheError::Unavailable(
+                "Redis is down (backing off)".into(),
+            ));
         }
         let encoded = super::encode(&value);
         let _: () = self
             .client
             .with_options(&self.options)
-            .set(self.key(key), encoded, Some(Expiration::EX(self.ttl_secs)), None, false)
+            .set(
+                self.key(key),
+                encoded,
+                Some(Expiration::EX(self.ttl_secs)),
+                None,
+                false,
+            )
             .await
             .map_err(|e| self.unavailable(e))?;
         self.record_success();

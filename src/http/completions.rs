@@ -18,7 +18,11 @@ use crate::pipeline::{self, Completion, Delivery, RequestRecord};
 use crate::policy::RequestContext;
 use crate::protocol::{CompletionRequest, ResponseAssembler};
 
-pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let received_at = Instant::now();
     let request_id = super::new_request_id();
     let record = RequestRecord::new(state.clone(), request_id.clone(), "json", received_at);
@@ -28,7 +32,12 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
     super::with_request_id(response, &request_id)
 }
 
-async fn handle(state: Arc<AppState>, headers: HeaderMap, body: Body, mut record: RequestRecord) -> Response {
+async fn handle(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    body: Body,
+    mut record: RequestRecord,
+) -> Response {
     macro_rules! bail {
         ($err:expr) => {{
             let err: GatewayError = $err;
@@ -81,31 +90,38 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     }
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(GatewayError::PayloadTooLarge { limit }),
-        Err(err) => Err(GatewayError::BadRequest(format!("could not read the request body: {err}"))),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+            Err(GatewayError::PayloadTooLarge { limit })
+        }
+        Err(err) => Err(GatewayError::BadRequest(format!(
+            "could not read the request body: {err}"
+        ))),
     }
 }
 
 const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
 
 fn sse_response(completion: Completion) -> Response {
-    let span = completion.record.span.clone();
-    let events = futures::stream::unfold(Some(completion), move |completion| {
-        let span = span.clone();
-        async move {
-            let mut completion = completion?;
-            let (bytes, rest) = match completion.next().await {
-                Delivery::Chunk(chunk) => (chunk.framed().clone(), Some(completion)),
-                Delivery::Error(info) => (Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", info.to_json())), None),
-                Delivery::Done => (Bytes::from_static(DONE_EVENT), None),
-            };
-            Some((Ok::<_, Infallible>(bytes), rest))
-        }
-        .instrument(span)
+    // Not instrumented per chunk (that costs a span enter and exit per token);
+    // spans created while streaming name their parent explicitly.
+    let events = futures::stream::unfold(Some(completion), |completion| async move {
+        let mut completion = completion?;
+        let (bytes, rest) = match completion.next().await {
+            Delivery::Chunk(chunk) => (chunk.framed().clone(), Some(completion)),
+            Delivery::Error(info) => (
+                Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", info.to_json())),
+                None,
+            ),
+            Delivery::Done => (Bytes::from_static(DONE_EVENT), None),
+        };
+        Some((Ok::<_, Infallible>(bytes), rest))
     });
     let mut response = Body::from_stream(events).into_response();
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
@@ -120,5 +136,9 @@ async fn json_response(mut completion: Completion) -> Response {
             Delivery::Done => break,
         }
     }
-    ([(header::CONTENT_TYPE, "application/json")], assembler.finish()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        assembler.finish(),
+    )
+        .into_response()
 }

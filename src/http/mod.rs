@@ -22,7 +22,10 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/v1/completions", post(completions::completions).get(ws::websocket))
+        .route(
+            "/v1/completions",
+            post(completions::completions).get(ws::websocket),
+        )
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
@@ -67,9 +70,10 @@ pub fn with_request_id(mut response: Response, request_id: &str) -> Response {
 
 /// Sets TCP_NODELAY on every accepted connection: without it the last small
 /// SSE write of a stream waits ~40 ms for a delayed ACK.
-pub fn nodelay(listener: TcpListener) -> impl Listener<Io = TcpStream, Addr = std::net::SocketAddr> {
+pub fn nodelay(
+    listener: TcpListener,
+) -> impl Listener<Io = TcpStream, Addr = std::net::SocketAddr> {
     listener.tap_io(|stream: &mut TcpStream| {
         let _ = stream.set_nodelay(true);
     })
 }
-

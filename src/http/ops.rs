@@ -20,7 +20,9 @@ pub async fn health() -> Response {
     Json(json!({"status": "ok"})).into_response()
 }
 
-async fn check<E: std::fmt::Display>(check: impl Future<Output = Result<(), E>>) -> Result<(), String> {
+async fn check<E: std::fmt::Display>(
+    check: impl Future<Output = Result<(), E>>,
+) -> Result<(), String> {
     match tokio::time::timeout(CHECK_TIMEOUT, check).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(err)) => Err(err.to_string()),
@@ -42,10 +44,19 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
         Err(err) => json!({"status": "error", "error": err}),
     };
     let metrics = &state.metrics;
-    metrics.backend_up.with_label_values(&["store"]).set(i64::from(store.is_ok()));
-    metrics.backend_up.with_label_values(&["queue"]).set(i64::from(queue.is_ok()));
+    metrics
+        .backend_up
+        .with_label_values(&["store"])
+        .set(i64::from(store.is_ok()));
+    metrics
+        .backend_up
+        .with_label_values(&["queue"])
+        .set(i64::from(queue.is_ok()));
     if let Some(cache) = &cache {
-        metrics.backend_up.with_label_values(&["cache"]).set(i64::from(cache.is_ok()));
+        metrics
+            .backend_up
+            .with_label_values(&["cache"])
+            .set(i64::from(cache.is_ok()));
     }
     let ready = store.is_ok() && queue.is_ok();
     let body = json!({
@@ -56,7 +67,11 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
             "cache": cache.as_ref().map_or(json!({"status": "disabled"}), describe),
         }
     });
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(body)).into_response()
 }
 
@@ -66,7 +81,10 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 pub fn render_metrics(metrics: &Metrics) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         metrics.render(),
     )
         .into_response()

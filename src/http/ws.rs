@@ -8,8 +8,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
@@ -58,7 +58,12 @@ pub async fn websocket(
     // A traceparent on the upgrade request is the parent of every request on the socket.
     let trace: Vec<(String, String)> = ["traceparent", "tracestate"]
         .iter()
-        .filter_map(|name| headers.get(*name).and_then(|v| v.to_str().ok()).map(|v| (name.to_string(), v.to_string())))
+        .filter_map(|name| {
+            headers
+                .get(*name)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| (name.to_string(), v.to_string()))
+        })
         .collect();
     upgrade
         .max_message_size(limit)
@@ -90,7 +95,12 @@ async fn receive(stream: &mut SplitStream<WebSocket>) -> Incoming {
     }
 }
 
-async fn serve_socket(state: Arc<AppState>, identity: Identity, socket: WebSocket, trace: Vec<(String, String)>) {
+async fn serve_socket(
+    state: Arc<AppState>,
+    identity: Identity,
+    socket: WebSocket,
+    trace: Vec<(String, String)>,
+) {
     let (mut sink, mut stream) = socket.split();
     let mut queued: VecDeque<Utf8Bytes> = VecDeque::new();
     loop {
@@ -99,7 +109,9 @@ async fn serve_socket(state: Arc<AppState>, identity: Identity, socket: WebSocke
             None => match stream.next().await {
                 Some(Ok(Message::Text(text))) => text,
                 Some(Ok(Message::Binary(_))) => {
-                    let err = GatewayError::BadRequest("send each request as a text frame holding its JSON body".into());
+                    let err = GatewayError::BadRequest(
+                        "send each request as a text frame holding its JSON body".into(),
+                    );
                     if !send_error(&mut sink, &err.info()).await {
                         return;
                     }
@@ -109,7 +121,17 @@ async fn serve_socket(state: Arc<AppState>, identity: Identity, socket: WebSocke
                 Some(Ok(_)) => continue,
             },
         };
-        if !serve_request(&state, &identity, &trace, text.as_bytes(), &mut sink, &mut stream, &mut queued).await {
+        if !serve_request(
+            &state,
+            &identity,
+            &trace,
+            text.as_bytes(),
+            &mut sink,
+            &mut stream,
+            &mut queued,
+        )
+        .await
+        {
             return;
         }
     }
@@ -131,7 +153,11 @@ async fn serve_request(
     record.identify(identity);
     crate::telemetry::continue_from_pairs(&record.span, trace);
     let span = record.span.clone();
-    serve_recorded(state, identity, body, sink, stream, queued, record, request_id).instrument(span).await
+    serve_recorded(
+        state, identity, body, sink, stream, queued, record, request_id,
+    )
+    .instrument(span)
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -177,7 +203,13 @@ async fn serve_recorded(
                     }
                     None => match Utf8Bytes::try_from(chunk.payload()) {
                         Ok(text) => send_text(sink, text).await,
-                        Err(_) => send_text(sink, String::from_utf8_lossy(chunk.payload_slice()).into_owned()).await,
+                        Err(_) => {
+                            send_text(
+                                sink,
+                                String::from_utf8_lossy(chunk.payload_slice()).into_owned(),
+                            )
+                            .await
+                        }
                     },
                 },
                 Delivery::Error(info) => return send_error(sink, &info).await,

@@ -96,7 +96,13 @@ impl sluice::plugin::host::Host for PluginState {
 pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<PluginState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-    sluice::plugin::host::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |state| state)?;
-    sluice::plugin::types::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |state| state)?;
+    sluice::plugin::host::add_to_linker::<PluginState, HasSelf<PluginState>>(
+        &mut linker,
+        |state| state,
+    )?;
+    sluice::plugin::types::add_to_linker::<PluginState, HasSelf<PluginState>>(
+        &mut linker,
+        |state| state,
+    )?;
     Ok(linker)
 }

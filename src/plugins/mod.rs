@@ -25,12 +25,17 @@ use axum::http::StatusCode;
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
-use bindings::{CacheKeyDecision, CompletionRequest as WitRequest, RequestContext as WitContext, RequestDecision, TokenAction as WitAction};
 use crate::config::{Config, OnError, PluginConfig};
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
-use crate::policy::{CacheKeyDecision as KeyDecision, Policy, RequestContext, TokenAction, TokenFilter};
+use crate::policy::{
+    CacheKeyDecision as KeyDecision, Policy, RequestContext, TokenAction, TokenFilter,
+};
 use crate::protocol::{CompletionRequest, Prompt};
+use bindings::{
+    CacheKeyDecision, CompletionRequest as WitRequest, RequestContext as WitContext,
+    RequestDecision, TokenAction as WitAction,
+};
 
 pub use runtime::{Compiled, Hooks, LoadError, LoadedPlugin, PluginFailure, Runtime};
 
@@ -69,12 +74,21 @@ impl PluginHost {
         });
         let mut plugins = Vec::new();
         for plugin in &config.plugins {
-            let loaded = host.load(plugin.clone()).await.map_err(|err| anyhow::anyhow!("plugin `{}`: {err}", plugin.name))?;
-            host.metrics.plugin_reloads.with_label_values(&[&plugin.name, "ok"]).inc();
+            let loaded = host
+                .load(plugin.clone())
+                .await
+                .map_err(|err| anyhow::anyhow!("plugin `{}`: {err}", plugin.name))?;
+            host.metrics
+                .plugin_reloads
+                .with_label_values(&[&plugin.name, "ok"])
+                .inc();
             tracing::info!(plugin = %plugin.name, hooks = ?loaded.exports.hooks(), "plugin loaded");
             plugins.push(Arc::new(loaded));
         }
-        host.chain.store(Arc::new(Chain { plugins, version: 1 }));
+        host.chain.store(Arc::new(Chain {
+            plugins,
+            version: 1,
+        }));
         if config.plugin_host.watch {
             watch::spawn(host.clone(), config);
         }
@@ -99,19 +113,33 @@ impl PluginHost {
                 Ok(config) => config.plugins,
                 Err(err) => {
                     tracing::error!(%err, "config changed but is invalid; plugins unchanged");
-                    self.metrics.plugin_reloads.with_label_values(&["config", "failed"]).inc();
+                    self.metrics
+                        .plugin_reloads
+                        .with_label_values(&["config", "failed"])
+                        .inc();
                     return;
                 }
             },
-            None => self.chain().plugins.iter().map(|p| p.config.clone()).collect(),
+            None => self
+                .chain()
+                .plugins
+                .iter()
+                .map(|p| p.config.clone())
+                .collect(),
         };
         let current = self.chain();
         let mut next = Vec::with_capacity(configs.len());
         let mut changed = current.plugins.len() != configs.len();
         for config in configs {
-            let previous = current.plugins.iter().find(|p| p.config.name == config.name).cloned();
+            let previous = current
+                .plugins
+                .iter()
+                .find(|p| p.config.name == config.name)
+                .cloned();
             let unchanged = match (&previous, std::fs::read(&config.path)) {
-                (Some(p), Ok(bytes)) => p.config == config && p.digest[..] == Sha256::digest(&bytes)[..],
+                (Some(p), Ok(bytes)) => {
+                    p.config == config && p.digest[..] == Sha256::digest(&bytes)[..]
+                }
                 _ => false,
             };
             if unchanged {
@@ -123,29 +151,46 @@ impl PluginHost {
             match self.load(config).await {
                 Ok(loaded) => {
                     tracing::info!(plugin = %name, hooks = ?loaded.exports.hooks(), "plugin reloaded");
-                    self.metrics.plugin_reloads.with_label_values(&[&name, "ok"]).inc();
+                    self.metrics
+                        .plugin_reloads
+                        .with_label_values(&[&name, "ok"])
+                        .inc();
                     next.push(Arc::new(loaded));
                 }
                 Err(err) => {
-                    self.metrics.plugin_reloads.with_label_values(&[&name, "failed"]).inc();
+                    self.metrics
+                        .plugin_reloads
+                        .with_label_values(&[&name, "failed"])
+                        .inc();
                     match previous {
                         Some(previous) => {
                             tracing::error!(plugin = %name, %err, "plugin reload failed; the previous version keeps serving");
                             next.push(previous);
                         }
-                        None => tracing::error!(plugin = %name, %err, "new plugin failed to load; not added"),
+                        None => {
+                            tracing::error!(plugin = %name, %err, "new plugin failed to load; not added")
+                        }
                     }
                 }
             }
         }
         if changed {
             let version = current.version + 1;
-            self.chain.store(Arc::new(Chain { plugins: next, version }));
+            self.chain.store(Arc::new(Chain {
+                plugins: next,
+                version,
+            }));
             tracing::info!(version, "plugin chain swapped");
         }
     }
 
-    fn observe(&self, plugin: &LoadedPlugin, hook: &'static str, started: Instant, failure: Option<&PluginFailure>) {
+    fn observe(
+        &self,
+        plugin: &LoadedPlugin,
+        hook: &'static str,
+        started: Instant,
+        failure: Option<&PluginFailure>,
+    ) {
         let labels = [&*plugin.name, hook];
         self.metrics.plugin_calls.with_label_values(&labels).inc();
         self.metrics
@@ -153,14 +198,23 @@ impl PluginHost {
             .with_label_values(&labels)
             .observe(started.elapsed().as_secs_f64());
         match failure {
-            Some(f) if f.is_timeout() => self.metrics.plugin_timeouts.with_label_values(&labels).inc(),
+            Some(f) if f.is_timeout() => self
+                .metrics
+                .plugin_timeouts
+                .with_label_values(&labels)
+                .inc(),
             Some(_) => self.metrics.plugin_traps.with_label_values(&labels).inc(),
             None => {}
         }
     }
 
     /// Applies the plugin's `on_error` policy: `Ok` to skip it, `Err` to fail the request.
-    fn on_failure(plugin: &LoadedPlugin, hook: &str, request_id: &str, failure: PluginFailure) -> Result<(), GatewayError> {
+    fn on_failure(
+        plugin: &LoadedPlugin,
+        hook: &str,
+        request_id: &str,
+        failure: PluginFailure,
+    ) -> Result<(), GatewayError> {
         tracing::warn!(plugin = %plugin.name, hook, request_id, %failure, "plugin failed");
         match plugin.on_error() {
             OnError::FailOpen => Ok(()),
@@ -173,11 +227,17 @@ impl PluginHost {
 }
 
 /// Compiles (on a blocking thread) and validates a plugin.
-pub async fn load(runtime: &'static Runtime, config: PluginConfig) -> Result<LoadedPlugin, LoadError> {
+pub async fn load(
+    runtime: &'static Runtime,
+    config: PluginConfig,
+) -> Result<LoadedPlugin, LoadError> {
     let path = config.path.display().to_string();
     let compiled = tokio::task::spawn_blocking(move || Compiled::compile(runtime, &config))
         .await
-        .map_err(|err| LoadError::Instantiate { path, reason: err.to_string() })??;
+        .map_err(|err| LoadError::Instantiate {
+            path,
+            reason: err.to_string(),
+        })??;
     compiled.validate(runtime).await
 }
 
@@ -204,21 +264,33 @@ fn wit_request(request: &CompletionRequest) -> WitRequest {
 }
 
 /// Applies a plugin's rewritten request, refusing results the gateway could not send.
-fn apply(request: &mut CompletionRequest, modified: WitRequest, max_bytes: usize) -> Result<(), PluginFailure> {
+fn apply(
+    request: &mut CompletionRequest,
+    modified: WitRequest,
+    max_bytes: usize,
+) -> Result<(), PluginFailure> {
     let size = modified.model.len() + modified.prompts.iter().map(String::len).sum::<usize>();
     if size > max_bytes {
-        return Err(PluginFailure::Invalid(format!("rewritten request is {size} bytes, over the {max_bytes}-byte limit")));
+        return Err(PluginFailure::Invalid(format!(
+            "rewritten request is {size} bytes, over the {max_bytes}-byte limit"
+        )));
     }
     if modified.model.trim().is_empty() {
-        return Err(PluginFailure::Invalid("rewritten request has an empty model".into()));
+        return Err(PluginFailure::Invalid(
+            "rewritten request has an empty model".into(),
+        ));
     }
     match &request.prompt {
         Prompt::Text(_) | Prompt::Texts(_) => {
             if modified.prompts.is_empty() || modified.prompts.iter().any(String::is_empty) {
-                return Err(PluginFailure::Invalid("rewritten request has an empty prompt".into()));
+                return Err(PluginFailure::Invalid(
+                    "rewritten request has an empty prompt".into(),
+                ));
             }
             request.prompt = match (&request.prompt, modified.prompts.len()) {
-                (Prompt::Text(_), 1) => Prompt::Text(modified.prompts.into_iter().next().unwrap_or_default()),
+                (Prompt::Text(_), 1) => {
+                    Prompt::Text(modified.prompts.into_iter().next().unwrap_or_default())
+                }
                 _ => Prompt::Texts(modified.prompts),
             };
         }
@@ -234,23 +306,38 @@ fn apply(request: &mut CompletionRequest, modified: WitRequest, max_bytes: usize
 
 fn checked_text(text: String) -> Result<String, PluginFailure> {
     if text.len() > MAX_PLUGIN_TEXT {
-        return Err(PluginFailure::Invalid(format!("returned {} bytes of text; the limit is {MAX_PLUGIN_TEXT}", text.len())));
+        return Err(PluginFailure::Invalid(format!(
+            "returned {} bytes of text; the limit is {MAX_PLUGIN_TEXT}",
+            text.len()
+        )));
     }
     Ok(text)
 }
 
 #[async_trait]
 impl Policy for PluginHost {
-    async fn on_request(&self, ctx: &RequestContext, request: &mut CompletionRequest) -> Result<(), GatewayError> {
+    async fn on_request(
+        &self,
+        ctx: &RequestContext,
+        request: &mut CompletionRequest,
+    ) -> Result<(), GatewayError> {
         let chain = self.chain();
         let wit_ctx = wit_context(ctx);
-        for plugin in chain.plugins.iter().filter(|p| p.exports.request.is_some() && p.applies_to(&ctx.identity.key_name)) {
-            let Some(indices) = &plugin.exports.request else { continue };
+        for plugin in chain
+            .plugins
+            .iter()
+            .filter(|p| p.exports.request.is_some() && p.applies_to(&ctx.identity.key_name))
+        {
+            let Some(indices) = &plugin.exports.request else {
+                continue;
+            };
             let wit_req = wit_request(request);
             let started = Instant::now();
             let result = async {
                 let mut live = plugin.checkout(&ctx.request_id, false).await?;
-                let guest = indices.load(&mut live.store, &live.instance).map_err(PluginFailure::from_wasmtime)?;
+                let guest = indices
+                    .load(&mut live.store, &live.instance)
+                    .map_err(PluginFailure::from_wasmtime)?;
                 live.arm();
                 let decision = guest
                     .call_on_request(&mut live.store, &wit_ctx, &wit_req)
@@ -266,30 +353,46 @@ impl Policy for PluginHost {
                 Ok(RequestDecision::Proceed) => {}
                 Ok(RequestDecision::Modify(modified)) => {
                     if let Err(failure) = apply(request, modified, self.max_body_bytes) {
-                        self.metrics.plugin_traps.with_label_values(&[&*plugin.name, "on-request"]).inc();
+                        self.metrics
+                            .plugin_traps
+                            .with_label_values(&[&*plugin.name, "on-request"])
+                            .inc();
                         Self::on_failure(plugin, "on-request", &ctx.request_id, failure)?;
                     }
                 }
-                Ok(RequestDecision::Reject(rejection)) => match StatusCode::from_u16(rejection.status) {
-                    Ok(status) if (400..600).contains(&rejection.status) => {
-                        return Err(GatewayError::Rejected {
-                            status,
-                            message: rejection.message.chars().take(4096).collect(),
-                        });
+                Ok(RequestDecision::Reject(rejection)) => {
+                    match StatusCode::from_u16(rejection.status) {
+                        Ok(status) if (400..600).contains(&rejection.status) => {
+                            return Err(GatewayError::Rejected {
+                                status,
+                                message: rejection.message.chars().take(4096).collect(),
+                            });
+                        }
+                        _ => {
+                            self.metrics
+                                .plugin_traps
+                                .with_label_values(&[&*plugin.name, "on-request"])
+                                .inc();
+                            let failure = PluginFailure::Invalid(format!(
+                                "rejected with status {}, not 400..599",
+                                rejection.status
+                            ));
+                            Self::on_failure(plugin, "on-request", &ctx.request_id, failure)?;
+                        }
                     }
-                    _ => {
-                        self.metrics.plugin_traps.with_label_values(&[&*plugin.name, "on-request"]).inc();
-                        let failure = PluginFailure::Invalid(format!("rejected with status {}, not 400..599", rejection.status));
-                        Self::on_failure(plugin, "on-request", &ctx.request_id, failure)?;
-                    }
-                },
+                }
                 Err(failure) => Self::on_failure(plugin, "on-request", &ctx.request_id, failure)?,
             }
         }
         Ok(())
     }
 
-    async fn cache_key(&self, ctx: &RequestContext, request: &CompletionRequest, default_key: String) -> Result<KeyDecision, GatewayError> {
+    async fn cache_key(
+        &self,
+        ctx: &RequestContext,
+        request: &CompletionRequest,
+        default_key: String,
+    ) -> Result<KeyDecision, GatewayError> {
         let chain = self.chain();
         let mut key = default_key;
         let plugins: Vec<_> = chain
@@ -303,11 +406,15 @@ impl Policy for PluginHost {
         let wit_ctx = wit_context(ctx);
         let wit_req = wit_request(request);
         for plugin in plugins {
-            let Some(indices) = &plugin.exports.cache_key else { continue };
+            let Some(indices) = &plugin.exports.cache_key else {
+                continue;
+            };
             let started = Instant::now();
             let result = async {
                 let mut live = plugin.checkout(&ctx.request_id, false).await?;
-                let guest = indices.load(&mut live.store, &live.instance).map_err(PluginFailure::from_wasmtime)?;
+                let guest = indices
+                    .load(&mut live.store, &live.instance)
+                    .map_err(PluginFailure::from_wasmtime)?;
                 live.arm();
                 let decision = guest
                     .call_cache_key(&mut live.store, &wit_ctx, &wit_req, &key)
@@ -316,7 +423,10 @@ impl Policy for PluginHost {
                 plugin.checkin(live, false);
                 if let CacheKeyDecision::Custom(custom) = &decision {
                     if custom.len() > MAX_PLUGIN_TEXT {
-                        return Err(PluginFailure::Invalid(format!("cache key of {} bytes", custom.len())));
+                        return Err(PluginFailure::Invalid(format!(
+                            "cache key of {} bytes",
+                            custom.len()
+                        )));
                     }
                 }
                 Ok(decision)
@@ -342,7 +452,11 @@ impl Policy for PluginHost {
             .iter()
             .filter(|p| p.exports.token.is_some() && p.applies_to(&ctx.identity.key_name))
             .map(|plugin| {
-                Box::new(WasmTokenFilter::new(plugin.clone(), self.metrics.clone(), ctx.request_id.clone())) as Box<dyn TokenFilter>
+                Box::new(WasmTokenFilter::new(
+                    plugin.clone(),
+                    self.metrics.clone(),
+                    ctx.request_id.clone(),
+                )) as Box<dyn TokenFilter>
             })
             .collect()
     }
@@ -386,7 +500,11 @@ impl WasmTokenFilter {
         self.latency.observe(started.elapsed().as_secs_f64());
         let labels = [&*self.plugin.name, "on-token"];
         match failure {
-            Some(f) if f.is_timeout() => self.metrics.plugin_timeouts.with_label_values(&labels).inc(),
+            Some(f) if f.is_timeout() => self
+                .metrics
+                .plugin_timeouts
+                .with_label_values(&labels)
+                .inc(),
             Some(_) => self.metrics.plugin_traps.with_label_values(&labels).inc(),
             None => {}
         }
@@ -395,19 +513,34 @@ impl WasmTokenFilter {
     async fn instance(&mut self, index: u32) -> Result<&mut ChoiceInstance, PluginFailure> {
         if !self.choices.contains_key(&index) {
             let mut live = Box::new(self.plugin.checkout(&self.request_id, true).await?);
-            let indices = self.plugin.exports.token.as_ref().ok_or_else(|| PluginFailure::Invalid("no token hook".into()))?;
-            let guest = indices.load(&mut live.store, &live.instance).map_err(PluginFailure::from_wasmtime)?;
-            self.choices.insert(index, ChoiceInstance::Live(live, guest));
+            let indices = self
+                .plugin
+                .exports
+                .token
+                .as_ref()
+                .ok_or_else(|| PluginFailure::Invalid("no token hook".into()))?;
+            let guest = indices
+                .load(&mut live.store, &live.instance)
+                .map_err(PluginFailure::from_wasmtime)?;
+            self.choices
+                .insert(index, ChoiceInstance::Live(live, guest));
         }
         Ok(self.choices.get_mut(&index).expect("inserted above"))
     }
 
-    async fn call_on_token(&mut self, index: u32, text: &str) -> Result<Option<TokenAction>, PluginFailure> {
+    async fn call_on_token(
+        &mut self,
+        index: u32,
+        text: &str,
+    ) -> Result<Option<TokenAction>, PluginFailure> {
         match self.instance(index).await? {
             ChoiceInstance::Skipped => Ok(None),
             ChoiceInstance::Live(live, guest) => {
                 live.arm();
-                let action = guest.call_on_token(&mut live.store, index, text).await.map_err(PluginFailure::from_wasmtime)?;
+                let action = guest
+                    .call_on_token(&mut live.store, index, text)
+                    .await
+                    .map_err(PluginFailure::from_wasmtime)?;
                 Ok(Some(match action {
                     WitAction::Pass => TokenAction::Pass,
                     WitAction::Replace(text) => TokenAction::Replace(checked_text(text)?),

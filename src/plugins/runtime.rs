@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, InstancePre, Linker};
-use wasmtime::{Config as EngineConfig, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline};
+use wasmtime::{
+    Config as EngineConfig, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store,
+    Trap, UpdateDeadline,
+};
 
 use super::bindings::{self, PluginState, cache_key_hook, lifecycle, request_hook, token_hook};
 use crate::config::{OnError, PluginConfig};
@@ -55,11 +58,17 @@ impl PluginFailure {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path} is not a WebAssembly component: {reason}")]
     NotAComponent { path: String, reason: String },
     #[error("{path} does not export {interface}; build it against wit/plugin.wit")]
-    MissingExport { path: String, interface: &'static str },
+    MissingExport {
+        path: String,
+        interface: &'static str,
+    },
     #[error("{path} exports no hook (request-hook, cache-key-hook or token-hook)")]
     NoHooks { path: String },
     #[error("{path} cannot be instantiated: {reason}")]
@@ -91,7 +100,6 @@ pub struct Runtime {
     linker: Linker<PluginState>,
     _ticker: EpochTicker,
 }
-
 
 static SHARED: std::sync::OnceLock<Result<Runtime, String>> = std::sync::OnceLock::new();
 
@@ -153,7 +161,11 @@ impl Runtime {
     }
 
     /// Compiles a component and checks its exports. CPU-heavy: call off the request path.
-    pub fn compile(&self, path: &str, bytes: &[u8]) -> Result<(Component, InstancePre<PluginState>, Exports), LoadError> {
+    pub fn compile(
+        &self,
+        path: &str,
+        bytes: &[u8],
+    ) -> Result<(Component, InstancePre<PluginState>, Exports), LoadError> {
         let not_a_component = |reason: String| LoadError::NotAComponent {
             path: path.to_string(),
             reason,
@@ -168,17 +180,24 @@ impl Runtime {
             _ => return Err(not_a_component("it is not a WebAssembly file".into())),
         }
         let component = Component::from_binary(&self.engine, bytes).map_err(|err| {
-            let reason = format!("{err:#}").split_whitespace().collect::<Vec<_>>().join(" ");
+            let reason = format!("{err:#}")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
             not_a_component(reason.chars().take(300).collect())
         })?;
-        let pre = self.linker.instantiate_pre(&component).map_err(|err| LoadError::Instantiate {
-            path: path.to_string(),
-            reason: format!("{err:#}"),
-        })?;
-        let lifecycle = lifecycle::GuestIndices::new(&pre).map_err(|_| LoadError::MissingExport {
-            path: path.to_string(),
-            interface: "sluice:plugin/lifecycle@0.1.0",
-        })?;
+        let pre =
+            self.linker
+                .instantiate_pre(&component)
+                .map_err(|err| LoadError::Instantiate {
+                    path: path.to_string(),
+                    reason: format!("{err:#}"),
+                })?;
+        let lifecycle =
+            lifecycle::GuestIndices::new(&pre).map_err(|_| LoadError::MissingExport {
+                path: path.to_string(),
+                interface: "sluice:plugin/lifecycle@0.1.0",
+            })?;
         let exports = Exports {
             lifecycle,
             request: request_hook::GuestIndices::new(&pre).ok(),
@@ -186,7 +205,9 @@ impl Runtime {
             token: token_hook::GuestIndices::new(&pre).ok(),
         };
         if exports.hooks() == Hooks::default() {
-            return Err(LoadError::NoHooks { path: path.to_string() });
+            return Err(LoadError::NoHooks {
+                path: path.to_string(),
+            });
         }
         Ok((component, pre, exports))
     }
@@ -254,7 +275,10 @@ impl Compiled {
     /// Reads and compiles a plugin. CPU-heavy: run it off the request path.
     pub fn compile(runtime: &Runtime, config: &PluginConfig) -> Result<Self, LoadError> {
         let path = config.path.display().to_string();
-        let bytes = std::fs::read(&config.path).map_err(|source| LoadError::Read { path: path.clone(), source })?;
+        let bytes = std::fs::read(&config.path).map_err(|source| LoadError::Read {
+            path: path.clone(),
+            source,
+        })?;
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
         let (_, pre, exports) = runtime.compile(&path, &bytes)?;
         Ok(Self {
@@ -278,16 +302,18 @@ impl Compiled {
             idle: std::sync::Mutex::new(Vec::new()),
             idle_token: std::sync::Mutex::new(Vec::new()),
         };
-        plugin.instantiate("load-check").await.map_err(|err| LoadError::Instantiate {
-            path: plugin.config.path.display().to_string(),
-            reason: err.to_string(),
-        })?;
+        plugin
+            .instantiate("load-check")
+            .await
+            .map_err(|err| LoadError::Instantiate {
+                path: plugin.config.path.display().to_string(),
+                reason: err.to_string(),
+            })?;
         Ok(plugin)
     }
 }
 
 impl LoadedPlugin {
-
     pub fn on_error(&self) -> OnError {
         self.config.on_error
     }
@@ -341,7 +367,10 @@ impl LoadedPlugin {
             instance: {
                 store.data_mut().deadline = Instant::now() + self.config.timeout;
                 store.set_epoch_deadline(1);
-                self.pre.instantiate_async(&mut store).await.map_err(PluginFailure::from_wasmtime)?
+                self.pre
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(PluginFailure::from_wasmtime)?
             },
             store,
             timeout: self.config.timeout,

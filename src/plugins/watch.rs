@@ -20,25 +20,35 @@ fn absolute(path: &Path) -> PathBuf {
 }
 
 /// The files whose changes matter: plugin files and the config file.
-fn watched_files(config_path: Option<&Path>, plugins: impl Iterator<Item = PathBuf>) -> HashSet<PathBuf> {
-    plugins.chain(config_path.map(Path::to_path_buf)).map(|p| absolute(&p)).collect()
+fn watched_files(
+    config_path: Option<&Path>,
+    plugins: impl Iterator<Item = PathBuf>,
+) -> HashSet<PathBuf> {
+    plugins
+        .chain(config_path.map(Path::to_path_buf))
+        .map(|p| absolute(&p))
+        .collect()
 }
 
 pub fn spawn(host: Arc<PluginHost>, config: &Config) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<notify::Event>(256);
-    let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event {
-            let _ = tx.try_send(event);
-        }
-    }) {
-        Ok(watcher) => watcher,
-        Err(err) => {
-            tracing::error!(%err, "cannot watch plugin files; hot reload is off");
-            return;
-        }
-    };
+    let mut watcher =
+        match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if let Ok(event) = event {
+                let _ = tx.try_send(event);
+            }
+        }) {
+            Ok(watcher) => watcher,
+            Err(err) => {
+                tracing::error!(%err, "cannot watch plugin files; hot reload is off");
+                return;
+            }
+        };
     let source = config.source.clone();
-    let mut files = watched_files(source.as_deref(), config.plugins.iter().map(|p| p.path.clone()));
+    let mut files = watched_files(
+        source.as_deref(),
+        config.plugins.iter().map(|p| p.path.clone()),
+    );
     let mut dirs = HashSet::new();
     watch_dirs(&files, &mut dirs, &mut watcher);
     tokio::spawn(async move {
@@ -54,7 +64,10 @@ pub fn spawn(host: Arc<PluginHost>, config: &Config) {
             files = watched_files(source.as_deref(), plugins);
             if let Some(path) = &source {
                 if let Ok(config) = Config::load(Some(path)) {
-                    files.extend(watched_files(None, config.plugins.into_iter().map(|p| p.path)));
+                    files.extend(watched_files(
+                        None,
+                        config.plugins.into_iter().map(|p| p.path),
+                    ));
                 }
             }
             watch_dirs(&files, &mut dirs, &mut watcher);
@@ -63,7 +76,11 @@ pub fn spawn(host: Arc<PluginHost>, config: &Config) {
 }
 
 /// Watches the directories of `files` not watched yet.
-fn watch_dirs(files: &HashSet<PathBuf>, dirs: &mut HashSet<PathBuf>, watcher: &mut notify::RecommendedWatcher) {
+fn watch_dirs(
+    files: &HashSet<PathBuf>,
+    dirs: &mut HashSet<PathBuf>,
+    watcher: &mut notify::RecommendedWatcher,
+) {
     for dir in files.iter().filter_map(|f| f.parent()) {
         if dirs.insert(dir.to_path_buf()) {
             if let Err(err) = watcher.watch(dir, RecursiveMode::NonRecursive) {

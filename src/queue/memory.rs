@@ -9,7 +9,10 @@ use async_trait::async_trait;
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{Job, JobSource, Queue, QueueError, QueuedRequest, ResponseEvent, ResponseSink, ResponseStream, SinkClosed};
+use super::{
+    Job, JobSource, Queue, QueueError, QueuedRequest, ResponseEvent, ResponseSink, ResponseStream,
+    SinkClosed,
+};
 use crate::error::ErrorInfo;
 
 /// Events buffered per request between worker and edge.
@@ -74,14 +77,18 @@ impl Queue for MemoryQueue {
                 events: events_rx,
                 _cancel_on_drop: cancel.drop_guard(),
             })),
-            Ok(Err(_)) => Err(QueueError::Unavailable("the in-process worker has stopped".into())),
+            Ok(Err(_)) => Err(QueueError::Unavailable(
+                "the in-process worker has stopped".into(),
+            )),
             Err(_) => Err(QueueError::Full(self.submit_timeout)),
         }
     }
 
     async fn ping(&self) -> Result<(), QueueError> {
         if self.jobs_tx.is_closed() {
-            return Err(QueueError::Unavailable("the in-process worker has stopped".into()));
+            return Err(QueueError::Unavailable(
+                "the in-process worker has stopped".into(),
+            ));
         }
         Ok(())
     }

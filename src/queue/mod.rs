@@ -7,7 +7,6 @@
 //! `cancel` token fires). The in-process implementation connects the two with
 //! channels; the Kafka one with a request topic and a response topic.
 
-
 pub mod kafka;
 mod memory;
 

@@ -90,13 +90,15 @@ pub trait Store: Send + Sync + 'static {
 /// Connects to the configured store and applies its migrations.
 pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     let store: Arc<dyn Store> = match config.kind {
-        StoreKind::Sqlite => Arc::new(SqliteStore::connect(&config.url, config.max_connections).await.map_err(
-            |source| StoreError::Connect {
-                backend: "SQLite",
-                url: redact_url(&config.url),
-                source,
-            },
-        )?),
+        StoreKind::Sqlite => Arc::new(
+            SqliteStore::connect(&config.url, config.max_connections)
+                .await
+                .map_err(|source| StoreError::Connect {
+                    backend: "SQLite",
+                    url: redact_url(&config.url),
+                    source,
+                })?,
+        ),
         StoreKind::Postgres => Arc::new(
             PostgresStore::connect(&config.url, config.max_connections)
                 .await

@@ -13,12 +13,13 @@ use sqlx::{PgPool, SqlitePool};
 
 use super::{ApiKey, InferenceRecord, KeyUsage, NewApiKey, Store, StoreError};
 
-const INSERT_KEY: &str = "INSERT INTO api_keys (id, name, key_hash, created_at) VALUES ($1, $2, $3, $4)";
-const LIST_KEYS: &str = "SELECT id, name, created_at, revoked_at FROM api_keys ORDER BY created_at, id";
+const INSERT_KEY: &str =
+    "INSERT INTO api_keys (id, name, key_hash, created_at) VALUES ($1, $2, $3, $4)";
+const LIST_KEYS: &str =
+    "SELECT id, name, created_at, revoked_at FROM api_keys ORDER BY created_at, id";
 const REVOKE_KEY: &str =
     "UPDATE api_keys SET revoked_at = $1 WHERE (id = $2 OR name = $2) AND revoked_at IS NULL";
-const FIND_ACTIVE_KEY: &str =
-    "SELECT id, name, created_at, revoked_at FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL";
+const FIND_ACTIVE_KEY: &str = "SELECT id, name, created_at, revoked_at FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL";
 const INSERT_INFERENCES: &str = "INSERT INTO inference_logs (request_id, key_id, model, prompt_tokens, \
      completion_tokens, cache_hit, status, ttft_ms, total_ms, created_at) ";
 const INFERENCES_FOR: &str = "SELECT request_id, key_id, model, prompt_tokens, completion_tokens, cache_hit, \
@@ -116,16 +117,25 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            async fn inferences_for(&self, request_id: &str) -> Result<Vec<InferenceRecord>, StoreError> {
+            async fn inferences_for(
+                &self,
+                request_id: &str,
+            ) -> Result<Vec<InferenceRecord>, StoreError> {
                 Ok(sqlx::query_as(INFERENCES_FOR)
                     .bind(request_id)
                     .fetch_all(&self.pool)
                     .await?)
             }
 
-            async fn key_usage(&self, since: Option<DateTime<Utc>>) -> Result<Vec<KeyUsage>, StoreError> {
+            async fn key_usage(
+                &self,
+                since: Option<DateTime<Utc>>,
+            ) -> Result<Vec<KeyUsage>, StoreError> {
                 let since = since.unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
-                Ok(sqlx::query_as(KEY_USAGE).bind(since).fetch_all(&self.pool).await?)
+                Ok(sqlx::query_as(KEY_USAGE)
+                    .bind(since)
+                    .fetch_all(&self.pool)
+                    .await?)
             }
 
             async fn ping(&self) -> Result<(), StoreError> {

@@ -64,10 +64,14 @@ impl TestGateway {
     async fn start_on(sim: Simulator, dir: tempfile::TempDir, config: Config) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let gateway = sluice::Gateway::start(config).await.expect("gateway starts");
+        let gateway = sluice::Gateway::start(config)
+            .await
+            .expect("gateway starts");
         let store = gateway.store();
         let name = format!("test-{}", uuid::Uuid::new_v4().simple());
-        let key = sluice::auth::create_key(store.as_ref(), &name).await.unwrap();
+        let key = sluice::auth::create_key(store.as_ref(), &name)
+            .await
+            .unwrap();
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let server = tokio::spawn(gateway.serve(listener, async move { stop.cancelled().await }));
@@ -168,7 +172,9 @@ impl SseReader {
 pub fn texts(events: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for event in events {
-        let Ok(value) = serde_json::from_str::<Value>(event) else { continue };
+        let Ok(value) = serde_json::from_str::<Value>(event) else {
+            continue;
+        };
         for choice in value["choices"].as_array().into_iter().flatten() {
             let index = choice["index"].as_u64().unwrap() as usize;
             if out.len() <= index {
@@ -243,7 +249,9 @@ impl Isolated {
             .enable_all()
             .build()
             .expect("runtime");
-        Self { runtime: Some(runtime) }
+        Self {
+            runtime: Some(runtime),
+        }
     }
 
     /// Runs `future` on this runtime and waits for its result.
@@ -252,7 +260,12 @@ impl Isolated {
         F: std::future::Future<Output = T> + Send + 'static,
         T: Send + 'static,
     {
-        self.runtime.as_ref().expect("alive").spawn(future).await.expect("task")
+        self.runtime
+            .as_ref()
+            .expect("alive")
+            .spawn(future)
+            .await
+            .expect("task")
     }
 
     /// Starts a gateway edge on this runtime; returns its base URL and store.
@@ -271,7 +284,9 @@ impl Isolated {
     /// Starts a standalone Kafka worker on this runtime.
     pub async fn start_worker(&self, config: Config) {
         self.run(async move {
-            let worker = sluice::app::StandaloneWorker::start(&config).await.expect("worker starts");
+            let worker = sluice::app::StandaloneWorker::start(&config)
+                .await
+                .expect("worker starts");
             // Runs until the runtime is killed.
             std::mem::forget(worker);
         })
@@ -308,12 +323,21 @@ pub fn plugin_wasm(name: &str) -> std::path::PathBuf {
             assert!(status.success(), "building the plugins failed");
         });
     }
-    assert!(path.exists(), "{} is missing after building the plugins", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing after building the plugins",
+        path.display()
+    );
     path
 }
 
 /// A `[[plugins]]` entry for `config`.
-pub fn plugin(name: &str, wasm: &str, on_error: sluice::config::OnError, config: serde_json::Value) -> sluice::config::PluginConfig {
+pub fn plugin(
+    name: &str,
+    wasm: &str,
+    on_error: sluice::config::OnError,
+    config: serde_json::Value,
+) -> sluice::config::PluginConfig {
     sluice::config::PluginConfig {
         name: name.to_string(),
         path: plugin_wasm(wasm),
@@ -328,7 +352,12 @@ pub fn plugin(name: &str, wasm: &str, on_error: sluice::config::OnError, config:
 /// Reads frames from a WebSocket until `[DONE]`.
 pub async fn ws_frames<S>(ws: &mut S) -> Vec<String>
 where
-    S: futures::Stream<Item = Result<tokio_tungstenite::tungstenite::Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+    S: futures::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
 {
     use futures::StreamExt;
     let mut frames = Vec::new();

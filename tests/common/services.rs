@@ -21,7 +21,11 @@ fn required() -> bool {
 
 async fn reachable(host_port: &str) -> bool {
     matches!(
-        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(host_port)).await,
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect(host_port)
+        )
+        .await,
         Ok(Ok(_))
     )
 }
@@ -36,22 +40,40 @@ impl Services {
     /// Fresh resources on the configured backends, or `None` (skip) when they
     /// are unreachable and not required.
     pub async fn fresh() -> Option<Self> {
-        let postgres = std::env::var("SLUICE_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let redis = std::env::var("SLUICE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let postgres = std::env::var("SLUICE_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let redis =
+            std::env::var("SLUICE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         let kafka = std::env::var("SLUICE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
-        for (name, address) in [("PostgreSQL", host_port(&postgres)), ("Redis", host_port(&redis)), ("Kafka", kafka.clone())] {
+        for (name, address) in [
+            ("PostgreSQL", host_port(&postgres)),
+            ("Redis", host_port(&redis)),
+            ("Kafka", kafka.clone()),
+        ] {
             if !reachable(&address).await {
-                assert!(!required(), "{name} is not reachable at {address}, and CI/SLUICE_REQUIRE_SERVICES is set");
-                eprintln!("SKIPPED: {name} is not reachable at {address} (scripts/test.sh starts it)");
+                assert!(
+                    !required(),
+                    "{name} is not reachable at {address}, and CI/SLUICE_REQUIRE_SERVICES is set"
+                );
+                eprintln!(
+                    "SKIPPED: {name} is not reachable at {address} (scripts/test.sh starts it)"
+                );
                 return None;
             }
         }
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let database = format!("sluice_test_{id}");
-        let admin = sqlx::PgPool::connect(&postgres).await.expect("connect to PostgreSQL");
-        sqlx::query(&format!("CREATE DATABASE {database}")).execute(&admin).await.expect("create database");
+        let admin = sqlx::PgPool::connect(&postgres)
+            .await
+            .expect("connect to PostgreSQL");
+        sqlx::query(&format!("CREATE DATABASE {database}"))
+            .execute(&admin)
+            .await
+            .expect("create database");
         admin.close().await;
-        let (base, _) = postgres.rsplit_once('/').expect("postgres URL has a database");
+        let (base, _) = postgres
+            .rsplit_once('/')
+            .expect("postgres URL has a database");
         Some(Self {
             postgres: format!("{base}/{database}"),
             admin_postgres: postgres,
@@ -119,7 +141,9 @@ impl Services {
     pub async fn drop_database(&self) {
         if let Ok(admin) = sqlx::PgPool::connect(&self.admin_postgres).await {
             let database = format!("sluice_test_{}", self.id);
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")).execute(&admin).await;
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+                .execute(&admin)
+                .await;
         }
     }
 }

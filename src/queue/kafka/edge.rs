@@ -38,7 +38,9 @@ struct Route {
 type Routes = Arc<Mutex<HashMap<String, Route>>>;
 
 fn lock(routes: &Routes) -> std::sync::MutexGuard<'_, HashMap<String, Route>> {
-    routes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    routes
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 struct EdgeShared {
@@ -53,7 +55,11 @@ struct EdgeShared {
 }
 
 impl EdgeShared {
-    fn produce_request(&self, request: &QueuedRequest, attempt: u32) -> Result<DeliveryFuture, QueueError> {
+    fn produce_request(
+        &self,
+        request: &QueuedRequest,
+        attempt: u32,
+    ) -> Result<DeliveryFuture, QueueError> {
         let reply = self.reply_partition.to_string();
         let attempt_text = attempt.to_string();
         let submitted = request.submitted_at_ms.to_string();
@@ -115,26 +121,40 @@ impl Drop for KafkaQueue {
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325, |hash, b| (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
+        (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 impl KafkaQueue {
     /// Creates missing topics and starts reading this edge's reply partition.
-    pub async fn connect(kafka: &KafkaConfig, queue: &QueueConfig, metrics: Arc<Metrics>) -> Result<Self, QueueError> {
+    pub async fn connect(
+        kafka: &KafkaConfig,
+        queue: &QueueConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, QueueError> {
         let partitions = ensure_topics(kafka).await?;
         let reply_partition = match kafka.reply_partition {
             Some(p) if p < partitions => p,
             Some(p) => {
                 return Err(unavailable(
                     kafka,
-                    format!("queue.reply_partition {p} does not exist: {} has {partitions} partitions", kafka.response_topic),
+                    format!(
+                        "queue.reply_partition {p} does not exist: {} has {partitions} partitions",
+                        kafka.response_topic
+                    ),
                 ));
             }
             None => (fnv1a(kafka.edge_id.as_bytes()) % partitions as u64) as i32,
         };
-        let consumer = tail_consumer(kafka, &format!("sluice-edge-{}", kafka.edge_id), &kafka.response_topic, vec![reply_partition], &[]).await?;
+        let consumer = tail_consumer(
+            kafka,
+            &format!("sluice-edge-{}", kafka.edge_id),
+            &kafka.response_topic,
+            vec![reply_partition],
+            &[],
+        )
+        .await?;
         let shared = Arc::new(EdgeShared {
             kafka: kafka.clone(),
             producer: producer(kafka)?,
@@ -148,7 +168,11 @@ impl KafkaQueue {
         let routes: Routes = Default::default();
         let router = tokio::spawn(route_responses(consumer, shared.clone(), routes.clone()));
         tracing::info!(edge_id = %kafka.edge_id, reply_partition, brokers = %kafka.brokers, "Kafka queue connected");
-        Ok(Self { shared, routes, router })
+        Ok(Self {
+            shared,
+            routes,
+            router,
+        })
     }
 }
 
@@ -156,7 +180,11 @@ impl KafkaQueue {
 async fn route_responses(consumer: StreamConsumer, shared: Arc<EdgeShared>, routes: Routes) {
     let topic = shared.kafka.response_topic.clone();
     let skipped = |reason: &str| {
-        shared.metrics.queue_messages_skipped.with_label_values(&[topic.as_str(), reason]).inc();
+        shared
+            .metrics
+            .queue_messages_skipped
+            .with_label_values(&[topic.as_str(), reason])
+            .inc();
     };
     loop {
         let message = match consumer.recv().await {
@@ -173,21 +201,34 @@ async fn route_responses(consumer: StreamConsumer, shared: Arc<EdgeShared>, rout
             Some(_) => continue, // another edge sharing this partition
             None => {
                 skipped("malformed");
-                tracing::warn!(offset = message.offset(), "skipping a response message without an edge id");
+                tracing::warn!(
+                    offset = message.offset(),
+                    "skipping a response message without an edge id"
+                );
                 continue;
             }
         }
         let decoded = (h.str(H_KIND) == Some(KIND_FRAMES))
-            .then(|| frames::decode(Bytes::copy_from_slice(message.payload().unwrap_or_default())))
+            .then(|| {
+                frames::decode(Bytes::copy_from_slice(
+                    message.payload().unwrap_or_default(),
+                ))
+            })
             .flatten();
         let Some(decoded) = decoded else {
             skipped("malformed");
-            tracing::warn!(offset = message.offset(), "skipping a malformed response message");
+            tracing::warn!(
+                offset = message.offset(),
+                "skipping a malformed response message"
+            );
             continue;
         };
         if let Some(created) = message.timestamp().to_millis() {
             let age = chrono::Utc::now().timestamp_millis() - created;
-            shared.metrics.queue_consume_delay.observe(age.max(0) as f64 / 1000.0);
+            shared
+                .metrics
+                .queue_consume_delay
+                .observe(age.max(0) as f64 / 1000.0);
         }
         let mut routes = lock(&routes);
         for frame in decoded {
@@ -235,7 +276,10 @@ impl Queue for KafkaQueue {
             Ok(delivery) => match tokio::time::timeout(self.shared.queue_timeout, delivery).await {
                 Ok(Ok(Ok(_))) => Ok(()),
                 Ok(Ok(Err((err, _)))) => Err(unavailable(&self.shared.kafka, err)),
-                _ => Err(unavailable(&self.shared.kafka, "the request was not acknowledged in time")),
+                _ => Err(unavailable(
+                    &self.shared.kafka,
+                    "the request was not acknowledged in time",
+                )),
             },
             Err(err) => Err(err),
         };
@@ -243,13 +287,18 @@ impl Queue for KafkaQueue {
             stream.finished = true;
             return Err(err);
         }
-        self.shared.metrics.queue_produce.observe(started.elapsed().as_secs_f64());
+        self.shared
+            .metrics
+            .queue_produce
+            .observe(started.elapsed().as_secs_f64());
         stream.deadline = Instant::now() + self.shared.queue_timeout;
         Ok(Box::new(stream))
     }
 
     async fn ping(&self) -> Result<(), QueueError> {
-        partition_count(&self.shared.kafka, &self.shared.kafka.request_topic).await.map(|_| ())
+        partition_count(&self.shared.kafka, &self.shared.kafka.request_topic)
+            .await
+            .map(|_| ())
     }
 }
 
@@ -283,14 +332,22 @@ impl KafkaResponses {
 
     /// The worker went quiet: resubmit if nothing was delivered yet, else fail.
     fn on_timeout(&mut self) -> Option<ResponseEvent> {
-        let waited = if self.accepted { self.shared.worker_timeout } else { self.shared.queue_timeout };
+        let waited = if self.accepted {
+            self.shared.worker_timeout
+        } else {
+            self.shared.queue_timeout
+        };
         if self.delivered || self.attempt >= self.shared.max_attempts {
             let message = if self.accepted {
                 format!("the worker serving this request stopped responding for {waited:?}")
             } else {
                 format!("no worker picked the request up within {waited:?}")
             };
-            let status = if self.delivered { StatusCode::BAD_GATEWAY } else { StatusCode::SERVICE_UNAVAILABLE };
+            let status = if self.delivered {
+                StatusCode::BAD_GATEWAY
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
             return Some(self.finish(gateway_error(status, message)));
         }
         self.shared.cancel(&self.request.request_id, self.attempt);
@@ -332,7 +389,9 @@ impl KafkaResponses {
                 None
             }
             FrameKind::Chunk => {
-                match Chunk::from_framed(frame.payload.clone()).filter(|c| !c.payload_slice().contains(&b'\n')) {
+                match Chunk::from_framed(frame.payload.clone())
+                    .filter(|c| !c.payload_slice().contains(&b'\n'))
+                {
                     Some(chunk) => self.pending.push_back(chunk),
                     None => {
                         let mut parser = SseParser::new();
@@ -348,9 +407,14 @@ impl KafkaResponses {
                 })
             }
             FrameKind::Error => {
-                let info = serde_json::from_slice::<ErrorInfo>(&frame.payload).unwrap_or_else(|_| {
-                    ErrorInfo::new(StatusCode::BAD_GATEWAY, "BadGatewayError", "the worker reported an unreadable error")
-                });
+                let info =
+                    serde_json::from_slice::<ErrorInfo>(&frame.payload).unwrap_or_else(|_| {
+                        ErrorInfo::new(
+                            StatusCode::BAD_GATEWAY,
+                            "BadGatewayError",
+                            "the worker reported an unreadable error",
+                        )
+                    });
                 Some(self.finish(ResponseEvent::Error(info)))
             }
             FrameKind::Done => Some(self.finish(ResponseEvent::Done)),

@@ -43,7 +43,14 @@ pub struct Frame {
 
 const HEADER_LEN: usize = 1 + 4 + 8 + 2;
 
-pub fn encode(out: &mut Vec<u8>, kind: FrameKind, attempt: u32, seq: Option<u64>, request_id: &str, payload: &[u8]) {
+pub fn encode(
+    out: &mut Vec<u8>,
+    kind: FrameKind,
+    attempt: u32,
+    seq: Option<u64>,
+    request_id: &str,
+    payload: &[u8],
+) {
     let id = request_id.as_bytes();
     let id_len = u16::try_from(id.len()).unwrap_or(u16::MAX);
     let payload_len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
@@ -96,7 +103,14 @@ mod tests {
     fn frames_round_trip_and_garbage_is_rejected() {
         let mut buf = Vec::new();
         encode(&mut buf, FrameKind::Accepted, 1, Some(0), "req-a", b"");
-        encode(&mut buf, FrameKind::Chunk, 2, Some(7), "req-b", b"data: {}\n\n");
+        encode(
+            &mut buf,
+            FrameKind::Chunk,
+            2,
+            Some(7),
+            "req-b",
+            b"data: {}\n\n",
+        );
         encode(&mut buf, FrameKind::Heartbeat, 1, None, "req-a", b"");
         let frames = decode(Bytes::from(buf.clone())).unwrap();
         assert_eq!(frames.len(), 3);

@@ -67,7 +67,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 // Client configuration and topics
 // ---------------------------------------------------------------------------
 
-fn client_config(kafka: &KafkaConfig, defaults: &[(&str, &str)], overrides: &BTreeMap<String, String>) -> ClientConfig {
+fn client_config(
+    kafka: &KafkaConfig,
+    defaults: &[(&str, &str)],
+    overrides: &BTreeMap<String, String>,
+) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &kafka.brokers);
     for (key, value) in defaults {
@@ -82,7 +86,11 @@ fn client_config(kafka: &KafkaConfig, defaults: &[(&str, &str)], overrides: &BTr
 fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, QueueError> {
     client_config(
         kafka,
-        &[("linger.ms", "1"), ("enable.idempotence", "true"), ("message.timeout.ms", "30000")],
+        &[
+            ("linger.ms", "1"),
+            ("enable.idempotence", "true"),
+            ("message.timeout.ms", "30000"),
+        ],
         &kafka.producer,
     )
     .create()
@@ -99,9 +107,21 @@ async fn ensure_topics(kafka: &KafkaConfig) -> Result<i32, QueueError> {
         .create()
         .map_err(|e| unavailable(kafka, e))?;
     let topics = [
-        NewTopic::new(&kafka.request_topic, kafka.partitions, TopicReplication::Fixed(kafka.replication_factor)),
-        NewTopic::new(&kafka.response_topic, kafka.partitions, TopicReplication::Fixed(kafka.replication_factor)),
-        NewTopic::new(&kafka.cancel_topic, 1, TopicReplication::Fixed(kafka.replication_factor)),
+        NewTopic::new(
+            &kafka.request_topic,
+            kafka.partitions,
+            TopicReplication::Fixed(kafka.replication_factor),
+        ),
+        NewTopic::new(
+            &kafka.response_topic,
+            kafka.partitions,
+            TopicReplication::Fixed(kafka.replication_factor),
+        ),
+        NewTopic::new(
+            &kafka.cancel_topic,
+            1,
+            TopicReplication::Fixed(kafka.replication_factor),
+        ),
     ];
     let options = AdminOptions::new()
         .request_timeout(Some(CONNECT_TIMEOUT))
@@ -113,16 +133,22 @@ async fn ensure_topics(kafka: &KafkaConfig) -> Result<i32, QueueError> {
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => return Err(unavailable(kafka, format!("cannot create topic {topic}: {code}"))),
+            Err((topic, code)) => {
+                return Err(unavailable(
+                    kafka,
+                    format!("cannot create topic {topic}: {code}"),
+                ));
+            }
         }
     }
     partition_count(kafka, &kafka.response_topic).await
 }
 
 async fn partition_count(kafka: &KafkaConfig, topic: &str) -> Result<i32, QueueError> {
-    let consumer: StreamConsumer = client_config(kafka, &[("group.id", "sluice-metadata")], &BTreeMap::new())
-        .create()
-        .map_err(|e| unavailable(kafka, e))?;
+    let consumer: StreamConsumer =
+        client_config(kafka, &[("group.id", "sluice-metadata")], &BTreeMap::new())
+            .create()
+            .map_err(|e| unavailable(kafka, e))?;
     let topic = topic.to_string();
     let kafka_for_err = kafka.clone();
     tokio::task::spawn_blocking(move || {
@@ -140,7 +166,10 @@ async fn partition_count(kafka: &KafkaConfig, topic: &str) -> Result<i32, QueueE
                 return Ok(partitions as i32);
             }
             if std::time::Instant::now() > deadline {
-                return Err(unavailable(&kafka_for_err, format!("topic {topic} has no partitions")));
+                return Err(unavailable(
+                    &kafka_for_err,
+                    format!("topic {topic} has no partitions"),
+                ));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -160,7 +189,11 @@ async fn tail_consumer(
 ) -> Result<StreamConsumer, QueueError> {
     let mut config = client_config(
         kafka,
-        &[("group.id", group), ("enable.auto.commit", "false"), ("enable.partition.eof", "false")],
+        &[
+            ("group.id", group),
+            ("enable.auto.commit", "false"),
+            ("enable.partition.eof", "false"),
+        ],
         &kafka.consumer,
     );
     for (key, value) in settings {
@@ -181,7 +214,9 @@ async fn tail_consumer(
                 .add_partition_offset(&topic_name, partition, Offset::Offset(high))
                 .map_err(|e| unavailable(&kafka_for_err, e))?;
         }
-        blocking.assign(&assignment).map_err(|e| unavailable(&kafka_for_err, e))
+        blocking
+            .assign(&assignment)
+            .map_err(|e| unavailable(&kafka_for_err, e))
     })
     .await
     .map_err(|e| QueueError::Unavailable(e.to_string()))??;
@@ -193,12 +228,15 @@ async fn tail_consumer(
 // ---------------------------------------------------------------------------
 
 fn headers(pairs: &[(&str, &str)]) -> OwnedHeaders {
-    pairs.iter().fold(OwnedHeaders::new_with_capacity(pairs.len()), |h, (key, value)| {
-        h.insert(Header {
-            key,
-            value: Some(value.as_bytes()),
-        })
-    })
+    pairs.iter().fold(
+        OwnedHeaders::new_with_capacity(pairs.len()),
+        |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            })
+        },
+    )
 }
 
 /// The headers of a received message, by name.
@@ -209,7 +247,11 @@ impl<'a> ReadHeaders<'a> {
         Self(
             message
                 .headers()
-                .map(|h| h.iter().filter_map(|h| h.value.map(|v| (h.key, v))).collect())
+                .map(|h| {
+                    h.iter()
+                        .filter_map(|h| h.value.map(|v| (h.key, v)))
+                        .collect()
+                })
                 .unwrap_or_default(),
         )
     }

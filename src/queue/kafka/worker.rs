@@ -89,14 +89,29 @@ impl WorkerShared {
     }
 
     /// Queues one frame for the job's edge; the outbox's flusher produces it.
-    fn send_frame(self: &Arc<Self>, reply: &Reply, kind: FrameKind, seq: Option<u64>, payload: &[u8]) {
-        reply.last_sent_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+    fn send_frame(
+        self: &Arc<Self>,
+        reply: &Reply,
+        kind: FrameKind,
+        seq: Option<u64>,
+        payload: &[u8],
+    ) {
+        reply
+            .last_sent_ms
+            .store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
         let mut outbox = reply.outbox.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             {
                 let mut buffer = outbox.buffer.lock().unwrap_or_else(|p| p.into_inner());
                 if !buffer.closed {
-                    frames::encode(&mut buffer.frames, kind, reply.attempt, seq, &reply.request_id, payload);
+                    frames::encode(
+                        &mut buffer.frames,
+                        kind,
+                        reply.attempt,
+                        seq,
+                        &reply.request_id,
+                        payload,
+                    );
                     break;
                 }
             }
@@ -125,7 +140,9 @@ async fn flush_outbox(shared: Arc<WorkerShared>, outbox: Arc<Outbox>) {
         (H_WORKER, shared.worker_id.as_str()),
     ]);
     loop {
-        let idle = tokio::time::timeout(OUTBOX_IDLE, outbox.ready.notified()).await.is_err();
+        let idle = tokio::time::timeout(OUTBOX_IDLE, outbox.ready.notified())
+            .await
+            .is_err();
         let batch = {
             let mut buffer = outbox.buffer.lock().unwrap_or_else(|p| p.into_inner());
             if buffer.frames.is_empty() {
@@ -169,14 +186,25 @@ async fn flush_outbox(shared: Arc<WorkerShared>, outbox: Arc<Outbox>) {
         while in_flight.len() >= MAX_IN_FLIGHT {
             if let Some((sent, delivery)) = in_flight.pop_front() {
                 match delivery.await {
-                    Ok(Ok(_)) => shared.metrics.queue_produce.observe(sent.elapsed().as_secs_f64()),
-                    Ok(Err((err, _))) => tracing::warn!(%err, edge = %outbox.edge_id, "a response message was not delivered"),
+                    Ok(Ok(_)) => shared
+                        .metrics
+                        .queue_produce
+                        .observe(sent.elapsed().as_secs_f64()),
+                    Ok(Err((err, _))) => {
+                        tracing::warn!(%err, edge = %outbox.edge_id, "a response message was not delivered")
+                    }
                     Err(_) => {}
                 }
             }
         }
         // Frames may have arrived while waiting; make sure they are not left behind.
-        if !outbox.buffer.lock().unwrap_or_else(|p| p.into_inner()).frames.is_empty() {
+        if !outbox
+            .buffer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .frames
+            .is_empty()
+        {
             outbox.ready.notify_one();
         }
     }
@@ -198,7 +226,11 @@ impl Drop for KafkaJobSource {
 }
 
 impl KafkaJobSource {
-    pub async fn connect(kafka: &KafkaConfig, queue: &QueueConfig, metrics: Arc<Metrics>) -> Result<Self, QueueError> {
+    pub async fn connect(
+        kafka: &KafkaConfig,
+        queue: &QueueConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, QueueError> {
         ensure_topics(kafka).await?;
         let worker_id = format!("worker-{}", uuid::Uuid::new_v4().simple());
         // Offsets are committed as requests are taken (at most once); edges retry
@@ -217,7 +249,9 @@ impl KafkaJobSource {
         )
         .create()
         .map_err(|e| unavailable(kafka, e))?;
-        consumer.subscribe(&[&kafka.request_topic]).map_err(|e| unavailable(kafka, e))?;
+        consumer
+            .subscribe(&[&kafka.request_topic])
+            .map_err(|e| unavailable(kafka, e))?;
         // Cancellations need not be as quick as tokens: a long fetch wait keeps this
         // consumer from polling a broker that, like tansu, holds every fetch that long.
         let cancels = tail_consumer(
@@ -243,7 +277,11 @@ impl KafkaJobSource {
             tokio::spawn(send_heartbeats(shared.clone(), queue.heartbeat)),
         ];
         tracing::info!(worker_id = %shared.worker_id, group = %kafka.worker_group, "Kafka worker connected");
-        Ok(Self { shared, consumer, tasks })
+        Ok(Self {
+            shared,
+            consumer,
+            tasks,
+        })
     }
 
     fn parse_job(&self, message: &impl Message) -> Result<Job, &'static str> {
@@ -251,13 +289,20 @@ impl KafkaJobSource {
         if h.str(H_KIND) != Some(KIND_REQUEST) {
             return Err("malformed");
         }
-        let (Some(request_id), Some(edge_id), Some(partition), Some(attempt), Some(submitted_at_ms)) = (
+        let (
+            Some(request_id),
+            Some(edge_id),
+            Some(partition),
+            Some(attempt),
+            Some(submitted_at_ms),
+        ) = (
             h.str(H_REQUEST),
             h.str(H_EDGE),
             h.num::<i32>(H_REPLY_PARTITION),
             h.num::<u32>(H_ATTEMPT),
             h.num::<i64>(H_SUBMITTED),
-        ) else {
+        )
+        else {
             return Err("malformed");
         };
         let body = message.payload().unwrap_or_default();
@@ -270,7 +315,10 @@ impl KafkaJobSource {
             trace_context: h.trace_context(),
             submitted_at_ms,
         };
-        self.shared.metrics.queue_consume_delay.observe(request.age().as_secs_f64());
+        self.shared
+            .metrics
+            .queue_consume_delay
+            .observe(request.age().as_secs_f64());
         if request.age() > self.shared.queue_timeout {
             return Err("expired");
         }
@@ -289,7 +337,8 @@ impl KafkaJobSource {
         if let Ok(mut inflight) = self.shared.inflight.lock() {
             inflight.insert(reply.request_id.clone(), reply.clone());
         }
-        self.shared.send_frame(&reply, FrameKind::Accepted, Some(0), &[]);
+        self.shared
+            .send_frame(&reply, FrameKind::Accepted, Some(0), &[]);
         let cancel = reply.cancel.clone();
         Ok(Job {
             request,
@@ -320,7 +369,11 @@ impl JobSource for KafkaJobSource {
                 Ok(job) => return Some(job),
                 Err(reason) => {
                     if reason == "malformed" {
-                        tracing::warn!(partition = message.partition(), offset = message.offset(), "skipping a malformed request message");
+                        tracing::warn!(
+                            partition = message.partition(),
+                            offset = message.offset(),
+                            "skipping a malformed request message"
+                        );
                     }
                     self.shared
                         .metrics
@@ -350,14 +403,19 @@ impl ResponseSink for KafkaSink {
         let seq = Some(self.next_seq);
         self.next_seq += 1;
         match &event {
-            ResponseEvent::Chunk(chunk) => self.shared.send_frame(&self.reply, FrameKind::Chunk, seq, chunk.framed()),
+            ResponseEvent::Chunk(chunk) => {
+                self.shared
+                    .send_frame(&self.reply, FrameKind::Chunk, seq, chunk.framed())
+            }
             ResponseEvent::Error(info) => {
                 let payload = serde_json::to_vec(info).unwrap_or_default();
-                self.shared.send_frame(&self.reply, FrameKind::Error, seq, &payload);
+                self.shared
+                    .send_frame(&self.reply, FrameKind::Error, seq, &payload);
                 self.ended = true;
             }
             ResponseEvent::Done => {
-                self.shared.send_frame(&self.reply, FrameKind::Done, seq, &[]);
+                self.shared
+                    .send_frame(&self.reply, FrameKind::Done, seq, &[]);
                 self.ended = true;
             }
         }
@@ -368,7 +426,10 @@ impl ResponseSink for KafkaSink {
 impl Drop for KafkaSink {
     fn drop(&mut self) {
         if let Ok(mut inflight) = self.shared.inflight.lock() {
-            if inflight.get(&self.reply.request_id).is_some_and(|r| Arc::ptr_eq(r, &self.reply)) {
+            if inflight
+                .get(&self.reply.request_id)
+                .is_some_and(|r| Arc::ptr_eq(r, &self.reply))
+            {
                 inflight.remove(&self.reply.request_id);
             }
         }
@@ -387,7 +448,9 @@ async fn listen_for_cancels(consumer: StreamConsumer, shared: Arc<WorkerShared>)
             }
         };
         let h = ReadHeaders::of(&message);
-        let (Some(KIND_CANCEL), Some(request_id), Some(attempt)) = (h.str(H_KIND), h.str(H_REQUEST), h.num::<u32>(H_ATTEMPT)) else {
+        let (Some(KIND_CANCEL), Some(request_id), Some(attempt)) =
+            (h.str(H_KIND), h.str(H_REQUEST), h.num::<u32>(H_ATTEMPT))
+        else {
             shared
                 .metrics
                 .queue_messages_skipped
@@ -401,7 +464,9 @@ async fn listen_for_cancels(consumer: StreamConsumer, shared: Arc<WorkerShared>)
             }
         }
         if let Ok(mut cancelled) = shared.cancelled.lock() {
-            let entry = cancelled.entry(request_id.to_string()).or_insert((0, Instant::now()));
+            let entry = cancelled
+                .entry(request_id.to_string())
+                .or_insert((0, Instant::now()));
             entry.0 = entry.0.max(attempt);
             // Requests older than the queue timeout are dropped on arrival anyway.
             if last_sweep.elapsed() > shared.queue_timeout {
