@@ -83,8 +83,10 @@ fn micros(d: Duration) -> String {
 }
 
 async fn host(plugins: Vec<PluginConfig>) -> Arc<PluginHost> {
-    let mut config = Config::default();
-    config.plugins = plugins;
+    let mut config = Config {
+        plugins,
+        ..Default::default()
+    };
     config.plugin_host.watch = false;
     PluginHost::start(&config, Arc::new(Metrics::new()))
         .await

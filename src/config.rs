@@ -477,17 +477,17 @@ fn guess_value(raw: &str) -> toml::Value {
     if let Ok(n) = trimmed.parse::<i64>() {
         return toml::Value::Integer(n);
     }
-    if trimmed.contains('.') && !trimmed.contains(':') {
-        if let Ok(f) = trimmed.parse::<f64>() {
-            return toml::Value::Float(f);
-        }
+    if trimmed.contains('.')
+        && !trimmed.contains(':')
+        && let Ok(f) = trimmed.parse::<f64>()
+    {
+        return toml::Value::Float(f);
     }
-    if trimmed.starts_with('[') {
-        if let Ok(toml::Value::Table(t)) = format!("v = {trimmed}").parse::<toml::Value>() {
-            if let Some(v) = t.get("v") {
-                return v.clone();
-            }
-        }
+    if trimmed.starts_with('[')
+        && let Ok(toml::Value::Table(t)) = format!("v = {trimmed}").parse::<toml::Value>()
+        && let Some(v) = t.get("v")
+    {
+        return v.clone();
     }
     toml::Value::String(raw.to_string())
 }

@@ -454,15 +454,14 @@ impl Completion {
         self.record.status = 200;
         if let (Some((key, raw)), Some(cache)) =
             (self.to_cache.take(), self.record.state.cache.clone())
+            && !raw.is_empty()
         {
-            if !raw.is_empty() {
-                let chunks: CachedResponse = raw.into();
-                tokio::spawn(async move {
-                    if let Err(err) = cache.put(&key, chunks).await {
-                        tracing::debug!(%err, "could not store the response in the cache");
-                    }
-                });
-            }
+            let chunks: CachedResponse = raw.into();
+            tokio::spawn(async move {
+                if let Err(err) = cache.put(&key, chunks).await {
+                    tracing::debug!(%err, "could not store the response in the cache");
+                }
+            });
         }
         Delivery::Done
     }

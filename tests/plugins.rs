@@ -343,8 +343,10 @@ async fn plugins_that_cannot_load_stop_startup_with_a_clear_message() {
     ] {
         let mut bad = misbehaving("none", "on-request", FailOpen);
         bad.path = path;
-        let mut config = sluice::Config::default();
-        config.plugins = vec![bad];
+        let mut config = sluice::Config {
+            plugins: vec![bad],
+            ..Default::default()
+        };
         config.store.url = format!("sqlite://{}", dir.path().join("x.db").display());
         let err = sluice::Gateway::start(config)
             .await
@@ -356,8 +358,10 @@ async fn plugins_that_cannot_load_stop_startup_with_a_clear_message() {
             "{err}"
         );
     }
-    let mut config = sluice::Config::default();
-    config.plugins = vec![misbehaving("init-fail", "on-request", FailOpen)];
+    let mut config = sluice::Config {
+        plugins: vec![misbehaving("init-fail", "on-request", FailOpen)],
+        ..Default::default()
+    };
     config.store.url = format!("sqlite://{}", dir.path().join("y.db").display());
     let err = sluice::Gateway::start(config)
         .await

@@ -214,10 +214,10 @@ async fn serve_recorded(
                 },
                 Delivery::Error(info) => return send_error(sink, &info).await,
                 Delivery::Done => {
-                    if let Some(assembler) = assembler.take() {
-                        if !send_text(sink, assembler.finish()).await {
-                            return false;
-                        }
+                    if let Some(assembler) = assembler.take()
+                        && !send_text(sink, assembler.finish()).await
+                    {
+                        return false;
                     }
                     return send_text(sink, "[DONE]").await;
                 }

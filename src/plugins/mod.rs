@@ -421,13 +421,13 @@ impl Policy for PluginHost {
                     .await
                     .map_err(PluginFailure::from_wasmtime)?;
                 plugin.checkin(live, false);
-                if let CacheKeyDecision::Custom(custom) = &decision {
-                    if custom.len() > MAX_PLUGIN_TEXT {
-                        return Err(PluginFailure::Invalid(format!(
-                            "cache key of {} bytes",
-                            custom.len()
-                        )));
-                    }
+                if let CacheKeyDecision::Custom(custom) = &decision
+                    && custom.len() > MAX_PLUGIN_TEXT
+                {
+                    return Err(PluginFailure::Invalid(format!(
+                        "cache key of {} bytes",
+                        custom.len()
+                    )));
                 }
                 Ok(decision)
             }

@@ -343,10 +343,10 @@ impl LoadedPlugin {
 
     /// Returns an instance whose last call succeeded; one that failed is just dropped.
     pub fn checkin(&self, live: Live, token: bool) {
-        if let Ok(mut idle) = self.pool(token).lock() {
-            if idle.len() < IDLE_INSTANCES {
-                idle.push(live);
-            }
+        if let Ok(mut idle) = self.pool(token).lock()
+            && idle.len() < IDLE_INSTANCES
+        {
+            idle.push(live);
         }
     }
 

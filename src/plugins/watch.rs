@@ -62,13 +62,13 @@ pub fn spawn(host: Arc<PluginHost>, config: &Config) {
             let chain = host.chain();
             let plugins = chain.plugins.iter().map(|p| p.config.path.clone());
             files = watched_files(source.as_deref(), plugins);
-            if let Some(path) = &source {
-                if let Ok(config) = Config::load(Some(path)) {
-                    files.extend(watched_files(
-                        None,
-                        config.plugins.into_iter().map(|p| p.path),
-                    ));
-                }
+            if let Some(path) = &source
+                && let Ok(config) = Config::load(Some(path))
+            {
+                files.extend(watched_files(
+                    None,
+                    config.plugins.into_iter().map(|p| p.path),
+                ));
             }
             watch_dirs(&files, &mut dirs, &mut watcher);
         }
@@ -82,10 +82,10 @@ fn watch_dirs(
     watcher: &mut notify::RecommendedWatcher,
 ) {
     for dir in files.iter().filter_map(|f| f.parent()) {
-        if dirs.insert(dir.to_path_buf()) {
-            if let Err(err) = watcher.watch(dir, RecursiveMode::NonRecursive) {
-                tracing::warn!(dir = %dir.display(), %err, "cannot watch directory");
-            }
+        if dirs.insert(dir.to_path_buf())
+            && let Err(err) = watcher.watch(dir, RecursiveMode::NonRecursive)
+        {
+            tracing::warn!(dir = %dir.display(), %err, "cannot watch directory");
         }
     }
 }

@@ -21,12 +21,17 @@ fn default_ignore() -> Vec<String> {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { ignore: default_ignore() }
+        Self {
+            ignore: default_ignore(),
+        }
     }
 }
 
 pub fn normalize_text(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+    text.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
 }
 
 /// The normalized key for a request body; `None` when the body is not a JSON object.
@@ -34,7 +39,12 @@ pub fn key(config: &Config, body_json: &str) -> Option<String> {
     let Ok(Value::Object(mut body)) = serde_json::from_str::<Value>(body_json) else {
         return None;
     };
-    for field in config.ignore.iter().map(String::as_str).chain(["stream", "stream_options"]) {
+    for field in config
+        .ignore
+        .iter()
+        .map(String::as_str)
+        .chain(["stream", "stream_options"])
+    {
         body.remove(field);
     }
     let normalize = |v: &mut Value| {
@@ -59,7 +69,9 @@ mod component {
 
     wit_bindgen::generate!({ path: "../../wit", world: "cache-key-plugin" });
 
-    use exports::sluice::plugin::cache_key_hook::{CacheKeyDecision, CompletionRequest, Guest as CacheKeyHook, RequestContext};
+    use exports::sluice::plugin::cache_key_hook::{
+        CacheKeyDecision, CompletionRequest, Guest as CacheKeyHook, RequestContext,
+    };
     use exports::sluice::plugin::lifecycle::Guest as Lifecycle;
 
     thread_local! {
@@ -70,14 +82,19 @@ mod component {
 
     impl Lifecycle for Plugin {
         fn init(config: String) -> Result<(), String> {
-            let config: Config = serde_json::from_str(&config).map_err(|e| format!("invalid config: {e}"))?;
+            let config: Config =
+                serde_json::from_str(&config).map_err(|e| format!("invalid config: {e}"))?;
             CONFIG.with(|c| *c.borrow_mut() = config);
             Ok(())
         }
     }
 
     impl CacheKeyHook for Plugin {
-        fn cache_key(_ctx: RequestContext, request: CompletionRequest, _default_key: String) -> CacheKeyDecision {
+        fn cache_key(
+            _ctx: RequestContext,
+            request: CompletionRequest,
+            _default_key: String,
+        ) -> CacheKeyDecision {
             match CONFIG.with(|c| key(&c.borrow(), &request.body_json)) {
                 Some(key) => CacheKeyDecision::Custom(key),
                 None => CacheKeyDecision::UseDefault,
@@ -95,8 +112,14 @@ mod tests {
     #[test]
     fn case_whitespace_and_user_do_not_change_the_key() {
         let c = Config::default();
-        let a = key(&c, r#"{"model":"m","prompt":"Hello   World","max_tokens":5,"user":"alice"}"#);
-        let b = key(&c, r#"{"model":"m","prompt":" hello world ","max_tokens":5,"user":"bob","stream":true}"#);
+        let a = key(
+            &c,
+            r#"{"model":"m","prompt":"Hello   World","max_tokens":5,"user":"alice"}"#,
+        );
+        let b = key(
+            &c,
+            r#"{"model":"m","prompt":" hello world ","max_tokens":5,"user":"bob","stream":true}"#,
+        );
         assert_eq!(a, b);
         assert!(a.is_some());
     }

@@ -56,7 +56,9 @@ fn redact_emails(text: &str, replacement: &str) -> String {
                 end -= 1; // a trailing full stop ends the sentence, not the domain
             }
             let domain: String = chars[i + 1..end].iter().collect();
-            let valid_domain = domain.contains('.') && !domain.starts_with('.') && domain.rsplit('.').next().is_some_and(|tld| tld.len() >= 2);
+            let valid_domain = domain.contains('.')
+                && !domain.starts_with('.')
+                && domain.rsplit('.').next().is_some_and(|tld| tld.len() >= 2);
             if start < i && valid_domain {
                 out.extend(&chars[start_of_pending..start]);
                 out.push_str(replacement);
@@ -78,7 +80,9 @@ fn redact_phones(text: &str, replacement: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut i = 0;
     while i < chars.len() {
-        let starts_number = chars[i].is_ascii_digit() || ((chars[i] == '+' || chars[i] == '(') && chars.get(i + 1).is_some_and(|c| c.is_ascii_digit()));
+        let starts_number = chars[i].is_ascii_digit()
+            || ((chars[i] == '+' || chars[i] == '(')
+                && chars.get(i + 1).is_some_and(|c| c.is_ascii_digit()));
         let preceded_by_word = i > 0 && (chars[i - 1].is_alphanumeric());
         if starts_number && !preceded_by_word {
             let mut end = i;
@@ -89,12 +93,19 @@ fn redact_phones(text: &str, replacement: &str) -> String {
                 if c.is_ascii_digit() {
                     digits += 1;
                     last_digit_end = end + 1;
-                } else if !("+-. ()".contains(c)) || (c == ' ' && chars.get(end + 1).is_some_and(|n| !n.is_ascii_digit() && *n != '(')) {
+                } else if !("+-. ()".contains(c))
+                    || (c == ' '
+                        && chars
+                            .get(end + 1)
+                            .is_some_and(|n| !n.is_ascii_digit() && *n != '('))
+                {
                     break;
                 }
                 end += 1;
             }
-            let followed_by_word = chars.get(last_digit_end).is_some_and(|c| c.is_alphanumeric());
+            let followed_by_word = chars
+                .get(last_digit_end)
+                .is_some_and(|c| c.is_alphanumeric());
             if (7..=15).contains(&digits) && !followed_by_word {
                 out.push_str(replacement);
                 i = last_digit_end;
@@ -123,7 +134,9 @@ mod component {
     wit_bindgen::generate!({ path: "../../wit", world: "request-plugin" });
 
     use exports::sluice::plugin::lifecycle::Guest as Lifecycle;
-    use exports::sluice::plugin::request_hook::{CompletionRequest, Guest as RequestHook, RequestContext, RequestDecision};
+    use exports::sluice::plugin::request_hook::{
+        CompletionRequest, Guest as RequestHook, RequestContext, RequestDecision,
+    };
 
     thread_local! {
         static CONFIG: RefCell<Config> = RefCell::new(Config::default());
@@ -133,7 +146,8 @@ mod component {
 
     impl Lifecycle for Plugin {
         fn init(config: String) -> Result<(), String> {
-            let config: Config = serde_json::from_str(&config).map_err(|e| format!("invalid config: {e}"))?;
+            let config: Config =
+                serde_json::from_str(&config).map_err(|e| format!("invalid config: {e}"))?;
             CONFIG.with(|c| *c.borrow_mut() = config);
             Ok(())
         }
@@ -141,11 +155,20 @@ mod component {
 
     impl RequestHook for Plugin {
         fn on_request(_ctx: RequestContext, request: CompletionRequest) -> RequestDecision {
-            let redacted: Vec<String> = CONFIG.with(|c| request.prompts.iter().map(|p| redact(&c.borrow(), p)).collect());
+            let redacted: Vec<String> = CONFIG.with(|c| {
+                request
+                    .prompts
+                    .iter()
+                    .map(|p| redact(&c.borrow(), p))
+                    .collect()
+            });
             if redacted == request.prompts {
                 RequestDecision::Proceed
             } else {
-                RequestDecision::Modify(CompletionRequest { prompts: redacted, ..request })
+                RequestDecision::Modify(CompletionRequest {
+                    prompts: redacted,
+                    ..request
+                })
             }
         }
     }
@@ -161,17 +184,29 @@ mod tests {
     fn redacts_emails_and_phone_numbers() {
         let c = Config::default();
         assert_eq!(
-            redact(&c, "Mail jane.doe+x@example.co.uk or call +1 (555) 123-4567."),
+            redact(
+                &c,
+                "Mail jane.doe+x@example.co.uk or call +1 (555) 123-4567."
+            ),
             "Mail [EMAIL] or call [PHONE]."
         );
-        assert_eq!(redact(&c, "Reach me at bob@mail.example.com."), "Reach me at [EMAIL].");
+        assert_eq!(
+            redact(&c, "Reach me at bob@mail.example.com."),
+            "Reach me at [EMAIL]."
+        );
         assert_eq!(redact(&c, "call 555.123.4567 now"), "call [PHONE] now");
     }
 
     #[test]
     fn leaves_ordinary_numbers_and_at_signs_alone() {
         let c = Config::default();
-        for text in ["In 2024 we sold 120 units", "meet @noon", "version 1.2.3", "a@b", "order #12345"] {
+        for text in [
+            "In 2024 we sold 120 units",
+            "meet @noon",
+            "version 1.2.3",
+            "a@b",
+            "order #12345",
+        ] {
             assert_eq!(redact(&c, text), text);
         }
     }

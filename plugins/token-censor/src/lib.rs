@@ -36,27 +36,40 @@ pub enum Action {
 impl Censor {
     pub fn new(config: Config) -> Self {
         Self {
-            words: config.words.into_iter().filter(|w| !w.is_empty()).map(|w| w.to_lowercase()).collect(),
+            words: config
+                .words
+                .into_iter()
+                .filter(|w| !w.is_empty())
+                .map(|w| w.to_lowercase())
+                .collect(),
             mask: config.mask,
             held: HashMap::new(),
         }
     }
 
     fn mask_for(&self, word: &str) -> String {
-        self.mask.clone().unwrap_or_else(|| "*".repeat(word.chars().count()))
+        self.mask
+            .clone()
+            .unwrap_or_else(|| "*".repeat(word.chars().count()))
     }
 
     /// Masks every whole occurrence of a word in `text`.
     fn censor(&self, text: &str) -> String {
         let lower = text.to_lowercase();
         // Lower-casing can change byte lengths outside ASCII; then match case-sensitively.
-        let haystack = if lower.len() == text.len() { lower.as_str() } else { text };
+        let haystack = if lower.len() == text.len() {
+            lower.as_str()
+        } else {
+            text
+        };
         let mut out = String::with_capacity(text.len());
         let mut i = 0;
         'scan: while i < text.len() {
             if haystack.is_char_boundary(i) {
                 for word in &self.words {
-                    if haystack[i..].starts_with(word.as_str()) && text.is_char_boundary(i + word.len()) {
+                    if haystack[i..].starts_with(word.as_str())
+                        && text.is_char_boundary(i + word.len())
+                    {
                         out.push_str(&self.mask_for(word));
                         i += word.len();
                         continue 'scan;
@@ -82,7 +95,10 @@ impl Censor {
                 if len <= best {
                     break;
                 }
-                if lower.is_char_boundary(lower.len() - len) && word.is_char_boundary(len) && lower.ends_with(&word[..len]) {
+                if lower.is_char_boundary(lower.len() - len)
+                    && word.is_char_boundary(len)
+                    && lower.ends_with(&word[..len])
+                {
                     best = len;
                     break;
                 }
@@ -133,7 +149,8 @@ mod component {
 
     impl Lifecycle for Plugin {
         fn init(config: String) -> Result<(), String> {
-            let config: Config = serde_json::from_str(&config).map_err(|e| format!("invalid config: {e}"))?;
+            let config: Config =
+                serde_json::from_str(&config).map_err(|e| format!("invalid config: {e}"))?;
             CENSOR.with(|c| *c.borrow_mut() = Censor::new(config));
             Ok(())
         }
@@ -189,7 +206,10 @@ mod tests {
     #[test]
     fn masks_a_word_split_across_chunks() {
         let mut c = censor(&["darn", "heck"], Some("[x]"));
-        assert_eq!(run(&mut c, &["what the ", "he", "ck, da", "r", "n"]), "what the [x], [x]");
+        assert_eq!(
+            run(&mut c, &["what the ", "he", "ck, da", "r", "n"]),
+            "what the [x], [x]"
+        );
     }
 
     #[test]

@@ -425,13 +425,12 @@ impl ResponseSink for KafkaSink {
 
 impl Drop for KafkaSink {
     fn drop(&mut self) {
-        if let Ok(mut inflight) = self.shared.inflight.lock() {
-            if inflight
+        if let Ok(mut inflight) = self.shared.inflight.lock()
+            && inflight
                 .get(&self.reply.request_id)
                 .is_some_and(|r| Arc::ptr_eq(r, &self.reply))
-            {
-                inflight.remove(&self.reply.request_id);
-            }
+        {
+            inflight.remove(&self.reply.request_id);
         }
     }
 }
@@ -458,10 +457,10 @@ async fn listen_for_cancels(consumer: StreamConsumer, shared: Arc<WorkerShared>)
                 .inc();
             continue;
         };
-        if let Ok(inflight) = shared.inflight.lock() {
-            if let Some(reply) = inflight.get(request_id).filter(|r| r.attempt <= attempt) {
-                reply.cancel.cancel();
-            }
+        if let Ok(inflight) = shared.inflight.lock()
+            && let Some(reply) = inflight.get(request_id).filter(|r| r.attempt <= attempt)
+        {
+            reply.cancel.cancel();
         }
         if let Ok(mut cancelled) = shared.cancelled.lock() {
             let entry = cancelled

@@ -10,7 +10,9 @@ wit_bindgen::generate!({ path: "../../../wit", world: "full-plugin" });
 
 use exports::sluice::plugin::cache_key_hook::{CacheKeyDecision, Guest as CacheKeyHook};
 use exports::sluice::plugin::lifecycle::Guest as Lifecycle;
-use exports::sluice::plugin::request_hook::{CompletionRequest, Guest as RequestHook, RequestContext, RequestDecision};
+use exports::sluice::plugin::request_hook::{
+    CompletionRequest, Guest as RequestHook, RequestContext, RequestDecision,
+};
 use exports::sluice::plugin::token_hook::{Guest as TokenHook, TokenAction};
 
 #[derive(serde::Deserialize, Default, Clone)]
@@ -69,14 +71,21 @@ impl Lifecycle for Plugin {
 impl RequestHook for Plugin {
     fn on_request(_ctx: RequestContext, request: CompletionRequest) -> RequestDecision {
         match misbehave("on-request") {
-            Some(text) => RequestDecision::Modify(CompletionRequest { prompts: vec![text], ..request }),
+            Some(text) => RequestDecision::Modify(CompletionRequest {
+                prompts: vec![text],
+                ..request
+            }),
             None => RequestDecision::Proceed,
         }
     }
 }
 
 impl CacheKeyHook for Plugin {
-    fn cache_key(_ctx: RequestContext, _request: CompletionRequest, _default_key: String) -> CacheKeyDecision {
+    fn cache_key(
+        _ctx: RequestContext,
+        _request: CompletionRequest,
+        _default_key: String,
+    ) -> CacheKeyDecision {
         match misbehave("cache-key") {
             Some(text) => CacheKeyDecision::Custom(text),
             None => CacheKeyDecision::UseDefault,
