@@ -52,9 +52,11 @@ fi
 export SLUICE_TEST_KAFKA="${SLUICE_TEST_KAFKA:-127.0.0.1:9092}"
 
 # --- WebAssembly plugins --------------------------------------------------
-if [ -x scripts/build-plugins.sh ]; then
-  scripts/build-plugins.sh
-fi
+log "building the plugins (wasm32-wasip2)"
+scripts/build-plugins.sh
+log "testing the plugins' logic"
+CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/plugins/target}/sluice-plugins-host" \
+  cargo test --quiet --locked --manifest-path plugins/Cargo.toml
 
 # --- Python with the OpenAI SDK (compatibility test) ----------------------
 VENV="$CACHE/venv"

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use chrono::Utc;
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::app::AppState;
 use crate::cache::CachedResponse;
@@ -50,19 +51,13 @@ impl RequestRecord {
         transport: &'static str,
         received_at: Instant,
     ) -> Self {
+        // Attributes known later are set on the OpenTelemetry span directly
+        // (`set_attribute`): recording tracing fields would re-format them for the log layer.
         let span = tracing::info_span!(
             "request",
             otel.name = "POST /v1/completions",
             otel.kind = "server",
             request_id = %request_id,
-            transport,
-            key = tracing::field::Empty,
-            model = tracing::field::Empty,
-            status = tracing::field::Empty,
-            cache = tracing::field::Empty,
-            prompt_tokens = tracing::field::Empty,
-            completion_tokens = tracing::field::Empty,
-            ttft_ms = tracing::field::Empty,
         );
         Self {
             state,
@@ -109,7 +104,7 @@ impl RequestRecord {
     pub fn identify(&mut self, identity: &crate::auth::Identity) {
         self.key_id = Some(identity.key_id.clone());
         self.key_name = identity.key_name.clone();
-        self.span.record("key", identity.key_name.as_str());
+        self.span.set_attribute("key", identity.key_name.clone());
     }
 
     pub fn fail(&mut self, error: &GatewayError) {
@@ -148,13 +143,14 @@ impl Drop for RequestRecord {
             .map(|t| (t - self.received_at).as_secs_f64() * 1000.0);
         let cache = if self.cache_hit { "hit" } else { "miss" };
         let span = &self.span;
-        span.record("status", self.status);
-        span.record("cache", cache);
-        span.record("model", self.model.as_str());
-        span.record("prompt_tokens", usage.prompt_tokens);
-        span.record("completion_tokens", completion_tokens);
+        span.set_attribute("transport", self.transport);
+        span.set_attribute("status", i64::from(self.status));
+        span.set_attribute("cache", cache);
+        span.set_attribute("model", self.model.clone());
+        span.set_attribute("prompt_tokens", usage.prompt_tokens as i64);
+        span.set_attribute("completion_tokens", completion_tokens as i64);
         if let Some(ttft) = ttft_ms {
-            span.record("ttft_ms", ttft);
+            span.set_attribute("ttft_ms", ttft);
         }
         let _in_request = span.enter();
         tracing::info!(
@@ -243,7 +239,7 @@ pub async fn start(
     mut record: RequestRecord,
 ) -> Result<Completion, (GatewayError, RequestRecord)> {
     record.model = request.model.clone();
-    record.span.record("model", request.model.as_str());
+    record.span.set_attribute("model", request.model.clone());
     if let Err(err) = state.policy.on_request(ctx, &mut request).await {
         record.fail(&err);
         return Err((err, record));
@@ -267,11 +263,11 @@ pub async fn start(
         },
     };
     let metrics = &state.metrics;
-    let lookup = tracing::info_span!("cache.lookup", result = tracing::field::Empty);
+    let lookup = tracing::info_span!("cache.lookup");
     match (&state.cache, &cache_key) {
         (Some(cache), Some(key)) => match cache.get(key).instrument(lookup.clone()).await {
             Ok(Some(chunks)) => {
-                lookup.record("result", "hit");
+                lookup.set_attribute("result", "hit");
                 metrics.cache_lookups.with_label_values(&["hit"]).inc();
                 record.cache_hit = true;
                 return Ok(Completion::new(
@@ -283,17 +279,17 @@ pub async fn start(
                 ));
             }
             Ok(None) => {
-                lookup.record("result", "miss");
+                lookup.set_attribute("result", "miss");
                 metrics.cache_lookups.with_label_values(&["miss"]).inc();
             }
             Err(err) => {
-                lookup.record("result", "error");
+                lookup.set_attribute("result", "error");
                 metrics.cache_lookups.with_label_values(&["error"]).inc();
                 tracing::debug!(%err, "cache lookup failed; serving uncached");
             }
         },
         _ => {
-            lookup.record("result", "bypass");
+            lookup.set_attribute("result", "bypass");
             metrics.cache_lookups.with_label_values(&["bypass"]).inc();
         }
     }
@@ -323,7 +319,7 @@ pub async fn start(
     metrics
         .queue_wait
         .observe(submitted.elapsed().as_secs_f64());
-    submit.record("wait_ms", submitted.elapsed().as_secs_f64() * 1000.0);
+    submit.set_attribute("wait_ms", submitted.elapsed().as_secs_f64() * 1000.0);
     drop(submit);
     if let ResponseEvent::Error(info) = first {
         let err = GatewayError::Upstream(info);
@@ -352,7 +348,7 @@ impl Completion {
         to_cache: Option<(String, Vec<Chunk>)>,
     ) -> Self {
         record.state.metrics.active_streams.inc();
-        let delivery = tracing::info_span!(parent: &record.span, "stream.delivery", chunks = tracing::field::Empty, outcome = tracing::field::Empty);
+        let delivery = tracing::info_span!(parent: &record.span, "stream.delivery");
         Self {
             delivery,
             record,
@@ -470,12 +466,13 @@ impl Completion {
 impl Drop for Completion {
     fn drop(&mut self) {
         self.record.state.metrics.active_streams.dec();
-        self.delivery.record("chunks", self.record.chunks_sent);
+        self.delivery
+            .set_attribute("chunks", self.record.chunks_sent as i64);
         let outcome = match (self.finished, self.record.status) {
             (false, _) => "client_closed",
             (true, 200) => "completed",
             (true, _) => "failed",
         };
-        self.delivery.record("outcome", outcome);
+        self.delivery.set_attribute("outcome", outcome);
     }
 }

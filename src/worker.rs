@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
@@ -82,7 +83,6 @@ impl Worker {
             "worker.upstream",
             otel.kind = "consumer",
             request_id = %job.request.request_id,
-            outcome = tracing::field::Empty,
         );
         crate::telemetry::continue_from_pairs(&span, &job.request.trace_context);
         // vLLM continues the trace from the worker's span.
@@ -98,7 +98,7 @@ impl Worker {
             .worker_requests
             .with_label_values(&[outcome])
             .inc();
-        span.record("outcome", outcome);
+        span.set_attribute("outcome", outcome);
         span.in_scope(|| tracing::debug!(outcome, "upstream request finished"));
     }
 

@@ -65,7 +65,6 @@ async fn handle(
     };
     let stream = request.is_stream();
     record.transport = if stream { "sse" } else { "json" };
-    record.span.record("transport", record.transport);
     let ctx = RequestContext {
         request_id: record.request_id.clone(),
         identity,
