@@ -411,12 +411,14 @@ impl RawConfig {
             None => toml::Table::new(),
         };
         for (name, value) in env {
-            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            // Every key lives in a section, so an override always has a `__`;
+            // other SLUICE_* variables (SLUICE_CONFIG, tooling's own) are not config keys.
+            let Some(rest) = name
+                .strip_prefix(ENV_PREFIX)
+                .filter(|rest| rest.contains("__"))
+            else {
                 continue;
             };
-            if rest == "CONFIG" {
-                continue; // the config file path itself, read by the CLI
-            }
             let segments: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
             let segments = normalize_env_segments(segments);
             origins.env.insert(segments.join("."), name.clone());
@@ -425,10 +427,12 @@ impl RawConfig {
         let raw = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|err| {
             let key = err.path().to_string();
             let origin = origins.describe(&key);
+            // toml appends "in `section`" on a second line; the key already says where.
+            let message = err.into_inner().to_string();
             ConfigError::Invalid {
                 key,
                 origin,
-                message: err.into_inner().to_string(),
+                message: message.lines().next().unwrap_or_default().to_string(),
             }
         })?;
         Ok((raw, origins))
@@ -1132,6 +1136,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("SLUICE_CACHE__URL"), "{err}");
+    }
+
+    #[test]
+    fn other_sluice_variables_are_not_config_keys() {
+        let config = load(
+            "",
+            &[
+                ("SLUICE_CONFIG", "x.toml"),
+                ("SLUICE_PYTHON", "/usr/bin/python3"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.server.listen.port(), 8080);
+        let err = load("", &[("SLUICE_SERVER__LISEN", "1")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SLUICE_SERVER__LISEN"), "{err}");
     }
 
     #[test]
