@@ -21,6 +21,28 @@ macro_rules! services {
     };
 }
 
+/// A standalone worker and an edge-only gateway, each on a runtime of its own
+/// (as if separate processes), plus a key for the edge.
+async fn edge_and_worker(
+    services: &Services,
+    sim: &Simulator,
+    key_name: &str,
+) -> (Isolated, Isolated, String, String) {
+    let worker = Isolated::new("worker");
+    worker
+        .start_worker(services.config(&sim.url(), &services.kafka_queue(false)))
+        .await;
+    let edge = Isolated::new("edge");
+    let (url, store) = edge
+        .start_edge(services.config(&sim.url(), &services.kafka_queue(false)))
+        .await;
+    let key = sluice::auth::create_key(store.as_ref(), key_name)
+        .await
+        .unwrap()
+        .secret;
+    (edge, worker, url, key)
+}
+
 async fn stream_from(http: &reqwest::Client, url: &str, key: &str, body: &Value) -> Vec<String> {
     let response = http
         .post(format!("{url}/v1/completions"))
@@ -205,18 +227,7 @@ async fn client_disconnect_cancels_the_generation_on_a_remote_worker() {
     })
     .await
     .unwrap();
-    let worker = Isolated::new("worker");
-    worker
-        .start_worker(services.config(&sim.url(), &services.kafka_queue(false)))
-        .await;
-    let edge = Isolated::new("edge");
-    let (url, store) = edge
-        .start_edge(services.config(&sim.url(), &services.kafka_queue(false)))
-        .await;
-    let key = sluice::auth::create_key(store.as_ref(), "cancel")
-        .await
-        .unwrap()
-        .secret;
+    let (edge, worker, url, key) = edge_and_worker(&services, &sim, "cancel").await;
 
     let response = reqwest::Client::new()
         .post(format!("{url}/v1/completions"))
@@ -305,18 +316,7 @@ async fn a_worker_killed_mid_stream_ends_the_stream_with_an_error() {
     })
     .await
     .unwrap();
-    let worker = Isolated::new("worker");
-    worker
-        .start_worker(services.config(&sim.url(), &services.kafka_queue(false)))
-        .await;
-    let edge = Isolated::new("edge");
-    let (url, store) = edge
-        .start_edge(services.config(&sim.url(), &services.kafka_queue(false)))
-        .await;
-    let key = sluice::auth::create_key(store.as_ref(), "midstream")
-        .await
-        .unwrap()
-        .secret;
+    let (edge, worker, url, key) = edge_and_worker(&services, &sim, "midstream").await;
 
     let body = json!({"model": MODEL, "prompt": "interrupted", "max_tokens": 50, "stream": true});
     let response = reqwest::Client::new()

@@ -197,15 +197,7 @@ impl PluginHost {
             .plugin_call_duration
             .with_label_values(&labels)
             .observe(started.elapsed().as_secs_f64());
-        match failure {
-            Some(f) if f.is_timeout() => self
-                .metrics
-                .plugin_timeouts
-                .with_label_values(&labels)
-                .inc(),
-            Some(_) => self.metrics.plugin_traps.with_label_values(&labels).inc(),
-            None => {}
-        }
+        count_failure(&self.metrics, &labels, failure);
     }
 
     /// Applies the plugin's `on_error` policy: `Ok` to skip it, `Err` to fail the request.
@@ -239,6 +231,15 @@ pub async fn load(
             reason: err.to_string(),
         })??;
     compiled.validate(runtime).await
+}
+
+/// Counts a failed call as a timeout or a trap (invalid results count as traps).
+fn count_failure(metrics: &Metrics, labels: &[&str; 2], failure: Option<&PluginFailure>) {
+    match failure {
+        Some(f) if f.is_timeout() => metrics.plugin_timeouts.with_label_values(labels).inc(),
+        Some(_) => metrics.plugin_traps.with_label_values(labels).inc(),
+        None => {}
+    }
 }
 
 fn wit_context(ctx: &RequestContext) -> WitContext {
@@ -498,16 +499,7 @@ impl WasmTokenFilter {
     fn observe(&self, started: Instant, failure: Option<&PluginFailure>) {
         self.calls.inc();
         self.latency.observe(started.elapsed().as_secs_f64());
-        let labels = [&*self.plugin.name, "on-token"];
-        match failure {
-            Some(f) if f.is_timeout() => self
-                .metrics
-                .plugin_timeouts
-                .with_label_values(&labels)
-                .inc(),
-            Some(_) => self.metrics.plugin_traps.with_label_values(&labels).inc(),
-            None => {}
-        }
+        count_failure(&self.metrics, &[&*self.plugin.name, "on-token"], failure);
     }
 
     async fn instance(&mut self, index: u32) -> Result<&mut ChoiceInstance, PluginFailure> {

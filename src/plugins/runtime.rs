@@ -98,6 +98,9 @@ impl Drop for EpochTicker {
 pub struct Runtime {
     engine: Engine,
     linker: Linker<PluginState>,
+    /// Compiled components by the SHA-256 of their bytes: reloading an
+    /// unchanged file (a config-only change) or loading it twice costs nothing.
+    compiled: std::sync::Mutex<std::collections::HashMap<[u8; 32], Component>>,
     _ticker: EpochTicker,
 }
 
@@ -156,6 +159,7 @@ impl Runtime {
         Ok(Self {
             engine,
             linker,
+            compiled: Default::default(),
             _ticker: EpochTicker(stop),
         })
     }
@@ -179,13 +183,48 @@ impl Runtime {
             Some([0, b'a', b's', b'm', ..]) => {}
             _ => return Err(not_a_component("it is not a WebAssembly file".into())),
         }
-        let component = Component::from_binary(&self.engine, bytes).map_err(|err| {
+        let digest: [u8; 32] = Sha256::digest(bytes).into();
+        let cached = self
+            .compiled
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&digest).cloned());
+        let component = match cached {
+            Some(component) => component,
+            None => {
+                let component = self.compile_new(bytes, &not_a_component)?;
+                if let Ok(mut compiled) = self.compiled.lock() {
+                    if compiled.len() >= 64 {
+                        compiled.clear();
+                    }
+                    compiled.insert(digest, component.clone());
+                }
+                component
+            }
+        };
+        self.instantiate_pre(path, component)
+    }
+
+    fn compile_new(
+        &self,
+        bytes: &[u8],
+        not_a_component: &dyn Fn(String) -> LoadError,
+    ) -> Result<Component, LoadError> {
+        Component::from_binary(&self.engine, bytes).map_err(|err| {
             let reason = format!("{err:#}")
                 .split_whitespace()
                 .collect::<Vec<_>>()
                 .join(" ");
             not_a_component(reason.chars().take(300).collect())
-        })?;
+        })
+    }
+
+    /// Links a compiled component and finds which hooks it exports.
+    fn instantiate_pre(
+        &self,
+        path: &str,
+        component: Component,
+    ) -> Result<(Component, InstancePre<PluginState>, Exports), LoadError> {
         let pre =
             self.linker
                 .instantiate_pre(&component)
