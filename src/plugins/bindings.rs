@@ -13,12 +13,12 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
+pub use self::sluice::plugin::host::LogLevel;
+pub use self::sluice::plugin::types::{CompletionRequest, RequestContext};
 pub use exports::sluice::plugin::cache_key_hook::{self, CacheKeyDecision};
 pub use exports::sluice::plugin::lifecycle;
 pub use exports::sluice::plugin::request_hook::{self, RequestDecision};
 pub use exports::sluice::plugin::token_hook::{self, TokenAction};
-pub use sluice::plugin::host::LogLevel;
-pub use sluice::plugin::types::{CompletionRequest, RequestContext};
 
 /// Longest log line a plugin may write.
 const MAX_LOG_LINE: usize = 4096;
@@ -72,9 +72,9 @@ impl WasiView for PluginState {
     }
 }
 
-impl sluice::plugin::types::Host for PluginState {}
+impl self::sluice::plugin::types::Host for PluginState {}
 
-impl sluice::plugin::host::Host for PluginState {
+impl self::sluice::plugin::host::Host for PluginState {
     fn log(&mut self, level: LogLevel, message: String) {
         let mut end = message.len().min(MAX_LOG_LINE);
         while !message.is_char_boundary(end) {
@@ -96,11 +96,11 @@ impl sluice::plugin::host::Host for PluginState {
 pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<PluginState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-    sluice::plugin::host::add_to_linker::<PluginState, HasSelf<PluginState>>(
+    self::sluice::plugin::host::add_to_linker::<PluginState, HasSelf<PluginState>>(
         &mut linker,
         |state| state,
     )?;
-    sluice::plugin::types::add_to_linker::<PluginState, HasSelf<PluginState>>(
+    self::sluice::plugin::types::add_to_linker::<PluginState, HasSelf<PluginState>>(
         &mut linker,
         |state| state,
     )?;
