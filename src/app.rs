@@ -112,10 +112,6 @@ impl Gateway {
         })
     }
 
-    pub fn state(&self) -> &Arc<AppState> {
-        &self.state
-    }
-
     pub fn store(&self) -> Arc<dyn Store> {
         self.state.store.clone()
     }

@@ -111,10 +111,6 @@ impl FilterChain {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.filters.is_empty()
-    }
-
     /// Runs `text` of choice `index` through every filter; a filter's output is the next one's input.
     async fn run(
         &mut self,

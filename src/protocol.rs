@@ -152,16 +152,6 @@ impl Prompt {
             Prompt::Tokens(_) | Prompt::TokenBatches(_) => Vec::new(),
         }
     }
-
-    /// Approximate character count, for logs.
-    pub fn text_len(&self) -> usize {
-        match self {
-            Prompt::Text(s) => s.len(),
-            Prompt::Texts(v) => v.iter().map(String::len).sum(),
-            Prompt::Tokens(v) => v.len(),
-            Prompt::TokenBatches(v) => v.iter().map(Vec::len).sum(),
-        }
-    }
 }
 
 impl CompletionRequest {
@@ -493,13 +483,6 @@ impl ResponseAssembler {
                 acc.prompt_token_ids = ids;
             }
         }
-    }
-
-    /// The usage reported by the upstream, if any.
-    pub fn usage(&self) -> Option<Usage> {
-        self.usage
-            .as_ref()
-            .and_then(|u| serde_json::from_value(u.clone()).ok())
     }
 
     /// The JSON body vLLM returns for `stream: false`, fields in vLLM's order.

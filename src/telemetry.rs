@@ -145,19 +145,6 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Telemetry {
     }
 }
 
-/// Installs logging only (no trace export).
-pub fn init_logging(config: &LogConfig) {
-    std::mem::forget(init(
-        config,
-        &TelemetryConfig {
-            otlp_endpoint: None,
-            service_name: String::new(),
-            sample_ratio: 0.0,
-            json: false,
-        },
-    ));
-}
-
 struct HeaderExtractor<'a>(&'a axum::http::HeaderMap);
 
 impl Extractor for HeaderExtractor<'_> {

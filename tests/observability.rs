@@ -7,14 +7,7 @@ use serde_json::json;
 use sluice::config::OnError::FailOpen;
 
 fn value(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-        })
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no series {series} in\n{metrics}"))
+    metric(metrics, series).unwrap_or_else(|| panic!("no series {series} in\n{metrics}"))
 }
 
 #[tokio::test]

@@ -268,11 +268,11 @@ async fn misbehaving_plugins_never_take_the_gateway_down() {
             );
             let metrics = gw.metrics().await;
             let count = |counter: &str| {
-                let prefix = format!(r#"{counter}{{hook="{hook}",plugin="bad"}} "#);
-                metrics
-                    .lines()
-                    .find_map(|l| l.strip_prefix(&prefix))
-                    .map_or(0, |v| v.parse::<u64>().unwrap())
+                metric(
+                    &metrics,
+                    &format!(r#"{counter}{{hook="{hook}",plugin="bad"}}"#),
+                )
+                .map_or(0, |v| v as u64)
             };
             let (timeouts, traps) = (
                 count("sluice_plugin_timeouts_total"),
@@ -390,13 +390,8 @@ fn gateway_toml(mask: &str, extra: &str) -> String {
 }
 
 async fn reloads(gw: &TestGateway, plugin: &str, result: &str) -> u64 {
-    let metrics = gw.metrics().await;
-    let prefix = format!(r#"sluice_plugin_reloads_total{{plugin="{plugin}",result="{result}"}} "#);
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    let series = format!(r#"sluice_plugin_reloads_total{{plugin="{plugin}",result="{result}"}}"#);
+    metric(&gw.metrics().await, &series).map_or(0, |v| v as u64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -121,17 +121,27 @@ async fn serve_socket(
                 Some(Ok(_)) => continue,
             },
         };
-        if !serve_request(
+        let mut record = RequestRecord::new(
+            state.clone(),
+            crate::http::new_request_id(),
+            "ws",
+            Instant::now(),
+        );
+        record.identify(&identity);
+        crate::telemetry::continue_from_pairs(&record.span, &trace);
+        let span = record.span.clone();
+        let connected = serve_request(
             &state,
             &identity,
-            &trace,
             text.as_bytes(),
             &mut sink,
             &mut stream,
             &mut queued,
+            record,
         )
-        .await
-        {
+        .instrument(span)
+        .await;
+        if !connected {
             return;
         }
     }
@@ -141,35 +151,11 @@ async fn serve_socket(
 async fn serve_request(
     state: &Arc<AppState>,
     identity: &Identity,
-    trace: &[(String, String)],
-    body: &[u8],
-    sink: &mut Sink,
-    stream: &mut SplitStream<WebSocket>,
-    queued: &mut VecDeque<Utf8Bytes>,
-) -> bool {
-    let received_at = Instant::now();
-    let request_id = crate::http::new_request_id();
-    let mut record = RequestRecord::new(state.clone(), request_id.clone(), "ws", received_at);
-    record.identify(identity);
-    crate::telemetry::continue_from_pairs(&record.span, trace);
-    let span = record.span.clone();
-    serve_recorded(
-        state, identity, body, sink, stream, queued, record, request_id,
-    )
-    .instrument(span)
-    .await
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn serve_recorded(
-    state: &Arc<AppState>,
-    identity: &Identity,
     body: &[u8],
     sink: &mut Sink,
     stream: &mut SplitStream<WebSocket>,
     queued: &mut VecDeque<Utf8Bytes>,
     mut record: RequestRecord,
-    request_id: String,
 ) -> bool {
     let request = match CompletionRequest::parse(body) {
         Ok(request) => request,
@@ -180,7 +166,7 @@ async fn serve_recorded(
     };
     let stream_mode = request.is_stream();
     let ctx = RequestContext {
-        request_id,
+        request_id: record.request_id.clone(),
         identity: identity.clone(),
         route: record.route,
         transport: "ws",

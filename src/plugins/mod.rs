@@ -200,6 +200,31 @@ impl PluginHost {
         count_failure(&self.metrics, &labels, failure);
     }
 
+    /// One request-hook call on a pooled instance: check one out, arm its
+    /// deadline, run `call`, and return the instance to the pool only if the
+    /// call succeeded. Records the call's metrics and span.
+    async fn pooled_call<T>(
+        &self,
+        plugin: &LoadedPlugin,
+        hook: &'static str,
+        span_name: &'static str,
+        request_id: &str,
+        call: impl AsyncFnOnce(&mut runtime::Live) -> Result<T, PluginFailure>,
+    ) -> Result<T, PluginFailure> {
+        let started = Instant::now();
+        let result = async {
+            let mut live = plugin.checkout(request_id, false).await?;
+            live.arm();
+            let value = call(&mut live).await?;
+            plugin.checkin(live, false);
+            Ok(value)
+        }
+        .instrument(tracing::info_span!("plugin", otel.name = span_name, plugin = %plugin.name))
+        .await;
+        self.observe(plugin, hook, started, result.as_ref().err());
+        result
+    }
+
     /// Applies the plugin's `on_error` policy: `Ok` to skip it, `Err` to fail the request.
     fn on_failure(
         plugin: &LoadedPlugin,
@@ -208,7 +233,7 @@ impl PluginHost {
         failure: PluginFailure,
     ) -> Result<(), GatewayError> {
         tracing::warn!(plugin = %plugin.name, hook, request_id, %failure, "plugin failed");
-        match plugin.on_error() {
+        match plugin.config.on_error {
             OnError::FailOpen => Ok(()),
             OnError::FailClosed => Err(GatewayError::Plugin {
                 plugin: plugin.name.to_string(),
@@ -324,32 +349,29 @@ impl Policy for PluginHost {
     ) -> Result<(), GatewayError> {
         let chain = self.chain();
         let wit_ctx = wit_context(ctx);
-        for plugin in chain
+        let hooked = chain
             .plugins
             .iter()
-            .filter(|p| p.exports.request.is_some() && p.applies_to(&ctx.identity.key_name))
-        {
-            let Some(indices) = &plugin.exports.request else {
-                continue;
-            };
+            .filter(|p| p.applies_to(&ctx.identity.key_name));
+        for (plugin, indices) in hooked.filter_map(|p| Some((p, p.exports.request.as_ref()?))) {
             let wit_req = wit_request(request);
-            let started = Instant::now();
-            let result = async {
-                let mut live = plugin.checkout(&ctx.request_id, false).await?;
-                let guest = indices
-                    .load(&mut live.store, &live.instance)
-                    .map_err(PluginFailure::from_wasmtime)?;
-                live.arm();
-                let decision = guest
-                    .call_on_request(&mut live.store, &wit_ctx, &wit_req)
-                    .await
-                    .map_err(PluginFailure::from_wasmtime)?;
-                plugin.checkin(live, false);
-                Ok(decision)
-            }
-            .instrument(tracing::info_span!("plugin.on_request", plugin = %plugin.name))
-            .await;
-            self.observe(plugin, "on-request", started, result.as_ref().err());
+            let result = self
+                .pooled_call(
+                    plugin,
+                    "on-request",
+                    "plugin.on_request",
+                    &ctx.request_id,
+                    async |live| {
+                        let guest = indices
+                            .load(&mut live.store, &live.instance)
+                            .map_err(PluginFailure::from_wasmtime)?;
+                        guest
+                            .call_on_request(&mut live.store, &wit_ctx, &wit_req)
+                            .await
+                            .map_err(PluginFailure::from_wasmtime)
+                    },
+                )
+                .await;
             match result {
                 Ok(RequestDecision::Proceed) => {}
                 Ok(RequestDecision::Modify(modified)) => {
@@ -396,44 +418,45 @@ impl Policy for PluginHost {
     ) -> Result<KeyDecision, GatewayError> {
         let chain = self.chain();
         let mut key = default_key;
-        let plugins: Vec<_> = chain
+        // Collected: the async-trait future must not hold these closures across awaits.
+        let hooked: Vec<_> = chain
             .plugins
             .iter()
-            .filter(|p| p.exports.cache_key.is_some() && p.applies_to(&ctx.identity.key_name))
+            .filter(|p| p.applies_to(&ctx.identity.key_name))
+            .filter_map(|p| Some((p, p.exports.cache_key.as_ref()?)))
             .collect();
-        if plugins.is_empty() {
+        if hooked.is_empty() {
             return Ok(KeyDecision::Key(key));
         }
         let wit_ctx = wit_context(ctx);
         let wit_req = wit_request(request);
-        for plugin in plugins {
-            let Some(indices) = &plugin.exports.cache_key else {
-                continue;
-            };
-            let started = Instant::now();
-            let result = async {
-                let mut live = plugin.checkout(&ctx.request_id, false).await?;
-                let guest = indices
-                    .load(&mut live.store, &live.instance)
-                    .map_err(PluginFailure::from_wasmtime)?;
-                live.arm();
-                let decision = guest
-                    .call_cache_key(&mut live.store, &wit_ctx, &wit_req, &key)
-                    .await
-                    .map_err(PluginFailure::from_wasmtime)?;
-                plugin.checkin(live, false);
-                if let CacheKeyDecision::Custom(custom) = &decision
-                    && custom.len() > MAX_PLUGIN_TEXT
-                {
-                    return Err(PluginFailure::Invalid(format!(
-                        "cache key of {} bytes",
-                        custom.len()
-                    )));
-                }
-                Ok(decision)
-            }
-            .await;
-            self.observe(plugin, "cache-key", started, result.as_ref().err());
+        for (plugin, indices) in hooked {
+            let result = self
+                .pooled_call(
+                    plugin,
+                    "cache-key",
+                    "plugin.cache_key",
+                    &ctx.request_id,
+                    async |live| {
+                        let guest = indices
+                            .load(&mut live.store, &live.instance)
+                            .map_err(PluginFailure::from_wasmtime)?;
+                        let decision = guest
+                            .call_cache_key(&mut live.store, &wit_ctx, &wit_req, &key)
+                            .await
+                            .map_err(PluginFailure::from_wasmtime)?;
+                        match decision {
+                            CacheKeyDecision::Custom(custom) if custom.len() > MAX_PLUGIN_TEXT => {
+                                Err(PluginFailure::Invalid(format!(
+                                    "cache key of {} bytes",
+                                    custom.len()
+                                )))
+                            }
+                            decision => Ok(decision),
+                        }
+                    },
+                )
+                .await;
             match result {
                 Ok(CacheKeyDecision::UseDefault) => {}
                 Ok(CacheKeyDecision::Custom(custom)) => {

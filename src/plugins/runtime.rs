@@ -14,7 +14,7 @@ use wasmtime::{
 };
 
 use super::bindings::{self, PluginState, cache_key_hook, lifecycle, request_hook, token_hook};
-use crate::config::{OnError, PluginConfig};
+use crate::config::PluginConfig;
 
 /// Engine-wide ceiling on a plugin instance's linear memory (config validation enforces it).
 pub const MAX_PLUGIN_MEMORY: usize = crate::config::MAX_PLUGIN_MEMORY as usize;
@@ -353,10 +353,6 @@ impl Compiled {
 }
 
 impl LoadedPlugin {
-    pub fn on_error(&self) -> OnError {
-        self.config.on_error
-    }
-
     /// Whether the plugin runs for requests made with this key.
     pub fn applies_to(&self, key_name: &str) -> bool {
         self.config.keys.is_empty() || self.config.keys.iter().any(|k| k == key_name)

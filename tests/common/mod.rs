@@ -132,6 +132,17 @@ impl Drop for TestGateway {
     }
 }
 
+/// The value of one series (`name{labels}`) in a Prometheus text exposition.
+pub fn metric(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.parse().ok())
+}
+
 /// Reads a whole SSE response into its `data:` payloads (including `[DONE]`).
 pub async fn sse_events(response: reqwest::Response) -> Vec<String> {
     let mut reader = SseReader::new(response);
