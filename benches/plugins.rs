@@ -63,6 +63,7 @@ fn ctx() -> RequestContext {
         },
         route: "/v1/completions",
         transport: "sse",
+        traced: false,
     }
 }
 

@@ -268,6 +268,10 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
                 "  on-token (token-hook):       {}",
                 if hooks.on_token { "yes" } else { "no" }
             );
+            println!(
+                "  on-tokens (token-batch-hook): {}",
+                if hooks.on_tokens { "yes" } else { "no" }
+            );
             Ok(())
         }
         Command::Config {

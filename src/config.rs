@@ -266,7 +266,7 @@ pub struct RawTelemetry {
     /// unless `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
     pub otlp_endpoint: String,
     pub service_name: String,
-    /// Fraction of new traces sampled (a client's sampled `traceparent` is always followed).
+    /// Fraction of new traces sampled, decided at the edge (a client's `traceparent` sampled flag is followed).
     pub sample_ratio: f64,
     /// OTLP/HTTP encoding: `http/protobuf` or `http/json`.
     pub protocol: String,

@@ -20,6 +20,7 @@ use crate::policy::{CacheKeyDecision, FilterChain, Filtered, RequestContext};
 use crate::protocol::{Chunk, CompletionRequest, Usage};
 use crate::queue::{QueuedRequest, ResponseEvent, ResponseStream};
 use crate::store::InferenceRecord;
+use crate::telemetry::RequestTrace;
 
 /// HTTP status logged for a request whose client went away first (nginx's convention).
 pub const CLIENT_CLOSED: u16 = 499;
@@ -27,8 +28,8 @@ pub const CLIENT_CLOSED: u16 = 499;
 /// Everything measured about one request; reported when dropped.
 pub struct RequestRecord {
     state: Arc<AppState>,
-    /// The request's root span; every stage's span is a child of it.
-    pub span: tracing::Span,
+    /// The request's root span (every stage's span is a child of it) and sampling decision.
+    pub trace: RequestTrace,
     pub key_name: String,
     pub request_id: String,
     pub route: &'static str,
@@ -50,18 +51,11 @@ impl RequestRecord {
         request_id: String,
         transport: &'static str,
         received_at: Instant,
+        trace_headers: &[(String, String)],
     ) -> Self {
-        // Attributes known later are set on the OpenTelemetry span directly
-        // (`set_attribute`): recording tracing fields would re-format them for the log layer.
-        let span = tracing::info_span!(
-            "request",
-            otel.name = "POST /v1/completions",
-            otel.kind = "server",
-            request_id = %request_id,
-        );
         Self {
             state,
-            span,
+            trace: RequestTrace::start(&request_id, trace_headers),
             key_name: String::new(),
             request_id,
             route: "/v1/completions",
@@ -104,7 +98,11 @@ impl RequestRecord {
     pub fn identify(&mut self, identity: &crate::auth::Identity) {
         self.key_id = Some(identity.key_id.clone());
         self.key_name = identity.key_name.clone();
-        self.span.set_attribute("key", identity.key_name.clone());
+        if self.trace.sampled {
+            self.trace
+                .span
+                .set_attribute("key", identity.key_name.clone());
+        }
     }
 
     pub fn fail(&mut self, error: &GatewayError) {
@@ -142,15 +140,19 @@ impl Drop for RequestRecord {
             .first_chunk_at
             .map(|t| (t - self.received_at).as_secs_f64() * 1000.0);
         let cache = if self.cache_hit { "hit" } else { "miss" };
-        let span = &self.span;
-        span.set_attribute("transport", self.transport);
-        span.set_attribute("status", i64::from(self.status));
-        span.set_attribute("cache", cache);
-        span.set_attribute("model", self.model.clone());
-        span.set_attribute("prompt_tokens", usage.prompt_tokens as i64);
-        span.set_attribute("completion_tokens", completion_tokens as i64);
-        if let Some(ttft) = ttft_ms {
-            span.set_attribute("ttft_ms", ttft);
+        let span = &self.trace.span;
+        // Attributes known late are set on the OpenTelemetry span directly:
+        // recording tracing fields would re-format them for the log layer.
+        if self.trace.sampled {
+            span.set_attribute("transport", self.transport);
+            span.set_attribute("status", i64::from(self.status));
+            span.set_attribute("cache", cache);
+            span.set_attribute("model", self.model.clone());
+            span.set_attribute("prompt_tokens", usage.prompt_tokens as i64);
+            span.set_attribute("completion_tokens", completion_tokens as i64);
+            if let Some(ttft) = ttft_ms {
+                span.set_attribute("ttft_ms", ttft);
+            }
         }
         let _in_request = span.enter();
         tracing::info!(
@@ -219,6 +221,9 @@ pub struct Completion {
     pub record: RequestRecord,
     source: Source,
     filters: FilterChain,
+    /// A cached answer's chunks after the filters, one per chunk, filtered at
+    /// once on the first call (one plugin call per filter, not per chunk).
+    prefiltered: Option<std::collections::VecDeque<Filtered>>,
     /// Whether the final usage-only chunk is delivered (streams that asked, and JSON assembly).
     deliver_usage_chunk: bool,
     /// On a cache miss: the key and the raw chunks to store once complete.
@@ -239,7 +244,13 @@ pub async fn start(
     mut record: RequestRecord,
 ) -> Result<Completion, (GatewayError, RequestRecord)> {
     record.model = request.model.clone();
-    record.span.set_attribute("model", request.model.clone());
+    let traced = record.trace.sampled;
+    if traced {
+        record
+            .trace
+            .span
+            .set_attribute("model", request.model.clone());
+    }
     if let Err(err) = state.policy.on_request(ctx, &mut request).await {
         record.fail(&err);
         return Err((err, record));
@@ -263,7 +274,7 @@ pub async fn start(
         },
     };
     let metrics = &state.metrics;
-    let lookup = tracing::info_span!("cache.lookup");
+    let lookup = crate::stage_span!(traced, "cache.lookup");
     match (&state.cache, &cache_key) {
         (Some(cache), Some(key)) => match cache.get(key).instrument(lookup.clone()).await {
             Ok(Some(chunks)) => {
@@ -297,15 +308,11 @@ pub async fn start(
 
     let submitted = Instant::now();
     // Spans from the submission to the first chunk back; the worker's spans are its children.
-    let submit = tracing::info_span!(
-        "queue.submit",
-        otel.kind = "producer",
-        wait_ms = tracing::field::Empty
-    );
+    let submit = crate::stage_span!(traced, "queue.submit", otel.kind = "producer");
     let queued = QueuedRequest::new(
         ctx.request_id.clone(),
         request.upstream_body(),
-        crate::telemetry::context_of(&submit),
+        record.trace.context_for(&submit),
     );
     let mut responses = match state.queue.submit(queued).instrument(submit.clone()).await {
         Ok(responses) => responses,
@@ -348,12 +355,17 @@ impl Completion {
         to_cache: Option<(String, Vec<Chunk>)>,
     ) -> Self {
         record.state.metrics.active_streams.inc();
-        let delivery = tracing::info_span!(parent: &record.span, "stream.delivery");
+        let delivery = crate::stage_span!(
+            record.trace.sampled,
+            parent: &record.trace.span,
+            "stream.delivery"
+        );
         Self {
             delivery,
             record,
             source,
             filters,
+            prefiltered: None,
             deliver_usage_chunk,
             to_cache,
             last_chunk: None,
@@ -388,8 +400,18 @@ impl Completion {
             if self.finished {
                 return Delivery::Done;
             }
+            if let Source::Cached { chunks, next: 0 } = &self.source
+                && self.prefiltered.is_none()
+                && self.filters.has_filters()
+            {
+                match self.filters.apply_all(chunks).await {
+                    Ok(filtered) => self.prefiltered = Some(filtered.into()),
+                    Err(err) => return self.fail(err.info()),
+                }
+            }
             match self.next_event().await {
                 ResponseEvent::Chunk(chunk) => {
+                    let prefiltered = self.prefiltered.as_mut().and_then(|f| f.pop_front());
                     let summary = chunk.summary();
                     if summary.usage.is_some() {
                         self.record.usage = summary.usage;
@@ -404,7 +426,11 @@ impl Completion {
                         continue;
                     }
                     self.last_chunk = Some(chunk.clone());
-                    match self.filters.apply(chunk).await {
+                    let filtered = match prefiltered {
+                        Some(filtered) => Ok(filtered),
+                        None => self.filters.apply(chunk).await,
+                    };
+                    match filtered {
                         Ok(Filtered::Chunk(chunk)) => {
                             self.record.chunk_sent();
                             return Delivery::Chunk(chunk);

@@ -21,6 +21,8 @@ pub struct RequestContext {
     /// `/v1/completions` over `rest` or `websocket`.
     pub route: &'static str,
     pub transport: &'static str,
+    /// Whether this request's trace is sampled: hooks create spans only then.
+    pub traced: bool,
 }
 
 /// The `cache-key` hook's answer.
@@ -51,6 +53,27 @@ pub enum TokenAction {
 pub trait TokenFilter: Send {
     /// Called with each chunk's text for choice `index`.
     async fn on_text(&mut self, index: u32, text: &str) -> Result<TokenAction, GatewayError>;
+
+    /// The texts of several consecutive chunks of choice `index` at once (a
+    /// cached answer): the same as `on_text` on each in order, returning one
+    /// action per text, or fewer ending with the `Stop` that ended them.
+    async fn on_texts(
+        &mut self,
+        index: u32,
+        texts: &[&str],
+    ) -> Result<Vec<TokenAction>, GatewayError> {
+        let mut actions = Vec::with_capacity(texts.len());
+        for text in texts {
+            let action = self.on_text(index, text).await?;
+            let stop = matches!(action, TokenAction::Stop(_));
+            actions.push(action);
+            if stop {
+                break;
+            }
+        }
+        Ok(actions)
+    }
+
     /// Called when choice `index` ends; returns held text to send.
     async fn finish(&mut self, index: u32) -> Result<String, GatewayError>;
 }
@@ -96,6 +119,79 @@ pub enum Filtered {
     Stop(Chunk),
 }
 
+/// The parts of a chunk the token filters need, borrowed from its bytes.
+#[derive(serde::Deserialize)]
+struct Peek<'a> {
+    #[serde(borrow, default)]
+    choices: Vec<PeekChoice<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct PeekChoice<'a> {
+    #[serde(default)]
+    index: u32,
+    #[serde(borrow, default)]
+    text: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    finish_reason: Option<serde::de::IgnoredAny>,
+}
+
+impl<'a> Peek<'a> {
+    /// The chunk's choices; `None` for a chunk without any (usage) or one that is not JSON.
+    fn of(chunk: &'a Chunk) -> Option<Self> {
+        serde_json::from_slice::<Peek>(chunk.payload_slice())
+            .ok()
+            .filter(|peek| !peek.choices.is_empty())
+    }
+}
+
+/// One choice of a chunk after the filters.
+struct ChoiceOutput {
+    text: String,
+    finishing: bool,
+    stop: bool,
+}
+
+/// The chunk to send for `chunk` after filtering: the chunk itself when no
+/// filter changed it (not re-serialised), nothing when all its text is held,
+/// else a rebuilt chunk.
+fn assemble(chunk: &Chunk, peek: &Peek<'_>, outputs: Vec<ChoiceOutput>) -> Filtered {
+    let changed = peek
+        .choices
+        .iter()
+        .zip(&outputs)
+        .any(|(choice, out)| out.stop || out.text != choice.text);
+    if !changed {
+        return Filtered::Chunk(chunk.clone());
+    }
+    if outputs
+        .iter()
+        .all(|out| out.text.is_empty() && !out.finishing && !out.stop)
+    {
+        return Filtered::Skip;
+    }
+    let stopped = outputs.iter().any(|out| out.stop);
+    let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(chunk.payload_slice()) else {
+        return Filtered::Chunk(chunk.clone());
+    };
+    if let Some(Value::Array(choices)) = body.get_mut("choices") {
+        for (choice, out) in choices.iter_mut().zip(outputs) {
+            if let Value::Object(choice) = choice {
+                choice.insert("text".into(), Value::String(out.text));
+                if out.stop {
+                    choice.insert("finish_reason".into(), Value::from("stop"));
+                }
+            }
+        }
+    }
+    let rebuilt = Chunk::from_payload(&serde_json::to_vec(&body).unwrap_or_default());
+    if stopped {
+        Filtered::Stop(rebuilt)
+    } else {
+        Filtered::Chunk(rebuilt)
+    }
+}
+
 /// The token filters of one response, applied to each chunk in order.
 pub struct FilterChain {
     filters: Vec<Box<dyn TokenFilter>>,
@@ -109,6 +205,10 @@ impl FilterChain {
             filters,
             finished: Vec::new(),
         }
+    }
+
+    pub fn has_filters(&self) -> bool {
+        !self.filters.is_empty()
     }
 
     /// Runs `text` of choice `index` through every filter; a filter's output is the next one's input.
@@ -148,69 +248,149 @@ impl FilterChain {
         if self.filters.is_empty() {
             return Ok(Filtered::Chunk(chunk));
         }
-        #[derive(serde::Deserialize)]
-        struct Peek<'a> {
-            #[serde(borrow, default)]
-            choices: Vec<PeekChoice<'a>>,
-        }
-        #[derive(serde::Deserialize)]
-        struct PeekChoice<'a> {
-            #[serde(default)]
-            index: u32,
-            #[serde(borrow, default)]
-            text: std::borrow::Cow<'a, str>,
-            #[serde(default)]
-            finish_reason: Option<serde::de::IgnoredAny>,
-        }
-        let Ok(peek) = serde_json::from_slice::<Peek>(chunk.payload_slice()) else {
+        let Some(peek) = Peek::of(&chunk) else {
             return Ok(Filtered::Chunk(chunk));
         };
-        if peek.choices.is_empty() {
-            return Ok(Filtered::Chunk(chunk));
-        }
         let mut outputs = Vec::with_capacity(peek.choices.len());
-        let mut changed = false;
-        let mut stopped = false;
         for choice in &peek.choices {
             let finishing = choice.finish_reason.is_some();
             let (filtered, stop) = self.run(choice.index, &choice.text, finishing).await?;
             if finishing || stop {
                 self.finished.push(choice.index);
             }
-            changed |= stop || filtered != choice.text;
-            stopped |= stop;
-            outputs.push((filtered, finishing, stop));
+            outputs.push(ChoiceOutput {
+                text: filtered,
+                finishing,
+                stop,
+            });
         }
-        if !changed {
-            return Ok(Filtered::Chunk(chunk));
-        }
-        if outputs
+        Ok(assemble(&chunk, &peek, outputs))
+    }
+
+    /// Filters consecutive chunks known at once (a cached answer), giving each
+    /// filter all their text in one call. Returns one result per chunk, or
+    /// fewer ending with the `Stop` that ended the response. The same results
+    /// as `apply` on each chunk in turn.
+    pub async fn apply_all(&mut self, chunks: &[Chunk]) -> Result<Vec<Filtered>, GatewayError> {
+        let peeks: Vec<Option<Peek<'_>>> = chunks.iter().map(Peek::of).collect();
+        // One choice throughout (`n` = 1, the usual case): batch. Otherwise chunk by chunk.
+        let mut indices = peeks
             .iter()
-            .all(|(text, finishing, stop)| text.is_empty() && !finishing && !stop)
-        {
-            return Ok(Filtered::Skip);
-        }
-        // Rare path: rebuild the chunk with the filtered texts.
-        let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(chunk.payload_slice())
-        else {
-            return Ok(Filtered::Chunk(chunk));
-        };
-        if let Some(Value::Array(choices)) = body.get_mut("choices") {
-            for (choice, (text, _, stop)) in choices.iter_mut().zip(outputs) {
-                if let Value::Object(choice) = choice {
-                    choice.insert("text".into(), Value::String(text));
-                    if stop {
-                        choice.insert("finish_reason".into(), Value::from("stop"));
-                    }
+            .flatten()
+            .flat_map(|p| &p.choices)
+            .map(|c| c.index);
+        let single_choice = peeks.iter().flatten().all(|p| p.choices.len() == 1)
+            && indices
+                .next()
+                .is_some_and(|first| indices.all(|i| i == first));
+        if self.filters.is_empty() || !single_choice {
+            let mut results = Vec::with_capacity(chunks.len());
+            for chunk in chunks {
+                let filtered = self.apply(chunk.clone()).await?;
+                let stop = matches!(filtered, Filtered::Stop(_));
+                results.push(filtered);
+                if stop {
+                    break;
                 }
             }
+            return Ok(results);
         }
-        let rebuilt = Chunk::from_payload(&serde_json::to_vec(&body).unwrap_or_default());
-        Ok(if stopped {
-            Filtered::Stop(rebuilt)
-        } else {
-            Filtered::Chunk(rebuilt)
-        })
+        let index = peeks
+            .iter()
+            .flatten()
+            .map(|p| p.choices[0].index)
+            .next()
+            .unwrap_or(0);
+        // The text of each chunk as it passes from filter to filter.
+        let mut texts: Vec<String> = peeks
+            .iter()
+            .map(|p| {
+                p.as_ref()
+                    .map(|p| p.choices[0].text.to_string())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let finishing: Vec<bool> = peeks
+            .iter()
+            .map(|p| {
+                p.as_ref()
+                    .is_some_and(|p| p.choices[0].finish_reason.is_some())
+            })
+            .collect();
+        // Chunks after a `Stop` are never delivered.
+        let mut end = chunks.len();
+        let mut stopped_at = None;
+        for filter in self.filters.iter_mut() {
+            let mut start = 0;
+            while start < end {
+                // Up to and including the next chunk that ends the choice.
+                let segment_end = (start..end).find(|&i| finishing[i]).map_or(end, |i| i + 1);
+                let positions: Vec<usize> = (start..segment_end)
+                    .filter(|&i| peeks[i].is_some() && !texts[i].is_empty())
+                    .collect();
+                let inputs: Vec<&str> = positions.iter().map(|&i| texts[i].as_str()).collect();
+                let actions = if inputs.is_empty() {
+                    Vec::new()
+                } else {
+                    filter.on_texts(index, &inputs).await?
+                };
+                let valid = actions.len() == inputs.len()
+                    || matches!(actions.last(), Some(TokenAction::Stop(_)));
+                if !valid || actions.len() > inputs.len() {
+                    return Err(GatewayError::Internal(format!(
+                        "a token filter answered {} texts with {} actions",
+                        inputs.len(),
+                        actions.len()
+                    )));
+                }
+                drop(inputs);
+                let mut stop_here = None;
+                for (&i, action) in positions.iter().zip(actions) {
+                    match action {
+                        TokenAction::Pass => {}
+                        TokenAction::Replace(text) => texts[i] = text,
+                        TokenAction::Hold => texts[i].clear(),
+                        TokenAction::Stop(text) => {
+                            texts[i] = text;
+                            stop_here = Some(i);
+                        }
+                    }
+                }
+                // A stop from an earlier filter ends this one too.
+                let last = segment_end - 1;
+                let stop_here = stop_here.or(stopped_at.filter(|&s| s == last));
+                if let Some(i) = stop_here {
+                    end = i + 1;
+                    stopped_at = Some(i);
+                    let held = filter.finish(index).await?;
+                    texts[i].push_str(&held);
+                    break;
+                }
+                if finishing[last] {
+                    let held = filter.finish(index).await?;
+                    texts[last].push_str(&held);
+                }
+                start = segment_end;
+            }
+        }
+        let mut results = Vec::with_capacity(end);
+        for (i, (chunk, text)) in chunks.iter().zip(texts).take(end).enumerate() {
+            let Some(peek) = &peeks[i] else {
+                results.push(Filtered::Chunk(chunk.clone()));
+                continue;
+            };
+            let stop = stopped_at == Some(i);
+            if finishing[i] || stop {
+                self.finished.push(index);
+            }
+            let output = ChoiceOutput {
+                text,
+                finishing: finishing[i],
+                stop,
+            };
+            results.push(assemble(chunk, peek, vec![output]));
+        }
+        Ok(results)
     }
 
     /// Flushes choices that never saw a `finish_reason` (a stream that ended
@@ -331,5 +511,124 @@ mod tests {
         ));
         let last = chain.finish(Some(&template)).await.unwrap().unwrap();
         assert_eq!(text_of(Filtered::Chunk(last)).as_deref(), Some("#held"));
+    }
+
+    /// Upper-cases text, holds text from a `#` until a `!`, and stops the
+    /// response at a `$` (appending `+` for each call to `finish`).
+    struct Scripted {
+        held: String,
+    }
+
+    #[async_trait]
+    impl TokenFilter for Scripted {
+        async fn on_text(&mut self, _index: u32, text: &str) -> Result<TokenAction, GatewayError> {
+            if text.contains('$') {
+                return Ok(TokenAction::Stop(format!(
+                    "{}{}",
+                    self.held,
+                    text.to_uppercase()
+                )));
+            }
+            if text.contains('#') || !self.held.is_empty() {
+                self.held.push_str(text);
+                if text.contains('!') {
+                    return Ok(TokenAction::Replace(std::mem::take(&mut self.held)));
+                }
+                return Ok(TokenAction::Hold);
+            }
+            Ok(TokenAction::Replace(text.to_uppercase()))
+        }
+        async fn finish(&mut self, _index: u32) -> Result<String, GatewayError> {
+            Ok(format!("{}+", std::mem::take(&mut self.held)))
+        }
+    }
+
+    fn scripted_chain(filters: usize) -> FilterChain {
+        FilterChain::new(
+            (0..filters)
+                .map(|_| {
+                    Box::new(Scripted {
+                        held: String::new(),
+                    }) as Box<dyn TokenFilter>
+                })
+                .collect(),
+        )
+    }
+
+    fn payloads(results: Vec<Filtered>) -> Vec<Option<(bool, String)>> {
+        results
+            .into_iter()
+            .map(|f| match f {
+                Filtered::Chunk(c) => {
+                    Some((false, String::from_utf8_lossy(c.payload_slice()).into()))
+                }
+                Filtered::Stop(c) => {
+                    Some((true, String::from_utf8_lossy(c.payload_slice()).into()))
+                }
+                Filtered::Skip => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn filtering_all_chunks_at_once_gives_what_chunk_by_chunk_gives() {
+        let usage = Chunk::from_payload(br#"{"id":"c","choices":[],"usage":{"prompt_tokens":1}}"#);
+        let scripts: Vec<Vec<Chunk>> = vec![
+            vec![
+                chunk("ab", None),
+                chunk(" cd", None),
+                chunk("e", Some("length")),
+                usage.clone(),
+            ],
+            vec![
+                chunk("a", None),
+                chunk("#b", None),
+                chunk("c", None),
+                chunk("d!", None),
+                chunk("e", Some("stop")),
+            ],
+            vec![
+                chunk("a", None),
+                chunk("#held", None),
+                chunk("", None),
+                chunk("x", Some("length")),
+            ],
+            vec![
+                chunk("a", None),
+                chunk("b$", None),
+                chunk("never", None),
+                chunk("sent", Some("length")),
+            ],
+            vec![
+                chunk("#a", None),
+                chunk("b$", None),
+                chunk("c", Some("length")),
+            ],
+            vec![chunk("a", None), chunk("b", None)],
+        ];
+        for chunks in scripts {
+            for filters in [1, 2, 3] {
+                let mut one_by_one = scripted_chain(filters);
+                let mut expected = Vec::new();
+                for c in &chunks {
+                    let filtered = one_by_one.apply(c.clone()).await.unwrap();
+                    let stop = matches!(filtered, Filtered::Stop(_));
+                    expected.push(filtered);
+                    if stop {
+                        break;
+                    }
+                }
+                let mut at_once = scripted_chain(filters);
+                let all = at_once.apply_all(&chunks).await.unwrap();
+                assert_eq!(payloads(all), payloads(expected), "{filters} filters");
+                let template = chunks.last().cloned();
+                let flushed = |c: Option<Chunk>| c.map(|c| c.payload_slice().to_vec());
+                assert_eq!(
+                    flushed(at_once.finish(template.as_ref()).await.unwrap()),
+                    flushed(one_by_one.finish(template.as_ref()).await.unwrap()),
+                    "{filters} filters, end of stream"
+                );
+            }
+        }
     }
 }

@@ -17,6 +17,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::queue::{Job, JobSource, ResponseEvent};
+use crate::telemetry::RequestTrace;
 use crate::upstream::UpstreamClient;
 
 pub struct Worker {
@@ -79,14 +80,10 @@ impl Worker {
     }
 
     async fn process(&self, mut job: Job) {
-        let span = tracing::info_span!(
-            "worker.upstream",
-            otel.kind = "consumer",
-            request_id = %job.request.request_id,
-        );
-        crate::telemetry::continue_from_pairs(&span, &job.request.trace_context);
+        let trace = RequestTrace::continue_job(&job.request.request_id, &job.request.trace_context);
         // vLLM continues the trace from the worker's span.
-        job.request.trace_context = crate::telemetry::context_of(&span);
+        job.request.trace_context = trace.context_for(&trace.span);
+        let span = trace.span;
         self.metrics.worker_inflight.inc();
         let cancel = job.cancel.clone();
         let outcome = tokio::select! {

@@ -171,6 +171,8 @@ async fn token_censor_masks_a_phrase_split_across_chunks_on_misses_and_hits() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let hit = sse_events(gw.post(&body).await).await;
     assert_eq!(texts(&hit)[0], expected, "SSE, cache hit");
+    // A hit is filtered in one batched call, chunk boundaries and all identical to the miss.
+    assert_eq!(hit, miss, "a hit replays the filtered miss exactly");
     let over_ws = ws_request(&gw, &body).await;
     assert_eq!(texts(&over_ws)[0], expected, "WebSocket, cache hit");
     let json_body = json!({"model": MODEL, "prompt": "censor this", "max_tokens": 12});
@@ -256,10 +258,22 @@ fn rss_bytes() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misbehaving_plugins_never_take_the_gateway_down() {
     let body = json!({"model": MODEL, "prompt": "still works", "max_tokens": 4, "stream": true});
-    for mode in ["loop", "alloc", "trap", "bad-utf8", "huge"] {
-        for hook in ["on-request", "cache-key", "on-token"] {
+    // `on-tokens` (the batched token hook) runs on cache hits: the cache is filled first.
+    let fill_cache = async |gw: &TestGateway| {
+        let events = sse_events(gw.post(&body).await).await;
+        assert_eq!(texts(&events), gw.sim.expected_texts(&body));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for mode in ["loop", "alloc", "trap", "bad-utf8", "huge", "short"] {
+        for hook in ["on-request", "cache-key", "on-token", "on-tokens"] {
+            if mode == "short" && hook != "on-tokens" {
+                continue;
+            }
             // Fail-open: the plugin is skipped and the client gets the normal answer.
             let gw = gateway_with(vec![misbehaving(mode, hook, FailOpen)]).await;
+            if hook == "on-tokens" {
+                fill_cache(&gw).await;
+            }
             let events = sse_events(gw.post(&body).await).await;
             assert_eq!(
                 texts(&events),
@@ -267,10 +281,15 @@ async fn misbehaving_plugins_never_take_the_gateway_down() {
                 "{mode} in {hook}, fail-open"
             );
             let metrics = gw.metrics().await;
+            let label = if hook == "on-tokens" {
+                "on-token"
+            } else {
+                hook
+            };
             let count = |counter: &str| {
                 metric(
                     &metrics,
-                    &format!(r#"{counter}{{hook="{hook}",plugin="bad"}}"#),
+                    &format!(r#"{counter}{{hook="{label}",plugin="bad"}}"#),
                 )
                 .map_or(0, |v| v as u64)
             };
@@ -287,8 +306,11 @@ async fn misbehaving_plugins_never_take_the_gateway_down() {
 
             // Fail-closed: before the stream an OpenAI-shaped 500, during it an error event.
             let gw = gateway_with(vec![misbehaving(mode, hook, FailClosed)]).await;
+            if hook == "on-tokens" {
+                fill_cache(&gw).await;
+            }
             let response = gw.post(&body).await;
-            if hook == "on-token" {
+            if hook.starts_with("on-token") {
                 assert_eq!(response.status(), 200);
                 let events = sse_events(response).await;
                 let error: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();

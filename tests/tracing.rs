@@ -90,6 +90,30 @@ async fn one_request_through_kafka_is_one_trace_from_client_to_worker() {
     assert!(telemetry.is_exporting());
     let gw = TestGateway::start_config(sim, config).await;
 
+    // A client that decided not to sample: no span of its trace is recorded
+    // anywhere, and the decision travels on to the worker and to vLLM.
+    let unsampled_trace = "0af7651916cd43dd8448eb211c80319c";
+    let unsampled_parent = format!("00-{unsampled_trace}-b7ad6b7169203331-00");
+    let response = gw
+        .http
+        .post(gw.completions_url())
+        .bearer_auth(&gw.key)
+        .header("traceparent", &unsampled_parent)
+        .json(
+            &json!({"model": MODEL, "prompt": "do not trace me", "max_tokens": 3, "stream": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse_events(response).await.len(), 4);
+    assert_eq!(
+        gw.sim.received()[0].headers["traceparent"]
+            .to_str()
+            .unwrap(),
+        unsampled_parent,
+        "vLLM is told the trace is not sampled"
+    );
+
     let client_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let client_span = "00f067aa0ba902b7";
     let response = gw
@@ -104,7 +128,7 @@ async fn one_request_through_kafka_is_one_trace_from_client_to_worker() {
     let request_id = request_id(&response);
     assert_eq!(sse_events(response).await.len(), 7);
     // vLLM is asked to continue the same trace.
-    let upstream_parent = gw.sim.received()[0].headers["traceparent"]
+    let upstream_parent = gw.sim.received()[1].headers["traceparent"]
         .to_str()
         .unwrap()
         .to_string();
@@ -145,7 +169,7 @@ async fn one_request_through_kafka_is_one_trace_from_client_to_worker() {
 
     assert!(
         spans.iter().all(|s| s.trace_id == client_trace),
-        "one trace, the client's: {spans:#?}"
+        "one trace, the client's, and none of the unsampled request: {spans:#?}"
     );
     let request = find("POST /v1/completions");
     assert_eq!(

@@ -25,9 +25,14 @@ pub async fn completions(
 ) -> Response {
     let received_at = Instant::now();
     let request_id = super::new_request_id();
-    let record = RequestRecord::new(state.clone(), request_id.clone(), "json", received_at);
-    crate::telemetry::continue_from_headers(&record.span, &headers);
-    let span = record.span.clone();
+    let record = RequestRecord::new(
+        state.clone(),
+        request_id.clone(),
+        "json",
+        received_at,
+        &crate::telemetry::trace_headers(&headers),
+    );
+    let span = record.trace.span.clone();
     let response = handle(state, headers, body, record).instrument(span).await;
     super::with_request_id(response, &request_id)
 }
@@ -48,7 +53,7 @@ async fn handle(
     let identity = match state
         .auth
         .authenticate(presented_secret(&headers, None))
-        .instrument(tracing::info_span!("auth"))
+        .instrument(crate::stage_span!(record.trace.sampled, "auth"))
         .await
     {
         Ok(identity) => identity,
@@ -70,6 +75,7 @@ async fn handle(
         identity,
         route: record.route,
         transport: record.transport,
+        traced: record.trace.sampled,
     };
     match pipeline::start(&state, &ctx, request, record).await {
         Err((err, _record)) => err.into_response(),

@@ -56,15 +56,7 @@ pub async fn websocket(
     };
     let limit = state.config.server.max_body_bytes;
     // A traceparent on the upgrade request is the parent of every request on the socket.
-    let trace: Vec<(String, String)> = ["traceparent", "tracestate"]
-        .iter()
-        .filter_map(|name| {
-            headers
-                .get(*name)
-                .and_then(|v| v.to_str().ok())
-                .map(|v| (name.to_string(), v.to_string()))
-        })
-        .collect();
+    let trace = crate::telemetry::trace_headers(&headers);
     upgrade
         .max_message_size(limit)
         .on_upgrade(move |socket| serve_socket(state, identity, socket, trace))
@@ -126,10 +118,10 @@ async fn serve_socket(
             crate::http::new_request_id(),
             "ws",
             Instant::now(),
+            &trace,
         );
         record.identify(&identity);
-        crate::telemetry::continue_from_pairs(&record.span, &trace);
-        let span = record.span.clone();
+        let span = record.trace.span.clone();
         let connected = serve_request(
             &state,
             &identity,
@@ -170,6 +162,7 @@ async fn serve_request(
         identity: identity.clone(),
         route: record.route,
         transport: "ws",
+        traced: record.trace.sampled,
     };
     let mut completion = match pipeline::start(state, &ctx, request, record).await {
         Ok(completion) => completion,

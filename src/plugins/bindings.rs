@@ -18,6 +18,7 @@ pub use self::sluice::plugin::types::{CompletionRequest, RequestContext};
 pub use exports::sluice::plugin::cache_key_hook::{self, CacheKeyDecision};
 pub use exports::sluice::plugin::lifecycle;
 pub use exports::sluice::plugin::request_hook::{self, RequestDecision};
+pub use exports::sluice::plugin::token_batch_hook;
 pub use exports::sluice::plugin::token_hook::{self, TokenAction};
 
 /// Longest log line a plugin may write.

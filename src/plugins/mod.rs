@@ -208,18 +208,23 @@ impl PluginHost {
         plugin: &LoadedPlugin,
         hook: &'static str,
         span_name: &'static str,
-        request_id: &str,
+        ctx: &RequestContext,
         call: impl AsyncFnOnce(&mut runtime::Live) -> Result<T, PluginFailure>,
     ) -> Result<T, PluginFailure> {
         let started = Instant::now();
         let result = async {
-            let mut live = plugin.checkout(request_id, false).await?;
+            let mut live = plugin.checkout(&ctx.request_id, false).await?;
             live.arm();
             let value = call(&mut live).await?;
             plugin.checkin(live, false);
             Ok(value)
         }
-        .instrument(tracing::info_span!("plugin", otel.name = span_name, plugin = %plugin.name))
+        .instrument(crate::stage_span!(
+            ctx.traced,
+            "plugin",
+            otel.name = span_name,
+            plugin = %plugin.name
+        ))
         .await;
         self.observe(plugin, hook, started, result.as_ref().err());
         result
@@ -360,7 +365,7 @@ impl Policy for PluginHost {
                     plugin,
                     "on-request",
                     "plugin.on_request",
-                    &ctx.request_id,
+                    ctx,
                     async |live| {
                         let guest = indices
                             .load(&mut live.store, &live.instance)
@@ -432,30 +437,21 @@ impl Policy for PluginHost {
         let wit_req = wit_request(request);
         for (plugin, indices) in hooked {
             let result = self
-                .pooled_call(
-                    plugin,
-                    "cache-key",
-                    "plugin.cache_key",
-                    &ctx.request_id,
-                    async |live| {
-                        let guest = indices
-                            .load(&mut live.store, &live.instance)
-                            .map_err(PluginFailure::from_wasmtime)?;
-                        let decision = guest
-                            .call_cache_key(&mut live.store, &wit_ctx, &wit_req, &key)
-                            .await
-                            .map_err(PluginFailure::from_wasmtime)?;
-                        match decision {
-                            CacheKeyDecision::Custom(custom) if custom.len() > MAX_PLUGIN_TEXT => {
-                                Err(PluginFailure::Invalid(format!(
-                                    "cache key of {} bytes",
-                                    custom.len()
-                                )))
-                            }
-                            decision => Ok(decision),
-                        }
-                    },
-                )
+                .pooled_call(plugin, "cache-key", "plugin.cache_key", ctx, async |live| {
+                    let guest = indices
+                        .load(&mut live.store, &live.instance)
+                        .map_err(PluginFailure::from_wasmtime)?;
+                    let decision = guest
+                        .call_cache_key(&mut live.store, &wit_ctx, &wit_req, &key)
+                        .await
+                        .map_err(PluginFailure::from_wasmtime)?;
+                    match decision {
+                        CacheKeyDecision::Custom(custom) if custom.len() > MAX_PLUGIN_TEXT => Err(
+                            PluginFailure::Invalid(format!("cache key of {} bytes", custom.len())),
+                        ),
+                        decision => Ok(decision),
+                    }
+                })
                 .await;
             match result {
                 Ok(CacheKeyDecision::UseDefault) => {}
@@ -479,16 +475,32 @@ impl Policy for PluginHost {
                 Box::new(WasmTokenFilter::new(
                     plugin.clone(),
                     self.metrics.clone(),
-                    ctx.request_id.clone(),
+                    ctx,
                 )) as Box<dyn TokenFilter>
             })
             .collect()
     }
 }
 
+/// A token plugin's exported functions on one instance.
+struct TokenGuest {
+    single: bindings::token_hook::Guest,
+    batch: Option<bindings::token_batch_hook::Guest>,
+}
+
+/// A token action from a plugin, checked.
+fn token_action(action: WitAction) -> Result<TokenAction, PluginFailure> {
+    Ok(match action {
+        WitAction::Pass => TokenAction::Pass,
+        WitAction::Replace(text) => TokenAction::Replace(checked_text(text)?),
+        WitAction::Hold => TokenAction::Hold,
+        WitAction::Stop(text) => TokenAction::Stop(checked_text(text)?),
+    })
+}
+
 /// A stream's instance of one token plugin, per choice.
 enum ChoiceInstance {
-    Live(Box<runtime::Live>, bindings::token_hook::Guest),
+    Live(Box<runtime::Live>, TokenGuest),
     /// Failed earlier in this stream (fail-open): text passes through.
     Skipped,
 }
@@ -506,15 +518,15 @@ struct WasmTokenFilter {
 }
 
 impl WasmTokenFilter {
-    fn new(plugin: Arc<LoadedPlugin>, metrics: Arc<Metrics>, request_id: String) -> Self {
+    fn new(plugin: Arc<LoadedPlugin>, metrics: Arc<Metrics>, ctx: &RequestContext) -> Self {
         let labels = [&*plugin.name, "on-token"];
         Self {
             calls: metrics.plugin_calls.with_label_values(&labels),
             latency: metrics.plugin_call_duration.with_label_values(&labels),
-            span: tracing::info_span!("plugin.on_token", plugin = %plugin.name),
+            span: crate::stage_span!(ctx.traced, "plugin.on_token", plugin = %plugin.name),
             plugin,
             metrics,
-            request_id,
+            request_id: ctx.request_id.clone(),
             choices: HashMap::new(),
         }
     }
@@ -534,11 +546,21 @@ impl WasmTokenFilter {
                 .token
                 .as_ref()
                 .ok_or_else(|| PluginFailure::Invalid("no token hook".into()))?;
-            let guest = indices
+            let single = indices
                 .load(&mut live.store, &live.instance)
                 .map_err(PluginFailure::from_wasmtime)?;
-            self.choices
-                .insert(index, ChoiceInstance::Live(live, guest));
+            let batch = match &self.plugin.exports.token_batch {
+                Some(indices) => Some(
+                    indices
+                        .load(&mut live.store, &live.instance)
+                        .map_err(PluginFailure::from_wasmtime)?,
+                ),
+                None => None,
+            };
+            self.choices.insert(
+                index,
+                ChoiceInstance::Live(live, TokenGuest { single, batch }),
+            );
         }
         Ok(self.choices.get_mut(&index).expect("inserted above"))
     }
@@ -553,17 +575,51 @@ impl WasmTokenFilter {
             ChoiceInstance::Live(live, guest) => {
                 live.arm();
                 let action = guest
+                    .single
                     .call_on_token(&mut live.store, index, text)
                     .await
                     .map_err(PluginFailure::from_wasmtime)?;
-                Ok(Some(match action {
-                    WitAction::Pass => TokenAction::Pass,
-                    WitAction::Replace(text) => TokenAction::Replace(checked_text(text)?),
-                    WitAction::Hold => TokenAction::Hold,
-                    WitAction::Stop(text) => TokenAction::Stop(checked_text(text)?),
-                }))
+                Ok(Some(token_action(action)?))
             }
         }
+    }
+
+    /// `on-tokens` with several texts; `None` when the plugin was skipped or
+    /// has no batch form (the caller then goes text by text).
+    async fn call_on_tokens(
+        &mut self,
+        index: u32,
+        texts: &[&str],
+    ) -> Result<Option<Vec<TokenAction>>, PluginFailure> {
+        let ChoiceInstance::Live(live, guest) = self.instance(index).await? else {
+            return Ok(None);
+        };
+        let Some(batch) = &guest.batch else {
+            return Ok(None);
+        };
+        live.arm_for(u32::try_from(texts.len()).unwrap_or(u32::MAX));
+        let owned: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
+        let actions = batch
+            .call_on_tokens(&mut live.store, index, &owned)
+            .await
+            .map_err(PluginFailure::from_wasmtime)?;
+        let ends_in_stop = matches!(actions.last(), Some(WitAction::Stop(_)));
+        if actions.len() > texts.len() || (actions.len() < texts.len() && !ends_in_stop) {
+            return Err(PluginFailure::Invalid(format!(
+                "on-tokens answered {} texts with {} actions",
+                texts.len(),
+                actions.len()
+            )));
+        }
+        actions
+            .into_iter()
+            .map(token_action)
+            .collect::<Result<_, _>>()
+            .map(Some)
+    }
+
+    fn has_batch_form(&self) -> bool {
+        self.plugin.exports.token_batch.is_some()
     }
 
     fn fail(&mut self, index: u32, failure: PluginFailure) -> Result<(), GatewayError> {
@@ -592,6 +648,40 @@ impl TokenFilter for WasmTokenFilter {
         }
     }
 
+    async fn on_texts(
+        &mut self,
+        index: u32,
+        texts: &[&str],
+    ) -> Result<Vec<TokenAction>, GatewayError> {
+        if texts.len() < 2 || !self.has_batch_form() {
+            let mut actions = Vec::with_capacity(texts.len());
+            for text in texts {
+                let action = self.on_text(index, text).await?;
+                let stop = matches!(action, TokenAction::Stop(_));
+                actions.push(action);
+                if stop {
+                    break;
+                }
+            }
+            return Ok(actions);
+        }
+        let started = Instant::now();
+        let span = self.span.clone();
+        let result = self.call_on_tokens(index, texts).instrument(span).await;
+        match result {
+            Ok(None) => Ok(vec![TokenAction::Pass; texts.len()]),
+            Ok(Some(actions)) => {
+                self.observe(started, None);
+                Ok(actions)
+            }
+            Err(failure) => {
+                self.observe(started, Some(&failure));
+                self.fail(index, failure)
+                    .map(|()| vec![TokenAction::Pass; texts.len()])
+            }
+        }
+    }
+
     async fn finish(&mut self, index: u32) -> Result<String, GatewayError> {
         let Some(ChoiceInstance::Live(mut live, guest)) = self.choices.remove(&index) else {
             return Ok(String::new());
@@ -599,6 +689,7 @@ impl TokenFilter for WasmTokenFilter {
         let started = Instant::now();
         live.arm();
         let result = guest
+            .single
             .call_on_end(&mut live.store, index)
             .await
             .map_err(PluginFailure::from_wasmtime)

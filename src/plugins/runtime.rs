@@ -13,7 +13,9 @@ use wasmtime::{
     Trap, UpdateDeadline,
 };
 
-use super::bindings::{self, PluginState, cache_key_hook, lifecycle, request_hook, token_hook};
+use super::bindings::{
+    self, PluginState, cache_key_hook, lifecycle, request_hook, token_batch_hook, token_hook,
+};
 use crate::config::PluginConfig;
 
 /// Engine-wide ceiling on a plugin instance's linear memory (config validation enforces it).
@@ -81,6 +83,8 @@ pub struct Hooks {
     pub on_request: bool,
     pub cache_key: bool,
     pub on_token: bool,
+    /// `token-batch-hook`: several chunks per call (only used with `token-hook`).
+    pub on_tokens: bool,
 }
 
 /// Stops the epoch ticker thread when dropped.
@@ -242,6 +246,7 @@ impl Runtime {
             request: request_hook::GuestIndices::new(&pre).ok(),
             cache_key: cache_key_hook::GuestIndices::new(&pre).ok(),
             token: token_hook::GuestIndices::new(&pre).ok(),
+            token_batch: token_batch_hook::GuestIndices::new(&pre).ok(),
         };
         if exports.hooks() == Hooks::default() {
             return Err(LoadError::NoHooks {
@@ -258,6 +263,7 @@ pub struct Exports {
     pub request: Option<request_hook::GuestIndices>,
     pub cache_key: Option<cache_key_hook::GuestIndices>,
     pub token: Option<token_hook::GuestIndices>,
+    pub token_batch: Option<token_batch_hook::GuestIndices>,
 }
 
 impl Exports {
@@ -266,6 +272,7 @@ impl Exports {
             on_request: self.request.is_some(),
             cache_key: self.cache_key.is_some(),
             on_token: self.token.is_some(),
+            on_tokens: self.token.is_some() && self.token_batch.is_some(),
         }
     }
 }
@@ -305,7 +312,12 @@ impl Live {
     /// Arms the CPU deadline for the next call. The guest checks it at every
     /// epoch tick, yielding to the executor meanwhile; past it, the call traps.
     pub fn arm(&mut self) {
-        self.store.data_mut().deadline = Instant::now() + self.timeout;
+        self.arm_for(1);
+    }
+
+    /// Arms the deadline of a call that does the work of `calls` calls (a batch).
+    pub fn arm_for(&mut self, calls: u32) {
+        self.store.data_mut().deadline = Instant::now() + self.timeout.saturating_mul(calls.max(1));
         self.store.set_epoch_deadline(1);
     }
 }

@@ -136,9 +136,10 @@ mod component {
 
     use super::{Action, Censor, Config};
 
-    wit_bindgen::generate!({ path: "../../wit", world: "token-plugin" });
+    wit_bindgen::generate!({ path: "../../wit", world: "batched-token-plugin" });
 
     use exports::sluice::plugin::lifecycle::Guest as Lifecycle;
+    use exports::sluice::plugin::token_batch_hook::Guest as TokenBatchHook;
     use exports::sluice::plugin::token_hook::{Guest as TokenHook, TokenAction};
 
     thread_local! {
@@ -156,17 +157,34 @@ mod component {
         }
     }
 
+    fn to_wit(action: Action) -> TokenAction {
+        match action {
+            Action::Pass => TokenAction::Pass,
+            Action::Replace(text) => TokenAction::Replace(text),
+            Action::Hold => TokenAction::Hold,
+        }
+    }
+
     impl TokenHook for Plugin {
         fn on_token(index: u32, text: String) -> TokenAction {
-            match CENSOR.with(|c| c.borrow_mut().on_text(index, &text)) {
-                Action::Pass => TokenAction::Pass,
-                Action::Replace(text) => TokenAction::Replace(text),
-                Action::Hold => TokenAction::Hold,
-            }
+            to_wit(CENSOR.with(|c| c.borrow_mut().on_text(index, &text)))
         }
 
         fn on_end(index: u32) -> String {
             CENSOR.with(|c| c.borrow_mut().on_end(index))
+        }
+    }
+
+    impl TokenBatchHook for Plugin {
+        // The censor never stops a response, so every text gets an action.
+        fn on_tokens(index: u32, texts: Vec<String>) -> Vec<TokenAction> {
+            CENSOR.with(|c| {
+                let mut censor = c.borrow_mut();
+                texts
+                    .iter()
+                    .map(|text| to_wit(censor.on_text(index, text)))
+                    .collect()
+            })
         }
     }
 

@@ -1,8 +1,9 @@
 //! A plugin that misbehaves on purpose, for the host's isolation tests.
 //!
 //! Config: `mode` = `loop` | `alloc` | `trap` | `bad-utf8` | `huge` |
-//! `init-fail` | `none`, and `hook` = `on-request` | `cache-key` | `on-token`
-//! (where to misbehave; the other hooks behave).
+//! `short` (`on-tokens` only: answers no text) | `init-fail` | `none`, and
+//! `hook` = `on-request` | `cache-key` | `on-token` | `on-tokens` (where to
+//! misbehave; the other hooks behave).
 
 use std::cell::RefCell;
 
@@ -13,6 +14,7 @@ use exports::sluice::plugin::lifecycle::Guest as Lifecycle;
 use exports::sluice::plugin::request_hook::{
     CompletionRequest, Guest as RequestHook, RequestContext, RequestDecision,
 };
+use exports::sluice::plugin::token_batch_hook::Guest as TokenBatchHook;
 use exports::sluice::plugin::token_hook::{Guest as TokenHook, TokenAction};
 
 #[derive(serde::Deserialize, Default, Clone)]
@@ -103,6 +105,25 @@ impl TokenHook for Plugin {
 
     fn on_end(_index: u32) -> String {
         String::new()
+    }
+}
+
+impl TokenBatchHook for Plugin {
+    fn on_tokens(_index: u32, texts: Vec<String>) -> Vec<TokenAction> {
+        let short = CONFIG.with(|c| {
+            let c = c.borrow();
+            c.hook == "on-tokens" && c.mode == "short"
+        });
+        if short {
+            return Vec::new();
+        }
+        let first = match misbehave("on-tokens") {
+            Some(text) => TokenAction::Replace(text),
+            None => TokenAction::Pass,
+        };
+        std::iter::once(first)
+            .chain(texts.iter().skip(1).map(|_| TokenAction::Pass))
+            .collect()
     }
 }
 
