@@ -17,7 +17,7 @@ use crate::app::AppState;
 use crate::cache::CachedResponse;
 use crate::error::{ErrorInfo, GatewayError};
 use crate::policy::{CacheKeyDecision, FilterChain, Filtered, RequestContext};
-use crate::protocol::{Chunk, CompletionRequest, Usage};
+use crate::protocol::{Chunk, ChunkSummary, CompletionRequest, Usage};
 use crate::queue::{QueuedRequest, ResponseEvent, ResponseStream};
 use crate::store::InferenceRecord;
 use crate::telemetry::RequestTrace;
@@ -221,9 +221,10 @@ pub struct Completion {
     pub record: RequestRecord,
     source: Source,
     filters: FilterChain,
-    /// A cached answer's chunks after the filters, one per chunk, filtered at
-    /// once on the first call (one plugin call per filter, not per chunk).
-    prefiltered: Option<std::collections::VecDeque<Filtered>>,
+    /// A cached answer's chunks after the filters (and their summaries), one
+    /// per chunk, filtered at once on the first call (one plugin call per
+    /// filter, not per chunk).
+    prefiltered: Option<std::collections::VecDeque<(Filtered, ChunkSummary)>>,
     /// Whether the final usage-only chunk is delivered (streams that asked, and JSON assembly).
     deliver_usage_chunk: bool,
     /// On a cache miss: the key and the raw chunks to store once complete.
@@ -411,8 +412,11 @@ impl Completion {
             }
             match self.next_event().await {
                 ResponseEvent::Chunk(chunk) => {
-                    let prefiltered = self.prefiltered.as_mut().and_then(|f| f.pop_front());
-                    let summary = chunk.summary();
+                    let (prefiltered, summary) =
+                        match self.prefiltered.as_mut().and_then(|f| f.pop_front()) {
+                            Some((filtered, summary)) => (Some(filtered), summary),
+                            None => (None, chunk.summary()),
+                        };
                     if summary.usage.is_some() {
                         self.record.usage = summary.usage;
                     }

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::auth::Identity;
 use crate::error::GatewayError;
-use crate::protocol::{Chunk, CompletionRequest};
+use crate::protocol::{Chunk, ChunkSummary, CompletionRequest, Usage};
 
 /// What a hook knows about the request it runs for.
 #[derive(Debug, Clone)]
@@ -124,6 +124,8 @@ pub enum Filtered {
 struct Peek<'a> {
     #[serde(borrow, default)]
     choices: Vec<PeekChoice<'a>>,
+    #[serde(default)]
+    usage: Option<Usage>,
 }
 
 #[derive(serde::Deserialize)]
@@ -139,9 +141,11 @@ struct PeekChoice<'a> {
 impl<'a> Peek<'a> {
     /// The chunk's choices; `None` for a chunk without any (usage) or one that is not JSON.
     fn of(chunk: &'a Chunk) -> Option<Self> {
-        serde_json::from_slice::<Peek>(chunk.payload_slice())
-            .ok()
-            .filter(|peek| !peek.choices.is_empty())
+        Self::parse(chunk).filter(|peek| !peek.choices.is_empty())
+    }
+
+    fn parse(chunk: &'a Chunk) -> Option<Self> {
+        serde_json::from_slice::<Peek>(chunk.payload_slice()).ok()
     }
 }
 
@@ -170,6 +174,13 @@ fn assemble(chunk: &Chunk, peek: &Peek<'_>, outputs: Vec<ChoiceOutput>) -> Filte
     {
         return Filtered::Skip;
     }
+    // The common case (one choice, new text): splice the text in place.
+    if let ([choice], [out]) = (&peek.choices[..], &outputs[..])
+        && !out.stop
+        && let Some(payload) = splice_text(chunk.payload_slice(), &choice.text, &out.text)
+    {
+        return Filtered::Chunk(Chunk::from_payload(&payload));
+    }
     let stopped = outputs.iter().any(|out| out.stop);
     let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(chunk.payload_slice()) else {
         return Filtered::Chunk(chunk.clone());
@@ -190,6 +201,31 @@ fn assemble(chunk: &Chunk, peek: &Peek<'_>, outputs: Vec<ChoiceOutput>) -> Filte
     } else {
         Filtered::Chunk(rebuilt)
     }
+}
+
+/// `payload` with the text of its only choice replaced by `new`, the rest of
+/// the bytes untouched (no parse into a tree and re-serialisation). `None`
+/// when the text is not where expected (it is then rebuilt the slow way).
+fn splice_text(payload: &[u8], old: &str, new: &str) -> Option<Vec<u8>> {
+    fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+        haystack.windows(needle.len()).position(|w| w == needle)
+    }
+    const KEY: &[u8] = b"\"text\":";
+    let choices = find(payload, b"\"choices\":")?;
+    // An unescaped `"text":` can only be a key; the choice's own comes before
+    // its logprobs. Checked below anyway: it must hold exactly `old`.
+    let value = choices + find(&payload[choices..], KEY)? + KEY.len();
+    let mut strings = serde_json::Deserializer::from_slice(&payload[value..]).into_iter::<String>();
+    let current = strings.next()?.ok()?;
+    if current != old {
+        return None;
+    }
+    let end = value + strings.byte_offset();
+    let mut out = Vec::with_capacity(payload.len() + new.len() + 8);
+    out.extend_from_slice(&payload[..value]);
+    serde_json::to_writer(&mut out, new).ok()?;
+    out.extend_from_slice(&payload[end..]);
+    Some(out)
 }
 
 /// The token filters of one response, applied to each chunk in order.
@@ -268,11 +304,28 @@ impl FilterChain {
     }
 
     /// Filters consecutive chunks known at once (a cached answer), giving each
-    /// filter all their text in one call. Returns one result per chunk, or
-    /// fewer ending with the `Stop` that ended the response. The same results
-    /// as `apply` on each chunk in turn.
-    pub async fn apply_all(&mut self, chunks: &[Chunk]) -> Result<Vec<Filtered>, GatewayError> {
-        let peeks: Vec<Option<Peek<'_>>> = chunks.iter().map(Peek::of).collect();
+    /// filter all their text in one call. Returns one result per chunk, with
+    /// the chunk's summary (read in the same parse), or fewer ending with the
+    /// `Stop` that ended the response. The same results as `apply` on each
+    /// chunk in turn.
+    pub async fn apply_all(
+        &mut self,
+        chunks: &[Chunk],
+    ) -> Result<Vec<(Filtered, ChunkSummary)>, GatewayError> {
+        let mut summaries = Vec::with_capacity(chunks.len());
+        let peeks: Vec<Option<Peek<'_>>> = chunks
+            .iter()
+            .map(|chunk| {
+                let peek = Peek::parse(chunk);
+                summaries.push(peek.as_ref().map_or_else(ChunkSummary::default, |p| {
+                    ChunkSummary {
+                        choices: p.choices.len(),
+                        usage: p.usage,
+                    }
+                }));
+                peek.filter(|p| !p.choices.is_empty())
+            })
+            .collect();
         // One choice throughout (`n` = 1, the usual case): batch. Otherwise chunk by chunk.
         let mut indices = peeks
             .iter()
@@ -285,10 +338,10 @@ impl FilterChain {
                 .is_some_and(|first| indices.all(|i| i == first));
         if self.filters.is_empty() || !single_choice {
             let mut results = Vec::with_capacity(chunks.len());
-            for chunk in chunks {
+            for (chunk, summary) in chunks.iter().zip(summaries) {
                 let filtered = self.apply(chunk.clone()).await?;
                 let stop = matches!(filtered, Filtered::Stop(_));
-                results.push(filtered);
+                results.push((filtered, summary));
                 if stop {
                     break;
                 }
@@ -376,7 +429,7 @@ impl FilterChain {
         let mut results = Vec::with_capacity(end);
         for (i, (chunk, text)) in chunks.iter().zip(texts).take(end).enumerate() {
             let Some(peek) = &peeks[i] else {
-                results.push(Filtered::Chunk(chunk.clone()));
+                results.push((Filtered::Chunk(chunk.clone()), summaries[i]));
                 continue;
             };
             let stop = stopped_at == Some(i);
@@ -388,7 +441,7 @@ impl FilterChain {
                 finishing: finishing[i],
                 stop,
             };
-            results.push(assemble(chunk, peek, vec![output]));
+            results.push((assemble(chunk, peek, vec![output]), summaries[i]));
         }
         Ok(results)
     }
@@ -620,6 +673,14 @@ mod tests {
                 }
                 let mut at_once = scripted_chain(filters);
                 let all = at_once.apply_all(&chunks).await.unwrap();
+                for ((_, summary), chunk) in all.iter().zip(&chunks) {
+                    let expected = chunk.summary();
+                    assert_eq!(
+                        (summary.choices, summary.usage),
+                        (expected.choices, expected.usage)
+                    );
+                }
+                let all = all.into_iter().map(|(filtered, _)| filtered).collect();
                 assert_eq!(payloads(all), payloads(expected), "{filters} filters");
                 let template = chunks.last().cloned();
                 let flushed = |c: Option<Chunk>| c.map(|c| c.payload_slice().to_vec());
@@ -630,5 +691,17 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn splicing_text_keeps_every_other_byte() {
+        let payload = br#"{"id":"cmpl-\"text\":x","choices":[{"index":0,"text":"he said \"hi\"","logprobs":{"top_logprobs":[{"text":-1.0}]},"finish_reason":null}],"usage":null}"#;
+        let spliced = splice_text(payload, "he said \"hi\"", "new \u{e9} \"text\"").unwrap();
+        assert_eq!(
+            String::from_utf8(spliced).unwrap(),
+            r#"{"id":"cmpl-\"text\":x","choices":[{"index":0,"text":"new é \"text\"","logprobs":{"top_logprobs":[{"text":-1.0}]},"finish_reason":null}],"usage":null}"#
+        );
+        assert_eq!(splice_text(payload, "something else", "x"), None);
+        assert_eq!(splice_text(br#"{"choices":[]}"#, "", "x"), None);
     }
 }
