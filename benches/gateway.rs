@@ -196,7 +196,7 @@ async fn cache_hit_rate(
     target: &Arc<Target>,
     tokens: u32,
     seconds: u64,
-) -> f64 {
+) -> (u64, f64) {
     let body = json!({"model": "sim-llama", "prompt": "the cached prompt", "max_tokens": tokens, "stream": true});
     let send = |client: reqwest::Client, target: Arc<Target>, body: serde_json::Value| async move {
         let response = client
@@ -230,7 +230,8 @@ async fn cache_hit_rate(
     for worker in workers {
         worker.await.expect("worker");
     }
-    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+    let done = done.load(Ordering::Relaxed);
+    (done, done as f64 / started.elapsed().as_secs_f64())
 }
 
 /// User plus system CPU time of this process, in seconds.
@@ -337,12 +338,10 @@ fn main() {
 
         if args.hits_only {
             let cpu_before = process_cpu_seconds();
-            let started = Instant::now();
-            let rate = cache_hit_rate(&client, &through, args.tokens, args.hit_seconds).await;
-            let streams = rate * started.elapsed().as_secs_f64();
-            let cpu_us = (process_cpu_seconds() - cpu_before) / streams * 1e6;
+            let (streams, rate) = cache_hit_rate(&client, &through, args.tokens, args.hit_seconds).await;
+            let cpu_us = (process_cpu_seconds() - cpu_before) / streams as f64 * 1e6;
             println!(
-                "cache-hit streams per second (telemetry {}): {rate:.0}; process CPU per stream (client included): {cpu_us:.1} µs",
+                "cache-hit streams per second (telemetry {}): {rate:.0}; process CPU per stream (client included): {cpu_us:.1} µs; {streams} streams",
                 if args.telemetry { "on" } else { "off" }
             );
             return;
@@ -380,7 +379,7 @@ fn main() {
                 println!("{line}");
             }
         }
-        let rate = cache_hit_rate(&client, &through, args.tokens, args.hit_seconds).await;
+        let (_, rate) = cache_hit_rate(&client, &through, args.tokens, args.hit_seconds).await;
         println!("\ncache-hit streams per second ({} chunks each, 32 clients): {rate:.0}", args.tokens);
     });
 }

@@ -5,9 +5,10 @@
 #   logs    JSON request logs at info, no trace export
 #   10%     JSON request logs, 10% of traces exported over OTLP
 #   100%    JSON request logs, every trace exported over OTLP
+# RUNS (default 8) rounds; each round runs all four in a rotated order.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-runs="${RUNS:-5}"
+runs="${RUNS:-8}"
 cargo bench --bench gateway --no-run >/dev/null 2>&1
 bench=$(ls -t "${CARGO_TARGET_DIR:-target}"/release/deps/gateway-* | grep -v '\.d$' | head -1)
 declare -A rate cpu
@@ -18,11 +19,21 @@ run() { # name, env..., -- args...
   rate[$name]+="$(sed -E 's/.*: ([0-9]+);.*/\1/' <<<"$line") "
   cpu[$name]+="$(sed -E 's/.*client included\): ([0-9.]+).*/\1/' <<<"$line") "
 }
-for _ in $(seq "$runs"); do
-  run off "$bench"
-  run logs OTEL_SDK_DISABLED=true "$bench" --telemetry
-  run 10% OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.1 "$bench" --telemetry
-  run 100% "$bench" --telemetry
+configs=(off logs 10% 100%)
+run_config() {
+  case $1 in
+    off) run off "$bench" ;;
+    logs) run logs OTEL_SDK_DISABLED=true "$bench" --telemetry ;;
+    10%) run 10% OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.1 "$bench" --telemetry ;;
+    100%) run 100% "$bench" --telemetry ;;
+  esac
+}
+# The order rotates every round: on this machine later runs in a sequence were
+# measurably slower, which a fixed order would charge to the same configs.
+for round in $(seq 0 $((runs - 1))); do
+  for i in 0 1 2 3; do
+    run_config "${configs[$(((round + i) % 4))]}"
+  done
 done
 median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 base=$(median "${rate[off]}"); base_cpu=$(median "${cpu[off]}")

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod error;
 pub mod http;
 pub mod inference_log;
+pub mod log_format;
 pub mod metrics;
 pub mod pipeline;
 pub mod plugins;

@@ -330,7 +330,7 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Telemetry {
     let fmt = match log.format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
-            .with_span_list(false)
+            .event_format(crate::log_format::JsonLines)
             .with_writer(writer)
             .boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),

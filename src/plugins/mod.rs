@@ -49,7 +49,9 @@ pub struct Chain {
 }
 
 pub struct PluginHost {
-    runtime: &'static Runtime,
+    /// The wasmtime runtime is created with the first plugin: a gateway
+    /// without plugins reserves no instance pool and runs no epoch ticker.
+    epoch_tick: std::time::Duration,
     chain: ArcSwap<Chain>,
     metrics: Arc<Metrics>,
     source: Option<PathBuf>,
@@ -60,9 +62,8 @@ pub struct PluginHost {
 impl PluginHost {
     /// Loads every configured plugin; any that fails stops startup with its reason.
     pub async fn start(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
-        let runtime = Runtime::shared(config.plugin_host.epoch_tick)?;
         let host = Arc::new(Self {
-            runtime,
+            epoch_tick: config.plugin_host.epoch_tick,
             chain: ArcSwap::from_pointee(Chain {
                 plugins: Vec::new(),
                 version: 0,
@@ -101,7 +102,9 @@ impl PluginHost {
     }
 
     async fn load(self: &Arc<Self>, config: PluginConfig) -> Result<LoadedPlugin, LoadError> {
-        load(self.runtime, config).await
+        let runtime =
+            Runtime::shared(self.epoch_tick).map_err(|e| LoadError::Runtime(format!("{e:#}")))?;
+        load(runtime, config).await
     }
 
     /// Re-reads the config and the plugin files, reloads what changed, and

@@ -75,6 +75,8 @@ pub enum LoadError {
     NoHooks { path: String },
     #[error("{path} cannot be instantiated: {reason}")]
     Instantiate { path: String, reason: String },
+    #[error("{0}")]
+    Runtime(String),
 }
 
 /// Which hooks a component implements.

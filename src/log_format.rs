@@ -1,0 +1,225 @@
+//! JSON log lines, in the shape of `tracing-subscriber`'s JSON format
+//! (`timestamp`, `level`, `fields`, `target`, `span`) but written straight
+//! into one buffer. The stock formatter re-parses the span's fields and writes
+//! through `fmt::Write` piece by piece: about 32,000 instructions per line,
+//! most of what a cache hit's request log cost (measured with cachegrind).
+
+use std::fmt;
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// The event formatter for `log.format = "json"`.
+pub struct JsonLines;
+
+impl<S, N> FormatEvent<S, N> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        let mut line = Vec::with_capacity(512);
+        line.extend_from_slice(b"{\"timestamp\":\"");
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        line.extend_from_slice(now.as_bytes());
+        line.extend_from_slice(b"\",\"level\":\"");
+        line.extend_from_slice(meta.level().as_str().as_bytes());
+        line.extend_from_slice(b"\",\"fields\":{");
+        let mut fields = JsonFieldWriter {
+            line: &mut line,
+            first: true,
+        };
+        event.record(&mut fields);
+        line.extend_from_slice(b"},\"target\":");
+        push_json_str(&mut line, meta.target());
+        let span = if event.is_root() {
+            None
+        } else if let Some(id) = event.parent() {
+            ctx.span(id)
+        } else {
+            ctx.lookup_current()
+        };
+        if let Some(span) = span {
+            line.extend_from_slice(b",\"span\":{");
+            let extensions = span.extensions();
+            // The span's fields, already formatted as a JSON object when it was created.
+            let recorded = extensions
+                .get::<FormattedFields<N>>()
+                .map(|f| f.fields.as_str())
+                .and_then(|f| f.strip_prefix('{')?.strip_suffix('}'))
+                .filter(|f| !f.is_empty());
+            if let Some(recorded) = recorded {
+                line.extend_from_slice(recorded.as_bytes());
+                line.push(b',');
+            }
+            line.extend_from_slice(b"\"name\":");
+            push_json_str(&mut line, span.name());
+            line.push(b'}');
+        }
+        line.extend_from_slice(b"}\n");
+        writer.write_str(std::str::from_utf8(&line).map_err(|_| fmt::Error)?)
+    }
+}
+
+/// Writes an event's fields as JSON members.
+struct JsonFieldWriter<'a> {
+    line: &'a mut Vec<u8>,
+    first: bool,
+}
+
+impl JsonFieldWriter<'_> {
+    fn key(&mut self, field: &Field) {
+        if !self.first {
+            self.line.push(b',');
+        }
+        self.first = false;
+        push_json_str(self.line, field.name());
+        self.line.push(b':');
+    }
+
+    fn raw(&mut self, field: &Field, value: impl fmt::Display) {
+        use std::io::Write as _;
+        self.key(field);
+        let _ = write!(self.line, "{value}");
+    }
+}
+
+impl Visit for JsonFieldWriter<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.key(field);
+        push_json_str(self.line, value);
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.raw(field, value);
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.raw(field, value);
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.raw(field, value);
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if value.is_finite() {
+            self.raw(field, value);
+        } else {
+            self.raw(field, "null");
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        use fmt::Write as _;
+        self.key(field);
+        self.line.push(b'"');
+        let _ = write!(EscapingWriter(self.line), "{value:?}");
+        self.line.push(b'"');
+    }
+}
+
+/// Writes formatted text into a JSON string body, escaping as it goes (no
+/// intermediate `String`).
+struct EscapingWriter<'a>(&'a mut Vec<u8>);
+
+impl fmt::Write for EscapingWriter<'_> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        let bytes = text.as_bytes();
+        let mut start = 0;
+        for (i, &byte) in bytes.iter().enumerate() {
+            let escape: &[u8] = match byte {
+                b'"' => b"\\\"",
+                b'\\' => b"\\\\",
+                b'\n' => b"\\n",
+                b'\r' => b"\\r",
+                b'\t' => b"\\t",
+                0..=0x1f => b"",
+                _ => continue,
+            };
+            self.0.extend_from_slice(&bytes[start..i]);
+            if escape.is_empty() {
+                self.0
+                    .extend_from_slice(format!("\\u{byte:04x}").as_bytes());
+            } else {
+                self.0.extend_from_slice(escape);
+            }
+            start = i + 1;
+        }
+        self.0.extend_from_slice(&bytes[start..]);
+        Ok(())
+    }
+}
+
+fn push_json_str(line: &mut Vec<u8>, value: &str) {
+    // Writing a string to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *line, value);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lines_are_json_with_the_span_fields() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .event_format(JsonLines)
+                .with_writer(move || writer.clone()),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("request", request_id = "req-1");
+            let _entered = span.enter();
+            tracing::info!(status = 200u16, ttft_ms = 1.5, ok = true, key = "a \"quoted\"\nkey", shown = %"tab\there \u{1}\\", "request finished");
+            tracing::warn!(parent: None, nan = f64::NAN, "outside");
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        assert_eq!(lines.len(), 2);
+        let first = &lines[0];
+        assert_eq!(first["level"], "INFO");
+        assert_eq!(first["fields"]["message"], "request finished");
+        assert_eq!(first["fields"]["status"], 200);
+        assert_eq!(first["fields"]["ttft_ms"], 1.5);
+        assert_eq!(first["fields"]["ok"], true);
+        assert_eq!(first["fields"]["key"], "a \"quoted\"\nkey");
+        assert_eq!(first["fields"]["shown"], "tab\there \u{1}\\");
+        assert_eq!(first["span"]["request_id"], "req-1");
+        assert_eq!(first["span"]["name"], "request");
+        assert!(first["timestamp"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(lines[1]["fields"]["nan"], serde_json::Value::Null);
+        assert!(lines[1].get("span").is_none());
+    }
+}
