@@ -62,20 +62,29 @@ pub trait TokenFilter: Send {
         index: u32,
         texts: &[&str],
     ) -> Result<Vec<TokenAction>, GatewayError> {
-        let mut actions = Vec::with_capacity(texts.len());
-        for text in texts {
-            let action = self.on_text(index, text).await?;
-            let stop = matches!(action, TokenAction::Stop(_));
-            actions.push(action);
-            if stop {
-                break;
-            }
-        }
-        Ok(actions)
+        on_each_text(self, index, texts).await
     }
 
     /// Called when choice `index` ends; returns held text to send.
     async fn finish(&mut self, index: u32) -> Result<String, GatewayError>;
+}
+
+/// `on_texts` done one `on_text` call at a time, stopping after a `Stop`.
+pub async fn on_each_text<F: TokenFilter + ?Sized>(
+    filter: &mut F,
+    index: u32,
+    texts: &[&str],
+) -> Result<Vec<TokenAction>, GatewayError> {
+    let mut actions = Vec::with_capacity(texts.len());
+    for text in texts {
+        let action = filter.on_text(index, text).await?;
+        let stop = matches!(action, TokenAction::Stop(_));
+        actions.push(action);
+        if stop {
+            break;
+        }
+    }
+    Ok(actions)
 }
 
 #[async_trait]

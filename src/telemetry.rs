@@ -219,27 +219,17 @@ impl RequestTrace {
         let sampled = HEAD_SAMPLER
             .get()
             .is_some_and(|sampler| sampler.sample(parent.as_ref()));
-        if sampled {
-            let span = tracing::info_span!(
+        let span = if sampled {
+            tracing::info_span!(
                 "request",
                 otel.name = "POST /v1/completions",
                 otel.kind = "server",
                 request_id = %request_id,
-            );
-            continue_from_pairs(&span, incoming);
-            return Self {
-                span,
-                sampled,
-                unsampled_context: Vec::new(),
-            };
-        }
-        let span =
-            tracing::info_span!(target: "sluice::unsampled", "request", request_id = %request_id);
-        Self {
-            span,
-            sampled,
-            unsampled_context: not_sampled(parent.as_ref(), incoming),
-        }
+            )
+        } else {
+            tracing::info_span!(target: "sluice::unsampled", "request", request_id = %request_id)
+        };
+        Self::new(span, sampled, parent.as_ref(), incoming)
     }
 
     /// Continues, on a worker, the trace of a request from the queue: sampled
@@ -247,24 +237,35 @@ impl RequestTrace {
     pub fn continue_job(request_id: &str, incoming: &[(String, String)]) -> Self {
         let parent = TraceParent::find(incoming);
         let sampled = HEAD_SAMPLER.get().is_some() && parent.as_ref().is_some_and(|p| p.sampled);
-        if sampled {
-            let span = tracing::info_span!(
+        let span = if sampled {
+            tracing::info_span!(
                 "worker.upstream",
                 otel.kind = "consumer",
                 request_id = %request_id,
-            );
+            )
+        } else {
+            tracing::info_span!(target: "sluice::unsampled", "worker.upstream", request_id = %request_id)
+        };
+        Self::new(span, sampled, parent.as_ref(), incoming)
+    }
+
+    /// A sampled span continues `incoming`; an unsampled one passes it on unsampled.
+    fn new(
+        span: tracing::Span,
+        sampled: bool,
+        parent: Option<&TraceParent<'_>>,
+        incoming: &[(String, String)],
+    ) -> Self {
+        let unsampled_context = if sampled {
             continue_from_pairs(&span, incoming);
-            return Self {
-                span,
-                sampled,
-                unsampled_context: Vec::new(),
-            };
-        }
-        let span = tracing::info_span!(target: "sluice::unsampled", "worker.upstream", request_id = %request_id);
+            Vec::new()
+        } else {
+            not_sampled(parent, incoming)
+        };
         Self {
             span,
             sampled,
-            unsampled_context: not_sampled(parent.as_ref(), incoming),
+            unsampled_context,
         }
     }
 

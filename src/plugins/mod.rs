@@ -657,16 +657,7 @@ impl TokenFilter for WasmTokenFilter {
         texts: &[&str],
     ) -> Result<Vec<TokenAction>, GatewayError> {
         if texts.len() < 2 || !self.has_batch_form() {
-            let mut actions = Vec::with_capacity(texts.len());
-            for text in texts {
-                let action = self.on_text(index, text).await?;
-                let stop = matches!(action, TokenAction::Stop(_));
-                actions.push(action);
-                if stop {
-                    break;
-                }
-            }
-            return Ok(actions);
+            return crate::policy::on_each_text(self, index, texts).await;
         }
         let started = Instant::now();
         let span = self.span.clone();
