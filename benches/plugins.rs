@@ -35,7 +35,13 @@ fn plugin(name: &str, file: &str, config: serde_json::Value) -> PluginConfig {
         path: wasm(file),
         on_error: OnError::FailClosed,
         max_memory_bytes: 16 << 20,
-        timeout: Duration::from_millis(50),
+        // Valgrind runs guests ~50 times slower (BENCH_PLUGIN_TIMEOUT_MS=5000).
+        timeout: Duration::from_millis(
+            std::env::var("BENCH_PLUGIN_TIMEOUT_MS")
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(50),
+        ),
         keys: Vec::new(),
         config_json: config.to_string(),
     }
@@ -89,6 +95,13 @@ async fn host(plugins: Vec<PluginConfig>) -> Arc<PluginHost> {
         ..Default::default()
     };
     config.plugin_host.watch = false;
+    // A smaller pool lets valgrind map it (BENCH_MAX_INSTANCES=64).
+    if let Some(n) = std::env::var("BENCH_MAX_INSTANCES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        config.plugin_host.max_instances = n;
+    }
     PluginHost::start(&config, Arc::new(Metrics::new()))
         .await
         .expect("plugins load")
@@ -134,6 +147,13 @@ async fn streams_per_second(plugins: Vec<PluginConfig>, hits: bool, seconds: u64
     config.upstream.urls = vec![sim.url().parse().expect("url")];
     config.plugins = plugins;
     config.plugin_host.watch = false;
+    // A smaller pool lets valgrind map it (BENCH_MAX_INSTANCES=64).
+    if let Some(n) = std::env::var("BENCH_MAX_INSTANCES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        config.plugin_host.max_instances = n;
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -178,11 +198,15 @@ async fn streams_per_second(plugins: Vec<PluginConfig>, hits: bool, seconds: u64
             for w in workers {
                 total += w.await.expect("worker");
             }
-            total as f64 / started.elapsed().as_secs_f64()
+            (total, total as f64 / started.elapsed().as_secs_f64())
         }
     };
     run(1).await; // warm up (and fill the cache)
-    run(seconds).await
+    let (streams, per_second) = run(seconds).await;
+    if std::env::var_os("BENCH_ONLY_HITS").is_some() {
+        println!("{streams} streams");
+    }
+    per_second
 }
 
 fn main() {
@@ -193,7 +217,8 @@ fn main() {
     runtime.block_on(async {
         if let Ok(which) = std::env::var("BENCH_ONLY_HITS") {
             let plugins: Vec<PluginConfig> = all_plugins().into_iter().filter(|p| which == "all" || which.split(',').any(|w| w == p.name)).collect();
-            let with = streams_per_second(plugins, true, 8).await;
+            let seconds = std::env::var("BENCH_HIT_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+            let with = streams_per_second(plugins, true, seconds).await;
             println!("hits with {which}: {with:.0}/s");
             return;
         }

@@ -9,8 +9,7 @@
 # in-process OTLP sink the traces are posted to.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo bench --bench gateway --no-run >/dev/null 2>&1
-bench=$(ls -t "${CARGO_TARGET_DIR:-target}"/release/deps/gateway-* | grep -v '\.d$' | head -1)
+bench=$(scripts/bench-exe.sh gateway)
 measure() { # seconds, "VAR=value ...", bench args... -> "instructions streams"
   local seconds=$1 vars=$2; shift 2
   local err out

@@ -9,8 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${RUNS:-8}"
-cargo bench --bench gateway --no-run >/dev/null 2>&1
-bench=$(ls -t "${CARGO_TARGET_DIR:-target}"/release/deps/gateway-* | grep -v '\.d$' | head -1)
+bench=$(scripts/bench-exe.sh gateway)
 declare -A rate cpu
 run() { # name, env..., -- args...
   local name=$1; shift

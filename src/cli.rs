@@ -240,7 +240,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
                     plugin_config,
                 },
         } => {
-            let runtime = crate::plugins::Runtime::shared(config.plugin_host.epoch_tick)?;
+            let runtime = crate::plugins::Runtime::shared(&config.plugin_host)?;
             let plugin = crate::config::PluginConfig {
                 name: file
                     .file_stem()

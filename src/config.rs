@@ -290,6 +290,9 @@ pub struct RawPluginHost {
     pub watch: bool,
     /// Granularity of plugin CPU deadlines.
     pub epoch_tick_ms: u64,
+    /// Plugin instances that can exist at once (the pooling allocator's size:
+    /// each reserves `MAX_PLUGIN_MEMORY` plus a guard of address space, not memory).
+    pub max_instances: u32,
 }
 
 impl Default for RawPluginHost {
@@ -297,6 +300,7 @@ impl Default for RawPluginHost {
         Self {
             watch: true,
             epoch_tick_ms: 1,
+            max_instances: 4096,
         }
     }
 }
@@ -634,6 +638,7 @@ pub struct TelemetryConfig {
 pub struct PluginHostConfig {
     pub watch: bool,
     pub epoch_tick: Duration,
+    pub max_instances: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -956,6 +961,15 @@ impl RawConfig {
                 "plugin_host.epoch_tick_ms",
                 self.plugin_host.epoch_tick_ms,
             )?),
+            max_instances: match self.plugin_host.max_instances {
+                n @ 16..=65_536 => n,
+                n => {
+                    return Err(invalid(
+                        "plugin_host.max_instances",
+                        format!("{n} must be between 16 and 65536"),
+                    ));
+                }
+            },
         };
 
         let base_dir = origins

@@ -14,7 +14,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::app::AppState;
-use crate::cache::CachedResponse;
+use crate::cache::{CachedChunks, CachedResponse};
 use crate::error::{ErrorInfo, GatewayError};
 use crate::policy::{CacheKeyDecision, FilterChain, Filtered, RequestContext};
 use crate::protocol::{Chunk, ChunkSummary, CompletionRequest, Usage};
@@ -443,7 +443,7 @@ impl Completion {
                         Ok(Filtered::Stop(chunk)) => {
                             // The response ends here: release the upstream now and do not cache a partial answer.
                             self.source = Source::Cached {
-                                chunks: Arc::from(Vec::new()),
+                                chunks: CachedChunks::new(Vec::new()),
                                 next: 0,
                             };
                             self.to_cache = None;
@@ -482,7 +482,7 @@ impl Completion {
             (self.to_cache.take(), self.record.state.cache.clone())
             && !raw.is_empty()
         {
-            let chunks: CachedResponse = raw.into();
+            let chunks = CachedChunks::new(raw);
             tokio::spawn(async move {
                 if let Err(err) = cache.put(&key, chunks).await {
                     tracing::debug!(%err, "could not store the response in the cache");

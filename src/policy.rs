@@ -6,12 +6,15 @@
 //! Token filtering is per stream: [`Policy::token_filters`] hands out fresh
 //! filters for each response, so a filter may keep state across chunks.
 
+use std::borrow::Cow;
+
 use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::auth::Identity;
+use crate::cache::CachedChunks;
 use crate::error::GatewayError;
-use crate::protocol::{Chunk, ChunkSummary, CompletionRequest, Usage};
+use crate::protocol::{Chunk, ChunkSummary, ChunkView, CompletionRequest};
 
 /// What a hook knows about the request it runs for.
 #[derive(Debug, Clone)]
@@ -128,39 +131,9 @@ pub enum Filtered {
     Stop(Chunk),
 }
 
-/// The parts of a chunk the token filters need, borrowed from its bytes.
-#[derive(serde::Deserialize)]
-struct Peek<'a> {
-    #[serde(borrow, default)]
-    choices: Vec<PeekChoice<'a>>,
-    #[serde(default)]
-    usage: Option<Usage>,
-}
-
-#[derive(serde::Deserialize)]
-struct PeekChoice<'a> {
-    #[serde(default)]
-    index: u32,
-    #[serde(borrow, default)]
-    text: std::borrow::Cow<'a, str>,
-    #[serde(default)]
-    finish_reason: Option<serde::de::IgnoredAny>,
-}
-
-impl<'a> Peek<'a> {
-    /// The chunk's choices; `None` for a chunk without any (usage) or one that is not JSON.
-    fn of(chunk: &'a Chunk) -> Option<Self> {
-        Self::parse(chunk).filter(|peek| !peek.choices.is_empty())
-    }
-
-    fn parse(chunk: &'a Chunk) -> Option<Self> {
-        serde_json::from_slice::<Peek>(chunk.payload_slice()).ok()
-    }
-}
-
 /// One choice of a chunk after the filters.
-struct ChoiceOutput {
-    text: String,
+struct ChoiceOutput<'t> {
+    text: Cow<'t, str>,
     finishing: bool,
     stop: bool,
 }
@@ -168,8 +141,8 @@ struct ChoiceOutput {
 /// The chunk to send for `chunk` after filtering: the chunk itself when no
 /// filter changed it (not re-serialised), nothing when all its text is held,
 /// else a rebuilt chunk.
-fn assemble(chunk: &Chunk, peek: &Peek<'_>, outputs: Vec<ChoiceOutput>) -> Filtered {
-    let changed = peek
+fn assemble(chunk: &Chunk, view: &ChunkView<'_>, outputs: Vec<ChoiceOutput<'_>>) -> Filtered {
+    let changed = view
         .choices
         .iter()
         .zip(&outputs)
@@ -184,7 +157,7 @@ fn assemble(chunk: &Chunk, peek: &Peek<'_>, outputs: Vec<ChoiceOutput>) -> Filte
         return Filtered::Skip;
     }
     // The common case (one choice, new text): splice the text in place.
-    if let ([choice], [out]) = (&peek.choices[..], &outputs[..])
+    if let ([choice], [out]) = (&view.choices[..], &outputs[..])
         && !out.stop
         && let Some(payload) = splice_text(chunk.payload_slice(), &choice.text, &out.text)
     {
@@ -197,7 +170,7 @@ fn assemble(chunk: &Chunk, peek: &Peek<'_>, outputs: Vec<ChoiceOutput>) -> Filte
     if let Some(Value::Array(choices)) = body.get_mut("choices") {
         for (choice, out) in choices.iter_mut().zip(outputs) {
             if let Value::Object(choice) = choice {
-                choice.insert("text".into(), Value::String(out.text));
+                choice.insert("text".into(), Value::String(out.text.into_owned()));
                 if out.stop {
                     choice.insert("finish_reason".into(), Value::from("stop"));
                 }
@@ -293,23 +266,23 @@ impl FilterChain {
         if self.filters.is_empty() {
             return Ok(Filtered::Chunk(chunk));
         }
-        let Some(peek) = Peek::of(&chunk) else {
+        let Some(view) = ChunkView::parse(&chunk).filter(|v| !v.choices.is_empty()) else {
             return Ok(Filtered::Chunk(chunk));
         };
-        let mut outputs = Vec::with_capacity(peek.choices.len());
-        for choice in &peek.choices {
+        let mut outputs = Vec::with_capacity(view.choices.len());
+        for choice in &view.choices {
             let finishing = choice.finish_reason.is_some();
             let (filtered, stop) = self.run(choice.index, &choice.text, finishing).await?;
             if finishing || stop {
                 self.finished.push(choice.index);
             }
             outputs.push(ChoiceOutput {
-                text: filtered,
+                text: Cow::Owned(filtered),
                 finishing,
                 stop,
             });
         }
-        Ok(assemble(&chunk, &peek, outputs))
+        Ok(assemble(&chunk, &view, outputs))
     }
 
     /// Filters consecutive chunks known at once (a cached answer), giving each
@@ -319,21 +292,20 @@ impl FilterChain {
     /// chunk in turn.
     pub async fn apply_all(
         &mut self,
-        chunks: &[Chunk],
+        chunks: &CachedChunks,
     ) -> Result<Vec<(Filtered, ChunkSummary)>, GatewayError> {
-        let mut summaries = Vec::with_capacity(chunks.len());
-        let peeks: Vec<Option<Peek<'_>>> = chunks
+        let views = chunks.views();
+        let summaries: Vec<ChunkSummary> = views
             .iter()
-            .map(|chunk| {
-                let peek = Peek::parse(chunk);
-                summaries.push(peek.as_ref().map_or_else(ChunkSummary::default, |p| {
-                    ChunkSummary {
-                        choices: p.choices.len(),
-                        usage: p.usage,
-                    }
-                }));
-                peek.filter(|p| !p.choices.is_empty())
+            .map(|v| {
+                v.as_ref()
+                    .map_or_else(ChunkSummary::default, ChunkView::summary)
             })
+            .collect();
+        // The chunks with choices.
+        let peeks: Vec<Option<&ChunkView<'_>>> = views
+            .iter()
+            .map(|v| v.as_ref().filter(|v| !v.choices.is_empty()))
             .collect();
         // One choice throughout (`n` = 1, the usual case): batch. Otherwise chunk by chunk.
         let mut indices = peeks
@@ -364,13 +336,9 @@ impl FilterChain {
             .next()
             .unwrap_or(0);
         // The text of each chunk as it passes from filter to filter.
-        let mut texts: Vec<String> = peeks
+        let mut texts: Vec<Cow<'_, str>> = peeks
             .iter()
-            .map(|p| {
-                p.as_ref()
-                    .map(|p| p.choices[0].text.to_string())
-                    .unwrap_or_default()
-            })
+            .map(|p| p.map_or(Cow::Borrowed(""), |p| Cow::Borrowed(&*p.choices[0].text)))
             .collect();
         let finishing: Vec<bool> = peeks
             .iter()
@@ -390,7 +358,7 @@ impl FilterChain {
                 let positions: Vec<usize> = (start..segment_end)
                     .filter(|&i| peeks[i].is_some() && !texts[i].is_empty())
                     .collect();
-                let inputs: Vec<&str> = positions.iter().map(|&i| texts[i].as_str()).collect();
+                let inputs: Vec<&str> = positions.iter().map(|&i| &*texts[i]).collect();
                 let actions = if inputs.is_empty() {
                     Vec::new()
                 } else {
@@ -410,10 +378,10 @@ impl FilterChain {
                 for (&i, action) in positions.iter().zip(actions) {
                     match action {
                         TokenAction::Pass => {}
-                        TokenAction::Replace(text) => texts[i] = text,
-                        TokenAction::Hold => texts[i].clear(),
+                        TokenAction::Replace(text) => texts[i] = Cow::Owned(text),
+                        TokenAction::Hold => texts[i] = Cow::Borrowed(""),
                         TokenAction::Stop(text) => {
-                            texts[i] = text;
+                            texts[i] = Cow::Owned(text);
                             stop_here = Some(i);
                         }
                     }
@@ -425,19 +393,23 @@ impl FilterChain {
                     end = i + 1;
                     stopped_at = Some(i);
                     let held = filter.finish(index).await?;
-                    texts[i].push_str(&held);
+                    if !held.is_empty() {
+                        texts[i].to_mut().push_str(&held);
+                    }
                     break;
                 }
                 if finishing[last] {
                     let held = filter.finish(index).await?;
-                    texts[last].push_str(&held);
+                    if !held.is_empty() {
+                        texts[last].to_mut().push_str(&held);
+                    }
                 }
                 start = segment_end;
             }
         }
         let mut results = Vec::with_capacity(end);
         for (i, (chunk, text)) in chunks.iter().zip(texts).take(end).enumerate() {
-            let Some(peek) = &peeks[i] else {
+            let Some(view) = peeks[i] else {
                 results.push((Filtered::Chunk(chunk.clone()), summaries[i]));
                 continue;
             };
@@ -450,7 +422,7 @@ impl FilterChain {
                 finishing: finishing[i],
                 stop,
             };
-            results.push((assemble(chunk, peek, vec![output]), summaries[i]));
+            results.push((assemble(chunk, view, vec![output]), summaries[i]));
         }
         Ok(results)
     }
@@ -680,8 +652,17 @@ mod tests {
                         break;
                     }
                 }
+                let payloads_expected = payloads(expected);
+                let cached = CachedChunks::new(chunks.clone());
+                // The second hit on an entry reads the views the first one parsed.
+                let first_hit = scripted_chain(filters).apply_all(&cached).await.unwrap();
                 let mut at_once = scripted_chain(filters);
-                let all = at_once.apply_all(&chunks).await.unwrap();
+                let all = at_once.apply_all(&cached).await.unwrap();
+                assert_eq!(
+                    payloads(first_hit.into_iter().map(|(f, _)| f).collect()),
+                    payloads_expected,
+                    "{filters} filters, first hit"
+                );
                 for ((_, summary), chunk) in all.iter().zip(&chunks) {
                     let expected = chunk.summary();
                     assert_eq!(
@@ -690,7 +671,7 @@ mod tests {
                     );
                 }
                 let all = all.into_iter().map(|(filtered, _)| filtered).collect();
-                assert_eq!(payloads(all), payloads(expected), "{filters} filters");
+                assert_eq!(payloads(all), payloads_expected, "{filters} filters");
                 let template = chunks.last().cloned();
                 let flushed = |c: Option<Chunk>| c.map(|c| c.payload_slice().to_vec());
                 assert_eq!(

@@ -305,6 +305,55 @@ impl Chunk {
     }
 }
 
+/// The parts of a chunk the token filters need, borrowed from its bytes
+/// (or owned, [`ChunkView::into_owned`], to keep alongside a cached answer).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChunkView<'a> {
+    #[serde(borrow, default)]
+    pub choices: Vec<ChoiceView<'a>>,
+    #[serde(default)]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChoiceView<'a> {
+    #[serde(default)]
+    pub index: u32,
+    #[serde(borrow, default)]
+    pub text: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    pub finish_reason: Option<IgnoredAny>,
+}
+
+impl<'a> ChunkView<'a> {
+    /// `None` for a payload that is not a JSON object of this shape.
+    pub fn parse(chunk: &'a Chunk) -> Option<Self> {
+        serde_json::from_slice(chunk.payload_slice()).ok()
+    }
+
+    pub fn into_owned(self) -> ChunkView<'static> {
+        ChunkView {
+            choices: self
+                .choices
+                .into_iter()
+                .map(|c| ChoiceView {
+                    index: c.index,
+                    text: std::borrow::Cow::Owned(c.text.into_owned()),
+                    finish_reason: c.finish_reason,
+                })
+                .collect(),
+            usage: self.usage,
+        }
+    }
+
+    pub fn summary(&self) -> ChunkSummary {
+        ChunkSummary {
+            choices: self.choices.len(),
+            usage: self.usage,
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ChunkSummary {
     pub choices: usize,

@@ -5,18 +5,55 @@
 mod memory;
 mod redis;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 
 use crate::config::{CacheBackend, CacheConfig};
-use crate::protocol::Chunk;
+use crate::protocol::{Chunk, ChunkView};
 
 pub use memory::MemoryCache;
 pub use redis::RedisCache;
 
-/// A completed response: every upstream chunk, in order, `[DONE]` excluded.
-pub type CachedResponse = Arc<[Chunk]>;
+/// A completed response, shared by every hit on it.
+pub type CachedResponse = Arc<CachedChunks>;
+
+/// Every upstream chunk of a response, in order, `[DONE]` excluded; derefs to
+/// the chunks.
+#[derive(Debug, Default)]
+pub struct CachedChunks {
+    chunks: Box<[Chunk]>,
+    /// Each chunk parsed for the token filters: parsed by the first hit that
+    /// filters, then shared by later hits on the same in-memory entry.
+    views: OnceLock<Box<[Option<ChunkView<'static>>]>>,
+}
+
+impl CachedChunks {
+    pub fn new(chunks: Vec<Chunk>) -> CachedResponse {
+        Arc::new(Self {
+            chunks: chunks.into(),
+            views: OnceLock::new(),
+        })
+    }
+
+    /// The chunks' views (`None` for one that is not a JSON chunk).
+    pub fn views(&self) -> &[Option<ChunkView<'static>>] {
+        self.views.get_or_init(|| {
+            self.chunks
+                .iter()
+                .map(|chunk| ChunkView::parse(chunk).map(ChunkView::into_owned))
+                .collect()
+        })
+    }
+}
+
+impl std::ops::Deref for CachedChunks {
+    type Target = [Chunk];
+
+    fn deref(&self) -> &[Chunk] {
+        &self.chunks
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -74,7 +111,7 @@ pub fn decode(bytes: &[u8]) -> Result<CachedResponse, CacheError> {
             parser.pending()
         )));
     }
-    Ok(chunks.into())
+    Ok(CachedChunks::new(chunks))
 }
 
 #[cfg(test)]

@@ -51,7 +51,7 @@ pub struct Chain {
 pub struct PluginHost {
     /// The wasmtime runtime is created with the first plugin: a gateway
     /// without plugins reserves no instance pool and runs no epoch ticker.
-    epoch_tick: std::time::Duration,
+    runtime_config: crate::config::PluginHostConfig,
     chain: ArcSwap<Chain>,
     metrics: Arc<Metrics>,
     source: Option<PathBuf>,
@@ -63,7 +63,7 @@ impl PluginHost {
     /// Loads every configured plugin; any that fails stops startup with its reason.
     pub async fn start(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
         let host = Arc::new(Self {
-            epoch_tick: config.plugin_host.epoch_tick,
+            runtime_config: config.plugin_host.clone(),
             chain: ArcSwap::from_pointee(Chain {
                 plugins: Vec::new(),
                 version: 0,
@@ -102,8 +102,8 @@ impl PluginHost {
     }
 
     async fn load(self: &Arc<Self>, config: PluginConfig) -> Result<LoadedPlugin, LoadError> {
-        let runtime =
-            Runtime::shared(self.epoch_tick).map_err(|e| LoadError::Runtime(format!("{e:#}")))?;
+        let runtime = Runtime::shared(&self.runtime_config)
+            .map_err(|e| LoadError::Runtime(format!("{e:#}")))?;
         load(runtime, config).await
     }
 

@@ -16,7 +16,7 @@ use wasmtime::{
 use super::bindings::{
     self, PluginState, cache_key_hook, lifecycle, request_hook, token_batch_hook, token_hook,
 };
-use crate::config::PluginConfig;
+use crate::config::{PluginConfig, PluginHostConfig};
 
 /// Engine-wide ceiling on a plugin instance's linear memory (config validation enforces it).
 pub const MAX_PLUGIN_MEMORY: usize = crate::config::MAX_PLUGIN_MEMORY as usize;
@@ -26,8 +26,6 @@ pub const MAX_PLUGIN_MEMORY: usize = crate::config::MAX_PLUGIN_MEMORY as usize;
 const KEEP_RESIDENT: usize = 0;
 /// Idle instances kept per plugin for the request hooks.
 const IDLE_INSTANCES: usize = 16;
-/// Plugin component instances that can exist at once (streams × token plugins, plus requests in flight).
-const MAX_INSTANCES: u32 = 4096;
 
 /// Why a plugin call did not produce a usable answer.
 #[derive(Debug, thiserror::Error)]
@@ -113,26 +111,27 @@ pub struct Runtime {
 static SHARED: std::sync::OnceLock<Result<Runtime, String>> = std::sync::OnceLock::new();
 
 impl Runtime {
-    /// The process's runtime, created on first use with `epoch_tick`.
-    pub fn shared(epoch_tick: Duration) -> anyhow::Result<&'static Runtime> {
+    /// The process's runtime, created on first use with these settings.
+    pub fn shared(host: &PluginHostConfig) -> anyhow::Result<&'static Runtime> {
         SHARED
-            .get_or_init(|| Runtime::new(epoch_tick).map_err(|e| format!("{e:#}")))
+            .get_or_init(|| Runtime::new(host).map_err(|e| format!("{e:#}")))
             .as_ref()
             .map_err(|e| anyhow::anyhow!("cannot start the plugin runtime: {e}"))
     }
 
-    fn new(epoch_tick: Duration) -> anyhow::Result<Self> {
+    fn new(host: &PluginHostConfig) -> anyhow::Result<Self> {
+        let (instances, epoch_tick) = (host.max_instances, host.epoch_tick);
         let mut pooling = PoolingAllocationConfig::default();
         pooling
-            .total_component_instances(MAX_INSTANCES)
-            .total_core_instances(MAX_INSTANCES * 8)
-            .total_memories(MAX_INSTANCES)
-            .total_tables(MAX_INSTANCES * 4)
+            .total_component_instances(instances)
+            .total_core_instances(instances * 8)
+            .total_memories(instances)
+            .total_tables(instances * 4)
             .max_memory_size(MAX_PLUGIN_MEMORY)
             .max_core_instances_per_component(16)
             .max_memories_per_component(4)
             .max_tables_per_component(8)
-            .total_stacks(MAX_INSTANCES)
+            .total_stacks(instances)
             // Reset small instances with memset instead of madvise: an instance per
             // request made madvise's TLB shootdowns the top cost (measured with perf).
             .linear_memory_keep_resident(KEEP_RESIDENT)

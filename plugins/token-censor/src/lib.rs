@@ -5,6 +5,7 @@
 //! Config: `words = ["darn", "heck"]`, `mask = "[censored]"` (default: one `*`
 //! per character of the word).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 #[derive(serde::Deserialize, Default)]
@@ -53,10 +54,54 @@ impl Censor {
             .unwrap_or_else(|| "*".repeat(word.chars().count()))
     }
 
-    /// Masks every whole occurrence of a word in `text`.
-    fn censor(&self, text: &str) -> String {
+    /// Masks every whole occurrence of a word in `text`; borrows `text` when
+    /// there is none (the usual case: no copy, no allocation).
+    fn censor<'t>(&self, text: &'t str) -> Cow<'t, str> {
+        if text.is_ascii() {
+            self.censor_ascii(text)
+        } else {
+            Cow::Owned(self.censor_unicode(text))
+        }
+    }
+
+    /// The word at byte `i` of ASCII `text`, compared without allocating.
+    fn word_at(&self, text: &[u8], i: usize) -> Option<&str> {
+        self.words
+            .iter()
+            .find(|w| {
+                text.get(i..i + w.len())
+                    .is_some_and(|t| t.eq_ignore_ascii_case(w.as_bytes()))
+            })
+            .map(String::as_str)
+    }
+
+    fn censor_ascii<'t>(&self, text: &'t str) -> Cow<'t, str> {
+        let bytes = text.as_bytes();
+        let Some(first) = (0..bytes.len()).find(|&i| self.word_at(bytes, i).is_some()) else {
+            return Cow::Borrowed(text);
+        };
+        let mut out = String::with_capacity(text.len() + 16);
+        out.push_str(&text[..first]);
+        let mut i = first;
+        while i < bytes.len() {
+            match self.word_at(bytes, i) {
+                Some(word) => {
+                    out.push_str(&self.mask_for(word));
+                    i += word.len();
+                }
+                None => {
+                    out.push(char::from(bytes[i]));
+                    i += 1;
+                }
+            }
+        }
+        Cow::Owned(out)
+    }
+
+    /// The general case: lower-cases the text (when that keeps byte offsets;
+    /// otherwise matches case-sensitively) and scans it char by char.
+    fn censor_unicode(&self, text: &str) -> String {
         let lower = text.to_lowercase();
-        // Lower-casing can change byte lengths outside ASCII; then match case-sensitively.
         let haystack = if lower.len() == text.len() {
             lower.as_str()
         } else {
@@ -85,10 +130,23 @@ impl Censor {
 
     /// Length of the longest suffix of `text` that could start a word.
     fn partial_suffix(&self, text: &str) -> usize {
-        let lower = text.to_lowercase();
+        let ascii = text.is_ascii();
+        let lower = if ascii {
+            Cow::Borrowed(text)
+        } else {
+            Cow::Owned(text.to_lowercase())
+        };
         if lower.len() != text.len() {
             return 0;
         }
+        let tail_matches = |len: usize, word: &str| {
+            let tail = &lower.as_bytes()[lower.len() - len..];
+            if ascii {
+                tail.eq_ignore_ascii_case(&word.as_bytes()[..len])
+            } else {
+                tail == &word.as_bytes()[..len]
+            }
+        };
         let mut best = 0;
         for word in &self.words {
             for len in (1..word.len().min(lower.len() + 1)).rev() {
@@ -97,7 +155,7 @@ impl Censor {
                 }
                 if lower.is_char_boundary(lower.len() - len)
                     && word.is_char_boundary(len)
-                    && lower.ends_with(&word[..len])
+                    && tail_matches(len, word)
                 {
                     best = len;
                     break;
@@ -109,7 +167,11 @@ impl Censor {
 
     pub fn on_text(&mut self, index: u32, text: &str) -> Action {
         let held = self.held.remove(&index).unwrap_or_default();
-        let combined = format!("{held}{text}");
+        let combined = if held.is_empty() {
+            Cow::Borrowed(text)
+        } else {
+            Cow::Owned(held.clone() + text)
+        };
         let censored = self.censor(&combined);
         let keep = self.partial_suffix(&censored);
         let (emit, hold) = censored.split_at(censored.len() - keep);
@@ -247,5 +309,26 @@ mod tests {
         assert_eq!(c.on_text(0, "da"), Action::Hold);
         assert_eq!(c.on_text(1, "rn"), Action::Pass);
         assert_eq!(c.on_text(0, "rn"), Action::Replace("****".into()));
+    }
+
+    #[test]
+    fn the_ascii_fast_path_censors_like_the_unicode_path() {
+        let c = censor(&["darn", "heck", "a"], Some("#"));
+        let alphabet = [
+            "d", "a", "r", "n", "D", "A", "R", "N", "h", "e", "c", "k", "H", "E", "C", "K", " ",
+            "x",
+        ];
+        let mut seed = 7u64;
+        for _ in 0..5_000 {
+            let len = (seed % 12) as usize;
+            let text: String = (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    alphabet[(seed >> 33) as usize % alphabet.len()]
+                })
+                .collect();
+            seed = seed.wrapping_add(1);
+            assert_eq!(c.censor(&text), c.censor_unicode(&text), "{text:?}");
+        }
     }
 }
