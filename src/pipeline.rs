@@ -17,7 +17,7 @@ use crate::app::AppState;
 use crate::cache::{CachedChunks, CachedResponse};
 use crate::error::{ErrorInfo, GatewayError};
 use crate::policy::{CacheKeyDecision, FilterChain, Filtered, RequestContext};
-use crate::protocol::{Chunk, ChunkSummary, CompletionRequest, Usage};
+use crate::protocol::{Chunk, ChunkSummary, ChunkView, CompletionRequest, Usage};
 use crate::queue::{QueuedRequest, ResponseEvent, ResponseStream};
 use crate::store::InferenceRecord;
 use crate::telemetry::RequestTrace;
@@ -391,6 +391,19 @@ impl Completion {
         }
     }
 
+    /// What the gateway reads from a chunk: for a cached answer, from the
+    /// views the entry keeps (parsed by its first hit), else parsed here.
+    fn summary_of(&self, chunk: &Chunk) -> ChunkSummary {
+        match &self.source {
+            Source::Cached { chunks, next } => chunks
+                .views()
+                .get(next.wrapping_sub(1))
+                .and_then(Option::as_ref)
+                .map_or_else(|| chunk.summary(), ChunkView::summary),
+            Source::Queue { .. } => chunk.summary(),
+        }
+    }
+
     /// The next thing to send. After `Error` or `Done`, always `Done`.
     pub async fn next(&mut self) -> Delivery {
         loop {
@@ -415,7 +428,7 @@ impl Completion {
                     let (prefiltered, summary) =
                         match self.prefiltered.as_mut().and_then(|f| f.pop_front()) {
                             Some((filtered, summary)) => (Some(filtered), summary),
-                            None => (None, chunk.summary()),
+                            None => (None, self.summary_of(&chunk)),
                         };
                     if summary.usage.is_some() {
                         self.record.usage = summary.usage;

@@ -6,7 +6,10 @@
 //! with runs of whitespace folded to one space. Config: `ignore = ["user"]`
 //! (body fields left out of the key; default `["user"]`).
 
+use std::collections::BTreeMap;
+
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 #[derive(serde::Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
@@ -34,11 +37,13 @@ pub fn normalize_text(text: &str) -> String {
         .to_lowercase()
 }
 
-/// The normalized key for a request body; `None` when the body is not a JSON object.
+/// The normalized key for a request body; `None` (the gateway's default key)
+/// when the body is not a JSON object or a field name holds an escape.
+///
+/// Fields other than the prompt are copied as written: the gateway hands
+/// plugins its own compact serialisation, so equal values are equal text.
 pub fn key(config: &Config, body_json: &str) -> Option<String> {
-    let Ok(Value::Object(mut body)) = serde_json::from_str::<Value>(body_json) else {
-        return None;
-    };
+    let mut body: BTreeMap<&str, &RawValue> = serde_json::from_str(body_json).ok()?;
     for field in config
         .ignore
         .iter()
@@ -52,13 +57,28 @@ pub fn key(config: &Config, body_json: &str) -> Option<String> {
             *s = normalize_text(s);
         }
     };
-    match body.get_mut("prompt") {
-        Some(Value::Array(items)) => items.iter_mut().for_each(normalize),
-        Some(prompt) => normalize(prompt),
-        None => {}
+    let mut out = String::with_capacity(body_json.len() + 16);
+    out.push_str("normalized:{");
+    // Ordered by name, so bodies that differ only in field order share a key.
+    for (i, (name, value)) in body.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&Value::from(name).to_string());
+        out.push(':');
+        if name == "prompt" {
+            let mut prompt: Value = serde_json::from_str(value.get()).ok()?;
+            match &mut prompt {
+                Value::Array(items) => items.iter_mut().for_each(normalize),
+                other => normalize(other),
+            }
+            out.push_str(&prompt.to_string());
+        } else {
+            out.push_str(value.get());
+        }
     }
-    // serde_json's map is ordered by key, so equal bodies serialize equally.
-    Some(format!("normalized:{}", Value::Object(body)))
+    out.push('}');
+    Some(out)
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -130,5 +150,20 @@ mod tests {
         let a = key(&c, r#"{"model":"m","prompt":"x","max_tokens":5}"#);
         let b = key(&c, r#"{"model":"m","prompt":"x","max_tokens":6}"#);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn the_key_is_the_sorted_body_with_the_prompt_normalized() {
+        let c = Config::default();
+        assert_eq!(
+            key(
+                &c,
+                r#"{"prompt":["A  b","C"],"model":"m","stop":["\n"],"user":"u","stream":true}"#
+            )
+            .as_deref(),
+            Some(r#"normalized:{"model":"m","prompt":["a b","c"],"stop":["\n"]}"#)
+        );
+        assert_eq!(key(&c, "[1]"), None);
+        assert_eq!(key(&c, r#"{"mo\u0064el":"m"}"#), None);
     }
 }

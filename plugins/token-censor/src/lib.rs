@@ -6,7 +6,6 @@
 //! per character of the word).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 
 #[derive(serde::Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -23,7 +22,11 @@ pub struct Config {
 pub struct Censor {
     words: Vec<String>,
     mask: Option<String>,
-    held: HashMap<u32, String>,
+    /// Whether some word starts with this (lower-case ASCII) byte: most
+    /// positions of a text are ruled out with one lookup.
+    starts_word: Vec<bool>,
+    /// Held text per choice (a list: a response has one choice or a few).
+    held: Vec<(u32, String)>,
 }
 
 /// What to do with one chunk's text.
@@ -36,15 +39,28 @@ pub enum Action {
 
 impl Censor {
     pub fn new(config: Config) -> Self {
+        let words: Vec<String> = config
+            .words
+            .into_iter()
+            .filter(|w| !w.is_empty())
+            .map(|w| w.to_lowercase())
+            .collect();
+        let mut starts_word = vec![false; 256];
+        for word in &words {
+            starts_word[usize::from(word.as_bytes()[0])] = true;
+        }
         Self {
-            words: config
-                .words
-                .into_iter()
-                .filter(|w| !w.is_empty())
-                .map(|w| w.to_lowercase())
-                .collect(),
+            words,
             mask: config.mask,
-            held: HashMap::new(),
+            starts_word,
+            held: Vec::new(),
+        }
+    }
+
+    fn take_held(&mut self, index: u32) -> String {
+        match self.held.iter().position(|(i, _)| *i == index) {
+            Some(at) => self.held.swap_remove(at).1,
+            None => String::new(),
         }
     }
 
@@ -66,6 +82,9 @@ impl Censor {
 
     /// The word at byte `i` of ASCII `text`, compared without allocating.
     fn word_at(&self, text: &[u8], i: usize) -> Option<&str> {
+        if !self.starts_word[usize::from(text[i].to_ascii_lowercase())] {
+            return None;
+        }
         self.words
             .iter()
             .find(|w| {
@@ -139,6 +158,16 @@ impl Censor {
         if lower.len() != text.len() {
             return 0;
         }
+        // Only a suffix shorter than the longest word can start one.
+        let longest = self.words.iter().map(String::len).max().unwrap_or(0);
+        let window = &lower.as_bytes()[lower.len().saturating_sub(longest.saturating_sub(1))..];
+        if ascii
+            && !window
+                .iter()
+                .any(|b| self.starts_word[usize::from(b.to_ascii_lowercase())])
+        {
+            return 0;
+        }
         let tail_matches = |len: usize, word: &str| {
             let tail = &lower.as_bytes()[lower.len() - len..];
             if ascii {
@@ -166,21 +195,23 @@ impl Censor {
     }
 
     pub fn on_text(&mut self, index: u32, text: &str) -> Action {
-        let held = self.held.remove(&index).unwrap_or_default();
-        let combined = if held.is_empty() {
-            Cow::Borrowed(text)
+        let mut held = self.take_held(index);
+        let had_held = !held.is_empty();
+        let combined = if had_held {
+            held.push_str(text);
+            Cow::Owned(held)
         } else {
-            Cow::Owned(held.clone() + text)
+            Cow::Borrowed(text)
         };
         let censored = self.censor(&combined);
         let keep = self.partial_suffix(&censored);
         let (emit, hold) = censored.split_at(censored.len() - keep);
         if !hold.is_empty() {
-            self.held.insert(index, hold.to_string());
+            self.held.push((index, hold.to_string()));
         }
         if emit.is_empty() {
             Action::Hold
-        } else if held.is_empty() && hold.is_empty() && emit == text {
+        } else if !had_held && hold.is_empty() && emit == text {
             Action::Pass
         } else {
             Action::Replace(emit.to_string())
@@ -188,7 +219,7 @@ impl Censor {
     }
 
     pub fn on_end(&mut self, index: u32) -> String {
-        self.held.remove(&index).unwrap_or_default()
+        self.take_held(index)
     }
 }
 
@@ -312,7 +343,7 @@ mod tests {
     }
 
     #[test]
-    fn the_ascii_fast_path_censors_like_the_unicode_path() {
+    fn the_ascii_fast_path_agrees_with_the_general_definitions() {
         let c = censor(&["darn", "heck", "a"], Some("#"));
         let alphabet = [
             "d", "a", "r", "n", "D", "A", "R", "N", "h", "e", "c", "k", "H", "E", "C", "K", " ",
@@ -329,6 +360,13 @@ mod tests {
                 .collect();
             seed = seed.wrapping_add(1);
             assert_eq!(c.censor(&text), c.censor_unicode(&text), "{text:?}");
+            let lower = text.to_lowercase();
+            let longest_start = ["darn", "heck", "a"]
+                .iter()
+                .flat_map(|w| (1..w.len()).filter(|&n| lower.ends_with(&w[..n])))
+                .max()
+                .unwrap_or(0);
+            assert_eq!(c.partial_suffix(&text), longest_start, "{text:?}");
         }
     }
 }
