@@ -1132,6 +1132,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("server.max_body_bytes"), "{err}");
+        let err = load("[plugin_host]\nmax_instances = 8\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("plugin_host.max_instances"), "{err}");
+        let config = load("[plugin_host]\nmax_instances = 64\n", &[]).unwrap();
+        assert_eq!(config.plugin_host.max_instances, 64);
     }
 
     #[test]
