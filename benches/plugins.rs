@@ -89,19 +89,24 @@ fn micros(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1e6)
 }
 
-async fn host(plugins: Vec<PluginConfig>) -> Arc<PluginHost> {
-    let mut config = Config {
-        plugins,
-        ..Default::default()
-    };
+/// No file watching; a smaller instance pool when asked, so valgrind can map
+/// it (BENCH_MAX_INSTANCES=64).
+fn bench_plugin_host(config: &mut Config) {
     config.plugin_host.watch = false;
-    // A smaller pool lets valgrind map it (BENCH_MAX_INSTANCES=64).
     if let Some(n) = std::env::var("BENCH_MAX_INSTANCES")
         .ok()
         .and_then(|n| n.parse().ok())
     {
         config.plugin_host.max_instances = n;
     }
+}
+
+async fn host(plugins: Vec<PluginConfig>) -> Arc<PluginHost> {
+    let mut config = Config {
+        plugins,
+        ..Default::default()
+    };
+    bench_plugin_host(&mut config);
     PluginHost::start(&config, Arc::new(Metrics::new()))
         .await
         .expect("plugins load")
@@ -146,14 +151,7 @@ async fn streams_per_second(plugins: Vec<PluginConfig>, hits: bool, seconds: u64
     config.store.url = format!("sqlite://{}", dir.path().join("b.db").display());
     config.upstream.urls = vec![sim.url().parse().expect("url")];
     config.plugins = plugins;
-    config.plugin_host.watch = false;
-    // A smaller pool lets valgrind map it (BENCH_MAX_INSTANCES=64).
-    if let Some(n) = std::env::var("BENCH_MAX_INSTANCES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-    {
-        config.plugin_host.max_instances = n;
-    }
+    bench_plugin_host(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

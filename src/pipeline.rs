@@ -395,6 +395,7 @@ impl Completion {
     /// views the entry keeps (parsed by its first hit), else parsed here.
     fn summary_of(&self, chunk: &Chunk) -> ChunkSummary {
         match &self.source {
+            // `next_event` has moved past the chunk already.
             Source::Cached { chunks, next } => chunks
                 .views()
                 .get(next.wrapping_sub(1))
