@@ -303,17 +303,17 @@ impl FilterChain {
             })
             .collect();
         // The chunks with choices.
-        let peeks: Vec<Option<&ChunkView<'_>>> = views
+        let choice_views: Vec<Option<&ChunkView<'_>>> = views
             .iter()
             .map(|v| v.as_ref().filter(|v| !v.choices.is_empty()))
             .collect();
         // One choice throughout (`n` = 1, the usual case): batch. Otherwise chunk by chunk.
-        let mut indices = peeks
+        let mut indices = choice_views
             .iter()
             .flatten()
             .flat_map(|p| &p.choices)
             .map(|c| c.index);
-        let single_choice = peeks.iter().flatten().all(|p| p.choices.len() == 1)
+        let single_choice = choice_views.iter().flatten().all(|p| p.choices.len() == 1)
             && indices
                 .next()
                 .is_some_and(|first| indices.all(|i| i == first));
@@ -329,18 +329,18 @@ impl FilterChain {
             }
             return Ok(results);
         }
-        let index = peeks
+        let index = choice_views
             .iter()
             .flatten()
             .map(|p| p.choices[0].index)
             .next()
             .unwrap_or(0);
         // The text of each chunk as it passes from filter to filter.
-        let mut texts: Vec<Cow<'_, str>> = peeks
+        let mut texts: Vec<Cow<'_, str>> = choice_views
             .iter()
             .map(|p| p.map_or(Cow::Borrowed(""), |p| Cow::Borrowed(&*p.choices[0].text)))
             .collect();
-        let finishing: Vec<bool> = peeks
+        let finishing: Vec<bool> = choice_views
             .iter()
             .map(|p| {
                 p.as_ref()
@@ -356,7 +356,7 @@ impl FilterChain {
                 // Up to and including the next chunk that ends the choice.
                 let segment_end = (start..end).find(|&i| finishing[i]).map_or(end, |i| i + 1);
                 let positions: Vec<usize> = (start..segment_end)
-                    .filter(|&i| peeks[i].is_some() && !texts[i].is_empty())
+                    .filter(|&i| choice_views[i].is_some() && !texts[i].is_empty())
                     .collect();
                 let inputs: Vec<&str> = positions.iter().map(|&i| &*texts[i]).collect();
                 let actions = if inputs.is_empty() {
@@ -409,7 +409,7 @@ impl FilterChain {
         }
         let mut results = Vec::with_capacity(end);
         for (i, (chunk, text)) in chunks.iter().zip(texts).take(end).enumerate() {
-            let Some(view) = peeks[i] else {
+            let Some(view) = choice_views[i] else {
                 results.push((Filtered::Chunk(chunk.clone()), summaries[i]));
                 continue;
             };
