@@ -221,10 +221,9 @@ pub struct Completion {
     pub record: RequestRecord,
     source: Source,
     filters: FilterChain,
-    /// A cached answer's chunks after the filters (and their summaries), one
-    /// per chunk, filtered at once on the first call (one plugin call per
-    /// filter, not per chunk).
-    prefiltered: Option<std::collections::VecDeque<(Filtered, ChunkSummary)>>,
+    /// A cached answer's chunks after the filters, one per chunk, filtered at
+    /// once on the first call (one plugin call per filter, not per chunk).
+    prefiltered: Option<std::collections::VecDeque<Filtered>>,
     /// Whether the final usage-only chunk is delivered (streams that asked, and JSON assembly).
     deliver_usage_chunk: bool,
     /// On a cache miss: the key and the raw chunks to store once complete.
@@ -426,11 +425,8 @@ impl Completion {
             }
             match self.next_event().await {
                 ResponseEvent::Chunk(chunk) => {
-                    let (prefiltered, summary) =
-                        match self.prefiltered.as_mut().and_then(|f| f.pop_front()) {
-                            Some((filtered, summary)) => (Some(filtered), summary),
-                            None => (None, self.summary_of(&chunk)),
-                        };
+                    let prefiltered = self.prefiltered.as_mut().and_then(|f| f.pop_front());
+                    let summary = self.summary_of(&chunk);
                     if summary.usage.is_some() {
                         self.record.usage = summary.usage;
                     }

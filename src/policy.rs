@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::auth::Identity;
 use crate::cache::CachedChunks;
 use crate::error::GatewayError;
-use crate::protocol::{Chunk, ChunkSummary, ChunkView, CompletionRequest};
+use crate::protocol::{Chunk, ChunkView, CompletionRequest};
 
 /// What a hook knows about the request it runs for.
 #[derive(Debug, Clone)]
@@ -286,24 +286,16 @@ impl FilterChain {
     }
 
     /// Filters consecutive chunks known at once (a cached answer), giving each
-    /// filter all their text in one call. Returns one result per chunk, with
-    /// the chunk's summary (read in the same parse), or fewer ending with the
-    /// `Stop` that ended the response. The same results as `apply` on each
-    /// chunk in turn.
+    /// filter all their text in one call. Returns one result per chunk, or
+    /// fewer ending with the `Stop` that ended the response. The same results
+    /// as `apply` on each chunk in turn.
     pub async fn apply_all(
         &mut self,
         chunks: &CachedChunks,
-    ) -> Result<Vec<(Filtered, ChunkSummary)>, GatewayError> {
-        let views = chunks.views();
-        let summaries: Vec<ChunkSummary> = views
-            .iter()
-            .map(|v| {
-                v.as_ref()
-                    .map_or_else(ChunkSummary::default, ChunkView::summary)
-            })
-            .collect();
+    ) -> Result<Vec<Filtered>, GatewayError> {
         // The chunks with choices.
-        let choice_views: Vec<Option<&ChunkView<'_>>> = views
+        let choice_views: Vec<Option<&ChunkView<'_>>> = chunks
+            .views()
             .iter()
             .map(|v| v.as_ref().filter(|v| !v.choices.is_empty()))
             .collect();
@@ -319,10 +311,10 @@ impl FilterChain {
                 .is_some_and(|first| indices.all(|i| i == first));
         if self.filters.is_empty() || !single_choice {
             let mut results = Vec::with_capacity(chunks.len());
-            for (chunk, summary) in chunks.iter().zip(summaries) {
+            for chunk in chunks.iter() {
                 let filtered = self.apply(chunk.clone()).await?;
                 let stop = matches!(filtered, Filtered::Stop(_));
-                results.push((filtered, summary));
+                results.push(filtered);
                 if stop {
                     break;
                 }
@@ -410,7 +402,7 @@ impl FilterChain {
         let mut results = Vec::with_capacity(end);
         for (i, (chunk, text)) in chunks.iter().zip(texts).take(end).enumerate() {
             let Some(view) = choice_views[i] else {
-                results.push((Filtered::Chunk(chunk.clone()), summaries[i]));
+                results.push(Filtered::Chunk(chunk.clone()));
                 continue;
             };
             let stop = stopped_at == Some(i);
@@ -422,7 +414,7 @@ impl FilterChain {
                 finishing: finishing[i],
                 stop,
             };
-            results.push((assemble(chunk, view, vec![output]), summaries[i]));
+            results.push(assemble(chunk, view, vec![output]));
         }
         Ok(results)
     }
@@ -474,6 +466,7 @@ impl FilterChain {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::ChunkSummary;
 
     /// Upper-cases text, holding anything after a `#` until the end.
     struct Upper {
@@ -659,18 +652,20 @@ mod tests {
                 let mut at_once = scripted_chain(filters);
                 let all = at_once.apply_all(&cached).await.unwrap();
                 assert_eq!(
-                    payloads(first_hit.into_iter().map(|(f, _)| f).collect()),
+                    payloads(first_hit),
                     payloads_expected,
                     "{filters} filters, first hit"
                 );
-                for ((_, summary), chunk) in all.iter().zip(&chunks) {
+                for (view, chunk) in cached.views().iter().zip(&chunks) {
+                    let summary = view
+                        .as_ref()
+                        .map_or_else(ChunkSummary::default, ChunkView::summary);
                     let expected = chunk.summary();
                     assert_eq!(
                         (summary.choices, summary.usage),
                         (expected.choices, expected.usage)
                     );
                 }
-                let all = all.into_iter().map(|(filtered, _)| filtered).collect();
                 assert_eq!(payloads(all), payloads_expected, "{filters} filters");
                 let template = chunks.last().cloned();
                 let flushed = |c: Option<Chunk>| c.map(|c| c.payload_slice().to_vec());

@@ -25,6 +25,8 @@ pub struct Censor {
     /// Whether some word starts with this (lower-case ASCII) byte: most
     /// positions of a text are ruled out with one lookup.
     starts_word: Vec<bool>,
+    /// Length of the longest word: only a shorter suffix can start one.
+    longest: usize,
     /// Held text per choice (a list: a response has one choice or a few).
     held: Vec<(u32, String)>,
 }
@@ -50,6 +52,7 @@ impl Censor {
             starts_word[usize::from(word.as_bytes()[0])] = true;
         }
         Self {
+            longest: words.iter().map(String::len).max().unwrap_or(0),
             words,
             mask: config.mask,
             starts_word,
@@ -158,9 +161,8 @@ impl Censor {
         if lower.len() != text.len() {
             return 0;
         }
-        // Only a suffix shorter than the longest word can start one.
-        let longest = self.words.iter().map(String::len).max().unwrap_or(0);
-        let window = &lower.as_bytes()[lower.len().saturating_sub(longest.saturating_sub(1))..];
+        let window =
+            &lower.as_bytes()[lower.len().saturating_sub(self.longest.saturating_sub(1))..];
         if ascii
             && !window
                 .iter()
