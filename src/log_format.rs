@@ -7,7 +7,9 @@
 use std::fmt;
 
 use tracing::field::{Field, Visit};
+use tracing::span::Record;
 use tracing::{Event, Subscriber};
+use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
@@ -70,7 +72,8 @@ where
     }
 }
 
-/// Writes an event's fields as JSON members.
+/// Writes an event's or a span's fields as JSON members. Numbers go through
+/// serde_json (itoa and ryu): `fmt` machinery costs several times more.
 struct JsonFieldWriter<'a> {
     line: &'a mut Vec<u8>,
     first: bool,
@@ -86,10 +89,10 @@ impl JsonFieldWriter<'_> {
         self.line.push(b':');
     }
 
-    fn raw(&mut self, field: &Field, value: impl fmt::Display) {
-        use std::io::Write as _;
+    fn number(&mut self, field: &Field, value: impl serde::Serialize) {
         self.key(field);
-        let _ = write!(self.line, "{value}");
+        // Writing a number to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *self.line, &value);
     }
 }
 
@@ -100,23 +103,22 @@ impl Visit for JsonFieldWriter<'_> {
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.raw(field, value);
+        self.number(field, value);
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.raw(field, value);
+        self.number(field, value);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.raw(field, value);
+        self.key(field);
+        self.line
+            .extend_from_slice(if value { b"true" } else { b"false" });
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        if value.is_finite() {
-            self.raw(field, value);
-        } else {
-            self.raw(field, "null");
-        }
+        // serde_json writes a non-finite number as `null`.
+        self.number(field, value);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
@@ -125,6 +127,52 @@ impl Visit for JsonFieldWriter<'_> {
         self.line.push(b'"');
         let _ = write!(EscapingWriter(self.line), "{value:?}");
         self.line.push(b'"');
+    }
+}
+
+/// The span-field formatter for `log.format = "json"`: a span's fields as one
+/// JSON object, formatted once when the span is created (and merged when a
+/// field is recorded later), which [`JsonLines`] copies into each line.
+pub struct JsonSpanFields;
+
+impl<'writer> FormatFields<'writer> for JsonSpanFields {
+    fn format_fields<R: RecordFields>(
+        &self,
+        mut writer: Writer<'writer>,
+        fields: R,
+    ) -> fmt::Result {
+        let mut object = Vec::with_capacity(64);
+        object.push(b'{');
+        fields.record(&mut JsonFieldWriter {
+            line: &mut object,
+            first: true,
+        });
+        object.push(b'}');
+        writer.write_str(std::str::from_utf8(&object).map_err(|_| fmt::Error)?)
+    }
+
+    fn add_fields(
+        &self,
+        current: &'writer mut FormattedFields<Self>,
+        fields: &Record<'_>,
+    ) -> fmt::Result {
+        let Some(members) = current
+            .fields
+            .strip_prefix('{')
+            .and_then(|f| f.strip_suffix('}'))
+        else {
+            return self.format_fields(current.as_writer(), fields);
+        };
+        let mut object = Vec::with_capacity(current.fields.len() + 64);
+        object.push(b'{');
+        object.extend_from_slice(members.as_bytes());
+        fields.record(&mut JsonFieldWriter {
+            first: members.is_empty(),
+            line: &mut object,
+        });
+        object.push(b'}');
+        current.fields = String::from_utf8(object).map_err(|_| fmt::Error)?;
+        Ok(())
     }
 }
 
@@ -192,12 +240,14 @@ mod tests {
         let writer = captured.clone();
         let subscriber = tracing_subscriber::registry().with(
             tracing_subscriber::fmt::layer()
-                .json()
                 .event_format(JsonLines)
+                .fmt_fields(JsonSpanFields)
                 .with_writer(move || writer.clone()),
         );
         tracing::subscriber::with_default(subscriber, || {
-            let span = tracing::info_span!("request", request_id = "req-1");
+            let span =
+                tracing::info_span!("request", request_id = "req-1", key = tracing::field::Empty);
+            span.record("key", "k\"1");
             let _entered = span.enter();
             tracing::info!(status = 200u16, ttft_ms = 1.5, ok = true, key = "a \"quoted\"\nkey", shown = %"tab\there \u{1}\\", "request finished");
             tracing::warn!(parent: None, nan = f64::NAN, "outside");
@@ -217,6 +267,7 @@ mod tests {
         assert_eq!(first["fields"]["key"], "a \"quoted\"\nkey");
         assert_eq!(first["fields"]["shown"], "tab\there \u{1}\\");
         assert_eq!(first["span"]["request_id"], "req-1");
+        assert_eq!(first["span"]["key"], "k\"1");
         assert_eq!(first["span"]["name"], "request");
         assert!(first["timestamp"].as_str().unwrap().ends_with('Z'));
         assert_eq!(lines[1]["fields"]["nan"], serde_json::Value::Null);

@@ -147,7 +147,6 @@ impl Drop for RequestRecord {
             span.set_attribute("transport", self.transport);
             span.set_attribute("status", i64::from(self.status));
             span.set_attribute("cache", cache);
-            span.set_attribute("model", self.model.clone());
             span.set_attribute("prompt_tokens", usage.prompt_tokens as i64);
             span.set_attribute("completion_tokens", completion_tokens as i64);
             if let Some(ttft) = ttft_ms {
@@ -156,10 +155,10 @@ impl Drop for RequestRecord {
         }
         let _in_request = span.enter();
         tracing::info!(
-            request_id = %self.request_id,
-            key = %self.key_name,
+            request_id = self.request_id.as_str(),
+            key = self.key_name.as_str(),
             key_id = self.key_id.as_deref().unwrap_or("-"),
-            model = %self.model,
+            model = self.model.as_str(),
             transport = self.transport,
             status = self.status,
             cache,

@@ -23,7 +23,9 @@ use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tracing::Level;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::{FilterExt, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -224,10 +226,10 @@ impl RequestTrace {
                 "request",
                 otel.name = "POST /v1/completions",
                 otel.kind = "server",
-                request_id = %request_id,
+                request_id,
             )
         } else {
-            tracing::info_span!(target: "sluice::unsampled", "request", request_id = %request_id)
+            tracing::info_span!(target: "sluice::unsampled", "request", request_id)
         };
         Self::new(span, sampled, parent.as_ref(), incoming)
     }
@@ -238,13 +240,9 @@ impl RequestTrace {
         let parent = TraceParent::find(incoming);
         let sampled = HEAD_SAMPLER.get().is_some() && parent.as_ref().is_some_and(|p| p.sampled);
         let span = if sampled {
-            tracing::info_span!(
-                "worker.upstream",
-                otel.kind = "consumer",
-                request_id = %request_id,
-            )
+            tracing::info_span!("worker.upstream", otel.kind = "consumer", request_id,)
         } else {
-            tracing::info_span!(target: "sluice::unsampled", "worker.upstream", request_id = %request_id)
+            tracing::info_span!(target: "sluice::unsampled", "worker.upstream", request_id)
         };
         Self::new(span, sampled, parent.as_ref(), incoming)
     }
@@ -301,13 +299,18 @@ fn not_sampled(
     pairs
 }
 
+/// The target of stage spans. Only traces see them: a log line inside a stage
+/// reports the request's root span (and its `request_id`), and the log layer
+/// does not format the fields of spans it never prints.
+pub const STAGE_TARGET: &str = "sluice::stage";
+
 /// A stage span of a request: a real span when the request is sampled, a
 /// disabled one (which costs nothing) otherwise.
 #[macro_export]
 macro_rules! stage_span {
     ($sampled:expr, $($span:tt)+) => {
         if $sampled {
-            ::tracing::info_span!($($span)+)
+            ::tracing::info_span!(target: $crate::telemetry::STAGE_TARGET, $($span)+)
         } else {
             ::tracing::Span::none()
         }
@@ -328,10 +331,15 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Telemetry {
         .lossy(true)
         .buffered_lines_limit(64 * 1024)
         .finish(std::io::stderr());
+    let filter = filter.add_directive(
+        format!("{STAGE_TARGET}=off")
+            .parse()
+            .expect("a valid directive"),
+    );
     let fmt = match log.format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
             .event_format(crate::log_format::JsonLines)
+            .fmt_fields(crate::log_format::JsonSpanFields)
             .with_writer(writer)
             .boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
@@ -339,14 +347,22 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Telemetry {
     let provider = tracer_provider(telemetry);
     let otel = provider.as_ref().map(|provider| {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-        // No busy/idle timing, thread or source-location attributes: each costs
-        // clock reads or allocations on every span enter and exit.
+        // No busy/idle timing, thread, target or source-location attributes,
+        // and no context activation on span entry (trace context is passed on
+        // from spans explicitly): each costs clock reads, allocations or
+        // export bytes on every span. Log events join a trace only from
+        // `warn` up; the request's info line repeats its root span's attributes.
+        let spans_and_warnings = filter_fn(|meta| meta.is_span() || *meta.level() <= Level::WARN);
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("sluice"))
             .with_tracked_inactivity(false)
             .with_threads(false)
             .with_location(false)
-            .with_filter(EnvFilter::new("sluice=info,sluice::unsampled=off,warn"))
+            .with_target(false)
+            .with_context_activation(false)
+            .with_filter(
+                EnvFilter::new("sluice=info,sluice::unsampled=off,warn").and(spans_and_warnings),
+            )
     });
     let _ = tracing_subscriber::registry()
         .with(fmt.with_filter(filter))
