@@ -16,6 +16,7 @@ pub mod http;
 pub mod inference_log;
 pub mod log_format;
 pub mod metrics;
+pub mod otlp;
 pub mod pipeline;
 pub mod plugins;
 pub mod policy;

@@ -72,42 +72,52 @@ fn tracer_provider(config: &TelemetryConfig) -> Option<SdkTracerProvider> {
     if config.otlp_endpoint.is_none() && !from_env {
         return None;
     }
-    use opentelemetry_otlp::{Protocol, WithExportConfig};
-    let mut builder = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_protocol(if config.json {
-            Protocol::HttpJson
-        } else {
-            Protocol::HttpBinary
-        });
-    // The standard variables win over the config file.
-    if let (Some(endpoint), false) = (&config.otlp_endpoint, from_env) {
+    let with_traces_path = |endpoint: &str| {
         let endpoint = endpoint.trim_end_matches('/');
-        let endpoint = if endpoint.ends_with("/v1/traces") {
+        if endpoint.ends_with("/v1/traces") {
             endpoint.to_string()
         } else {
             format!("{endpoint}/v1/traces")
-        };
-        builder = builder.with_endpoint(endpoint);
-    }
-    let exporter = match builder.build() {
-        Ok(exporter) => exporter,
-        Err(err) => {
-            eprintln!("sluice: cannot set up the OTLP trace exporter ({err}); traces are off");
-            return None;
         }
+    };
+    // The standard variables win over the config file.
+    let endpoint = match (
+        std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").ok(),
+        std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok(),
+    ) {
+        (Some(traces), _) if !traces.is_empty() => traces,
+        (_, Some(base)) if !base.is_empty() => with_traces_path(&base),
+        _ => with_traces_path(config.otlp_endpoint.as_deref().unwrap_or_default()),
     };
     let mut resource = opentelemetry_sdk::Resource::builder();
     if !env_set("OTEL_SERVICE_NAME") {
         resource = resource.with_service_name(config.service_name.clone());
     }
-    let mut provider = SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(resource.build());
     // Only sampled requests reach the SDK (see `HeadSampler`): it keeps every span it sees.
-    provider = provider.with_sampler(Sampler::AlwaysOn);
+    let builder = SdkTracerProvider::builder()
+        .with_resource(resource.build())
+        .with_sampler(Sampler::AlwaysOn);
+    let provider = if config.json {
+        use opentelemetry_otlp::{Protocol, WithExportConfig};
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpJson)
+            .with_endpoint(endpoint)
+            .build();
+        match exporter {
+            Ok(exporter) => builder.with_batch_exporter(exporter).build(),
+            Err(err) => {
+                eprintln!("sluice: cannot set up the OTLP trace exporter ({err}); traces are off");
+                return None;
+            }
+        }
+    } else {
+        builder
+            .with_batch_exporter(crate::otlp::ProtobufSpanExporter::from_env(endpoint))
+            .build()
+    };
     let _ = HEAD_SAMPLER.set(HeadSampler::from_env(config.sample_ratio));
-    Some(provider.build())
+    Some(provider)
 }
 
 /// Which requests are traced: set once, when trace export is set up; without

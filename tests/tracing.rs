@@ -1,5 +1,5 @@
-//! OpenTelemetry traces: an OTLP/HTTP receiver in this process collects the
-//! spans of one streamed request through Kafka, and the test checks that they
+//! OpenTelemetry traces: an OTLP/HTTP receiver (protobuf, the default
+//! protocol) in this process collects the spans of one streamed request through Kafka, and the test checks that they
 //! form one trace, continue the client's `traceparent`, and link the worker's
 //! spans to the edge's. (Its own test binary: the trace pipeline is global.)
 
@@ -12,6 +12,9 @@ use std::time::Duration;
 use axum::body::Bytes;
 use common::services::Services;
 use common::*;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value;
+use prost::Message;
 use serde_json::{Value, json};
 use sluice::simulator::Simulator;
 
@@ -24,31 +27,33 @@ struct Span {
     attributes: HashMap<String, Value>,
 }
 
-fn collect(body: &Value, into: &mut Vec<Span>) {
-    for resource in body["resourceSpans"].as_array().into_iter().flatten() {
-        for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
-            for span in scope["spans"].as_array().into_iter().flatten() {
-                let text = |k: &str| span[k].as_str().unwrap_or_default().to_lowercase();
-                let attributes = span["attributes"]
-                    .as_array()
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn collect(request: ExportTraceServiceRequest, into: &mut Vec<Span>) {
+    for resource in request.resource_spans {
+        for scope in resource.scope_spans {
+            for span in scope.spans {
+                let attributes = span
+                    .attributes
                     .into_iter()
-                    .flatten()
-                    .map(|a| {
-                        let v = &a["value"];
-                        let value = v
-                            .get("stringValue")
-                            .or(v.get("intValue"))
-                            .or(v.get("doubleValue"))
-                            .cloned()
-                            .unwrap_or(Value::Null);
-                        (a["key"].as_str().unwrap_or_default().to_string(), value)
+                    .map(|kv| {
+                        let value = match kv.value.and_then(|v| v.value) {
+                            Some(any_value::Value::StringValue(s)) => json!(s),
+                            Some(any_value::Value::IntValue(i)) => json!(i),
+                            Some(any_value::Value::DoubleValue(d)) => json!(d),
+                            Some(any_value::Value::BoolValue(b)) => json!(b),
+                            _ => Value::Null,
+                        };
+                        (kv.key, value)
                     })
                     .collect();
                 into.push(Span {
-                    name: span["name"].as_str().unwrap_or_default().to_string(),
-                    trace_id: text("traceId"),
-                    span_id: text("spanId"),
-                    parent: text("parentSpanId"),
+                    name: span.name,
+                    trace_id: hex(&span.trace_id),
+                    span_id: hex(&span.span_id),
+                    parent: hex(&span.parent_span_id),
                     attributes,
                 });
             }
@@ -68,10 +73,10 @@ async fn one_request_through_kafka_is_one_trace_from_client_to_worker() {
         axum::routing::post(move |body: Bytes| {
             let sink = sink.clone();
             async move {
-                if let Ok(value) = serde_json::from_slice::<Value>(&body) {
-                    collect(&value, &mut sink.lock().unwrap());
+                if let Ok(request) = ExportTraceServiceRequest::decode(body) {
+                    collect(request, &mut sink.lock().unwrap());
                 }
-                "{}"
+                ""
             }
         }),
     );
@@ -80,8 +85,7 @@ async fn one_request_through_kafka_is_one_trace_from_client_to_worker() {
     tokio::spawn(async move { axum::serve(listener, collector).await });
 
     let sim = Simulator::start(sim_config()).await.unwrap();
-    let telemetry_toml =
-        format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\nprotocol = \"http/json\"\n");
+    let telemetry_toml = format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\n");
     let config = services.config(
         &sim.url(),
         &common::services::merge_toml(&services.kafka_queue(true), &telemetry_toml),
