@@ -4,7 +4,8 @@
 # ±15 % between runs, while valgrind's instruction count is repeatable. Each
 # configuration runs twice under cachegrind (3 s and 9 s of cache hits); the
 # difference divided by the difference in streams is the marginal cost of one
-# stream, startup excluded. Everything in the process counts: the gateway,
+# stream, startup excluded. Run it on an otherwise idle machine: under load,
+# fewer streams share the per-second work and each looks dearer. Everything in the process counts: the gateway,
 # the in-process client, the log writer and trace exporter threads, and the
 # in-process OTLP sink the traces are posted to.
 set -euo pipefail
@@ -21,12 +22,20 @@ measure() { # seconds, "VAR=value ...", bench args... -> "instructions streams"
     "$(grep -oE '[0-9]+ streams' <<<"$out" | grep -oE '[0-9]+')"
   rm -f "$err"
 }
+# REPEAT (default 3) pairs of runs per configuration; the median is printed
+# (one pair can be off by ~1.5 %, more than some of the differences measured).
+repeat="${REPEAT:-3}"
 declare -A cost
 run() { # name, "VAR=value ...", bench args...
   local name=$1; shift
-  read -r i1 s1 < <(measure 3 "$@")
-  read -r i2 s2 < <(measure 9 "$@")
-  cost[$name]=$(( (i2 - i1) / (s2 - s1) ))
+  local costs=()
+  for _ in $(seq "$repeat"); do
+    read -r i1 s1 < <(measure 3 "$@")
+    read -r i2 s2 < <(measure 9 "$@")
+    costs+=($(( (i2 - i1) / (s2 - s1) )))
+  done
+  cost[$name]=$(printf '%s\n' "${costs[@]}" | sort -n | sed -n "$(( (repeat + 1) / 2 ))p")
+  echo "$name: ${costs[*]}" >&2
 }
 run off ""
 run logs "OTEL_SDK_DISABLED=true" --telemetry

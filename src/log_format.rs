@@ -31,8 +31,7 @@ where
         let meta = event.metadata();
         let mut line = Vec::with_capacity(512);
         line.extend_from_slice(b"{\"timestamp\":\"");
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        line.extend_from_slice(now.as_bytes());
+        push_timestamp(&mut line, std::time::SystemTime::now());
         line.extend_from_slice(b"\",\"level\":\"");
         line.extend_from_slice(meta.level().as_str().as_bytes());
         line.extend_from_slice(b"\",\"fields\":{");
@@ -208,6 +207,45 @@ impl fmt::Write for EscapingWriter<'_> {
     }
 }
 
+thread_local! {
+    /// The last second formatted on this thread, as `YYYY-MM-DDTHH:MM:SS`.
+    static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
+}
+
+/// `time` in RFC 3339 with microseconds, UTC (`2026-11-26T18:44:03.123456Z`).
+/// The date and time of day are formatted once per second per thread.
+fn push_timestamp(line: &mut Vec<u8>, time: std::time::SystemTime) {
+    let since_epoch = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let seconds = since_epoch.as_secs();
+    let (cached, mut text) = SECOND.get();
+    if cached != seconds {
+        let formatted = i64::try_from(seconds)
+            .ok()
+            .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+            .unwrap_or_default()
+            .format("%Y-%m-%dT%H:%M:%S")
+            .to_string();
+        match <[u8; 19]>::try_from(formatted.as_bytes()) {
+            Ok(formatted) => {
+                text = formatted;
+                SECOND.set((seconds, text));
+            }
+            // Only years past 9999 are longer: clamped.
+            Err(_) => text = *b"9999-12-31T23:59:59",
+        }
+    }
+    line.extend_from_slice(&text);
+    let mut micros = since_epoch.subsec_micros();
+    let mut fraction = *b".000000Z";
+    for digit in fraction[1..7].iter_mut().rev() {
+        *digit = b'0' + (micros % 10) as u8;
+        micros /= 10;
+    }
+    line.extend_from_slice(&fraction);
+}
+
 fn push_json_str(line: &mut Vec<u8>, value: &str) {
     // Writing a string to a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *line, value);
@@ -272,5 +310,39 @@ mod tests {
         assert!(first["timestamp"].as_str().unwrap().ends_with('Z'));
         assert_eq!(lines[1]["fields"]["nan"], serde_json::Value::Null);
         assert!(lines[1].get("span").is_none());
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_with_microseconds() {
+        let stamp = |nanos: u64| {
+            let mut line = Vec::new();
+            push_timestamp(
+                &mut line,
+                std::time::UNIX_EPOCH + std::time::Duration::from_nanos(nanos),
+            );
+            String::from_utf8(line).unwrap()
+        };
+        assert_eq!(
+            stamp(1_795_715_326_000_001_999),
+            "2026-11-26T17:48:46.000001Z"
+        );
+        // The same second again (cached), then the next one.
+        assert_eq!(
+            stamp(1_795_715_326_999_999_000),
+            "2026-11-26T17:48:46.999999Z"
+        );
+        assert_eq!(
+            stamp(1_795_715_327_123_456_789),
+            "2026-11-26T17:48:47.123456Z"
+        );
+        let now = std::time::SystemTime::now();
+        let ours = stamp(
+            now.duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64,
+        );
+        let chrono = chrono::DateTime::<chrono::Utc>::from(now)
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        assert_eq!(ours, chrono);
     }
 }

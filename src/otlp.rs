@@ -11,7 +11,6 @@
 //! through `opentelemetry-otlp` (see `telemetry.rs`). The test below checks the
 //! bytes against `opentelemetry-proto`'s own conversion of the same spans.
 
-use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use opentelemetry::trace::{SpanId, SpanKind, Status};
@@ -25,10 +24,7 @@ use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 pub struct ProtobufSpanExporter {
     endpoint: String,
     headers: Vec<(String, String)>,
-    timeout: Duration,
-    /// Built on the exporter's own thread at the first export: a blocking
-    /// client must not be created or dropped on an async runtime.
-    client: OnceLock<Result<reqwest::blocking::Client, String>>,
+    client: reqwest::blocking::Client,
     /// The `Resource` message, encoded once.
     resource: EncodedResource,
 }
@@ -36,7 +32,7 @@ pub struct ProtobufSpanExporter {
 impl ProtobufSpanExporter {
     /// An exporter for `endpoint` (the full `/v1/traces` URL) with the
     /// `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS` and `..._TIMEOUT` variables applied.
-    pub fn from_env(endpoint: String) -> Self {
+    pub fn from_env(endpoint: String) -> Result<Self, String> {
         let var = |name: &str| {
             std::env::var(format!("OTEL_EXPORTER_OTLP_TRACES_{name}"))
                 .or_else(|_| std::env::var(format!("OTEL_EXPORTER_OTLP_{name}")))
@@ -46,28 +42,25 @@ impl ProtobufSpanExporter {
         let timeout = var("TIMEOUT")
             .and_then(|ms| ms.trim().parse::<u64>().ok())
             .map_or(Duration::from_secs(10), Duration::from_millis);
-        Self {
+        // A blocking client cannot be built on an async runtime's thread (its
+        // own runtime would nest), and the caller may be on one.
+        let client = std::thread::spawn(move || {
+            reqwest::blocking::Client::builder()
+                .timeout(timeout)
+                .tcp_nodelay(true)
+                .build()
+        })
+        .join()
+        .map_err(|_| "the HTTP client could not be built".to_string())?
+        .map_err(|err| err.to_string())?;
+        Ok(Self {
             endpoint,
             headers: var("HEADERS")
                 .map(|h| parse_headers(&h))
                 .unwrap_or_default(),
-            timeout,
-            client: OnceLock::new(),
+            client,
             resource: EncodedResource::default(),
-        }
-    }
-
-    fn client(&self) -> Result<&reqwest::blocking::Client, OTelSdkError> {
-        self.client
-            .get_or_init(|| {
-                reqwest::blocking::Client::builder()
-                    .timeout(self.timeout)
-                    .tcp_nodelay(true)
-                    .build()
-                    .map_err(|err| err.to_string())
-            })
-            .as_ref()
-            .map_err(|err| OTelSdkError::InternalFailure(err.clone()))
+        })
     }
 }
 
@@ -90,7 +83,7 @@ impl SpanExporter for ProtobufSpanExporter {
         }
         let body = encode_request(&self.resource, &batch);
         let mut request = self
-            .client()?
+            .client
             .post(&self.endpoint)
             .header("content-type", "application/x-protobuf")
             .body(body);
@@ -138,12 +131,28 @@ const FIXED64: u32 = 1;
 const LEN: u32 = 2;
 const FIXED32: u32 = 5;
 
-fn varint(buf: &mut Vec<u8>, mut value: u64) {
+/// A base-128 varint: its bytes and how many of them there are.
+fn varint_bytes(mut value: u64) -> ([u8; 10], usize) {
+    let mut bytes = [0u8; 10];
+    let mut n = 0;
     while value >= 0x80 {
-        buf.push((value as u8) | 0x80);
+        bytes[n] = (value as u8) | 0x80;
         value >>= 7;
+        n += 1;
     }
-    buf.push(value as u8);
+    bytes[n] = value as u8;
+    (bytes, n + 1)
+}
+
+#[inline]
+fn varint(buf: &mut Vec<u8>, value: u64) {
+    // Tags, lengths of attributes and enum values: nearly always one byte.
+    if value < 0x80 {
+        buf.push(value as u8);
+    } else {
+        let (bytes, n) = varint_bytes(value);
+        buf.extend_from_slice(&bytes[..n]);
+    }
 }
 
 fn tag(buf: &mut Vec<u8>, field: u32, wire_type: u32) {
@@ -176,17 +185,25 @@ fn fixed64_field(buf: &mut Vec<u8>, field: u32, value: u64) {
     }
 }
 
-/// A nested message: written in place, then its tag and length are inserted
-/// in front of it (one move of its bytes, instead of computing every nested
-/// length beforehand).
+/// A nested message, written in place after its tag and a one-byte length.
+/// Most messages here (attributes, values, status) are shorter than 128
+/// bytes, so that guess is right; a longer one moves its bytes along to make
+/// room for the longer length (once, instead of computing every nested length
+/// beforehand as `prost` does).
 fn message(buf: &mut Vec<u8>, field: u32, write: impl FnOnce(&mut Vec<u8>)) {
-    let start = buf.len();
+    tag(buf, field, LEN);
+    let length_at = buf.len();
+    buf.push(0);
     write(buf);
-    let len = buf.len() - start;
-    let mut header = Vec::with_capacity(6);
-    tag(&mut header, field, LEN);
-    varint(&mut header, len as u64);
-    buf.splice(start..start, header);
+    let len = buf.len() - length_at - 1;
+    if len < 0x80 {
+        buf[length_at] = len as u8;
+        return;
+    }
+    let (length, n) = varint_bytes(len as u64);
+    buf.resize(buf.len() + n - 1, 0);
+    buf.copy_within(length_at + 1..length_at + 1 + len, length_at + n);
+    buf[length_at..length_at + n].copy_from_slice(&length[..n]);
 }
 
 fn nanos(time: SystemTime) -> u64 {
@@ -453,7 +470,8 @@ mod tests {
                 KeyValue::new("host.cores", 2_i64),
             ])
             .build();
-        let mut exporter = ProtobufSpanExporter::from_env("http://127.0.0.1:1/v1/traces".into());
+        let mut exporter =
+            ProtobufSpanExporter::from_env("http://127.0.0.1:1/v1/traces".into()).expect("client");
         exporter.set_resource(&resource);
         let spans = spans(&scope);
 

@@ -2,7 +2,8 @@
 //! Traces are exported over OTLP/HTTP when an endpoint is configured
 //! (`telemetry.otlp_endpoint`, or the standard `OTEL_EXPORTER_OTLP_ENDPOINT` /
 //! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`); the batch exporter runs on its own
-//! thread, so an unreachable collector never slows a request.
+//! thread, so an unreachable collector never slows a request. `http/protobuf`
+//! goes through [`crate::otlp`], `http/json` through `opentelemetry-otlp`.
 //!
 //! Trace context follows a request everywhere: from the client's `traceparent`
 //! header, into the queue message headers (Kafka included), to the worker and
@@ -97,7 +98,29 @@ fn tracer_provider(config: &TelemetryConfig) -> Option<SdkTracerProvider> {
     let builder = SdkTracerProvider::builder()
         .with_resource(resource.build())
         .with_sampler(Sampler::AlwaysOn);
-    let provider = if config.json {
+    let protocol = [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ]
+    .iter()
+    .find_map(|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty()));
+    let json = match protocol.as_deref().map(str::trim) {
+        None => config.json,
+        Some("http/json") => true,
+        Some("http/protobuf") => false,
+        Some(other) => {
+            eprintln!(
+                "sluice: OTLP protocol {other:?} is not supported (http/protobuf or http/json); using {}",
+                if config.json {
+                    "http/json"
+                } else {
+                    "http/protobuf"
+                }
+            );
+            config.json
+        }
+    };
+    let provider = if json {
         use opentelemetry_otlp::{Protocol, WithExportConfig};
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
@@ -112,9 +135,13 @@ fn tracer_provider(config: &TelemetryConfig) -> Option<SdkTracerProvider> {
             }
         }
     } else {
-        builder
-            .with_batch_exporter(crate::otlp::ProtobufSpanExporter::from_env(endpoint))
-            .build()
+        match crate::otlp::ProtobufSpanExporter::from_env(endpoint) {
+            Ok(exporter) => builder.with_batch_exporter(exporter).build(),
+            Err(err) => {
+                eprintln!("sluice: cannot set up the OTLP trace exporter ({err}); traces are off");
+                return None;
+            }
+        }
     };
     let _ = HEAD_SAMPLER.set(HeadSampler::from_env(config.sample_ratio));
     Some(provider)
