@@ -313,6 +313,37 @@ mod tests {
     }
 
     #[test]
+    fn a_line_inside_a_stage_span_reports_the_request_span() {
+        use tracing_subscriber::Layer as _;
+        let captured = Captured::default();
+        let writer = captured.clone();
+        // As `telemetry::init` sets up the log layer.
+        let filter = tracing_subscriber::EnvFilter::new("info").add_directive(
+            format!("{}=off", crate::telemetry::STAGE_TARGET)
+                .parse()
+                .unwrap(),
+        );
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .event_format(JsonLines)
+                .fmt_fields(JsonSpanFields)
+                .with_writer(move || writer.clone())
+                .with_filter(filter),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            let request = tracing::info_span!("request", request_id = "req-7");
+            let _in_request = request.enter();
+            let stage = crate::stage_span!(true, "cache.lookup", result = "hit");
+            let _in_stage = stage.enter();
+            tracing::warn!("inside a stage");
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(line["span"]["name"], "request");
+        assert_eq!(line["span"]["request_id"], "req-7");
+    }
+
+    #[test]
     fn timestamps_are_rfc3339_with_microseconds() {
         let stamp = |nanos: u64| {
             let mut line = Vec::new();

@@ -122,25 +122,22 @@ fn tracer_provider(config: &TelemetryConfig) -> Option<SdkTracerProvider> {
     };
     let provider = if json {
         use opentelemetry_otlp::{Protocol, WithExportConfig};
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
+        opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_protocol(Protocol::HttpJson)
             .with_endpoint(endpoint)
-            .build();
-        match exporter {
-            Ok(exporter) => builder.with_batch_exporter(exporter).build(),
-            Err(err) => {
-                eprintln!("sluice: cannot set up the OTLP trace exporter ({err}); traces are off");
-                return None;
-            }
-        }
+            .build()
+            .map(|exporter| builder.with_batch_exporter(exporter).build())
+            .map_err(|err| err.to_string())
     } else {
-        match crate::otlp::ProtobufSpanExporter::from_env(endpoint) {
-            Ok(exporter) => builder.with_batch_exporter(exporter).build(),
-            Err(err) => {
-                eprintln!("sluice: cannot set up the OTLP trace exporter ({err}); traces are off");
-                return None;
-            }
+        crate::otlp::ProtobufSpanExporter::from_env(endpoint)
+            .map(|exporter| builder.with_batch_exporter(exporter).build())
+    };
+    let provider = match provider {
+        Ok(provider) => provider,
+        Err(err) => {
+            eprintln!("sluice: cannot set up the OTLP trace exporter ({err}); traces are off");
+            return None;
         }
     };
     let _ = HEAD_SAMPLER.set(HeadSampler::from_env(config.sample_ratio));
