@@ -314,21 +314,22 @@ mod tests {
 
     #[test]
     fn a_line_inside_a_stage_span_reports_the_request_span() {
+        // A plain level (a `Targets` filter) and a span directive (`EnvFilter`).
+        for spec in ["info", "info,[other]=debug"] {
+            line_inside_a_stage_span(spec);
+        }
+    }
+
+    fn line_inside_a_stage_span(spec: &str) {
         use tracing_subscriber::Layer as _;
         let captured = Captured::default();
         let writer = captured.clone();
-        // As `telemetry::init` sets up the log layer.
-        let filter = tracing_subscriber::EnvFilter::new("info").add_directive(
-            format!("{}=off", crate::telemetry::STAGE_TARGET)
-                .parse()
-                .unwrap(),
-        );
         let subscriber = tracing_subscriber::registry().with(
             tracing_subscriber::fmt::layer()
                 .event_format(JsonLines)
                 .fmt_fields(JsonSpanFields)
                 .with_writer(move || writer.clone())
-                .with_filter(filter),
+                .with_filter(crate::telemetry::log_filter(spec)),
         );
         tracing::subscriber::with_default(subscriber, || {
             let request = tracing::info_span!("request", request_id = "req-7");
@@ -339,8 +340,8 @@ mod tests {
         });
         let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
         let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
-        assert_eq!(line["span"]["name"], "request");
-        assert_eq!(line["span"]["request_id"], "req-7");
+        assert_eq!(line["span"]["name"], "request", "{spec}");
+        assert_eq!(line["span"]["request_id"], "req-7", "{spec}");
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! and workers follow it.
 
 use std::collections::HashMap;
+use std::str::FromStr;
 use std::sync::OnceLock;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
@@ -25,9 +26,12 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing::Level;
+use tracing::level_filters::LevelFilter;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::{FilterExt, filter_fn};
+use tracing_subscriber::filter::{Directive, Targets, filter_fn};
+use tracing_subscriber::layer::Filter;
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
@@ -355,21 +359,16 @@ macro_rules! stage_span {
 /// `RUST_LOG`, when set, overrides `log.level` for logs; traces always get
 /// sluice's spans at info level.
 pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Telemetry {
-    let filter = std::env::var("RUST_LOG")
+    let spec = std::env::var("RUST_LOG")
         .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(&log.level));
+        .filter(|f| EnvFilter::try_new(f).is_ok())
+        .unwrap_or_else(|| log.level.clone());
     // Lines are written by a thread of their own, so a slow stderr never
     // stalls a request; under a flood, lines are dropped rather than queued without bound.
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(64 * 1024)
         .finish(std::io::stderr());
-    let filter = filter.add_directive(
-        format!("{STAGE_TARGET}=off")
-            .parse()
-            .expect("a valid directive"),
-    );
     let fmt = match log.format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .event_format(crate::log_format::JsonLines)
@@ -386,7 +385,16 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Telemetry {
         // from spans explicitly): each costs clock reads, allocations or
         // export bytes on every span. Log events join a trace only from
         // `warn` up; the request's info line repeats its root span's attributes.
-        let spans_and_warnings = filter_fn(|meta| meta.is_span() || *meta.level() <= Level::WARN);
+        // A filter decided per callsite, once: `EnvFilter` would take a lock
+        // on every span's creation, entry, exit and close.
+        let traced = filter_fn(|meta| {
+            let target = meta.target();
+            if meta.is_span() && target.starts_with("sluice") {
+                target != "sluice::unsampled" && *meta.level() <= Level::INFO
+            } else {
+                target != "sluice::unsampled" && *meta.level() <= Level::WARN
+            }
+        });
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("sluice"))
             .with_tracked_inactivity(false)
@@ -394,18 +402,37 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Telemetry {
             .with_location(false)
             .with_target(false)
             .with_context_activation(false)
-            .with_filter(
-                EnvFilter::new("sluice=info,sluice::unsampled=off,warn").and(spans_and_warnings),
-            )
+            .with_filter(traced)
     });
     let _ = tracing_subscriber::registry()
-        .with(fmt.with_filter(filter))
+        .with(fmt.with_filter(log_filter(&spec)))
         .with(otel)
         .try_init();
     Telemetry {
         provider,
         _log_writer: Some(guard),
     }
+}
+
+/// What the log layer shows: `spec` (`log.level` or `RUST_LOG`), never stage
+/// spans. Plain `target=level` lists become a `Targets` filter, decided once
+/// per callsite; directives on spans or fields need an `EnvFilter`, which
+/// takes a lock on every span's creation, entry, exit and close.
+pub(crate) fn log_filter<S>(spec: &str) -> Box<dyn Filter<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    if !spec.contains('[')
+        && let Ok(targets) = spec.parse::<Targets>()
+    {
+        return Box::new(targets.with_target(STAGE_TARGET, LevelFilter::OFF));
+    }
+    let stage_off = Directive::from_str(&format!("{STAGE_TARGET}=off"));
+    let filter = EnvFilter::new(spec);
+    Box::new(match stage_off {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    })
 }
 
 struct PairsExtractor<'a>(&'a [(String, String)]);
