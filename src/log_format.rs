@@ -272,17 +272,27 @@ mod tests {
         }
     }
 
-    #[test]
-    fn lines_are_json_with_the_span_fields() {
+    /// The JSON lines `emit` logs, through the log layer `telemetry::init`
+    /// sets up with `log.level = spec`.
+    fn logged(spec: &str, emit: impl FnOnce()) -> String {
+        use tracing_subscriber::Layer as _;
         let captured = Captured::default();
         let writer = captured.clone();
         let subscriber = tracing_subscriber::registry().with(
             tracing_subscriber::fmt::layer()
                 .event_format(JsonLines)
                 .fmt_fields(JsonSpanFields)
-                .with_writer(move || writer.clone()),
+                .with_writer(move || writer.clone())
+                .with_filter(crate::telemetry::log_filter(spec)),
         );
-        tracing::subscriber::with_default(subscriber, || {
+        tracing::subscriber::with_default(subscriber, emit);
+        let text = captured.0.lock().unwrap().clone();
+        String::from_utf8(text).unwrap()
+    }
+
+    #[test]
+    fn lines_are_json_with_the_span_fields() {
+        let text = logged("trace", || {
             let span =
                 tracing::info_span!("request", request_id = "req-1", key = tracing::field::Empty);
             span.record("key", "k\"1");
@@ -290,7 +300,6 @@ mod tests {
             tracing::info!(status = 200u16, ttft_ms = 1.5, ok = true, key = "a \"quoted\"\nkey", shown = %"tab\there \u{1}\\", "request finished");
             tracing::warn!(parent: None, nan = f64::NAN, "outside");
         });
-        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
@@ -321,24 +330,13 @@ mod tests {
     }
 
     fn line_inside_a_stage_span(spec: &str) {
-        use tracing_subscriber::Layer as _;
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::registry().with(
-            tracing_subscriber::fmt::layer()
-                .event_format(JsonLines)
-                .fmt_fields(JsonSpanFields)
-                .with_writer(move || writer.clone())
-                .with_filter(crate::telemetry::log_filter(spec)),
-        );
-        tracing::subscriber::with_default(subscriber, || {
+        let text = logged(spec, || {
             let request = tracing::info_span!("request", request_id = "req-7");
             let _in_request = request.enter();
             let stage = crate::stage_span!(true, "cache.lookup", result = "hit");
             let _in_stage = stage.enter();
             tracing::warn!("inside a stage");
         });
-        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
         let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
         assert_eq!(line["span"]["name"], "request", "{spec}");
         assert_eq!(line["span"]["request_id"], "req-7", "{spec}");

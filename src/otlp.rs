@@ -34,16 +34,10 @@ impl ProtobufSpanExporter {
     /// An exporter for `endpoint` (the full `/v1/traces` URL) with the
     /// `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS` and `..._TIMEOUT` variables applied.
     pub fn from_env(endpoint: String) -> Result<Self, String> {
-        let var = |name: &str| {
-            std::env::var(format!("OTEL_EXPORTER_OTLP_TRACES_{name}"))
-                .or_else(|_| std::env::var(format!("OTEL_EXPORTER_OTLP_{name}")))
-                .ok()
-                .filter(|v| !v.trim().is_empty())
-        };
-        let timeout = var("TIMEOUT")
+        let timeout = otlp_env("TIMEOUT")
             .and_then(|ms| ms.trim().parse::<u64>().ok())
             .map_or(Duration::from_secs(10), Duration::from_millis);
-        Self::new(endpoint, var("HEADERS").as_deref(), timeout)
+        Self::new(endpoint, otlp_env("HEADERS").as_deref(), timeout)
     }
 
     /// An exporter for `endpoint` sending `headers` (in the
@@ -87,6 +81,17 @@ impl ProtobufSpanExporter {
             resource: EncodedResource::default(),
         })
     }
+}
+
+/// The OTLP exporter setting `name` (`ENDPOINT`, `PROTOCOL`, ...) from the
+/// environment: `OTEL_EXPORTER_OTLP_TRACES_{name}`, else `OTEL_EXPORTER_OTLP_{name}`.
+pub fn otlp_env(name: &str) -> Option<String> {
+    [
+        format!("OTEL_EXPORTER_OTLP_TRACES_{name}"),
+        format!("OTEL_EXPORTER_OTLP_{name}"),
+    ]
+    .iter()
+    .find_map(|var| std::env::var(var).ok().filter(|v| !v.trim().is_empty()))
 }
 
 /// `OTEL_EXPORTER_OTLP_HEADERS`: `key=value` pairs separated by commas, values percent-encoded.
@@ -181,12 +186,22 @@ fn tag(buf: &mut Vec<u8>, field: u32, wire_type: u32) {
     varint(buf, u64::from(field << 3 | wire_type));
 }
 
+/// A length-delimited field, written even when empty.
+fn len_field(buf: &mut Vec<u8>, field: u32, bytes: &[u8]) {
+    tag(buf, field, LEN);
+    varint(buf, bytes.len() as u64);
+    buf.extend_from_slice(bytes);
+}
+
 fn bytes_field(buf: &mut Vec<u8>, field: u32, bytes: &[u8]) {
     if !bytes.is_empty() {
-        tag(buf, field, LEN);
-        varint(buf, bytes.len() as u64);
-        buf.extend_from_slice(bytes);
+        len_field(buf, field, bytes);
     }
+}
+
+fn fixed32_field(buf: &mut Vec<u8>, field: u32, value: u32) {
+    tag(buf, field, FIXED32);
+    buf.extend_from_slice(&value.to_le_bytes());
 }
 
 fn str_field(buf: &mut Vec<u8>, field: u32, text: &str) {
@@ -248,12 +263,8 @@ fn any_value(buf: &mut Vec<u8>, value: &Value) {
             tag(buf, 4, FIXED64);
             buf.extend_from_slice(&v.to_bits().to_le_bytes());
         }
-        Value::String(v) => {
-            // Present even when empty: the oneof says which kind of value it is.
-            tag(buf, 1, LEN);
-            varint(buf, v.as_str().len() as u64);
-            buf.extend_from_slice(v.as_str().as_bytes());
-        }
+        // Present even when empty: the oneof says which kind of value it is.
+        Value::String(v) => len_field(buf, 1, v.as_str().as_bytes()),
         Value::Array(array) => message(buf, 5, |buf| match array {
             Array::Bool(values) => values
                 .iter()
@@ -266,7 +277,7 @@ fn any_value(buf: &mut Vec<u8>, value: &Value) {
                 .for_each(|v| message(buf, 1, |buf| any_value(buf, &Value::F64(*v)))),
             Array::String(values) => values
                 .iter()
-                .for_each(|v| message(buf, 1, |buf| any_value(buf, &Value::String(v.clone())))),
+                .for_each(|v| message(buf, 1, |buf| len_field(buf, 1, v.as_str().as_bytes()))),
             other => message(buf, 1, |buf| str_field(buf, 1, &other.to_string())),
         }),
         other => str_field(buf, 1, &other.to_string()),
@@ -332,8 +343,7 @@ fn span(buf: &mut Vec<u8>, span: &SpanData) {
             attributes(buf, 4, &link.attributes);
             varint_field(buf, 5, u64::from(link.dropped_attributes_count));
             let flags = span_flags(context.is_remote(), context.trace_flags().to_u8());
-            tag(buf, 6, FIXED32);
-            buf.extend_from_slice(&flags.to_le_bytes());
+            fixed32_field(buf, 6, flags);
         });
     }
     varint_field(buf, 14, u64::from(span.links.dropped_count));
@@ -347,8 +357,7 @@ fn span(buf: &mut Vec<u8>, span: &SpanData) {
         varint_field(buf, 3, code);
     });
     let flags = span_flags(span.parent_span_is_remote, context.trace_flags().to_u8());
-    tag(buf, 16, FIXED32);
-    buf.extend_from_slice(&flags.to_le_bytes());
+    fixed32_field(buf, 16, flags);
 }
 
 /// An `InstrumentationScope` message's fields.

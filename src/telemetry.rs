@@ -72,11 +72,6 @@ fn tracer_provider(config: &TelemetryConfig) -> Option<SdkTracerProvider> {
     if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true")) {
         return None;
     }
-    let from_env =
-        env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
-    if config.otlp_endpoint.is_none() && !from_env {
-        return None;
-    }
     let with_traces_path = |endpoint: &str| {
         let endpoint = endpoint.trim_end_matches('/');
         if endpoint.ends_with("/v1/traces") {
@@ -85,14 +80,13 @@ fn tracer_provider(config: &TelemetryConfig) -> Option<SdkTracerProvider> {
             format!("{endpoint}/v1/traces")
         }
     };
-    // The standard variables win over the config file.
-    let endpoint = match (
-        std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").ok(),
-        std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok(),
-    ) {
-        (Some(traces), _) if !traces.is_empty() => traces,
-        (_, Some(base)) if !base.is_empty() => with_traces_path(&base),
-        _ => with_traces_path(config.otlp_endpoint.as_deref().unwrap_or_default()),
+    // The standard variables win over the config file; with neither, no export.
+    let endpoint = match std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        Ok(traces) if !traces.trim().is_empty() => traces,
+        _ => match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+            Ok(base) if !base.trim().is_empty() => with_traces_path(&base),
+            _ => with_traces_path(config.otlp_endpoint.as_deref()?),
+        },
     };
     let mut resource = opentelemetry_sdk::Resource::builder();
     if !env_set("OTEL_SERVICE_NAME") {
@@ -102,12 +96,7 @@ fn tracer_provider(config: &TelemetryConfig) -> Option<SdkTracerProvider> {
     let builder = SdkTracerProvider::builder()
         .with_resource(resource.build())
         .with_sampler(Sampler::AlwaysOn);
-    let protocol = [
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-        "OTEL_EXPORTER_OTLP_PROTOCOL",
-    ]
-    .iter()
-    .find_map(|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty()));
+    let protocol = crate::otlp::otlp_env("PROTOCOL");
     let json = match protocol.as_deref().map(str::trim) {
         None => config.json,
         Some("http/json") => true,
@@ -267,7 +256,7 @@ impl RequestTrace {
                 request_id,
             )
         } else {
-            tracing::info_span!(target: "sluice::unsampled", "request", request_id)
+            tracing::info_span!(target: UNSAMPLED_TARGET, "request", request_id)
         };
         Self::new(span, sampled, parent.as_ref(), incoming)
     }
@@ -280,7 +269,7 @@ impl RequestTrace {
         let span = if sampled {
             tracing::info_span!("worker.upstream", otel.kind = "consumer", request_id,)
         } else {
-            tracing::info_span!(target: "sluice::unsampled", "worker.upstream", request_id)
+            tracing::info_span!(target: UNSAMPLED_TARGET, "worker.upstream", request_id)
         };
         Self::new(span, sampled, parent.as_ref(), incoming)
     }
@@ -337,6 +326,9 @@ fn not_sampled(
     pairs
 }
 
+/// The target of an unsampled request's root span: seen by the log layer only.
+const UNSAMPLED_TARGET: &str = "sluice::unsampled";
+
 /// The target of stage spans. Only traces see them: a log line inside a stage
 /// reports the request's root span (and its `request_id`), and the log layer
 /// does not format the fields of spans it never prints.
@@ -389,11 +381,12 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Telemetry {
         // on every span's creation, entry, exit and close.
         let traced = filter_fn(|meta| {
             let target = meta.target();
-            if meta.is_span() && target.starts_with("sluice") {
-                target != "sluice::unsampled" && *meta.level() <= Level::INFO
+            let least = if meta.is_span() && target.starts_with("sluice") {
+                Level::INFO
             } else {
-                target != "sluice::unsampled" && *meta.level() <= Level::WARN
-            }
+                Level::WARN
+            };
+            target != UNSAMPLED_TARGET && *meta.level() <= least
         });
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("sluice"))
