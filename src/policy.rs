@@ -141,11 +141,11 @@ struct ChoiceOutput<'t> {
 /// The chunk to send for `chunk` after filtering: the chunk itself when no
 /// filter changed it (not re-serialised), nothing when all its text is held,
 /// else a rebuilt chunk.
-fn assemble(chunk: &Chunk, view: &ChunkView<'_>, outputs: Vec<ChoiceOutput<'_>>) -> Filtered {
+fn assemble(chunk: &Chunk, view: &ChunkView<'_>, outputs: &[ChoiceOutput<'_>]) -> Filtered {
     let changed = view
         .choices
         .iter()
-        .zip(&outputs)
+        .zip(outputs)
         .any(|(choice, out)| out.stop || out.text != choice.text);
     if !changed {
         return Filtered::Chunk(chunk.clone());
@@ -157,7 +157,7 @@ fn assemble(chunk: &Chunk, view: &ChunkView<'_>, outputs: Vec<ChoiceOutput<'_>>)
         return Filtered::Skip;
     }
     // The common case (one choice, new text): splice the text in place.
-    if let ([choice], [out]) = (&view.choices[..], &outputs[..])
+    if let ([choice], [out]) = (&view.choices[..], outputs)
         && !out.stop
         && let Some(payload) = splice_text(chunk.payload_slice(), &choice.text, &out.text)
     {
@@ -170,7 +170,7 @@ fn assemble(chunk: &Chunk, view: &ChunkView<'_>, outputs: Vec<ChoiceOutput<'_>>)
     if let Some(Value::Array(choices)) = body.get_mut("choices") {
         for (choice, out) in choices.iter_mut().zip(outputs) {
             if let Value::Object(choice) = choice {
-                choice.insert("text".into(), Value::String(out.text.into_owned()));
+                choice.insert("text".into(), Value::String(out.text.to_string()));
                 if out.stop {
                     choice.insert("finish_reason".into(), Value::from("stop"));
                 }
@@ -189,20 +189,27 @@ fn assemble(chunk: &Chunk, view: &ChunkView<'_>, outputs: Vec<ChoiceOutput<'_>>)
 /// the bytes untouched (no parse into a tree and re-serialisation). `None`
 /// when the text is not where expected (it is then rebuilt the slow way).
 fn splice_text(payload: &[u8], old: &str, new: &str) -> Option<Vec<u8>> {
-    fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-        haystack.windows(needle.len()).position(|w| w == needle)
-    }
+    use memchr::memmem::find;
     const KEY: &[u8] = b"\"text\":";
     let choices = find(payload, b"\"choices\":")?;
     // An unescaped `"text":` can only be a key; the choice's own comes before
     // its logprobs. Checked below anyway: it must hold exactly `old`.
     let value = choices + find(&payload[choices..], KEY)? + KEY.len();
-    let mut strings = serde_json::Deserializer::from_slice(&payload[value..]).into_iter::<String>();
-    let current = strings.next()?.ok()?;
-    if current != old {
+    let rest = &payload[value..];
+    // Borrowed when the text has no escapes (the usual case), else decoded.
+    let mut borrowed = serde_json::Deserializer::from_slice(rest).into_iter::<&str>();
+    let (current_is_old, len) = match borrowed.next()? {
+        Ok(current) => (current == old, borrowed.byte_offset()),
+        Err(_) => {
+            let mut decoded = serde_json::Deserializer::from_slice(rest).into_iter::<String>();
+            let current = decoded.next()?.ok()?;
+            (current == old, decoded.byte_offset())
+        }
+    };
+    if !current_is_old {
         return None;
     }
-    let end = value + strings.byte_offset();
+    let end = value + len;
     let mut out = Vec::with_capacity(payload.len() + new.len() + 8);
     out.extend_from_slice(&payload[..value]);
     serde_json::to_writer(&mut out, new).ok()?;
@@ -282,7 +289,7 @@ impl FilterChain {
                 stop,
             });
         }
-        Ok(assemble(&chunk, &view, outputs))
+        Ok(assemble(&chunk, &view, &outputs))
     }
 
     /// Filters consecutive chunks known at once (a cached answer), giving each
@@ -414,7 +421,7 @@ impl FilterChain {
                 finishing: finishing[i],
                 stop,
             };
-            results.push(assemble(chunk, view, vec![output]));
+            results.push(assemble(chunk, view, std::slice::from_ref(&output)));
         }
         Ok(results)
     }
@@ -687,6 +694,12 @@ mod tests {
             r#"{"id":"cmpl-\"text\":x","choices":[{"index":0,"text":"new é \"text\"","logprobs":{"top_logprobs":[{"text":-1.0}]},"finish_reason":null}],"usage":null}"#
         );
         assert_eq!(splice_text(payload, "something else", "x"), None);
+        let plain = br#"{"choices":[{"index":0,"text":" and","finish_reason":null}]}"#;
+        assert_eq!(
+            splice_text(plain, " and", " an").as_deref(),
+            Some(&br#"{"choices":[{"index":0,"text":" an","finish_reason":null}]}"#[..])
+        );
+        assert_eq!(splice_text(plain, " an", "x"), None);
         assert_eq!(splice_text(br#"{"choices":[]}"#, "", "x"), None);
     }
 }

@@ -14,7 +14,6 @@ pub mod bindings;
 mod runtime;
 mod watch;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -187,20 +186,8 @@ impl PluginHost {
         }
     }
 
-    fn observe(
-        &self,
-        plugin: &LoadedPlugin,
-        hook: &'static str,
-        started: Instant,
-        failure: Option<&PluginFailure>,
-    ) {
-        let labels = [&*plugin.name, hook];
-        self.metrics.plugin_calls.with_label_values(&labels).inc();
-        self.metrics
-            .plugin_call_duration
-            .with_label_values(&labels)
-            .observe(started.elapsed().as_secs_f64());
-        count_failure(&self.metrics, &labels, failure);
+    fn metrics_of<'p>(&self, plugin: &'p LoadedPlugin) -> &'p PluginMetrics {
+        PluginMetrics::of(plugin, &self.metrics)
     }
 
     /// One request-hook call on a pooled instance: check one out, arm its
@@ -209,7 +196,7 @@ impl PluginHost {
     async fn pooled_call<T>(
         &self,
         plugin: &LoadedPlugin,
-        hook: &'static str,
+        metrics: &HookMetrics,
         span_name: &'static str,
         ctx: &RequestContext,
         call: impl AsyncFnOnce(&mut runtime::Live) -> Result<T, PluginFailure>,
@@ -229,7 +216,7 @@ impl PluginHost {
             plugin = %plugin.name
         ))
         .await;
-        self.observe(plugin, hook, started, result.as_ref().err());
+        metrics.observe(started, result.as_ref().err());
         result
     }
 
@@ -266,12 +253,57 @@ pub async fn load(
     compiled.validate(runtime).await
 }
 
-/// Counts a failed call as a timeout or a trap (invalid results count as traps).
-fn count_failure(metrics: &Metrics, labels: &[&str; 2], failure: Option<&PluginFailure>) {
-    match failure {
-        Some(f) if f.is_timeout() => metrics.plugin_timeouts.with_label_values(labels).inc(),
-        Some(_) => metrics.plugin_traps.with_label_values(labels).inc(),
-        None => {}
+/// One plugin's metrics for one hook.
+pub struct HookMetrics {
+    calls: prometheus::IntCounter,
+    latency: prometheus::Histogram,
+    traps: prometheus::IntCounter,
+    timeouts: prometheus::IntCounter,
+}
+
+impl HookMetrics {
+    fn new(metrics: &Metrics, plugin: &str, hook: &str) -> Self {
+        let labels = [plugin, hook];
+        Self {
+            calls: metrics.plugin_calls.with_label_values(&labels),
+            latency: metrics.plugin_call_duration.with_label_values(&labels),
+            traps: metrics.plugin_traps.with_label_values(&labels),
+            timeouts: metrics.plugin_timeouts.with_label_values(&labels),
+        }
+    }
+
+    /// Counts a call, its latency, and a failure as a timeout or a trap
+    /// (invalid results count as traps).
+    fn observe(&self, started: Instant, failure: Option<&PluginFailure>) {
+        self.calls.inc();
+        self.latency.observe(started.elapsed().as_secs_f64());
+        match failure {
+            Some(f) if f.is_timeout() => self.timeouts.inc(),
+            Some(_) => self.traps.inc(),
+            None => {}
+        }
+    }
+}
+
+/// A plugin's metric handles per hook, resolved once: looking a labelled
+/// series up hashes its labels and takes a lock.
+pub struct PluginMetrics {
+    on_request: HookMetrics,
+    cache_key: HookMetrics,
+    on_token: HookMetrics,
+}
+
+impl PluginMetrics {
+    /// The plugin's handles, resolved on first use for each loaded version.
+    fn of<'p>(plugin: &'p LoadedPlugin, metrics: &Metrics) -> &'p Self {
+        plugin.metrics.get_or_init(|| {
+            let name = &*plugin.name;
+            Self {
+                on_request: HookMetrics::new(metrics, name, "on-request"),
+                cache_key: HookMetrics::new(metrics, name, "cache-key"),
+                on_token: HookMetrics::new(metrics, name, "on-token"),
+            }
+        })
     }
 }
 
@@ -338,6 +370,12 @@ fn apply(
     Ok(())
 }
 
+/// A hook the chain selected the plugin for is missing from its instance
+/// (cannot happen: the exports are checked at load).
+fn no_hook() -> PluginFailure {
+    PluginFailure::Invalid("the instance lacks the hook".into())
+}
+
 fn checked_text(text: String) -> Result<String, PluginFailure> {
     if text.len() > MAX_PLUGIN_TEXT {
         return Err(PluginFailure::Invalid(format!(
@@ -356,39 +394,38 @@ impl Policy for PluginHost {
         request: &mut CompletionRequest,
     ) -> Result<(), GatewayError> {
         let chain = self.chain();
-        let wit_ctx = wit_context(ctx);
-        let hooked = chain
+        // Collected: the async-trait future must not hold these closures across awaits.
+        let hooked: Vec<_> = chain
             .plugins
             .iter()
-            .filter(|p| p.applies_to(&ctx.identity.key_name));
-        for (plugin, indices) in hooked.filter_map(|p| Some((p, p.exports.request.as_ref()?))) {
-            let wit_req = wit_request(request);
+            .filter(|p| p.exports.request.is_some() && p.applies_to(&ctx.identity.key_name))
+            .collect();
+        if hooked.is_empty() {
+            return Ok(());
+        }
+        let wit_ctx = wit_context(ctx);
+        // Rebuilt only after a plugin changed the request.
+        let mut wit_req = wit_request(request);
+        for plugin in hooked {
+            let metrics = &self.metrics_of(plugin).on_request;
             let result = self
-                .pooled_call(
-                    plugin,
-                    "on-request",
-                    "plugin.on_request",
-                    ctx,
-                    async |live| {
-                        let guest = indices
-                            .load(&mut live.store, &live.instance)
-                            .map_err(PluginFailure::from_wasmtime)?;
-                        guest
-                            .call_on_request(&mut live.store, &wit_ctx, &wit_req)
-                            .await
-                            .map_err(PluginFailure::from_wasmtime)
-                    },
-                )
+                .pooled_call(plugin, metrics, "plugin.on_request", ctx, async |live| {
+                    let guest = live.guests.request.as_ref().ok_or_else(no_hook)?;
+                    guest
+                        .call_on_request(&mut live.store, &wit_ctx, &wit_req)
+                        .await
+                        .map_err(PluginFailure::from_wasmtime)
+                })
                 .await;
             match result {
                 Ok(RequestDecision::Proceed) => {}
                 Ok(RequestDecision::Modify(modified)) => {
-                    if let Err(failure) = apply(request, modified, self.max_body_bytes) {
-                        self.metrics
-                            .plugin_traps
-                            .with_label_values(&[&*plugin.name, "on-request"])
-                            .inc();
-                        Self::on_failure(plugin, "on-request", &ctx.request_id, failure)?;
+                    match apply(request, modified, self.max_body_bytes) {
+                        Ok(()) => wit_req = wit_request(request),
+                        Err(failure) => {
+                            metrics.traps.inc();
+                            Self::on_failure(plugin, "on-request", &ctx.request_id, failure)?;
+                        }
                     }
                 }
                 Ok(RequestDecision::Reject(rejection)) => {
@@ -400,10 +437,7 @@ impl Policy for PluginHost {
                             });
                         }
                         _ => {
-                            self.metrics
-                                .plugin_traps
-                                .with_label_values(&[&*plugin.name, "on-request"])
-                                .inc();
+                            metrics.traps.inc();
                             let failure = PluginFailure::Invalid(format!(
                                 "rejected with status {}, not 400..599",
                                 rejection.status
@@ -430,20 +464,18 @@ impl Policy for PluginHost {
         let hooked: Vec<_> = chain
             .plugins
             .iter()
-            .filter(|p| p.applies_to(&ctx.identity.key_name))
-            .filter_map(|p| Some((p, p.exports.cache_key.as_ref()?)))
+            .filter(|p| p.exports.cache_key.is_some() && p.applies_to(&ctx.identity.key_name))
             .collect();
         if hooked.is_empty() {
             return Ok(KeyDecision::Key(key));
         }
         let wit_ctx = wit_context(ctx);
         let wit_req = wit_request(request);
-        for (plugin, indices) in hooked {
+        for plugin in hooked {
+            let metrics = &self.metrics_of(plugin).cache_key;
             let result = self
-                .pooled_call(plugin, "cache-key", "plugin.cache_key", ctx, async |live| {
-                    let guest = indices
-                        .load(&mut live.store, &live.instance)
-                        .map_err(PluginFailure::from_wasmtime)?;
+                .pooled_call(plugin, metrics, "plugin.cache_key", ctx, async |live| {
+                    let guest = live.guests.cache_key.as_ref().ok_or_else(no_hook)?;
                     let decision = guest
                         .call_cache_key(&mut live.store, &wit_ctx, &wit_req, &key)
                         .await
@@ -485,12 +517,6 @@ impl Policy for PluginHost {
     }
 }
 
-/// A token plugin's exported functions on one instance.
-struct TokenGuest {
-    single: bindings::token_hook::Guest,
-    batch: Option<bindings::token_batch_hook::Guest>,
-}
-
 /// A token action from a plugin, checked.
 fn token_action(action: WitAction) -> Result<TokenAction, PluginFailure> {
     Ok(match action {
@@ -503,7 +529,7 @@ fn token_action(action: WitAction) -> Result<TokenAction, PluginFailure> {
 
 /// A stream's instance of one token plugin, per choice.
 enum ChoiceInstance {
-    Live(Box<runtime::Live>, TokenGuest),
+    Live(Box<runtime::Live>),
     /// Failed earlier in this stream (fail-open): text passes through.
     Skipped,
 }
@@ -511,61 +537,47 @@ enum ChoiceInstance {
 struct WasmTokenFilter {
     plugin: Arc<LoadedPlugin>,
     metrics: Arc<Metrics>,
-    /// This plugin's on-token call counter and latency histogram, resolved once per stream.
-    calls: prometheus::IntCounter,
-    latency: prometheus::Histogram,
     request_id: String,
-    choices: HashMap<u32, ChoiceInstance>,
+    /// By choice index: one entry unless the request asked for `n` > 1.
+    choices: Vec<(u32, ChoiceInstance)>,
+    /// The texts of an `on-tokens` call, concatenated, and where each ends
+    /// (kept to reuse their buffers).
+    batch_text: String,
+    batch_ends: Vec<u32>,
     /// One span for this plugin's filtering of the whole stream.
     span: tracing::Span,
 }
 
 impl WasmTokenFilter {
     fn new(plugin: Arc<LoadedPlugin>, metrics: Arc<Metrics>, ctx: &RequestContext) -> Self {
-        let labels = [&*plugin.name, "on-token"];
         Self {
-            calls: metrics.plugin_calls.with_label_values(&labels),
-            latency: metrics.plugin_call_duration.with_label_values(&labels),
             span: crate::stage_span!(ctx.traced, "plugin.on_token", plugin = %plugin.name),
             plugin,
             metrics,
             request_id: ctx.request_id.clone(),
-            choices: HashMap::new(),
+            choices: Vec::new(),
+            batch_text: String::new(),
+            batch_ends: Vec::new(),
         }
     }
 
     fn observe(&self, started: Instant, failure: Option<&PluginFailure>) {
-        self.calls.inc();
-        self.latency.observe(started.elapsed().as_secs_f64());
-        count_failure(&self.metrics, &[&*self.plugin.name, "on-token"], failure);
+        PluginMetrics::of(&self.plugin, &self.metrics)
+            .on_token
+            .observe(started, failure);
     }
 
     async fn instance(&mut self, index: u32) -> Result<&mut ChoiceInstance, PluginFailure> {
-        if !self.choices.contains_key(&index) {
-            let mut live = Box::new(self.plugin.checkout(&self.request_id, true).await?);
-            let indices = self
-                .plugin
-                .exports
-                .token
-                .as_ref()
-                .ok_or_else(|| PluginFailure::Invalid("no token hook".into()))?;
-            let single = indices
-                .load(&mut live.store, &live.instance)
-                .map_err(PluginFailure::from_wasmtime)?;
-            let batch = match &self.plugin.exports.token_batch {
-                Some(indices) => Some(
-                    indices
-                        .load(&mut live.store, &live.instance)
-                        .map_err(PluginFailure::from_wasmtime)?,
-                ),
-                None => None,
-            };
-            self.choices.insert(
-                index,
-                ChoiceInstance::Live(live, TokenGuest { single, batch }),
-            );
-        }
-        Ok(self.choices.get_mut(&index).expect("inserted above"))
+        let found = self.choices.iter().position(|(i, _)| *i == index);
+        let at = match found {
+            Some(at) => at,
+            None => {
+                let live = Box::new(self.plugin.checkout(&self.request_id, true).await?);
+                self.choices.push((index, ChoiceInstance::Live(live)));
+                self.choices.len() - 1
+            }
+        };
+        Ok(&mut self.choices[at].1)
     }
 
     async fn call_on_token(
@@ -575,10 +587,10 @@ impl WasmTokenFilter {
     ) -> Result<Option<TokenAction>, PluginFailure> {
         match self.instance(index).await? {
             ChoiceInstance::Skipped => Ok(None),
-            ChoiceInstance::Live(live, guest) => {
+            ChoiceInstance::Live(live) => {
                 live.arm();
+                let guest = live.guests.token.as_ref().ok_or_else(no_hook)?;
                 let action = guest
-                    .single
                     .call_on_token(&mut live.store, index, text)
                     .await
                     .map_err(PluginFailure::from_wasmtime)?;
@@ -594,18 +606,31 @@ impl WasmTokenFilter {
         index: u32,
         texts: &[&str],
     ) -> Result<Option<Vec<TokenAction>>, PluginFailure> {
-        let ChoiceInstance::Live(live, guest) = self.instance(index).await? else {
+        let (mut text, mut ends) = (
+            std::mem::take(&mut self.batch_text),
+            std::mem::take(&mut self.batch_ends),
+        );
+        text.clear();
+        ends.clear();
+        for piece in texts {
+            text.push_str(piece);
+            ends.push(u32::try_from(text.len()).unwrap_or(u32::MAX));
+        }
+        let result = match self.instance(index).await? {
+            ChoiceInstance::Live(live) if live.guests.token_batch.is_some() => {
+                live.arm_for(u32::try_from(texts.len()).unwrap_or(u32::MAX));
+                let guest = live.guests.token_batch.as_ref().ok_or_else(no_hook)?;
+                guest
+                    .call_on_tokens(&mut live.store, index, &text, &ends)
+                    .await
+                    .map(Some)
+            }
+            _ => Ok(None),
+        };
+        (self.batch_text, self.batch_ends) = (text, ends);
+        let Some(actions) = result.map_err(PluginFailure::from_wasmtime)? else {
             return Ok(None);
         };
-        let Some(batch) = &guest.batch else {
-            return Ok(None);
-        };
-        live.arm_for(u32::try_from(texts.len()).unwrap_or(u32::MAX));
-        let owned: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
-        let actions = batch
-            .call_on_tokens(&mut live.store, index, &owned)
-            .await
-            .map_err(PluginFailure::from_wasmtime)?;
         let ends_in_stop = matches!(actions.last(), Some(WitAction::Stop(_)));
         if actions.len() > texts.len() || (actions.len() < texts.len() && !ends_in_stop) {
             return Err(PluginFailure::Invalid(format!(
@@ -627,7 +652,10 @@ impl WasmTokenFilter {
 
     fn fail(&mut self, index: u32, failure: PluginFailure) -> Result<(), GatewayError> {
         // The trapped instance is dropped here, never reused.
-        self.choices.insert(index, ChoiceInstance::Skipped);
+        match self.choices.iter_mut().find(|(i, _)| *i == index) {
+            Some((_, choice)) => *choice = ChoiceInstance::Skipped,
+            None => self.choices.push((index, ChoiceInstance::Skipped)),
+        }
         PluginHost::on_failure(&self.plugin, "on-token", &self.request_id, failure)
     }
 }
@@ -677,17 +705,22 @@ impl TokenFilter for WasmTokenFilter {
     }
 
     async fn finish(&mut self, index: u32) -> Result<String, GatewayError> {
-        let Some(ChoiceInstance::Live(mut live, guest)) = self.choices.remove(&index) else {
+        let Some(at) = self.choices.iter().position(|(i, _)| *i == index) else {
+            return Ok(String::new());
+        };
+        let ChoiceInstance::Live(mut live) = self.choices.swap_remove(at).1 else {
             return Ok(String::new());
         };
         let started = Instant::now();
         live.arm();
-        let result = guest
-            .single
-            .call_on_end(&mut live.store, index)
-            .await
-            .map_err(PluginFailure::from_wasmtime)
-            .and_then(checked_text);
+        let result = match live.guests.token.as_ref() {
+            Some(guest) => guest
+                .call_on_end(&mut live.store, index)
+                .await
+                .map_err(PluginFailure::from_wasmtime)
+                .and_then(checked_text),
+            None => Err(no_hook()),
+        };
         match result {
             Ok(text) => {
                 self.observe(started, None);

@@ -300,13 +300,24 @@ pub struct LoadedPlugin {
     idle: std::sync::Mutex<Vec<Live>>,
     /// Instances whose stream ended cleanly (`on-end` called), reused by later streams.
     idle_token: std::sync::Mutex<Vec<Live>>,
+    /// This plugin's metric handles, resolved on first use.
+    pub metrics: std::sync::OnceLock<super::PluginMetrics>,
 }
 
-/// A live instance: its store and instance, initialised.
+/// A live instance: its store, and its hook functions, initialised.
 pub struct Live {
     pub store: Store<PluginState>,
-    pub instance: wasmtime::component::Instance,
+    pub guests: Guests,
     timeout: Duration,
+}
+
+/// The hooks of one instance, looked up and type-checked once when it is
+/// created, not on every call.
+pub struct Guests {
+    pub request: Option<request_hook::Guest>,
+    pub cache_key: Option<cache_key_hook::Guest>,
+    pub token: Option<token_hook::Guest>,
+    pub token_batch: Option<token_batch_hook::Guest>,
 }
 
 impl Live {
@@ -353,6 +364,7 @@ impl Compiled {
             engine: runtime.engine.clone(),
             idle: std::sync::Mutex::new(Vec::new()),
             idle_token: std::sync::Mutex::new(Vec::new()),
+            metrics: std::sync::OnceLock::new(),
         };
         plugin
             .instantiate("load-check")
@@ -411,23 +423,29 @@ impl LoadedPlugin {
                 UpdateDeadline::Yield(1)
             })
         });
+        store.data_mut().deadline = Instant::now() + self.config.timeout;
+        store.set_epoch_deadline(1);
+        let instance = self
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(PluginFailure::from_wasmtime)?;
+        let exports = &self.exports;
+        let guests = Guests {
+            request: load_guest(&mut store, &instance, exports.request.as_ref())?,
+            cache_key: load_guest(&mut store, &instance, exports.cache_key.as_ref())?,
+            token: load_guest(&mut store, &instance, exports.token.as_ref())?,
+            token_batch: load_guest(&mut store, &instance, exports.token_batch.as_ref())?,
+        };
+        let lifecycle = exports
+            .lifecycle
+            .load(&mut store, &instance)
+            .map_err(PluginFailure::from_wasmtime)?;
         let mut live = Live {
-            instance: {
-                store.data_mut().deadline = Instant::now() + self.config.timeout;
-                store.set_epoch_deadline(1);
-                self.pre
-                    .instantiate_async(&mut store)
-                    .await
-                    .map_err(PluginFailure::from_wasmtime)?
-            },
             store,
+            guests,
             timeout: self.config.timeout,
         };
-        let lifecycle = self
-            .exports
-            .lifecycle
-            .load(&mut live.store, &live.instance)
-            .map_err(PluginFailure::from_wasmtime)?;
         live.arm();
         lifecycle
             .call_init(&mut live.store, &self.config.config_json)
@@ -436,4 +454,43 @@ impl LoadedPlugin {
             .map_err(PluginFailure::Init)?;
         Ok(live)
     }
+}
+
+/// The generated `GuestIndices` of each hook interface: how to look its
+/// functions up in an instance.
+trait LoadGuest {
+    type Guest;
+    fn load_in(
+        &self,
+        store: &mut Store<PluginState>,
+        instance: &wasmtime::component::Instance,
+    ) -> wasmtime::Result<Self::Guest>;
+}
+
+macro_rules! load_guest_impl {
+    ($($hook:ident),*) => {$(
+        impl LoadGuest for $hook::GuestIndices {
+            type Guest = $hook::Guest;
+            fn load_in(
+                &self,
+                store: &mut Store<PluginState>,
+                instance: &wasmtime::component::Instance,
+            ) -> wasmtime::Result<Self::Guest> {
+                self.load(store, instance)
+            }
+        }
+    )*};
+}
+load_guest_impl!(request_hook, cache_key_hook, token_hook, token_batch_hook);
+
+/// A hook's functions in `instance`, if the component exports the hook.
+fn load_guest<I: LoadGuest>(
+    store: &mut Store<PluginState>,
+    instance: &wasmtime::component::Instance,
+    indices: Option<&I>,
+) -> Result<Option<I::Guest>, PluginFailure> {
+    indices
+        .map(|indices| indices.load_in(store, instance))
+        .transpose()
+        .map_err(PluginFailure::from_wasmtime)
 }

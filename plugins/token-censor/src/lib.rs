@@ -18,13 +18,12 @@ pub struct Config {
 
 /// The censor of one response: the words, and per choice the text held back
 /// because it might be the start of a word.
-#[derive(Default)]
 pub struct Censor {
     words: Vec<String>,
     mask: Option<String>,
-    /// Whether some word starts with this (lower-case ASCII) byte: most
-    /// positions of a text are ruled out with one lookup.
-    starts_word: Vec<bool>,
+    /// Whether some word starts with this byte (in either case, for ASCII):
+    /// most texts and most positions are ruled out with one lookup per byte.
+    starts_word: [bool; 256],
     /// Length of the longest word: only a shorter suffix can start one.
     longest: usize,
     /// Held text per choice (a list: a response has one choice or a few).
@@ -39,6 +38,12 @@ pub enum Action {
     Hold,
 }
 
+impl Default for Censor {
+    fn default() -> Self {
+        Self::new(Config::default())
+    }
+}
+
 impl Censor {
     pub fn new(config: Config) -> Self {
         let words: Vec<String> = config
@@ -47,9 +52,11 @@ impl Censor {
             .filter(|w| !w.is_empty())
             .map(|w| w.to_lowercase())
             .collect();
-        let mut starts_word = vec![false; 256];
+        let mut starts_word = [false; 256];
         for word in &words {
-            starts_word[usize::from(word.as_bytes()[0])] = true;
+            let first = word.as_bytes()[0];
+            starts_word[usize::from(first)] = true;
+            starts_word[usize::from(first.to_ascii_uppercase())] = true;
         }
         Self {
             longest: words.iter().map(String::len).max().unwrap_or(0),
@@ -61,6 +68,9 @@ impl Censor {
     }
 
     fn take_held(&mut self, index: u32) -> String {
+        if self.held.is_empty() {
+            return String::new();
+        }
         match self.held.iter().position(|(i, _)| *i == index) {
             Some(at) => self.held.swap_remove(at).1,
             None => String::new(),
@@ -84,8 +94,9 @@ impl Censor {
     }
 
     /// The word at byte `i` of ASCII `text`, compared without allocating.
+    #[inline]
     fn word_at(&self, text: &[u8], i: usize) -> Option<&str> {
-        if !self.starts_word[usize::from(text[i].to_ascii_lowercase())] {
+        if !self.starts_word[usize::from(text[i])] {
             return None;
         }
         self.words
@@ -163,11 +174,7 @@ impl Censor {
         }
         let window =
             &lower.as_bytes()[lower.len().saturating_sub(self.longest.saturating_sub(1))..];
-        if ascii
-            && !window
-                .iter()
-                .any(|b| self.starts_word[usize::from(b.to_ascii_lowercase())])
-        {
+        if ascii && !window.iter().any(|&b| self.starts_word[usize::from(b)]) {
             return 0;
         }
         let tail_matches = |len: usize, word: &str| {
@@ -197,6 +204,14 @@ impl Censor {
     }
 
     pub fn on_text(&mut self, index: u32, text: &str) -> Action {
+        // The common case, decided in one pass: no byte of an ASCII text can
+        // start a word, so it holds no word and no word's beginning.
+        if self.held.is_empty()
+            && text.is_ascii()
+            && !text.bytes().any(|b| self.starts_word[usize::from(b)])
+        {
+            return Action::Pass;
+        }
         let mut held = self.take_held(index);
         let had_held = !held.is_empty();
         let combined = if had_held {
@@ -206,6 +221,7 @@ impl Censor {
             Cow::Borrowed(text)
         };
         let censored = self.censor(&combined);
+        let unchanged = !had_held && matches!(censored, Cow::Borrowed(_));
         let keep = self.partial_suffix(&censored);
         let (emit, hold) = censored.split_at(censored.len() - keep);
         if !hold.is_empty() {
@@ -213,7 +229,7 @@ impl Censor {
         }
         if emit.is_empty() {
             Action::Hold
-        } else if !had_held && hold.is_empty() && emit == text {
+        } else if unchanged && hold.is_empty() {
             Action::Pass
         } else {
             Action::Replace(emit.to_string())
@@ -223,6 +239,18 @@ impl Censor {
     pub fn on_end(&mut self, index: u32) -> String {
         self.take_held(index)
     }
+}
+
+/// The texts of an `on-tokens` call: `text` cut at the offsets in `ends`
+/// (an offset out of range or off a character boundary gives an empty text).
+pub fn split_texts<'t>(text: &'t str, ends: &'t [u32]) -> impl Iterator<Item = &'t str> + 't {
+    let mut start = 0;
+    ends.iter().map(move |&end| {
+        let end = end as usize;
+        let piece = text.get(start..end).unwrap_or("");
+        start = end;
+        piece
+    })
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -272,11 +300,10 @@ mod component {
 
     impl TokenBatchHook for Plugin {
         // The censor never stops a response, so every text gets an action.
-        fn on_tokens(index: u32, texts: Vec<String>) -> Vec<TokenAction> {
+        fn on_tokens(index: u32, text: String, ends: Vec<u32>) -> Vec<TokenAction> {
             CENSOR.with(|c| {
                 let mut censor = c.borrow_mut();
-                texts
-                    .iter()
+                super::split_texts(&text, &ends)
                     .map(|text| to_wit(censor.on_text(index, text)))
                     .collect()
             })
@@ -334,6 +361,13 @@ mod tests {
         assert_eq!(c.on_end(0), "d");
         let mut c = censor(&["darn"], None);
         assert_eq!(run(&mut c, &["ends with da"]), "ends with da");
+    }
+
+    #[test]
+    fn split_texts_cuts_at_the_offsets() {
+        let texts: Vec<&str> = split_texts(" da rn é!", &[3, 6, 9, 10]).collect();
+        assert_eq!(texts, [" da", " rn", " é", "!"]);
+        assert_eq!(split_texts("abc", &[]).count(), 0);
     }
 
     #[test]

@@ -109,7 +109,7 @@ impl TokenHook for Plugin {
 }
 
 impl TokenBatchHook for Plugin {
-    fn on_tokens(_index: u32, texts: Vec<String>) -> Vec<TokenAction> {
+    fn on_tokens(_index: u32, _text: String, ends: Vec<u32>) -> Vec<TokenAction> {
         let short = CONFIG.with(|c| {
             let c = c.borrow();
             c.hook == "on-tokens" && c.mode == "short"
@@ -122,7 +122,7 @@ impl TokenBatchHook for Plugin {
             None => TokenAction::Pass,
         };
         std::iter::once(first)
-            .chain(texts.iter().skip(1).map(|_| TokenAction::Pass))
+            .chain(ends.iter().skip(1).map(|_| TokenAction::Pass))
             .collect()
     }
 }
