@@ -30,11 +30,23 @@ impl Default for Config {
     }
 }
 
+/// `text` lower-cased with runs of whitespace folded to one space and none
+/// at either end, in one pass.
 pub fn normalize_text(text: &str) -> String {
-    text.split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-        .to_lowercase()
+    let mut out = String::with_capacity(text.len());
+    for word in text.split_whitespace() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        if word.is_ascii() {
+            out.extend(word.bytes().map(|b| char::from(b.to_ascii_lowercase())));
+        } else {
+            // Per word, as the whole text would be: a space follows each word
+            // either way, so context-dependent rules (final sigma) agree.
+            out.push_str(&word.to_lowercase());
+        }
+    }
+    out
 }
 
 /// The normalized key for a request body; `None` (the gateway's default key)
@@ -142,6 +154,13 @@ mod tests {
         );
         assert_eq!(a, b);
         assert!(a.is_some());
+    }
+
+    #[test]
+    fn normalize_text_folds_case_and_whitespace() {
+        assert_eq!(normalize_text("  Hello \t\n WORLD  "), "hello world");
+        assert_eq!(normalize_text("ΟΔΟΣ Straße"), "οδος straße");
+        assert_eq!(normalize_text(""), "");
     }
 
     #[test]
