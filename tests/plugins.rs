@@ -192,6 +192,23 @@ async fn token_censor_masks_a_phrase_split_across_chunks_on_misses_and_hits() {
 }
 
 #[tokio::test]
+async fn a_token_plugin_built_against_the_first_on_tokens_still_filters_hits() {
+    let gw = gateway_with(vec![plugin("old", "old_batch", FailClosed, json!({}))]).await;
+    let body = json!({"model": MODEL, "prompt": "old plugin", "max_tokens": 6, "stream": true});
+    let raw = gw.sim.expected_texts(&body)[0].clone();
+    let miss = sse_events(gw.post(&body).await).await;
+    assert_eq!(texts(&miss)[0], raw.to_uppercase(), "cache miss, on-token");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let hit = sse_events(gw.post(&body).await).await;
+    assert_eq!(
+        texts(&hit)[0],
+        raw.to_uppercase(),
+        "cache hit: through on-token, not the mismatched on-tokens"
+    );
+    assert_eq!(gw.sim.received().len(), 1, "the second request was a hit");
+}
+
+#[tokio::test]
 async fn every_example_plugin_together_over_websocket() {
     let gw = gateway_with(vec![
         plugin("pii", "pii_redactor", FailClosed, json!({})),

@@ -354,7 +354,7 @@ impl Compiled {
 
     /// Validates the plugin by instantiating it once (with `init`).
     pub async fn validate(self, runtime: &Runtime) -> Result<LoadedPlugin, LoadError> {
-        let plugin = LoadedPlugin {
+        let mut plugin = LoadedPlugin {
             name: Arc::from(self.config.name.as_str()),
             max_memory: (self.config.max_memory_bytes as usize).min(MAX_PLUGIN_MEMORY),
             config: self.config,
@@ -366,13 +366,22 @@ impl Compiled {
             idle_token: std::sync::Mutex::new(Vec::new()),
             metrics: std::sync::OnceLock::new(),
         };
-        plugin
-            .instantiate("load-check")
-            .await
-            .map_err(|err| LoadError::Instantiate {
-                path: plugin.config.path.display().to_string(),
-                reason: err.to_string(),
-            })?;
+        let live =
+            plugin
+                .instantiate("load-check")
+                .await
+                .map_err(|err| LoadError::Instantiate {
+                    path: plugin.config.path.display().to_string(),
+                    reason: err.to_string(),
+                })?;
+        if plugin.exports.token_batch.is_some() && live.guests.token_batch.is_none() {
+            tracing::warn!(
+                path = %plugin.config.path.display(),
+                "the plugin exports token-batch-hook with another signature (built against an \
+                 older wit/plugin.wit?); cached answers go through its on-token chunk by chunk"
+            );
+            plugin.exports.token_batch = None;
+        }
         Ok(plugin)
     }
 }
@@ -435,7 +444,10 @@ impl LoadedPlugin {
             request: load_guest(&mut store, &instance, exports.request.as_ref())?,
             cache_key: load_guest(&mut store, &instance, exports.cache_key.as_ref())?,
             token: load_guest(&mut store, &instance, exports.token.as_ref())?,
-            token_batch: load_guest(&mut store, &instance, exports.token_batch.as_ref())?,
+            // Optional: a component built against an earlier signature of
+            // `on-tokens` is still served, through `on-token` (see `validate`).
+            token_batch: load_guest(&mut store, &instance, exports.token_batch.as_ref())
+                .unwrap_or(None),
         };
         let lifecycle = exports
             .lifecycle
