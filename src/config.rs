@@ -293,6 +293,12 @@ pub struct RawPluginHost {
     /// Plugin instances that can exist at once (the pooling allocator's size:
     /// each reserves `MAX_PLUGIN_MEMORY` plus a guard of address space, not memory).
     pub max_instances: u32,
+    /// Initialised instances kept for reuse per plugin, once for the request
+    /// hooks and once for token filters. More spare bursts of concurrent
+    /// streams an instantiation each, and keep that many guests' memory
+    /// resident and that many `max_instances` slots taken. Default: 16, or
+    /// half of `max_instances` if that is less.
+    pub max_idle_instances: Option<u32>,
 }
 
 impl Default for RawPluginHost {
@@ -301,6 +307,7 @@ impl Default for RawPluginHost {
             watch: true,
             epoch_tick_ms: 1,
             max_instances: 4096,
+            max_idle_instances: None,
         }
     }
 }
@@ -639,6 +646,7 @@ pub struct PluginHostConfig {
     pub watch: bool,
     pub epoch_tick: Duration,
     pub max_instances: u32,
+    pub max_idle_instances: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -955,18 +963,31 @@ impl RawConfig {
             },
         };
 
+        let max_instances = match self.plugin_host.max_instances {
+            n @ 16..=65_536 => n,
+            n => {
+                return Err(invalid(
+                    "plugin_host.max_instances",
+                    format!("{n} must be between 16 and 65536"),
+                ));
+            }
+        };
         let plugin_host = PluginHostConfig {
             watch: self.plugin_host.watch,
             epoch_tick: ms(positive(
                 "plugin_host.epoch_tick_ms",
                 self.plugin_host.epoch_tick_ms,
             )?),
-            max_instances: match self.plugin_host.max_instances {
-                n @ 16..=65_536 => n,
-                n => {
+            max_instances,
+            max_idle_instances: match self.plugin_host.max_idle_instances {
+                None => 16.min(max_instances / 2) as usize,
+                Some(n) if n <= max_instances / 2 => n as usize,
+                Some(n) => {
                     return Err(invalid(
-                        "plugin_host.max_instances",
-                        format!("{n} must be between 16 and 65536"),
+                        "plugin_host.max_idle_instances",
+                        format!(
+                            "{n} is more than half of plugin_host.max_instances ({max_instances})"
+                        ),
                     ));
                 }
             },
@@ -1138,6 +1159,16 @@ mod tests {
         assert!(err.contains("plugin_host.max_instances"), "{err}");
         let config = load("[plugin_host]\nmax_instances = 64\n", &[]).unwrap();
         assert_eq!(config.plugin_host.max_instances, 64);
+        assert_eq!(config.plugin_host.max_idle_instances, 16);
+        let config = load("[plugin_host]\nmax_instances = 16\n", &[]).unwrap();
+        assert_eq!(config.plugin_host.max_idle_instances, 8, "the default fits");
+        let err = load(
+            "[plugin_host]\nmax_instances = 64\nmax_idle_instances = 33\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("plugin_host.max_idle_instances"), "{err}");
     }
 
     #[test]

@@ -24,8 +24,6 @@ pub const MAX_PLUGIN_MEMORY: usize = crate::config::MAX_PLUGIN_MEMORY as usize;
 /// recycled. Zero: measured here, zeroing a Rust guest's ~1 MiB initial memory
 /// per instance cost more than batched madvise.
 const KEEP_RESIDENT: usize = 0;
-/// Idle instances kept per plugin for the request hooks.
-const IDLE_INSTANCES: usize = 16;
 
 /// Why a plugin call did not produce a usable answer.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +103,8 @@ pub struct Runtime {
     /// Compiled components by the SHA-256 of their bytes: reloading an
     /// unchanged file (a config-only change) or loading it twice costs nothing.
     compiled: std::sync::Mutex<std::collections::HashMap<[u8; 32], Component>>,
+    /// Idle instances kept per plugin and pool (`plugin_host.max_idle_instances`).
+    max_idle: usize,
     _ticker: EpochTicker,
 }
 
@@ -165,6 +165,7 @@ impl Runtime {
             engine,
             linker,
             compiled: Default::default(),
+            max_idle: host.max_idle_instances,
             _ticker: EpochTicker(stop),
         })
     }
@@ -295,6 +296,7 @@ pub struct LoadedPlugin {
     pub exports: Exports,
     pre: InstancePre<PluginState>,
     max_memory: usize,
+    max_idle: usize,
     engine: Engine,
     /// Initialised instances for `on-request` and `cache-key`, reused across requests.
     idle: std::sync::Mutex<Vec<Live>>,
@@ -362,6 +364,7 @@ impl Compiled {
             exports: self.exports,
             pre: self.pre,
             engine: runtime.engine.clone(),
+            max_idle: runtime.max_idle,
             idle: std::sync::Mutex::new(Vec::new()),
             idle_token: std::sync::Mutex::new(Vec::new()),
             metrics: std::sync::OnceLock::new(),
@@ -413,7 +416,7 @@ impl LoadedPlugin {
     /// Returns an instance whose last call succeeded; one that failed is just dropped.
     pub fn checkin(&self, live: Live, token: bool) {
         if let Ok(mut idle) = self.pool(token).lock()
-            && idle.len() < IDLE_INSTANCES
+            && idle.len() < self.max_idle
         {
             idle.push(live);
         }
