@@ -443,14 +443,23 @@ impl LoadedPlugin {
             .await
             .map_err(PluginFailure::from_wasmtime)?;
         let exports = &self.exports;
+        // A hook's functions, if the component exports the hook (each
+        // interface has its own generated `GuestIndices` type).
+        macro_rules! load {
+            ($indices:expr) => {
+                $indices
+                    .as_ref()
+                    .map(|indices| indices.load(&mut store, &instance))
+                    .transpose()
+            };
+        }
         let guests = Guests {
-            request: load_guest(&mut store, &instance, exports.request.as_ref())?,
-            cache_key: load_guest(&mut store, &instance, exports.cache_key.as_ref())?,
-            token: load_guest(&mut store, &instance, exports.token.as_ref())?,
+            request: load!(exports.request).map_err(PluginFailure::from_wasmtime)?,
+            cache_key: load!(exports.cache_key).map_err(PluginFailure::from_wasmtime)?,
+            token: load!(exports.token).map_err(PluginFailure::from_wasmtime)?,
             // Optional: a component built against an earlier signature of
             // `on-tokens` is still served, through `on-token` (see `validate`).
-            token_batch: load_guest(&mut store, &instance, exports.token_batch.as_ref())
-                .unwrap_or(None),
+            token_batch: load!(exports.token_batch).unwrap_or(None),
         };
         let lifecycle = exports
             .lifecycle
@@ -469,43 +478,4 @@ impl LoadedPlugin {
             .map_err(PluginFailure::Init)?;
         Ok(live)
     }
-}
-
-/// The generated `GuestIndices` of each hook interface: how to look its
-/// functions up in an instance.
-trait LoadGuest {
-    type Guest;
-    fn load_in(
-        &self,
-        store: &mut Store<PluginState>,
-        instance: &wasmtime::component::Instance,
-    ) -> wasmtime::Result<Self::Guest>;
-}
-
-macro_rules! load_guest_impl {
-    ($($hook:ident),*) => {$(
-        impl LoadGuest for $hook::GuestIndices {
-            type Guest = $hook::Guest;
-            fn load_in(
-                &self,
-                store: &mut Store<PluginState>,
-                instance: &wasmtime::component::Instance,
-            ) -> wasmtime::Result<Self::Guest> {
-                self.load(store, instance)
-            }
-        }
-    )*};
-}
-load_guest_impl!(request_hook, cache_key_hook, token_hook, token_batch_hook);
-
-/// A hook's functions in `instance`, if the component exports the hook.
-fn load_guest<I: LoadGuest>(
-    store: &mut Store<PluginState>,
-    instance: &wasmtime::component::Instance,
-    indices: Option<&I>,
-) -> Result<Option<I::Guest>, PluginFailure> {
-    indices
-        .map(|indices| indices.load_in(store, instance))
-        .transpose()
-        .map_err(PluginFailure::from_wasmtime)
 }
