@@ -32,8 +32,10 @@ pub struct PluginState {
     limits: StoreLimits,
     pub plugin: std::sync::Arc<str>,
     pub request_id: String,
-    /// When the current call must have returned.
-    pub deadline: std::time::Instant,
+    /// Epoch ticks the current call may still run for. Counted only while
+    /// the guest runs: time spent waiting for the executor after a yield is
+    /// not the plugin's.
+    pub ticks_left: u64,
 }
 
 impl PluginState {
@@ -55,7 +57,7 @@ impl PluginState {
                 .build(),
             plugin,
             request_id: String::new(),
-            deadline: std::time::Instant::now(),
+            ticks_left: 0,
         }
     }
 

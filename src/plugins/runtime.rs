@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, InstancePre, Linker};
@@ -105,6 +105,7 @@ pub struct Runtime {
     compiled: std::sync::Mutex<std::collections::HashMap<[u8; 32], Component>>,
     /// Idle instances kept per plugin and pool (`plugin_host.max_idle_instances`).
     max_idle: usize,
+    epoch_tick: Duration,
     _ticker: EpochTicker,
 }
 
@@ -166,6 +167,7 @@ impl Runtime {
             linker,
             compiled: Default::default(),
             max_idle: host.max_idle_instances,
+            epoch_tick,
             _ticker: EpochTicker(stop),
         })
     }
@@ -297,6 +299,7 @@ pub struct LoadedPlugin {
     pre: InstancePre<PluginState>,
     max_memory: usize,
     max_idle: usize,
+    epoch_tick: Duration,
     engine: Engine,
     /// Initialised instances for `on-request` and `cache-key`, reused across requests.
     idle: std::sync::Mutex<Vec<Live>>,
@@ -310,7 +313,8 @@ pub struct LoadedPlugin {
 pub struct Live {
     pub store: Store<PluginState>,
     pub guests: Guests,
-    timeout: Duration,
+    /// The plugin's `timeout` in epoch ticks.
+    ticks_per_call: u64,
 }
 
 /// The hooks of one instance, looked up and type-checked once when it is
@@ -323,15 +327,16 @@ pub struct Guests {
 }
 
 impl Live {
-    /// Arms the CPU deadline for the next call. The guest checks it at every
-    /// epoch tick, yielding to the executor meanwhile; past it, the call traps.
+    /// Arms the CPU deadline for the next call. At every epoch tick the
+    /// running guest uses up one tick of its budget and yields to the
+    /// executor; with the budget spent, the call traps.
     pub fn arm(&mut self) {
         self.arm_for(1);
     }
 
     /// Arms the deadline of a call that does the work of `calls` calls (a batch).
     pub fn arm_for(&mut self, calls: u32) {
-        self.store.data_mut().deadline = Instant::now() + self.timeout.saturating_mul(calls.max(1));
+        self.store.data_mut().ticks_left = self.ticks_per_call.saturating_mul(calls.max(1).into());
         self.store.set_epoch_deadline(1);
     }
 }
@@ -365,6 +370,7 @@ impl Compiled {
             pre: self.pre,
             engine: runtime.engine.clone(),
             max_idle: runtime.max_idle,
+            epoch_tick: runtime.epoch_tick,
             idle: std::sync::Mutex::new(Vec::new()),
             idle_token: std::sync::Mutex::new(Vec::new()),
             metrics: std::sync::OnceLock::new(),
@@ -422,20 +428,30 @@ impl LoadedPlugin {
         }
     }
 
+    /// The plugin's `timeout` in epoch ticks (at least one).
+    fn ticks_per_call(&self) -> u64 {
+        let tick = self.epoch_tick.as_micros().max(1);
+        let ticks = self.config.timeout.as_micros().div_ceil(tick);
+        u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
+    }
+
     /// A fresh, initialised instance.
     pub async fn instantiate(&self, request_id: &str) -> Result<Live, PluginFailure> {
         let mut state = PluginState::new(self.name.clone(), self.max_memory);
         state.request_id = request_id.to_string();
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| state.limiter());
-        store.epoch_deadline_callback(|store| {
-            Ok(if Instant::now() >= store.data().deadline {
+        store.epoch_deadline_callback(|mut store| {
+            let ticks_left = &mut store.data_mut().ticks_left;
+            Ok(if *ticks_left == 0 {
                 UpdateDeadline::Interrupt
             } else {
+                *ticks_left -= 1;
                 UpdateDeadline::Yield(1)
             })
         });
-        store.data_mut().deadline = Instant::now() + self.config.timeout;
+        let ticks_per_call = self.ticks_per_call();
+        store.data_mut().ticks_left = ticks_per_call;
         store.set_epoch_deadline(1);
         let instance = self
             .pre
@@ -468,7 +484,7 @@ impl LoadedPlugin {
         let mut live = Live {
             store,
             guests,
-            timeout: self.config.timeout,
+            ticks_per_call,
         };
         live.arm();
         lifecycle
