@@ -189,12 +189,15 @@ fn assemble(chunk: &Chunk, view: &ChunkView<'_>, outputs: &[ChoiceOutput<'_>]) -
 /// the bytes untouched (no parse into a tree and re-serialisation). `None`
 /// when the text is not where expected (it is then rebuilt the slow way).
 fn splice_text(payload: &[u8], old: &str, new: &str) -> Option<Vec<u8>> {
-    use memchr::memmem::find;
-    const KEY: &[u8] = b"\"text\":";
-    let choices = find(payload, b"\"choices\":")?;
+    use memchr::memmem::Finder;
+    use std::sync::LazyLock;
+    // Built once: building a searcher costs more than searching a chunk.
+    static CHOICES: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"choices\":"));
+    static TEXT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"text\":"));
+    let choices = CHOICES.find(payload)?;
     // An unescaped `"text":` can only be a key; the choice's own comes before
     // its logprobs. Checked below anyway: it must hold exactly `old`.
-    let value = choices + find(&payload[choices..], KEY)? + KEY.len();
+    let value = choices + TEXT.find(&payload[choices..])? + TEXT.needle().len();
     let rest = &payload[value..];
     // Borrowed when the text has no escapes (the usual case), else decoded.
     let mut borrowed = serde_json::Deserializer::from_slice(rest).into_iter::<&str>();
@@ -220,7 +223,9 @@ fn splice_text(payload: &[u8], old: &str, new: &str) -> Option<Vec<u8>> {
 /// The token filters of one response, applied to each chunk in order.
 pub struct FilterChain {
     filters: Vec<Box<dyn TokenFilter>>,
-    /// Choices that have already been finished (flushed).
+    /// Choices the filters have seen text of, and those already finished
+    /// (flushed): at the end of a stream, only the difference needs work.
+    seen: Vec<u32>,
     finished: Vec<u32>,
 }
 
@@ -228,6 +233,7 @@ impl FilterChain {
     pub fn new(filters: Vec<Box<dyn TokenFilter>>) -> Self {
         Self {
             filters,
+            seen: Vec::new(),
             finished: Vec::new(),
         }
     }
@@ -278,6 +284,9 @@ impl FilterChain {
         };
         let mut outputs = Vec::with_capacity(view.choices.len());
         for choice in &view.choices {
+            if !self.seen.contains(&choice.index) {
+                self.seen.push(choice.index);
+            }
             let finishing = choice.finish_reason.is_some();
             let (filtered, stop) = self.run(choice.index, &choice.text, finishing).await?;
             if finishing || stop {
@@ -334,6 +343,9 @@ impl FilterChain {
             .map(|p| p.choices[0].index)
             .next()
             .unwrap_or(0);
+        if !self.seen.contains(&index) {
+            self.seen.push(index);
+        }
         // The text of each chunk as it passes from filter to filter.
         let mut texts: Vec<Cow<'_, str>> = choice_views
             .iter()
@@ -438,6 +450,10 @@ impl FilterChain {
         let Some(template) = template else {
             return Ok(None);
         };
+        // The usual end: every choice ended with a `finish_reason` and was flushed then.
+        if self.seen.iter().all(|i| self.finished.contains(i)) {
+            return Ok(None);
+        }
         let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(template.payload_slice())
         else {
             return Ok(None);
