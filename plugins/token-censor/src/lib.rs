@@ -236,6 +236,42 @@ impl Censor {
         }
     }
 
+    /// Filters the consecutive texts of choice `index` that `whole` holds,
+    /// text `i` ending at byte `ends[i]` (the `on-tokens` form). The text sent
+    /// in total is what [`Censor::on_text`] on each would send. Seeing what
+    /// follows, it holds back only the end of the last text: when no word
+    /// occurs anywhere, every text but that end passes unchanged (where
+    /// `on_text` would hold each possible start of a word until the next text).
+    pub fn on_texts(&mut self, index: u32, whole: &str, ends: &[u32]) -> Vec<Action> {
+        let nothing_held = self.held.iter().all(|(i, _)| *i != index);
+        let bounds_ok = ends.last().is_some_and(|&e| e as usize == whole.len())
+            && ends.is_sorted()
+            && ends.iter().all(|&e| whole.is_char_boundary(e as usize));
+        if !(nothing_held && bounds_ok && matches!(self.censor(whole), Cow::Borrowed(_))) {
+            return split_texts(whole, ends)
+                .map(|text| self.on_text(index, text))
+                .collect();
+        }
+        let cut = whole.len() - self.partial_suffix(whole);
+        if cut < whole.len() {
+            self.held.push((index, whole[cut..].to_string()));
+        }
+        let mut start = 0;
+        ends.iter()
+            .map(|&end| {
+                let (text_start, end) = (start, end as usize);
+                start = end;
+                if end <= cut {
+                    Action::Pass
+                } else if text_start >= cut {
+                    Action::Hold
+                } else {
+                    Action::Replace(whole[text_start..cut].to_string())
+                }
+            })
+            .collect()
+    }
+
     pub fn on_end(&mut self, index: u32) -> String {
         self.take_held(index)
     }
@@ -302,10 +338,8 @@ mod component {
         // The censor never stops a response, so every text gets an action.
         fn on_tokens(index: u32, text: String, ends: Vec<u32>) -> Vec<TokenAction> {
             CENSOR.with(|c| {
-                let mut censor = c.borrow_mut();
-                super::split_texts(&text, &ends)
-                    .map(|text| to_wit(censor.on_text(index, text)))
-                    .collect()
+                let actions = c.borrow_mut().on_texts(index, &text, &ends);
+                actions.into_iter().map(to_wit).collect()
             })
         }
     }
@@ -361,6 +395,60 @@ mod tests {
         assert_eq!(c.on_end(0), "d");
         let mut c = censor(&["darn"], None);
         assert_eq!(run(&mut c, &["ends with da"]), "ends with da");
+    }
+
+    /// What `on_texts` sends in total, then the end flush.
+    fn run_batch(c: &mut Censor, chunks: &[&str]) -> String {
+        let whole: String = chunks.concat();
+        let mut ends = Vec::new();
+        let mut end = 0;
+        for chunk in chunks {
+            end += chunk.len();
+            ends.push(end as u32);
+        }
+        let mut out = String::new();
+        for (action, chunk) in c.on_texts(0, &whole, &ends).into_iter().zip(chunks) {
+            match action {
+                Action::Pass => out.push_str(chunk),
+                Action::Replace(text) => out.push_str(&text),
+                Action::Hold => {}
+            }
+        }
+        out + &c.on_end(0)
+    }
+
+    #[test]
+    fn a_batch_sends_what_text_by_text_sends() {
+        let words = ["darn", "heck", "a"];
+        let alphabet = ["d", "a", "r", "n", "D", "h", "e", "c", "k", " ", "x", "é", "da"];
+        let mut seed = 11u64;
+        let mut next = |n: usize| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (seed >> 33) as usize % n
+        };
+        for _ in 0..3_000 {
+            let chunks: Vec<String> = (0..next(6))
+                .map(|_| (0..next(4)).map(|_| alphabet[next(alphabet.len())]).collect())
+                .collect();
+            let chunks: Vec<&str> = chunks.iter().map(String::as_str).collect();
+            let mask = (next(2) == 0).then_some("#");
+            let one_by_one = run(&mut censor(&words, mask), &chunks);
+            assert_eq!(run_batch(&mut censor(&words, mask), &chunks), one_by_one, "{chunks:?}");
+        }
+    }
+
+    #[test]
+    fn a_batch_without_words_passes_all_but_a_possible_start_at_its_end() {
+        let mut c = censor(&["darn", "heck"], None);
+        let actions = c.on_texts(0, " the river and", &[4, 10, 14]);
+        assert_eq!(
+            actions,
+            [Action::Pass, Action::Pass, Action::Replace(" an".into())]
+        );
+        assert_eq!(c.on_end(0), "d");
+        let actions = c.on_texts(0, " da", &[2, 3]);
+        assert_eq!(actions, [Action::Replace(" ".into()), Action::Hold]);
+        assert_eq!(c.on_end(0), "da");
     }
 
     #[test]
