@@ -16,7 +16,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::app::AppState;
 use crate::cache::{CachedChunks, CachedResponse};
 use crate::error::{ErrorInfo, GatewayError};
-use crate::policy::{CacheKeyDecision, FilterChain, Filtered, RequestContext};
+use crate::policy::{FilterChain, Filtered, RequestContext};
 use crate::protocol::{Chunk, ChunkSummary, ChunkView, CompletionRequest, Usage};
 use crate::queue::{QueuedRequest, ResponseEvent, ResponseStream};
 use crate::store::InferenceRecord;
@@ -250,28 +250,19 @@ pub async fn start(
             .span
             .set_attribute("model", request.model.clone());
     }
-    if let Err(err) = state.policy.on_request(ctx, &mut request).await {
-        record.fail(&err);
-        return Err((err, record));
-    }
+    let cache_key = match state
+        .policy
+        .admit(ctx, &mut request, state.cache.is_some())
+        .await
+    {
+        Ok(key) => key,
+        Err(err) => {
+            record.fail(&err);
+            return Err((err, record));
+        }
+    };
     let deliver_usage_chunk = !request.is_stream() || request.wants_usage_chunk();
     let filters = FilterChain::new(state.policy.token_filters(ctx));
-
-    let cache_key = match &state.cache {
-        None => None,
-        Some(_) => match state
-            .policy
-            .cache_key(ctx, &request, request.default_cache_key())
-            .await
-        {
-            Ok(CacheKeyDecision::Key(key)) => Some(key),
-            Ok(CacheKeyDecision::Bypass) => None,
-            Err(err) => {
-                record.fail(&err);
-                return Err((err, record));
-            }
-        },
-    };
     let metrics = &state.metrics;
     let lookup = crate::stage_span!(traced, "cache.lookup");
     match (&state.cache, &cache_key) {

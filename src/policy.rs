@@ -111,6 +111,27 @@ pub trait Policy: Send + Sync + 'static {
         Ok(CacheKeyDecision::Key(default_key))
     }
 
+    /// The request phase as the pipeline runs it: `on_request`, then, when
+    /// the gateway has a cache (`cached`), `cache_key` on the rewritten
+    /// request. Returns the cache key to use, or `None` to leave the cache
+    /// alone. Override it to share work between the two hooks.
+    async fn admit(
+        &self,
+        ctx: &RequestContext,
+        request: &mut CompletionRequest,
+        cached: bool,
+    ) -> Result<Option<String>, GatewayError> {
+        self.on_request(ctx, request).await?;
+        if !cached {
+            return Ok(None);
+        }
+        let default_key = request.default_cache_key();
+        Ok(match self.cache_key(ctx, request, default_key).await? {
+            CacheKeyDecision::Key(key) => Some(key),
+            CacheKeyDecision::Bypass => None,
+        })
+    }
+
     /// `on-token`: the filters for one response, in chain order.
     fn token_filters(&self, _ctx: &RequestContext) -> Vec<Box<dyn TokenFilter>> {
         Vec::new()

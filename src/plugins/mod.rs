@@ -386,33 +386,38 @@ fn checked_text(text: String) -> Result<String, PluginFailure> {
     Ok(text)
 }
 
-#[async_trait]
-impl Policy for PluginHost {
-    async fn on_request(
+/// The plugins of `chain` that run `hook` for this request's key, in chain order.
+fn hooked<'c>(
+    chain: &'c Chain,
+    ctx: &RequestContext,
+    hook: impl Fn(&runtime::Exports) -> bool,
+) -> Vec<&'c Arc<LoadedPlugin>> {
+    chain
+        .plugins
+        .iter()
+        .filter(|p| hook(&p.exports) && p.applies_to(&ctx.identity.key_name))
+        .collect()
+}
+
+impl PluginHost {
+    /// `on-request` through `plugins`; `wit_req` is kept equal to `request`
+    /// as plugins see it (rebuilt only after a plugin changed it).
+    async fn rewrite(
         &self,
+        plugins: &[&Arc<LoadedPlugin>],
         ctx: &RequestContext,
+        wit_ctx: &WitContext,
         request: &mut CompletionRequest,
+        wit_req: &mut WitRequest,
     ) -> Result<(), GatewayError> {
-        let chain = self.chain();
-        // Collected: the async-trait future must not hold these closures across awaits.
-        let hooked: Vec<_> = chain
-            .plugins
-            .iter()
-            .filter(|p| p.exports.request.is_some() && p.applies_to(&ctx.identity.key_name))
-            .collect();
-        if hooked.is_empty() {
-            return Ok(());
-        }
-        let wit_ctx = wit_context(ctx);
-        // Rebuilt only after a plugin changed the request.
-        let mut wit_req = wit_request(request);
-        for plugin in hooked {
+        for plugin in plugins {
             let metrics = &self.metrics_of(plugin).on_request;
+            let current: &WitRequest = wit_req;
             let result = self
                 .pooled_call(plugin, metrics, "plugin.on_request", ctx, async |live| {
                     let guest = live.guests.request.as_ref().ok_or_else(no_hook)?;
                     guest
-                        .call_on_request(&mut live.store, &wit_ctx, &wit_req)
+                        .call_on_request(&mut live.store, wit_ctx, current)
                         .await
                         .map_err(PluginFailure::from_wasmtime)
                 })
@@ -421,7 +426,7 @@ impl Policy for PluginHost {
                 Ok(RequestDecision::Proceed) => {}
                 Ok(RequestDecision::Modify(modified)) => {
                     match apply(request, modified, self.max_body_bytes) {
-                        Ok(()) => wit_req = wit_request(request),
+                        Ok(()) => *wit_req = wit_request(request),
                         Err(failure) => {
                             metrics.traps.inc();
                             Self::on_failure(plugin, "on-request", &ctx.request_id, failure)?;
@@ -452,32 +457,22 @@ impl Policy for PluginHost {
         Ok(())
     }
 
-    async fn cache_key(
+    /// `cache-key` through `plugins`, starting from `key`.
+    async fn choose_key(
         &self,
+        plugins: &[&Arc<LoadedPlugin>],
         ctx: &RequestContext,
-        request: &CompletionRequest,
-        default_key: String,
+        wit_ctx: &WitContext,
+        wit_req: &WitRequest,
+        mut key: String,
     ) -> Result<KeyDecision, GatewayError> {
-        let chain = self.chain();
-        let mut key = default_key;
-        // Collected: the async-trait future must not hold these closures across awaits.
-        let hooked: Vec<_> = chain
-            .plugins
-            .iter()
-            .filter(|p| p.exports.cache_key.is_some() && p.applies_to(&ctx.identity.key_name))
-            .collect();
-        if hooked.is_empty() {
-            return Ok(KeyDecision::Key(key));
-        }
-        let wit_ctx = wit_context(ctx);
-        let wit_req = wit_request(request);
-        for plugin in hooked {
+        for plugin in plugins {
             let metrics = &self.metrics_of(plugin).cache_key;
             let result = self
                 .pooled_call(plugin, metrics, "plugin.cache_key", ctx, async |live| {
                     let guest = live.guests.cache_key.as_ref().ok_or_else(no_hook)?;
                     let decision = guest
-                        .call_cache_key(&mut live.store, &wit_ctx, &wit_req, &key)
+                        .call_cache_key(&mut live.store, wit_ctx, wit_req, &key)
                         .await
                         .map_err(PluginFailure::from_wasmtime)?;
                     match decision {
@@ -498,6 +493,78 @@ impl Policy for PluginHost {
             }
         }
         Ok(KeyDecision::Key(key))
+    }
+}
+
+#[async_trait]
+impl Policy for PluginHost {
+    async fn on_request(
+        &self,
+        ctx: &RequestContext,
+        request: &mut CompletionRequest,
+    ) -> Result<(), GatewayError> {
+        let chain = self.chain();
+        let plugins = hooked(&chain, ctx, |e| e.request.is_some());
+        if plugins.is_empty() {
+            return Ok(());
+        }
+        let mut wit_req = wit_request(request);
+        self.rewrite(&plugins, ctx, &wit_context(ctx), request, &mut wit_req)
+            .await
+    }
+
+    async fn cache_key(
+        &self,
+        ctx: &RequestContext,
+        request: &CompletionRequest,
+        default_key: String,
+    ) -> Result<KeyDecision, GatewayError> {
+        let chain = self.chain();
+        let plugins = hooked(&chain, ctx, |e| e.cache_key.is_some());
+        if plugins.is_empty() {
+            return Ok(KeyDecision::Key(default_key));
+        }
+        let (wit_ctx, wit_req) = (wit_context(ctx), wit_request(request));
+        self.choose_key(&plugins, ctx, &wit_ctx, &wit_req, default_key)
+            .await
+    }
+
+    /// Both request hooks from one chain version, converting the request for
+    /// plugins once rather than once per hook.
+    async fn admit(
+        &self,
+        ctx: &RequestContext,
+        request: &mut CompletionRequest,
+        cached: bool,
+    ) -> Result<Option<String>, GatewayError> {
+        let chain = self.chain();
+        let rewriters = hooked(&chain, ctx, |e| e.request.is_some());
+        let keyers = match cached {
+            true => hooked(&chain, ctx, |e| e.cache_key.is_some()),
+            false => Vec::new(),
+        };
+        let mut converted = None;
+        if !rewriters.is_empty() || !keyers.is_empty() {
+            let (wit_ctx, mut wit_req) = (wit_context(ctx), wit_request(request));
+            self.rewrite(&rewriters, ctx, &wit_ctx, request, &mut wit_req)
+                .await?;
+            converted = Some((wit_ctx, wit_req));
+        }
+        if !cached {
+            return Ok(None);
+        }
+        let default_key = request.default_cache_key();
+        let decision = match &converted {
+            Some((wit_ctx, wit_req)) if !keyers.is_empty() => {
+                self.choose_key(&keyers, ctx, wit_ctx, wit_req, default_key)
+                    .await?
+            }
+            _ => KeyDecision::Key(default_key),
+        };
+        Ok(match decision {
+            KeyDecision::Key(key) => Some(key),
+            KeyDecision::Bypass => None,
+        })
     }
 
     fn token_filters(&self, ctx: &RequestContext) -> Vec<Box<dyn TokenFilter>> {
