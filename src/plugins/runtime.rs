@@ -147,6 +147,11 @@ impl Runtime {
             .memory_reservation(MAX_PLUGIN_MEMORY as u64)
             .memory_guard_size(2 << 20)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+        // For plugin authors: names JIT-compiled plugin functions in
+        // /tmp/perf-PID.map, which perf (and a callgrind run) can resolve.
+        if std::env::var_os("SLUICE_PLUGIN_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config)?;
         let linker = bindings::linker(&engine)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -412,7 +417,9 @@ impl LoadedPlugin {
         let idle = self.pool(token).lock().ok().and_then(|mut idle| idle.pop());
         match idle {
             Some(mut live) => {
-                live.store.data_mut().request_id = request_id.to_string();
+                let tag = &mut live.store.data_mut().request_id;
+                tag.clear();
+                tag.push_str(request_id);
                 Ok(live)
             }
             None => self.instantiate(request_id).await,
