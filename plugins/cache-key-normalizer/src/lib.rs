@@ -39,7 +39,11 @@ pub fn normalize_text(text: &str) -> String {
             out.push(' ');
         }
         if word.is_ascii() {
-            out.extend(word.bytes().map(|b| char::from(b.to_ascii_lowercase())));
+            let start = out.len();
+            out.push_str(word);
+            if let Some(pushed) = out.get_mut(start..) {
+                pushed.make_ascii_lowercase();
+            }
         } else {
             // Per word, as the whole text would be: a space follows each word
             // either way, so context-dependent rules (final sigma) agree.
@@ -64,11 +68,6 @@ pub fn key(config: &Config, body_json: &str) -> Option<String> {
     {
         body.remove(field);
     }
-    let normalize = |v: &mut Value| {
-        if let Value::String(s) = v {
-            *s = normalize_text(s);
-        }
-    };
     let mut out = String::with_capacity(body_json.len() + 16);
     out.push_str("normalized:{");
     // Ordered by name, so bodies that differ only in field order share a key.
@@ -76,21 +75,50 @@ pub fn key(config: &Config, body_json: &str) -> Option<String> {
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&Value::from(name).to_string());
-        out.push(':');
+        // Borrowed names hold no escapes, so they are written as they came.
+        out.push('"');
+        out.push_str(name);
+        out.push_str("\":");
         if name == "prompt" {
-            let mut prompt: Value = serde_json::from_str(value.get()).ok()?;
-            match &mut prompt {
-                Value::Array(items) => items.iter_mut().for_each(normalize),
-                other => normalize(other),
+            match serde_json::from_str::<Value>(value.get()).ok()? {
+                Value::String(text) => push_normalized(&mut out, &text),
+                Value::Array(items) => {
+                    out.push('[');
+                    for (i, item) in items.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        match item {
+                            Value::String(text) => push_normalized(&mut out, text),
+                            other => out.push_str(&other.to_string()),
+                        }
+                    }
+                    out.push(']');
+                }
+                _ => out.push_str(value.get()),
             }
-            out.push_str(&prompt.to_string());
         } else {
             out.push_str(value.get());
         }
     }
     out.push('}');
     Some(out)
+}
+
+/// Appends `text`, normalized, as a JSON string.
+fn push_normalized(out: &mut String, text: &str) {
+    let normalized = normalize_text(text);
+    // Only quotes, backslashes and control characters need escaping.
+    if normalized
+        .bytes()
+        .any(|b| b == b'"' || b == b'\\' || b < 0x20)
+    {
+        out.push_str(&Value::String(normalized).to_string());
+    } else {
+        out.push('"');
+        out.push_str(&normalized);
+        out.push('"');
+    }
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -181,6 +209,10 @@ mod tests {
             )
             .as_deref(),
             Some(r#"normalized:{"model":"m","prompt":["a b","c"],"stop":["\n"]}"#)
+        );
+        assert_eq!(
+            key(&c, r#"{"prompt":"Say \"Hi\"\u0001 \\ OK","model":"m"}"#).as_deref(),
+            Some(r#"normalized:{"model":"m","prompt":"say \"hi\"\u0001 \\ ok"}"#)
         );
         assert_eq!(key(&c, "[1]"), None);
         assert_eq!(key(&c, r#"{"mo\u0064el":"m"}"#), None);

@@ -108,9 +108,27 @@ impl Censor {
             .map(String::as_str)
     }
 
+    /// Where the first word in ASCII `text` at or after byte `from` starts:
+    /// a tight scan for bytes that can start one, and a comparison only there.
+    fn next_word_ascii(&self, text: &[u8], from: usize) -> Option<usize> {
+        let mut i = from;
+        while let Some(skip) = text
+            .get(i..)?
+            .iter()
+            .position(|&b| self.starts_word[usize::from(b)])
+        {
+            i += skip;
+            if self.word_at(text, i).is_some() {
+                return Some(i);
+            }
+            i += 1;
+        }
+        None
+    }
+
     fn censor_ascii<'t>(&self, text: &'t str) -> Cow<'t, str> {
         let bytes = text.as_bytes();
-        let Some(first) = (0..bytes.len()).find(|&i| self.word_at(bytes, i).is_some()) else {
+        let Some(first) = self.next_word_ascii(bytes, 0) else {
             return Cow::Borrowed(text);
         };
         let mut out = String::with_capacity(text.len() + 16);
@@ -242,14 +260,22 @@ impl Censor {
     /// follows, it holds back only the end of the last text: when no word
     /// occurs anywhere, every text but that end passes unchanged (where
     /// `on_text` would hold each possible start of a word until the next text).
-    pub fn on_texts(&mut self, index: u32, whole: &str, ends: &[u32]) -> Vec<Action> {
+    ///
+    /// Each action goes through `to` (the plugin's own action type) as it is made.
+    pub fn on_texts<A>(
+        &mut self,
+        index: u32,
+        whole: &str,
+        ends: &[u32],
+        mut to: impl FnMut(Action) -> A,
+    ) -> Vec<A> {
         let nothing_held = self.held.iter().all(|(i, _)| *i != index);
         let bounds_ok = ends.last().is_some_and(|&e| e as usize == whole.len())
             && ends.is_sorted()
             && ends.iter().all(|&e| whole.is_char_boundary(e as usize));
         if !(nothing_held && bounds_ok && matches!(self.censor(whole), Cow::Borrowed(_))) {
             return split_texts(whole, ends)
-                .map(|text| self.on_text(index, text))
+                .map(|text| to(self.on_text(index, text)))
                 .collect();
         }
         let cut = whole.len() - self.partial_suffix(whole);
@@ -261,13 +287,13 @@ impl Censor {
             .map(|&end| {
                 let (text_start, end) = (start, end as usize);
                 start = end;
-                if end <= cut {
+                to(if end <= cut {
                     Action::Pass
                 } else if text_start >= cut {
                     Action::Hold
                 } else {
                     Action::Replace(whole[text_start..cut].to_string())
-                }
+                })
             })
             .collect()
     }
@@ -337,10 +363,7 @@ mod component {
     impl TokenBatchHook for Plugin {
         // The censor never stops a response, so every text gets an action.
         fn on_tokens(index: u32, text: String, ends: Vec<u32>) -> Vec<TokenAction> {
-            CENSOR.with(|c| {
-                let actions = c.borrow_mut().on_texts(index, &text, &ends);
-                actions.into_iter().map(to_wit).collect()
-            })
+            CENSOR.with(|c| c.borrow_mut().on_texts(index, &text, &ends, to_wit))
         }
     }
 
@@ -407,7 +430,7 @@ mod tests {
             ends.push(end as u32);
         }
         let mut out = String::new();
-        for (action, chunk) in c.on_texts(0, &whole, &ends).into_iter().zip(chunks) {
+        for (action, chunk) in c.on_texts(0, &whole, &ends, |a| a).into_iter().zip(chunks) {
             match action {
                 Action::Pass => out.push_str(chunk),
                 Action::Replace(text) => out.push_str(&text),
@@ -420,7 +443,9 @@ mod tests {
     #[test]
     fn a_batch_sends_what_text_by_text_sends() {
         let words = ["darn", "heck", "a"];
-        let alphabet = ["d", "a", "r", "n", "D", "h", "e", "c", "k", " ", "x", "é", "da"];
+        let alphabet = [
+            "d", "a", "r", "n", "D", "h", "e", "c", "k", " ", "x", "é", "da",
+        ];
         let mut seed = 11u64;
         let mut next = |n: usize| {
             seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
@@ -428,25 +453,33 @@ mod tests {
         };
         for _ in 0..3_000 {
             let chunks: Vec<String> = (0..next(6))
-                .map(|_| (0..next(4)).map(|_| alphabet[next(alphabet.len())]).collect())
+                .map(|_| {
+                    (0..next(4))
+                        .map(|_| alphabet[next(alphabet.len())])
+                        .collect()
+                })
                 .collect();
             let chunks: Vec<&str> = chunks.iter().map(String::as_str).collect();
             let mask = (next(2) == 0).then_some("#");
             let one_by_one = run(&mut censor(&words, mask), &chunks);
-            assert_eq!(run_batch(&mut censor(&words, mask), &chunks), one_by_one, "{chunks:?}");
+            assert_eq!(
+                run_batch(&mut censor(&words, mask), &chunks),
+                one_by_one,
+                "{chunks:?}"
+            );
         }
     }
 
     #[test]
     fn a_batch_without_words_passes_all_but_a_possible_start_at_its_end() {
         let mut c = censor(&["darn", "heck"], None);
-        let actions = c.on_texts(0, " the river and", &[4, 10, 14]);
+        let actions = c.on_texts(0, " the river and", &[4, 10, 14], |a| a);
         assert_eq!(
             actions,
             [Action::Pass, Action::Pass, Action::Replace(" an".into())]
         );
         assert_eq!(c.on_end(0), "d");
-        let actions = c.on_texts(0, " da", &[2, 3]);
+        let actions = c.on_texts(0, " da", &[2, 3], |a| a);
         assert_eq!(actions, [Action::Replace(" ".into()), Action::Hold]);
         assert_eq!(c.on_end(0), "da");
     }
