@@ -508,7 +508,7 @@ mod tests {
         ];
         let mut seed = 7u64;
         for _ in 0..5_000 {
-            let len = (seed % 12) as usize;
+            let len = (seed % 40) as usize;
             let text: String = (0..len)
                 .map(|_| {
                     seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
