@@ -486,7 +486,12 @@ impl PluginHost {
             match result {
                 Ok(CacheKeyDecision::UseDefault) => {}
                 Ok(CacheKeyDecision::Custom(custom)) => {
-                    key = format!("plugin:{}", hex::encode(Sha256::digest(custom.as_bytes())));
+                    let mut digest = [0u8; 64];
+                    hex::encode_to_slice(Sha256::digest(custom.as_bytes()), &mut digest)
+                        .map_err(|err| GatewayError::Internal(err.to_string()))?;
+                    key.clear();
+                    key.push_str("plugin:");
+                    key.extend(digest.iter().map(|&b| char::from(b)));
                 }
                 Ok(CacheKeyDecision::Bypass) => return Ok(KeyDecision::Bypass),
                 Err(failure) => Self::on_failure(plugin, "cache-key", &ctx.request_id, failure)?,

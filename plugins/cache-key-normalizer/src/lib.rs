@@ -80,6 +80,11 @@ pub fn key(config: &Config, body_json: &str) -> Option<String> {
         out.push_str(name);
         out.push_str("\":");
         if name == "prompt" {
+            // Borrowed when the prompt holds no escapes (the usual case): no copy.
+            if let Ok(text) = serde_json::from_str::<&str>(value.get()) {
+                push_normalized(&mut out, text);
+                continue;
+            }
             match serde_json::from_str::<Value>(value.get()).ok()? {
                 Value::String(text) => push_normalized(&mut out, &text),
                 Value::Array(items) => {
