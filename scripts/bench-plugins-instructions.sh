@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the example plugins cost on a cache hit, in instructions per stream
-# (valgrind's count repeats to within 0.1 %; wall-clock throughput on this
-# shared 2-core machine drifts by ±15 %). Each configuration runs twice under
+# (steadier than wall-clock throughput on a shared 2-core machine, though not
+# exact: thread scheduling moves the count a little). Each configuration runs twice under
 # cachegrind (3 s and 9 s of hits); the difference divided by the difference
 # in streams is the marginal cost of one stream, startup and plugin
 # compilation excluded. The instance pool is shrunk to 64 so valgrind can map
@@ -23,11 +23,20 @@ measure() { # seconds, plugins -> "instructions streams"
 }
 configs=("$@")
 [ ${#configs[@]} -gt 0 ] || configs=(none guard pii normalizer censor all)
+# REPEAT (default 3) pairs of runs per configuration; the median is printed.
+# The plugin-free count moves by about ±2.5 % from pair to pair (thread
+# wake-ups weigh more when a stream does little work); with plugins, ±0.3 %.
+repeat="${REPEAT:-3}"
 declare -A cost
 for name in "${configs[@]}"; do
-  read -r i1 s1 < <(measure 3 "$name")
-  read -r i2 s2 < <(measure 9 "$name")
-  cost[$name]=$(( (i2 - i1) / (s2 - s1) ))
+  costs=()
+  for _ in $(seq "$repeat"); do
+    read -r i1 s1 < <(measure 3 "$name")
+    read -r i2 s2 < <(measure 9 "$name")
+    costs+=($(( (i2 - i1) / (s2 - s1) )))
+  done
+  cost[$name]=$(printf '%s\n' "${costs[@]}" | sort -n | sed -n "$(( (repeat + 1) / 2 ))p")
+  echo "$name: ${costs[*]}" >&2
 done
 printf '| plugins | instructions per cache-hit stream | vs none |\n|---|---|---|\n'
 for name in "${configs[@]}"; do
