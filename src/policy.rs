@@ -28,15 +28,6 @@ pub struct RequestContext {
     pub traced: bool,
 }
 
-/// The `cache-key` hook's answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CacheKeyDecision {
-    /// Use this key (the default key, or a plugin's own).
-    Key(String),
-    /// Do not read or write the cache for this request.
-    Bypass,
-}
-
 /// A token filter's answer for one piece of text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenAction {
@@ -92,44 +83,18 @@ pub async fn on_each_text<F: TokenFilter + ?Sized>(
 
 #[async_trait]
 pub trait Policy: Send + Sync + 'static {
-    /// `on-request`: may rewrite the request in place, or reject it.
-    async fn on_request(
-        &self,
-        _ctx: &RequestContext,
-        _request: &mut CompletionRequest,
-    ) -> Result<(), GatewayError> {
-        Ok(())
-    }
-
-    /// `cache-key`: may replace the default key or bypass the cache.
-    async fn cache_key(
-        &self,
-        _ctx: &RequestContext,
-        _request: &CompletionRequest,
-        default_key: String,
-    ) -> Result<CacheKeyDecision, GatewayError> {
-        Ok(CacheKeyDecision::Key(default_key))
-    }
-
-    /// The request phase as the pipeline runs it: `on_request`, then, when
-    /// the gateway has a cache (`cached`), `cache_key` on the rewritten
-    /// request. Returns the cache key to use, or `None` to leave the cache
-    /// alone. Override it to share work between the two hooks.
+    /// The request phase: `on-request` (may rewrite the request in place, or
+    /// reject it), then, when the gateway has a cache (`cached`), `cache-key`
+    /// on the rewritten request. Returns the cache key to use, or `None` to
+    /// leave the cache alone. One method, so an implementation can share work
+    /// between the two hooks.
     async fn admit(
         &self,
-        ctx: &RequestContext,
+        _ctx: &RequestContext,
         request: &mut CompletionRequest,
         cached: bool,
     ) -> Result<Option<String>, GatewayError> {
-        self.on_request(ctx, request).await?;
-        if !cached {
-            return Ok(None);
-        }
-        let default_key = request.default_cache_key();
-        Ok(match self.cache_key(ctx, request, default_key).await? {
-            CacheKeyDecision::Key(key) => Some(key),
-            CacheKeyDecision::Bypass => None,
-        })
+        Ok(cached.then(|| request.default_cache_key()))
     }
 
     /// `on-token`: the filters for one response, in chain order.

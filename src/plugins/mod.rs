@@ -27,9 +27,7 @@ use tracing::Instrument;
 use crate::config::{Config, OnError, PluginConfig};
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
-use crate::policy::{
-    CacheKeyDecision as KeyDecision, Policy, RequestContext, TokenAction, TokenFilter,
-};
+use crate::policy::{Policy, RequestContext, TokenAction, TokenFilter};
 use crate::protocol::{CompletionRequest, Prompt};
 use bindings::{
     CacheKeyDecision, CompletionRequest as WitRequest, RequestContext as WitContext,
@@ -457,7 +455,8 @@ impl PluginHost {
         Ok(())
     }
 
-    /// `cache-key` through `plugins`, starting from `key`.
+    /// `cache-key` through `plugins`, starting from `key`: the key to use,
+    /// or `None` when a plugin bypasses the cache.
     async fn choose_key(
         &self,
         plugins: &[&Arc<LoadedPlugin>],
@@ -465,7 +464,7 @@ impl PluginHost {
         wit_ctx: &WitContext,
         wit_req: &WitRequest,
         mut key: String,
-    ) -> Result<KeyDecision, GatewayError> {
+    ) -> Result<Option<String>, GatewayError> {
         for plugin in plugins {
             let metrics = &self.metrics_of(plugin).cache_key;
             let result = self
@@ -493,47 +492,16 @@ impl PluginHost {
                     key.push_str("plugin:");
                     key.extend(digest.iter().map(|&b| char::from(b)));
                 }
-                Ok(CacheKeyDecision::Bypass) => return Ok(KeyDecision::Bypass),
+                Ok(CacheKeyDecision::Bypass) => return Ok(None),
                 Err(failure) => Self::on_failure(plugin, "cache-key", &ctx.request_id, failure)?,
             }
         }
-        Ok(KeyDecision::Key(key))
+        Ok(Some(key))
     }
 }
 
 #[async_trait]
 impl Policy for PluginHost {
-    async fn on_request(
-        &self,
-        ctx: &RequestContext,
-        request: &mut CompletionRequest,
-    ) -> Result<(), GatewayError> {
-        let chain = self.chain();
-        let plugins = hooked(&chain, ctx, |e| e.request.is_some());
-        if plugins.is_empty() {
-            return Ok(());
-        }
-        let mut wit_req = wit_request(request);
-        self.rewrite(&plugins, ctx, &wit_context(ctx), request, &mut wit_req)
-            .await
-    }
-
-    async fn cache_key(
-        &self,
-        ctx: &RequestContext,
-        request: &CompletionRequest,
-        default_key: String,
-    ) -> Result<KeyDecision, GatewayError> {
-        let chain = self.chain();
-        let plugins = hooked(&chain, ctx, |e| e.cache_key.is_some());
-        if plugins.is_empty() {
-            return Ok(KeyDecision::Key(default_key));
-        }
-        let (wit_ctx, wit_req) = (wit_context(ctx), wit_request(request));
-        self.choose_key(&plugins, ctx, &wit_ctx, &wit_req, default_key)
-            .await
-    }
-
     /// Both request hooks from one chain version, converting the request for
     /// plugins once rather than once per hook.
     async fn admit(
@@ -548,28 +516,19 @@ impl Policy for PluginHost {
             true => hooked(&chain, ctx, |e| e.cache_key.is_some()),
             false => Vec::new(),
         };
-        let mut converted = None;
-        if !rewriters.is_empty() || !keyers.is_empty() {
-            let (wit_ctx, mut wit_req) = (wit_context(ctx), wit_request(request));
-            self.rewrite(&rewriters, ctx, &wit_ctx, request, &mut wit_req)
-                .await?;
-            converted = Some((wit_ctx, wit_req));
+        if rewriters.is_empty() && keyers.is_empty() {
+            return Ok(cached.then(|| request.default_cache_key()));
         }
+        let wit_ctx = wit_context(ctx);
+        let mut wit_req = wit_request(request);
+        self.rewrite(&rewriters, ctx, &wit_ctx, request, &mut wit_req)
+            .await?;
         if !cached {
             return Ok(None);
         }
         let default_key = request.default_cache_key();
-        let decision = match &converted {
-            Some((wit_ctx, wit_req)) if !keyers.is_empty() => {
-                self.choose_key(&keyers, ctx, wit_ctx, wit_req, default_key)
-                    .await?
-            }
-            _ => KeyDecision::Key(default_key),
-        };
-        Ok(match decision {
-            KeyDecision::Key(key) => Some(key),
-            KeyDecision::Bypass => None,
-        })
+        self.choose_key(&keyers, ctx, &wit_ctx, &wit_req, default_key)
+            .await
     }
 
     fn token_filters(&self, ctx: &RequestContext) -> Vec<Box<dyn TokenFilter>> {

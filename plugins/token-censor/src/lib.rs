@@ -381,14 +381,19 @@ mod tests {
         })
     }
 
+    /// Appends what `action` sends for `chunk`.
+    fn send(out: &mut String, action: Action, chunk: &str) {
+        match action {
+            Action::Pass => out.push_str(chunk),
+            Action::Replace(text) => out.push_str(&text),
+            Action::Hold => {}
+        }
+    }
+
     fn run(c: &mut Censor, chunks: &[&str]) -> String {
         let mut out = String::new();
         for chunk in chunks {
-            match c.on_text(0, chunk) {
-                Action::Pass => out.push_str(chunk),
-                Action::Replace(text) => out.push_str(&text),
-                Action::Hold => {}
-            }
+            send(&mut out, c.on_text(0, chunk), chunk);
         }
         out + &c.on_end(0)
     }
@@ -431,11 +436,7 @@ mod tests {
         }
         let mut out = String::new();
         for (action, chunk) in c.on_texts(0, &whole, &ends, |a| a).into_iter().zip(chunks) {
-            match action {
-                Action::Pass => out.push_str(chunk),
-                Action::Replace(text) => out.push_str(&text),
-                Action::Hold => {}
-            }
+            send(&mut out, action, chunk);
         }
         out + &c.on_end(0)
     }
