@@ -69,7 +69,7 @@ fn ctx() -> RequestContext {
         },
         route: "/v1/completions",
         transport: "sse",
-        traced: false,
+        trace: None,
     }
 }
 

@@ -23,6 +23,7 @@ pub mod policy;
 pub mod protocol;
 pub mod queue;
 pub mod simulator;
+pub mod spans;
 pub mod sse;
 pub mod store;
 pub mod telemetry;

@@ -322,27 +322,6 @@ mod tests {
     }
 
     #[test]
-    fn a_line_inside_a_stage_span_reports_the_request_span() {
-        // A plain level (a `Targets` filter) and a span directive (`EnvFilter`).
-        for spec in ["info", "info,[other]=debug"] {
-            line_inside_a_stage_span(spec);
-        }
-    }
-
-    fn line_inside_a_stage_span(spec: &str) {
-        let text = logged(spec, || {
-            let request = tracing::info_span!("request", request_id = "req-7");
-            let _in_request = request.enter();
-            let stage = crate::stage_span!(true, "cache.lookup", result = "hit");
-            let _in_stage = stage.enter();
-            tracing::warn!("inside a stage");
-        });
-        let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
-        assert_eq!(line["span"]["name"], "request", "{spec}");
-        assert_eq!(line["span"]["request_id"], "req-7", "{spec}");
-    }
-
-    #[test]
     fn timestamps_are_rfc3339_with_microseconds() {
         let stamp = |nanos: u64| {
             let mut line = Vec::new();

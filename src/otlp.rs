@@ -1,28 +1,112 @@
-//! The OTLP/HTTP span exporter for `http/protobuf`: finished spans are
-//! written straight into the protobuf wire format of an
-//! `ExportTraceServiceRequest` and posted to the collector.
+//! Trace export over OTLP/HTTP: the export thread, which takes finished
+//! spans from the [`SpanQueue`] in batches, and the two encodings.
+//! `http/protobuf` (the default) is written straight into the protobuf wire
+//! format of an `ExportTraceServiceRequest`; `http/json` goes through
+//! `opentelemetry-otlp`.
 //!
-//! Why not `opentelemetry-otlp`'s exporter: it first converts every span into
-//! `opentelemetry-proto` structs (a `String` per attribute key and value, a
-//! `Vec` per id) and then has `prost` encode them, recomputing nested lengths
-//! at every level. Measured here (callgrind, per cache-hit request with four
-//! spans): about 40,000 instructions that way, about 7,000 encoding in place,
-//! of roughly 50,000 the whole sampled trace now costs. `http/json` still goes
-//! through `opentelemetry-otlp` (see `telemetry.rs`). The test below checks the
-//! bytes against `opentelemetry-proto`'s own conversion of the same spans.
+//! Why not `opentelemetry-otlp` for protobuf too: it first converts every
+//! span into `opentelemetry-proto` structs (a `String` per attribute key and
+//! value, a `Vec` per id) and then has `prost` encode them, recomputing nested
+//! lengths at every level. Measured here (callgrind, per cache-hit request
+//! with four spans): about 40,000 instructions that way, about 7,000 encoding
+//! in place. The tests below check the bytes against `opentelemetry-proto`'s
+//! own conversion of the same spans.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
-use opentelemetry::trace::{SpanId, SpanKind, Status};
+use opentelemetry::trace::{
+    SpanContext as OtelSpanContext, SpanId, Status, TraceFlags, TraceId, TraceState,
+};
 use opentelemetry::{Array, InstrumentationScope, KeyValue, Value};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{SpanData, SpanExporter};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+
+use crate::spans::{AttrValue, Recording, SpanKind, SpanQueue};
+
+/// The instrumentation scope of every span sluice exports.
+const SCOPE: &str = "sluice";
+
+/// Sends one batch of finished spans to a collector.
+pub trait SpanExport: Send {
+    fn export(&mut self, spans: &[Recording]) -> Result<(), String>;
+}
+
+/// The export thread's settings: the standard `OTEL_BSP_*` variables.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchConfig {
+    /// `OTEL_BSP_SCHEDULE_DELAY`: the longest a span waits (default 5 s).
+    pub delay: Duration,
+    /// `OTEL_BSP_MAX_QUEUE_SIZE`: spans waiting beyond this are dropped (default 2048).
+    pub max_queue: usize,
+    /// `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`: spans per request (default 512).
+    pub max_batch: usize,
+}
+
+impl BatchConfig {
+    pub fn from_env() -> Self {
+        let var = |name: &str, default: u64| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(default)
+        };
+        Self {
+            delay: Duration::from_millis(var("OTEL_BSP_SCHEDULE_DELAY", 5000)),
+            max_queue: usize::try_from(var("OTEL_BSP_MAX_QUEUE_SIZE", 2048)).unwrap_or(2048),
+            max_batch: usize::try_from(var("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)).unwrap_or(512),
+        }
+    }
+}
+
+/// Starts the thread that exports what `queue` collects until it is closed.
+/// A failing collector is logged once per incident, never per batch.
+pub fn spawn_export_thread(
+    queue: Arc<SpanQueue>,
+    mut exporter: Box<dyn SpanExport>,
+    delay: Duration,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("sluice-otlp".into())
+        .spawn(move || {
+            let mut spare = Vec::new();
+            let mut failing = false;
+            loop {
+                let drained = queue.wait(delay, spare);
+                if drained.dropped > 0 {
+                    tracing::warn!(
+                        dropped = drained.dropped,
+                        "trace spans dropped: the export queue was full"
+                    );
+                }
+                for batch in drained.spans.chunks(queue.batch_size()) {
+                    match exporter.export(batch) {
+                        Ok(()) if failing => {
+                            failing = false;
+                            tracing::info!("trace export works again");
+                        }
+                        Ok(()) => {}
+                        Err(err) if !failing => {
+                            failing = true;
+                            tracing::warn!(%err, "trace export failed; spans are dropped until the collector answers");
+                        }
+                        Err(_) => {}
+                    }
+                }
+                queue.exported(&drained);
+                if drained.closed {
+                    break;
+                }
+                spare = drained.spans;
+            }
+        })
+}
 
 /// Posts spans as `application/x-protobuf` to an OTLP/HTTP traces endpoint.
 #[derive(Debug)]
-pub struct ProtobufSpanExporter {
+pub struct ProtobufExporter {
     endpoint: String,
     headers: HeaderMap,
     client: reqwest::blocking::Client,
@@ -30,14 +114,16 @@ pub struct ProtobufSpanExporter {
     resource: EncodedResource,
 }
 
-impl ProtobufSpanExporter {
+impl ProtobufExporter {
     /// An exporter for `endpoint` (the full `/v1/traces` URL) with the
     /// `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS` and `..._TIMEOUT` variables applied.
-    pub fn from_env(endpoint: String) -> Result<Self, String> {
-        let timeout = otlp_env("TIMEOUT")
-            .and_then(|ms| ms.trim().parse::<u64>().ok())
-            .map_or(Duration::from_secs(10), Duration::from_millis);
-        Self::new(endpoint, otlp_env("HEADERS").as_deref(), timeout)
+    pub fn from_env(endpoint: String, resource: &Resource) -> Result<Self, String> {
+        Self::new(
+            endpoint,
+            otlp_env("HEADERS").as_deref(),
+            timeout_from_env(),
+            resource,
+        )
     }
 
     /// An exporter for `endpoint` sending `headers` (in the
@@ -46,6 +132,7 @@ impl ProtobufSpanExporter {
         endpoint: String,
         header_spec: Option<&str>,
         timeout: Duration,
+        resource: &Resource,
     ) -> Result<Self, String> {
         // A blocking client cannot be built on an async runtime's thread (its
         // own runtime would nest), and the caller may be on one.
@@ -78,8 +165,120 @@ impl ProtobufSpanExporter {
             endpoint,
             headers,
             client,
-            resource: EncodedResource::default(),
+            resource: EncodedResource::new(resource),
         })
+    }
+}
+
+impl SpanExport for ProtobufExporter {
+    fn export(&mut self, spans: &[Recording]) -> Result<(), String> {
+        if spans.is_empty() {
+            return Ok(());
+        }
+        let body = encode_request(&self.resource, spans);
+        let request = self
+            .client
+            .post(&self.endpoint)
+            .headers(self.headers.clone())
+            .body(body);
+        match request.send() {
+            Ok(response) if response.status().is_success() => Ok(()),
+            Ok(response) => Err(format!(
+                "the OTLP collector at {} answered {}",
+                self.endpoint,
+                response.status()
+            )),
+            Err(err) => Err(format!("cannot post spans to {}: {err}", self.endpoint)),
+        }
+    }
+}
+
+/// Posts spans as JSON through `opentelemetry-otlp`.
+#[derive(Debug)]
+pub struct JsonExporter(opentelemetry_otlp::SpanExporter);
+
+impl JsonExporter {
+    pub fn from_env(endpoint: String, resource: &Resource) -> Result<Self, String> {
+        use opentelemetry_otlp::{Protocol, WithExportConfig};
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpJson)
+            .with_endpoint(endpoint)
+            .with_timeout(timeout_from_env())
+            .build()
+            .map_err(|err| err.to_string())?;
+        exporter.set_resource(resource);
+        Ok(Self(exporter))
+    }
+}
+
+impl SpanExport for JsonExporter {
+    fn export(&mut self, spans: &[Recording]) -> Result<(), String> {
+        let scope = InstrumentationScope::builder(SCOPE).build();
+        let batch = spans.iter().map(|s| span_data(s, &scope)).collect();
+        futures::executor::block_on(self.0.export(batch)).map_err(|err| err.to_string())
+    }
+}
+
+fn timeout_from_env() -> Duration {
+    otlp_env("TIMEOUT")
+        .and_then(|ms| ms.trim().parse::<u64>().ok())
+        .map_or(Duration::from_secs(10), Duration::from_millis)
+}
+
+/// `span` as the OpenTelemetry SDK represents it.
+pub fn span_data(span: &Recording, scope: &InstrumentationScope) -> SpanData {
+    let trace_state = span
+        .context
+        .trace_state
+        .as_deref()
+        .and_then(|header| header.parse::<TraceState>().ok())
+        .unwrap_or_default();
+    let attributes = span
+        .attributes
+        .iter()
+        .map(|(key, value)| {
+            let value = match value {
+                AttrValue::Str(s) => Value::from(s.to_string()),
+                AttrValue::I64(v) => Value::I64(*v),
+                AttrValue::F64(v) => Value::F64(*v),
+                AttrValue::Bool(v) => Value::Bool(*v),
+            };
+            KeyValue::new(*key, value)
+        })
+        .collect();
+    let time = |nanos: u64| UNIX_EPOCH + Duration::from_nanos(nanos);
+    SpanData {
+        span_context: OtelSpanContext::new(
+            TraceId::from_bytes(span.context.trace_id),
+            SpanId::from_bytes(span.context.span_id),
+            TraceFlags::SAMPLED,
+            false,
+            trace_state,
+        ),
+        parent_span_id: span
+            .parent_span_id
+            .map_or(SpanId::INVALID, SpanId::from_bytes),
+        parent_span_is_remote: span.parent_is_remote,
+        span_kind: match span.kind {
+            SpanKind::Internal => opentelemetry::trace::SpanKind::Internal,
+            SpanKind::Server => opentelemetry::trace::SpanKind::Server,
+            SpanKind::Client => opentelemetry::trace::SpanKind::Client,
+            SpanKind::Producer => opentelemetry::trace::SpanKind::Producer,
+            SpanKind::Consumer => opentelemetry::trace::SpanKind::Consumer,
+        },
+        name: span.name.clone(),
+        start_time: time(span.start_unix_nanos),
+        end_time: time(span.end_unix_nanos),
+        attributes,
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status: match &span.error {
+            Some(description) => Status::error(Cow::Owned(description.clone())),
+            None => Status::Unset,
+        },
+        instrumentation_scope: scope.clone(),
     }
 }
 
@@ -106,50 +305,26 @@ fn parse_headers(spec: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-impl SpanExporter for ProtobufSpanExporter {
-    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let body = encode_request(&self.resource, &batch);
-        let request = self
-            .client
-            .post(&self.endpoint)
-            .headers(self.headers.clone())
-            .body(body);
-        match request.send() {
-            Ok(response) if response.status().is_success() => Ok(()),
-            Ok(response) => Err(OTelSdkError::InternalFailure(format!(
-                "the OTLP collector at {} answered {}",
-                self.endpoint,
-                response.status()
-            ))),
-            Err(err) => Err(OTelSdkError::InternalFailure(format!(
-                "cannot post spans to {}: {err}",
-                self.endpoint
-            ))),
-        }
-    }
+/// A `Resource` message's fields, and its schema URL.
+#[derive(Debug, Default)]
+pub struct EncodedResource {
+    attributes: Vec<u8>,
+    schema_url: String,
+}
 
-    fn set_resource(&mut self, resource: &Resource) {
+impl EncodedResource {
+    pub fn new(resource: &Resource) -> Self {
         let mut attributes = Vec::new();
         for (key, value) in resource.iter() {
             message(&mut attributes, 1, |buf| {
                 key_value(buf, key.as_str(), value)
             });
         }
-        self.resource = EncodedResource {
+        Self {
             attributes,
             schema_url: resource.schema_url().unwrap_or_default().to_string(),
-        };
+        }
     }
-}
-
-/// A `Resource` message's fields, and its schema URL.
-#[derive(Debug, Default)]
-pub struct EncodedResource {
-    attributes: Vec<u8>,
-    schema_url: String,
 }
 
 /// Wire types.
@@ -243,11 +418,6 @@ fn message(buf: &mut Vec<u8>, field: u32, write: impl FnOnce(&mut Vec<u8>)) {
     buf[length_at..length_at + n].copy_from_slice(&length[..n]);
 }
 
-fn nanos(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
 /// An `AnyValue` message's fields.
 fn any_value(buf: &mut Vec<u8>, value: &Value) {
     match value {
@@ -290,30 +460,58 @@ fn key_value(buf: &mut Vec<u8>, key: &str, value: &Value) {
     message(buf, 2, |buf| any_value(buf, value));
 }
 
-fn attributes(buf: &mut Vec<u8>, field: u32, attributes: &[KeyValue]) {
-    for kv in attributes {
-        message(buf, field, |buf| key_value(buf, kv.key.as_str(), &kv.value));
+/// An `AnyValue` message's fields, for a span attribute.
+fn attr_value(buf: &mut Vec<u8>, value: &AttrValue) {
+    match value {
+        AttrValue::Bool(v) => {
+            tag(buf, 2, VARINT);
+            varint(buf, u64::from(*v));
+        }
+        AttrValue::I64(v) => {
+            tag(buf, 3, VARINT);
+            varint(buf, *v as u64);
+        }
+        AttrValue::F64(v) => {
+            tag(buf, 4, FIXED64);
+            buf.extend_from_slice(&v.to_bits().to_le_bytes());
+        }
+        // Present even when empty: the oneof says which kind of value it is.
+        AttrValue::Str(v) => len_field(buf, 1, v.as_bytes()),
     }
 }
 
-/// `SpanFlags`: the W3C trace flags, plus whether the parent is known to be remote.
-fn span_flags(parent_is_remote: bool, trace_flags: u8) -> u32 {
+fn attributes(buf: &mut Vec<u8>, field: u32, attributes: &[(&'static str, AttrValue)]) {
+    for (key, value) in attributes {
+        message(buf, field, |buf| {
+            str_field(buf, 1, key);
+            message(buf, 2, |buf| attr_value(buf, value));
+        });
+    }
+}
+
+/// `SpanFlags`: the W3C trace flags (always sampled here), plus whether the
+/// parent is known to be remote.
+fn span_flags(parent_is_remote: bool) -> u32 {
+    const SAMPLED: u32 = 0x01;
     const HAS_IS_REMOTE: u32 = 0x100;
     const IS_REMOTE: u32 = 0x200;
-    u32::from(trace_flags) | HAS_IS_REMOTE | if parent_is_remote { IS_REMOTE } else { 0 }
+    SAMPLED | HAS_IS_REMOTE | if parent_is_remote { IS_REMOTE } else { 0 }
 }
 
 /// A `Span` message's fields.
-fn span(buf: &mut Vec<u8>, span: &SpanData) {
-    let context = &span.span_context;
-    bytes_field(buf, 1, &context.trace_id().to_bytes());
-    bytes_field(buf, 2, &context.span_id().to_bytes());
-    str_field(buf, 3, &context.trace_state().header());
-    if span.parent_span_id != SpanId::INVALID {
-        bytes_field(buf, 4, &span.parent_span_id.to_bytes());
+fn span(buf: &mut Vec<u8>, span: &Recording) {
+    bytes_field(buf, 1, &span.context.trace_id);
+    bytes_field(buf, 2, &span.context.span_id);
+    str_field(
+        buf,
+        3,
+        span.context.trace_state.as_deref().unwrap_or_default(),
+    );
+    if let Some(parent) = &span.parent_span_id {
+        bytes_field(buf, 4, parent);
     }
     str_field(buf, 5, &span.name);
-    let kind = match span.span_kind {
+    let kind = match span.kind {
         SpanKind::Internal => 1,
         SpanKind::Server => 2,
         SpanKind::Client => 3,
@@ -321,75 +519,30 @@ fn span(buf: &mut Vec<u8>, span: &SpanData) {
         SpanKind::Consumer => 5,
     };
     varint_field(buf, 6, kind);
-    fixed64_field(buf, 7, nanos(span.start_time));
-    fixed64_field(buf, 8, nanos(span.end_time));
+    fixed64_field(buf, 7, span.start_unix_nanos);
+    fixed64_field(buf, 8, span.end_unix_nanos);
     attributes(buf, 9, &span.attributes);
-    varint_field(buf, 10, u64::from(span.dropped_attributes_count));
-    for event in span.events.iter() {
-        message(buf, 11, |buf| {
-            fixed64_field(buf, 1, nanos(event.timestamp));
-            str_field(buf, 2, &event.name);
-            attributes(buf, 3, &event.attributes);
-            varint_field(buf, 4, u64::from(event.dropped_attributes_count));
-        });
-    }
-    varint_field(buf, 12, u64::from(span.events.dropped_count));
-    for link in span.links.iter() {
-        message(buf, 13, |buf| {
-            let context = &link.span_context;
-            bytes_field(buf, 1, &context.trace_id().to_bytes());
-            bytes_field(buf, 2, &context.span_id().to_bytes());
-            str_field(buf, 3, &context.trace_state().header());
-            attributes(buf, 4, &link.attributes);
-            varint_field(buf, 5, u64::from(link.dropped_attributes_count));
-            let flags = span_flags(context.is_remote(), context.trace_flags().to_u8());
-            fixed32_field(buf, 6, flags);
-        });
-    }
-    varint_field(buf, 14, u64::from(span.links.dropped_count));
     message(buf, 15, |buf| {
-        let (code, text) = match &span.status {
-            Status::Unset => (0, ""),
-            Status::Ok => (1, ""),
-            Status::Error { description } => (2, description.as_ref()),
-        };
-        str_field(buf, 2, text);
-        varint_field(buf, 3, code);
-    });
-    let flags = span_flags(span.parent_span_is_remote, context.trace_flags().to_u8());
-    fixed32_field(buf, 16, flags);
-}
-
-/// An `InstrumentationScope` message's fields.
-fn scope(buf: &mut Vec<u8>, scope: &InstrumentationScope) {
-    str_field(buf, 1, scope.name());
-    str_field(buf, 2, scope.version().unwrap_or_default());
-    for kv in scope.attributes() {
-        message(buf, 3, |buf| key_value(buf, kv.key.as_str(), &kv.value));
-    }
-}
-
-/// The `ExportTraceServiceRequest` for `spans`: one `ResourceSpans`, with one
-/// `ScopeSpans` per instrumentation scope in order of first appearance.
-pub fn encode_request(resource: &EncodedResource, spans: &[SpanData]) -> Vec<u8> {
-    let mut scopes: Vec<&InstrumentationScope> = Vec::new();
-    for span in spans {
-        if !scopes.contains(&&span.instrumentation_scope) {
-            scopes.push(&span.instrumentation_scope);
+        if let Some(description) = &span.error {
+            str_field(buf, 2, description);
+            varint_field(buf, 3, 2);
         }
-    }
-    let mut buf = Vec::with_capacity(256 * spans.len() + resource.attributes.len() + 64);
+    });
+    fixed32_field(buf, 16, span_flags(span.parent_is_remote));
+}
+
+/// The `ExportTraceServiceRequest` for `spans`: one `ResourceSpans` with
+/// one `ScopeSpans`, sluice's.
+pub fn encode_request(resource: &EncodedResource, spans: &[Recording]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(200 * spans.len() + resource.attributes.len() + 64);
     message(&mut buf, 1, |buf| {
         message(buf, 1, |buf| buf.extend_from_slice(&resource.attributes));
-        for current in scopes {
-            message(buf, 2, |buf| {
-                message(buf, 1, |buf| scope(buf, current));
-                for data in spans.iter().filter(|s| &s.instrumentation_scope == current) {
-                    message(buf, 2, |buf| span(buf, data));
-                }
-                str_field(buf, 3, current.schema_url().unwrap_or_default());
-            });
-        }
+        message(buf, 2, |buf| {
+            message(buf, 1, |buf| str_field(buf, 1, SCOPE));
+            for data in spans {
+                message(buf, 2, |buf| span(buf, data));
+            }
+        });
         str_field(buf, 3, &resource.schema_url);
     });
     buf
@@ -397,124 +550,86 @@ pub fn encode_request(resource: &EncodedResource, spans: &[SpanData]) -> Vec<u8>
 
 #[cfg(test)]
 mod tests {
-    use std::borrow::Cow;
-    use std::time::Duration;
-
-    use opentelemetry::trace::{
-        Event, Link, SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
-    };
-    use opentelemetry::{InstrumentationScope, KeyValue, StringValue};
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
     use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;
-    use opentelemetry_sdk::Resource;
-    use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
     use prost::Message;
 
     use super::*;
+    use crate::spans::SpanContext;
 
-    fn context(trace: u128, span: u64, remote: bool) -> SpanContext {
-        SpanContext::new(
-            TraceId::from(trace),
-            SpanId::from(span),
-            TraceFlags::SAMPLED,
-            remote,
-            TraceState::from_key_value([("vendor", "v1")]).unwrap(),
-        )
+    fn spans() -> Vec<Recording> {
+        let start = 1_795_715_326_831_289_604;
+        let trace_id = 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736_u128.to_be_bytes();
+        let root = Recording {
+            context: SpanContext {
+                trace_id,
+                span_id: 0xf810_u64.to_be_bytes(),
+                trace_state: Some("vendor=v1".into()),
+            },
+            parent_span_id: Some(0x00f0_67aa_0ba9_02b7_u64.to_be_bytes()),
+            parent_is_remote: true,
+            name: "POST /v1/completions".into(),
+            kind: SpanKind::Server,
+            start_unix_nanos: start,
+            end_unix_nanos: start + 60_000,
+            attributes: vec![
+                ("request_id", AttrValue::from("01a218f9".to_string())),
+                ("status", 200_i64.into()),
+                ("status_negative", (-3_i64).into()),
+                ("ttft_ms", 0.023955.into()),
+                ("cached", true.into()),
+                ("empty", "".into()),
+            ],
+            error: Some("upstream error".into()),
+        };
+        let child = Recording {
+            context: SpanContext {
+                trace_id,
+                span_id: 0xc510_u64.to_be_bytes(),
+                trace_state: None,
+            },
+            parent_span_id: Some(0xf810_u64.to_be_bytes()),
+            parent_is_remote: false,
+            name: "cache.lookup".into(),
+            kind: SpanKind::Internal,
+            start_unix_nanos: start,
+            end_unix_nanos: start + 2_000,
+            attributes: vec![("result", "hit".into())],
+            error: None,
+        };
+        let mut worker = child.clone();
+        worker.name = "worker.upstream".into();
+        worker.kind = SpanKind::Consumer;
+        worker.parent_is_remote = true;
+        let mut orphan = child.clone();
+        orphan.parent_span_id = None;
+        vec![root, child, worker, orphan]
     }
 
-    fn spans(scope: &InstrumentationScope) -> Vec<SpanData> {
-        let start = UNIX_EPOCH + Duration::from_nanos(1_795_715_326_831_289_604);
-        let mut events = SpanEvents::default();
-        events.events.push(Event::new(
-            "upstream error",
-            start + Duration::from_micros(5),
-            vec![KeyValue::new("level", "WARN")],
-            0,
-        ));
-        events.dropped_count = 1;
-        let mut links = SpanLinks::default();
-        links.links.push(Link::new(
-            context(7, 8, true),
-            vec![KeyValue::new("k", 1.5)],
-            0,
-        ));
-        let root = SpanData {
-            span_context: context(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736, 0xf810, false),
-            parent_span_id: SpanId::from(0x00f0_67aa_0ba9_02b7),
-            parent_span_is_remote: true,
-            span_kind: SpanKind::Server,
-            name: Cow::Borrowed("POST /v1/completions"),
-            start_time: start,
-            end_time: start + Duration::from_micros(60),
-            attributes: vec![
-                KeyValue::new("request_id", "01a218f9"),
-                KeyValue::new("status", 200_i64),
-                KeyValue::new("status_negative", -3_i64),
-                KeyValue::new("ttft_ms", 0.023955),
-                KeyValue::new("cached", true),
-                KeyValue::new("empty", ""),
+    fn resource() -> Resource {
+        Resource::builder_empty()
+            .with_attributes([
+                KeyValue::new("service.name", "sluice"),
+                KeyValue::new("host.cores", 2_i64),
                 KeyValue::new(
-                    "list",
-                    Value::Array(Array::String(vec![StringValue::from("a"), "b".into()])),
+                    "process.command_args",
+                    Value::Array(Array::String(vec!["sluice".into(), "serve".into()])),
                 ),
-                KeyValue::new("numbers", Value::Array(Array::I64(vec![1, -2]))),
-            ],
-            dropped_attributes_count: 2,
-            events,
-            links,
-            status: Status::error("upstream failed"),
-            instrumentation_scope: scope.clone(),
-        };
-        let child = SpanData {
-            span_context: context(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736, 0xc510, false),
-            parent_span_id: SpanId::from(0xf810),
-            parent_span_is_remote: false,
-            span_kind: SpanKind::Internal,
-            name: Cow::Owned("cache.lookup".into()),
-            start_time: start,
-            end_time: start + Duration::from_micros(2),
-            attributes: vec![KeyValue::new("result", "hit")],
-            dropped_attributes_count: 0,
-            events: SpanEvents::default(),
-            links: SpanLinks::default(),
-            status: Status::Unset,
-            instrumentation_scope: scope.clone(),
-        };
-        let mut other_scope = child.clone();
-        other_scope.instrumentation_scope = InstrumentationScope::builder("other")
-            .with_version("1.2")
-            .with_schema_url("https://opentelemetry.io/schemas/1.0")
-            .with_attributes([KeyValue::new("scope.attr", "x")])
-            .build();
-        other_scope.parent_span_id = SpanId::INVALID;
-        other_scope.status = Status::Ok;
-        vec![root, child, other_scope]
+            ])
+            .build()
     }
 
     #[test]
     fn bytes_decode_to_what_opentelemetry_proto_would_send() {
-        let scope = InstrumentationScope::builder("sluice").build();
-        let resource = Resource::builder_empty()
-            .with_attributes([
-                KeyValue::new("service.name", "sluice"),
-                KeyValue::new("host.cores", 2_i64),
-            ])
-            .build();
-        let mut exporter = ProtobufSpanExporter::new(
-            "http://127.0.0.1:1/v1/traces".into(),
-            None,
-            Duration::from_secs(1),
-        )
-        .expect("client");
-        exporter.set_resource(&resource);
-        let spans = spans(&scope);
-
-        let ours = encode_request(&exporter.resource, &spans);
+        let resource = resource();
+        let spans = spans();
+        let ours = encode_request(&EncodedResource::new(&resource), &spans);
         let decoded = ExportTraceServiceRequest::decode(ours.as_slice()).expect("valid protobuf");
+        let scope = InstrumentationScope::builder(SCOPE).build();
         let expected = ExportTraceServiceRequest {
             resource_spans: group_spans_by_resource_and_scope(
-                spans,
+                spans.iter().map(|s| span_data(s, &scope)).collect(),
                 &ResourceAttributesWithSchema::from(&resource),
             ),
         };
@@ -523,8 +638,11 @@ mod tests {
         assert_eq!(ours.len(), expected.encode_to_vec().len());
     }
 
-    #[test]
-    fn batches_are_posted_with_the_configured_headers() {
+    /// The head lines (lower-cased) and body of a request a collector received.
+    type Received = (Vec<String>, Vec<u8>);
+
+    /// A collector that answers one POST: its endpoint, and what it received.
+    fn collect_one_post() -> (String, std::thread::JoinHandle<Received>) {
         use std::io::{BufRead, BufReader, Read, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = format!("http://{}/v1/traces", listener.local_addr().unwrap());
@@ -553,14 +671,20 @@ mod tests {
                 .unwrap();
             (head, body)
         });
-        let exporter = ProtobufSpanExporter::new(
+        (endpoint, collector)
+    }
+
+    #[test]
+    fn batches_are_posted_with_the_configured_headers() {
+        let (endpoint, collector) = collect_one_post();
+        let mut exporter = ProtobufExporter::new(
             endpoint,
             Some("api-key=secret%20one,bad header=x"),
             Duration::from_secs(5),
+            &resource(),
         )
         .expect("client");
-        let scope = InstrumentationScope::builder("sluice").build();
-        let result = futures::executor::block_on(exporter.export(spans(&scope)));
+        let result = exporter.export(&spans());
         assert!(result.is_ok(), "{result:?}");
         let (head, body) = collector.join().unwrap();
         assert_eq!(head[0], "post /v1/traces http/1.1");
@@ -573,7 +697,65 @@ mod tests {
             "{head:?}"
         );
         let decoded = ExportTraceServiceRequest::decode(body.as_slice()).expect("protobuf");
-        assert_eq!(decoded.resource_spans[0].scope_spans[0].spans.len(), 2);
+        assert_eq!(decoded.resource_spans[0].scope_spans[0].spans.len(), 4);
+    }
+
+    #[test]
+    fn json_batches_carry_the_same_spans() {
+        let (endpoint, collector) = collect_one_post();
+        let mut exporter = JsonExporter::from_env(endpoint, &resource()).expect("exporter");
+        let result = exporter.export(&spans());
+        assert!(result.is_ok(), "{result:?}");
+        let (head, body) = collector.join().unwrap();
+        assert!(
+            head.contains(&"content-type: application/json".to_string()),
+            "{head:?}"
+        );
+        let body: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        let scope_spans = &body["resourceSpans"][0]["scopeSpans"][0];
+        assert_eq!(scope_spans["scope"]["name"], SCOPE);
+        let root = &scope_spans["spans"][0];
+        assert_eq!(root["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(root["parentSpanId"], "00f067aa0ba902b7");
+        assert_eq!(root["name"], "POST /v1/completions");
+        assert_eq!(root["status"]["code"], 2);
+        assert_eq!(scope_spans["spans"].as_array().map(Vec::len), Some(4));
+    }
+
+    /// Records the size of every batch it is given.
+    struct Counting {
+        exported: Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    impl SpanExport for Counting {
+        fn export(&mut self, spans: &[Recording]) -> Result<(), String> {
+            self.exported.lock().unwrap().push(spans.len());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_export_thread_sends_batches_flushes_and_stops() {
+        let queue = Arc::new(SpanQueue::new(100, 4));
+        let exported = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let thread = spawn_export_thread(
+            queue.clone(),
+            Box::new(Counting {
+                exported: exported.clone(),
+            }),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        let spans = spans();
+        for span in spans.iter().chain(&spans).chain(&spans[..1]) {
+            queue.push(span.clone());
+        }
+        queue.flush(Duration::from_secs(10));
+        let batches = exported.lock().unwrap().clone();
+        assert_eq!(batches.iter().sum::<usize>(), 9, "{batches:?}");
+        assert!(batches.iter().all(|&n| n <= 4), "{batches:?}");
+        queue.close();
+        thread.join().unwrap();
     }
 
     #[test]

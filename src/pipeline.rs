@@ -10,8 +10,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
-use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::app::AppState;
 use crate::cache::{CachedChunks, CachedResponse};
@@ -19,6 +17,7 @@ use crate::error::{ErrorInfo, GatewayError};
 use crate::policy::{FilterChain, Filtered, RequestContext};
 use crate::protocol::{Chunk, ChunkSummary, ChunkView, CompletionRequest, Usage};
 use crate::queue::{QueuedRequest, ResponseEvent, ResponseStream};
+use crate::spans::{SpanKind, StageSpan};
 use crate::store::InferenceRecord;
 use crate::telemetry::RequestTrace;
 
@@ -98,11 +97,6 @@ impl RequestRecord {
     pub fn identify(&mut self, identity: &crate::auth::Identity) {
         self.key_id = Some(identity.key_id.clone());
         self.key_name = identity.key_name.clone();
-        if self.trace.sampled {
-            self.trace
-                .span
-                .set_attribute("key", identity.key_name.clone());
-        }
     }
 
     pub fn fail(&mut self, error: &GatewayError) {
@@ -140,20 +134,25 @@ impl Drop for RequestRecord {
             .first_chunk_at
             .map(|t| (t - self.received_at).as_secs_f64() * 1000.0);
         let cache = if self.cache_hit { "hit" } else { "miss" };
-        let span = &self.trace.span;
-        // Attributes known late are set on the OpenTelemetry span directly:
-        // recording tracing fields would re-format them for the log layer.
-        if self.trace.sampled {
-            span.set_attribute("transport", self.transport);
-            span.set_attribute("status", i64::from(self.status));
-            span.set_attribute("cache", cache);
-            span.set_attribute("prompt_tokens", usage.prompt_tokens as i64);
-            span.set_attribute("completion_tokens", completion_tokens as i64);
+        // Set on the trace's span directly: recording `tracing` fields would
+        // re-format them for the log layer.
+        self.trace.record(|span| {
+            span.set("transport", self.transport);
+            span.set("key", self.key_name.clone());
+            span.set("model", self.model.clone());
+            span.set("status", i64::from(self.status));
+            span.set("cache", cache);
+            span.set("prompt_tokens", usage.prompt_tokens);
+            span.set("completion_tokens", completion_tokens);
             if let Some(ttft) = ttft_ms {
-                span.set_attribute("ttft_ms", ttft);
+                span.set("ttft_ms", ttft);
             }
-        }
-        let _in_request = span.enter();
+            // OpenTelemetry's HTTP convention: a server span fails on 5xx only.
+            if self.status >= 500 {
+                span.fail(format!("answered {}", self.status));
+            }
+        });
+        let _in_request = self.trace.span.enter();
         tracing::info!(
             request_id = self.request_id.as_str(),
             key = self.key_name.as_str(),
@@ -231,7 +230,7 @@ pub struct Completion {
     /// A chunk that must go out before `Done` (flushed held text).
     pending_done: bool,
     finished: bool,
-    delivery: tracing::Span,
+    delivery: StageSpan,
 }
 
 /// Runs the request through the hooks, the cache and the queue. Returns the
@@ -243,13 +242,6 @@ pub async fn start(
     mut record: RequestRecord,
 ) -> Result<Completion, (GatewayError, RequestRecord)> {
     record.model = request.model.clone();
-    let traced = record.trace.sampled;
-    if traced {
-        record
-            .trace
-            .span
-            .set_attribute("model", request.model.clone());
-    }
     let cache_key = match state
         .policy
         .admit(ctx, &mut request, state.cache.is_some())
@@ -264,11 +256,12 @@ pub async fn start(
     let deliver_usage_chunk = !request.is_stream() || request.wants_usage_chunk();
     let filters = FilterChain::new(state.policy.token_filters(ctx));
     let metrics = &state.metrics;
-    let lookup = crate::stage_span!(traced, "cache.lookup");
+    let mut lookup = record.trace.stage("cache.lookup");
     match (&state.cache, &cache_key) {
-        (Some(cache), Some(key)) => match cache.get(key).instrument(lookup.clone()).await {
+        (Some(cache), Some(key)) => match cache.get(key).await {
             Ok(Some(chunks)) => {
-                lookup.set_attribute("result", "hit");
+                lookup.set("result", "hit");
+                drop(lookup);
                 metrics.cache_lookups.with_label_values(&["hit"]).inc();
                 record.cache_hit = true;
                 return Ok(Completion::new(
@@ -280,17 +273,17 @@ pub async fn start(
                 ));
             }
             Ok(None) => {
-                lookup.set_attribute("result", "miss");
+                lookup.set("result", "miss");
                 metrics.cache_lookups.with_label_values(&["miss"]).inc();
             }
             Err(err) => {
-                lookup.set_attribute("result", "error");
+                lookup.set("result", "error");
                 metrics.cache_lookups.with_label_values(&["error"]).inc();
                 tracing::debug!(%err, "cache lookup failed; serving uncached");
             }
         },
         _ => {
-            lookup.set_attribute("result", "bypass");
+            lookup.set("result", "bypass");
             metrics.cache_lookups.with_label_values(&["bypass"]).inc();
         }
     }
@@ -298,13 +291,16 @@ pub async fn start(
 
     let submitted = Instant::now();
     // Spans from the submission to the first chunk back; the worker's spans are its children.
-    let submit = crate::stage_span!(traced, "queue.submit", otel.kind = "producer");
+    let mut submit = record
+        .trace
+        .stage("queue.submit")
+        .with_kind(SpanKind::Producer);
     let queued = QueuedRequest::new(
         ctx.request_id.clone(),
         request.upstream_body(),
-        record.trace.context_for(&submit),
+        record.trace.headers_from(&submit),
     );
-    let mut responses = match state.queue.submit(queued).instrument(submit.clone()).await {
+    let mut responses = match state.queue.submit(queued).await {
         Ok(responses) => responses,
         Err(err) => {
             let err = GatewayError::from(err);
@@ -312,11 +308,11 @@ pub async fn start(
             return Err((err, record));
         }
     };
-    let first = responses.next().instrument(submit.clone()).await;
+    let first = responses.next().await;
     metrics
         .queue_wait
         .observe(submitted.elapsed().as_secs_f64());
-    submit.set_attribute("wait_ms", submitted.elapsed().as_secs_f64() * 1000.0);
+    submit.set("wait_ms", submitted.elapsed().as_secs_f64() * 1000.0);
     drop(submit);
     if let ResponseEvent::Error(info) = first {
         let err = GatewayError::Upstream(info);
@@ -345,11 +341,7 @@ impl Completion {
         to_cache: Option<(String, Vec<Chunk>)>,
     ) -> Self {
         record.state.metrics.active_streams.inc();
-        let delivery = crate::stage_span!(
-            record.trace.sampled,
-            parent: &record.trace.span,
-            "stream.delivery"
-        );
+        let delivery = record.trace.stage("stream.delivery");
         Self {
             delivery,
             record,
@@ -496,13 +488,12 @@ impl Completion {
 impl Drop for Completion {
     fn drop(&mut self) {
         self.record.state.metrics.active_streams.dec();
-        self.delivery
-            .set_attribute("chunks", self.record.chunks_sent as i64);
+        self.delivery.set("chunks", self.record.chunks_sent);
         let outcome = match (self.finished, self.record.status) {
             (false, _) => "client_closed",
             (true, 200) => "completed",
             (true, _) => "failed",
         };
-        self.delivery.set_attribute("outcome", outcome);
+        self.delivery.set("outcome", outcome);
     }
 }

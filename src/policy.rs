@@ -24,8 +24,8 @@ pub struct RequestContext {
     /// `/v1/completions` over `rest` or `websocket`.
     pub route: &'static str,
     pub transport: &'static str,
-    /// Whether this request's trace is sampled: hooks create spans only then.
-    pub traced: bool,
+    /// The request's root span when its trace is sampled: hooks' spans are its children.
+    pub trace: Option<crate::spans::SpanContext>,
 }
 
 /// A token filter's answer for one piece of text.

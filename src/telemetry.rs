@@ -1,9 +1,9 @@
 //! Logs and traces. Logs go to stderr through `tracing` (text or JSON lines).
 //! Traces are exported over OTLP/HTTP when an endpoint is configured
 //! (`telemetry.otlp_endpoint`, or the standard `OTEL_EXPORTER_OTLP_ENDPOINT` /
-//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`); the batch exporter runs on its own
-//! thread, so an unreachable collector never slows a request. `http/protobuf`
-//! goes through [`crate::otlp`], `http/json` through `opentelemetry-otlp`.
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`); spans are recorded by
+//! [`crate::spans`] and exported in batches by a thread of their own
+//! ([`crate::otlp`]), so an unreachable collector never slows a request.
 //!
 //! Trace context follows a request everywhere: from the client's `traceparent`
 //! header, into the queue message headers (Kafka included), to the worker and
@@ -11,24 +11,15 @@
 //!
 //! Sampling is decided once per request, where its trace starts (the edge),
 //! before any span exists ([`RequestTrace::start`]). An unsampled request
-//! creates no OpenTelemetry spans at all: its root span is one only the log
-//! layer sees (target `sluice::unsampled`) and its stage spans are disabled,
-//! because the OpenTelemetry layer costs microseconds per span whether or not
-//! the SDK keeps it. The decision travels on as the `traceparent` sampled flag,
-//! and workers follow it.
+//! records no span at all: its root span is one only the log layer sees
+//! (target `sluice::unsampled`) and its stage spans are [`StageSpan::none`].
+//! The decision travels on as the `traceparent` sampled flag, and workers
+//! follow it.
 
-use std::collections::HashMap;
-use std::str::FromStr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
-use tracing::Level;
-use tracing::level_filters::LevelFilter;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::{Directive, Targets, filter_fn};
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::Filter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
@@ -36,30 +27,42 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{LogConfig, LogFormat, TelemetryConfig};
+use crate::otlp::{BatchConfig, JsonExporter, ProtobufExporter, SpanExport};
+use crate::spans::{
+    Recording, SpanContext, SpanKind, SpanQueue, StageSpan, new_span_id, new_trace_id,
+};
 
 /// Keeps the log writer and the trace exporter alive; flushes both on drop.
 pub struct Telemetry {
-    provider: Option<SdkTracerProvider>,
+    export: Option<ExportThread>,
     _log_writer: Option<tracing_appender::non_blocking::WorkerGuard>,
+}
+
+struct ExportThread {
+    queue: Arc<SpanQueue>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Telemetry {
     /// Exports every finished span now (tests, shutdown).
     pub fn flush(&self) {
-        if let Some(provider) = &self.provider {
-            let _ = provider.force_flush();
+        if let Some(export) = &self.export {
+            export.queue.flush(Duration::from_secs(30));
         }
     }
 
     pub fn is_exporting(&self) -> bool {
-        self.provider.is_some()
+        self.export.is_some()
     }
 }
 
 impl Drop for Telemetry {
     fn drop(&mut self) {
-        if let Some(provider) = self.provider.take() {
-            let _ = provider.shutdown();
+        if let Some(export) = &mut self.export {
+            export.queue.close();
+            if let Some(thread) = export.thread.take() {
+                let _ = thread.join();
+            }
         }
     }
 }
@@ -68,7 +71,8 @@ fn env_set(name: &str) -> bool {
     std::env::var_os(name).is_some_and(|v| !v.is_empty())
 }
 
-fn tracer_provider(config: &TelemetryConfig) -> Option<SdkTracerProvider> {
+/// The configured span exporter, if traces are to be exported.
+fn span_exporter(config: &TelemetryConfig) -> Option<Box<dyn SpanExport>> {
     if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true")) {
         return None;
     }
@@ -88,14 +92,13 @@ fn tracer_provider(config: &TelemetryConfig) -> Option<SdkTracerProvider> {
             _ => with_traces_path(config.otlp_endpoint.as_deref()?),
         },
     };
+    // The SDK's resource: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES` and
+    // the `telemetry.sdk.*` attributes.
     let mut resource = opentelemetry_sdk::Resource::builder();
     if !env_set("OTEL_SERVICE_NAME") {
         resource = resource.with_service_name(config.service_name.clone());
     }
-    // Only sampled requests reach the SDK (see `HeadSampler`): it keeps every span it sees.
-    let builder = SdkTracerProvider::builder()
-        .with_resource(resource.build())
-        .with_sampler(Sampler::AlwaysOn);
+    let resource = resource.build();
     let protocol = crate::otlp::otlp_env("PROTOCOL");
     let json = match protocol.as_deref().map(str::trim) {
         None => config.json,
@@ -113,28 +116,38 @@ fn tracer_provider(config: &TelemetryConfig) -> Option<SdkTracerProvider> {
             config.json
         }
     };
-    let provider = if json {
-        use opentelemetry_otlp::{Protocol, WithExportConfig};
-        opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpJson)
-            .with_endpoint(endpoint)
-            .build()
-            .map(|exporter| builder.with_batch_exporter(exporter).build())
-            .map_err(|err| err.to_string())
+    let exporter: Result<Box<dyn SpanExport>, String> = if json {
+        JsonExporter::from_env(endpoint, &resource).map(|e| Box::new(e) as _)
     } else {
-        crate::otlp::ProtobufSpanExporter::from_env(endpoint)
-            .map(|exporter| builder.with_batch_exporter(exporter).build())
+        ProtobufExporter::from_env(endpoint, &resource).map(|e| Box::new(e) as _)
     };
-    let provider = match provider {
-        Ok(provider) => provider,
+    match exporter {
+        Ok(exporter) => Some(exporter),
         Err(err) => {
             eprintln!("sluice: cannot set up the OTLP trace exporter ({err}); traces are off");
-            return None;
+            None
         }
-    };
-    let _ = HEAD_SAMPLER.set(HeadSampler::from_env(config.sample_ratio));
-    Some(provider)
+    }
+}
+
+/// Starts the export thread for `exporter` and makes its queue the process's.
+fn start_export(exporter: Box<dyn SpanExport>) -> Option<ExportThread> {
+    let batch = BatchConfig::from_env();
+    let queue = Arc::new(SpanQueue::new(batch.max_queue, batch.max_batch));
+    if !SpanQueue::install(queue.clone()) {
+        eprintln!("sluice: trace export is already set up in this process");
+        return None;
+    }
+    match crate::otlp::spawn_export_thread(queue.clone(), exporter, batch.delay) {
+        Ok(thread) => Some(ExportThread {
+            queue,
+            thread: Some(thread),
+        }),
+        Err(err) => {
+            eprintln!("sluice: cannot start the trace export thread ({err}); traces are off");
+            None
+        }
+    }
 }
 
 /// Which requests are traced: set once, when trace export is set up; without
@@ -223,6 +236,19 @@ impl<'a> TraceParent<'a> {
         })
     }
 
+    fn trace_id_bytes(&self) -> [u8; 16] {
+        let mut bytes = [0; 16];
+        // Checked by `parse`: 32 lower-case hex digits.
+        let _ = hex::decode_to_slice(self.trace_id, &mut bytes);
+        bytes
+    }
+
+    fn parent_id_bytes(&self) -> [u8; 8] {
+        let mut bytes = [0; 8];
+        let _ = hex::decode_to_slice(self.parent_id, &mut bytes);
+        bytes
+    }
+
     fn find(pairs: &'a [(String, String)]) -> Option<Self> {
         pairs
             .iter()
@@ -231,11 +257,14 @@ impl<'a> TraceParent<'a> {
     }
 }
 
-/// One request's trace: its root span, and whether the trace is recorded.
+/// One request's trace: its root `tracing` span, whose log lines carry the
+/// request id, and, when the request is sampled, the recording of the same
+/// span for export, which its stage spans are children of. The recording
+/// ends when the `RequestTrace` is dropped.
 pub struct RequestTrace {
     pub span: tracing::Span,
-    /// Whether this request's spans are exported; stage spans exist only then.
-    pub sampled: bool,
+    /// Set exactly when the request is sampled.
+    root: Option<Box<Recording>>,
     /// Unsampled requests: the headers that carry the trace id on with the sampled flag off.
     unsampled_context: Vec<(String, String)>,
 }
@@ -248,17 +277,17 @@ impl RequestTrace {
         let sampled = HEAD_SAMPLER
             .get()
             .is_some_and(|sampler| sampler.sample(parent.as_ref()));
-        let span = if sampled {
-            tracing::info_span!(
-                "request",
-                otel.name = "POST /v1/completions",
-                otel.kind = "server",
+        let span = tracing::info_span!("request", request_id);
+        let root = sampled.then(|| {
+            Self::root(
+                "POST /v1/completions",
+                SpanKind::Server,
                 request_id,
+                parent.as_ref(),
+                incoming,
             )
-        } else {
-            tracing::info_span!(target: UNSAMPLED_TARGET, "request", request_id)
-        };
-        Self::new(span, sampled, parent.as_ref(), incoming)
+        });
+        Self::new(span, root, parent.as_ref(), incoming)
     }
 
     /// Continues, on a worker, the trace of a request from the queue: sampled
@@ -266,41 +295,109 @@ impl RequestTrace {
     pub fn continue_job(request_id: &str, incoming: &[(String, String)]) -> Self {
         let parent = TraceParent::find(incoming);
         let sampled = HEAD_SAMPLER.get().is_some() && parent.as_ref().is_some_and(|p| p.sampled);
-        let span = if sampled {
-            tracing::info_span!("worker.upstream", otel.kind = "consumer", request_id,)
-        } else {
-            tracing::info_span!(target: UNSAMPLED_TARGET, "worker.upstream", request_id)
-        };
-        Self::new(span, sampled, parent.as_ref(), incoming)
+        let span = tracing::info_span!("worker.upstream", request_id);
+        let root = sampled.then(|| {
+            Self::root(
+                "worker.upstream",
+                SpanKind::Consumer,
+                request_id,
+                parent.as_ref(),
+                incoming,
+            )
+        });
+        Self::new(span, root, parent.as_ref(), incoming)
     }
 
-    /// A sampled span continues `incoming`; an unsampled one passes it on unsampled.
     fn new(
         span: tracing::Span,
-        sampled: bool,
+        root: Option<Box<Recording>>,
         parent: Option<&TraceParent<'_>>,
         incoming: &[(String, String)],
     ) -> Self {
-        let unsampled_context = if sampled {
-            continue_from_pairs(&span, incoming);
-            Vec::new()
-        } else {
+        let unsampled_context = if root.is_none() {
             not_sampled(parent, incoming)
+        } else {
+            Vec::new()
         };
         Self {
             span,
-            sampled,
+            root,
             unsampled_context,
         }
     }
 
-    /// The headers that continue this trace from `span` (a stage span of this
-    /// request, or its root) in another process.
-    pub fn context_for(&self, span: &tracing::Span) -> Vec<(String, String)> {
-        if self.sampled {
-            context_of(span)
-        } else {
-            self.unsampled_context.clone()
+    /// A sampled request's span in this process: a child of `parent` when
+    /// there is one, else the root of a new trace.
+    fn root(
+        name: &'static str,
+        kind: SpanKind,
+        request_id: &str,
+        parent: Option<&TraceParent<'_>>,
+        incoming: &[(String, String)],
+    ) -> Box<Recording> {
+        let trace_state = parent.and_then(|_| {
+            let (_, state) = incoming
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("tracestate"))?;
+            let state = state.parse::<opentelemetry::trace::TraceState>().ok()?;
+            Some(state.header().into())
+        });
+        let context = SpanContext {
+            trace_id: parent.map_or_else(new_trace_id, TraceParent::trace_id_bytes),
+            span_id: new_span_id(),
+            trace_state,
+        };
+        let parent_span_id = parent.map(TraceParent::parent_id_bytes);
+        let mut recording = Recording::start(name, kind, context, parent_span_id, parent.is_some());
+        // Room for the attributes the request ends with (see `RequestRecord`).
+        recording.attributes.reserve_exact(10);
+        recording.set("request_id", request_id.to_string());
+        Box::new(recording)
+    }
+
+    /// Whether this request's spans are exported.
+    pub fn sampled(&self) -> bool {
+        self.root.is_some()
+    }
+
+    /// The root span's context, when the request is sampled.
+    pub fn context(&self) -> Option<&SpanContext> {
+        self.root.as_ref().map(|root| &root.context)
+    }
+
+    /// A stage span, a child of the root; records nothing when unsampled.
+    pub fn stage(&self, name: &'static str) -> StageSpan {
+        StageSpan::child_of(self.context(), name)
+    }
+
+    /// The headers that continue this trace from its root span in another process.
+    pub fn headers(&self) -> Vec<(String, String)> {
+        match self.context() {
+            Some(context) => context.headers(),
+            None => self.unsampled_context.clone(),
+        }
+    }
+
+    /// The headers that continue this trace from `stage` in another process.
+    pub fn headers_from(&self, stage: &StageSpan) -> Vec<(String, String)> {
+        match stage.context() {
+            Some(context) => context.headers(),
+            None => self.headers(),
+        }
+    }
+
+    /// Sets attributes (or the status) of the root span, when sampled.
+    pub fn record(&mut self, f: impl FnOnce(&mut Recording)) {
+        if let Some(root) = &mut self.root {
+            f(root);
+        }
+    }
+}
+
+impl Drop for RequestTrace {
+    fn drop(&mut self) {
+        if let Some(root) = self.root.take() {
+            root.end();
         }
     }
 }
@@ -326,27 +423,6 @@ fn not_sampled(
     pairs
 }
 
-/// The target of an unsampled request's root span: seen by the log layer only.
-const UNSAMPLED_TARGET: &str = "sluice::unsampled";
-
-/// The target of stage spans. Only traces see them: a log line inside a stage
-/// reports the request's root span (and its `request_id`), and the log layer
-/// does not format the fields of spans it never prints.
-pub const STAGE_TARGET: &str = "sluice::stage";
-
-/// A stage span of a request: a real span when the request is sampled, a
-/// disabled one (which costs nothing) otherwise.
-#[macro_export]
-macro_rules! stage_span {
-    ($sampled:expr, $($span:tt)+) => {
-        if $sampled {
-            ::tracing::info_span!(target: $crate::telemetry::STAGE_TARGET, $($span)+)
-        } else {
-            ::tracing::Span::none()
-        }
-    };
-}
-
 /// Installs logging (and trace export, when configured) for the process.
 /// `RUST_LOG`, when set, overrides `log.level` for logs; traces always get
 /// sluice's spans at info level.
@@ -369,48 +445,23 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Telemetry {
             .boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
     };
-    let provider = tracer_provider(telemetry);
-    let otel = provider.as_ref().map(|provider| {
-        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-        // No busy/idle timing, thread, target or source-location attributes,
-        // and no context activation on span entry (trace context is passed on
-        // from spans explicitly): each costs clock reads, allocations or
-        // export bytes on every span. Log events join a trace only from
-        // `warn` up; the request's info line repeats its root span's attributes.
-        // A filter decided per callsite, once: `EnvFilter` would take a lock
-        // on every span's creation, entry, exit and close.
-        let traced = filter_fn(|meta| {
-            let target = meta.target();
-            let least = if meta.is_span() && target.starts_with("sluice") {
-                Level::INFO
-            } else {
-                Level::WARN
-            };
-            target != UNSAMPLED_TARGET && *meta.level() <= least
-        });
-        tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer("sluice"))
-            .with_tracked_inactivity(false)
-            .with_threads(false)
-            .with_location(false)
-            .with_target(false)
-            .with_context_activation(false)
-            .with_filter(traced)
-    });
     let _ = tracing_subscriber::registry()
         .with(fmt.with_filter(log_filter(&spec)))
-        .with(otel)
         .try_init();
+    let export = span_exporter(telemetry).and_then(start_export);
+    if export.is_some() {
+        let _ = HEAD_SAMPLER.set(HeadSampler::from_env(telemetry.sample_ratio));
+    }
     Telemetry {
-        provider,
+        export,
         _log_writer: Some(guard),
     }
 }
 
-/// What the log layer shows: `spec` (`log.level` or `RUST_LOG`), never stage
-/// spans. Plain `target=level` lists become a `Targets` filter, decided once
-/// per callsite; directives on spans or fields need an `EnvFilter`, which
-/// takes a lock on every span's creation, entry, exit and close.
+/// What the log layer shows: `spec` (`log.level` or `RUST_LOG`). Plain
+/// `target=level` lists become a `Targets` filter, decided once per callsite;
+/// directives on spans or fields need an `EnvFilter`, which takes a lock on
+/// every span's creation, entry, exit and close.
 pub(crate) fn log_filter<S>(spec: &str) -> Box<dyn Filter<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
@@ -418,36 +469,9 @@ where
     if !spec.contains('[')
         && let Ok(targets) = spec.parse::<Targets>()
     {
-        return Box::new(targets.with_target(STAGE_TARGET, LevelFilter::OFF));
+        return Box::new(targets);
     }
-    let stage_off = Directive::from_str(&format!("{STAGE_TARGET}=off"));
-    let filter = EnvFilter::new(spec);
-    Box::new(match stage_off {
-        Ok(directive) => filter.add_directive(directive),
-        Err(_) => filter,
-    })
-}
-
-struct PairsExtractor<'a>(&'a [(String, String)]);
-
-impl Extractor for PairsExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(key))
-            .map(|(_, v)| v.as_str())
-    }
-    fn keys(&self) -> Vec<&str> {
-        self.0.iter().map(|(k, _)| k.as_str()).collect()
-    }
-}
-
-struct MapInjector(HashMap<String, String>);
-
-impl Injector for MapInjector {
-    fn set(&mut self, key: &str, value: String) {
-        self.0.insert(key.to_string(), value);
-    }
+    Box::new(EnvFilter::new(spec))
 }
 
 /// The client's W3C trace headers (`traceparent`, `tracestate`), if it sent any.
@@ -464,26 +488,10 @@ pub fn trace_headers(headers: &axum::http::HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Makes `span` a child of the context carried in `pairs` (trace headers).
-fn continue_from_pairs(span: &tracing::Span, pairs: &[(String, String)]) {
-    if !pairs.is_empty() {
-        let cx = TraceContextPropagator::new().extract(&PairsExtractor(pairs));
-        let _ = span.set_parent(cx);
-    }
-}
-
-/// The W3C headers (`traceparent`, `tracestate`) that continue `span`'s trace elsewhere.
-fn context_of(span: &tracing::Span) -> Vec<(String, String)> {
-    let mut injector = MapInjector(HashMap::new());
-    TraceContextPropagator::new().inject_context(&span.context(), &mut injector);
-    let mut pairs: Vec<(String, String)> = injector.0.into_iter().collect();
-    pairs.sort();
-    pairs
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spans::AttrValue;
 
     const SAMPLED: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     const UNSAMPLED: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
@@ -548,9 +556,10 @@ mod tests {
         ];
         // No exporter is installed in unit tests, so nothing is sampled.
         let trace = RequestTrace::start("req", &incoming);
-        assert!(!trace.sampled);
+        assert!(!trace.sampled());
+        assert!(trace.stage("auth").context().is_none());
         assert_eq!(
-            trace.context_for(&trace.span),
+            trace.headers(),
             vec![
                 ("traceparent".to_string(), UNSAMPLED.to_string()),
                 ("tracestate".to_string(), "vendor=x".to_string()),
@@ -558,10 +567,83 @@ mod tests {
         );
         assert!(
             RequestTrace::start("req", &[])
-                .context_for(&tracing::Span::none())
+                .headers_from(&StageSpan::none())
                 .is_empty()
         );
-        let worker = RequestTrace::continue_job("req", &trace.context_for(&trace.span));
-        assert!(!worker.sampled);
+        let worker = RequestTrace::continue_job("req", &trace.headers());
+        assert!(!worker.sampled());
+    }
+
+    #[test]
+    fn a_sampled_request_is_one_trace() {
+        let queue = Arc::new(SpanQueue::new(1000, 1000));
+        SpanQueue::install(queue.clone());
+        let incoming = vec![
+            ("traceparent".to_string(), SAMPLED.to_string()),
+            ("tracestate".to_string(), "vendor=x".to_string()),
+        ];
+        let parent = TraceParent::parse(SAMPLED);
+        let root = RequestTrace::root(
+            "POST /v1/completions",
+            SpanKind::Server,
+            "req-1",
+            parent.as_ref(),
+            &incoming,
+        );
+        let mut trace = RequestTrace::new(
+            tracing::Span::none(),
+            Some(root),
+            parent.as_ref(),
+            &incoming,
+        );
+        assert!(trace.sampled());
+        let root_context = trace.context().cloned().unwrap();
+        let mut stage = trace.stage("queue.submit").with_kind(SpanKind::Producer);
+        stage.set("wait_ms", 1.5);
+        let stage_context = stage.context().cloned().unwrap();
+        assert_eq!(trace.headers_from(&stage), stage_context.headers());
+        assert_eq!(trace.headers(), root_context.headers());
+        drop(stage);
+        trace.record(|root| {
+            root.set("status", 500_i64);
+            root.fail("upstream failed");
+        });
+        drop(trace);
+
+        let spans: Vec<Recording> = queue
+            .wait(Duration::ZERO, Vec::new())
+            .spans
+            .into_iter()
+            .filter(|s| s.context.trace_id == root_context.trace_id)
+            .collect();
+        assert_eq!(spans.len(), 2, "{spans:#?}");
+        let (stage, root) = (&spans[0], &spans[1]);
+        assert_eq!(
+            hex::encode(root.context.trace_id),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(root.context, root_context);
+        assert_eq!(root.context.trace_state.as_deref(), Some("vendor=x"));
+        assert_eq!(
+            root.parent_span_id.map(hex::encode).as_deref(),
+            Some("00f067aa0ba902b7")
+        );
+        assert!(root.parent_is_remote);
+        assert_eq!(root.name, "POST /v1/completions");
+        assert_eq!(root.kind, SpanKind::Server);
+        assert_eq!(
+            root.attributes,
+            vec![
+                ("request_id", AttrValue::from("req-1".to_string())),
+                ("status", AttrValue::I64(500))
+            ]
+        );
+        assert_eq!(root.error.as_deref(), Some("upstream failed"));
+        assert_eq!(stage.context, stage_context);
+        assert_eq!(stage.parent_span_id, Some(root_context.span_id));
+        assert!(!stage.parent_is_remote);
+        assert_eq!(stage.kind, SpanKind::Producer);
+        assert!(stage.end_unix_nanos >= stage.start_unix_nanos);
+        assert!(root.end_unix_nanos >= stage.end_unix_nanos);
     }
 }

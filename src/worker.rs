@@ -12,7 +12,6 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
@@ -80,10 +79,11 @@ impl Worker {
     }
 
     async fn process(&self, mut job: Job) {
-        let trace = RequestTrace::continue_job(&job.request.request_id, &job.request.trace_context);
+        let mut trace =
+            RequestTrace::continue_job(&job.request.request_id, &job.request.trace_context);
         // vLLM continues the trace from the worker's span.
-        job.request.trace_context = trace.context_for(&trace.span);
-        let span = trace.span;
+        job.request.trace_context = trace.headers();
+        let span = trace.span.clone();
         self.metrics.worker_inflight.inc();
         let cancel = job.cancel.clone();
         let outcome = tokio::select! {
@@ -95,7 +95,12 @@ impl Worker {
             .worker_requests
             .with_label_values(&[outcome])
             .inc();
-        span.set_attribute("outcome", outcome);
+        trace.record(|span| {
+            span.set("outcome", outcome);
+            if outcome == "upstream_error" {
+                span.fail("the upstream request failed");
+            }
+        });
         span.in_scope(|| tracing::debug!(outcome, "upstream request finished"));
     }
 

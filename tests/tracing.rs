@@ -24,6 +24,8 @@ struct Span {
     trace_id: String,
     span_id: String,
     parent: String,
+    /// OTLP's `SpanKind`: 2 server, 4 producer, 5 consumer.
+    kind: i32,
     attributes: HashMap<String, Value>,
 }
 
@@ -54,6 +56,7 @@ fn collect(request: ExportTraceServiceRequest, into: &mut Vec<Span>) {
                     trace_id: hex(&span.trace_id),
                     span_id: hex(&span.span_id),
                     parent: hex(&span.parent_span_id),
+                    kind: span.kind,
                     attributes,
                 });
             }
@@ -183,6 +186,12 @@ async fn one_request_through_kafka_is_one_trace_from_client_to_worker() {
     assert_eq!(request.attributes["request_id"], json!(request_id));
     assert_eq!(request.attributes["model"], json!(MODEL));
     assert_eq!(request.attributes["cache"], json!("miss"));
+    assert_eq!(request.attributes["status"], json!(200));
+    assert_eq!(request.attributes["completion_tokens"], json!(6));
+    assert_eq!(request.kind, 2, "server");
+    assert_eq!(find("queue.submit").kind, 4, "producer");
+    assert_eq!(find("worker.upstream").kind, 5, "consumer");
+    assert_eq!(find("cache.lookup").attributes["result"], json!("miss"));
     for child in ["auth", "cache.lookup", "queue.submit", "stream.delivery"] {
         assert_eq!(
             find(child).parent,

@@ -50,12 +50,8 @@ async fn handle(
             return err.into_response();
         }};
     }
-    let identity = match state
-        .auth
-        .authenticate(presented_secret(&headers, None))
-        .instrument(crate::stage_span!(record.trace.sampled, "auth"))
-        .await
-    {
+    let authenticate = state.auth.authenticate(presented_secret(&headers, None));
+    let identity = match record.trace.stage("auth").during(authenticate).await {
         Ok(identity) => identity,
         Err(err) => bail!(err),
     };
@@ -75,7 +71,7 @@ async fn handle(
         identity,
         route: record.route,
         transport: record.transport,
-        traced: record.trace.sampled,
+        trace: record.trace.context().cloned(),
     };
     match pipeline::start(&state, &ctx, request, record).await {
         Err((err, _record)) => err.into_response(),

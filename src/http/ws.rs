@@ -162,7 +162,7 @@ async fn serve_request(
         identity: identity.clone(),
         route: record.route,
         transport: "ws",
-        traced: record.trace.sampled,
+        trace: record.trace.context().cloned(),
     };
     let mut completion = match pipeline::start(state, &ctx, request, record).await {
         Ok(completion) => completion,

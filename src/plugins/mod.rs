@@ -18,11 +18,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::spans::StageSpan;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use axum::http::StatusCode;
 use sha2::{Digest, Sha256};
-use tracing::Instrument;
 
 use crate::config::{Config, OnError, PluginConfig};
 use crate::error::GatewayError;
@@ -200,20 +200,17 @@ impl PluginHost {
         call: impl AsyncFnOnce(&mut runtime::Live) -> Result<T, PluginFailure>,
     ) -> Result<T, PluginFailure> {
         let started = Instant::now();
-        let result = async {
-            let mut live = plugin.checkout(&ctx.request_id, false).await?;
-            live.arm();
-            let value = call(&mut live).await?;
-            plugin.checkin(live, false);
-            Ok(value)
-        }
-        .instrument(crate::stage_span!(
-            ctx.traced,
-            "plugin",
-            otel.name = span_name,
-            plugin = %plugin.name
-        ))
-        .await;
+        let mut span = StageSpan::child_of(ctx.trace.as_ref(), span_name);
+        span.set_with("plugin", || plugin.name.to_string());
+        let result = span
+            .during(async {
+                let mut live = plugin.checkout(&ctx.request_id, false).await?;
+                live.arm();
+                let value = call(&mut live).await?;
+                plugin.checkin(live, false);
+                Ok(value)
+            })
+            .await;
         metrics.observe(started, result.as_ref().err());
         result
     }
@@ -576,13 +573,17 @@ struct WasmTokenFilter {
     batch_text: String,
     batch_ends: Vec<u32>,
     /// One span for this plugin's filtering of the whole stream.
-    span: tracing::Span,
+    _span: StageSpan,
 }
 
 impl WasmTokenFilter {
     fn new(plugin: Arc<LoadedPlugin>, metrics: Arc<Metrics>, ctx: &RequestContext) -> Self {
         Self {
-            span: crate::stage_span!(ctx.traced, "plugin.on_token", plugin = %plugin.name),
+            _span: {
+                let mut span = StageSpan::child_of(ctx.trace.as_ref(), "plugin.on_token");
+                span.set_with("plugin", || plugin.name.to_string());
+                span
+            },
             plugin,
             metrics,
             request_id: ctx.request_id.clone(),
@@ -695,8 +696,7 @@ impl WasmTokenFilter {
 impl TokenFilter for WasmTokenFilter {
     async fn on_text(&mut self, index: u32, text: &str) -> Result<TokenAction, GatewayError> {
         let started = Instant::now();
-        let span = self.span.clone();
-        let result = self.call_on_token(index, text).instrument(span).await;
+        let result = self.call_on_token(index, text).await;
         match result {
             Ok(None) => Ok(TokenAction::Pass),
             Ok(Some(action)) => {
@@ -719,8 +719,7 @@ impl TokenFilter for WasmTokenFilter {
             return crate::policy::on_each_text(self, index, texts).await;
         }
         let started = Instant::now();
-        let span = self.span.clone();
-        let result = self.call_on_tokens(index, texts).instrument(span).await;
+        let result = self.call_on_tokens(index, texts).await;
         match result {
             Ok(None) => Ok(vec![TokenAction::Pass; texts.len()]),
             Ok(Some(actions)) => {
