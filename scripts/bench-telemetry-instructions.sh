@@ -8,6 +8,8 @@
 # fewer streams share the per-second work and each looks dearer. Everything in the process counts: the gateway,
 # the in-process client, the log writer and trace exporter threads, and the
 # in-process OTLP sink the traces are posted to.
+#
+#   scripts/bench-telemetry-instructions.sh [off logs 10% 100%]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bench=$(scripts/bench-exe.sh gateway)
@@ -37,12 +39,21 @@ run() { # name, "VAR=value ...", bench args...
   cost[$name]=$(printf '%s\n' "${costs[@]}" | sort -n | sed -n "$(( (repeat + 1) / 2 ))p")
   echo "$name: ${costs[*]}" >&2
 }
-run off ""
-run logs "OTEL_SDK_DISABLED=true" --telemetry
-run 10% "OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.1" --telemetry
-run 100% "" --telemetry
-printf '| telemetry | instructions per cache-hit stream | vs off |\n|---|---|---|\n'
-for name in off logs 10% 100%; do
+# Configurations to run (default: all four); the first is the baseline.
+configs=("$@")
+[ ${#configs[@]} -gt 0 ] || configs=(off logs 10% 100%)
+for name in "${configs[@]}"; do
+  case $name in
+    off) run off "" ;;
+    logs) run logs "OTEL_SDK_DISABLED=true" --telemetry ;;
+    10%) run 10% "OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.1" --telemetry ;;
+    100%) run 100% "" --telemetry ;;
+    *) echo "unknown configuration $name (off, logs, 10%, 100%)" >&2; exit 2 ;;
+  esac
+done
+base=${configs[0]}
+printf '| telemetry | instructions per cache-hit stream | vs %s |\n|---|---|---|\n' "$base"
+for name in "${configs[@]}"; do
   printf '| %s | %s | %s%% |\n' "$name" "${cost[$name]}" \
-    "$(awk "BEGIN {printf \"%+.1f\", (${cost[$name]}/${cost[off]}-1)*100}")"
+    "$(awk "BEGIN {printf \"%+.1f\", (${cost[$name]}/${cost[$base]}-1)*100}")"
 done

@@ -247,8 +247,22 @@ fn push_timestamp(line: &mut Vec<u8>, time: std::time::SystemTime) {
 }
 
 fn push_json_str(line: &mut Vec<u8>, value: &str) {
-    // Writing a string to a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *line, value);
+    // Most strings in a log line (names, ids, models) need no escaping: test
+    // that first, in one pass without early exit, which the compiler turns
+    // into vector instructions; serde_json's escaper looks up every byte.
+    let bytes = value.as_bytes();
+    let needs_escape = bytes.iter().fold(false, |found, &b| {
+        found | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if needs_escape {
+        // Writing a string to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *line, value);
+    } else {
+        line.reserve(bytes.len() + 2);
+        line.push(b'"');
+        line.extend_from_slice(bytes);
+        line.push(b'"');
+    }
 }
 
 #[cfg(test)]
@@ -319,6 +333,33 @@ mod tests {
         assert!(first["timestamp"].as_str().unwrap().ends_with('Z'));
         assert_eq!(lines[1]["fields"]["nan"], serde_json::Value::Null);
         assert!(lines[1].get("span").is_none());
+    }
+
+    #[test]
+    fn strings_are_written_as_serde_json_writes_them() {
+        let mut samples: Vec<String> = [
+            "",
+            "plain-id_01",
+            "sim-llama",
+            "quote\" inside",
+            "back\\slash",
+            "é ü 漢字 🦀",
+            "\u{7f}del",
+            "a much longer string without anything to escape in it at all, 1234567890",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        samples.extend((0u8..0x20).map(|b| format!("x{}y", b as char)));
+        for sample in samples {
+            let mut ours = Vec::new();
+            push_json_str(&mut ours, &sample);
+            assert_eq!(
+                String::from_utf8(ours).unwrap(),
+                serde_json::to_string(&sample).unwrap(),
+                "{sample:?}"
+            );
+        }
     }
 
     #[test]

@@ -134,11 +134,28 @@ impl Drop for RequestRecord {
             .first_chunk_at
             .map(|t| (t - self.received_at).as_secs_f64() * 1000.0);
         let cache = if self.cache_hit { "hit" } else { "miss" };
+        self.trace.span.in_scope(|| {
+            tracing::info!(
+                request_id = self.request_id.as_str(),
+                key = self.key_name.as_str(),
+                key_id = self.key_id.as_deref().unwrap_or("-"),
+                model = self.model.as_str(),
+                transport = self.transport,
+                status = self.status,
+                cache,
+                prompt_tokens = usage.prompt_tokens,
+                completion_tokens,
+                ttft_ms = ttft_ms.unwrap_or(-1.0),
+                total_ms = elapsed.as_secs_f64() * 1000.0,
+                "request finished"
+            )
+        });
         // Set on the trace's span directly: recording `tracing` fields would
         // re-format them for the log layer.
+        let key_name = std::mem::take(&mut self.key_name);
         self.trace.record(|span| {
             span.set("transport", self.transport);
-            span.set("key", self.key_name.clone());
+            span.set("key", key_name);
             span.set("model", self.model.clone());
             span.set("status", i64::from(self.status));
             span.set("cache", cache);
@@ -152,21 +169,6 @@ impl Drop for RequestRecord {
                 span.fail(format!("answered {}", self.status));
             }
         });
-        let _in_request = self.trace.span.enter();
-        tracing::info!(
-            request_id = self.request_id.as_str(),
-            key = self.key_name.as_str(),
-            key_id = self.key_id.as_deref().unwrap_or("-"),
-            model = self.model.as_str(),
-            transport = self.transport,
-            status = self.status,
-            cache,
-            prompt_tokens = usage.prompt_tokens,
-            completion_tokens,
-            ttft_ms = ttft_ms.unwrap_or(-1.0),
-            total_ms = elapsed.as_secs_f64() * 1000.0,
-            "request finished"
-        );
         if let Some(key_id) = self.key_id.take() {
             self.state.inference_log.log(InferenceRecord {
                 request_id: std::mem::take(&mut self.request_id),

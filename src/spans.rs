@@ -18,6 +18,8 @@ use std::borrow::Cow;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use smallvec::SmallVec;
+
 /// What identifies a span across processes: what `traceparent` (and
 /// `tracestate`) carry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,8 +121,9 @@ impl From<bool> for AttrValue {
     }
 }
 
-/// Attribute keys are field names or literals: never allocated.
-pub type Attributes = Vec<(&'static str, AttrValue)>;
+/// Attribute keys are literals: never allocated. Stage spans have one or
+/// two attributes, kept inline; a root span's spill to the heap.
+pub type Attributes = SmallVec<[(&'static str, AttrValue); 2]>;
 
 /// A span, being recorded or finished (then `end_unix_nanos` is set).
 #[derive(Debug, Clone, PartialEq)]
@@ -157,7 +160,7 @@ impl Recording {
             kind,
             start_unix_nanos: now_unix_nanos(),
             end_unix_nanos: 0,
-            attributes: Vec::new(),
+            attributes: SmallVec::new(),
             error: None,
         }
     }
@@ -478,8 +481,8 @@ mod tests {
         assert_ne!(recording.context.span_id, parent.span_id);
         assert_eq!(recording.parent_span_id, Some(parent.span_id));
         assert_eq!(
-            recording.attributes,
-            vec![("result", AttrValue::from("hit"))]
+            recording.attributes.as_slice(),
+            [("result", AttrValue::from("hit"))]
         );
         let headers = stage.context().unwrap().headers();
         assert_eq!(

@@ -632,8 +632,8 @@ mod tests {
         assert_eq!(root.name, "POST /v1/completions");
         assert_eq!(root.kind, SpanKind::Server);
         assert_eq!(
-            root.attributes,
-            vec![
+            root.attributes.as_slice(),
+            [
                 ("request_id", AttrValue::from("req-1".to_string())),
                 ("status", AttrValue::I64(500))
             ]
