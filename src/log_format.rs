@@ -248,13 +248,9 @@ fn push_timestamp(line: &mut Vec<u8>, time: std::time::SystemTime) {
 
 fn push_json_str(line: &mut Vec<u8>, value: &str) {
     // Most strings in a log line (names, ids, models) need no escaping: test
-    // that first, in one pass without early exit, which the compiler turns
-    // into vector instructions; serde_json's escaper looks up every byte.
+    // that first, eight bytes at a time; serde_json's escaper looks up every byte.
     let bytes = value.as_bytes();
-    let needs_escape = bytes.iter().fold(false, |found, &b| {
-        found | (b < 0x20) | (b == b'"') | (b == b'\\')
-    });
-    if needs_escape {
+    if needs_escape(bytes) {
         // Writing a string to a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *line, value);
     } else {
@@ -263,6 +259,20 @@ fn push_json_str(line: &mut Vec<u8>, value: &str) {
         line.extend_from_slice(bytes);
         line.push(b'"');
     }
+}
+
+/// Whether `bytes` hold a control character, `"` or `\` (what JSON escapes).
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Whether any byte of `x` is below `n` (n <= 128), without a branch per byte.
+    let any_below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH != 0;
+    let any_equal = |x: u64, b: u8| any_below(x ^ (ONES * u64::from(b)), 1);
+    let (chunks, rest) = bytes.as_chunks::<8>();
+    chunks.iter().any(|chunk| {
+        let x = u64::from_le_bytes(*chunk);
+        any_below(x, 0x20) | any_equal(x, b'"') | any_equal(x, b'\\')
+    }) || rest.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 #[cfg(test)]
@@ -351,6 +361,15 @@ mod tests {
         .map(|s| s.to_string())
         .collect();
         samples.extend((0u8..0x20).map(|b| format!("x{}y", b as char)));
+        // Every ASCII character (and two others), at every position of an
+        // eight-byte chunk and of the remainder after it.
+        for special in (0u8..0x80).map(char::from).chain(['é', '漢']) {
+            for at in 0..12 {
+                let mut sample: String = "abcdefghijkl".into();
+                sample.replace_range(at..=at, special.encode_utf8(&mut [0; 4]));
+                samples.push(sample);
+            }
+        }
         for sample in samples {
             let mut ours = Vec::new();
             push_json_str(&mut ours, &sample);

@@ -467,8 +467,14 @@ fn key_value(buf: &mut Vec<u8>, key: &str, value: &Value) {
 // result with `prost`'s.
 
 /// How many bytes the varint `value` takes.
+#[inline]
 fn varint_size(value: u64) -> usize {
-    (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
+    // Nearly every length and number here is below 128.
+    if value < 0x80 {
+        1
+    } else {
+        (64 - value.leading_zeros() as usize).div_ceil(7)
+    }
 }
 
 /// A length-delimited field with a one-byte tag (field numbers up to 15).
@@ -517,11 +523,15 @@ fn attr_value(buf: &mut Vec<u8>, value: &AttrValue) {
 
 /// A `KeyValue` field numbered `field`.
 fn attribute(buf: &mut Vec<u8>, field: u32, key: &str, value: &AttrValue) {
+    let value_size = attr_value_size(value);
     tag(buf, field, LEN);
-    varint(buf, attribute_size(key, value) as u64);
+    varint(
+        buf,
+        (optional_len_field_size(key.len()) + len_field_size(value_size)) as u64,
+    );
     str_field(buf, 1, key);
     tag(buf, 2, LEN);
-    varint(buf, attr_value_size(value) as u64);
+    varint(buf, value_size as u64);
     attr_value(buf, value);
 }
 
@@ -605,10 +615,8 @@ fn span(buf: &mut Vec<u8>, span: &Recording) {
 /// one `ScopeSpans`, sluice's.
 pub fn encode_request(resource: &EncodedResource, spans: &[Recording]) -> Vec<u8> {
     let scope_size = len_field_size(SCOPE.len());
-    let spans_size: usize = spans
-        .iter()
-        .map(|span| len_field_size(span_size(span)))
-        .sum();
+    let span_sizes: Vec<usize> = spans.iter().map(span_size).collect();
+    let spans_size: usize = span_sizes.iter().map(|&size| len_field_size(size)).sum();
     let scope_spans_size = len_field_size(scope_size) + spans_size;
     let resource_spans_size = len_field_size(resource.attributes.len())
         + len_field_size(scope_spans_size)
@@ -623,9 +631,9 @@ pub fn encode_request(resource: &EncodedResource, spans: &[Recording]) -> Vec<u8
     tag(&mut buf, 1, LEN);
     varint(&mut buf, scope_size as u64);
     str_field(&mut buf, 1, SCOPE);
-    for data in spans {
+    for (data, size) in spans.iter().zip(span_sizes) {
         tag(&mut buf, 2, LEN);
-        varint(&mut buf, span_size(data) as u64);
+        varint(&mut buf, size as u64);
         span(&mut buf, data);
     }
     str_field(&mut buf, 3, &resource.schema_url);

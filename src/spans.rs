@@ -15,9 +15,13 @@
 //! throughput; see the README's benchmark section for what it costs now.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
+use std::num::{NonZeroU64, NonZeroU128};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use smallvec::SmallVec;
 
 /// What identifies a span across processes: what `traceparent` (and
@@ -56,14 +60,26 @@ impl SpanContext {
     }
 }
 
+thread_local! {
+    /// Ids need to be unique, not secret: a small, fast generator per thread
+    /// (as the OpenTelemetry SDK's), seeded from the thread's secure one.
+    static ID_RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
+}
+
 /// A random, non-zero trace id.
 pub fn new_trace_id() -> [u8; 16] {
-    rand::random::<std::num::NonZeroU128>().get().to_be_bytes()
+    ID_RNG
+        .with_borrow_mut(|rng| rng.random::<NonZeroU128>())
+        .get()
+        .to_be_bytes()
 }
 
 /// A random, non-zero span id.
 pub fn new_span_id() -> [u8; 8] {
-    rand::random::<std::num::NonZeroU64>().get().to_be_bytes()
+    ID_RNG
+        .with_borrow_mut(|rng| rng.random::<NonZeroU64>())
+        .get()
+        .to_be_bytes()
 }
 
 /// OpenTelemetry's span kinds.

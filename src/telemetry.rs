@@ -11,10 +11,9 @@
 //!
 //! Sampling is decided once per request, where its trace starts (the edge),
 //! before any span exists ([`RequestTrace::start`]). An unsampled request
-//! records no span at all: its root span is one only the log layer sees
-//! (target `sluice::unsampled`) and its stage spans are [`StageSpan::none`].
-//! The decision travels on as the `traceparent` sampled flag, and workers
-//! follow it.
+//! records nothing for export: it keeps only its `tracing` span (for its log
+//! lines), and its stage spans are [`StageSpan::none`]. The decision travels
+//! on as the `traceparent` sampled flag, and workers follow it.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
