@@ -299,16 +299,16 @@ mod tests {
     /// The JSON lines `emit` logs, through the log layer `telemetry::init`
     /// sets up with `log.level = spec`.
     fn logged(spec: &str, emit: impl FnOnce()) -> String {
-        use tracing_subscriber::Layer as _;
         let captured = Captured::default();
         let writer = captured.clone();
-        let subscriber = tracing_subscriber::registry().with(
-            tracing_subscriber::fmt::layer()
-                .event_format(JsonLines)
-                .fmt_fields(JsonSpanFields)
-                .with_writer(move || writer.clone())
-                .with_filter(crate::telemetry::log_filter(spec)),
-        );
+        let subscriber = tracing_subscriber::registry()
+            .with(crate::telemetry::log_filter(spec))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .event_format(JsonLines)
+                    .fmt_fields(JsonSpanFields)
+                    .with_writer(move || writer.clone()),
+            );
         tracing::subscriber::with_default(subscriber, emit);
         let text = captured.0.lock().unwrap().clone();
         String::from_utf8(text).unwrap()
@@ -343,6 +343,32 @@ mod tests {
         assert!(first["timestamp"].as_str().unwrap().ends_with('Z'));
         assert_eq!(lines[1]["fields"]["nan"], serde_json::Value::Null);
         assert!(lines[1].get("span").is_none());
+    }
+
+    #[test]
+    fn the_level_decides_what_is_logged() {
+        // A plain level (a `Targets` filter) and a span directive (`EnvFilter`).
+        for (spec, expected) in [
+            ("warn", vec!["warned"]),
+            ("info", vec!["informed", "warned"]),
+            ("info,[other]=debug", vec!["informed", "warned"]),
+        ] {
+            let text = logged(spec, || {
+                let span = tracing::info_span!("request", request_id = "req-7");
+                let _in_request = span.enter();
+                tracing::debug!("debugged");
+                tracing::info!("informed");
+                tracing::warn!("warned");
+            });
+            let messages: Vec<String> = text
+                .lines()
+                .map(|line| {
+                    let line: serde_json::Value = serde_json::from_str(line).unwrap();
+                    line["fields"]["message"].as_str().unwrap().to_string()
+                })
+                .collect();
+            assert_eq!(messages, expected, "{spec}");
+        }
     }
 
     #[test]

@@ -19,7 +19,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tracing_subscriber::filter::Targets;
-use tracing_subscriber::layer::Filter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -445,7 +444,8 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Telemetry {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
     };
     let _ = tracing_subscriber::registry()
-        .with(fmt.with_filter(log_filter(&spec)))
+        .with(log_filter(&spec))
+        .with(fmt)
         .try_init();
     let export = span_exporter(telemetry).and_then(start_export);
     if export.is_some() {
@@ -457,11 +457,13 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Telemetry {
     }
 }
 
-/// What the log layer shows: `spec` (`log.level` or `RUST_LOG`). Plain
-/// `target=level` lists become a `Targets` filter, decided once per callsite;
-/// directives on spans or fields need an `EnvFilter`, which takes a lock on
-/// every span's creation, entry, exit and close.
-pub(crate) fn log_filter<S>(spec: &str) -> Box<dyn Filter<S> + Send + Sync>
+/// What is logged: `spec` (`log.level` or `RUST_LOG`), as a filter for the
+/// whole subscriber (the log layer is its only layer, and a per-layer filter
+/// would look the span up in the registry on every entry, exit and close).
+/// Plain `target=level` lists become a `Targets` filter, decided once per
+/// callsite; directives on spans or fields need an `EnvFilter`, which takes a
+/// lock on every span's creation, entry, exit and close.
+pub(crate) fn log_filter<S>(spec: &str) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
 {
