@@ -72,7 +72,7 @@ pub fn spawn_export_thread(
         .name("sluice-otlp".into())
         .spawn(move || {
             let mut spare = Vec::new();
-            let mut failing = false;
+            let mut outage = Outage::default();
             loop {
                 let drained = queue.wait(delay, spare);
                 if drained.dropped > 0 {
@@ -82,17 +82,13 @@ pub fn spawn_export_thread(
                     );
                 }
                 for batch in drained.spans.chunks(queue.batch_size()) {
-                    match exporter.export(batch) {
-                        Ok(()) if failing => {
-                            failing = false;
-                            tracing::info!("trace export works again");
-                        }
-                        Ok(()) => {}
-                        Err(err) if !failing => {
-                            failing = true;
-                            tracing::warn!(%err, "trace export failed; spans are dropped until the collector answers");
-                        }
-                        Err(_) => {}
+                    match outage.observe(exporter.export(batch)) {
+                        Some(Err(err)) => tracing::warn!(
+                            %err,
+                            "trace export failed; spans are dropped until the collector answers"
+                        ),
+                        Some(Ok(())) => tracing::info!("trace export works again"),
+                        None => {}
                     }
                 }
                 queue.exported(&drained);
@@ -102,6 +98,23 @@ pub fn spawn_export_thread(
                 spare = drained.spans;
             }
         })
+}
+
+/// Whether the collector is failing: what is worth a log line is a change,
+/// not every failed batch.
+#[derive(Debug, Default)]
+struct Outage {
+    failing: bool,
+}
+
+impl Outage {
+    /// The result of an export, when it starts (`Err`) or ends (`Ok`) an outage.
+    fn observe(&mut self, result: Result<(), String>) -> Option<Result<(), String>> {
+        let failing = result.is_err();
+        let changed = failing != self.failing;
+        self.failing = failing;
+        changed.then_some(result)
+    }
 }
 
 /// Posts spans as `application/x-protobuf` to an OTLP/HTTP traces endpoint.
@@ -829,6 +842,19 @@ mod tests {
             self.exported.lock().unwrap().push(spans.len());
             Ok(())
         }
+    }
+
+    #[test]
+    fn an_outage_is_reported_when_it_starts_and_ends() {
+        let mut outage = Outage::default();
+        let failed = || Err("connection refused".to_string());
+        assert_eq!(outage.observe(Ok(())), None);
+        assert_eq!(outage.observe(failed()), Some(failed()));
+        assert_eq!(outage.observe(failed()), None, "once per outage");
+        assert_eq!(outage.observe(failed()), None);
+        assert_eq!(outage.observe(Ok(())), Some(Ok(())));
+        assert_eq!(outage.observe(Ok(())), None);
+        assert_eq!(outage.observe(failed()), Some(failed()), "a new outage");
     }
 
     #[test]
