@@ -155,8 +155,13 @@ impl Drop for RequestRecord {
         let key_name = std::mem::take(&mut self.key_name);
         self.trace.record(|span| {
             span.set("transport", self.transport);
-            span.set("key", key_name);
-            span.set("model", self.model.clone());
+            // Unknown when the request failed before authentication or parsing.
+            if !key_name.is_empty() {
+                span.set("key", key_name);
+            }
+            if !self.model.is_empty() {
+                span.set("model", self.model.clone());
+            }
             span.set("status", i64::from(self.status));
             span.set("cache", cache);
             span.set("prompt_tokens", usage.prompt_tokens);
