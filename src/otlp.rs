@@ -509,9 +509,9 @@ fn attr_value_size(value: &AttrValue) -> usize {
     }
 }
 
-/// A `KeyValue` message's size, for a span attribute.
-fn attribute_size(key: &str, value: &AttrValue) -> usize {
-    optional_len_field_size(key.len()) + len_field_size(attr_value_size(value))
+/// A `KeyValue` message's size, for a span attribute whose `AnyValue` takes `value_size` bytes.
+fn attribute_size(key: &str, value_size: usize) -> usize {
+    optional_len_field_size(key.len()) + len_field_size(value_size)
 }
 
 /// An `AnyValue` message's fields, for a span attribute.
@@ -538,10 +538,7 @@ fn attr_value(buf: &mut Vec<u8>, value: &AttrValue) {
 fn attribute(buf: &mut Vec<u8>, field: u32, key: &str, value: &AttrValue) {
     let value_size = attr_value_size(value);
     tag(buf, field, LEN);
-    varint(
-        buf,
-        (optional_len_field_size(key.len()) + len_field_size(value_size)) as u64,
-    );
+    varint(buf, attribute_size(key, value_size) as u64);
     str_field(buf, 1, key);
     tag(buf, 2, LEN);
     varint(buf, value_size as u64);
@@ -588,7 +585,7 @@ fn span_size(span: &Recording) -> usize {
         + span
             .attributes
             .iter()
-            .map(|(key, value)| len_field_size(attribute_size(key, value)))
+            .map(|(key, value)| len_field_size(attribute_size(key, attr_value_size(value))))
             .sum::<usize>()
         + len_field_size(status_size(span))
         // Field 16 has a two-byte tag.

@@ -199,7 +199,7 @@ impl Recording {
     }
 }
 
-pub fn now_unix_nanos() -> u64 {
+fn now_unix_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -207,7 +207,7 @@ pub fn now_unix_nanos() -> u64 {
 
 /// A stage of a request: a span when the request is sampled, nothing (and
 /// no cost) otherwise. It ends when dropped.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StageSpan(Option<Box<Recording>>);
 
 impl StageSpan {
