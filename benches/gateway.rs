@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sluice::config::{Config, RawConfig};
+use sluice::config::Config;
 use sluice::simulator::{Simulator, SimulatorConfig};
 use sluice::sse::SseParser;
 
@@ -287,8 +287,7 @@ fn gateway_config(args: &Args, upstream: &str, db: &std::path::Path) -> Config {
     let path = dir.path().join("bench.toml");
     std::fs::write(&path, toml).expect("write config");
     // SLUICE_* environment variables override these settings (e.g. librdkafka tuning).
-    let (raw, origins) = RawConfig::load(Some(&path)).expect("bench config");
-    raw.validate(&origins).expect("valid bench config")
+    Config::load(Some(&path)).expect("valid bench config")
 }
 
 fn main() {

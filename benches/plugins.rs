@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use sluice::auth::Identity;
 use sluice::config::{Config, OnError, PluginConfig};
+use sluice::filter_chain::{FilterChain, Filtered};
 use sluice::metrics::Metrics;
 use sluice::plugins::PluginHost;
-use sluice::policy::{FilterChain, Filtered, Policy, RequestContext};
+use sluice::policy::{Policy, RequestContext};
 use sluice::protocol::{Chunk, CompletionRequest};
 use sluice::simulator::{Simulator, SimulatorConfig};
 
@@ -69,7 +70,7 @@ fn ctx() -> RequestContext {
         },
         route: "/v1/completions",
         transport: "sse",
-        trace: None,
+        trace: opentelemetry::Context::new(),
     }
 }
 
@@ -107,7 +108,7 @@ async fn host(plugins: Vec<PluginConfig>) -> Arc<PluginHost> {
         ..Default::default()
     };
     bench_plugin_host(&mut config);
-    PluginHost::start(&config, Arc::new(Metrics::new()))
+    PluginHost::start(&config, Arc::new(Metrics::default()))
         .await
         .expect("plugins load")
 }
@@ -148,7 +149,7 @@ async fn streams_per_second(plugins: Vec<PluginConfig>, hits: bool, seconds: u64
     .expect("simulator");
     let dir = tempfile::tempdir().expect("dir");
     let mut config = Config::default();
-    config.store.url = format!("sqlite://{}", dir.path().join("b.db").display());
+    config.store.url = format!("sqlite://{}", dir.path().join("b.db").display()).into();
     config.upstream.urls = vec![sim.url().parse().expect("url")];
     config.plugins = plugins;
     bench_plugin_host(&mut config);
@@ -231,17 +232,15 @@ fn main() {
         println!("| 4 | {} | {} | {} |", micros(four), micros(four - none), micros((four - none) / 4));
 
         let host = host(all_plugins()).await;
-        let chain = host.chain();
         println!("\nper-request instantiation (fresh store, instantiate, init), median:");
-        for plugin in &chain.plugins {
-            let mut samples = Vec::new();
-            for _ in 0..500 {
-                let started = Instant::now();
-                let live = plugin.instantiate("bench").await.expect("instantiate");
-                samples.push(started.elapsed());
-                drop(live);
+        let mut samples: std::collections::BTreeMap<String, Vec<Duration>> = Default::default();
+        for _ in 0..500 {
+            for (name, took) in host.time_instantiation().await {
+                samples.entry(name).or_default().push(took);
             }
-            println!("  {:<10} {} µs", plugin.name, micros(median(samples)));
+        }
+        for (name, times) in samples {
+            println!("  {:<10} {} µs", name, micros(median(times)));
         }
         let mut samples = Vec::new();
         let body = br#"{"model":"sim-llama","prompt":"Write to jane@example.com","max_tokens":32}"#;

@@ -10,10 +10,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
-use crate::cache::{self, Cache};
+use crate::cache;
 use crate::config::{Config, QueueBackend};
 use crate::inference_log::InferenceLogger;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Roles};
 use crate::plugins::PluginHost;
 use crate::policy::{NoPolicy, Policy};
 use crate::queue::kafka::{KafkaJobSource, KafkaQueue};
@@ -22,17 +22,7 @@ use crate::store::{self, Store};
 use crate::upstream::UpstreamClient;
 use crate::worker::Worker;
 
-/// What every request handler shares.
-pub struct AppState {
-    pub config: Arc<Config>,
-    pub auth: Authenticator,
-    pub store: Arc<dyn Store>,
-    pub cache: Option<Arc<dyn Cache>>,
-    pub queue: Arc<dyn Queue>,
-    pub policy: Arc<dyn Policy>,
-    pub metrics: Arc<Metrics>,
-    pub inference_log: InferenceLogger,
-}
+pub use crate::state::AppState;
 
 /// A started gateway: backends connected, background tasks running, not yet serving HTTP.
 pub struct Gateway {
@@ -46,7 +36,13 @@ impl Gateway {
     /// unreachable) and starts the in-process worker if configured.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let config = Arc::new(config);
-        let metrics = Arc::new(Metrics::new());
+        let in_process_worker =
+            config.worker.in_process || matches!(config.queue.backend, QueueBackend::Memory { .. });
+        let metrics = Arc::new(Metrics::new(if in_process_worker {
+            Roles::ALL
+        } else {
+            Roles::EDGE
+        }));
         let store = store::open(&config.store).await?;
         metrics.backend_up.with_label_values(&["store"]).set(1);
         let cache = cache::open(&config.cache, metrics.clone()).await;
@@ -199,7 +195,7 @@ impl StandaloneWorker {
                 "`sluice worker` needs the kafka:// queue; with memory:// the in-process worker of `sluice serve` does the work"
             );
         };
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new(Roles::WORKER));
         let source = KafkaJobSource::connect(kafka, &config.queue, metrics.clone()).await?;
         metrics.backend_up.with_label_values(&["queue"]).set(1);
         let shutdown = CancellationToken::new();

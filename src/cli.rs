@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use secrecy::ExposeSecret;
 
 use crate::config::Config;
 
@@ -107,7 +108,6 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let telemetry = crate::telemetry::init(&config.log, &config.telemetry);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -118,8 +118,14 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Inside the runtime: the gRPC trace exporter runs on it. Dropped before
+    // it, so the last spans are exported while it still runs.
+    let telemetry = {
+        let _entered = runtime.enter();
+        crate::telemetry::init(&config.log, &config.telemetry)
+    };
     let result = runtime.block_on(execute(cli.command, config));
-    telemetry.flush();
+    drop(telemetry);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -229,7 +235,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             crate::store::open(&config.store).await?;
             println!(
                 "migrations applied to {}",
-                crate::config::redact_url(&config.store.url)
+                crate::config::redact_url(config.store.url.expose_secret())
             );
             Ok(())
         }
@@ -240,7 +246,6 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
                     plugin_config,
                 },
         } => {
-            let runtime = crate::plugins::Runtime::shared(&config.plugin_host)?;
             let plugin = crate::config::PluginConfig {
                 name: file
                     .file_stem()
@@ -253,8 +258,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
                 keys: Vec::new(),
                 config_json: plugin_config,
             };
-            let loaded = crate::plugins::load(runtime, plugin).await?;
-            let hooks = loaded.exports.hooks();
+            let hooks = crate::plugins::check(&config.plugin_host, plugin).await?;
             println!("{}: a valid sluice:plugin@0.1.0 component", file.display());
             println!(
                 "  on-request (request-hook):   {}",
@@ -281,7 +285,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             println!("  listen:   {}", config.server.listen);
             println!(
                 "  store:    {}",
-                crate::config::redact_url(&config.store.url)
+                crate::config::redact_url(config.store.url.expose_secret())
             );
             println!("  cache:    {}", describe_cache(&config));
             println!("  queue:    {}", describe_queue(&config));
@@ -315,7 +319,9 @@ fn describe_cache(config: &Config) -> String {
         crate::config::CacheBackend::Memory { max_bytes } => {
             format!("memory (max {max_bytes} bytes)")
         }
-        crate::config::CacheBackend::Redis { url, .. } => crate::config::redact_url(url),
+        crate::config::CacheBackend::Redis { url, .. } => {
+            crate::config::redact_url(url.expose_secret())
+        }
     }
 }
 

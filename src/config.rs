@@ -1,17 +1,25 @@
-//! Configuration, in two phases: raw serde structs that mirror `gateway.toml`
-//! (unknown keys rejected, every default documented), then [`RawConfig::validate`]
-//! into the typed [`Config`] the rest of the gateway uses.
+//! Configuration, in two phases: serde structs in the shape of `gateway.toml`
+//! (unknown keys rejected, every default documented), layered by figment from
+//! the file and `SLUICE_*` environment variables, then [`RawConfig::validate`]
+//! into the typed [`Config`] the rest of the gateway uses. Sections that need
+//! no checking beyond their types are deserialized straight into their typed form.
 //!
 //! Every key can be overridden by an environment variable named
 //! `SLUICE_<SECTION>__<KEY>` (double underscore between levels), for example
 //! `SLUICE_STORE__URL=postgres://...` or `SLUICE_QUEUE__CONSUMER__FETCH_WAIT_MAX_MS=1`.
+//! A variable's value is a string, read as a number or a boolean only where
+//! the key is one, so `SLUICE_UPSTREAM__API_KEY=12345` is the string `"12345"`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use figment::providers::{Format, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider, Source};
+use secrecy::SecretString;
+use serde::{Deserialize, Deserializer};
 use url::Url;
 
 /// Largest `max_memory_bytes` a plugin may be given.
@@ -27,8 +35,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
-    Parse { path: String, message: String },
+    #[error("{origin}: {message}")]
+    Parse { origin: String, message: String },
     #[error("config key `{key}`{origin}: {message}")]
     Invalid {
         key: String,
@@ -38,56 +46,60 @@ pub enum ConfigError {
 }
 
 // ---------------------------------------------------------------------------
-// Phase 1: raw structs, exactly the shape of gateway.toml.
+// Phase 1: the shape of gateway.toml.
 // ---------------------------------------------------------------------------
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
-    pub server: RawServer,
-    pub auth: RawAuth,
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
     pub store: RawStore,
     pub cache: RawCache,
     pub queue: RawQueue,
-    pub worker: RawWorker,
-    pub upstream: RawUpstream,
-    pub log: RawLog,
-    pub telemetry: RawTelemetry,
+    pub worker: WorkerConfig,
+    pub upstream: UpstreamConfig,
+    pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
     pub plugin_host: RawPluginHost,
     pub plugins: Vec<RawPlugin>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawServer {
+pub struct ServerConfig {
     /// Address the edge listens on.
-    pub listen: String,
+    pub listen: SocketAddr,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
     /// How long in-flight streams may run on after a shutdown signal.
-    pub shutdown_grace_ms: u64,
+    #[serde(rename = "shutdown_grace_ms", deserialize_with = "millis")]
+    pub shutdown_grace: Duration,
 }
 
-impl Default for RawServer {
+impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            listen: "127.0.0.1:8080".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 1024 * 1024,
-            shutdown_grace_ms: 10_000,
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawAuth {
+pub struct AuthConfig {
     /// How long a key lookup is remembered. Bounds how late a revocation takes effect.
-    pub cache_ttl_ms: u64,
+    #[serde(rename = "cache_ttl_ms", deserialize_with = "millis")]
+    pub cache_ttl: Duration,
 }
 
-impl Default for RawAuth {
+impl Default for AuthConfig {
     fn default() -> Self {
-        Self { cache_ttl_ms: 500 }
+        Self {
+            cache_ttl: Duration::from_millis(500),
+        }
     }
 }
 
@@ -165,9 +177,9 @@ pub struct RawQueue {
     /// Consumer group of the workers.
     pub worker_group: String,
     /// librdkafka settings for every producer (`"linger.ms" = 1`).
-    pub producer: BTreeMap<String, toml::Value>,
+    pub producer: BTreeMap<String, serde_json::Value>,
     /// librdkafka settings for every consumer (`"fetch.wait.max.ms" = 5`).
-    pub consumer: BTreeMap<String, toml::Value>,
+    pub consumer: BTreeMap<String, serde_json::Value>,
 }
 
 impl Default for RawQueue {
@@ -193,92 +205,135 @@ impl Default for RawQueue {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawWorker {
+pub struct WorkerConfig {
     /// Whether `sluice serve` runs a worker in the same process as the edge.
     pub in_process: bool,
     /// Upstream requests a worker runs at once.
     pub concurrency: usize,
     /// Metrics and health listener of a standalone `sluice worker`.
-    pub listen: String,
+    pub listen: SocketAddr,
 }
 
-impl Default for RawWorker {
+impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             in_process: true,
             concurrency: 256,
-            listen: "127.0.0.1:9464".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
         }
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawUpstream {
+pub struct UpstreamConfig {
     /// vLLM base URLs (without `/v1`); requests are spread round-robin.
-    #[serde(deserialize_with = "string_or_list")]
-    pub urls: Vec<String>,
+    #[serde(deserialize_with = "urls")]
+    pub urls: Vec<Url>,
     /// Bearer token for vLLM's `--api-key`, if set.
-    pub api_key: String,
-    pub connect_timeout_ms: u64,
+    #[serde(deserialize_with = "non_empty_secret")]
+    pub api_key: Option<SecretString>,
+    #[serde(rename = "connect_timeout_ms", deserialize_with = "millis")]
+    pub connect_timeout: Duration,
     /// Longest wait for the response headers and the first chunk.
-    pub first_chunk_timeout_ms: u64,
+    #[serde(rename = "first_chunk_timeout_ms", deserialize_with = "millis")]
+    pub first_chunk_timeout: Duration,
     /// Longest silence between two chunks.
-    pub idle_timeout_ms: u64,
+    #[serde(rename = "idle_timeout_ms", deserialize_with = "millis")]
+    pub idle_timeout: Duration,
 }
 
-impl Default for RawUpstream {
+impl Default for UpstreamConfig {
     fn default() -> Self {
         Self {
-            urls: vec!["http://127.0.0.1:8000".into()],
-            api_key: String::new(),
-            connect_timeout_ms: 2_000,
-            first_chunk_timeout_ms: 60_000,
-            idle_timeout_ms: 30_000,
+            urls: vec![Url::parse("http://127.0.0.1:8000").expect("a valid URL")],
+            api_key: None,
+            connect_timeout: Duration::from_secs(2),
+            first_chunk_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(30),
         }
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawLog {
+pub struct LogConfig {
     /// A `tracing` filter: `info`, `sluice=debug,info`, ...
     pub level: String,
     /// `text` or `json`.
-    pub format: String,
+    pub format: LogFormat,
 }
 
-impl Default for RawLog {
+impl Default for LogConfig {
     fn default() -> Self {
         Self {
             level: "info".into(),
-            format: "text".into(),
+            format: LogFormat::Text,
         }
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// OTLP transports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum OtlpProtocol {
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    #[serde(rename = "http/json")]
+    HttpJson,
+}
+
+impl OtlpProtocol {
+    /// The names of `OTEL_EXPORTER_OTLP_PROTOCOL`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.trim() {
+            "grpc" => Some(Self::Grpc),
+            "http/protobuf" => Some(Self::HttpProtobuf),
+            "http/json" => Some(Self::HttpJson),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::HttpProtobuf => "http/protobuf",
+            Self::HttpJson => "http/json",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawTelemetry {
-    /// OTLP/HTTP endpoint (`http://collector:4318`); empty disables trace export
-    /// unless `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
-    pub otlp_endpoint: String,
+pub struct TelemetryConfig {
+    /// OTLP endpoint (`http://collector:4318`, or `:4317` for gRPC); unset
+    /// disables trace export unless `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+    #[serde(deserialize_with = "non_empty")]
+    pub otlp_endpoint: Option<String>,
     pub service_name: String,
     /// Fraction of new traces sampled, decided at the edge (a client's `traceparent` sampled flag is followed).
     pub sample_ratio: f64,
-    /// OTLP/HTTP encoding: `http/protobuf` or `http/json`.
-    pub protocol: String,
+    /// `grpc`, `http/protobuf` or `http/json`.
+    pub protocol: OtlpProtocol,
 }
 
-impl Default for RawTelemetry {
+impl Default for TelemetryConfig {
     fn default() -> Self {
         Self {
-            otlp_endpoint: String::new(),
+            otlp_endpoint: None,
             service_name: "sluice".into(),
             sample_ratio: 1.0,
-            protocol: "http/protobuf".into(),
+            protocol: OtlpProtocol::HttpProtobuf,
         }
     }
 }
@@ -312,12 +367,19 @@ impl Default for RawPluginHost {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    FailOpen,
+    FailClosed,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPlugin {
     pub name: String,
     /// Path to the component (`.wasm`), relative to the config file.
-    pub path: String,
+    pub path: PathBuf,
     #[serde(default = "default_true")]
     pub enabled: bool,
     /// Position in the chain; lower runs first. Defaults to the entry's position.
@@ -325,7 +387,7 @@ pub struct RawPlugin {
     pub order: Option<i64>,
     /// `fail-open` (skip the plugin) or `fail-closed` (fail the request).
     #[serde(default = "default_on_error")]
-    pub on_error: String,
+    pub on_error: OnError,
     /// Linear-memory cap per instance.
     #[serde(default = "default_plugin_memory")]
     pub max_memory_bytes: u64,
@@ -337,14 +399,14 @@ pub struct RawPlugin {
     pub keys: Vec<String>,
     /// Free-form table handed to the plugin as JSON when it is instantiated.
     #[serde(default)]
-    pub config: toml::Table,
+    pub config: serde_json::Map<String, serde_json::Value>,
 }
 
 fn default_true() -> bool {
     true
 }
-fn default_on_error() -> String {
-    "fail-open".into()
+fn default_on_error() -> OnError {
+    OnError::FailOpen
 }
 fn default_plugin_memory() -> u64 {
     16 * 1024 * 1024
@@ -353,14 +415,29 @@ fn default_plugin_timeout() -> u64 {
     20
 }
 
-fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    u64::deserialize(d).map(Duration::from_millis)
+}
+
+/// An empty string is the same as leaving the key out.
+fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.filter(|s| !s.trim().is_empty()))
+}
+
+fn non_empty_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SecretString>, D::Error> {
+    Ok(non_empty(d)?.map(SecretString::from))
+}
+
+/// A list of http(s) URLs, or one string of comma-separated URLs (as an
+/// environment variable gives it).
+fn urls<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Url>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum OneOrMany {
         One(String),
         Many(Vec<String>),
     }
-    Ok(match OneOrMany::deserialize(d)? {
+    let list = match OneOrMany::deserialize(d)? {
         OneOrMany::One(s) => s
             .split(',')
             .map(str::trim)
@@ -368,143 +445,124 @@ fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>,
             .map(String::from)
             .collect(),
         OneOrMany::Many(v) => v,
-    })
+    };
+    list.iter()
+        .map(|u| {
+            let url = Url::parse(u).map_err(|e| serde::de::Error::custom(format!("`{u}`: {e}")))?;
+            if url.scheme() != "http" && url.scheme() != "https" {
+                return Err(serde::de::Error::custom(format!(
+                    "`{u}` must be http:// or https://"
+                )));
+            }
+            Ok(url)
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
 // Loading: file, then environment overrides.
 // ---------------------------------------------------------------------------
 
-/// Where a raw config came from, so errors can point at the right source.
-#[derive(Debug, Default, Clone)]
+/// One `SLUICE_<SECTION>__<KEY>` variable as a figment provider: its value
+/// stays a string (figment's own `Env` would read `12345` as a number), and
+/// errors name the variable.
+struct EnvOverride {
+    var: String,
+    path: Vec<String>,
+    value: String,
+}
+
+impl EnvOverride {
+    fn parse(var: String, value: String) -> Option<Self> {
+        // Every key lives in a section, so an override always has a `__`;
+        // other SLUICE_* variables (SLUICE_CONFIG, tooling's own) are not config keys.
+        let rest = var.strip_prefix(ENV_PREFIX).filter(|r| r.contains("__"))?;
+        let mut path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+        // librdkafka settings use dots (`fetch.wait.max.ms`), which variable names cannot.
+        if let [queue, client, setting] = path.as_mut_slice()
+            && queue == "queue"
+            && (client == "producer" || client == "consumer")
+        {
+            *setting = setting.replace('_', ".");
+        }
+        Some(Self { var, path, value })
+    }
+}
+
+impl Provider for EnvOverride {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("environment variable").source(Source::Custom(self.var.clone()))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut value = Value::from(self.value.clone());
+        for segment in self.path.iter().rev() {
+            value = Value::from(Dict::from([(segment.clone(), value)]));
+        }
+        let dict = value.into_dict().unwrap_or_default();
+        Ok(Profile::Default.collect(dict))
+    }
+}
+
+/// Where each key's value came from, for error messages.
 pub struct Origins {
-    /// Config keys (dotted) set from environment variables, with the variable name.
-    pub env: BTreeMap<String, String>,
-    pub file: Option<PathBuf>,
+    figment: Figment,
+    file: Option<PathBuf>,
 }
 
 impl Origins {
     fn describe(&self, key: &str) -> String {
-        if let Some(var) = self.env.get(key) {
-            return format!(" (from ${var})");
-        }
-        match &self.file {
-            Some(file) => format!(" (in {})", file.display()),
-            None => String::new(),
-        }
+        describe(self.figment.find_metadata(key))
+    }
+}
+
+fn describe(metadata: Option<&Metadata>) -> String {
+    match metadata.and_then(|m| m.source.as_ref()) {
+        Some(Source::Custom(var)) => format!(" (from ${var})"),
+        Some(Source::File(path)) => format!(" (in {})", path.display()),
+        _ => String::new(),
     }
 }
 
 impl RawConfig {
-    /// Reads `path` (if given and present) and applies `SLUICE_*` environment overrides.
-    pub fn load(path: Option<&Path>) -> Result<(Self, Origins), ConfigError> {
-        let vars: Vec<(String, String)> = std::env::vars().collect();
-        Self::load_with_env(path, &vars)
-    }
-
+    /// Reads `path` (if given) and applies `SLUICE_*` overrides from `env`.
     pub fn load_with_env(
         path: Option<&Path>,
-        env: &[(String, String)],
+        env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<(Self, Origins), ConfigError> {
-        let mut origins = Origins::default();
-        let mut table = match path {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-                origins.file = Some(path.to_path_buf());
-                toml::from_str::<toml::Table>(&text).map_err(|err| ConfigError::Parse {
-                    path: path.display().to_string(),
-                    message: err.to_string(),
-                })?
-            }
-            None => toml::Table::new(),
-        };
-        for (name, value) in env {
-            // Every key lives in a section, so an override always has a `__`;
-            // other SLUICE_* variables (SLUICE_CONFIG, tooling's own) are not config keys.
-            let Some(rest) = name
-                .strip_prefix(ENV_PREFIX)
-                .filter(|rest| rest.contains("__"))
-            else {
-                continue;
-            };
-            let segments: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
-            let segments = normalize_env_segments(segments);
-            origins.env.insert(segments.join("."), name.clone());
-            set_path(&mut table, &segments, guess_value(value));
+        let mut figment = Figment::new();
+        if let Some(path) = path {
+            // figment reads a missing file as an empty one; a named file must exist.
+            std::fs::metadata(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            figment = figment.merge(Toml::file_exact(path));
         }
-        let raw = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|err| {
-            let key = err.path().to_string();
-            let origin = origins.describe(&key);
-            // toml appends "in `section`" on a second line; the key already says where.
-            let message = err.into_inner().to_string();
-            ConfigError::Invalid {
-                key,
-                origin,
-                message: message.lines().next().unwrap_or_default().to_string(),
+        for (var, value) in env {
+            if let Some(env) = EnvOverride::parse(var, value) {
+                figment = figment.merge(env);
+            }
+        }
+        let raw = figment.extract_lossy::<RawConfig>().map_err(|err| {
+            if err.path.is_empty() {
+                // The file itself does not parse.
+                ConfigError::Parse {
+                    origin: path
+                        .map_or_else(|| "configuration".into(), |p| p.display().to_string()),
+                    message: err.kind.to_string(),
+                }
+            } else {
+                ConfigError::Invalid {
+                    key: err.path.join("."),
+                    origin: describe(err.metadata.as_ref()),
+                    message: err.kind.to_string(),
+                }
             }
         })?;
-        Ok((raw, origins))
+        let file = path.map(Path::to_path_buf);
+        Ok((raw, Origins { figment, file }))
     }
-}
-
-/// librdkafka settings use dots (`fetch.wait.max.ms`); environment variables cannot,
-/// so `SLUICE_QUEUE__CONSUMER__FETCH_WAIT_MAX_MS` maps to `fetch.wait.max.ms`.
-fn normalize_env_segments(mut segments: Vec<String>) -> Vec<String> {
-    if segments.len() == 3
-        && segments[0] == "queue"
-        && (segments[1] == "producer" || segments[1] == "consumer")
-    {
-        segments[2] = segments[2].replace('_', ".");
-    }
-    segments
-}
-
-fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
-    match path {
-        [] => {}
-        [last] => {
-            table.insert(last.clone(), value);
-        }
-        [first, rest @ ..] => {
-            let entry = table
-                .entry(first.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            if !entry.is_table() {
-                *entry = toml::Value::Table(toml::Table::new());
-            }
-            if let toml::Value::Table(inner) = entry {
-                set_path(inner, rest, value);
-            }
-        }
-    }
-}
-
-/// Environment values are strings; read `true`/`false`, integers, floats and
-/// TOML arrays as such, everything else as a string.
-fn guess_value(raw: &str) -> toml::Value {
-    let trimmed = raw.trim();
-    if trimmed == "true" || trimmed == "false" {
-        return toml::Value::Boolean(trimmed == "true");
-    }
-    if let Ok(n) = trimmed.parse::<i64>() {
-        return toml::Value::Integer(n);
-    }
-    if trimmed.contains('.')
-        && !trimmed.contains(':')
-        && let Ok(f) = trimmed.parse::<f64>()
-    {
-        return toml::Value::Float(f);
-    }
-    if trimmed.starts_with('[')
-        && let Ok(toml::Value::Table(t)) = format!("v = {trimmed}").parse::<toml::Value>()
-        && let Some(v) = t.get("v")
-    {
-        return v.clone();
-    }
-    toml::Value::String(raw.to_string())
 }
 
 // ---------------------------------------------------------------------------
@@ -528,18 +586,6 @@ pub struct Config {
     pub source: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    pub listen: SocketAddr,
-    pub max_body_bytes: usize,
-    pub shutdown_grace: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct AuthConfig {
-    pub cache_ttl: Duration,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKind {
     Sqlite,
@@ -549,8 +595,8 @@ pub enum StoreKind {
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub kind: StoreKind,
-    /// Full URL, credentials included: never log it; use [`redact_url`].
-    pub url: String,
+    /// Full URL, credentials included: log [`redact_url`] of it.
+    pub url: SecretString,
     pub max_connections: u32,
     pub log_buffer: usize,
 }
@@ -562,7 +608,7 @@ pub enum CacheBackend {
         max_bytes: u64,
     },
     Redis {
-        url: String,
+        url: SecretString,
         key_prefix: String,
         timeout: Duration,
     },
@@ -605,54 +651,11 @@ pub struct QueueConfig {
 }
 
 #[derive(Debug, Clone)]
-pub struct WorkerConfig {
-    pub in_process: bool,
-    pub concurrency: usize,
-    pub listen: SocketAddr,
-}
-
-#[derive(Debug, Clone)]
-pub struct UpstreamConfig {
-    pub urls: Vec<Url>,
-    pub api_key: Option<String>,
-    pub connect_timeout: Duration,
-    pub first_chunk_timeout: Duration,
-    pub idle_timeout: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone)]
-pub struct LogConfig {
-    pub level: String,
-    pub format: LogFormat,
-}
-
-#[derive(Debug, Clone)]
-pub struct TelemetryConfig {
-    pub otlp_endpoint: Option<String>,
-    pub service_name: String,
-    pub sample_ratio: f64,
-    /// `true` for `http/json`, `false` for `http/protobuf`.
-    pub json: bool,
-}
-
-#[derive(Debug, Clone)]
 pub struct PluginHostConfig {
     pub watch: bool,
     pub epoch_tick: Duration,
     pub max_instances: u32,
     pub max_idle_instances: usize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnError {
-    FailOpen,
-    FailClosed,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -670,15 +673,26 @@ pub struct PluginConfig {
 impl Default for Config {
     fn default() -> Self {
         RawConfig::default()
-            .validate(&Origins::default())
+            .validate(&Origins {
+                figment: Figment::new(),
+                file: None,
+            })
             .expect("the built-in defaults are valid")
     }
 }
 
 impl Config {
-    /// Loads, overrides from the environment and validates in one step.
+    /// Loads `path` and the process's environment overrides and validates them.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let (raw, origins) = RawConfig::load(path)?;
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment given.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let (raw, origins) = RawConfig::load_with_env(path, env)?;
         raw.validate(&origins)
     }
 }
@@ -699,25 +713,8 @@ impl RawConfig {
             }
         };
 
-        let server = ServerConfig {
-            listen: self.server.listen.parse().map_err(|e| {
-                invalid(
-                    "server.listen",
-                    format!(
-                        "`{}` is not an address like 127.0.0.1:8080 ({e})",
-                        self.server.listen
-                    ),
-                )
-            })?,
-            max_body_bytes: positive("server.max_body_bytes", self.server.max_body_bytes as u64)?
-                as usize,
-            shutdown_grace: ms(self.server.shutdown_grace_ms),
-        };
-
-        let auth = AuthConfig {
-            cache_ttl: ms(self.auth.cache_ttl_ms),
-        };
-        if self.auth.cache_ttl_ms > 1000 {
+        positive("server.max_body_bytes", self.server.max_body_bytes as u64)?;
+        if self.auth.cache_ttl > Duration::from_secs(1) {
             return Err(invalid(
                 "auth.cache_ttl_ms",
                 "must be at most 1000 so that a revoked key stops working within a second".into(),
@@ -739,12 +736,12 @@ impl RawConfig {
         };
         let store = StoreConfig {
             kind: store_kind,
-            url: self.store.url.clone(),
             max_connections: positive(
                 "store.max_connections",
                 u64::from(self.store.max_connections),
             )? as u32,
             log_buffer: positive("store.log_buffer", self.store.log_buffer as u64)? as usize,
+            url: self.store.url.into(),
         };
 
         let cache_backend = match self.cache.url.as_str() {
@@ -754,7 +751,7 @@ impl RawConfig {
                     max_bytes: positive("cache.max_bytes", self.cache.max_bytes)?,
                 },
                 Some("redis") | Some("rediss") => CacheBackend::Redis {
-                    url: url.to_string(),
+                    url: url.to_string().into(),
                     key_prefix: self.cache.key_prefix.clone(),
                     timeout: ms(positive("cache.timeout_ms", self.cache.timeout_ms)?),
                 },
@@ -825,9 +822,6 @@ impl RawConfig {
                 };
                 QueueBackend::Kafka(KafkaConfig {
                     brokers,
-                    request_topic: q.request_topic.clone(),
-                    response_topic: q.response_topic.clone(),
-                    cancel_topic: q.cancel_topic.clone(),
                     partitions: q.partitions,
                     replication_factor: q.replication_factor.max(1),
                     edge_id: if q.edge_id.is_empty() {
@@ -836,9 +830,12 @@ impl RawConfig {
                         q.edge_id.clone()
                     },
                     reply_partition,
-                    worker_group: q.worker_group.clone(),
                     producer: stringify_settings("queue.producer", &q.producer, &invalid)?,
                     consumer: stringify_settings("queue.consumer", &q.consumer, &invalid)?,
+                    request_topic: q.request_topic,
+                    response_topic: q.response_topic,
+                    cancel_topic: q.cancel_topic,
+                    worker_group: q.worker_group,
                 })
             }
             _ => {
@@ -865,103 +862,44 @@ impl RawConfig {
             ));
         }
 
-        let worker = WorkerConfig {
-            in_process: self.worker.in_process,
-            concurrency: positive("worker.concurrency", self.worker.concurrency as u64)? as usize,
-            listen: self.worker.listen.parse().map_err(|e| {
-                invalid(
-                    "worker.listen",
-                    format!("`{}` is not an address ({e})", self.worker.listen),
-                )
-            })?,
-        };
-        if matches!(queue.backend, QueueBackend::Memory { .. }) && !worker.in_process {
+        positive("worker.concurrency", self.worker.concurrency as u64)?;
+        if matches!(queue.backend, QueueBackend::Memory { .. }) && !self.worker.in_process {
             return Err(invalid(
                 "worker.in_process",
                 "the memory:// queue is served only by the in-process worker; use kafka:// for separate workers".into(),
             ));
         }
 
-        if self.upstream.urls.is_empty() {
+        let upstream = &self.upstream;
+        if upstream.urls.is_empty() {
             return Err(invalid(
                 "upstream.urls",
                 "at least one vLLM URL is required".into(),
             ));
         }
-        let urls = self
-            .upstream
-            .urls
-            .iter()
-            .map(|u| {
-                let url =
-                    Url::parse(u).map_err(|e| invalid("upstream.urls", format!("`{u}`: {e}")))?;
-                if url.scheme() != "http" && url.scheme() != "https" {
-                    return Err(invalid(
-                        "upstream.urls",
-                        format!("`{u}` must be http:// or https://"),
-                    ));
-                }
-                Ok(url)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let upstream = UpstreamConfig {
-            urls,
-            api_key: Some(self.upstream.api_key).filter(|k| !k.is_empty()),
-            connect_timeout: ms(positive(
-                "upstream.connect_timeout_ms",
-                self.upstream.connect_timeout_ms,
-            )?),
-            first_chunk_timeout: ms(positive(
+        for (key, timeout) in [
+            ("upstream.connect_timeout_ms", upstream.connect_timeout),
+            (
                 "upstream.first_chunk_timeout_ms",
-                self.upstream.first_chunk_timeout_ms,
-            )?),
-            idle_timeout: ms(positive(
-                "upstream.idle_timeout_ms",
-                self.upstream.idle_timeout_ms,
-            )?),
-        };
-
-        let log = LogConfig {
-            level: self.log.level.clone(),
-            format: match self.log.format.as_str() {
-                "text" => LogFormat::Text,
-                "json" => LogFormat::Json,
-                other => {
-                    return Err(invalid(
-                        "log.format",
-                        format!("`{other}` must be text or json"),
-                    ));
-                }
-            },
-        };
-        if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
-            return Err(invalid(
-                "log.level",
-                format!("`{}` is not a valid log filter", log.level),
-            ));
+                upstream.first_chunk_timeout,
+            ),
+            ("upstream.idle_timeout_ms", upstream.idle_timeout),
+        ] {
+            positive(key, timeout.as_millis() as u64)?;
         }
 
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!("`{}` is not a valid log filter", self.log.level),
+            ));
+        }
         if !(0.0..=1.0).contains(&self.telemetry.sample_ratio) {
             return Err(invalid(
                 "telemetry.sample_ratio",
                 "must be between 0 and 1".into(),
             ));
         }
-        let telemetry = TelemetryConfig {
-            otlp_endpoint: Some(self.telemetry.otlp_endpoint).filter(|e| !e.is_empty()),
-            service_name: self.telemetry.service_name,
-            sample_ratio: self.telemetry.sample_ratio,
-            json: match self.telemetry.protocol.as_str() {
-                "http/protobuf" => false,
-                "http/json" => true,
-                other => {
-                    return Err(invalid(
-                        "telemetry.protocol",
-                        format!("`{other}` must be http/protobuf or http/json"),
-                    ));
-                }
-            },
-        };
 
         let max_instances = match self.plugin_host.max_instances {
             n @ 16..=65_536 => n,
@@ -1015,55 +953,50 @@ impl RawConfig {
             if !plugin.enabled {
                 continue;
             }
-            let on_error = match plugin.on_error.as_str() {
-                "fail-open" => OnError::FailOpen,
-                "fail-closed" => OnError::FailClosed,
-                other => {
+            let max_memory_bytes = match plugin.max_memory_bytes {
+                0 => {
                     return Err(invalid(
-                        &format!("{key}.on_error"),
-                        format!("`{other}` must be fail-open or fail-closed"),
+                        &format!("{key}.max_memory_bytes"),
+                        "must be greater than 0".into(),
                     ));
                 }
+                n if n > MAX_PLUGIN_MEMORY => {
+                    return Err(invalid(
+                        &format!("{key}.max_memory_bytes"),
+                        format!(
+                            "{n} is over the {MAX_PLUGIN_MEMORY}-byte limit of the plugin runtime"
+                        ),
+                    ));
+                }
+                n => n,
             };
-            let config_json = serde_json::to_string(&plugin.config)
-                .map_err(|e| invalid(&format!("{key}.config"), e.to_string()))?;
-            let path = PathBuf::from(&plugin.path);
             let order = plugin.order.unwrap_or(position as i64);
             plugins.push((
                 order,
                 position,
                 PluginConfig {
                     name: plugin.name,
-                    path: if path.is_absolute() { path } else { base_dir.join(path) },
-                    on_error,
-                    max_memory_bytes: match plugin.max_memory_bytes {
-                        0 => return Err(invalid(&format!("{key}.max_memory_bytes"), "must be greater than 0".into())),
-                        n if n > MAX_PLUGIN_MEMORY => {
-                            return Err(invalid(
-                                &format!("{key}.max_memory_bytes"),
-                                format!("{n} is over the {MAX_PLUGIN_MEMORY}-byte limit of the plugin runtime"),
-                            ));
-                        }
-                        n => n,
-                    },
+                    path: base_dir.join(plugin.path),
+                    on_error: plugin.on_error,
+                    max_memory_bytes,
                     timeout: ms(positive(&format!("{key}.timeout_ms"), plugin.timeout_ms)?),
                     keys: plugin.keys,
-                    config_json,
+                    config_json: serde_json::Value::Object(plugin.config).to_string(),
                 },
             ));
         }
         plugins.sort_by_key(|(order, position, _)| (*order, *position));
 
         Ok(Config {
-            server,
-            auth,
+            server: self.server,
+            auth: self.auth,
             store,
             cache,
             queue,
-            worker,
-            upstream,
-            log,
-            telemetry,
+            worker: self.worker,
+            upstream: self.upstream,
+            log: self.log,
+            telemetry: self.telemetry,
             plugin_host,
             plugins: plugins.into_iter().map(|(_, _, p)| p).collect(),
             source: origins.file.clone(),
@@ -1071,23 +1004,23 @@ impl RawConfig {
     }
 }
 
+/// librdkafka settings are strings; TOML may give numbers and booleans.
 fn stringify_settings(
     key: &str,
-    settings: &BTreeMap<String, toml::Value>,
+    settings: &BTreeMap<String, serde_json::Value>,
     invalid: &dyn Fn(&str, String) -> ConfigError,
 ) -> Result<BTreeMap<String, String>, ConfigError> {
     settings
         .iter()
         .map(|(name, value)| {
             let text = match value {
-                toml::Value::String(s) => s.clone(),
-                toml::Value::Integer(i) => i.to_string(),
-                toml::Value::Float(f) => f.to_string(),
-                toml::Value::Boolean(b) => b.to_string(),
-                other => {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Number(n) => n.to_string(),
+                serde_json::Value::Bool(b) => b.to_string(),
+                _ => {
                     return Err(invalid(
                         &format!("{key}.{name}"),
-                        format!("librdkafka settings are scalars, not {}", other.type_str()),
+                        "librdkafka settings are strings, numbers or booleans".into(),
                     ));
                 }
             };
@@ -1114,17 +1047,14 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use secrecy::ExposeSecret;
 
     fn load(toml_text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, toml_text).unwrap();
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let (raw, origins) = RawConfig::load_with_env(Some(&path), &env)?;
-        raw.validate(&origins)
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::load_with_env(Some(&path), env)
     }
 
     #[test]
@@ -1135,28 +1065,63 @@ mod tests {
     }
 
     #[test]
+    fn the_defaults_are_documented_values() {
+        let config = load("", &[]).unwrap();
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.server.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(config.upstream.urls[0].as_str(), "http://127.0.0.1:8000/");
+        assert_eq!(config.telemetry.protocol, OtlpProtocol::HttpProtobuf);
+        assert!(matches!(config.queue.backend, QueueBackend::Memory { .. }));
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_with_their_name() {
         let err = load("[server]\nlisten = \"127.0.0.1:1\"\nlisnen = 3\n", &[])
             .unwrap_err()
             .to_string();
         assert!(err.contains("lisnen"), "{err}");
         assert!(err.contains("server"), "{err}");
+        assert!(err.contains("gateway.toml"), "{err}");
+    }
+
+    #[test]
+    fn malformed_toml_names_the_file() {
+        let err = load("[server\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("gateway.toml"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error() {
+        let err = Config::load_with_env(Some(Path::new("/nonexistent/gateway.toml")), [])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/gateway.toml"), "{err}");
     }
 
     #[test]
     fn invalid_values_name_the_key() {
-        let err = load("[store]\nurl = \"mysql://x\"\n", &[])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("store.url"), "{err}");
-        let err = load("[server]\nmax_body_bytes = \"big\"\n", &[])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("server.max_body_bytes"), "{err}");
-        let err = load("[plugin_host]\nmax_instances = 8\n", &[])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("plugin_host.max_instances"), "{err}");
+        for (toml, key) in [
+            ("[store]\nurl = \"mysql://x\"\n", "store.url"),
+            (
+                "[server]\nmax_body_bytes = \"big\"\n",
+                "server.max_body_bytes",
+            ),
+            ("[server]\nlisten = \"nowhere\"\n", "server.listen"),
+            ("[upstream]\nurls = [\"ftp://x\"]\n", "upstream.urls"),
+            ("[log]\nformat = \"xml\"\n", "log.format"),
+            ("[telemetry]\nprotocol = \"thrift\"\n", "telemetry.protocol"),
+            (
+                "[plugin_host]\nmax_instances = 8\n",
+                "plugin_host.max_instances",
+            ),
+            (
+                "[[plugins]]\nname = \"p\"\npath = \"p.wasm\"\non_error = \"maybe\"\n",
+                "plugins",
+            ),
+        ] {
+            let err = load(toml, &[]).unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
         let config = load("[plugin_host]\nmax_instances = 64\n", &[]).unwrap();
         assert_eq!(config.plugin_host.max_instances, 64);
         assert_eq!(config.plugin_host.max_idle_instances, 16);
@@ -1178,15 +1143,68 @@ mod tests {
             &[
                 ("SLUICE_STORE__URL", "sqlite://b.db"),
                 ("SLUICE_WORKER__CONCURRENCY", "7"),
+                ("SLUICE_PLUGIN_HOST__WATCH", "false"),
+                ("SLUICE_TELEMETRY__SAMPLE_RATIO", "0.25"),
+                ("SLUICE_UPSTREAM__URLS", "http://a:8000, http://b:8000"),
             ],
         )
         .unwrap();
-        assert_eq!(config.store.url, "sqlite://b.db");
+        assert_eq!(config.store.url.expose_secret(), "sqlite://b.db");
         assert_eq!(config.worker.concurrency, 7);
+        assert!(!config.plugin_host.watch);
+        assert_eq!(config.telemetry.sample_ratio, 0.25);
+        assert_eq!(config.upstream.urls.len(), 2);
         let err = load("", &[("SLUICE_CACHE__URL", "memcached://x")])
             .unwrap_err()
             .to_string();
         assert!(err.contains("SLUICE_CACHE__URL"), "{err}");
+        let err = load("", &[("SLUICE_WORKER__CONCURRENCY", "many")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("worker.concurrency") && err.contains("SLUICE_WORKER__CONCURRENCY"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn environment_values_that_look_like_numbers_stay_strings_for_string_keys() {
+        let config = load(
+            "[queue]\nurl = \"kafka://127.0.0.1:9092\"\n[worker]\nin_process = false\n",
+            &[
+                ("SLUICE_UPSTREAM__API_KEY", "12345"),
+                ("SLUICE_QUEUE__EDGE_ID", "007"),
+                ("SLUICE_CACHE__KEY_PREFIX", "true"),
+                ("SLUICE_TELEMETRY__SERVICE_NAME", "1.5"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            config
+                .upstream
+                .api_key
+                .as_ref()
+                .map(ExposeSecret::expose_secret),
+            Some("12345")
+        );
+        assert!(
+            !format!("{config:?}").contains("12345"),
+            "secrets stay out of Debug output"
+        );
+        let QueueBackend::Kafka(kafka) = config.queue.backend else {
+            panic!("not kafka")
+        };
+        assert_eq!(kafka.edge_id, "007");
+        assert_eq!(config.telemetry.service_name, "1.5");
+        let config = load(
+            "[cache]\nurl = \"redis://h:6379\"\n",
+            &[("SLUICE_CACHE__KEY_PREFIX", "true")],
+        )
+        .unwrap();
+        let CacheBackend::Redis { key_prefix, .. } = config.cache.backend else {
+            panic!("not redis")
+        };
+        assert_eq!(key_prefix, "true");
     }
 
     #[test]
@@ -1209,7 +1227,7 @@ mod tests {
     #[test]
     fn kafka_settings_from_env_use_dotted_names() {
         let config = load(
-            "[queue]\nurl = \"kafka://127.0.0.1:9092\"\n[worker]\nin_process = false\n",
+            "[queue]\nurl = \"kafka://127.0.0.1:9092\"\n[queue.producer]\n\"linger.ms\" = 2\n[worker]\nin_process = false\n",
             &[("SLUICE_QUEUE__CONSUMER__FETCH_WAIT_MAX_MS", "1")],
         )
         .unwrap();
@@ -1220,6 +1238,24 @@ mod tests {
             kafka.consumer.get("fetch.wait.max.ms").map(String::as_str),
             Some("1")
         );
+        assert_eq!(
+            kafka.producer.get("linger.ms").map(String::as_str),
+            Some("2")
+        );
+    }
+
+    #[test]
+    fn plugin_paths_are_relative_to_the_config_file() {
+        let config = load(
+            "[[plugins]]\nname = \"p\"\npath = \"plugins/p.wasm\"\n[plugins.config]\nwords = [\"a\"]\n",
+            &[],
+        )
+        .unwrap();
+        let plugin = &config.plugins[0];
+        assert!(plugin.path.is_absolute(), "{:?}", plugin.path);
+        assert!(plugin.path.ends_with("plugins/p.wasm"));
+        assert_eq!(plugin.config_json, r#"{"words":["a"]}"#);
+        assert_eq!(plugin.on_error, OnError::FailOpen);
     }
 
     #[test]

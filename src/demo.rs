@@ -22,7 +22,7 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<()>
     let db = std::env::temp_dir().join(format!("sluice-demo-{}.db", std::process::id()));
     config.store = StoreConfig {
         kind: StoreKind::Sqlite,
-        url: format!("sqlite://{}", db.display()),
+        url: format!("sqlite://{}", db.display()).into(),
         ..config.store
     };
     config.upstream.urls = vec![simulator.url().parse()?];

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub completion_tokens: IntCounterVec,
     pub active_streams: IntGauge,
     pub cache_lookups: IntCounterVec,
+    pub cache_stores: IntCounterVec,
     pub queue_wait: Histogram,
     pub queue_produce: Histogram,
     pub queue_consume_delay: Histogram,
@@ -45,204 +46,242 @@ pub struct Metrics {
     pub inference_log_dropped: IntCounter,
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("unique metric");
-    metric
+/// Which metrics a process exposes: an edge's, a worker's, or both (an edge
+/// with its worker in process). Every metric exists either way; only those
+/// of the process's roles are registered, so a standalone worker's
+/// `/metrics` shows only what a worker measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub edge: bool,
+    pub worker: bool,
 }
 
-fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    let metric = IntCounter::new(name, help).expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("unique metric");
-    metric
+impl Roles {
+    pub const ALL: Self = Self {
+        edge: true,
+        worker: true,
+    };
+    pub const EDGE: Self = Self {
+        edge: true,
+        worker: false,
+    };
+    pub const WORKER: Self = Self {
+        edge: false,
+        worker: true,
+    };
 }
 
-fn histogram_vec(
-    registry: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-    buckets: &[f64],
-) -> HistogramVec {
-    let metric = HistogramVec::new(
-        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-        labels,
-    )
-    .expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("unique metric");
-    metric
+/// Registers the metrics of the process's roles as they are made.
+struct Builder {
+    registry: Registry,
+    roles: Roles,
 }
 
-fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
-    let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
-        .expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("unique metric");
-    metric
-}
+impl Builder {
+    fn add<M: prometheus::core::Collector + Clone + 'static>(&self, of: Roles, metric: M) -> M {
+        if (of.edge && self.roles.edge) || (of.worker && self.roles.worker) {
+            self.registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+        }
+        metric
+    }
 
-fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
-    let metric = IntGauge::new(name, help).expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("unique metric");
-    metric
+    fn counter_vec(&self, of: Roles, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.add(
+            of,
+            IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+        )
+    }
+
+    fn counter(&self, of: Roles, name: &str, help: &str) -> IntCounter {
+        self.add(of, IntCounter::new(name, help).expect("valid metric"))
+    }
+
+    fn histogram_vec(
+        &self,
+        of: Roles,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        buckets: &[f64],
+    ) -> HistogramVec {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        self.add(of, HistogramVec::new(opts, labels).expect("valid metric"))
+    }
+
+    fn histogram(&self, of: Roles, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        self.add(of, Histogram::with_opts(opts).expect("valid metric"))
+    }
+
+    fn gauge(&self, of: Roles, name: &str, help: &str) -> IntGauge {
+        self.add(of, IntGauge::new(name, help).expect("valid metric"))
+    }
 }
 
 impl Metrics {
-    pub fn new() -> Self {
-        let r = Registry::new();
-        let backend_up = IntGaugeVec::new(
-            Opts::new(
-                "sluice_backend_up",
-                "1 when the backend (store, cache, queue) answered its last check",
-            ),
-            &["backend"],
-        )
-        .expect("valid metric");
-        r.register(Box::new(backend_up.clone()))
-            .expect("unique metric");
+    /// The metrics of a process with `roles`, with the standard `process_*`
+    /// metrics (CPU, memory, open file descriptors, start time).
+    pub fn new(roles: Roles) -> Self {
+        let b = Builder {
+            registry: Registry::new(),
+            roles,
+        };
+        use Roles as R;
+        let _ = b.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
         Self {
-            requests: counter_vec(
-                &r,
+            requests: b.counter_vec(
+                R::EDGE,
                 "sluice_requests_total",
                 "Completion requests by route, transport and HTTP status class (499, client gone, counts as 4xx)",
                 &["route", "transport", "status"],
             ),
-            request_duration: histogram_vec(
-                &r,
+            request_duration: b.histogram_vec(
+                R::EDGE,
                 "sluice_request_duration_seconds",
                 "Time from request received to last byte sent",
                 &["route", "transport", "status"],
                 LATENCY_BUCKETS,
             ),
-            time_to_first_token: histogram_vec(
-                &r,
+            time_to_first_token: b.histogram_vec(
+                R::EDGE,
                 "sluice_time_to_first_token_seconds",
                 "Time from request received to the first chunk sent to the client",
                 &["transport", "cache"],
                 LATENCY_BUCKETS,
             ),
-            inter_token_latency: histogram(
-                &r,
+            inter_token_latency: b.histogram(
+                R::EDGE,
                 "sluice_inter_token_latency_seconds",
                 "Time between consecutive chunks sent to a client",
                 FINE_BUCKETS,
             ),
-            prompt_tokens: counter_vec(
-                &r,
+            prompt_tokens: b.counter_vec(
+                R::EDGE,
                 "sluice_prompt_tokens_total",
                 "Prompt tokens of completed requests",
                 &["model"],
             ),
-            completion_tokens: counter_vec(
-                &r,
+            completion_tokens: b.counter_vec(
+                R::EDGE,
                 "sluice_completion_tokens_total",
                 "Completion tokens sent to clients",
                 &["model"],
             ),
-            active_streams: gauge(
-                &r,
+            active_streams: b.gauge(
+                R::EDGE,
                 "sluice_active_streams",
                 "Responses currently being delivered",
             ),
-            cache_lookups: counter_vec(
-                &r,
+            cache_lookups: b.counter_vec(
+                R::EDGE,
                 "sluice_cache_lookups_total",
                 "Cache lookups by result: hit, miss, bypass (plugin or uncacheable), error",
                 &["result"],
             ),
-            queue_wait: histogram(
-                &r,
+            cache_stores: b.counter_vec(
+                R::EDGE,
+                "sluice_cache_stores_total",
+                "Complete responses written to the cache, by result: stored or failed",
+                &["result"],
+            ),
+            queue_wait: b.histogram(
+                R::EDGE,
                 "sluice_queue_first_chunk_seconds",
                 "Time from queue submission to the first chunk back from a worker",
                 LATENCY_BUCKETS,
             ),
-            queue_produce: histogram(
-                &r,
+            queue_produce: b.histogram(
+                R::ALL,
                 "sluice_queue_produce_seconds",
                 "Time to hand one message to the queue (Kafka: until acknowledged)",
                 LATENCY_BUCKETS,
             ),
-            queue_consume_delay: histogram(
-                &r,
+            queue_consume_delay: b.histogram(
+                R::ALL,
                 "sluice_queue_consume_delay_seconds",
                 "Age of a queue message when consumed",
                 LATENCY_BUCKETS,
             ),
-            queue_messages_skipped: counter_vec(
-                &r,
+            queue_messages_skipped: b.counter_vec(
+                R::ALL,
                 "sluice_queue_messages_skipped_total",
                 "Malformed, foreign or stale queue messages skipped",
                 &["topic", "reason"],
             ),
-            queue_retries: counter(
-                &r,
+            queue_retries: b.counter(
+                R::EDGE,
                 "sluice_queue_retries_total",
                 "Requests resubmitted after their worker was lost before sending anything",
             ),
-            worker_inflight: gauge(
-                &r,
+            worker_inflight: b.gauge(
+                R::WORKER,
                 "sluice_worker_inflight_requests",
                 "Upstream requests a worker is running",
             ),
-            worker_requests: counter_vec(
-                &r,
+            worker_requests: b.counter_vec(
+                R::WORKER,
                 "sluice_worker_requests_total",
                 "Requests finished by a worker, by outcome",
                 &["outcome"],
             ),
-            upstream_errors: counter_vec(
-                &r,
+            upstream_errors: b.counter_vec(
+                R::WORKER,
                 "sluice_upstream_errors_total",
                 "Upstream failures by kind",
                 &["kind"],
             ),
-            plugin_calls: counter_vec(
-                &r,
+            plugin_calls: b.counter_vec(
+                R::EDGE,
                 "sluice_plugin_calls_total",
                 "Plugin hook calls",
                 &["plugin", "hook"],
             ),
-            plugin_call_duration: histogram_vec(
-                &r,
+            plugin_call_duration: b.histogram_vec(
+                R::EDGE,
                 "sluice_plugin_call_duration_seconds",
                 "Plugin hook call latency",
                 &["plugin", "hook"],
                 FINE_BUCKETS,
             ),
-            plugin_traps: counter_vec(
-                &r,
+            plugin_traps: b.counter_vec(
+                R::EDGE,
                 "sluice_plugin_traps_total",
                 "Plugin calls that trapped or returned invalid results",
                 &["plugin", "hook"],
             ),
-            plugin_timeouts: counter_vec(
-                &r,
+            plugin_timeouts: b.counter_vec(
+                R::EDGE,
                 "sluice_plugin_timeouts_total",
                 "Plugin calls stopped at their CPU deadline",
                 &["plugin", "hook"],
             ),
-            plugin_reloads: counter_vec(
-                &r,
+            plugin_reloads: b.counter_vec(
+                R::EDGE,
                 "sluice_plugin_reloads_total",
                 "Plugin (re)loads by result: ok or failed",
                 &["plugin", "result"],
             ),
-            backend_up,
-            inference_log_dropped: counter(
-                &r,
+            backend_up: b.add(
+                R::ALL,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "sluice_backend_up",
+                        "1 when the backend (store, cache, queue) answered its last check",
+                    ),
+                    &["backend"],
+                )
+                .expect("valid metric"),
+            ),
+            inference_log_dropped: b.counter(
+                R::EDGE,
                 "sluice_inference_log_dropped_total",
                 "Inference-log rows dropped because the store fell behind",
             ),
-            registry: r,
+            registry: b.registry,
         }
     }
 
@@ -256,6 +295,29 @@ impl Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(Roles::ALL)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_role_exposes_its_own_metrics_and_the_process_metrics() {
+        let worker = Metrics::new(Roles::WORKER);
+        worker.worker_inflight.set(1);
+        worker.requests.with_label_values(&["r", "t", "2xx"]).inc();
+        let text = worker.render();
+        assert!(text.contains("sluice_worker_inflight_requests 1"), "{text}");
+        assert!(!text.contains("sluice_requests_total"), "{text}");
+        assert!(text.contains("process_open_fds"), "{text}");
+        assert!(text.contains("process_start_time_seconds"), "{text}");
+
+        let edge = Metrics::new(Roles::EDGE);
+        edge.requests.with_label_values(&["r", "t", "2xx"]).inc();
+        let text = edge.render();
+        assert!(text.contains("sluice_requests_total"), "{text}");
+        assert!(!text.contains("sluice_worker_inflight_requests"), "{text}");
     }
 }

@@ -10,16 +10,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 
-use crate::app::AppState;
 use crate::cache::{CachedChunks, CachedResponse};
 use crate::error::{ErrorInfo, GatewayError};
-use crate::policy::{FilterChain, Filtered, RequestContext};
+use crate::filter_chain::{FilterChain, Filtered};
+use crate::policy::RequestContext;
 use crate::protocol::{Chunk, ChunkSummary, ChunkView, CompletionRequest, Usage};
 use crate::queue::{QueuedRequest, ResponseEvent, ResponseStream};
-use crate::spans::{SpanKind, StageSpan};
+use crate::state::AppState;
 use crate::store::InferenceRecord;
-use crate::telemetry::RequestTrace;
+use crate::telemetry::{RequestTrace, StageSpan};
 
 /// HTTP status logged for a request whose client went away first (nginx's convention).
 pub const CLIENT_CLOSED: u16 = 499;
@@ -152,26 +154,31 @@ impl Drop for RequestRecord {
         });
         // Set on the trace's span directly: recording `tracing` fields would
         // re-format them for the log layer.
-        let key_name = std::mem::take(&mut self.key_name);
         self.trace.record(|span| {
-            span.set("transport", self.transport);
+            span.set_attribute(KeyValue::new("transport", self.transport));
             // Unknown when the request failed before authentication or parsing.
-            if !key_name.is_empty() {
-                span.set("key", key_name);
+            if !self.key_name.is_empty() {
+                span.set_attribute(KeyValue::new("key", self.key_name.clone()));
             }
             if !self.model.is_empty() {
-                span.set("model", self.model.clone());
+                span.set_attribute(KeyValue::new("model", self.model.clone()));
             }
-            span.set("status", i64::from(self.status));
-            span.set("cache", cache);
-            span.set("prompt_tokens", usage.prompt_tokens);
-            span.set("completion_tokens", completion_tokens);
+            span.set_attribute(KeyValue::new("status", i64::from(self.status)));
+            span.set_attribute(KeyValue::new("cache", cache));
+            span.set_attribute(KeyValue::new(
+                "prompt_tokens",
+                saturating_i64(usage.prompt_tokens),
+            ));
+            span.set_attribute(KeyValue::new(
+                "completion_tokens",
+                saturating_i64(completion_tokens),
+            ));
             if let Some(ttft) = ttft_ms {
-                span.set("ttft_ms", ttft);
+                span.set_attribute(KeyValue::new("ttft_ms", ttft));
             }
             // OpenTelemetry's HTTP convention: a server span fails on 5xx only.
             if self.status >= 500 {
-                span.fail(format!("answered {}", self.status));
+                crate::telemetry::fail(span, format!("answered {}", self.status));
             }
         });
         if let Some(key_id) = self.key_id.take() {
@@ -179,8 +186,8 @@ impl Drop for RequestRecord {
                 request_id: std::mem::take(&mut self.request_id),
                 key_id,
                 model: std::mem::take(&mut self.model),
-                prompt_tokens: i64::try_from(usage.prompt_tokens).unwrap_or(i64::MAX),
-                completion_tokens: i64::try_from(completion_tokens).unwrap_or(i64::MAX),
+                prompt_tokens: saturating_i64(usage.prompt_tokens),
+                completion_tokens: saturating_i64(completion_tokens),
                 cache_hit: self.cache_hit,
                 status: i32::from(self.status),
                 ttft_ms,
@@ -189,6 +196,10 @@ impl Drop for RequestRecord {
             });
         }
     }
+}
+
+fn saturating_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// `2xx`, `4xx` or `5xx`: the status label of request metrics.
@@ -300,8 +311,7 @@ pub async fn start(
     // Spans from the submission to the first chunk back; the worker's spans are its children.
     let mut submit = record
         .trace
-        .stage("queue.submit")
-        .with_kind(SpanKind::Producer);
+        .stage_of_kind("queue.submit", SpanKind::Producer);
     let queued = QueuedRequest::new(
         ctx.request_id.clone(),
         request.upstream_body(),
@@ -482,10 +492,16 @@ impl Completion {
             && !raw.is_empty()
         {
             let chunks = CachedChunks::new(raw);
+            let metrics = self.record.state.metrics.clone();
             tokio::spawn(async move {
-                if let Err(err) = cache.put(&key, chunks).await {
-                    tracing::debug!(%err, "could not store the response in the cache");
-                }
+                let result = match cache.put(&key, chunks).await {
+                    Ok(()) => "stored",
+                    Err(err) => {
+                        tracing::debug!(%err, "could not store the response in the cache");
+                        "failed"
+                    }
+                };
+                metrics.cache_stores.with_label_values(&[result]).inc();
             });
         }
         Delivery::Done
@@ -495,7 +511,8 @@ impl Completion {
 impl Drop for Completion {
     fn drop(&mut self) {
         self.record.state.metrics.active_streams.dec();
-        self.delivery.set("chunks", self.record.chunks_sent);
+        self.delivery
+            .set("chunks", saturating_i64(self.record.chunks_sent));
         let outcome = match (self.finished, self.record.status) {
             (false, _) => "client_closed",
             (true, 200) => "completed",

@@ -219,15 +219,6 @@ impl Simulator {
             .await
     }
 
-    /// Waits until a request with `request_id` has been received.
-    pub async fn wait_for_request(&self, request_id: &str, timeout: Duration) -> bool {
-        let id = request_id.to_string();
-        self.wait_until(timeout, move |r| {
-            r.received.iter().any(|q| q.request_id == id)
-        })
-        .await
-    }
-
     /// The completion an upstream call for `body` returns, computed without a call:
     /// the text of each choice, in index order.
     pub fn expected_texts(&self, body: &Value) -> Vec<String> {

@@ -10,13 +10,13 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use http_body_util::{BodyExt, Limited};
 use tokio::time::Instant;
 use url::Url;
 
 use crate::config::UpstreamConfig;
 use crate::error::{ErrorInfo, GatewayError, kind_for_status};
 use crate::protocol::{Chunk, error_info_from_value, parse_error_event};
-use crate::queue::QueuedRequest;
 use crate::sse::SseParser;
 
 /// Largest error body read from the upstream.
@@ -68,7 +68,7 @@ pub struct UpstreamClient {
     http: reqwest::Client,
     endpoints: Vec<Url>,
     next: AtomicUsize,
-    api_key: Option<String>,
+    api_key: Option<secrecy::SecretString>,
     first_chunk_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -107,31 +107,38 @@ impl UpstreamClient {
         &self.endpoints[i]
     }
 
-    /// Starts the upstream request; resolves once response headers arrive.
-    pub async fn open(&self, request: &QueuedRequest) -> Result<UpstreamStream, UpstreamError> {
+    /// Starts the upstream request for `body` (the JSON of a streamed
+    /// completion) with `headers` (request id, trace context); resolves once
+    /// response headers arrive.
+    pub async fn open(
+        &self,
+        body: bytes::Bytes,
+        headers: &[(String, String)],
+    ) -> Result<UpstreamStream, UpstreamError> {
         let deadline = Instant::now() + self.first_chunk_timeout;
         let mut builder = self
             .http
             .post(self.endpoint().clone())
             .header("content-type", "application/json")
             .header("accept", "text/event-stream")
-            .header("x-request-id", &request.request_id)
-            .body(request.body.clone());
-        for (name, value) in &request.trace_context {
+            .body(body);
+        for (name, value) in headers {
             builder = builder.header(name.as_str(), value.as_str());
         }
         if let Some(key) = &self.api_key {
-            builder = builder.bearer_auth(key);
+            builder = builder.bearer_auth(secrecy::ExposeSecret::expose_secret(key));
         }
         let response = tokio::time::timeout_at(deadline, builder.send())
             .await
             .map_err(|_| UpstreamError::Timeout(self.first_chunk_timeout))?
-            .map_err(|e| UpstreamError::Connect(without_url(&e)))?;
+            .map_err(|e| UpstreamError::Connect(describe(e)))?;
         let status = response.status();
         if !status.is_success() {
-            let body = tokio::time::timeout_at(deadline, read_limited(response, MAX_ERROR_BODY))
-                .await
-                .unwrap_or_default();
+            let body = Limited::new(reqwest::Body::from(response), MAX_ERROR_BODY).collect();
+            let body = match tokio::time::timeout_at(deadline, body).await {
+                Ok(Ok(collected)) => collected.to_bytes(),
+                _ => bytes::Bytes::new(),
+            };
             return Err(UpstreamError::Status(error_from_body(status, &body)));
         }
         Ok(UpstreamStream {
@@ -145,30 +152,16 @@ impl UpstreamClient {
     }
 }
 
-/// reqwest errors print the URL; keep messages short and credential-free.
-fn without_url(err: &reqwest::Error) -> String {
+/// A reqwest error with its causes, without the URL (it may carry credentials).
+fn describe(err: reqwest::Error) -> String {
+    let err = err.without_url();
     let mut message = err.to_string();
-    if let Some(url) = err.url() {
-        message = message.replace(url.as_str(), url.host_str().unwrap_or("upstream"));
-    }
-    let mut source = std::error::Error::source(err);
+    let mut source = std::error::Error::source(&err);
     while let Some(inner) = source {
         message = format!("{message}: {inner}");
         source = inner.source();
     }
     message
-}
-
-async fn read_limited(response: reqwest::Response, limit: usize) -> Vec<u8> {
-    let mut body = Vec::new();
-    let mut stream = response.bytes_stream();
-    while let Some(Ok(bytes)) = stream.next().await {
-        body.extend_from_slice(&bytes[..bytes.len().min(limit - body.len())]);
-        if body.len() >= limit {
-            break;
-        }
-    }
-    body
 }
 
 /// Maps an upstream error response to the error the client sees, keeping
@@ -237,7 +230,7 @@ impl UpstreamStream {
                 }
                 Ok(Some(Err(err))) => {
                     self.finished = true;
-                    return Err(UpstreamError::Body(without_url(&err)));
+                    return Err(UpstreamError::Body(describe(err)));
                 }
                 Ok(Some(Ok(bytes))) => self.parser.push(&bytes),
             }

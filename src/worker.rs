@@ -79,8 +79,7 @@ impl Worker {
     }
 
     async fn process(&self, mut job: Job) {
-        let mut trace =
-            RequestTrace::continue_job(&job.request.request_id, &job.request.trace_context);
+        let trace = RequestTrace::continue_job(&job.request.request_id, &job.request.trace_context);
         // vLLM continues the trace from the worker's span.
         job.request.trace_context = trace.headers();
         let span = trace.span.clone();
@@ -96,9 +95,9 @@ impl Worker {
             .with_label_values(&[outcome])
             .inc();
         trace.record(|span| {
-            span.set("outcome", outcome);
+            span.set_attribute(opentelemetry::KeyValue::new("outcome", outcome));
             if outcome == "upstream_error" {
-                span.fail("the upstream request failed");
+                crate::telemetry::fail(span, "the upstream request failed");
             }
         });
         span.in_scope(|| tracing::debug!(outcome, "upstream request finished"));
@@ -114,7 +113,10 @@ impl Worker {
             let _ = job.sink.send(ResponseEvent::Error(error.info())).await;
             return "expired";
         }
-        let mut stream = match self.upstream.open(&job.request).await {
+        let mut headers = Vec::with_capacity(1 + job.request.trace_context.len());
+        headers.push(("x-request-id".to_string(), job.request.request_id.clone()));
+        headers.extend(job.request.trace_context.iter().cloned());
+        let mut stream = match self.upstream.open(job.request.body.clone(), &headers).await {
             Ok(stream) => stream,
             Err(err) => {
                 self.metrics

@@ -121,9 +121,15 @@ async fn different_sampling_parameters_do_not_share_a_cache_entry() {
     let a = json!({"model": MODEL, "prompt": "p", "max_tokens": 4, "temperature": 0.0});
     let b = json!({"model": MODEL, "prompt": "p", "max_tokens": 4, "temperature": 0.9});
     gw.post(&a).await.bytes().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    gw.wait_cached(1).await;
     gw.post(&b).await.bytes().await.unwrap();
-    assert_eq!(gw.sim.received().len(), 2);
+    assert_eq!(
+        gw.sim.received().len(),
+        2,
+        "b was not served from a's entry"
+    );
+    gw.post(&a).await.bytes().await.unwrap();
+    assert_eq!(gw.sim.received().len(), 2, "a itself is cached");
 }
 
 #[tokio::test]
@@ -397,11 +403,17 @@ async fn upstream_errors_after_the_first_chunk_end_the_stream_with_an_error_even
     assert_eq!(error["error"]["message"], "simulated failure mid-stream");
     assert_eq!(events[4], "[DONE]");
 
-    // A failed response is not cached.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A failed response is not cached: once a later response has been
+    // stored, the failed one is still a miss.
+    sse_events(
+        gw.post(&json!({"model": MODEL, "prompt": "y", "max_tokens": 2, "stream": true}))
+            .await,
+    )
+    .await;
+    gw.wait_cached(1).await;
     let again = sse_events(gw.post(&json!({"model": MODEL, "prompt": "x", "max_tokens": 10, "stream": true, "sim_error_after": 3})).await).await;
     assert_eq!(again.len(), 5);
-    assert_eq!(gw.sim.received().len(), 2);
+    assert_eq!(gw.sim.received().len(), 3);
 }
 
 #[tokio::test]
@@ -539,7 +551,7 @@ async fn health_readiness_and_metrics() {
 
     let body = json!({"model": MODEL, "prompt": "metrics", "max_tokens": 3, "stream": true});
     sse_events(gw.post(&body).await).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    gw.wait_cached(1).await;
     sse_events(gw.post(&body).await).await;
     gw.http
         .post(gw.completions_url())

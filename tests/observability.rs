@@ -24,7 +24,7 @@ async fn metrics_show_hits_misses_a_plugin_trap_and_an_upstream_error() {
     .await;
     let body = json!({"model": MODEL, "prompt": "observe", "max_tokens": 5, "stream": true});
     sse_events(gw.post(&body).await).await; // miss
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    gw.wait_cached(1).await;
     sse_events(gw.post(&body).await).await; // hit
     let failed = gw
         .post(&json!({"model": MODEL, "prompt": "x", "sim_error_status": 503}))

@@ -92,7 +92,7 @@ async fn pii_redactor_keeps_emails_and_phone_numbers_from_the_upstream() {
     .await;
     assert_eq!(gw.sim.received()[1].body["prompt"], "mail [EMAIL]");
     // Redacted prompts are what the cache sees: a different address is a hit.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    gw.wait_cached(2).await;
     let other = json!({"model": MODEL, "prompt": "Write to joe@example.org or call +1 555 765 4321 today", "max_tokens": 2, "stream": true});
     sse_events(gw.post(&other).await).await;
     assert_eq!(
@@ -114,7 +114,7 @@ async fn cache_key_normalizer_folds_case_whitespace_and_user() {
     let first = json!({"model": MODEL, "prompt": "Hello   World", "max_tokens": 4, "user": "alice", "stream": true});
     let second = json!({"model": MODEL, "prompt": " hello world", "max_tokens": 4, "user": "bob", "stream": true});
     let a = sse_events(gw.post(&first).await).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    gw.wait_cached(1).await;
     let b = ws_request(&gw, &second).await;
     assert_eq!(
         gw.sim.received().len(),
@@ -168,7 +168,7 @@ async fn token_censor_masks_a_phrase_split_across_chunks_on_misses_and_hits() {
 
     let miss = sse_events(gw.post(&body).await).await;
     assert_eq!(texts(&miss)[0], expected, "SSE, cache miss");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    gw.wait_cached(1).await;
     let hit = sse_events(gw.post(&body).await).await;
     assert_eq!(texts(&hit)[0], expected, "SSE, cache hit");
     // A hit is filtered in one batched call, chunk boundaries and all identical to the miss.
@@ -198,7 +198,7 @@ async fn a_token_plugin_built_against_the_first_on_tokens_still_filters_hits() {
     let raw = gw.sim.expected_texts(&body)[0].clone();
     let miss = sse_events(gw.post(&body).await).await;
     assert_eq!(texts(&miss)[0], raw.to_uppercase(), "cache miss, on-token");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    gw.wait_cached(1).await;
     let hit = sse_events(gw.post(&body).await).await;
     assert_eq!(
         texts(&hit)[0],
@@ -279,7 +279,7 @@ async fn misbehaving_plugins_never_take_the_gateway_down() {
     let fill_cache = async |gw: &TestGateway| {
         let events = sse_events(gw.post(&body).await).await;
         assert_eq!(texts(&events), gw.sim.expected_texts(&body));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        gw.wait_cached(1).await;
     };
     for mode in ["loop", "alloc", "trap", "bad-utf8", "huge", "short"] {
         for hook in ["on-request", "cache-key", "on-token", "on-tokens"] {
@@ -386,7 +386,7 @@ async fn plugins_that_cannot_load_stop_startup_with_a_clear_message() {
             plugins: vec![bad],
             ..Default::default()
         };
-        config.store.url = format!("sqlite://{}", dir.path().join("x.db").display());
+        config.store.url = format!("sqlite://{}", dir.path().join("x.db").display()).into();
         let err = sluice::Gateway::start(config)
             .await
             .err()
@@ -401,7 +401,7 @@ async fn plugins_that_cannot_load_stop_startup_with_a_clear_message() {
         plugins: vec![misbehaving("init-fail", "on-request", FailOpen)],
         ..Default::default()
     };
-    config.store.url = format!("sqlite://{}", dir.path().join("y.db").display());
+    config.store.url = format!("sqlite://{}", dir.path().join("y.db").display()).into();
     let err = sluice::Gateway::start(config)
         .await
         .err()

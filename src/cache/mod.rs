@@ -85,7 +85,14 @@ pub async fn open(
             key_prefix,
             timeout,
         } => Some(Arc::new(
-            RedisCache::connect(url, key_prefix, config.ttl, *timeout, metrics).await,
+            RedisCache::connect(
+                secrecy::ExposeSecret::expose_secret(url),
+                key_prefix,
+                config.ttl,
+                *timeout,
+                metrics,
+            )
+            .await,
         )),
     }
 }

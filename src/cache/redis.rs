@@ -4,7 +4,7 @@
 //! reconnects by itself.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -13,6 +13,7 @@ use fred::types::config::Options;
 
 use super::{Cache, CacheError, CachedResponse};
 use crate::metrics::Metrics;
+use crate::outage::Outage;
 
 /// After a failure, how long to serve uncached before trying Redis again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -22,8 +23,8 @@ pub struct RedisCache {
     key_prefix: String,
     ttl_secs: i64,
     options: Options,
-    /// Set while an outage is in progress, so it is logged once.
-    down: AtomicBool,
+    /// Logs each outage once, when it starts and when it ends.
+    outage: Outage,
     /// Milliseconds since `epoch` before which calls are not attempted.
     retry_at_ms: AtomicU64,
     epoch: Instant,
@@ -75,7 +76,7 @@ impl RedisCache {
                 timeout: Some(timeout),
                 ..Default::default()
             },
-            down: AtomicBool::new(false),
+            outage: Outage::default(),
             retry_at_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             metrics,
@@ -89,7 +90,7 @@ impl RedisCache {
 
     /// Whether to try Redis now; false during the back-off after a failure.
     fn should_try(&self) -> bool {
-        if !self.down.load(Ordering::Relaxed) {
+        if !self.outage.is_down() {
             return self.client.is_connected() || self.record_failure("not connected");
         }
         self.now_ms() >= self.retry_at_ms.load(Ordering::Relaxed)
@@ -101,7 +102,7 @@ impl RedisCache {
             self.now_ms() + RETRY_AFTER.as_millis() as u64,
             Ordering::Relaxed,
         );
-        if !self.down.swap(true, Ordering::Relaxed) {
+        if self.outage.failed().is_some() {
             tracing::warn!(url = %self.url, reason, "Redis cache unavailable; serving requests uncached until it is back");
             self.metrics.backend_up.with_label_values(&["cache"]).set(0);
         }
@@ -109,7 +110,7 @@ impl RedisCache {
     }
 
     fn record_success(&self) {
-        if self.down.swap(false, Ordering::Relaxed) {
+        if self.outage.succeeded().is_some() {
             tracing::info!(url = %self.url, "Redis cache is back");
             self.metrics.backend_up.with_label_values(&["cache"]).set(1);
         }

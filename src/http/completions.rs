@@ -11,12 +11,12 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, Limited};
 use tracing::Instrument;
 
-use crate::app::AppState;
 use crate::auth::presented_secret;
 use crate::error::GatewayError;
 use crate::pipeline::{self, Completion, Delivery, RequestRecord};
 use crate::policy::RequestContext;
 use crate::protocol::{CompletionRequest, ResponseAssembler};
+use crate::state::AppState;
 
 pub async fn completions(
     State(state): State<Arc<AppState>>,
@@ -71,7 +71,7 @@ async fn handle(
         identity,
         route: record.route,
         transport: record.transport,
-        trace: record.trace.context().cloned(),
+        trace: record.trace.context().clone(),
     };
     match pipeline::start(&state, &ctx, request, record).await {
         Err((err, _record)) => err.into_response(),

@@ -15,8 +15,8 @@ use axum::routing::{get, post};
 use axum::serve::{Listener, ListenerExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::app::AppState;
 use crate::error::GatewayError;
+use crate::state::AppState;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 

@@ -9,8 +9,8 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::app::AppState;
 use crate::metrics::Metrics;
+use crate::state::AppState;
 
 /// How long a readiness check waits for each backend.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);

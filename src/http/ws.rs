@@ -18,12 +18,12 @@ use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tracing::Instrument;
 
-use crate::app::AppState;
 use crate::auth::{Identity, presented_secret};
 use crate::error::{ErrorInfo, GatewayError};
 use crate::pipeline::{self, Delivery, RequestRecord};
 use crate::policy::RequestContext;
 use crate::protocol::{CompletionRequest, ResponseAssembler};
+use crate::state::AppState;
 
 #[derive(Deserialize)]
 pub struct WsParams {
@@ -162,7 +162,7 @@ async fn serve_request(
         identity: identity.clone(),
         route: record.route,
         transport: "ws",
-        trace: record.trace.context().cloned(),
+        trace: record.trace.context().clone(),
     };
     let mut completion = match pipeline::start(state, &ctx, request, record).await {
         Ok(completion) => completion,

@@ -21,7 +21,7 @@ use crate::config::{PluginConfig, PluginHostConfig};
 /// Engine-wide ceiling on a plugin instance's linear memory (config validation enforces it).
 pub const MAX_PLUGIN_MEMORY: usize = crate::config::MAX_PLUGIN_MEMORY as usize;
 /// Linear memory kept resident (and zeroed by memset) when a pool slot is
-/// recycled. Zero: measured here, zeroing a Rust guest's ~1 MiB initial memory
+/// recycled. Zero: zeroing a Rust guest's ~1 MiB initial memory
 /// per instance cost more than batched madvise.
 const KEEP_RESIDENT: usize = 0;
 

@@ -10,6 +10,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use secrecy::ExposeSecret;
+
 use crate::config::{StoreConfig, StoreKind, redact_url};
 
 pub use sql::{PostgresStore, SqliteStore};
@@ -91,20 +93,20 @@ pub trait Store: Send + Sync + 'static {
 pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     let store: Arc<dyn Store> = match config.kind {
         StoreKind::Sqlite => Arc::new(
-            SqliteStore::connect(&config.url, config.max_connections)
+            SqliteStore::connect(config.url.expose_secret(), config.max_connections)
                 .await
                 .map_err(|source| StoreError::Connect {
                     backend: "SQLite",
-                    url: redact_url(&config.url),
+                    url: redact_url(config.url.expose_secret()),
                     source,
                 })?,
         ),
         StoreKind::Postgres => Arc::new(
-            PostgresStore::connect(&config.url, config.max_connections)
+            PostgresStore::connect(config.url.expose_secret(), config.max_connections)
                 .await
                 .map_err(|source| StoreError::Connect {
                     backend: "PostgreSQL",
-                    url: redact_url(&config.url),
+                    url: redact_url(config.url.expose_secret()),
                     source,
                 })?,
         ),

@@ -47,7 +47,7 @@ impl TestGateway {
         let mut config = Config::default();
         config.store = StoreConfig {
             kind: StoreKind::Sqlite,
-            url: format!("sqlite://{}", dir.path().join("sluice.db").display()),
+            url: format!("sqlite://{}", dir.path().join("sluice.db").display()).into(),
             ..config.store
         };
         config.upstream.urls = vec![sim.url().parse().unwrap()];
@@ -112,6 +112,33 @@ impl TestGateway {
         if let Some(server) = self.server.take() {
             let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
         }
+    }
+
+    /// Waits until `count` responses in all have been stored in the cache, so
+    /// that an identical request is a hit from now on.
+    pub async fn wait_cached(&self, count: u32) {
+        let stored = eventually(Duration::from_secs(10), || async {
+            let metrics = self.metrics().await;
+            let stored = metric(&metrics, r#"sluice_cache_stores_total{result="stored"}"#);
+            (stored.unwrap_or(0.0) >= f64::from(count)).then_some(())
+        })
+        .await;
+        assert!(
+            stored.is_some(),
+            "{count} responses were not cached in 10 s"
+        );
+    }
+
+    /// Sends `body` until the gateway answers it without calling the upstream
+    /// (a cache hit); false if that does not happen within `timeout`.
+    pub async fn until_hit(&self, body: &Value, timeout: Duration) -> bool {
+        eventually(timeout, || async {
+            let before = self.sim.received().len();
+            sse_events(self.post(body).await).await;
+            (self.sim.received().len() == before).then_some(())
+        })
+        .await
+        .is_some()
     }
 
     pub async fn metrics(&self) -> String {

@@ -1,0 +1,177 @@
+//! Loading and hot reload: the chain of loaded plugins, built at startup
+//! and swapped atomically when the config or a plugin file changes.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use sha2::{Digest, Sha256};
+
+use super::runtime::{Compiled, Hooks, LoadError, LoadedPlugin, Runtime};
+use super::{Chain, PluginHost, watch};
+use crate::config::{Config, PluginConfig, PluginHostConfig};
+use crate::metrics::Metrics;
+
+impl PluginHost {
+    /// Loads every configured plugin; any that fails stops startup with its reason.
+    pub async fn start(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
+        let host = Arc::new(Self {
+            runtime_config: config.plugin_host.clone(),
+            chain: ArcSwap::from_pointee(Chain {
+                plugins: Vec::new(),
+                version: 0,
+            }),
+            metrics,
+            source: config.source.clone(),
+            max_body_bytes: config.server.max_body_bytes,
+            reloading: tokio::sync::Mutex::new(()),
+        });
+        let mut plugins = Vec::new();
+        for plugin in &config.plugins {
+            let loaded = host
+                .load(plugin.clone())
+                .await
+                .map_err(|err| anyhow::anyhow!("plugin `{}`: {err}", plugin.name))?;
+            host.metrics
+                .plugin_reloads
+                .with_label_values(&[&plugin.name, "ok"])
+                .inc();
+            tracing::info!(plugin = %plugin.name, hooks = ?loaded.exports.hooks(), "plugin loaded");
+            plugins.push(Arc::new(loaded));
+        }
+        host.chain.store(Arc::new(Chain {
+            plugins,
+            version: 1,
+        }));
+        if config.plugin_host.watch {
+            watch::spawn(host.clone(), config);
+        }
+        Ok(host)
+    }
+
+    /// Instantiates each loaded plugin once (fresh store, instantiate, `init`)
+    /// and says how long each took: what a call pays when no idle instance is
+    /// ready. For benchmarks and diagnostics.
+    pub async fn time_instantiation(&self) -> Vec<(String, std::time::Duration)> {
+        let mut times = Vec::new();
+        for plugin in &self.chain().plugins {
+            let started = std::time::Instant::now();
+            if plugin.instantiate("timing").await.is_ok() {
+                times.push((plugin.name.to_string(), started.elapsed()));
+            }
+        }
+        times
+    }
+
+    /// The chain new requests use.
+    pub(crate) fn chain(&self) -> Arc<Chain> {
+        self.chain.load_full()
+    }
+
+    async fn load(self: &Arc<Self>, config: PluginConfig) -> Result<LoadedPlugin, LoadError> {
+        let runtime = Runtime::shared(&self.runtime_config)
+            .map_err(|e| LoadError::Runtime(format!("{e:#}")))?;
+        load(runtime, config).await
+    }
+
+    /// Re-reads the config and the plugin files, reloads what changed, and
+    /// swaps the chain. A plugin that fails to load keeps its previous version.
+    pub async fn reload(self: &Arc<Self>) {
+        let _one_at_a_time = self.reloading.lock().await;
+        let configs = match &self.source {
+            Some(path) => match Config::load(Some(path)) {
+                Ok(config) => config.plugins,
+                Err(err) => {
+                    tracing::error!(%err, "config changed but is invalid; plugins unchanged");
+                    self.metrics
+                        .plugin_reloads
+                        .with_label_values(&["config", "failed"])
+                        .inc();
+                    return;
+                }
+            },
+            None => self
+                .chain()
+                .plugins
+                .iter()
+                .map(|p| p.config.clone())
+                .collect(),
+        };
+        let current = self.chain();
+        let mut next = Vec::with_capacity(configs.len());
+        let mut changed = current.plugins.len() != configs.len();
+        for config in configs {
+            let previous = current
+                .plugins
+                .iter()
+                .find(|p| p.config.name == config.name)
+                .cloned();
+            let unchanged = match (&previous, std::fs::read(&config.path)) {
+                (Some(p), Ok(bytes)) => {
+                    p.config == config && p.digest[..] == Sha256::digest(&bytes)[..]
+                }
+                _ => false,
+            };
+            if unchanged {
+                next.push(previous.expect("checked above"));
+                continue;
+            }
+            changed = true;
+            let name = config.name.clone();
+            match self.load(config).await {
+                Ok(loaded) => {
+                    tracing::info!(plugin = %name, hooks = ?loaded.exports.hooks(), "plugin reloaded");
+                    self.metrics
+                        .plugin_reloads
+                        .with_label_values(&[&name, "ok"])
+                        .inc();
+                    next.push(Arc::new(loaded));
+                }
+                Err(err) => {
+                    self.metrics
+                        .plugin_reloads
+                        .with_label_values(&[&name, "failed"])
+                        .inc();
+                    match previous {
+                        Some(previous) => {
+                            tracing::error!(plugin = %name, %err, "plugin reload failed; the previous version keeps serving");
+                            next.push(previous);
+                        }
+                        None => {
+                            tracing::error!(plugin = %name, %err, "new plugin failed to load; not added")
+                        }
+                    }
+                }
+            }
+        }
+        if changed {
+            let version = current.version + 1;
+            self.chain.store(Arc::new(Chain {
+                plugins: next,
+                version,
+            }));
+            tracing::info!(version, "plugin chain swapped");
+        }
+    }
+}
+
+/// Loads `plugin` as the gateway would (compiles, instantiates, runs its
+/// `init`) and says which hooks it serves: `sluice plugin check`.
+pub async fn check(host: &PluginHostConfig, plugin: PluginConfig) -> anyhow::Result<Hooks> {
+    let runtime = Runtime::shared(host)?;
+    Ok(load(runtime, plugin).await?.exports.hooks())
+}
+
+/// Compiles (on a blocking thread) and validates a plugin.
+pub(super) async fn load(
+    runtime: &'static Runtime,
+    config: PluginConfig,
+) -> Result<LoadedPlugin, LoadError> {
+    let path = config.path.display().to_string();
+    let compiled = tokio::task::spawn_blocking(move || Compiled::compile(runtime, &config))
+        .await
+        .map_err(|err| LoadError::Instantiate {
+            path,
+            reason: err.to_string(),
+        })??;
+    compiled.validate(runtime).await
+}

@@ -1,0 +1,253 @@
+//! The request hooks, `on-request` (prompt rewriting) and `cache-key`, run
+//! on pooled instances in chain order.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::http::StatusCode;
+use sha2::{Digest, Sha256};
+
+use super::bindings::{
+    CacheKeyDecision, CompletionRequest as WitRequest, RequestContext as WitContext,
+    RequestDecision,
+};
+use super::runtime::{self, LoadedPlugin, PluginFailure};
+use super::{Chain, HookMetrics, MAX_PLUGIN_TEXT, PluginHost, PluginMetrics, no_hook};
+use crate::config::OnError;
+use crate::error::GatewayError;
+use crate::policy::RequestContext;
+use crate::protocol::{CompletionRequest, Prompt};
+use crate::telemetry::StageSpan;
+
+impl PluginHost {
+    pub(super) fn metrics_of<'p>(&self, plugin: &'p LoadedPlugin) -> &'p PluginMetrics {
+        PluginMetrics::of(plugin, &self.metrics)
+    }
+
+    /// One request-hook call on a pooled instance: check one out, arm its
+    /// deadline, run `call`, and return the instance to the pool only if the
+    /// call succeeded. Records the call's metrics and span.
+    async fn pooled_call<T>(
+        &self,
+        plugin: &LoadedPlugin,
+        metrics: &HookMetrics,
+        span_name: &'static str,
+        ctx: &RequestContext,
+        call: impl AsyncFnOnce(&mut runtime::Live) -> Result<T, PluginFailure>,
+    ) -> Result<T, PluginFailure> {
+        let started = Instant::now();
+        let mut span = StageSpan::child_of(
+            &ctx.trace,
+            span_name,
+            opentelemetry::trace::SpanKind::Internal,
+        );
+        span.set_with("plugin", || plugin.name.to_string());
+        let result = span
+            .during(async {
+                let mut live = plugin.checkout(&ctx.request_id, false).await?;
+                live.arm();
+                let value = call(&mut live).await?;
+                plugin.checkin(live, false);
+                Ok(value)
+            })
+            .await;
+        metrics.observe(started, result.as_ref().err());
+        result
+    }
+
+    /// Applies the plugin's `on_error` policy: `Ok` to skip it, `Err` to fail the request.
+    pub(super) fn on_failure(
+        plugin: &LoadedPlugin,
+        hook: &str,
+        request_id: &str,
+        failure: PluginFailure,
+    ) -> Result<(), GatewayError> {
+        tracing::warn!(plugin = %plugin.name, hook, request_id, %failure, "plugin failed");
+        match plugin.config.on_error {
+            OnError::FailOpen => Ok(()),
+            OnError::FailClosed => Err(GatewayError::Plugin {
+                plugin: plugin.name.to_string(),
+                reason: format!("{hook} {failure}"),
+            }),
+        }
+    }
+}
+
+pub(super) fn wit_context(ctx: &RequestContext) -> WitContext {
+    WitContext {
+        request_id: ctx.request_id.clone(),
+        key_id: ctx.identity.key_id.clone(),
+        key_name: ctx.identity.key_name.clone(),
+        route: ctx.route.to_string(),
+        transport: ctx.transport.to_string(),
+    }
+}
+
+pub(super) fn wit_request(request: &CompletionRequest) -> WitRequest {
+    WitRequest {
+        model: request.model.clone(),
+        prompts: request.prompt.texts(),
+        max_tokens: request.max_tokens,
+        temperature: request.temperature,
+        top_p: request.top_p,
+        user: request.user.clone(),
+        body_json: serde_json::to_string(request).unwrap_or_default(),
+    }
+}
+
+/// Applies a plugin's rewritten request, refusing results the gateway could not send.
+fn apply(
+    request: &mut CompletionRequest,
+    modified: WitRequest,
+    max_bytes: usize,
+) -> Result<(), PluginFailure> {
+    let size = modified.model.len() + modified.prompts.iter().map(String::len).sum::<usize>();
+    if size > max_bytes {
+        return Err(PluginFailure::Invalid(format!(
+            "rewritten request is {size} bytes, over the {max_bytes}-byte limit"
+        )));
+    }
+    if modified.model.trim().is_empty() {
+        return Err(PluginFailure::Invalid(
+            "rewritten request has an empty model".into(),
+        ));
+    }
+    match &request.prompt {
+        Prompt::Text(_) | Prompt::Texts(_) => {
+            if modified.prompts.is_empty() || modified.prompts.iter().any(String::is_empty) {
+                return Err(PluginFailure::Invalid(
+                    "rewritten request has an empty prompt".into(),
+                ));
+            }
+            request.prompt = match (&request.prompt, modified.prompts.len()) {
+                (Prompt::Text(_), 1) => {
+                    Prompt::Text(modified.prompts.into_iter().next().unwrap_or_default())
+                }
+                _ => Prompt::Texts(modified.prompts),
+            };
+        }
+        Prompt::Tokens(_) | Prompt::TokenBatches(_) => {}
+    }
+    request.model = modified.model;
+    request.max_tokens = modified.max_tokens;
+    request.temperature = modified.temperature;
+    request.top_p = modified.top_p;
+    request.user = modified.user;
+    Ok(())
+}
+
+/// The plugins of `chain` that run `hook` for this request's key, in chain order.
+pub(super) fn hooked<'c>(
+    chain: &'c Chain,
+    ctx: &RequestContext,
+    hook: impl Fn(&runtime::Exports) -> bool,
+) -> Vec<&'c Arc<LoadedPlugin>> {
+    chain
+        .plugins
+        .iter()
+        .filter(|p| hook(&p.exports) && p.applies_to(&ctx.identity.key_name))
+        .collect()
+}
+
+impl PluginHost {
+    /// `on-request` through `plugins`; `wit_req` is kept equal to `request`
+    /// as plugins see it (rebuilt only after a plugin changed it).
+    pub(super) async fn rewrite(
+        &self,
+        plugins: &[&Arc<LoadedPlugin>],
+        ctx: &RequestContext,
+        wit_ctx: &WitContext,
+        request: &mut CompletionRequest,
+        wit_req: &mut WitRequest,
+    ) -> Result<(), GatewayError> {
+        for plugin in plugins {
+            let metrics = &self.metrics_of(plugin).on_request;
+            let current: &WitRequest = wit_req;
+            let result = self
+                .pooled_call(plugin, metrics, "plugin.on_request", ctx, async |live| {
+                    let guest = live.guests.request.as_ref().ok_or_else(no_hook)?;
+                    guest
+                        .call_on_request(&mut live.store, wit_ctx, current)
+                        .await
+                        .map_err(PluginFailure::from_wasmtime)
+                })
+                .await;
+            match result {
+                Ok(RequestDecision::Proceed) => {}
+                Ok(RequestDecision::Modify(modified)) => {
+                    match apply(request, modified, self.max_body_bytes) {
+                        Ok(()) => *wit_req = wit_request(request),
+                        Err(failure) => {
+                            metrics.traps.inc();
+                            Self::on_failure(plugin, "on-request", &ctx.request_id, failure)?;
+                        }
+                    }
+                }
+                Ok(RequestDecision::Reject(rejection)) => {
+                    match StatusCode::from_u16(rejection.status) {
+                        Ok(status) if (400..600).contains(&rejection.status) => {
+                            return Err(GatewayError::Rejected {
+                                status,
+                                message: rejection.message.chars().take(4096).collect(),
+                            });
+                        }
+                        _ => {
+                            metrics.traps.inc();
+                            let failure = PluginFailure::Invalid(format!(
+                                "rejected with status {}, not 400..599",
+                                rejection.status
+                            ));
+                            Self::on_failure(plugin, "on-request", &ctx.request_id, failure)?;
+                        }
+                    }
+                }
+                Err(failure) => Self::on_failure(plugin, "on-request", &ctx.request_id, failure)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// `cache-key` through `plugins`, starting from `key`: the key to use,
+    /// or `None` when a plugin bypasses the cache.
+    pub(super) async fn choose_key(
+        &self,
+        plugins: &[&Arc<LoadedPlugin>],
+        ctx: &RequestContext,
+        wit_ctx: &WitContext,
+        wit_req: &WitRequest,
+        mut key: String,
+    ) -> Result<Option<String>, GatewayError> {
+        for plugin in plugins {
+            let metrics = &self.metrics_of(plugin).cache_key;
+            let result = self
+                .pooled_call(plugin, metrics, "plugin.cache_key", ctx, async |live| {
+                    let guest = live.guests.cache_key.as_ref().ok_or_else(no_hook)?;
+                    let decision = guest
+                        .call_cache_key(&mut live.store, wit_ctx, wit_req, &key)
+                        .await
+                        .map_err(PluginFailure::from_wasmtime)?;
+                    match decision {
+                        CacheKeyDecision::Custom(custom) if custom.len() > MAX_PLUGIN_TEXT => Err(
+                            PluginFailure::Invalid(format!("cache key of {} bytes", custom.len())),
+                        ),
+                        decision => Ok(decision),
+                    }
+                })
+                .await;
+            match result {
+                Ok(CacheKeyDecision::UseDefault) => {}
+                Ok(CacheKeyDecision::Custom(custom)) => {
+                    let mut digest = [0u8; 64];
+                    hex::encode_to_slice(Sha256::digest(custom.as_bytes()), &mut digest)
+                        .map_err(|err| GatewayError::Internal(err.to_string()))?;
+                    key.clear();
+                    key.push_str("plugin:");
+                    key.extend(digest.iter().map(|&b| char::from(b)));
+                }
+                Ok(CacheKeyDecision::Bypass) => return Ok(None),
+                Err(failure) => Self::on_failure(plugin, "cache-key", &ctx.request_id, failure)?,
+            }
+        }
+        Ok(Some(key))
+    }
+}
