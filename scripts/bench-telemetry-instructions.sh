@@ -12,7 +12,8 @@
 #   scripts/bench-telemetry-instructions.sh [off logs 10% 100%]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bench=$(scripts/bench-exe.sh gateway)
+# BENCH_EXE runs another build of the benchmark (to compare two commits).
+bench=${BENCH_EXE:-$(scripts/bench-exe.sh gateway)}
 measure() { # seconds, "VAR=value ...", bench args... -> "instructions streams"
   local seconds=$1 vars=$2; shift 2
   local err out

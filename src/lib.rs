@@ -15,6 +15,7 @@ pub mod error;
 pub mod filter_chain;
 pub mod http;
 pub mod inference_log;
+pub mod log_format;
 pub mod metrics;
 pub mod outage;
 pub mod pipeline;

@@ -241,21 +241,15 @@ impl<E: SpanExporter> SpanExporter for LoggedExporter<E> {
     }
 }
 
-/// The log layer: one line per event, as text or as `tracing-subscriber`'s
-/// JSON (`timestamp`, `level`, `fields`, `target`, and `span` with the
-/// fields of the innermost span, the request id among them).
+/// The log layer: one line per event, as text or as JSON lines in
+/// `tracing-subscriber`'s JSON shape ([`crate::log_format`]).
 fn log_lines<S, W>(format: LogFormat, writer: W) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
     match format {
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .with_writer(writer)
-            .boxed(),
+        LogFormat::Json => crate::log_format::layer(writer).boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
     }
 }
@@ -406,11 +400,9 @@ impl RequestTrace {
     /// The headers that continue this trace from `stage` in another process.
     pub fn headers_from(&self, stage: &StageSpan) -> Vec<(String, String)> {
         match &stage.0 {
-            Some(span) => {
-                inject(&self.cx.with_remote_span_context(
-                    opentelemetry::trace::Span::span_context(span).clone(),
-                ))
-            }
+            Some(span) => inject(&self.cx.with_remote_span_context(
+                opentelemetry::trace::Span::span_context(span.as_ref()).clone(),
+            )),
             None => self.headers(),
         }
     }
@@ -438,8 +430,10 @@ pub fn fail(span: &SpanRef<'_>, description: impl Into<std::borrow::Cow<'static,
 
 /// One stage of a request (auth, cache lookup, a plugin hook, queue
 /// submission, stream delivery): a child of the request's span, ended when
-/// dropped. Holds nothing when the request is not sampled.
-pub struct StageSpan(Option<opentelemetry_sdk::trace::Span>);
+/// dropped. Holds nothing when the request is not sampled. Boxed: an SDK
+/// span is several hundred bytes, and every future that holds a stage would
+/// carry (and move) them even when nothing is recorded.
+pub struct StageSpan(Option<Box<opentelemetry_sdk::trace::Span>>);
 
 impl StageSpan {
     /// A span that records nothing.
@@ -453,10 +447,12 @@ impl StageSpan {
             return Self::none();
         }
         Self(TRACER.get().map(|tracer| {
-            tracer
-                .span_builder(name)
-                .with_kind(kind)
-                .start_with_context(tracer, parent)
+            Box::new(
+                tracer
+                    .span_builder(name)
+                    .with_kind(kind)
+                    .start_with_context(tracer, parent),
+            )
         }))
     }
 
@@ -466,7 +462,7 @@ impl StageSpan {
 
     pub fn set(&mut self, key: &'static str, value: impl Into<Value>) {
         if let Some(span) = &mut self.0 {
-            opentelemetry::trace::Span::set_attribute(span, KeyValue::new(key, value));
+            opentelemetry::trace::Span::set_attribute(span.as_mut(), KeyValue::new(key, value));
         }
     }
 
