@@ -120,24 +120,22 @@ impl Gateway {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let router = crate::http::router(self.state.clone());
-        let grace = self.state.config.server.shutdown_grace;
-        let stopping = CancellationToken::new();
-        let signal = stopping.clone();
-        let server = axum::serve(crate::http::nodelay(listener), router).with_graceful_shutdown(
-            async move {
-                shutdown.await;
-                signal.cancel();
-            },
+        let server = &self.state.config.server;
+        let grace = server.shutdown_grace;
+        let descriptors = crate::http::server::raise_descriptor_limit();
+        let limits = crate::http::server::ConnectionLimits {
+            max_connections: server
+                .max_connections
+                .unwrap_or_else(|| crate::http::server::default_max_connections(descriptors)),
+            header_timeout: server.header_timeout,
+        };
+        tracing::info!(
+            open_files = descriptors,
+            max_connections = limits.max_connections,
+            concurrent_streams = self.state.config.worker.concurrency,
+            "stream capacity: connections up to max_connections, upstream streams per worker up to worker.concurrency"
         );
-        let server = tokio::spawn(async move { server.await });
-        let mut server = server;
-        tokio::select! {
-            result = &mut server => result??,
-            () = async { stopping.cancelled().await; tokio::time::sleep(grace).await } => {
-                tracing::warn!("shutdown grace period over; closing remaining connections");
-                server.abort();
-            }
-        }
+        crate::http::server::serve(listener, router, limits, shutdown, grace).await;
         self.worker_shutdown.cancel();
         let Gateway { state, tasks, .. } = self;
         drop(state);

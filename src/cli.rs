@@ -159,9 +159,11 @@ async fn shutdown_signal() {
 async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Serve => {
-            let listener = tokio::net::TcpListener::bind(config.server.listen)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
+            let listener =
+                crate::http::server::bind(config.server.listen, config.server.listen_backlog)
+                    .map_err(|e| {
+                        anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen)
+                    })?;
             tracing::info!(listen = %config.server.listen, "sluice edge listening");
             crate::app::run(config, listener, shutdown_signal()).await
         }

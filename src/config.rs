@@ -75,6 +75,21 @@ pub struct ServerConfig {
     /// How long in-flight streams may run on after a shutdown signal.
     #[serde(rename = "shutdown_grace_ms", deserialize_with = "millis")]
     pub shutdown_grace: Duration,
+    /// Connections the kernel queues before they are accepted (the listen backlog).
+    pub listen_backlog: u32,
+    /// Open connections at once (WebSockets included); over it, new ones get
+    /// 503 and are closed. Unset: the open-file limit less 256.
+    pub max_connections: Option<usize>,
+    /// Deadline for a request's headers; also closes a keep-alive connection
+    /// that sends no new request for this long.
+    #[serde(rename = "header_timeout_ms", deserialize_with = "millis")]
+    pub header_timeout: Duration,
+    /// Deadline for a request's whole body, once its headers are in (408 after it).
+    #[serde(rename = "body_timeout_ms", deserialize_with = "millis")]
+    pub body_timeout: Duration,
+    /// A WebSocket with no request running that sends nothing for this long is closed.
+    #[serde(rename = "ws_idle_timeout_ms", deserialize_with = "millis")]
+    pub ws_idle_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -83,6 +98,11 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
+            listen_backlog: 4096,
+            max_connections: None,
+            header_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(60),
+            ws_idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -714,6 +734,20 @@ impl RawConfig {
         };
 
         positive("server.max_body_bytes", self.server.max_body_bytes as u64)?;
+        positive(
+            "server.listen_backlog",
+            u64::from(self.server.listen_backlog),
+        )?;
+        if let Some(max) = self.server.max_connections {
+            positive("server.max_connections", max as u64)?;
+        }
+        for (key, timeout) in [
+            ("server.header_timeout_ms", self.server.header_timeout),
+            ("server.body_timeout_ms", self.server.body_timeout),
+            ("server.ws_idle_timeout_ms", self.server.ws_idle_timeout),
+        ] {
+            positive(key, timeout.as_millis() as u64)?;
+        }
         if self.auth.cache_ttl > Duration::from_secs(1) {
             return Err(invalid(
                 "auth.cache_ttl_ms",

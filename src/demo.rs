@@ -28,8 +28,7 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<()>
     config.upstream.urls = vec![simulator.url().parse()?];
     config.server.listen = options.listen;
 
-    let listener = tokio::net::TcpListener::bind(options.listen)
-        .await
+    let listener = crate::http::server::bind(options.listen, config.server.listen_backlog)
         .map_err(|err| {
             anyhow::anyhow!(
                 "cannot listen on {}: {err} (pick another address with --listen)",

@@ -56,9 +56,16 @@ async fn handle(
         Err(err) => bail!(err),
     };
     record.identify(&identity);
-    let body = match read_body(&headers, body, state.config.server.max_body_bytes).await {
-        Ok(body) => body,
-        Err(err) => bail!(err),
+    let server = &state.config.server;
+    let body = tokio::time::timeout(
+        server.body_timeout,
+        read_body(&headers, body, server.max_body_bytes),
+    )
+    .await;
+    let body = match body {
+        Ok(Ok(body)) => body,
+        Ok(Err(err)) => bail!(err),
+        Err(_) => bail!(GatewayError::RequestTimeout(server.body_timeout)),
     };
     let request = match CompletionRequest::parse(&body) {
         Ok(request) => request,

@@ -4,6 +4,7 @@
 
 mod completions;
 mod ops;
+pub mod server;
 mod ws;
 
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use axum::Router;
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+
 use axum::serve::{Listener, ListenerExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -69,7 +71,8 @@ pub fn with_request_id(mut response: Response, request_id: &str) -> Response {
 }
 
 /// Sets TCP_NODELAY on every accepted connection: without it the last small
-/// SSE write of a stream waits ~40 ms for a delayed ACK.
+/// SSE write of a stream waits ~40 ms for a delayed ACK. For the worker's
+/// listener and the simulator; the edge's connections go through [`server`].
 pub fn nodelay(
     listener: TcpListener,
 ) -> impl Listener<Io = TcpStream, Addr = std::net::SocketAddr> {

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, close_code};
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use futures::stream::{SplitSink, SplitStream};
@@ -20,6 +21,7 @@ use tracing::Instrument;
 
 use crate::auth::{Identity, presented_secret};
 use crate::error::{ErrorInfo, GatewayError};
+use crate::http::server::ConnectionSlot;
 use crate::pipeline::{self, Delivery, RequestRecord};
 use crate::policy::RequestContext;
 use crate::protocol::{CompletionRequest, ResponseAssembler};
@@ -34,6 +36,7 @@ pub async fn websocket(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Query(params): Query<WsParams>,
+    slot: Option<Extension<ConnectionSlot>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let upgrade = match upgrade {
@@ -59,7 +62,11 @@ pub async fn websocket(
     let trace = crate::telemetry::trace_headers(&headers);
     upgrade
         .max_message_size(limit)
-        .on_upgrade(move |socket| serve_socket(state, identity, socket, trace))
+        .on_upgrade(move |socket| async move {
+            // The socket keeps its place under the connection cap while open.
+            let _slot = slot;
+            serve_socket(state, identity, socket, trace).await;
+        })
 }
 
 type Sink = SplitSink<WebSocket, Message>;
@@ -70,6 +77,16 @@ async fn send_text(sink: &mut Sink, text: impl Into<Utf8Bytes>) -> bool {
 
 async fn send_error(sink: &mut Sink, info: &ErrorInfo) -> bool {
     send_text(sink, info.to_json()).await && send_text(sink, "[DONE]").await
+}
+
+/// Closes the socket from this side with `code`.
+async fn close(sink: &mut Sink, code: u16, reason: &'static str) {
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    let _ = sink.send(Message::Close(Some(frame))).await;
+    let _ = sink.close().await;
 }
 
 /// What the client sent while a response was streaming.
@@ -95,22 +112,34 @@ async fn serve_socket(
 ) {
     let (mut sink, mut stream) = socket.split();
     let mut queued: VecDeque<Utf8Bytes> = VecDeque::new();
+    let idle_timeout = state.config.server.ws_idle_timeout;
     loop {
         let text = match queued.pop_front() {
             Some(text) => text,
-            None => match stream.next().await {
-                Some(Ok(Message::Text(text))) => text,
-                Some(Ok(Message::Binary(_))) => {
-                    let err = GatewayError::BadRequest(
-                        "send each request as a text frame holding its JSON body".into(),
-                    );
-                    if !send_error(&mut sink, &err.info()).await {
+            None => match tokio::time::timeout(idle_timeout, stream.next()).await {
+                Err(_) => {
+                    close(&mut sink, close_code::AWAY, "idle timeout").await;
+                    return;
+                }
+                Ok(next) => match next {
+                    Some(Ok(Message::Text(text))) => text,
+                    Some(Ok(Message::Binary(_))) => {
+                        let err = GatewayError::BadRequest(
+                            "send each request as a text frame holding its JSON body".into(),
+                        );
+                        if !send_error(&mut sink, &err.info()).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    Some(Ok(Message::Close(_))) => {
+                        // Completes the close handshake: the reply to the client's Close.
+                        let _ = sink.close().await;
                         return;
                     }
-                    continue;
-                }
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
-                Some(Ok(_)) => continue,
+                    Some(Err(_)) | None => return,
+                    Some(Ok(_)) => continue,
+                },
             },
         };
         let mut record = RequestRecord::new(

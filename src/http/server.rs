@@ -1,0 +1,153 @@
+//! The edge's listener and its connections: a listen backlog, a cap on open
+//! connections, a deadline on request headers (which also closes idle
+//! keep-alive connections), TCP_NODELAY on every socket, and the descriptor
+//! limit raised at startup. Over the cap, a new connection is answered 503
+//! and closed at once, so a flood of connections never starves the ones
+//! already open, nor `/health`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::ServiceExt;
+
+use crate::outage::Outage;
+
+/// Descriptors kept back from connections for backends, plugin files and logs.
+const RESERVED_DESCRIPTORS: u64 = 256;
+
+/// What bounds the edge's connections.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+}
+
+/// Holds a connection's place under the cap. Requests carry it in their
+/// extensions, so an upgraded WebSocket keeps its place for as long as it is open.
+#[derive(Clone)]
+pub struct ConnectionSlot {
+    _permit: Arc<OwnedSemaphorePermit>,
+}
+
+/// Binds `addr` with a listen backlog of `backlog` connections.
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// Raises the soft limit on open descriptors to the hard limit; returns the
+/// limit in force.
+pub fn raise_descriptor_limit() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(err) => {
+            tracing::warn!(%err, "cannot raise the open-file limit");
+            rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft)
+        }
+    }
+}
+
+/// The connection cap for `descriptors` open files when none is configured.
+pub fn default_max_connections(descriptors: u64) -> usize {
+    usize::try_from(descriptors.saturating_sub(RESERVED_DESCRIPTORS).max(64)).unwrap_or(usize::MAX)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then stops
+/// accepting and waits up to `grace` for open connections to finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()> + Send,
+    grace: Duration,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.header_timeout);
+    let accept_failures = Outage::default();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    if accept_failures.succeeded().is_some() {
+                        tracing::info!("accepting connections again");
+                    }
+                    stream
+                }
+                Err(err) => {
+                    // Out of descriptors: wait for some to be freed instead of spinning.
+                    if accept_failures.failed().is_some() {
+                        tracing::error!(%err, "cannot accept connections");
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            refuse(stream);
+            continue;
+        };
+        let slot = ConnectionSlot {
+            _permit: Arc::new(permit),
+        };
+        let service = router.clone().map_request(move |mut request: Request<_>| {
+            request.extensions_mut().insert(slot.clone());
+            request.map(axum::body::Body::new)
+        });
+        let service = TowerToHyperService::new(service);
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace period over; closing remaining connections");
+    }
+}
+
+/// Answers a connection over the cap with a 503 in the OpenAI shape and
+/// closes it, without waiting for its request.
+fn refuse(stream: TcpStream) {
+    const BODY: &str = r#"{"error":{"message":"the gateway is at its connection limit; retry shortly","type":"ServiceUnavailableError","param":null,"code":503}}"#;
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    // A fresh socket's send buffer takes this whole; if not, closing is enough.
+    let _ = stream.try_write(response.as_bytes());
+    tracing::debug!("connection refused: at the connection limit");
+}
