@@ -262,22 +262,14 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             };
             let hooks = crate::plugins::check(&config.plugin_host, plugin).await?;
             println!("{}: a valid sluice:plugin@0.1.0 component", file.display());
-            println!(
-                "  on-request (request-hook):   {}",
-                if hooks.on_request { "yes" } else { "no" }
-            );
-            println!(
-                "  cache-key (cache-key-hook):  {}",
-                if hooks.cache_key { "yes" } else { "no" }
-            );
-            println!(
-                "  on-token (token-hook):       {}",
-                if hooks.on_token { "yes" } else { "no" }
-            );
-            println!(
-                "  on-tokens (token-batch-hook): {}",
-                if hooks.on_tokens { "yes" } else { "no" }
-            );
+            for (hook, served) in [
+                ("on-request (request-hook):  ", hooks.on_request),
+                ("cache-key (cache-key-hook): ", hooks.cache_key),
+                ("on-token (token-hook):      ", hooks.on_token),
+                ("on-tokens (token-batch-hook):", hooks.on_tokens),
+            ] {
+                println!("  {hook} {}", if served { "yes" } else { "no" });
+            }
             Ok(())
         }
         Command::Config {
@@ -316,14 +308,11 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
 }
 
 fn describe_cache(config: &Config) -> String {
-    match &config.cache.backend {
+    let cache = &config.cache;
+    match cache.backend() {
         crate::config::CacheBackend::Disabled => "off".into(),
-        crate::config::CacheBackend::Memory { max_bytes } => {
-            format!("memory (max {max_bytes} bytes)")
-        }
-        crate::config::CacheBackend::Redis { url, .. } => {
-            crate::config::redact_url(url.expose_secret())
-        }
+        crate::config::CacheBackend::Memory => format!("memory (max {} bytes)", cache.max_bytes),
+        crate::config::CacheBackend::Redis => crate::config::redact_url(cache.url.expose_secret()),
     }
 }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 use figment::providers::{Format, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider, Source};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
 use url::Url;
 
@@ -54,14 +54,14 @@ pub enum ConfigError {
 pub struct RawConfig {
     pub server: ServerConfig,
     pub auth: AuthConfig,
-    pub store: RawStore,
-    pub cache: RawCache,
+    pub store: StoreConfig,
+    pub cache: CacheConfig,
     pub queue: RawQueue,
     pub worker: WorkerConfig,
     pub upstream: UpstreamConfig,
     pub log: LogConfig,
     pub telemetry: TelemetryConfig,
-    pub plugin_host: RawPluginHost,
+    pub plugin_host: PluginHostConfig,
     pub plugins: Vec<RawPlugin>,
 }
 
@@ -123,48 +123,84 @@ impl Default for AuthConfig {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawStore {
-    /// `sqlite://PATH` (created if missing) or `postgres://USER@HOST:PORT/DB`.
-    pub url: String,
+pub struct StoreConfig {
+    /// `sqlite://PATH` (created if missing) or `postgres://USER@HOST:PORT/DB`,
+    /// credentials included: log [`redact_url`] of it.
+    pub url: SecretString,
     pub max_connections: u32,
     /// Inference-log rows buffered before new rows are dropped (and counted).
     pub log_buffer: usize,
 }
 
-impl Default for RawStore {
+impl Default for StoreConfig {
     fn default() -> Self {
         Self {
-            url: "sqlite://sluice.db".into(),
+            url: "sqlite://sluice.db".to_string().into(),
             max_connections: 8,
             log_buffer: 10_000,
         }
     }
 }
 
-#[derive(Debug, Deserialize)]
+impl StoreConfig {
+    /// Which database the URL names (checked at startup: one of the two).
+    pub fn kind(&self) -> StoreKind {
+        if self.url.expose_secret().starts_with("sqlite:") {
+            StoreKind::Sqlite
+        } else {
+            StoreKind::Postgres
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawCache {
+pub struct CacheConfig {
     /// `memory://` (in-process), `redis://HOST:PORT[/DB]`, or `off`.
-    pub url: String,
-    pub ttl_secs: u64,
+    pub url: SecretString,
+    #[serde(rename = "ttl_secs", deserialize_with = "secs")]
+    pub ttl: Duration,
     /// Bound on the in-process cache, in bytes of stored chunks.
     pub max_bytes: u64,
     /// Prefix of every Redis key.
     pub key_prefix: String,
     /// Redis commands slower than this count as failures (the request is served uncached).
-    pub timeout_ms: u64,
+    #[serde(rename = "timeout_ms", deserialize_with = "millis")]
+    pub timeout: Duration,
 }
 
-impl Default for RawCache {
+impl Default for CacheConfig {
     fn default() -> Self {
         Self {
-            url: "memory://".into(),
-            ttl_secs: 3600,
+            url: "memory://".to_string().into(),
+            ttl: Duration::from_secs(3600),
             max_bytes: 256 * 1024 * 1024,
             key_prefix: "sluice:".into(),
-            timeout_ms: 250,
+            timeout: Duration::from_millis(250),
+        }
+    }
+}
+
+/// Which cache `cache.url` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheBackend {
+    Disabled,
+    Memory,
+    Redis,
+}
+
+impl CacheConfig {
+    /// The backend of `url` (checked at startup: one of these).
+    pub fn backend(&self) -> CacheBackend {
+        match self.url.expose_secret() {
+            "off" | "none" | "" => CacheBackend::Disabled,
+            url => match scheme(url) {
+                Some("redis" | "rediss") => CacheBackend::Redis,
+                Some("memory") => CacheBackend::Memory,
+                _ => CacheBackend::Disabled,
+            },
         }
     }
 }
@@ -358,32 +394,41 @@ impl Default for TelemetryConfig {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawPluginHost {
+pub struct PluginHostConfig {
     /// Watch plugin files and this config file and hot-reload on change.
     pub watch: bool,
     /// Granularity of plugin CPU deadlines.
-    pub epoch_tick_ms: u64,
+    #[serde(rename = "epoch_tick_ms", deserialize_with = "millis")]
+    pub epoch_tick: Duration,
     /// Plugin instances that can exist at once (the pooling allocator's size:
     /// each reserves `MAX_PLUGIN_MEMORY` plus a guard of address space, not memory).
     pub max_instances: u32,
     /// Initialised instances kept for reuse per plugin, once for the request
     /// hooks and once for token filters. More spare bursts of concurrent
     /// streams an instantiation each, and keep that many guests' memory
-    /// resident and that many `max_instances` slots taken. Default: 16, or
-    /// half of `max_instances` if that is less.
+    /// resident and that many `max_instances` slots taken. Unset: 16, or
+    /// half of `max_instances` if that is less (filled in by validation).
     pub max_idle_instances: Option<u32>,
 }
 
-impl Default for RawPluginHost {
+impl Default for PluginHostConfig {
     fn default() -> Self {
         Self {
             watch: true,
-            epoch_tick_ms: 1,
+            epoch_tick: Duration::from_millis(1),
             max_instances: 4096,
             max_idle_instances: None,
         }
+    }
+}
+
+impl PluginHostConfig {
+    /// `max_idle_instances`, or its default for `max_instances`.
+    pub fn idle_instances(&self) -> usize {
+        self.max_idle_instances
+            .unwrap_or_else(|| 16.min(self.max_instances / 2)) as usize
     }
 }
 
@@ -437,6 +482,10 @@ fn default_plugin_timeout() -> u64 {
 
 fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     u64::deserialize(d).map(Duration::from_millis)
+}
+
+fn secs<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    u64::deserialize(d).map(Duration::from_secs)
 }
 
 /// An empty string is the same as leaving the key out.
@@ -613,34 +662,6 @@ pub enum StoreKind {
 }
 
 #[derive(Debug, Clone)]
-pub struct StoreConfig {
-    pub kind: StoreKind,
-    /// Full URL, credentials included: log [`redact_url`] of it.
-    pub url: SecretString,
-    pub max_connections: u32,
-    pub log_buffer: usize,
-}
-
-#[derive(Debug, Clone)]
-pub enum CacheBackend {
-    Disabled,
-    Memory {
-        max_bytes: u64,
-    },
-    Redis {
-        url: SecretString,
-        key_prefix: String,
-        timeout: Duration,
-    },
-}
-
-#[derive(Debug, Clone)]
-pub struct CacheConfig {
-    pub backend: CacheBackend,
-    pub ttl: Duration,
-}
-
-#[derive(Debug, Clone)]
 pub enum QueueBackend {
     Memory { capacity: usize },
     Kafka(KafkaConfig),
@@ -668,14 +689,6 @@ pub struct QueueConfig {
     pub worker_timeout: Duration,
     pub heartbeat: Duration,
     pub max_attempts: u32,
-}
-
-#[derive(Debug, Clone)]
-pub struct PluginHostConfig {
-    pub watch: bool,
-    pub epoch_tick: Duration,
-    pub max_instances: u32,
-    pub max_idle_instances: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -755,55 +768,39 @@ impl RawConfig {
             ));
         }
 
-        let store_kind = match scheme(&self.store.url) {
-            _ if self.store.url.starts_with("sqlite:") => StoreKind::Sqlite,
-            Some("postgres") | Some("postgresql") => StoreKind::Postgres,
-            _ => {
-                return Err(invalid(
-                    "store.url",
-                    format!(
-                        "`{}` must start with sqlite:// or postgres://",
-                        redact_url(&self.store.url)
-                    ),
-                ));
-            }
-        };
-        let store = StoreConfig {
-            kind: store_kind,
-            max_connections: positive(
-                "store.max_connections",
-                u64::from(self.store.max_connections),
-            )? as u32,
-            log_buffer: positive("store.log_buffer", self.store.log_buffer as u64)? as usize,
-            url: self.store.url.into(),
-        };
+        let store_url = self.store.url.expose_secret();
+        if !(store_url.starts_with("sqlite:")
+            || matches!(scheme(store_url), Some("postgres" | "postgresql")))
+        {
+            return Err(invalid(
+                "store.url",
+                format!(
+                    "`{}` must start with sqlite:// or postgres://",
+                    redact_url(store_url)
+                ),
+            ));
+        }
+        positive(
+            "store.max_connections",
+            u64::from(self.store.max_connections),
+        )?;
+        positive("store.log_buffer", self.store.log_buffer as u64)?;
 
-        let cache_backend = match self.cache.url.as_str() {
-            "off" | "none" | "" => CacheBackend::Disabled,
-            url => match scheme(url) {
-                Some("memory") => CacheBackend::Memory {
-                    max_bytes: positive("cache.max_bytes", self.cache.max_bytes)?,
-                },
-                Some("redis") | Some("rediss") => CacheBackend::Redis {
-                    url: url.to_string().into(),
-                    key_prefix: self.cache.key_prefix.clone(),
-                    timeout: ms(positive("cache.timeout_ms", self.cache.timeout_ms)?),
-                },
-                _ => {
-                    return Err(invalid(
-                        "cache.url",
-                        format!(
-                            "`{}` must be memory://, redis://HOST:PORT or off",
-                            redact_url(url)
-                        ),
-                    ));
-                }
-            },
-        };
-        let cache = CacheConfig {
-            backend: cache_backend,
-            ttl: Duration::from_secs(positive("cache.ttl_secs", self.cache.ttl_secs)?),
-        };
+        let cache_url = self.cache.url.expose_secret();
+        if !matches!(cache_url, "off" | "none" | "")
+            && !matches!(scheme(cache_url), Some("memory" | "redis" | "rediss"))
+        {
+            return Err(invalid(
+                "cache.url",
+                format!(
+                    "`{}` must be memory://, redis://HOST:PORT or off",
+                    redact_url(cache_url)
+                ),
+            ));
+        }
+        positive("cache.ttl_secs", self.cache.ttl.as_secs())?;
+        positive("cache.max_bytes", self.cache.max_bytes)?;
+        positive("cache.timeout_ms", self.cache.timeout.as_millis() as u64)?;
 
         let q = self.queue;
         let queue_backend = match scheme(&q.url) {
@@ -935,35 +932,25 @@ impl RawConfig {
             ));
         }
 
-        let max_instances = match self.plugin_host.max_instances {
-            n @ 16..=65_536 => n,
-            n => {
-                return Err(invalid(
-                    "plugin_host.max_instances",
-                    format!("{n} must be between 16 and 65536"),
-                ));
-            }
-        };
-        let plugin_host = PluginHostConfig {
-            watch: self.plugin_host.watch,
-            epoch_tick: ms(positive(
-                "plugin_host.epoch_tick_ms",
-                self.plugin_host.epoch_tick_ms,
-            )?),
-            max_instances,
-            max_idle_instances: match self.plugin_host.max_idle_instances {
-                None => 16.min(max_instances / 2) as usize,
-                Some(n) if n <= max_instances / 2 => n as usize,
-                Some(n) => {
-                    return Err(invalid(
-                        "plugin_host.max_idle_instances",
-                        format!(
-                            "{n} is more than half of plugin_host.max_instances ({max_instances})"
-                        ),
-                    ));
-                }
-            },
-        };
+        let max_instances = self.plugin_host.max_instances;
+        if !(16..=65_536).contains(&max_instances) {
+            return Err(invalid(
+                "plugin_host.max_instances",
+                format!("{max_instances} must be between 16 and 65536"),
+            ));
+        }
+        positive(
+            "plugin_host.epoch_tick_ms",
+            self.plugin_host.epoch_tick.as_millis() as u64,
+        )?;
+        if let Some(n) = self.plugin_host.max_idle_instances
+            && n > max_instances / 2
+        {
+            return Err(invalid(
+                "plugin_host.max_idle_instances",
+                format!("{n} is more than half of plugin_host.max_instances ({max_instances})"),
+            ));
+        }
 
         let base_dir = origins
             .file
@@ -1024,14 +1011,14 @@ impl RawConfig {
         Ok(Config {
             server: self.server,
             auth: self.auth,
-            store,
-            cache,
+            store: self.store,
+            cache: self.cache,
             queue,
             worker: self.worker,
             upstream: self.upstream,
             log: self.log,
             telemetry: self.telemetry,
-            plugin_host,
+            plugin_host: self.plugin_host,
             plugins: plugins.into_iter().map(|(_, _, p)| p).collect(),
             source: origins.file.clone(),
         })
@@ -1081,7 +1068,6 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use secrecy::ExposeSecret;
 
     fn load(toml_text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
@@ -1158,9 +1144,9 @@ mod tests {
         }
         let config = load("[plugin_host]\nmax_instances = 64\n", &[]).unwrap();
         assert_eq!(config.plugin_host.max_instances, 64);
-        assert_eq!(config.plugin_host.max_idle_instances, 16);
+        assert_eq!(config.plugin_host.idle_instances(), 16);
         let config = load("[plugin_host]\nmax_instances = 16\n", &[]).unwrap();
-        assert_eq!(config.plugin_host.max_idle_instances, 8, "the default fits");
+        assert_eq!(config.plugin_host.idle_instances(), 8, "the default fits");
         let err = load(
             "[plugin_host]\nmax_instances = 64\nmax_idle_instances = 33\n",
             &[],
@@ -1235,10 +1221,8 @@ mod tests {
             &[("SLUICE_CACHE__KEY_PREFIX", "true")],
         )
         .unwrap();
-        let CacheBackend::Redis { key_prefix, .. } = config.cache.backend else {
-            panic!("not redis")
-        };
-        assert_eq!(key_prefix, "true");
+        assert_eq!(config.cache.backend(), CacheBackend::Redis);
+        assert_eq!(config.cache.key_prefix, "true");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::app::Gateway;
-use crate::config::{Config, StoreConfig, StoreKind};
+use crate::config::{Config, StoreConfig};
 use crate::simulator::{Simulator, SimulatorConfig};
 
 pub struct DemoOptions {
@@ -21,7 +21,6 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<()>
     .await?;
     let db = std::env::temp_dir().join(format!("sluice-demo-{}.db", std::process::id()));
     config.store = StoreConfig {
-        kind: StoreKind::Sqlite,
         url: format!("sqlite://{}", db.display()).into(),
         ..config.store
     };

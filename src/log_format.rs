@@ -2,12 +2,12 @@
 //! `fields`, `target`, `span`), written straight into one buffer.
 //!
 //! Why not the stock JSON formatter (or `json-subscriber`): both build each
-//! line through `serde_json::Value`s and `fmt::Write` adaptors, about 35,000
-//! instructions for a request's log line, which alone would be a tenth of a
-//! cache hit. This formatter writes each field once (numbers and string
-//! escaping still go through serde_json) and splices in the span's fields,
-//! which `tracing-subscriber`'s `JsonFields` formatted once when the span was
-//! created. A test checks its lines against the stock formatter's.
+//! line through `serde_json::Value`s and `fmt::Write` adaptors, which made
+//! the request log line the largest single cost of a cache hit (see
+//! `docs/benchmarks.md`). This formatter writes each field once (numbers and
+//! string escaping still go through serde_json) and splices in the span's
+//! fields, which `tracing-subscriber`'s `JsonFields` formatted once when the
+//! span was created. A test checks its lines against the stock formatter's.
 
 use std::fmt;
 use std::io::Write as _;
@@ -145,13 +145,20 @@ where
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::{Arc, Mutex};
 
     use tracing_subscriber::layer::SubscriberExt;
 
+    /// A log writer for tests: what was written, shared with the test.
     #[derive(Clone, Default)]
-    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    pub(crate) struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl Buffer {
+        pub(crate) fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
 
     impl std::io::Write for Buffer {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
@@ -164,9 +171,8 @@ mod tests {
     }
 
     fn lines(buffer: &Buffer) -> Vec<serde_json::Value> {
-        let bytes = buffer.0.lock().unwrap().clone();
-        String::from_utf8(bytes)
-            .unwrap()
+        buffer
+            .text()
             .lines()
             .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
             .collect()

@@ -549,54 +549,26 @@ mod tests {
 
     /// What the log layer writes, with `spec` as the filter.
     fn logged(format: LogFormat, spec: &str, emit: impl FnOnce()) -> String {
-        use std::sync::{Arc, Mutex};
-        #[derive(Clone, Default)]
-        struct Buffer(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buffer {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(bytes);
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buffer = Buffer::default();
+        let buffer = crate::log_format::tests::Buffer::default();
         let sink = buffer.clone();
         let subscriber = tracing_subscriber::registry()
             .with(log_filter(spec))
             .with(log_lines(format, move || sink.clone()));
         tracing::subscriber::with_default(subscriber, emit);
-        let bytes = buffer.0.lock().unwrap().clone();
-        String::from_utf8(bytes).unwrap()
+        buffer.text()
     }
 
     #[test]
-    fn json_log_lines_carry_the_request_id_and_the_event_fields() {
+    fn json_log_lines_carry_the_request_id() {
         let out = logged(LogFormat::Json, "info", || {
             let trace = RequestTrace::start("req-7", &[]);
-            trace.span.in_scope(|| {
-                tracing::info!(
-                    status = 200_u16,
-                    key = "a \"quoted\" name",
-                    "request finished"
-                );
-                tracing::debug!("not at info");
-            });
+            trace
+                .span
+                .in_scope(|| tracing::info!(status = 200_u16, "request finished"));
         });
-        let lines: Vec<serde_json::Value> = out
-            .lines()
-            .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
-            .collect();
-        assert_eq!(lines.len(), 1, "{out}");
-        let line = &lines[0];
-        assert_eq!(line["level"], "INFO");
-        assert_eq!(line["fields"]["message"], "request finished");
-        assert_eq!(line["fields"]["status"], 200);
-        assert_eq!(line["fields"]["key"], "a \"quoted\" name");
+        let line: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
         assert_eq!(line["span"]["request_id"], "req-7");
-        assert_eq!(line["span"]["name"], "request");
-        assert!(line["timestamp"].is_string() && line["target"].is_string());
+        assert_eq!(line["fields"]["status"], 200);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::queue::{Job, JobSource, ResponseEvent};
 use crate::telemetry::RequestTrace;
-use crate::upstream::UpstreamClient;
+use crate::upstream::{UpstreamClient, UpstreamError};
 
 pub struct Worker {
     upstream: Arc<UpstreamClient>,
@@ -118,14 +118,7 @@ impl Worker {
         headers.extend(job.request.trace_context.iter().cloned());
         let mut stream = match self.upstream.open(job.request.body.clone(), &headers).await {
             Ok(stream) => stream,
-            Err(err) => {
-                self.metrics
-                    .upstream_errors
-                    .with_label_values(&[err.kind()])
-                    .inc();
-                let _ = job.sink.send(ResponseEvent::Error(err.info())).await;
-                return "upstream_error";
-            }
+            Err(err) => return self.upstream_failed(job, err).await,
         };
         loop {
             let event = match stream.next().await {
@@ -134,18 +127,21 @@ impl Worker {
                     let _ = job.sink.send(ResponseEvent::Done).await;
                     return "completed";
                 }
-                Err(err) => {
-                    self.metrics
-                        .upstream_errors
-                        .with_label_values(&[err.kind()])
-                        .inc();
-                    let _ = job.sink.send(ResponseEvent::Error(err.info())).await;
-                    return "upstream_error";
-                }
+                Err(err) => return self.upstream_failed(job, err).await,
             };
             if job.sink.send(event).await.is_err() {
                 return "cancelled";
             }
         }
+    }
+
+    /// Counts an upstream failure and passes it on to the requester.
+    async fn upstream_failed(&self, job: &mut Job, err: UpstreamError) -> &'static str {
+        self.metrics
+            .upstream_errors
+            .with_label_values(&[err.kind()])
+            .inc();
+        let _ = job.sink.send(ResponseEvent::Error(err.info())).await;
+        "upstream_error"
     }
 }

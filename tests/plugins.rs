@@ -449,7 +449,7 @@ async fn hot_reload_under_load_keeps_old_streams_on_the_old_version() {
         c.plugins = loaded.plugins;
         c.plugin_host = loaded.plugin_host;
         c.source = loaded.source;
-        c.cache.backend = sluice::config::CacheBackend::Disabled;
+        c.cache.url = "off".to_string().into();
     })
     .await;
 

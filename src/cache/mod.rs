@@ -75,21 +75,15 @@ pub async fn open(
     config: &CacheConfig,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> Option<Arc<dyn Cache>> {
-    match &config.backend {
+    match config.backend() {
         CacheBackend::Disabled => None,
-        CacheBackend::Memory { max_bytes } => {
-            Some(Arc::new(MemoryCache::new(*max_bytes, config.ttl)))
-        }
-        CacheBackend::Redis {
-            url,
-            key_prefix,
-            timeout,
-        } => Some(Arc::new(
+        CacheBackend::Memory => Some(Arc::new(MemoryCache::new(config.max_bytes, config.ttl))),
+        CacheBackend::Redis => Some(Arc::new(
             RedisCache::connect(
-                secrecy::ExposeSecret::expose_secret(url),
-                key_prefix,
+                secrecy::ExposeSecret::expose_secret(&config.url),
+                &config.key_prefix,
                 config.ttl,
-                *timeout,
+                config.timeout,
                 metrics,
             )
             .await,

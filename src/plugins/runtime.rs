@@ -171,7 +171,7 @@ impl Runtime {
             engine,
             linker,
             compiled: Default::default(),
-            max_idle: host.max_idle_instances,
+            max_idle: host.idle_instances(),
             epoch_tick,
             _ticker: EpochTicker(stop),
         })

@@ -91,7 +91,7 @@ pub trait Store: Send + Sync + 'static {
 
 /// Connects to the configured store and applies its migrations.
 pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
-    let store: Arc<dyn Store> = match config.kind {
+    let store: Arc<dyn Store> = match config.kind() {
         StoreKind::Sqlite => Arc::new(
             SqliteStore::connect(config.url.expose_secret(), config.max_connections)
                 .await

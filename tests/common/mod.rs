@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use sluice::config::{Config, StoreConfig, StoreKind};
+use sluice::config::{Config, StoreConfig};
 use sluice::simulator::{Simulator, SimulatorConfig};
 use sluice::sse::SseParser;
 use sluice::store::Store;
@@ -46,7 +46,6 @@ impl TestGateway {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config::default();
         config.store = StoreConfig {
-            kind: StoreKind::Sqlite,
             url: format!("sqlite://{}", dir.path().join("sluice.db").display()).into(),
             ..config.store
         };
