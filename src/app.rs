@@ -100,6 +100,7 @@ impl Gateway {
             policy,
             metrics,
             inference_log,
+            ws_sockets: Default::default(),
         });
         Ok(Self {
             state,

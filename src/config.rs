@@ -53,6 +53,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
     pub server: ServerConfig,
+    pub cors: CorsConfig,
     pub auth: AuthConfig,
     pub store: StoreConfig,
     pub cache: CacheConfig,
@@ -90,6 +91,15 @@ pub struct ServerConfig {
     /// A WebSocket with no request running that sends nothing for this long is closed.
     #[serde(rename = "ws_idle_timeout_ms", deserialize_with = "millis")]
     pub ws_idle_timeout: Duration,
+    /// Requests a WebSocket client may send ahead while one streams; one
+    /// more gets an error frame and close 1008.
+    pub ws_max_queued_requests: usize,
+    /// WebSockets one API key may hold open at once; one more is refused (4429).
+    pub ws_max_sockets_per_key: usize,
+    /// Largest `n` (choices per prompt) a request may ask for (OpenAI's limit).
+    pub max_n: u32,
+    /// Most prompts in one request's `prompt` list.
+    pub max_prompts: usize,
 }
 
 impl Default for ServerConfig {
@@ -103,6 +113,51 @@ impl Default for ServerConfig {
             header_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(60),
             ws_idle_timeout: Duration::from_secs(300),
+            ws_max_queued_requests: 16,
+            ws_max_sockets_per_key: 100,
+            max_n: 128,
+            max_prompts: 2048,
+        }
+    }
+}
+
+/// Which web pages may call the gateway (CORS, and the `Origin` of WebSocket
+/// upgrades). The defaults are vLLM's: any origin, method and header, no
+/// credentials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins such as `https://app.example.com`; `"*"` allows any.
+    pub allowed_origins: Vec<String>,
+    /// Methods a page may use; `"*"` allows any.
+    pub allowed_methods: Vec<String>,
+    /// Request headers a page may send; `"*"` allows any.
+    pub allowed_headers: Vec<String>,
+    /// Whether pages may send credentials (cookies, HTTP authentication).
+    pub allow_credentials: bool,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        let any = || vec!["*".to_string()];
+        Self {
+            allowed_origins: any(),
+            allowed_methods: any(),
+            allowed_headers: any(),
+            allow_credentials: false,
+        }
+    }
+}
+
+impl CorsConfig {
+    /// Whether a request with this `Origin` may proceed (no `Origin`: not a browser).
+    pub fn allows_origin(&self, origin: Option<&[u8]>) -> bool {
+        match origin {
+            None => true,
+            Some(origin) => self
+                .allowed_origins
+                .iter()
+                .any(|allowed| allowed == "*" || allowed.as_bytes() == origin),
         }
     }
 }
@@ -641,6 +696,7 @@ impl RawConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerConfig,
+    pub cors: CorsConfig,
     pub auth: AuthConfig,
     pub store: StoreConfig,
     pub cache: CacheConfig,
@@ -754,6 +810,16 @@ impl RawConfig {
         if let Some(max) = self.server.max_connections {
             positive("server.max_connections", max as u64)?;
         }
+        positive(
+            "server.ws_max_queued_requests",
+            self.server.ws_max_queued_requests as u64,
+        )?;
+        positive(
+            "server.ws_max_sockets_per_key",
+            self.server.ws_max_sockets_per_key as u64,
+        )?;
+        positive("server.max_n", u64::from(self.server.max_n))?;
+        positive("server.max_prompts", self.server.max_prompts as u64)?;
         for (key, timeout) in [
             ("server.header_timeout_ms", self.server.header_timeout),
             ("server.body_timeout_ms", self.server.body_timeout),
@@ -1008,8 +1074,35 @@ impl RawConfig {
         }
         plugins.sort_by_key(|(order, position, _)| (*order, *position));
 
+        let cors = &self.cors;
+        for origin in &cors.allowed_origins {
+            if origin != "*" && axum::http::HeaderValue::from_str(origin).is_err() {
+                return Err(invalid(
+                    "cors.allowed_origins",
+                    format!("`{origin}` is not an origin"),
+                ));
+            }
+        }
+        for method in &cors.allowed_methods {
+            if method != "*" && method.parse::<axum::http::Method>().is_err() {
+                return Err(invalid(
+                    "cors.allowed_methods",
+                    format!("`{method}` is not an HTTP method"),
+                ));
+            }
+        }
+        for header in &cors.allowed_headers {
+            if header != "*" && header.parse::<axum::http::HeaderName>().is_err() {
+                return Err(invalid(
+                    "cors.allowed_headers",
+                    format!("`{header}` is not a header name"),
+                ));
+            }
+        }
+
         Ok(Config {
             server: self.server,
+            cors: self.cors,
             auth: self.auth,
             store: self.store,
             cache: self.cache,

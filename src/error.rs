@@ -70,6 +70,10 @@ pub enum GatewayError {
     #[error("the request body did not arrive within {0:?}")]
     RequestTimeout(std::time::Duration),
     #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    TooManyRequests(String),
+    #[error("{0}")]
     NotFound(String),
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -101,6 +105,8 @@ impl GatewayError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Rejected { status, .. } => *status,
@@ -135,6 +141,8 @@ impl GatewayError {
             Self::Unauthorized(_) => "unauthorized",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::RequestTimeout(_) => "request_timeout",
+            Self::Forbidden(_) => "forbidden",
+            Self::TooManyRequests(_) => "too_many_requests",
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Rejected { .. } => "plugin_rejected",

@@ -38,6 +38,10 @@ pub struct RequestRecord {
     pub key_id: Option<String>,
     pub model: String,
     pub cache_hit: bool,
+    /// Whether the cache was consulted (false when the request failed first).
+    looked_up: bool,
+    /// Cleared by [`RequestRecord::discard`]: nothing is reported.
+    report: bool,
     pub status: u16,
     received_at: Instant,
     first_chunk_at: Option<Instant>,
@@ -64,6 +68,8 @@ impl RequestRecord {
             key_id: None,
             model: String::new(),
             cache_hit: false,
+            looked_up: false,
+            report: true,
             status: CLIENT_CLOSED,
             received_at,
             first_chunk_at: None,
@@ -104,10 +110,20 @@ impl RequestRecord {
     pub fn fail(&mut self, error: &GatewayError) {
         self.status = error.status().as_u16();
     }
+
+    /// Drops the record without reporting it: it turned out not to be a
+    /// request (a WebSocket login that succeeded; its requests have records
+    /// of their own).
+    pub fn discard(mut self) {
+        self.report = false;
+    }
 }
 
 impl Drop for RequestRecord {
     fn drop(&mut self) {
+        if !self.report {
+            return;
+        }
         let metrics = &self.state.metrics;
         let elapsed = self.received_at.elapsed();
         let labels = [self.route, self.transport, status_class(self.status)];
@@ -136,6 +152,8 @@ impl Drop for RequestRecord {
             .first_chunk_at
             .map(|t| (t - self.received_at).as_secs_f64() * 1000.0);
         let cache = if self.cache_hit { "hit" } else { "miss" };
+        // Absent, rather than "miss", when the request failed before the lookup.
+        let looked_up = self.looked_up.then_some(cache);
         self.trace.span.in_scope(|| {
             tracing::info!(
                 request_id = self.request_id.as_str(),
@@ -144,10 +162,10 @@ impl Drop for RequestRecord {
                 model = self.model.as_str(),
                 transport = self.transport,
                 status = self.status,
-                cache,
+                cache = looked_up,
                 prompt_tokens = usage.prompt_tokens,
                 completion_tokens,
-                ttft_ms = ttft_ms.unwrap_or(-1.0),
+                ttft_ms,
                 total_ms = elapsed.as_secs_f64() * 1000.0,
                 "request finished"
             )
@@ -164,7 +182,9 @@ impl Drop for RequestRecord {
                 span.set_attribute(KeyValue::new("model", self.model.clone()));
             }
             span.set_attribute(KeyValue::new("status", i64::from(self.status)));
-            span.set_attribute(KeyValue::new("cache", cache));
+            if let Some(cache) = looked_up {
+                span.set_attribute(KeyValue::new("cache", cache));
+            }
             span.set_attribute(KeyValue::new(
                 "prompt_tokens",
                 saturating_i64(usage.prompt_tokens),
@@ -260,6 +280,10 @@ pub async fn start(
     mut record: RequestRecord,
 ) -> Result<Completion, (GatewayError, RequestRecord)> {
     record.model = request.model.clone();
+    if let Err(err) = within_limits(&state.config.server, &request) {
+        record.fail(&err);
+        return Err((err, record));
+    }
     let cache_key = match state
         .policy
         .admit(ctx, &mut request, state.cache.is_some())
@@ -274,6 +298,7 @@ pub async fn start(
     let deliver_usage_chunk = !request.is_stream() || request.wants_usage_chunk();
     let filters = FilterChain::new(state.policy.token_filters(ctx));
     let metrics = &state.metrics;
+    record.looked_up = true;
     let mut lookup = record.trace.stage("cache.lookup");
     match (&state.cache, &cache_key) {
         (Some(cache), Some(key)) => match cache.get(key).await {
@@ -347,6 +372,28 @@ pub async fn start(
         deliver_usage_chunk,
         to_cache,
     ))
+}
+
+/// Refuses requests for more generations than the gateway allows at once.
+fn within_limits(
+    server: &crate::config::ServerConfig,
+    request: &CompletionRequest,
+) -> Result<(), GatewayError> {
+    let n = request.n.unwrap_or(1);
+    if n > server.max_n {
+        return Err(GatewayError::BadRequest(format!(
+            "invalid value for `n`: {n} is more than the limit of {}",
+            server.max_n
+        )));
+    }
+    let prompts = request.prompt.count();
+    if prompts > server.max_prompts {
+        return Err(GatewayError::BadRequest(format!(
+            "invalid value for `prompt`: {prompts} prompts are more than the limit of {}",
+            server.max_prompts
+        )));
+    }
+    Ok(())
 }
 
 impl Completion {

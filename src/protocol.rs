@@ -144,6 +144,15 @@ impl Prompt {
         }
     }
 
+    /// How many prompts the request holds.
+    pub fn count(&self) -> usize {
+        match self {
+            Prompt::Text(_) | Prompt::Tokens(_) => 1,
+            Prompt::Texts(v) => v.len(),
+            Prompt::TokenBatches(v) => v.len(),
+        }
+    }
+
     /// The prompt texts, for plugins; token-id prompts have none.
     pub fn texts(&self) -> Vec<String> {
         match self {

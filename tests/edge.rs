@@ -196,3 +196,232 @@ async fn a_websocket_close_from_the_client_is_answered() {
     );
     gw.stop().await;
 }
+
+async fn ws_connect(
+    gw: &TestGateway,
+    configure: impl FnOnce(&mut axum::http::Request<()>),
+) -> (
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+    axum::http::Response<Option<Vec<u8>>>,
+) {
+    let mut request = gw.ws_url().into_client_request().unwrap();
+    configure(&mut request);
+    tokio_tungstenite::connect_async(request).await.unwrap()
+}
+
+fn bearer(gw: &TestGateway) -> impl FnOnce(&mut axum::http::Request<()>) + '_ {
+    move |request| {
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", gw.key).parse().unwrap(),
+        );
+    }
+}
+
+async fn close_code_of(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+) -> (Vec<String>, Option<u16>) {
+    let mut texts = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => texts.push(text.to_string()),
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                return (texts, frame.map(|f| u16::from(f.code)));
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("socket ended without a close frame: {other:?} after {texts:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_websocket_message_over_the_size_limit_is_closed_with_1009() {
+    let gw = TestGateway::start_with(sim_config(), |c| c.server.max_body_bytes = 1024).await;
+    let (mut ws, _) = ws_connect(&gw, bearer(&gw)).await;
+    let huge = json!({"model": MODEL, "prompt": "x".repeat(4096)}).to_string();
+    ws.send(Message::Text(huge.into())).await.unwrap();
+    let (_, code) = close_code_of(&mut ws).await;
+    assert_eq!(code, Some(1009));
+}
+
+#[tokio::test]
+async fn websocket_requests_queued_past_the_bound_get_an_error_and_1008() {
+    let mut slow = sim_config();
+    slow.token_delay = Duration::from_millis(50);
+    let gw = TestGateway::start_with(slow, |c| c.server.ws_max_queued_requests = 2).await;
+    let (mut ws, _) = ws_connect(&gw, bearer(&gw)).await;
+    let body = json!({"model": MODEL, "prompt": "queue", "max_tokens": 20, "stream": true});
+    for _ in 0..4 {
+        ws.send(Message::Text(body.to_string().into()))
+            .await
+            .unwrap();
+    }
+    let (texts, code) = close_code_of(&mut ws).await;
+    assert_eq!(code, Some(1008), "{texts:?}");
+    let error = texts
+        .iter()
+        .filter_map(|t| serde_json::from_str::<Value>(t).ok())
+        .find(|v| v.get("error").is_some())
+        .expect("an error frame before the close");
+    assert_eq!(error["error"]["code"], 400);
+}
+
+#[tokio::test]
+async fn a_browser_may_present_its_key_as_a_websocket_subprotocol() {
+    let gw = TestGateway::start().await;
+    let key = gw.key.clone();
+    let (mut ws, response) = ws_connect(&gw, move |request| {
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            format!("sluice, sluice-key.{key}").parse().unwrap(),
+        );
+    })
+    .await;
+    assert_eq!(response.headers()["sec-websocket-protocol"], "sluice");
+    let body = json!({"model": MODEL, "prompt": "hello", "max_tokens": 2, "stream": true});
+    ws.send(Message::Text(body.to_string().into()))
+        .await
+        .unwrap();
+    let Some(Ok(Message::Text(first))) = ws.next().await else {
+        panic!("no answer")
+    };
+    assert!(first.as_str().contains("text_completion"), "{first}");
+}
+
+#[tokio::test]
+async fn cors_preflights_are_answered_without_a_key_and_origins_are_enforced() {
+    let gw = TestGateway::start_with(sim_config(), |c| {
+        c.cors.allowed_origins = vec!["http://good.example".into()];
+    })
+    .await;
+    let preflight = |origin: &'static str| {
+        reqwest::Client::new()
+            .request(reqwest::Method::OPTIONS, gw.completions_url())
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
+            .send()
+    };
+    let allowed = preflight("http://good.example").await.unwrap();
+    assert!(allowed.status().is_success(), "{}", allowed.status());
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "http://good.example"
+    );
+    let headers = allowed.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(headers.contains("authorization"), "{headers}");
+    let denied = preflight("http://evil.example").await.unwrap();
+    assert!(!denied.headers().contains_key("access-control-allow-origin"));
+
+    // A real request from an allowed page can read the request id.
+    let response = gw
+        .http
+        .post(gw.completions_url())
+        .bearer_auth(&gw.key)
+        .header("origin", "http://good.example")
+        .json(&json!({"model": MODEL, "prompt": "hi", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let exposed = response.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(exposed.contains("x-request-id"), "{exposed}");
+
+    // The same allow-list applies to WebSocket upgrades.
+    let mut request = gw.ws_url().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("origin", "http://evil.example".parse().unwrap());
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", gw.key).parse().unwrap(),
+    );
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403)
+        }
+        other => panic!("a foreign origin opened a WebSocket: {other:?}"),
+    }
+    let (_ws, _) = ws_connect(&gw, |request| {
+        request
+            .headers_mut()
+            .insert("origin", "http://good.example".parse().unwrap());
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", gw.key).parse().unwrap(),
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn malformed_query_strings_and_oversized_requests_get_openai_errors() {
+    let gw = TestGateway::start_with(sim_config(), |c| c.server.max_prompts = 2).await;
+    let duplicated = gw
+        .http
+        .get(format!(
+            "{}?api_key=a&api_key=b",
+            gw.ws_url().replacen("ws", "http", 1)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(duplicated.status(), 400);
+    let body: Value = duplicated.json().await.unwrap();
+    assert_eq!(body["error"]["code"], 400, "{body}");
+
+    let too_many_choices = gw
+        .post(&json!({"model": MODEL, "prompt": "x", "max_tokens": 1, "n": 129}))
+        .await;
+    assert_eq!(too_many_choices.status(), 400);
+    let body: Value = too_many_choices.json().await.unwrap();
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("`n`"),
+        "{body}"
+    );
+
+    let too_many_prompts = gw
+        .post(&json!({"model": MODEL, "prompt": ["a", "b", "c"], "max_tokens": 1}))
+        .await;
+    assert_eq!(too_many_prompts.status(), 400);
+    assert_eq!(gw.sim.received().len(), 0, "nothing reached the upstream");
+}
+
+#[tokio::test]
+async fn one_key_may_hold_only_so_many_websockets() {
+    let gw = TestGateway::start_with(sim_config(), |c| c.server.ws_max_sockets_per_key = 2).await;
+    let (first, _) = ws_connect(&gw, bearer(&gw)).await;
+    let (_second, _) = ws_connect(&gw, bearer(&gw)).await;
+    let (mut third, _) = ws_connect(&gw, bearer(&gw)).await;
+    let (texts, code) = close_code_of(&mut third).await;
+    assert_eq!(code, Some(4429), "{texts:?}");
+    let error: Value = serde_json::from_str(&texts[0]).unwrap();
+    assert_eq!(error["error"]["code"], 429);
+    assert_eq!(error["error"]["type"], "RateLimitError");
+
+    // A closed socket gives its place back.
+    drop(first);
+    let reopened = eventually(Duration::from_secs(5), || async {
+        let (mut ws, _) = ws_connect(&gw, bearer(&gw)).await;
+        let body = json!({"model": MODEL, "prompt": "again", "max_tokens": 1, "stream": true});
+        ws.send(Message::Text(body.to_string().into())).await.ok()?;
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) if text.as_str().contains("text_completion") => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(
+        reopened.is_some(),
+        "the place of a closed socket was not given back"
+    );
+}

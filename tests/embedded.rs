@@ -206,14 +206,32 @@ async fn websocket_accepts_the_key_as_a_query_parameter_and_rejects_bad_frames()
 }
 
 #[tokio::test]
-async fn websocket_without_a_valid_key_is_refused() {
+async fn websocket_without_a_valid_key_is_refused_readably() {
     let gw = TestGateway::start().await;
     let url = format!("{}?api_key=sk-sluice-wrong", gw.ws_url());
-    let err = tokio_tungstenite::connect_async(url).await.unwrap_err();
-    match err {
-        tokio_tungstenite::tungstenite::Error::Http(response) => assert_eq!(response.status(), 401),
-        other => panic!("expected an HTTP 401, got {other:?}"),
+    let (mut ws, response) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert!(response.headers().contains_key("x-request-id"));
+    let Some(Ok(Message::Text(error))) = ws.next().await else {
+        panic!("no error frame")
+    };
+    let error: Value = serde_json::from_str(error.as_str()).unwrap();
+    assert_eq!(error["error"]["code"], 401);
+    assert_eq!(error["error"]["type"], "AuthenticationError");
+    assert!(matches!(ws.next().await, Some(Ok(Message::Text(t))) if t.as_str() == "[DONE]"));
+    match ws.next().await {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 4401),
+        other => panic!("expected close 4401, got {other:?}"),
     }
+    // The refused login is counted like a REST 401.
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"sluice_requests_total{route="/v1/completions",status="4xx",transport="ws"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
 }
 
 async fn assert_openai_error(response: reqwest::Response, status: u16) -> Value {

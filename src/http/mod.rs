@@ -33,7 +33,46 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(ops::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(cors(&state.config.cors))
         .with_state(state)
+}
+
+/// The CORS layer: preflights are answered here, before authentication and
+/// the pipeline. `"*"` for methods and headers mirrors what the preflight
+/// asks for (a literal `*` never covers `Authorization`), and `"*"` for
+/// origins does too when credentials are allowed (browsers refuse a literal
+/// `*` with credentials), as vLLM's server does.
+fn cors(config: &crate::config::CorsConfig) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, CorsLayer};
+    let any = |list: &[String]| list.iter().any(|item| item == "*");
+    let credentials = config.allow_credentials;
+    let origins = match (any(&config.allowed_origins), credentials) {
+        (true, false) => AllowOrigin::any(),
+        (true, true) => AllowOrigin::mirror_request(),
+        (false, _) => AllowOrigin::list(
+            config
+                .allowed_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        ),
+    };
+    let methods = if any(&config.allowed_methods) {
+        AllowMethods::mirror_request()
+    } else {
+        AllowMethods::list(config.allowed_methods.iter().filter_map(|m| m.parse().ok()))
+    };
+    let headers = if any(&config.allowed_headers) {
+        AllowHeaders::mirror_request()
+    } else {
+        AllowHeaders::list(config.allowed_headers.iter().filter_map(|h| h.parse().ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods(methods)
+        .allow_headers(headers)
+        .allow_credentials(credentials)
+        .expose_headers([axum::http::HeaderName::from_static(REQUEST_ID_HEADER)])
+        .max_age(std::time::Duration::from_secs(600))
 }
 
 /// The router of a standalone worker: health and metrics only.

@@ -3,16 +3,26 @@
 //! carry exactly what SSE `data:` events would (chunks, or an error object),
 //! always ending with `[DONE]`. The connection then takes the next request.
 //! Closing the socket mid-stream cancels the upstream generation.
+//!
+//! A browser cannot set headers on a WebSocket, so besides `Authorization`
+//! and `?api_key=`, the key may come as a subprotocol: the page offers
+//! `["sluice", "sluice-key.<KEY>"]` and the server selects `sluice`. A refused
+//! login is accepted, answered with an error frame and closed with
+//! `4000 + status` (4401), so page JavaScript can read why. Frames over
+//! `server.max_body_bytes` close the socket with 1009; more than
+//! `server.ws_max_queued_requests` requests sent ahead get an error frame and
+//! 1008.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, close_code};
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Extension, Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
@@ -27,46 +37,123 @@ use crate::policy::RequestContext;
 use crate::protocol::{CompletionRequest, ResponseAssembler};
 use crate::state::AppState;
 
+/// The subprotocol the server selects; `sluice-key.<KEY>` beside it carries the key.
+pub const PROTOCOL: &str = "sluice";
+const KEY_PROTOCOL_PREFIX: &str = "sluice-key.";
+
 #[derive(Deserialize)]
 pub struct WsParams {
     api_key: Option<String>,
 }
 
+/// The key offered as a `sluice-key.<KEY>` subprotocol, if any.
+fn subprotocol_key(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix(KEY_PROTOCOL_PREFIX))
+}
+
 pub async fn websocket(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Query(params): Query<WsParams>,
+    params: Result<Query<WsParams>, QueryRejection>,
     slot: Option<Extension<ConnectionSlot>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let request_id = crate::http::new_request_id();
+    let mut record = RequestRecord::new(
+        state.clone(),
+        request_id.clone(),
+        "ws",
+        Instant::now(),
+        &crate::telemetry::trace_headers(&headers),
+    );
+    let refused = |mut record: RequestRecord, err: GatewayError| {
+        record.fail(&err);
+        super::with_request_id(err.into_response(), &record.request_id)
+    };
+    let params = match params {
+        Ok(Query(params)) => params,
+        Err(rejection) => {
+            let err = GatewayError::BadRequest(format!(
+                "invalid query string: {}",
+                rejection.body_text()
+            ));
+            return refused(record, err);
+        }
+    };
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
         Err(rejection) => {
-            return GatewayError::BadRequest(format!(
+            let err = GatewayError::BadRequest(format!(
                 "GET /v1/completions is the WebSocket endpoint: {}",
                 rejection.body_text()
-            ))
-            .into_response();
+            ));
+            return refused(record, err);
         }
     };
-    let identity = match state
-        .auth
-        .authenticate(presented_secret(&headers, params.api_key.as_deref()))
-        .await
-    {
-        Ok(identity) => identity,
-        Err(err) => return err.into_response(),
-    };
+    let origin = headers.get(header::ORIGIN).map(|o| o.as_bytes());
+    if !state.config.cors.allows_origin(origin) {
+        let err = GatewayError::Forbidden("this origin may not open a WebSocket".into());
+        return refused(record, err);
+    }
+    let secret =
+        presented_secret(&headers, params.api_key.as_deref()).or_else(|| subprotocol_key(&headers));
+    let authenticate = state.auth.authenticate(secret);
+    let login = record
+        .trace
+        .stage("auth")
+        .during(authenticate)
+        .instrument(record.trace.span.clone())
+        .await;
+    // Frames a little over the body limit still arrive, to be refused with 1009.
     let limit = state.config.server.max_body_bytes;
-    // A traceparent on the upgrade request is the parent of every request on the socket.
-    let trace = crate::telemetry::trace_headers(&headers);
-    upgrade
-        .max_message_size(limit)
-        .on_upgrade(move |socket| async move {
-            // The socket keeps its place under the connection cap while open.
-            let _slot = slot;
-            serve_socket(state, identity, socket, trace).await;
-        })
+    let upgrade = upgrade.protocols([PROTOCOL]).max_message_size(limit + 1);
+    let max_sockets = state.config.server.ws_max_sockets_per_key;
+    let login =
+        login.and_then(
+            |identity| match state.ws_sockets.acquire(&identity.key_id, max_sockets) {
+                Some(place) => Ok((identity, place)),
+                None => {
+                    record.identify(&identity);
+                    Err(GatewayError::TooManyRequests(format!(
+                        "this API key already has {max_sockets} WebSockets open"
+                    )))
+                }
+            },
+        );
+    let response = match login {
+        Ok((identity, place)) => {
+            // Each request on the socket has a record of its own.
+            record.discard();
+            // A traceparent on the upgrade request is the parent of every request on the socket.
+            let trace = crate::telemetry::trace_headers(&headers);
+            upgrade.on_upgrade(move |socket| async move {
+                // The socket keeps its places (connection cap, per-key cap) while open.
+                let _places = (slot, place);
+                serve_socket(state, identity, socket, trace).await;
+            })
+        }
+        Err(err) => {
+            record.fail(&err);
+            let info = err.info();
+            drop(record);
+            upgrade.on_upgrade(move |socket| refuse_login(socket, info))
+        }
+    };
+    super::with_request_id(response, &request_id)
+}
+
+/// Tells a refused client why in a form page JavaScript can read: the error
+/// frame, `[DONE]`, then close with `4000 + status`.
+async fn refuse_login(socket: WebSocket, info: ErrorInfo) {
+    let (mut sink, _stream) = socket.split();
+    if send_error(&mut sink, &info).await {
+        close(&mut sink, 4000 + info.status, "login refused").await;
+    }
 }
 
 type Sink = SplitSink<WebSocket, Message>;
@@ -89,19 +176,42 @@ async fn close(sink: &mut Sink, code: u16, reason: &'static str) {
     let _ = sink.close().await;
 }
 
-/// What the client sent while a response was streaming.
+/// What the client sent.
 enum Incoming {
     Request(Utf8Bytes),
+    Binary,
+    /// The client's Close (answered when the sink is closed).
+    Close,
+    /// A message over the size limit.
+    TooBig,
+    /// The connection is gone.
+    Gone,
     Other,
-    Closed,
 }
 
-async fn receive(stream: &mut SplitStream<WebSocket>) -> Incoming {
-    match stream.next().await {
+fn classify(next: Option<Result<Message, axum::Error>>, limit: usize) -> Incoming {
+    match next {
+        Some(Ok(Message::Text(text))) if text.len() > limit => Incoming::TooBig,
         Some(Ok(Message::Text(text))) => Incoming::Request(text),
-        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => Incoming::Closed,
+        Some(Ok(Message::Binary(data))) if data.len() > limit => Incoming::TooBig,
+        Some(Ok(Message::Binary(_))) => Incoming::Binary,
+        Some(Ok(Message::Close(_))) => Incoming::Close,
+        Some(Err(err)) if is_capacity_error(&err) => Incoming::TooBig,
+        Some(Err(_)) | None => Incoming::Gone,
         Some(Ok(_)) => Incoming::Other,
     }
+}
+
+/// Whether tungstenite refused a frame or message for its size.
+fn is_capacity_error(err: &axum::Error) -> bool {
+    std::error::Error::source(err)
+        .and_then(|inner| inner.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|inner| matches!(inner, tungstenite::Error::Capacity(_)))
+}
+
+/// Ends the socket for a message over the size limit (RFC 6455's 1009).
+async fn too_big(sink: &mut Sink) {
+    close(sink, close_code::SIZE, "message too big").await;
 }
 
 async fn serve_socket(
@@ -112,7 +222,8 @@ async fn serve_socket(
 ) {
     let (mut sink, mut stream) = socket.split();
     let mut queued: VecDeque<Utf8Bytes> = VecDeque::new();
-    let idle_timeout = state.config.server.ws_idle_timeout;
+    let server = &state.config.server;
+    let (idle_timeout, limit) = (server.ws_idle_timeout, server.max_body_bytes);
     loop {
         let text = match queued.pop_front() {
             Some(text) => text,
@@ -121,9 +232,9 @@ async fn serve_socket(
                     close(&mut sink, close_code::AWAY, "idle timeout").await;
                     return;
                 }
-                Ok(next) => match next {
-                    Some(Ok(Message::Text(text))) => text,
-                    Some(Ok(Message::Binary(_))) => {
+                Ok(next) => match classify(next, limit) {
+                    Incoming::Request(text) => text,
+                    Incoming::Binary => {
                         let err = GatewayError::BadRequest(
                             "send each request as a text frame holding its JSON body".into(),
                         );
@@ -132,13 +243,14 @@ async fn serve_socket(
                         }
                         continue;
                     }
-                    Some(Ok(Message::Close(_))) => {
+                    Incoming::Close => {
                         // Completes the close handshake: the reply to the client's Close.
                         let _ = sink.close().await;
                         return;
                     }
-                    Some(Err(_)) | None => return,
-                    Some(Ok(_)) => continue,
+                    Incoming::TooBig => return too_big(&mut sink).await,
+                    Incoming::Gone => return,
+                    Incoming::Other => continue,
                 },
             },
         };
@@ -235,18 +347,43 @@ async fn serve_request(
             }
         }
     };
+    let server = &state.config.server;
+    let (limit, max_queued) = (server.max_body_bytes, server.ws_max_queued_requests);
+    /// Why watching the socket stopped the response.
+    enum Interrupt {
+        TooBig,
+        Closed,
+        Overflow,
+    }
     let watch = async {
         loop {
-            match receive(stream).await {
+            match classify(stream.next().await, limit) {
+                Incoming::Request(_) if queued.len() >= max_queued => return Interrupt::Overflow,
                 Incoming::Request(text) => queued.push_back(text),
-                Incoming::Other => {}
-                Incoming::Closed => return,
+                Incoming::Binary | Incoming::Other => {}
+                Incoming::TooBig => return Interrupt::TooBig,
+                Incoming::Close | Incoming::Gone => return Interrupt::Closed,
             }
         }
     };
-    tokio::select! {
-        connected = deliver => connected,
-        // Dropping the completion cancels the upstream request.
-        () = watch => false,
+    let interrupt = tokio::select! {
+        connected = deliver => return connected,
+        interrupt = watch => interrupt,
+    };
+    // The response was dropped with `deliver`, which cancels its upstream request.
+    match interrupt {
+        Interrupt::TooBig => too_big(sink).await,
+        Interrupt::Closed => {
+            let _ = sink.close().await;
+        }
+        Interrupt::Overflow => {
+            let err = GatewayError::BadRequest(format!(
+                "more than {max_queued} requests sent ahead of their answers"
+            ));
+            if send_error(sink, &err.info()).await {
+                close(sink, close_code::POLICY, "too many queued requests").await;
+            }
+        }
     }
+    false
 }
