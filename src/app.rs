@@ -92,7 +92,7 @@ impl Gateway {
             PluginHost::start(&config, metrics.clone()).await?
         };
         let state = Arc::new(AppState {
-            auth: Authenticator::new(store.clone(), config.auth.cache_ttl),
+            auth: Authenticator::new(store.clone(), &config.auth, metrics.clone()),
             config,
             store,
             cache,

@@ -4,7 +4,14 @@
 //! only their SHA-256 (a fast hash is right here: the secret has full entropy,
 //! so there is nothing to brute-force). Lookups are remembered for at most
 //! `auth.cache_ttl_ms` (≤ 1 s), which bounds how late a revocation takes effect.
+//!
+//! Valid and unknown keys are remembered apart, so a flood of random keys
+//! never evicts a valid key's entry; and the store is asked about keys not
+//! seen valid recently at most `auth.unknown_lookups_per_second` times a
+//! second (beyond that: 503, without a lookup). A key seen valid in the last
+//! ten minutes is always looked up, so a flood cannot lock out real clients.
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +21,9 @@ use chrono::Utc;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
+use crate::config::AuthConfig;
 use crate::error::GatewayError;
+use crate::metrics::Metrics;
 use crate::store::{NewApiKey, Store, StoreError};
 
 const SECRET_PREFIX: &str = "sk-sluice-";
@@ -79,21 +88,43 @@ pub fn presented_secret<'a>(headers: &'a HeaderMap, query_key: Option<&'a str>) 
         .filter(|s| !s.is_empty())
 }
 
+fn remembered<V: Clone + Send + Sync + 'static>(
+    capacity: u64,
+    ttl: Duration,
+) -> moka::future::Cache<String, V> {
+    moka::future::Cache::builder()
+        .max_capacity(capacity)
+        .time_to_live(ttl)
+        .build()
+}
+
+/// How long a key once found valid skips the unknown-key lookup limit.
+const VOUCHED_FOR: Duration = Duration::from_secs(600);
+
 /// Verifies secrets against the store, remembering answers briefly.
 #[derive(Clone)]
 pub struct Authenticator {
     store: Arc<dyn Store>,
-    recent: moka::future::Cache<String, Option<Identity>>,
+    metrics: Arc<Metrics>,
+    valid: moka::future::Cache<String, Identity>,
+    unknown: moka::future::Cache<String, ()>,
+    /// Keys found valid within [`VOUCHED_FOR`]: their lookups are never limited.
+    vouched: moka::future::Cache<String, ()>,
+    unknown_lookups: Arc<governor::DefaultDirectRateLimiter>,
 }
 
 impl Authenticator {
-    pub fn new(store: Arc<dyn Store>, ttl: Duration) -> Self {
+    pub fn new(store: Arc<dyn Store>, config: &AuthConfig, metrics: Arc<Metrics>) -> Self {
+        let rate = NonZeroU32::new(config.unknown_lookups_per_second).unwrap_or(NonZeroU32::MIN);
         Self {
             store,
-            recent: moka::future::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(ttl)
-                .build(),
+            metrics,
+            valid: remembered(100_000, config.cache_ttl),
+            unknown: remembered(config.max_unknown_keys, config.cache_ttl),
+            vouched: remembered(100_000, VOUCHED_FOR),
+            unknown_lookups: Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
+                rate,
+            ))),
         }
     }
 
@@ -101,21 +132,42 @@ impl Authenticator {
         let secret = secret.ok_or(GatewayError::Unauthorized(
             "missing API key: send `Authorization: Bearer <key>`",
         ))?;
+        let invalid = GatewayError::Unauthorized("invalid or revoked API key");
         let hash = hash_secret(secret);
-        let store = self.store.clone();
-        let found = self
-            .recent
-            .try_get_with(hash.clone(), async move {
-                store.find_active_key(&hash).await.map(|key| {
-                    key.map(|k| Identity {
-                        key_id: k.id,
-                        key_name: k.name,
-                    })
-                })
-            })
-            .await
-            .map_err(|err| GatewayError::Backend(format!("cannot verify the API key: {err}")))?;
-        found.ok_or(GatewayError::Unauthorized("invalid or revoked API key"))
+        if let Some(identity) = self.valid.get(&hash).await {
+            return Ok(identity);
+        }
+        if self.unknown.contains_key(&hash) {
+            return Err(invalid);
+        }
+        let lookups = &self.metrics.auth_lookups;
+        if !self.vouched.contains_key(&hash) && self.unknown_lookups.check().is_err() {
+            lookups.with_label_values(&["limited"]).inc();
+            return Err(GatewayError::Overloaded(
+                "too many API key lookups right now; retry shortly".into(),
+            ));
+        }
+        let found =
+            self.store.find_active_key(&hash).await.map_err(|err| {
+                GatewayError::Backend(format!("cannot verify the API key: {err}"))
+            })?;
+        match found {
+            Some(key) => {
+                lookups.with_label_values(&["found"]).inc();
+                let identity = Identity {
+                    key_id: key.id,
+                    key_name: key.name,
+                };
+                self.vouched.insert(hash.clone(), ()).await;
+                self.valid.insert(hash, identity.clone()).await;
+                Ok(identity)
+            }
+            None => {
+                lookups.with_label_values(&["unknown"]).inc();
+                self.unknown.insert(hash, ()).await;
+                Err(invalid)
+            }
+        }
     }
 }
 

@@ -168,12 +168,19 @@ pub struct AuthConfig {
     /// How long a key lookup is remembered. Bounds how late a revocation takes effect.
     #[serde(rename = "cache_ttl_ms", deserialize_with = "millis")]
     pub cache_ttl: Duration,
+    /// Unknown keys remembered (for `cache_ttl_ms`), apart from valid ones.
+    pub max_unknown_keys: u64,
+    /// Store lookups per second for keys not seen valid in the last ten
+    /// minutes; beyond it such requests get 503 without a lookup.
+    pub unknown_lookups_per_second: u32,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
         Self {
             cache_ttl: Duration::from_millis(500),
+            max_unknown_keys: 100_000,
+            unknown_lookups_per_second: 100,
         }
     }
 }
@@ -827,6 +834,11 @@ impl RawConfig {
         ] {
             positive(key, timeout.as_millis() as u64)?;
         }
+        positive("auth.max_unknown_keys", self.auth.max_unknown_keys)?;
+        positive(
+            "auth.unknown_lookups_per_second",
+            u64::from(self.auth.unknown_lookups_per_second),
+        )?;
         if self.auth.cache_ttl > Duration::from_secs(1) {
             return Err(invalid(
                 "auth.cache_ttl_ms",

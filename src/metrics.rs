@@ -27,6 +27,7 @@ pub struct Metrics {
     pub prompt_tokens: IntCounterVec,
     pub completion_tokens: IntCounterVec,
     pub active_streams: IntGauge,
+    pub auth_lookups: IntCounterVec,
     pub cache_lookups: IntCounterVec,
     pub cache_stores: IntCounterVec,
     pub queue_wait: Histogram,
@@ -175,6 +176,12 @@ impl Metrics {
                 R::EDGE,
                 "sluice_active_streams",
                 "Responses currently being delivered",
+            ),
+            auth_lookups: b.counter_vec(
+                R::EDGE,
+                "sluice_auth_lookups_total",
+                "API key lookups in the store by result: found, unknown, or limited (refused without a lookup)",
+                &["result"],
             ),
             cache_lookups: b.counter_vec(
                 R::EDGE,

@@ -425,3 +425,67 @@ async fn one_key_may_hold_only_so_many_websockets() {
         "the place of a closed socket was not given back"
     );
 }
+
+#[tokio::test]
+async fn a_flood_of_random_keys_is_bounded_and_locks_out_no_valid_key() {
+    let gw = TestGateway::start_with(sim_config(), |c| {
+        c.auth.unknown_lookups_per_second = 5;
+    })
+    .await;
+    let health = json!({"model": MODEL, "prompt": "ok", "max_tokens": 1});
+    assert_eq!(
+        gw.post(&health).await.status(),
+        200,
+        "the valid key, seen once"
+    );
+
+    let flood = (0..200).map(|i| {
+        gw.http
+            .post(gw.completions_url())
+            .bearer_auth(format!("sk-sluice-random-{i}"))
+            .json(&health)
+            .send()
+    });
+    let statuses: Vec<u16> = futures::future::join_all(flood)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().status().as_u16())
+        .collect();
+    assert!(
+        statuses.iter().all(|s| *s == 401 || *s == 503),
+        "{statuses:?}"
+    );
+    let metrics = gw.metrics().await;
+    let unknown = metric(&metrics, r#"sluice_auth_lookups_total{result="unknown"}"#).unwrap_or(0.0);
+    let limited = metric(&metrics, r#"sluice_auth_lookups_total{result="limited"}"#).unwrap_or(0.0);
+    assert!(
+        unknown <= 15.0,
+        "{unknown} unknown keys reached the store\n{metrics}"
+    );
+    assert!(
+        limited >= 150.0,
+        "{limited} lookups were limited\n{metrics}"
+    );
+
+    // The valid key is still served while the flood goes on, also when its
+    // cached answer expires (auth.cache_ttl_ms) and it must be looked up again.
+    let ttl = Duration::from_millis(500);
+    let started = std::time::Instant::now();
+    let mut i = 1000;
+    while started.elapsed() < 3 * ttl {
+        for _ in 0..10 {
+            i += 1;
+            let response = gw
+                .http
+                .post(gw.completions_url())
+                .bearer_auth(format!("sk-sluice-random-{i}"))
+                .json(&health)
+                .send()
+                .await
+                .unwrap();
+            assert_ne!(response.status(), 200);
+        }
+        assert_eq!(gw.post(&health).await.status(), 200);
+        tokio::time::sleep(ttl / 5).await;
+    }
+}
