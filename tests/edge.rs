@@ -96,27 +96,44 @@ async fn a_stalled_body_gets_408_at_the_body_deadline() {
 }
 
 #[tokio::test]
-async fn over_the_connection_cap_new_clients_are_refused_at_once_and_the_rest_served() {
+async fn at_the_connection_cap_silent_clients_make_room_and_the_rest_are_refused_at_once() {
     let gw = TestGateway::start_with(sim_config(), |c| {
         c.server.max_connections = Some(3);
     })
     .await;
-    // Two connections hold their places with unfinished headers.
-    let mut holders = Vec::new();
-    for _ in 0..2 {
+    let health = format!("{}/health", gw.url);
+    // Three silent connections hold every place.
+    let mut silent = Vec::new();
+    for _ in 0..3 {
         let mut stream = TcpStream::connect(host(&gw)).await.unwrap();
         stream.write_all(b"GET /health HTTP/1.1\r\n").await.unwrap();
-        holders.push(stream);
+        silent.push(stream);
     }
-    // The third place serves a keep-alive client, request after request.
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(1)
-        .build()
-        .unwrap();
-    let health = format!("{}/health", gw.url);
-    assert_eq!(client.get(&health).send().await.unwrap().status(), 200);
+    // A client that sends its request at once takes the oldest one's place.
+    let started = Instant::now();
+    let response = reqwest::Client::new().get(&health).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let evicted = closed_within(&mut silent[0], Duration::from_secs(5)).await;
+    assert!(
+        evicted.is_some(),
+        "the oldest silent connection was not closed"
+    );
 
-    // A fourth connection is answered 503 at once, in the OpenAI shape.
+    // Served keep-alive connections are never evicted: with every place
+    // held by one, a new connection is answered 503 at once, in the OpenAI shape.
+    let mut served = Vec::new();
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(host(&gw)).await.unwrap();
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        served.push(stream);
+    }
     let mut extra = TcpStream::connect(host(&gw)).await.unwrap();
     let refused = closed_within(&mut extra, Duration::from_secs(5))
         .await
@@ -124,16 +141,15 @@ async fn over_the_connection_cap_new_clients_are_refused_at_once_and_the_rest_se
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
     let body: Value = serde_json::from_str(refused.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     assert_eq!(body["error"]["code"], 503);
-    assert_eq!(client.get(&health).send().await.unwrap().status(), 200);
 
     // A freed place is taken again.
-    drop(holders.pop());
-    let served = eventually(Duration::from_secs(5), || async {
+    drop(served.pop());
+    let again = eventually(Duration::from_secs(5), || async {
         let response = reqwest::Client::new().get(&health).send().await.ok()?;
         (response.status() == 200).then_some(())
     })
     .await;
-    assert!(served.is_some(), "a freed connection place was not reused");
+    assert!(again.is_some(), "a freed connection place was not reused");
     gw.stop().await;
 }
 

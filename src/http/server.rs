@@ -1,13 +1,19 @@
 //! The edge's listener and its connections: a listen backlog, a cap on open
 //! connections, a deadline on request headers (which also closes idle
 //! keep-alive connections), TCP_NODELAY on every socket, and the descriptor
-//! limit raised at startup. Over the cap, a new connection is answered 503
-//! and closed at once, so a flood of connections never starves the ones
-//! already open, nor `/health`.
+//! limit raised at startup.
+//!
+//! At the cap, a new connection takes the place of the oldest connection
+//! that has not yet sent a whole request (a slow or silent client), so slow
+//! clients holding every place cannot lock out the ones that send requests
+//! at once. When every place holds a connection that has, the new one is
+//! answered 503 and closed at once: it never hangs.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::Router;
@@ -17,12 +23,15 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use crate::outage::Outage;
 
 /// Descriptors kept back from connections for backends, plugin files and logs.
 const RESERVED_DESCRIPTORS: u64 = 256;
+/// How long a new connection waits for the place of an evicted one.
+const EVICTION_WAIT: Duration = Duration::from_millis(100);
 
 /// What bounds the edge's connections.
 #[derive(Debug, Clone)]
@@ -36,6 +45,38 @@ pub struct ConnectionLimits {
 #[derive(Clone)]
 pub struct ConnectionSlot {
     _permit: Arc<OwnedSemaphorePermit>,
+}
+
+/// Connections that have not sent a whole request yet, oldest first.
+#[derive(Default)]
+struct Waiting(Mutex<VecDeque<Arc<Newcomer>>>);
+
+/// One connection until its first request is in.
+struct Newcomer {
+    /// Set once its first request's headers are in.
+    served: AtomicBool,
+    evict: CancellationToken,
+}
+
+impl Waiting {
+    fn push(&self, newcomer: Arc<Newcomer>) {
+        let mut queue = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        queue.retain(|n| !n.served.load(Ordering::Relaxed));
+        queue.push_back(newcomer);
+    }
+
+    /// Closes the oldest connection still waiting for its first request;
+    /// false when there is none.
+    fn evict_oldest(&self) -> bool {
+        let mut queue = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(oldest) = queue.pop_front() {
+            if !oldest.served.load(Ordering::Relaxed) {
+                oldest.evict.cancel();
+                return true;
+            }
+        }
+        false
+    }
 }
 
 /// Binds `addr` with a listen backlog of `backlog` connections.
@@ -88,6 +129,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .keep_alive_interval(limits.header_timeout);
     let accept_failures = Outage::default();
+    let waiting = Waiting::default();
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -110,14 +152,34 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            refuse(stream);
-            continue;
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            // Full: take the place of the oldest connection still silent.
+            Err(_) if waiting.evict_oldest() => {
+                match tokio::time::timeout(EVICTION_WAIT, slots.clone().acquire_owned()).await {
+                    Ok(Ok(permit)) => permit,
+                    _ => {
+                        refuse(stream);
+                        continue;
+                    }
+                }
+            }
+            Err(_) => {
+                refuse(stream);
+                continue;
+            }
         };
         let slot = ConnectionSlot {
             _permit: Arc::new(permit),
         };
+        let newcomer = Arc::new(Newcomer {
+            served: AtomicBool::new(false),
+            evict: CancellationToken::new(),
+        });
+        waiting.push(newcomer.clone());
+        let first_request = newcomer.clone();
         let service = router.clone().map_request(move |mut request: Request<_>| {
+            first_request.served.store(true, Ordering::Relaxed);
             request.extensions_mut().insert(slot.clone());
             request.map(axum::body::Body::new)
         });
@@ -127,7 +189,11 @@ pub async fn serve(
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            let _ = connection.await;
+            tokio::select! {
+                _ = connection => {}
+                // Dropping the connection closes its socket and frees its place.
+                () = newcomer.evict.cancelled() => {}
+            }
         });
     }
     drop(listener);
