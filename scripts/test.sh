@@ -51,6 +51,13 @@ if ! port_open 127.0.0.1 9092; then
 fi
 export SLUICE_TEST_KAFKA="${SLUICE_TEST_KAFKA:-127.0.0.1:9092}"
 
+# --- Chromium (the browser test, tests/browser.rs) -------------------------
+if ! command -v chromium >/dev/null 2>&1; then
+  log "installing chromium (one time)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
 # --- WebAssembly plugins --------------------------------------------------
 log "building the plugins (wasm32-wasip2)"
 scripts/build-plugins.sh
