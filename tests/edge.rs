@@ -159,12 +159,7 @@ async fn an_idle_websocket_is_closed_with_going_away() {
         c.server.ws_idle_timeout = Duration::from_millis(300);
     })
     .await;
-    let mut request = gw.ws_url().into_client_request().unwrap();
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", gw.key).parse().unwrap(),
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut ws = gw.ws().await;
     let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
         .await
         .expect("an idle WebSocket stays open");
@@ -177,12 +172,7 @@ async fn an_idle_websocket_is_closed_with_going_away() {
 #[tokio::test]
 async fn a_websocket_close_from_the_client_is_answered() {
     let gw = TestGateway::start().await;
-    let mut request = gw.ws_url().into_client_request().unwrap();
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", gw.key).parse().unwrap(),
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut ws = gw.ws().await;
     ws.send(Message::Text(
         json!({"model": MODEL, "prompt": "hi", "max_tokens": 2, "stream": true})
             .to_string()
@@ -216,27 +206,13 @@ async fn a_websocket_close_from_the_client_is_answered() {
 async fn ws_connect(
     gw: &TestGateway,
     configure: impl FnOnce(&mut axum::http::Request<()>),
-) -> (
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
-    axum::http::Response<Option<Vec<u8>>>,
-) {
+) -> (Ws, axum::http::Response<Option<Vec<u8>>>) {
     let mut request = gw.ws_url().into_client_request().unwrap();
     configure(&mut request);
     tokio_tungstenite::connect_async(request).await.unwrap()
 }
 
-fn bearer(gw: &TestGateway) -> impl FnOnce(&mut axum::http::Request<()>) + '_ {
-    move |request| {
-        request.headers_mut().insert(
-            "authorization",
-            format!("Bearer {}", gw.key).parse().unwrap(),
-        );
-    }
-}
-
-async fn close_code_of(
-    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
-) -> (Vec<String>, Option<u16>) {
+async fn close_code_of(ws: &mut Ws) -> (Vec<String>, Option<u16>) {
     let mut texts = Vec::new();
     loop {
         match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
@@ -253,7 +229,7 @@ async fn close_code_of(
 #[tokio::test]
 async fn a_websocket_message_over_the_size_limit_is_closed_with_1009() {
     let gw = TestGateway::start_with(sim_config(), |c| c.server.max_body_bytes = 1024).await;
-    let (mut ws, _) = ws_connect(&gw, bearer(&gw)).await;
+    let mut ws = gw.ws().await;
     let huge = json!({"model": MODEL, "prompt": "x".repeat(4096)}).to_string();
     ws.send(Message::Text(huge.into())).await.unwrap();
     let (_, code) = close_code_of(&mut ws).await;
@@ -265,7 +241,7 @@ async fn websocket_requests_queued_past_the_bound_get_an_error_and_1008() {
     let mut slow = sim_config();
     slow.token_delay = Duration::from_millis(50);
     let gw = TestGateway::start_with(slow, |c| c.server.ws_max_queued_requests = 2).await;
-    let (mut ws, _) = ws_connect(&gw, bearer(&gw)).await;
+    let mut ws = gw.ws().await;
     let body = json!({"model": MODEL, "prompt": "queue", "max_tokens": 20, "stream": true});
     for _ in 0..4 {
         ws.send(Message::Text(body.to_string().into()))
@@ -415,9 +391,9 @@ async fn malformed_query_strings_and_oversized_requests_get_openai_errors() {
 #[tokio::test]
 async fn one_key_may_hold_only_so_many_websockets() {
     let gw = TestGateway::start_with(sim_config(), |c| c.server.ws_max_sockets_per_key = 2).await;
-    let (first, _) = ws_connect(&gw, bearer(&gw)).await;
-    let (_second, _) = ws_connect(&gw, bearer(&gw)).await;
-    let (mut third, _) = ws_connect(&gw, bearer(&gw)).await;
+    let first = gw.ws().await;
+    let _second = gw.ws().await;
+    let mut third = gw.ws().await;
     let (texts, code) = close_code_of(&mut third).await;
     assert_eq!(code, Some(4429), "{texts:?}");
     let error: Value = serde_json::from_str(&texts[0]).unwrap();
@@ -427,7 +403,7 @@ async fn one_key_may_hold_only_so_many_websockets() {
     // A closed socket gives its place back.
     drop(first);
     let reopened = eventually(Duration::from_secs(5), || async {
-        let (mut ws, _) = ws_connect(&gw, bearer(&gw)).await;
+        let mut ws = gw.ws().await;
         let body = json!({"model": MODEL, "prompt": "again", "max_tokens": 1, "stream": true});
         ws.send(Message::Text(body.to_string().into())).await.ok()?;
         match ws.next().await {

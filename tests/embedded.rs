@@ -9,7 +9,6 @@ use common::*;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 #[tokio::test]
 async fn sse_stream_is_the_upstream_stream_field_by_field() {
@@ -135,12 +134,7 @@ async fn different_sampling_parameters_do_not_share_a_cache_entry() {
 #[tokio::test]
 async fn websocket_serves_two_requests_on_one_connection() {
     let gw = TestGateway::start().await;
-    let mut request = gw.ws_url().into_client_request().unwrap();
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", gw.key).parse().unwrap(),
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut ws = gw.ws().await;
     for prompt in ["first prompt", "second prompt"] {
         let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 4, "stream": true});
         ws.send(Message::Text(body.to_string().into()))

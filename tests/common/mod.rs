@@ -11,7 +11,12 @@ use sluice::simulator::{Simulator, SimulatorConfig};
 use sluice::sse::SseParser;
 use sluice::store::Store;
 use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util::sync::CancellationToken;
+
+/// A client WebSocket to the gateway.
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 pub const MODEL: &str = "sim-llama";
 
@@ -85,6 +90,17 @@ impl TestGateway {
             server: Some(server),
             _dir: dir,
         }
+    }
+
+    /// A WebSocket to `/v1/completions` with the test key in `Authorization`.
+    #[allow(dead_code)] // not every test binary opens one
+    pub async fn ws(&self) -> Ws {
+        let mut request = self.ws_url().into_client_request().unwrap();
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.key).parse().unwrap(),
+        );
+        tokio_tungstenite::connect_async(request).await.unwrap().0
     }
 
     pub fn completions_url(&self) -> String {
