@@ -267,6 +267,8 @@ pub struct Completion {
     last_chunk: Option<Chunk>,
     /// A chunk that must go out before `Done` (flushed held text).
     pending_done: bool,
+    /// Whether the answer comes from the cache.
+    replayed: bool,
     finished: bool,
     delivery: StageSpan,
 }
@@ -406,7 +408,9 @@ impl Completion {
     ) -> Self {
         record.state.metrics.active_streams.inc();
         let delivery = record.trace.stage("stream.delivery");
+        let replayed = matches!(source, Source::Cached { .. });
         Self {
+            replayed,
             delivery,
             record,
             source,
@@ -481,7 +485,7 @@ impl Completion {
                     }
                     if summary.is_usage_only() {
                         if self.deliver_usage_chunk {
-                            return Delivery::Chunk(chunk);
+                            return self.deliver(chunk);
                         }
                         continue;
                     }
@@ -493,7 +497,7 @@ impl Completion {
                     match filtered {
                         Ok(Filtered::Chunk(chunk)) => {
                             self.record.chunk_sent();
-                            return Delivery::Chunk(chunk);
+                            return self.deliver(chunk);
                         }
                         Ok(Filtered::Skip) => continue,
                         Ok(Filtered::Stop(chunk)) => {
@@ -505,7 +509,7 @@ impl Completion {
                             self.to_cache = None;
                             self.pending_done = true;
                             self.record.chunk_sent();
-                            return Delivery::Chunk(chunk);
+                            return self.deliver(chunk);
                         }
                         Err(err) => return self.fail(err.info()),
                     }
@@ -515,12 +519,22 @@ impl Completion {
                     Ok(Some(chunk)) => {
                         self.pending_done = true;
                         self.record.chunk_sent();
-                        return Delivery::Chunk(chunk);
+                        return self.deliver(chunk);
                     }
                     Ok(None) => return self.complete(),
                     Err(err) => return self.fail(err.info()),
                 },
             }
+        }
+    }
+
+    /// A chunk for the client. A replayed answer's chunks are renamed for
+    /// this request, as vLLM would have named them: a client learns each
+    /// request's id from its chunks' `id`, cached or not.
+    fn deliver(&self, chunk: Chunk) -> Delivery {
+        match self.replayed {
+            true => Delivery::Chunk(chunk.naming(&self.record.request_id)),
+            false => Delivery::Chunk(chunk),
         }
     }
 

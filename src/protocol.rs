@@ -295,6 +295,38 @@ impl Chunk {
         &self.framed[SSE_PREFIX.len()..self.framed.len() - SSE_SUFFIX.len()]
     }
 
+    /// This chunk with its response `id` naming `request_id`, as vLLM names
+    /// the chunks of its answer to `X-Request-Id: <request_id>`
+    /// (`cmpl-<request_id>`; the prefix up to the first `-` is kept).
+    /// Unchanged when the payload does not begin with an `"id"`.
+    pub fn naming(&self, request_id: &str) -> Chunk {
+        const KEY: &[u8] = b"\"id\":\"";
+        let payload = self.payload_slice();
+        let Some(at) = memchr::memmem::find(&payload[..payload.len().min(16)], KEY) else {
+            return self.clone();
+        };
+        let start = SSE_PREFIX.len() + at + KEY.len();
+        let Some(len) = memchr::memchr(b'"', &self.framed[start..]) else {
+            return self.clone();
+        };
+        let id = &self.framed[start..start + len];
+        let keep = id
+            .iter()
+            .position(|&b| b == b'-')
+            .map_or(0, |dash| dash + 1);
+        if &id[keep..] == request_id.as_bytes() {
+            return self.clone();
+        }
+        let mut framed =
+            BytesMut::with_capacity(self.framed.len() - (len - keep) + request_id.len());
+        framed.put_slice(&self.framed[..start + keep]);
+        framed.put_slice(request_id.as_bytes());
+        framed.put_slice(&self.framed[start + len..]);
+        Chunk {
+            framed: framed.freeze(),
+        }
+    }
+
     /// Reads what the gateway needs to know about a chunk without keeping it parsed.
     pub fn summary(&self) -> ChunkSummary {
         #[derive(Deserialize)]
@@ -606,6 +638,20 @@ impl ResponseAssembler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chunk_can_be_renamed_for_another_request() {
+        let chunk =
+            Chunk::from_payload(br#"{"id":"cmpl-abc123","object":"text_completion","choices":[]}"#);
+        let renamed = chunk.naming("r-42");
+        assert_eq!(
+            renamed.payload_slice(),
+            br#"{"id":"cmpl-r-42","object":"text_completion","choices":[]}"#
+        );
+        assert_eq!(renamed.naming("r-42"), renamed, "already named");
+        let no_id = Chunk::from_payload(br#"{"object":"text_completion","id":"x"}"#);
+        assert_eq!(no_id.naming("r-42"), no_id);
+    }
 
     fn parse(body: &str) -> Result<CompletionRequest, String> {
         CompletionRequest::parse(body.as_bytes()).map_err(|e| e.to_string())

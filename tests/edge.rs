@@ -481,3 +481,48 @@ async fn a_flood_of_random_keys_is_bounded_and_locks_out_no_valid_key() {
         tokio::time::sleep(ttl / 5).await;
     }
 }
+
+#[tokio::test]
+async fn each_websocket_request_learns_its_id_from_its_chunks() {
+    let gw = TestGateway::start().await;
+    let mut ws = gw.ws().await;
+    let body = json!({"model": MODEL, "prompt": "whose id", "max_tokens": 2, "stream": true});
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        ws.send(Message::Text(body.to_string().into()))
+            .await
+            .unwrap();
+        let mut first: Option<Value> = None;
+        loop {
+            let Some(Ok(Message::Text(text))) = ws.next().await else {
+                panic!("stream ended early")
+            };
+            if text.as_str() == "[DONE]" {
+                break;
+            }
+            first.get_or_insert_with(|| serde_json::from_str(text.as_str()).unwrap());
+        }
+        let id = first.unwrap()["id"].as_str().unwrap().to_string();
+        ids.push(
+            id.strip_prefix("cmpl-")
+                .expect("vLLM's id form")
+                .to_string(),
+        );
+        // The second request is answered from the cache.
+        gw.wait_cached(1).await;
+    }
+    assert_eq!(
+        gw.sim.received().len(),
+        1,
+        "the second answer was a cache hit"
+    );
+    assert_ne!(ids[0], ids[1], "a replayed answer names its own request");
+    for (id, hit) in ids.iter().zip([false, true]) {
+        let row = eventually(Duration::from_secs(5), || async {
+            gw.store.inferences_for(id).await.unwrap().pop()
+        })
+        .await
+        .unwrap_or_else(|| panic!("no inference-log row for {id}"));
+        assert_eq!(row.cache_hit, hit);
+    }
+}

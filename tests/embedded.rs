@@ -82,7 +82,9 @@ async fn json_response_is_the_upstream_body_field_by_field() {
 async fn cache_hit_replays_identical_chunks_without_calling_upstream() {
     let gw = TestGateway::start().await;
     let body = json!({"model": MODEL, "prompt": "cache me", "max_tokens": 8, "stream": true});
-    let first = sse_events(gw.post(&body).await).await;
+    let first_response = gw.post(&body).await;
+    let first_id = request_id(&first_response);
+    let first = sse_events(first_response).await;
     // The entry is written once the stream completes; allow the write to land.
     let second = eventually(Duration::from_secs(2), || async {
         let response = gw.post(&body).await;
@@ -92,7 +94,19 @@ async fn cache_hit_replays_identical_chunks_without_calling_upstream() {
     })
     .await
     .expect("a cache hit");
-    assert_eq!(first, second.1, "identical chunks, identical boundaries");
+    assert_eq!(
+        ids_blanked(&first),
+        ids_blanked(&second.1),
+        "identical chunks, identical boundaries"
+    );
+    // Each answer's chunks name its own request, as vLLM's would.
+    let named = |events: &[String], id: &str| {
+        events[..events.len() - 1]
+            .iter()
+            .all(|e| e.contains(&format!(r#""id":"cmpl-{id}""#)))
+    };
+    assert!(named(&first, &first_id), "{first:?}");
+    assert!(named(&second.1, &second.0), "{:?}", second.1);
     assert_eq!(gw.sim.received().len(), 1);
 
     // A non-streaming request for the same completion is served from the same entry.

@@ -423,3 +423,21 @@ where
     }
     frames
 }
+
+/// SSE payloads with each chunk's response `id` blanked: a cached answer
+/// replays the chunks of the request that filled the cache, renamed for the
+/// request it answers.
+#[allow(dead_code)] // not every test binary compares replays
+pub fn ids_blanked(events: &[String]) -> Vec<String> {
+    events
+        .iter()
+        .map(|event| match event.find(r#""id":""#) {
+            Some(at) => {
+                let start = at + r#""id":""#.len();
+                let end = start + event[start..].find('"').unwrap_or(0);
+                format!("{}{}", &event[..start], &event[end..])
+            }
+            None => event.clone(),
+        })
+        .collect()
+}
