@@ -17,6 +17,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use serde_json::json;
 use sluice::config::{Config, OtlpProtocol};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// (span name, trace id) of every span received.
 type Received = Arc<Mutex<Vec<(String, String)>>>;
@@ -98,5 +99,32 @@ async fn spans_reach_a_grpc_collector() {
         spans.iter().all(|(_, trace)| trace == client_trace),
         "one trace, the client's: {spans:?}"
     );
+
+    // A refused WebSocket login is traced like a refused REST request.
+    let refused_trace = "0af7651916cd43dd8448eb211c80319c";
+    let mut request = format!("{}?api_key=sk-sluice-wrong", gw.ws_url())
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "traceparent",
+        format!("00-{refused_trace}-b7ad6b7169203331-01")
+            .parse()
+            .unwrap(),
+    );
+    let (_ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let refused = eventually(Duration::from_secs(10), || {
+        telemetry.flush();
+        let names: Vec<String> = received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, trace)| trace == refused_trace)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let traced = names.iter().any(|n| n == "auth") && names.len() >= 2;
+        async move { traced.then_some(names) }
+    })
+    .await;
+    assert!(refused.is_some(), "the refused login was not traced");
     gw.stop().await;
 }
