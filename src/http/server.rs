@@ -47,30 +47,53 @@ pub struct ConnectionSlot {
     _permit: Arc<OwnedSemaphorePermit>,
 }
 
-/// Connections that have not sent a whole request yet, oldest first.
-#[derive(Default)]
-struct Waiting(Mutex<VecDeque<Arc<Newcomer>>>);
+/// Connections that may not have sent a whole request yet, oldest first.
+struct Waiting {
+    queue: Mutex<VecDeque<Arc<Newcomer>>>,
+    /// Past this length, entries no longer waiting are swept out.
+    sweep_at: usize,
+}
 
-/// One connection until its first request is in.
+/// One connection until its first request is in (or it ends).
 struct Newcomer {
-    /// Set once its first request's headers are in.
-    served: AtomicBool,
+    /// Set once its first request's headers are in, or it has closed:
+    /// from then on it is not evicted.
+    settled: AtomicBool,
     evict: CancellationToken,
 }
 
+impl Newcomer {
+    fn settled(&self) -> bool {
+        self.settled.load(Ordering::Relaxed)
+    }
+}
+
 impl Waiting {
+    fn new(max_connections: usize) -> Self {
+        Self {
+            queue: Mutex::default(),
+            sweep_at: max_connections.saturating_mul(2).max(64),
+        }
+    }
+
     fn push(&self, newcomer: Arc<Newcomer>) {
-        let mut queue = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        queue.retain(|n| !n.served.load(Ordering::Relaxed));
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        while queue.front().is_some_and(|n| n.settled()) {
+            queue.pop_front();
+        }
+        // Rarely, so an accept costs O(1) on average.
+        if queue.len() >= self.sweep_at {
+            queue.retain(|n| !n.settled());
+        }
         queue.push_back(newcomer);
     }
 
     /// Closes the oldest connection still waiting for its first request;
     /// false when there is none.
     fn evict_oldest(&self) -> bool {
-        let mut queue = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(oldest) = queue.pop_front() {
-            if !oldest.served.load(Ordering::Relaxed) {
+            if !oldest.settled() {
                 oldest.evict.cancel();
                 return true;
             }
@@ -129,7 +152,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .keep_alive_interval(limits.header_timeout);
     let accept_failures = Outage::default();
-    let waiting = Waiting::default();
+    let waiting = Waiting::new(limits.max_connections);
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -173,13 +196,13 @@ pub async fn serve(
             _permit: Arc::new(permit),
         };
         let newcomer = Arc::new(Newcomer {
-            served: AtomicBool::new(false),
+            settled: AtomicBool::new(false),
             evict: CancellationToken::new(),
         });
         waiting.push(newcomer.clone());
         let first_request = newcomer.clone();
         let service = router.clone().map_request(move |mut request: Request<_>| {
-            first_request.served.store(true, Ordering::Relaxed);
+            first_request.settled.store(true, Ordering::Relaxed);
             request.extensions_mut().insert(slot.clone());
             request.map(axum::body::Body::new)
         });
@@ -194,6 +217,7 @@ pub async fn serve(
                 // Dropping the connection closes its socket and frees its place.
                 () = newcomer.evict.cancelled() => {}
             }
+            newcomer.settled.store(true, Ordering::Relaxed);
         });
     }
     drop(listener);
@@ -216,4 +240,45 @@ fn refuse(stream: TcpStream) {
     // A fresh socket's send buffer takes this whole; if not, closing is enough.
     let _ = stream.try_write(response.as_bytes());
     tracing::debug!("connection refused: at the connection limit");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn newcomer() -> Arc<Newcomer> {
+        Arc::new(Newcomer {
+            settled: AtomicBool::new(false),
+            evict: CancellationToken::new(),
+        })
+    }
+
+    #[test]
+    fn only_connections_still_waiting_are_evicted_oldest_first() {
+        let waiting = Waiting::new(2);
+        let (closed, silent, served) = (newcomer(), newcomer(), newcomer());
+        for n in [&closed, &silent, &served] {
+            waiting.push(n.clone());
+        }
+        closed.settled.store(true, Ordering::Relaxed);
+        served.settled.store(true, Ordering::Relaxed);
+        assert!(waiting.evict_oldest());
+        assert!(silent.evict.is_cancelled() && !closed.evict.is_cancelled());
+        assert!(!waiting.evict_oldest(), "nothing left waiting");
+        assert!(!served.evict.is_cancelled());
+    }
+
+    #[test]
+    fn settled_connections_do_not_pile_up() {
+        let waiting = Waiting::new(32);
+        let silent = newcomer();
+        waiting.push(silent.clone());
+        for _ in 0..10_000 {
+            let n = newcomer();
+            waiting.push(n.clone());
+            n.settled.store(true, Ordering::Relaxed);
+        }
+        let len = waiting.queue.lock().unwrap().len();
+        assert!(len <= waiting.sweep_at + 1, "{len}");
+    }
 }
