@@ -248,6 +248,9 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
                     plugin_config,
                 },
         } => {
+            if let Err(err) = serde_json::from_str::<serde_json::Value>(&plugin_config) {
+                anyhow::bail!("--plugin-config is not JSON: {err}");
+            }
             let plugin = crate::config::PluginConfig {
                 name: file
                     .file_stem()

@@ -89,9 +89,10 @@ pub enum GatewayError {
     UpstreamTimeout(String),
     #[error("{0}")]
     Overloaded(String),
-    /// A fail-closed plugin trapped, timed out or misbehaved.
-    #[error("plugin {plugin} failed: {reason}")]
-    Plugin { plugin: String, reason: String },
+    /// A fail-closed plugin trapped, timed out or misbehaved. The client is
+    /// told only that and the request id; the plugin and the failure are logged.
+    #[error("a policy plugin failed on this request (request id {request_id})")]
+    Plugin { request_id: String },
     #[error("{0}")]
     Backend(String),
     #[error("internal error: {0}")]

@@ -342,13 +342,15 @@ async fn misbehaving_plugins_never_take_the_gateway_down() {
                 assert_eq!(events.last().unwrap(), "[DONE]");
             } else {
                 assert_eq!(response.status(), 500, "{mode} in {hook}, fail-closed");
+                let id = request_id(&response);
                 let error: Value = response.json().await.unwrap();
+                let message = error["error"]["message"].as_str().unwrap();
+                assert!(message.contains("policy plugin failed"), "{error}");
+                assert!(message.contains(&id), "the request id: {error}");
+                let without_id = message.replace(&id, "");
                 assert!(
-                    error["error"]["message"]
-                        .as_str()
-                        .unwrap()
-                        .contains("plugin bad failed"),
-                    "{error}"
+                    !without_id.contains("bad") && !without_id.contains(mode),
+                    "no plugin name or failure detail for the client: {error}"
                 );
             }
         }
@@ -617,4 +619,28 @@ async fn plugins_can_be_limited_to_some_keys() {
         .await
         .unwrap();
     assert_eq!(response.status(), 400);
+}
+
+#[test]
+fn plugin_check_reports_bad_input_once_and_clearly() {
+    let check = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["--config", "/dev/null", "plugin", "check"])
+            .args(args)
+            .output()
+            .expect("sluice runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, stderr) = check(&["/nonexistent/plugin.wasm"]);
+    assert!(!ok);
+    assert_eq!(stderr.matches("No such file").count(), 1, "{stderr}");
+    let censor = plugin_wasm("token_censor");
+    let (ok, stderr) = check(&[censor.to_str().unwrap(), "--plugin-config", "not json"]);
+    assert!(!ok);
+    assert!(stderr.contains("--plugin-config is not JSON"), "{stderr}");
+    let (ok, _) = check(&[censor.to_str().unwrap()]);
+    assert!(ok);
 }

@@ -66,8 +66,7 @@ impl PluginHost {
         match plugin.config.on_error {
             OnError::FailOpen => Ok(()),
             OnError::FailClosed => Err(GatewayError::Plugin {
-                plugin: plugin.name.to_string(),
-                reason: format!("{hook} {failure}"),
+                request_id: request_id.to_string(),
             }),
         }
     }

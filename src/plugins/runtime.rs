@@ -55,10 +55,10 @@ impl PluginFailure {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {reason}")]
     Read {
         path: String,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("{path} is not a WebAssembly component: {reason}")]
     NotAComponent { path: String, reason: String },
@@ -350,9 +350,9 @@ impl Compiled {
     /// Reads and compiles a plugin. CPU-heavy: run it off the request path.
     pub fn compile(runtime: &Runtime, config: &PluginConfig) -> Result<Self, LoadError> {
         let path = config.path.display().to_string();
-        let bytes = std::fs::read(&config.path).map_err(|source| LoadError::Read {
+        let bytes = std::fs::read(&config.path).map_err(|reason| LoadError::Read {
             path: path.clone(),
-            source,
+            reason,
         })?;
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
         let (_, pre, exports) = runtime.compile(&path, &bytes)?;
