@@ -64,12 +64,15 @@ pub async fn websocket(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let request_id = crate::http::new_request_id();
+    // A traceparent on the upgrade request is the parent of the login and of
+    // every request on the socket.
+    let trace = crate::telemetry::trace_headers(&headers);
     let mut record = RequestRecord::new(
         state.clone(),
         request_id.clone(),
         "ws",
         Instant::now(),
-        &crate::telemetry::trace_headers(&headers),
+        &trace,
     );
     let refused = |mut record: RequestRecord, err: GatewayError| {
         record.fail(&err);
@@ -129,8 +132,6 @@ pub async fn websocket(
         Ok((identity, place)) => {
             // Each request on the socket has a record of its own.
             record.discard();
-            // A traceparent on the upgrade request is the parent of every request on the socket.
-            let trace = crate::telemetry::trace_headers(&headers);
             upgrade.on_upgrade(move |socket| async move {
                 // The socket keeps its places (connection cap, per-key cap) while open.
                 let _places = (slot, place);
