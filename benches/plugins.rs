@@ -15,7 +15,7 @@ use sluice::filter_chain::{FilterChain, Filtered};
 use sluice::metrics::Metrics;
 use sluice::plugins::PluginHost;
 use sluice::policy::{Policy, RequestContext};
-use sluice::protocol::{Chunk, CompletionRequest};
+use sluice::protocol::{Chunk, InferenceRequest, Route};
 use sluice::simulator::{Simulator, SimulatorConfig};
 
 fn wasm(name: &str) -> std::path::PathBuf {
@@ -245,7 +245,7 @@ fn main() {
         let mut samples = Vec::new();
         let body = br#"{"model":"sim-llama","prompt":"Write to jane@example.com","max_tokens":32}"#;
         for _ in 0..500 {
-            let mut request = CompletionRequest::parse(body).expect("request");
+            let mut request = InferenceRequest::parse(Route::Completions, body).expect("request");
             let started = Instant::now();
             // As the pipeline runs them: both hooks in one phase, sharing one conversion of the request.
             let _ = host.admit(&ctx(), &mut request, true).await.expect("on-request and cache-key");

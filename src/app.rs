@@ -93,6 +93,7 @@ impl Gateway {
         };
         let state = Arc::new(AppState {
             auth: Authenticator::new(store.clone(), &config.auth, metrics.clone()),
+            models: crate::models::ModelCatalog::new(&config.upstream)?,
             config,
             store,
             cache,

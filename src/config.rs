@@ -361,6 +361,10 @@ pub struct UpstreamConfig {
     /// Longest silence between two chunks.
     #[serde(rename = "idle_timeout_ms", deserialize_with = "millis")]
     pub idle_timeout: Duration,
+    /// The models clients may ask for, answered by `GET /v1/models`; a
+    /// request for another gets 404 without reaching vLLM. Empty: whatever
+    /// the upstream's `/v1/models` lists.
+    pub models: Vec<String>,
 }
 
 impl Default for UpstreamConfig {
@@ -371,6 +375,7 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(2),
             first_chunk_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(30),
+            models: Vec::new(),
         }
     }
 }

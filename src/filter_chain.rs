@@ -37,7 +37,7 @@ fn assemble(chunk: &Chunk, view: &ChunkView<'_>, outputs: &[ChoiceOutput<'_>]) -
         .choices
         .iter()
         .zip(outputs)
-        .any(|(choice, out)| out.stop || out.text != choice.text);
+        .any(|(choice, out)| out.stop || out.text != choice.text());
     if !changed {
         return Filtered::Chunk(chunk.clone());
     }
@@ -50,7 +50,7 @@ fn assemble(chunk: &Chunk, view: &ChunkView<'_>, outputs: &[ChoiceOutput<'_>]) -
     // The common case (one choice, new text): splice the text in place.
     if let ([choice], [out]) = (&view.choices[..], outputs)
         && !out.stop
-        && let Some(payload) = splice_text(chunk.payload_slice(), &choice.text, &out.text)
+        && let Some(payload) = splice_text(chunk.payload_slice(), choice.text(), &out.text)
     {
         return Filtered::Chunk(Chunk::from_payload(&payload));
     }
@@ -61,7 +61,7 @@ fn assemble(chunk: &Chunk, view: &ChunkView<'_>, outputs: &[ChoiceOutput<'_>]) -
     if let Some(Value::Array(choices)) = body.get_mut("choices") {
         for (choice, out) in choices.iter_mut().zip(outputs) {
             if let Value::Object(choice) = choice {
-                choice.insert("text".into(), Value::String(out.text.to_string()));
+                set_text(choice, out.text.to_string());
                 if out.stop {
                     choice.insert("finish_reason".into(), Value::from("stop"));
                 }
@@ -76,19 +76,41 @@ fn assemble(chunk: &Chunk, view: &ChunkView<'_>, outputs: &[ChoiceOutput<'_>]) -
     }
 }
 
-/// `payload` with the text of its only choice replaced by `new`, the rest of
-/// the bytes untouched (no parse into a tree and re-serialisation). `None`
-/// when the text is not where expected (it is then rebuilt the slow way).
+/// Sets a choice's text: a chat choice's `delta.content`, a completion's `text`.
+fn set_text(choice: &mut serde_json::Map<String, Value>, text: String) {
+    match choice.get_mut("delta") {
+        Some(Value::Object(delta)) => {
+            delta.insert("content".into(), Value::String(text));
+        }
+        _ => {
+            choice.insert("text".into(), Value::String(text));
+        }
+    }
+}
+
+/// `payload` with the text of its only choice (a completion's `text`, a chat
+/// delta's `content`) replaced by `new`, the rest of the bytes untouched (no
+/// parse into a tree and re-serialisation). `None` when the text is not
+/// where expected (it is then rebuilt the slow way).
 fn splice_text(payload: &[u8], old: &str, new: &str) -> Option<Vec<u8>> {
     use memchr::memmem::Finder;
     use std::sync::LazyLock;
     // Built once: building a searcher costs more than searching a chunk.
     static CHOICES: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"choices\":"));
     static TEXT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"text\":"));
+    static DELTA: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"delta\":"));
+    static CONTENT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"content\":"));
     let choices = CHOICES.find(payload)?;
-    // An unescaped `"text":` can only be a key; the choice's own comes before
-    // its logprobs. Checked below anyway: it must hold exactly `old`.
-    let value = choices + TEXT.find(&payload[choices..])? + TEXT.needle().len();
+    // An unescaped `"text":` (or `"content":` after `"delta":`) can only be a
+    // key; the choice's own comes before its logprobs. Checked below anyway:
+    // it must hold exactly `old`.
+    let value = match DELTA.find(&payload[choices..]) {
+        Some(delta) => {
+            let delta = choices + delta;
+            delta + CONTENT.find(&payload[delta..])? + CONTENT.needle().len()
+        }
+        None => choices + TEXT.find(&payload[choices..])? + TEXT.needle().len(),
+    };
     let rest = &payload[value..];
     // Borrowed when the text has no escapes (the usual case), else decoded.
     let mut borrowed = serde_json::Deserializer::from_slice(rest).into_iter::<&str>();
@@ -179,7 +201,7 @@ impl FilterChain {
                 self.seen.push(choice.index);
             }
             let finishing = choice.finish_reason.is_some();
-            let (filtered, stop) = self.run(choice.index, &choice.text, finishing).await?;
+            let (filtered, stop) = self.run(choice.index, choice.text(), finishing).await?;
             if finishing || stop {
                 self.finished.push(choice.index);
             }
@@ -240,7 +262,7 @@ impl FilterChain {
         // The text of each chunk as it passes from filter to filter.
         let mut texts: Vec<Cow<'_, str>> = choice_views
             .iter()
-            .map(|p| p.map_or(Cow::Borrowed(""), |p| Cow::Borrowed(&*p.choices[0].text)))
+            .map(|p| p.map_or(Cow::Borrowed(""), |p| Cow::Borrowed(p.choices[0].text())))
             .collect();
         let finishing: Vec<bool> = choice_views
             .iter()
@@ -349,6 +371,7 @@ impl FilterChain {
         else {
             return Ok(None);
         };
+        let chat = body.get("object").and_then(Value::as_str) == Some("chat.completion.chunk");
         let indices: Vec<u32> = match body.get("choices") {
             Some(Value::Array(choices)) => choices
                 .iter()
@@ -362,9 +385,13 @@ impl FilterChain {
         for index in indices {
             let (text, _) = self.run(index, "", true).await?;
             self.finished.push(index);
-            if !text.is_empty() {
-                out.push(serde_json::json!({"index": index, "text": text, "logprobs": null, "finish_reason": null, "stop_reason": null}));
+            if text.is_empty() {
+                continue;
             }
+            out.push(match chat {
+                true => serde_json::json!({"index": index, "delta": {"content": text}, "logprobs": null, "finish_reason": null}),
+                false => serde_json::json!({"index": index, "text": text, "logprobs": null, "finish_reason": null, "stop_reason": null}),
+            });
         }
         if out.is_empty() {
             return Ok(None);
@@ -593,6 +620,70 @@ mod tests {
         }
     }
 
+    fn chat_chunk(delta: Value, finish: Option<&str>) -> Chunk {
+        let body = serde_json::json!({"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",
+            "choices":[{"index":0,"delta":delta,"logprobs":null,"finish_reason":finish}]});
+        Chunk::from_payload(body.to_string().as_bytes())
+    }
+
+    fn delta_of(filtered: Filtered) -> Option<Value> {
+        match filtered {
+            Filtered::Chunk(c) | Filtered::Stop(c) => {
+                let v: Value = serde_json::from_slice(c.payload_slice()).unwrap();
+                Some(v["choices"][0]["delta"].clone())
+            }
+            Filtered::Skip => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn chat_deltas_are_filtered_and_tool_calls_pass_untouched() {
+        let mut chain = FilterChain::new(vec![Box::new(Upper {
+            held: String::new(),
+        })]);
+        let role = chat_chunk(serde_json::json!({"role":"assistant","content":""}), None);
+        assert_eq!(
+            delta_of(chain.apply(role.clone()).await.unwrap()),
+            Some(serde_json::json!({"role":"assistant","content":""}))
+        );
+        assert_eq!(
+            delta_of(
+                chain
+                    .apply(chat_chunk(serde_json::json!({"content":"hi"}), None))
+                    .await
+                    .unwrap()
+            ),
+            Some(serde_json::json!({"content":"HI"}))
+        );
+        let tool = chat_chunk(
+            serde_json::json!({"tool_calls":[{"index":0,"function":{"arguments":"{\"q\": \"x\"}"}}]}),
+            None,
+        );
+        match chain.apply(tool.clone()).await.unwrap() {
+            Filtered::Chunk(c) => assert_eq!(c, tool),
+            _ => panic!("a tool-call delta must pass as it came"),
+        }
+        assert!(
+            delta_of(
+                chain
+                    .apply(chat_chunk(serde_json::json!({"content":"#a"}), None))
+                    .await
+                    .unwrap()
+            )
+            .is_none()
+        );
+        // The held text comes out with the finishing chunk, whose delta had no content.
+        assert_eq!(
+            delta_of(
+                chain
+                    .apply(chat_chunk(serde_json::json!({}), Some("stop")))
+                    .await
+                    .unwrap()
+            ),
+            Some(serde_json::json!({"content":"#a"}))
+        );
+    }
+
     #[test]
     fn splicing_text_keeps_every_other_byte() {
         let payload = br#"{"id":"cmpl-\"text\":x","choices":[{"index":0,"text":"he said \"hi\"","logprobs":{"top_logprobs":[{"text":-1.0}]},"finish_reason":null}],"usage":null}"#;
@@ -609,5 +700,10 @@ mod tests {
         );
         assert_eq!(splice_text(plain, " an", "x"), None);
         assert_eq!(splice_text(br#"{"choices":[]}"#, "", "x"), None);
+        let chat = br#"{"id":"chatcmpl-1","choices":[{"index":0,"delta":{"content":"hi"},"logprobs":{"content":[{"token":"hi"}]},"finish_reason":null}]}"#;
+        assert_eq!(
+            splice_text(chat, "hi", "HI").as_deref(),
+            Some(&br#"{"id":"chatcmpl-1","choices":[{"index":0,"delta":{"content":"HI"},"logprobs":{"content":[{"token":"hi"}]},"finish_reason":null}]}"#[..])
+        );
     }
 }

@@ -17,6 +17,7 @@ pub mod http;
 pub mod inference_log;
 pub mod log_format;
 pub mod metrics;
+pub mod models;
 pub mod outage;
 pub mod pipeline;
 pub mod plugins;

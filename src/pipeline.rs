@@ -17,7 +17,7 @@ use crate::cache::{CachedChunks, CachedResponse};
 use crate::error::{ErrorInfo, GatewayError};
 use crate::filter_chain::{FilterChain, Filtered};
 use crate::policy::RequestContext;
-use crate::protocol::{Chunk, ChunkSummary, ChunkView, CompletionRequest, Usage};
+use crate::protocol::{Chunk, ChunkSummary, ChunkView, InferenceRequest, Route, Usage};
 use crate::queue::{QueuedRequest, ResponseEvent, ResponseStream};
 use crate::state::AppState;
 use crate::store::InferenceRecord;
@@ -33,7 +33,7 @@ pub struct RequestRecord {
     pub trace: RequestTrace,
     pub key_name: String,
     pub request_id: String,
-    pub route: &'static str,
+    pub route: Route,
     pub transport: &'static str,
     pub key_id: Option<String>,
     pub model: String,
@@ -54,6 +54,7 @@ impl RequestRecord {
     pub fn new(
         state: Arc<AppState>,
         request_id: String,
+        route: Route,
         transport: &'static str,
         received_at: Instant,
         trace_headers: &[(String, String)],
@@ -63,7 +64,7 @@ impl RequestRecord {
             trace: RequestTrace::start(&request_id, trace_headers),
             key_name: String::new(),
             request_id,
-            route: "/v1/completions",
+            route,
             transport,
             key_id: None,
             model: String::new(),
@@ -126,7 +127,7 @@ impl Drop for RequestRecord {
         }
         let metrics = &self.state.metrics;
         let elapsed = self.received_at.elapsed();
-        let labels = [self.route, self.transport, status_class(self.status)];
+        let labels = [self.route.path(), self.transport, status_class(self.status)];
         metrics.requests.with_label_values(&labels).inc();
         metrics
             .request_duration
@@ -278,10 +279,10 @@ pub struct Completion {
 pub async fn start(
     state: &Arc<AppState>,
     ctx: &RequestContext,
-    mut request: CompletionRequest,
+    mut request: InferenceRequest,
     mut record: RequestRecord,
 ) -> Result<Completion, (GatewayError, RequestRecord)> {
-    record.model = request.model.clone();
+    record.model = request.model().to_string();
     if let Err(err) = within_limits(&state.config.server, &request) {
         record.fail(&err);
         return Err((err, record));
@@ -297,6 +298,11 @@ pub async fn start(
             return Err((err, record));
         }
     };
+    // After the hooks: the model checked is the one sent (a plugin may map aliases).
+    if let Err(err) = state.models.check(request.model()) {
+        record.fail(&err);
+        return Err((err, record));
+    }
     let deliver_usage_chunk = !request.is_stream() || request.wants_usage_chunk();
     let filters = FilterChain::new(state.policy.token_filters(ctx));
     let metrics = &state.metrics;
@@ -341,6 +347,7 @@ pub async fn start(
         .stage_of_kind("queue.submit", SpanKind::Producer);
     let queued = QueuedRequest::new(
         ctx.request_id.clone(),
+        request.route(),
         request.upstream_body(),
         record.trace.headers_from(&submit),
     );
@@ -379,16 +386,19 @@ pub async fn start(
 /// Refuses requests for more generations than the gateway allows at once.
 fn within_limits(
     server: &crate::config::ServerConfig,
-    request: &CompletionRequest,
+    request: &InferenceRequest,
 ) -> Result<(), GatewayError> {
-    let n = request.n.unwrap_or(1);
+    let n = request.n();
     if n > server.max_n {
         return Err(GatewayError::BadRequest(format!(
             "invalid value for `n`: {n} is more than the limit of {}",
             server.max_n
         )));
     }
-    let prompts = request.prompt.count();
+    let InferenceRequest::Completion(completion) = request else {
+        return Ok(());
+    };
+    let prompts = completion.prompt.count();
     if prompts > server.max_prompts {
         return Err(GatewayError::BadRequest(format!(
             "invalid value for `prompt`: {prompts} prompts are more than the limit of {}",

@@ -10,14 +10,14 @@ use async_trait::async_trait;
 
 use crate::auth::Identity;
 use crate::error::GatewayError;
-use crate::protocol::CompletionRequest;
+use crate::protocol::InferenceRequest;
 
 /// What a hook knows about the request it runs for.
 #[derive(Debug, Clone)]
 pub struct RequestContext {
     pub request_id: String,
     pub identity: Identity,
-    /// `/v1/completions` over `rest` or `websocket`.
+    /// The route's path: `/v1/completions` or `/v1/chat/completions`.
     pub route: &'static str,
     pub transport: &'static str,
     /// The request's trace context: hooks' spans are children of its span.
@@ -87,7 +87,7 @@ pub trait Policy: Send + Sync + 'static {
     async fn admit(
         &self,
         _ctx: &RequestContext,
-        request: &mut CompletionRequest,
+        request: &mut InferenceRequest,
         cached: bool,
     ) -> Result<Option<String>, GatewayError> {
         Ok(cached.then(|| request.default_cache_key()))

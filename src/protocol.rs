@@ -1,11 +1,12 @@
-//! The vLLM/OpenAI completions wire format: the request body sluice accepts,
-//! the stream chunks it relays, and the assembly of a non-streaming response
-//! from those chunks.
+//! The vLLM/OpenAI wire format: the request bodies sluice accepts (the
+//! completion request here, the chat request in [`chat`]), the stream chunks
+//! it relays, and the assembly of a non-streaming response from those chunks.
 //!
 //! Chunks are kept as the exact bytes the upstream sent (`data: <json>\n\n`),
 //! so relaying a chunk as SSE, storing it in the cache or replaying it costs
 //! no re-serialisation.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -15,6 +16,127 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::error::GatewayError;
+
+mod chat;
+
+pub use chat::{ChatAssembler, ChatMessage, ChatRequest, Content};
+
+/// The inference routes, each proxied to the same path upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    Completions,
+    ChatCompletions,
+}
+
+impl Route {
+    pub const ALL: [Route; 2] = [Route::Completions, Route::ChatCompletions];
+
+    /// The path, on the gateway and on the upstream.
+    pub fn path(self) -> &'static str {
+        match self {
+            Route::Completions => "/v1/completions",
+            Route::ChatCompletions => "/v1/chat/completions",
+        }
+    }
+
+    pub fn from_path(path: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|route| route.path() == path)
+    }
+}
+
+/// A parsed request of either route.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InferenceRequest {
+    Completion(CompletionRequest),
+    Chat(ChatRequest),
+}
+
+impl InferenceRequest {
+    /// Parses and validates a body sent to `route`.
+    pub fn parse(route: Route, body: &[u8]) -> Result<Self, GatewayError> {
+        match route {
+            Route::Completions => CompletionRequest::parse(body).map(Self::Completion),
+            Route::ChatCompletions => ChatRequest::parse(body).map(Self::Chat),
+        }
+    }
+
+    pub fn route(&self) -> Route {
+        match self {
+            Self::Completion(_) => Route::Completions,
+            Self::Chat(_) => Route::ChatCompletions,
+        }
+    }
+
+    pub fn model(&self) -> &str {
+        match self {
+            Self::Completion(r) => &r.model,
+            Self::Chat(r) => &r.model,
+        }
+    }
+
+    /// How many generations each prompt asks for.
+    pub fn n(&self) -> u32 {
+        match self {
+            Self::Completion(r) => r.n,
+            Self::Chat(r) => r.n,
+        }
+        .unwrap_or(1)
+    }
+
+    pub fn is_stream(&self) -> bool {
+        match self {
+            Self::Completion(r) => r.is_stream(),
+            Self::Chat(r) => r.is_stream(),
+        }
+    }
+
+    pub fn wants_usage_chunk(&self) -> bool {
+        match self {
+            Self::Completion(r) => r.wants_usage_chunk(),
+            Self::Chat(r) => r.wants_usage_chunk(),
+        }
+    }
+
+    pub fn upstream_body(&self) -> Bytes {
+        match self {
+            Self::Completion(r) => r.upstream_body(),
+            Self::Chat(r) => r.upstream_body(),
+        }
+    }
+
+    pub fn default_cache_key(&self) -> String {
+        match self {
+            Self::Completion(r) => r.default_cache_key(),
+            Self::Chat(r) => r.default_cache_key(),
+        }
+    }
+
+    /// The body as JSON, for plugins that read fields sluice does not model.
+    pub fn to_json(&self) -> String {
+        match self {
+            Self::Completion(r) => serde_json::to_string(r),
+            Self::Chat(r) => serde_json::to_string(r),
+        }
+        .unwrap_or_default()
+    }
+}
+
+/// Deserializes a request body; a failure is a 400 naming the field at fault.
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, GatewayError> {
+    let deserializer = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        let message = if inner.is_syntax() || inner.is_eof() {
+            format!("request body is not valid JSON: {inner}")
+        } else if path.is_empty() || path == "." {
+            format!("invalid request: {inner}")
+        } else {
+            format!("invalid value for `{path}`: {inner}")
+        };
+        GatewayError::BadRequest(message)
+    })
+}
 
 /// A `POST /v1/completions` body. Fields sluice does not know are kept in
 /// `extra` and passed through to the upstream unchanged.
@@ -166,20 +288,7 @@ impl Prompt {
 impl CompletionRequest {
     /// Parses and validates a request body; every failure is a 400 that says what is wrong.
     pub fn parse(body: &[u8]) -> Result<Self, GatewayError> {
-        let deserializer = &mut serde_json::Deserializer::from_slice(body);
-        let request: CompletionRequest =
-            serde_path_to_error::deserialize(deserializer).map_err(|err| {
-                let path = err.path().to_string();
-                let inner = err.into_inner();
-                let message = if inner.is_syntax() || inner.is_eof() {
-                    format!("request body is not valid JSON: {inner}")
-                } else if path.is_empty() || path == "." {
-                    format!("invalid request: {inner}")
-                } else {
-                    format!("invalid value for `{path}`: {inner}")
-                };
-                GatewayError::BadRequest(message)
-            })?;
+        let request: CompletionRequest = parse_body(body)?;
         request.validate()?;
         Ok(request)
     }
@@ -356,14 +465,75 @@ pub struct ChunkView<'a> {
     pub usage: Option<Usage>,
 }
 
+/// One choice of a chunk: a completion's `text`, or a chat chunk's `delta`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChoiceView<'a> {
     #[serde(default)]
     pub index: u32,
+    #[serde(borrow, default, deserialize_with = "text_or_null")]
+    text: Cow<'a, str>,
     #[serde(borrow, default)]
-    pub text: std::borrow::Cow<'a, str>,
+    delta: Option<DeltaView<'a>>,
     #[serde(default)]
     pub finish_reason: Option<IgnoredAny>,
+}
+
+/// The part of a chat delta token filters see: its `content`. Tool-call
+/// deltas are not text and pass untouched.
+#[derive(Debug, Clone, Deserialize)]
+struct DeltaView<'a> {
+    #[serde(borrow, default, deserialize_with = "text_or_null")]
+    content: Cow<'a, str>,
+}
+
+impl ChoiceView<'_> {
+    /// The text of the choice: a completion's `text`, a chat delta's `content`.
+    pub fn text(&self) -> &str {
+        match &self.delta {
+            Some(delta) => &delta.content,
+            None => &self.text,
+        }
+    }
+
+    fn into_owned(self) -> ChoiceView<'static> {
+        ChoiceView {
+            index: self.index,
+            text: Cow::Owned(self.text.into_owned()),
+            delta: self.delta.map(|d| DeltaView {
+                content: Cow::Owned(d.content.into_owned()),
+            }),
+            finish_reason: self.finish_reason,
+        }
+    }
+}
+
+/// A string borrowed from the input when it has no escapes; `null` reads as "".
+fn text_or_null<'de: 'a, 'a, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Cow<'a, str>, D::Error> {
+    struct Text;
+    impl<'de> de::Visitor<'de> for Text {
+        type Value = Cow<'de, str>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string or null")
+        }
+        fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Cow::Borrowed(v))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Cow::Owned(v.to_owned()))
+        }
+        fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+            Ok(Cow::Owned(v))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Cow::Borrowed(""))
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Cow::Borrowed(""))
+        }
+    }
+    deserializer.deserialize_any(Text)
 }
 
 impl<'a> ChunkView<'a> {
@@ -377,11 +547,7 @@ impl<'a> ChunkView<'a> {
             choices: self
                 .choices
                 .into_iter()
-                .map(|c| ChoiceView {
-                    index: c.index,
-                    text: std::borrow::Cow::Owned(c.text.into_owned()),
-                    finish_reason: c.finish_reason,
-                })
+                .map(ChoiceView::into_owned)
                 .collect(),
             usage: self.usage,
         }
@@ -492,8 +658,37 @@ pub fn error_info_from_value(error: &Value) -> crate::error::ErrorInfo {
 }
 
 /// Accumulates stream chunks into the body vLLM returns for `stream: false`.
+pub enum ResponseAssembler {
+    Completion(CompletionAssembler),
+    Chat(ChatAssembler),
+}
+
+impl ResponseAssembler {
+    pub fn new(route: Route) -> Self {
+        match route {
+            Route::Completions => Self::Completion(CompletionAssembler::default()),
+            Route::ChatCompletions => Self::Chat(ChatAssembler::default()),
+        }
+    }
+
+    pub fn push(&mut self, payload: &[u8]) {
+        match self {
+            Self::Completion(asm) => asm.push(payload),
+            Self::Chat(asm) => asm.push(payload),
+        }
+    }
+
+    pub fn finish(self) -> String {
+        match self {
+            Self::Completion(asm) => asm.finish(),
+            Self::Chat(asm) => asm.finish(),
+        }
+    }
+}
+
+/// Accumulates completion stream chunks into the body vLLM returns for `stream: false`.
 #[derive(Default)]
-pub struct ResponseAssembler {
+pub struct CompletionAssembler {
     id: String,
     created: i64,
     model: String,
@@ -519,7 +714,7 @@ struct LogprobsAcc {
     top_logprobs: Vec<Value>,
 }
 
-impl ResponseAssembler {
+impl CompletionAssembler {
     pub fn push(&mut self, payload: &[u8]) {
         let Ok(Value::Object(mut chunk)) = serde_json::from_slice::<Value>(payload) else {
             return;
@@ -732,7 +927,7 @@ mod tests {
 
     #[test]
     fn assembles_text_logprobs_and_usage() {
-        let mut asm = ResponseAssembler::default();
+        let mut asm = CompletionAssembler::default();
         asm.push(br#"{"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"a","logprobs":{"text_offset":[0],"token_logprobs":[-1.0],"tokens":["a"],"top_logprobs":[{"a":-1.0}]},"finish_reason":null,"stop_reason":null}],"usage":null}"#);
         asm.push(br#"{"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"b","logprobs":{"text_offset":[1],"token_logprobs":[-2.0],"tokens":["b"],"top_logprobs":[{"b":-2.0}]},"finish_reason":"length","stop_reason":null}],"usage":null}"#);
         asm.push(br#"{"id":"c","object":"text_completion","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":1,"total_tokens":3,"completion_tokens":2}}"#);

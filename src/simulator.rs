@@ -1,12 +1,16 @@
 //! A simulated vLLM server for tests, benchmarks and `sluice demo`.
 //!
-//! It speaks vLLM's OpenAI-compatible `/v1/completions` wire format: chunk
-//! ids `cmpl-<X-Request-Id>`, `object: "text_completion"`, per-choice `index`,
-//! `finish_reason`/`stop_reason`, the usage chunk before `[DONE]` when
-//! `stream_options.include_usage` is set, and error bodies
+//! It speaks vLLM's OpenAI-compatible `/v1/completions` and
+//! `/v1/chat/completions` wire formats: chunk ids `cmpl-<X-Request-Id>` and
+//! `chatcmpl-<X-Request-Id>`, per-choice `index`, `finish_reason`/
+//! `stop_reason`, the chat role chunk and `delta`s, the usage chunk before
+//! `[DONE]` when `stream_options.include_usage` is set, and error bodies
 //! `{"error": {"message", "type", "param", "code"}}`. Output is deterministic
 //! (a function of prompt, seed and choice), generated at a configurable delay
-//! per token. Extra body fields make it misbehave on request:
+//! per token. A chat request with `tools` (and `tool_choice` not `"none"`)
+//! whose last message is not a tool result is answered with a call of the
+//! named tool (or the first), its arguments streamed in pieces.
+//! Extra body fields make it misbehave on request:
 //!
 //! | field | effect |
 //! |---|---|
@@ -131,6 +135,7 @@ impl Simulator {
         });
         let app = Router::new()
             .route("/v1/completions", post(completions))
+            .route("/v1/chat/completions", post(chat_completions))
             .route("/v1/models", get(models))
             .route("/health", get(|| async { StatusCode::OK }))
             .with_state(state.clone());
@@ -256,10 +261,23 @@ async fn models(State(state): State<Arc<SimState>>) -> Response {
     axum::Json(body).into_response()
 }
 
-async fn completions(
+async fn completions(state: State<Arc<SimState>>, headers: HeaderMap, body: Bytes) -> Response {
+    generate(state, headers, body, false).await
+}
+
+async fn chat_completions(
+    state: State<Arc<SimState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    generate(state, headers, body, true).await
+}
+
+async fn generate(
     State(state): State<Arc<SimState>>,
     headers: HeaderMap,
     body: Bytes,
+    chat: bool,
 ) -> Response {
     let body: Value = match serde_json::from_slice(&body) {
         Ok(value @ Value::Object(_)) => value,
@@ -306,7 +324,11 @@ async fn completions(
             &format!("The model `{model}` does not exist."),
         );
     }
-    let generation = match Generation::from_body(&state.config, request_id.clone(), &body) {
+    let parsed = match chat {
+        true => Generation::from_chat_body(&state.config, request_id.clone(), &body),
+        false => Generation::from_body(&state.config, request_id.clone(), &body),
+    };
+    let generation = match parsed {
         Ok(generation) => generation,
         Err(message) => {
             return error_response(StatusCode::BAD_REQUEST, "BadRequestError", &message);
@@ -350,6 +372,9 @@ impl Drop for AbortGuard {
 
 struct Generation {
     id: String,
+    request_id: String,
+    /// A chat request: what the answer is made of.
+    chat: Option<ChatPlan>,
     created: u64,
     model: String,
     prompts: Vec<(String, u64)>,
@@ -407,6 +432,8 @@ impl Generation {
         };
         Ok(Self {
             id: format!("cmpl-{request_id}"),
+            request_id,
+            chat: None,
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -426,6 +453,141 @@ impl Generation {
             token_delay: ms("sim_token_delay_ms", config.token_delay),
             record_emit_times: config.record_emit_times,
         })
+    }
+
+    /// A chat request: the conversation is the one prompt.
+    fn from_chat_body(
+        config: &SimulatorConfig,
+        request_id: String,
+        body: &Value,
+    ) -> Result<Self, String> {
+        let Some(Value::Array(messages)) = body.get("messages") else {
+            return Err("messages is required".into());
+        };
+        let text_of = |message: &Value| match message.get("content") {
+            Some(Value::String(text)) => text.clone(),
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            _ => String::new(),
+        };
+        let conversation: String = messages
+            .iter()
+            .map(|m| {
+                let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
+                format!("<{role}> {}\n", text_of(m))
+            })
+            .collect();
+        let mut prompt_body = body.clone();
+        if let Value::Object(fields) = &mut prompt_body {
+            fields.insert("prompt".into(), Value::String(conversation));
+            if let Some(limit) = body.get("max_completion_tokens") {
+                fields.insert("max_tokens".into(), limit.clone());
+            }
+            fields.remove("logprobs");
+        }
+        let mut generation = Self::from_body(config, request_id, &prompt_body)?;
+        generation.id = format!("chatcmpl-{}", generation.request_id);
+        let last = messages.last();
+        let answered_tool =
+            last.and_then(|m| m.get("role")).and_then(Value::as_str) == Some("tool");
+        let tools = body
+            .get("tools")
+            .and_then(Value::as_array)
+            .filter(|t| !t.is_empty());
+        let choice = body.get("tool_choice");
+        let tool_choice_none = choice.and_then(Value::as_str) == Some("none");
+        let tool = match tools {
+            Some(tools) if !tool_choice_none && !answered_tool => {
+                let named = choice
+                    .and_then(|c| c.pointer("/function/name"))
+                    .and_then(Value::as_str);
+                let name = named
+                    .or_else(|| tools[0].pointer("/function/name").and_then(Value::as_str))
+                    .unwrap_or("tool")
+                    .to_string();
+                let asked = last.map(text_of).unwrap_or_default();
+                let query: Vec<&str> = asked.split_whitespace().take(6).collect();
+                let arguments = serde_json::json!({"query": query.join(" ")}).to_string();
+                Some(ToolCall {
+                    id: format!("chatcmpl-tool-{:016x}", generation.hash_of(&name)),
+                    name,
+                    pieces: split_pieces(&arguments, 8),
+                })
+            }
+            _ => None,
+        };
+        generation.chat = Some(ChatPlan {
+            tool,
+            logprobs: body
+                .get("logprobs")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        });
+        Ok(generation)
+    }
+
+    fn hash_of(&self, what: &str) -> u64 {
+        let mut hasher = std::hash::DefaultHasher::new();
+        (&self.prompts[0].0, self.seed, what).hash(&mut hasher);
+        hasher.finish()
+    }
+
+    /// How many steps the answer takes: one token (or tool-call piece) per choice each.
+    fn steps(&self) -> u32 {
+        match self.chat.as_ref().and_then(|c| c.tool.as_ref()) {
+            Some(tool) => 1 + tool.pieces.len() as u32,
+            None => self.max_tokens,
+        }
+    }
+
+    fn object(&self) -> &'static str {
+        match self.chat {
+            Some(_) => "chat.completion.chunk",
+            None => "text_completion",
+        }
+    }
+
+    /// The chat chunk payloads of `step` for choice `index` (the role chunk first, at step 0).
+    fn chat_choices(&self, plan: &ChatPlan, prompt: usize, choice: u32, step: u32) -> Vec<Value> {
+        let index = prompt as u32 * self.n + choice;
+        let last = step + 1 == self.steps();
+        let mut out = Vec::new();
+        if step == 0 {
+            out.push(serde_json::json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}));
+        }
+        let (delta, logprobs) = match &plan.tool {
+            Some(tool) if step == 0 => (
+                serde_json::json!({"tool_calls": [{"id": tool.id, "type": "function", "index": 0, "function": {"name": tool.name, "arguments": ""}}]}),
+                Value::Null,
+            ),
+            Some(tool) => (
+                serde_json::json!({"tool_calls": [{"index": 0, "function": {"arguments": tool.pieces[step as usize - 1]}}]}),
+                Value::Null,
+            ),
+            None => {
+                let token = self.token(prompt, choice, step);
+                let logprobs = match plan.logprobs {
+                    true => serde_json::json!({"content": [chat_logprob(&token, step)]}),
+                    false => Value::Null,
+                };
+                (serde_json::json!({"content": token}), logprobs)
+            }
+        };
+        let mut choice = serde_json::json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": null});
+        if last {
+            let reason = if plan.tool.is_some() {
+                "tool_calls"
+            } else {
+                "length"
+            };
+            choice["finish_reason"] = Value::from(reason);
+            choice["stop_reason"] = Value::Null;
+        }
+        out.push(choice);
+        out
     }
 
     /// (prompt index, choice index) pairs in output order.
@@ -481,6 +643,44 @@ impl Generation {
             token_ids: None,
         }
     }
+}
+
+/// The `logprobs.content` entry of a chat token (its own token as the top one).
+fn chat_logprob(token: &str, step: u32) -> Value {
+    let logprob = -((step % 7) as f64 + 1.0) / 4.0;
+    let entry = serde_json::json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
+    let mut with_top = entry.clone();
+    with_top["top_logprobs"] = serde_json::json!([entry]);
+    with_top
+}
+
+/// What a chat answer is made of.
+struct ChatPlan {
+    tool: Option<ToolCall>,
+    logprobs: bool,
+}
+
+struct ToolCall {
+    id: String,
+    name: String,
+    /// The arguments' JSON, in the pieces it streams in.
+    pieces: Vec<String>,
+}
+
+/// `text` in pieces of at most `size` bytes, cut at character boundaries.
+fn split_pieces(text: &str, size: usize) -> Vec<String> {
+    let mut pieces = Vec::new();
+    let mut current = String::new();
+    for c in text.chars() {
+        if current.len() + c.len_utf8() > size {
+            pieces.push(std::mem::take(&mut current));
+        }
+        current.push(c);
+    }
+    if !current.is_empty() {
+        pieces.push(current);
+    }
+    pieces
 }
 
 fn count_words(s: &str) -> u64 {
@@ -553,7 +753,7 @@ fn stream_response(state: Arc<SimState>, generation: Generation) -> Response {
     let choices = generation.choices().count();
     let guard = AbortGuard {
         state,
-        request_id: generation.id.trim_start_matches("cmpl-").to_string(),
+        request_id: generation.request_id.clone(),
         finished: false,
     };
     let stream_state = StreamState {
@@ -590,12 +790,12 @@ fn stream_response(state: Arc<SimState>, generation: Generation) -> Response {
                 s.guard.finish();
                 continue;
             }
-            if step >= g.max_tokens {
-                let completion_tokens = u64::from(g.max_tokens) * s.offsets.len() as u64;
+            if step >= g.steps() {
+                let completion_tokens = u64::from(g.steps()) * s.offsets.len() as u64;
                 if g.include_usage {
                     s.pending.push_back(sse(&UsageChunk {
                         id: &g.id,
-                        object: "text_completion",
+                        object: g.object(),
                         created: g.created,
                         model: &g.model,
                         choices: [],
@@ -614,6 +814,20 @@ fn stream_response(state: Arc<SimState>, generation: Generation) -> Response {
             })
             .await;
             let pairs: Vec<(usize, u32)> = g.choices().collect();
+            if let Some(plan) = &g.chat {
+                for (p, c) in pairs {
+                    for choice in g.chat_choices(plan, p, c, step) {
+                        let mut chunk = serde_json::json!({"id": g.id, "object": g.object(), "created": g.created, "model": g.model, "choices": [choice]});
+                        if g.continuous_usage {
+                            chunk["usage"] = serde_json::to_value(g.usage(u64::from(step + 1)))
+                                .unwrap_or_default();
+                        }
+                        s.pending.push_back(sse(&chunk));
+                    }
+                }
+                s.step += 1;
+                continue;
+            }
             for (i, (p, c)) in pairs.into_iter().enumerate() {
                 let choice = g.choice(p, c, step, &mut s.offsets[i]);
                 let usage = g.continuous_usage.then(|| g.usage(u64::from(step + 1)));
@@ -645,8 +859,13 @@ fn stream_response(state: Arc<SimState>, generation: Generation) -> Response {
 
 async fn full_response(generation: Generation, mut guard: AbortGuard) -> Response {
     let g = &generation;
-    let total = g.first_token_delay + g.token_delay * g.max_tokens.saturating_sub(1);
+    let total = g.first_token_delay + g.token_delay * g.steps().saturating_sub(1);
     tokio::time::sleep(total).await;
+    if let Some(plan) = &g.chat {
+        let body = full_chat_body(g, plan);
+        guard.finish();
+        return axum::Json(body).into_response();
+    }
     let mut choices = Vec::new();
     for (p, c) in g.choices() {
         let mut offset = 0;
@@ -689,4 +908,54 @@ async fn full_response(generation: Generation, mut guard: AbortGuard) -> Respons
     });
     guard.finish();
     axum::Json(body).into_response()
+}
+
+/// The body vLLM returns for a non-streaming chat request.
+fn full_chat_body(g: &Generation, plan: &ChatPlan) -> Value {
+    let mut choices = Vec::new();
+    for (p, c) in g.choices() {
+        let (content, tool_calls, logprobs) = match &plan.tool {
+            Some(tool) => (
+                Value::Null,
+                serde_json::json!([{"id": tool.id, "type": "function", "function": {"name": tool.name, "arguments": tool.pieces.concat()}}]),
+                Value::Null,
+            ),
+            None => {
+                let mut text = String::new();
+                let mut entries = Vec::new();
+                for step in 0..g.max_tokens {
+                    let token = g.token(p, c, step);
+                    if plan.logprobs {
+                        entries.push(chat_logprob(&token, step));
+                    }
+                    text.push_str(&token);
+                }
+                let logprobs = match plan.logprobs {
+                    true => serde_json::json!({"content": entries}),
+                    false => Value::Null,
+                };
+                (Value::from(text), serde_json::json!([]), logprobs)
+            }
+        };
+        let reason = if plan.tool.is_some() {
+            "tool_calls"
+        } else {
+            "length"
+        };
+        choices.push(serde_json::json!({
+            "index": p as u32 * g.n + c,
+            "message": {"role": "assistant", "reasoning_content": null, "content": content, "tool_calls": tool_calls},
+            "logprobs": logprobs,
+            "finish_reason": reason,
+            "stop_reason": null,
+        }));
+    }
+    let usage = g.usage(u64::from(g.steps()) * choices.len() as u64);
+    serde_json::json!({
+        "id": g.id, "object": "chat.completion", "created": g.created, "model": g.model,
+        "choices": choices, "service_tier": null, "system_fingerprint": null,
+        "usage": {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.total_tokens,
+                  "completion_tokens": usage.completion_tokens, "prompt_tokens_details": null},
+        "prompt_logprobs": null, "kv_transfer_params": null,
+    })
 }

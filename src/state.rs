@@ -24,6 +24,7 @@ pub struct AppState {
     pub policy: Arc<dyn Policy>,
     pub metrics: Arc<Metrics>,
     pub inference_log: InferenceLogger,
+    pub models: crate::models::ModelCatalog,
     /// Open WebSockets per API key.
     pub ws_sockets: Arc<SocketCounts>,
 }

@@ -1,4 +1,5 @@
-//! The upstream client: calls vLLM's `/v1/completions` with `stream: true`
+//! The upstream client: calls vLLM's `/v1/completions` or
+//! `/v1/chat/completions` with `stream: true`
 //! and yields each chunk the moment its SSE event is complete.
 //!
 //! Dropping an [`UpstreamStream`] closes its HTTP connection, which is how
@@ -16,7 +17,7 @@ use url::Url;
 
 use crate::config::UpstreamConfig;
 use crate::error::{ErrorInfo, GatewayError, kind_for_status};
-use crate::protocol::{Chunk, error_info_from_value, parse_error_event};
+use crate::protocol::{Chunk, Route, error_info_from_value, parse_error_event};
 use crate::sse::SseParser;
 
 /// Largest error body read from the upstream.
@@ -66,6 +67,7 @@ impl UpstreamError {
 
 pub struct UpstreamClient {
     http: reqwest::Client,
+    /// Base URLs, without a trailing slash.
     endpoints: Vec<Url>,
     next: AtomicUsize,
     api_key: Option<secrecy::SecretString>,
@@ -82,16 +84,7 @@ impl UpstreamClient {
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| GatewayError::Internal(format!("cannot build the HTTP client: {e}")))?;
-        let endpoints = config
-            .urls
-            .iter()
-            .map(|base| {
-                let mut url = base.clone();
-                let path = format!("{}/v1/completions", url.path().trim_end_matches('/'));
-                url.set_path(&path);
-                url
-            })
-            .collect();
+        let endpoints = config.urls.clone();
         Ok(Self {
             http,
             endpoints,
@@ -102,9 +95,13 @@ impl UpstreamClient {
         })
     }
 
-    fn endpoint(&self) -> &Url {
+    /// The next endpoint's URL for `path`, round robin.
+    fn endpoint(&self, path: &str) -> Url {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        &self.endpoints[i]
+        let mut url = self.endpoints[i].clone();
+        let full = format!("{}{path}", url.path().trim_end_matches('/'));
+        url.set_path(&full);
+        url
     }
 
     /// Starts the upstream request for `body` (the JSON of a streamed
@@ -112,13 +109,14 @@ impl UpstreamClient {
     /// response headers arrive.
     pub async fn open(
         &self,
+        route: Route,
         body: bytes::Bytes,
         headers: &[(String, String)],
     ) -> Result<UpstreamStream, UpstreamError> {
         let deadline = Instant::now() + self.first_chunk_timeout;
         let mut builder = self
             .http
-            .post(self.endpoint().clone())
+            .post(self.endpoint(route.path()))
             .header("content-type", "application/json")
             .header("accept", "text/event-stream")
             .body(body);

@@ -116,7 +116,12 @@ impl Worker {
         let mut headers = Vec::with_capacity(1 + job.request.trace_context.len());
         headers.push(("x-request-id".to_string(), job.request.request_id.clone()));
         headers.extend(job.request.trace_context.iter().cloned());
-        let mut stream = match self.upstream.open(job.request.body.clone(), &headers).await {
+        let request = &job.request;
+        let opened = self
+            .upstream
+            .open(request.route, request.body.clone(), &headers)
+            .await;
+        let mut stream = match opened {
             Ok(stream) => stream,
             Err(err) => return self.upstream_failed(job, err).await,
         };

@@ -1,4 +1,5 @@
-//! `POST /v1/completions`: SSE when `stream: true`, the assembled JSON body otherwise.
+//! `POST /v1/completions` and `POST /v1/chat/completions`: SSE when
+//! `stream: true`, the assembled JSON body otherwise.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use crate::auth::presented_secret;
 use crate::error::GatewayError;
 use crate::pipeline::{self, Completion, Delivery, RequestRecord};
 use crate::policy::RequestContext;
-use crate::protocol::{CompletionRequest, ResponseAssembler};
+use crate::protocol::{InferenceRequest, ResponseAssembler, Route};
 use crate::state::AppState;
 
 pub async fn completions(
@@ -23,22 +24,38 @@ pub async fn completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    serve(state, Route::Completions, headers, body).await
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    serve(state, Route::ChatCompletions, headers, body).await
+}
+
+async fn serve(state: Arc<AppState>, route: Route, headers: HeaderMap, body: Body) -> Response {
     let received_at = Instant::now();
     let request_id = super::new_request_id();
     let record = RequestRecord::new(
         state.clone(),
         request_id.clone(),
+        route,
         "json",
         received_at,
         &crate::telemetry::trace_headers(&headers),
     );
     let span = record.trace.span.clone();
-    let response = handle(state, headers, body, record).instrument(span).await;
+    let response = handle(state, route, headers, body, record)
+        .instrument(span)
+        .await;
     super::with_request_id(response, &request_id)
 }
 
 async fn handle(
     state: Arc<AppState>,
+    route: Route,
     headers: HeaderMap,
     body: Body,
     mut record: RequestRecord,
@@ -67,7 +84,7 @@ async fn handle(
         Ok(Err(err)) => bail!(err),
         Err(_) => bail!(GatewayError::RequestTimeout(server.body_timeout)),
     };
-    let request = match CompletionRequest::parse(&body) {
+    let request = match InferenceRequest::parse(route, &body) {
         Ok(request) => request,
         Err(err) => bail!(err),
     };
@@ -76,14 +93,14 @@ async fn handle(
     let ctx = RequestContext {
         request_id: record.request_id.clone(),
         identity,
-        route: record.route,
+        route: record.route.path(),
         transport: record.transport,
         trace: record.trace.context().clone(),
     };
     match pipeline::start(&state, &ctx, request, record).await {
         Err((err, _record)) => err.into_response(),
         Ok(completion) if stream => sse_response(completion),
-        Ok(completion) => json_response(completion).await,
+        Ok(completion) => json_response(route, completion).await,
     }
 }
 
@@ -135,8 +152,8 @@ fn sse_response(completion: Completion) -> Response {
     response
 }
 
-async fn json_response(mut completion: Completion) -> Response {
-    let mut assembler = ResponseAssembler::default();
+async fn json_response(route: Route, mut completion: Completion) -> Response {
+    let mut assembler = ResponseAssembler::new(route);
     loop {
         match completion.next().await {
             Delivery::Chunk(chunk) => assembler.push(chunk.payload_slice()),

@@ -3,6 +3,7 @@
 //! authenticate, parse, and hand off to the [`pipeline`](crate::pipeline).
 
 mod completions;
+mod models;
 mod ops;
 pub mod server;
 mod ws;
@@ -26,8 +27,13 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route(
             "/v1/completions",
-            post(completions::completions).get(ws::websocket),
+            post(completions::completions).get(ws::completions),
         )
+        .route(
+            "/v1/chat/completions",
+            post(completions::chat_completions).get(ws::chat_completions),
+        )
+        .route("/v1/models", get(models::list))
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))

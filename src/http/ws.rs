@@ -1,4 +1,5 @@
-//! `GET /v1/completions` upgraded to a WebSocket. Each text frame from the
+//! `GET /v1/completions` and `GET /v1/chat/completions` upgraded to a
+//! WebSocket. Each text frame from the
 //! client is one request body; the server answers with text frames that
 //! carry exactly what SSE `data:` events would (chunks, or an error object),
 //! always ending with `[DONE]`. The connection then takes the next request.
@@ -34,7 +35,7 @@ use crate::error::{ErrorInfo, GatewayError};
 use crate::http::server::ConnectionSlot;
 use crate::pipeline::{self, Delivery, RequestRecord};
 use crate::policy::RequestContext;
-use crate::protocol::{CompletionRequest, ResponseAssembler};
+use crate::protocol::{InferenceRequest, ResponseAssembler, Route};
 use crate::state::AppState;
 
 /// The subprotocol the server selects; `sluice-key.<KEY>` beside it carries the key.
@@ -56,7 +57,36 @@ fn subprotocol_key(headers: &HeaderMap) -> Option<&str> {
         .find_map(|p| p.trim().strip_prefix(KEY_PROTOCOL_PREFIX))
 }
 
-pub async fn websocket(
+pub async fn completions(
+    state: State<Arc<AppState>>,
+    headers: HeaderMap,
+    params: Result<Query<WsParams>, QueryRejection>,
+    slot: Option<Extension<ConnectionSlot>>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    websocket(Route::Completions, state, headers, params, slot, upgrade).await
+}
+
+pub async fn chat_completions(
+    state: State<Arc<AppState>>,
+    headers: HeaderMap,
+    params: Result<Query<WsParams>, QueryRejection>,
+    slot: Option<Extension<ConnectionSlot>>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    websocket(
+        Route::ChatCompletions,
+        state,
+        headers,
+        params,
+        slot,
+        upgrade,
+    )
+    .await
+}
+
+async fn websocket(
+    route: Route,
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     params: Result<Query<WsParams>, QueryRejection>,
@@ -70,6 +100,7 @@ pub async fn websocket(
     let mut record = RequestRecord::new(
         state.clone(),
         request_id.clone(),
+        route,
         "ws",
         Instant::now(),
         &trace,
@@ -92,7 +123,8 @@ pub async fn websocket(
         Ok(upgrade) => upgrade,
         Err(rejection) => {
             let err = GatewayError::BadRequest(format!(
-                "GET /v1/completions is the WebSocket endpoint: {}",
+                "GET {} is the WebSocket endpoint: {}",
+                route.path(),
                 rejection.body_text()
             ));
             return refused(record, err);
@@ -135,7 +167,7 @@ pub async fn websocket(
             upgrade.on_upgrade(move |socket| async move {
                 // The socket keeps its places (connection cap, per-key cap) while open.
                 let _places = (slot, place);
-                serve_socket(state, identity, socket, trace).await;
+                serve_socket(state, route, identity, socket, trace).await;
             })
         }
         Err(err) => {
@@ -217,6 +249,7 @@ async fn too_big(sink: &mut Sink) {
 
 async fn serve_socket(
     state: Arc<AppState>,
+    route: Route,
     identity: Identity,
     socket: WebSocket,
     trace: Vec<(String, String)>,
@@ -258,6 +291,7 @@ async fn serve_socket(
         let mut record = RequestRecord::new(
             state.clone(),
             crate::http::new_request_id(),
+            route,
             "ws",
             Instant::now(),
             &trace,
@@ -291,7 +325,8 @@ async fn serve_request(
     queued: &mut VecDeque<Utf8Bytes>,
     mut record: RequestRecord,
 ) -> bool {
-    let request = match CompletionRequest::parse(body) {
+    let route = record.route;
+    let request = match InferenceRequest::parse(route, body) {
         Ok(request) => request,
         Err(err) => {
             record.fail(&err);
@@ -302,7 +337,7 @@ async fn serve_request(
     let ctx = RequestContext {
         request_id: record.request_id.clone(),
         identity: identity.clone(),
-        route: record.route,
+        route: record.route.path(),
         transport: "ws",
         trace: record.trace.context().clone(),
     };
@@ -314,7 +349,7 @@ async fn serve_request(
     // queued for later, a close cancels the response. Only the watcher is ever
     // cancelled mid-await, so no chunk (or plugin call) is cut in half.
     let deliver = async {
-        let mut assembler = (!stream_mode).then(ResponseAssembler::default);
+        let mut assembler = (!stream_mode).then(|| ResponseAssembler::new(route));
         loop {
             let sent = match completion.next().await {
                 Delivery::Chunk(chunk) => match &mut assembler {

@@ -27,7 +27,7 @@ use async_trait::async_trait;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::policy::{Policy, RequestContext, TokenFilter};
-use crate::protocol::CompletionRequest;
+use crate::protocol::InferenceRequest;
 use request_hooks::{hooked, wit_context, wit_request};
 use runtime::{LoadedPlugin, PluginFailure};
 use token_filter::WasmTokenFilter;
@@ -126,7 +126,7 @@ impl Policy for PluginHost {
     async fn admit(
         &self,
         ctx: &RequestContext,
-        request: &mut CompletionRequest,
+        request: &mut InferenceRequest,
         cached: bool,
     ) -> Result<Option<String>, GatewayError> {
         let chain = self.chain();

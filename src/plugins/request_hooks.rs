@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use sha2::{Digest, Sha256};
 
 use super::bindings::{
-    CacheKeyDecision, CompletionRequest as WitRequest, RequestContext as WitContext,
+    self, CacheKeyDecision, InferenceRequest as WitRequest, RequestContext as WitContext,
     RequestDecision,
 };
 use super::runtime::{self, LoadedPlugin, PluginFailure};
@@ -16,7 +16,7 @@ use super::{Chain, HookMetrics, MAX_PLUGIN_TEXT, PluginHost, PluginMetrics, no_h
 use crate::config::OnError;
 use crate::error::GatewayError;
 use crate::policy::RequestContext;
-use crate::protocol::{CompletionRequest, Prompt};
+use crate::protocol::{ChatMessage, ChatRequest, CompletionRequest, InferenceRequest, Prompt};
 use crate::telemetry::StageSpan;
 
 impl PluginHost {
@@ -63,6 +63,27 @@ impl PluginHost {
         failure: PluginFailure,
     ) -> Result<(), GatewayError> {
         tracing::warn!(plugin = %plugin.name, hook, request_id, %failure, "plugin failed");
+        Self::by_policy(plugin, request_id)
+    }
+
+    /// Applies the `on_error` policy of a plugin whose hook cannot run for a
+    /// chat request (a component built against `sluice:plugin@0.1.0`).
+    fn cannot_read_chat(
+        plugin: &LoadedPlugin,
+        hook: &str,
+        request_id: &str,
+    ) -> Result<(), GatewayError> {
+        if plugin.config.on_error == OnError::FailClosed {
+            tracing::warn!(
+                plugin = %plugin.name, hook, request_id,
+                "the plugin is built against sluice:plugin@0.1.0 and cannot read chat requests; \
+                 refusing the request (on_error = \"fail-closed\")"
+            );
+        }
+        Self::by_policy(plugin, request_id)
+    }
+
+    fn by_policy(plugin: &LoadedPlugin, request_id: &str) -> Result<(), GatewayError> {
         match plugin.config.on_error {
             OnError::FailOpen => Ok(()),
             OnError::FailClosed => Err(GatewayError::Plugin {
@@ -82,22 +103,124 @@ pub(super) fn wit_context(ctx: &RequestContext) -> WitContext {
     }
 }
 
-pub(super) fn wit_request(request: &CompletionRequest) -> WitRequest {
-    WitRequest {
-        model: request.model.clone(),
-        prompts: request.prompt.texts(),
-        max_tokens: request.max_tokens,
-        temperature: request.temperature,
-        top_p: request.top_p,
-        user: request.user.clone(),
-        body_json: serde_json::to_string(request).unwrap_or_default(),
+pub(super) fn wit_request(request: &InferenceRequest) -> WitRequest {
+    let body_json = request.to_json();
+    match request {
+        InferenceRequest::Completion(request) => {
+            WitRequest::Completion(bindings::CompletionRequest {
+                model: request.model.clone(),
+                prompts: request.prompt.texts(),
+                max_tokens: request.max_tokens,
+                temperature: request.temperature,
+                top_p: request.top_p,
+                user: request.user.clone(),
+                body_json,
+            })
+        }
+        InferenceRequest::Chat(request) => WitRequest::Chat(bindings::ChatRequest {
+            model: request.model.clone(),
+            messages: request
+                .messages
+                .iter()
+                .map(|message| bindings::ChatMessage {
+                    role: message.role.clone(),
+                    content: message.text(),
+                    json: serde_json::to_string(message).unwrap_or_default(),
+                })
+                .collect(),
+            max_tokens: request.output_limit(),
+            temperature: request.temperature,
+            top_p: request.top_p,
+            user: request.user.clone(),
+            body_json,
+        }),
     }
 }
 
 /// Applies a plugin's rewritten request, refusing results the gateway could not send.
 fn apply(
-    request: &mut CompletionRequest,
+    request: &mut InferenceRequest,
     modified: WitRequest,
+    max_bytes: usize,
+) -> Result<(), PluginFailure> {
+    match (request, modified) {
+        (InferenceRequest::Completion(request), WitRequest::Completion(modified)) => {
+            apply_completion(request, modified, max_bytes)
+        }
+        (InferenceRequest::Chat(request), WitRequest::Chat(modified)) => {
+            apply_chat(request, modified, max_bytes)
+        }
+        (InferenceRequest::Completion(_), WitRequest::Chat(_)) => Err(PluginFailure::Invalid(
+            "rewrote a completion request as a chat request".into(),
+        )),
+        (InferenceRequest::Chat(_), WitRequest::Completion(_)) => Err(PluginFailure::Invalid(
+            "rewrote a chat request as a completion request".into(),
+        )),
+    }
+}
+
+fn apply_chat(
+    request: &mut ChatRequest,
+    modified: bindings::ChatRequest,
+    max_bytes: usize,
+) -> Result<(), PluginFailure> {
+    let size = modified.model.len()
+        + modified
+            .messages
+            .iter()
+            .map(|m| m.json.len() + m.content.as_ref().map_or(0, String::len))
+            .sum::<usize>();
+    if size > max_bytes {
+        return Err(PluginFailure::Invalid(format!(
+            "rewritten request is {size} bytes, over the {max_bytes}-byte limit"
+        )));
+    }
+    if modified.model.trim().is_empty() {
+        return Err(PluginFailure::Invalid(
+            "rewritten request has an empty model".into(),
+        ));
+    }
+    if modified.messages.is_empty() {
+        return Err(PluginFailure::Invalid(
+            "rewritten request has no messages".into(),
+        ));
+    }
+    let messages = modified
+        .messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, message)| {
+            let invalid = |reason: String| PluginFailure::Invalid(format!("message {i}: {reason}"));
+            let mut fields = match serde_json::from_str::<serde_json::Value>(&message.json) {
+                Ok(serde_json::Value::Object(fields)) => fields,
+                _ => return Err(invalid("`json` is not a JSON object".into())),
+            };
+            fields.insert("role".into(), serde_json::Value::String(message.role));
+            let mut rebuilt: ChatMessage =
+                serde_json::from_value(fields.into()).map_err(|err| invalid(err.to_string()))?;
+            if let Some(text) = message.content
+                && rebuilt.text().as_ref() != Some(&text)
+            {
+                rebuilt.set_text(text);
+            }
+            Ok(rebuilt)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    request.messages = messages;
+    request.model = modified.model;
+    if modified.max_tokens != request.output_limit() {
+        request.max_completion_tokens = modified.max_tokens;
+        request.max_tokens = None;
+    }
+    request.temperature = modified.temperature;
+    request.top_p = modified.top_p;
+    request.user = modified.user;
+    Ok(())
+}
+
+fn apply_completion(
+    request: &mut CompletionRequest,
+    modified: bindings::CompletionRequest,
     max_bytes: usize,
 ) -> Result<(), PluginFailure> {
     let size = modified.model.len() + modified.prompts.iter().map(String::len).sum::<usize>();
@@ -156,19 +279,25 @@ impl PluginHost {
         plugins: &[&Arc<LoadedPlugin>],
         ctx: &RequestContext,
         wit_ctx: &WitContext,
-        request: &mut CompletionRequest,
+        request: &mut InferenceRequest,
         wit_req: &mut WitRequest,
     ) -> Result<(), GatewayError> {
+        let chat = matches!(request, InferenceRequest::Chat(_));
         for plugin in plugins {
+            if chat && !plugin.exports.hooks().reads_chat() {
+                Self::cannot_read_chat(plugin, "on-request", &ctx.request_id)?;
+                continue;
+            }
             let metrics = &self.metrics_of(plugin).on_request;
             let current: &WitRequest = wit_req;
             let result = self
                 .pooled_call(plugin, metrics, "plugin.on_request", ctx, async |live| {
                     let guest = live.guests.request.as_ref().ok_or_else(no_hook)?;
                     guest
-                        .call_on_request(&mut live.store, wit_ctx, current)
+                        .on_request(&mut live.store, wit_ctx, current)
                         .await
-                        .map_err(PluginFailure::from_wasmtime)
+                        .map_err(PluginFailure::from_wasmtime)?
+                        .ok_or_else(no_hook)
                 })
                 .await;
             match result {
@@ -216,15 +345,21 @@ impl PluginHost {
         wit_req: &WitRequest,
         mut key: String,
     ) -> Result<Option<String>, GatewayError> {
+        let chat = matches!(wit_req, WitRequest::Chat(_));
         for plugin in plugins {
+            if chat && !plugin.exports.hooks().reads_chat() {
+                Self::cannot_read_chat(plugin, "cache-key", &ctx.request_id)?;
+                continue;
+            }
             let metrics = &self.metrics_of(plugin).cache_key;
             let result = self
                 .pooled_call(plugin, metrics, "plugin.cache_key", ctx, async |live| {
                     let guest = live.guests.cache_key.as_ref().ok_or_else(no_hook)?;
                     let decision = guest
-                        .call_cache_key(&mut live.store, wit_ctx, wit_req, &key)
+                        .cache_key(&mut live.store, wit_ctx, wit_req, &key)
                         .await
-                        .map_err(PluginFailure::from_wasmtime)?;
+                        .map_err(PluginFailure::from_wasmtime)?
+                        .ok_or_else(no_hook)?;
                     match decision {
                         CacheKeyDecision::Custom(custom) if custom.len() > MAX_PLUGIN_TEXT => Err(
                             PluginFailure::Invalid(format!("cache key of {} bytes", custom.len())),

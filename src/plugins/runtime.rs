@@ -14,7 +14,8 @@ use wasmtime::{
 };
 
 use super::bindings::{
-    self, PluginState, cache_key_hook, lifecycle, request_hook, token_batch_hook, token_hook,
+    self, CacheKeyGuest, CacheKeyIndices, LifecycleIndices, PluginState, RequestGuest,
+    RequestIndices, TokenBatchGuest, TokenBatchIndices, TokenGuest, TokenIndices, WitVersion,
 };
 use crate::config::{PluginConfig, PluginHostConfig};
 
@@ -75,14 +76,26 @@ pub enum LoadError {
     Runtime(String),
 }
 
-/// Which hooks a component implements.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Which hooks a component implements, and against which WIT version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hooks {
+    pub version: WitVersion,
     pub on_request: bool,
     pub cache_key: bool,
     pub on_token: bool,
     /// `token-batch-hook`: several chunks per call (only used with `token-hook`).
     pub on_tokens: bool,
+}
+
+impl Hooks {
+    fn any(&self) -> bool {
+        self.on_request || self.cache_key || self.on_token
+    }
+
+    /// Whether the request hooks read chat requests (0.1.0 components see completions only).
+    pub fn reads_chat(&self) -> bool {
+        self.version != WitVersion::V0_1
+    }
 }
 
 /// Stops the epoch ticker thread when dropped.
@@ -245,19 +258,19 @@ impl Runtime {
                     path: path.to_string(),
                     reason: format!("{err:#}"),
                 })?;
-        let lifecycle =
-            lifecycle::GuestIndices::new(&pre).map_err(|_| LoadError::MissingExport {
-                path: path.to_string(),
-                interface: "sluice:plugin/lifecycle@0.1.0",
-            })?;
+        let lifecycle = LifecycleIndices::detect(&pre).ok_or_else(|| LoadError::MissingExport {
+            path: path.to_string(),
+            interface: "sluice:plugin/lifecycle@0.2.0",
+        })?;
+        let version = lifecycle.version();
         let exports = Exports {
             lifecycle,
-            request: request_hook::GuestIndices::new(&pre).ok(),
-            cache_key: cache_key_hook::GuestIndices::new(&pre).ok(),
-            token: token_hook::GuestIndices::new(&pre).ok(),
-            token_batch: token_batch_hook::GuestIndices::new(&pre).ok(),
+            request: RequestIndices::find(version, &pre),
+            cache_key: CacheKeyIndices::find(version, &pre),
+            token: TokenIndices::find(version, &pre),
+            token_batch: TokenBatchIndices::find(version, &pre),
         };
-        if exports.hooks() == Hooks::default() {
+        if !exports.hooks().any() {
             return Err(LoadError::NoHooks {
                 path: path.to_string(),
             });
@@ -268,16 +281,17 @@ impl Runtime {
 
 /// Where a component's exported functions are.
 pub struct Exports {
-    lifecycle: lifecycle::GuestIndices,
-    pub request: Option<request_hook::GuestIndices>,
-    pub cache_key: Option<cache_key_hook::GuestIndices>,
-    pub token: Option<token_hook::GuestIndices>,
-    pub token_batch: Option<token_batch_hook::GuestIndices>,
+    lifecycle: LifecycleIndices,
+    pub request: Option<RequestIndices>,
+    pub cache_key: Option<CacheKeyIndices>,
+    pub token: Option<TokenIndices>,
+    pub token_batch: Option<TokenBatchIndices>,
 }
 
 impl Exports {
     pub fn hooks(&self) -> Hooks {
         Hooks {
+            version: self.lifecycle.version(),
             on_request: self.request.is_some(),
             cache_key: self.cache_key.is_some(),
             on_token: self.token.is_some(),
@@ -325,10 +339,10 @@ pub struct Live {
 /// The hooks of one instance, looked up and type-checked once when it is
 /// created, not on every call.
 pub struct Guests {
-    pub request: Option<request_hook::Guest>,
-    pub cache_key: Option<cache_key_hook::Guest>,
-    pub token: Option<token_hook::Guest>,
-    pub token_batch: Option<token_batch_hook::Guest>,
+    pub request: Option<RequestGuest>,
+    pub cache_key: Option<CacheKeyGuest>,
+    pub token: Option<TokenGuest>,
+    pub token_batch: Option<TokenBatchGuest>,
 }
 
 impl Live {
@@ -495,7 +509,7 @@ impl LoadedPlugin {
         };
         live.arm();
         lifecycle
-            .call_init(&mut live.store, &self.config.config_json)
+            .init(&mut live.store, &self.config.config_json)
             .await
             .map_err(PluginFailure::from_wasmtime)?
             .map_err(PluginFailure::Init)?;

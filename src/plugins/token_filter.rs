@@ -101,7 +101,7 @@ impl WasmTokenFilter {
                 live.arm();
                 let guest = live.guests.token.as_ref().ok_or_else(no_hook)?;
                 let action = guest
-                    .call_on_token(&mut live.store, index, text)
+                    .on_token(&mut live.store, index, text)
                     .await
                     .map_err(PluginFailure::from_wasmtime)?;
                 Ok(Some(token_action(action)?))
@@ -131,7 +131,7 @@ impl WasmTokenFilter {
                 live.arm_for(u32::try_from(texts.len()).unwrap_or(u32::MAX));
                 let guest = live.guests.token_batch.as_ref().ok_or_else(no_hook)?;
                 guest
-                    .call_on_tokens(&mut live.store, index, &text, &ends)
+                    .on_tokens(&mut live.store, index, &text, &ends)
                     .await
                     .map(Some)
             }
@@ -223,7 +223,7 @@ impl TokenFilter for WasmTokenFilter {
         live.arm();
         let result = match live.guests.token.as_ref() {
             Some(guest) => guest
-                .call_on_end(&mut live.store, index)
+                .on_end(&mut live.store, index)
                 .await
                 .map_err(PluginFailure::from_wasmtime)
                 .and_then(checked_text),

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ErrorInfo, GatewayError};
-use crate::protocol::Chunk;
+use crate::protocol::{Chunk, Route};
 
 pub use memory::MemoryQueue;
 
@@ -23,7 +23,9 @@ pub use memory::MemoryQueue;
 #[derive(Debug, Clone)]
 pub struct QueuedRequest {
     pub request_id: String,
-    /// The JSON body for the upstream's `/v1/completions` (already `stream: true`).
+    /// The upstream route the body is for.
+    pub route: Route,
+    /// The JSON body for the upstream's route (already `stream: true`).
     pub body: Bytes,
     /// W3C trace context (`traceparent`, `tracestate`) of the edge span.
     pub trace_context: Vec<(String, String)>,
@@ -32,9 +34,15 @@ pub struct QueuedRequest {
 }
 
 impl QueuedRequest {
-    pub fn new(request_id: String, body: Bytes, trace_context: Vec<(String, String)>) -> Self {
+    pub fn new(
+        request_id: String,
+        route: Route,
+        body: Bytes,
+        trace_context: Vec<(String, String)>,
+    ) -> Self {
         Self {
             request_id,
+            route,
             body,
             trace_context,
             submitted_at_ms: chrono::Utc::now().timestamp_millis(),

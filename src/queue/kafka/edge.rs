@@ -70,6 +70,7 @@ impl EdgeShared {
             (H_REPLY_PARTITION, reply.as_str()),
             (H_ATTEMPT, attempt_text.as_str()),
             (H_SUBMITTED, submitted.as_str()),
+            (H_ROUTE, request.route.path()),
         ];
         for (name, value) in &request.trace_context {
             pairs.push((name.as_str(), value.as_str()));

@@ -52,6 +52,8 @@ const H_EDGE: &str = "sluice-edge";
 const H_REPLY_PARTITION: &str = "sluice-reply-partition";
 const H_ATTEMPT: &str = "sluice-attempt";
 const H_SUBMITTED: &str = "sluice-submitted-ms";
+/// The upstream path of a request; absent means `/v1/completions`.
+const H_ROUTE: &str = "sluice-route";
 const H_WORKER: &str = "sluice-worker";
 /// Trace-context headers carried through unchanged.
 const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];

@@ -22,6 +22,7 @@ use super::frames::{self, FrameKind};
 use super::*;
 use crate::config::QueueConfig;
 use crate::metrics::Metrics;
+use crate::protocol::Route;
 use crate::queue::{Job, JobSource, QueuedRequest, ResponseEvent, ResponseSink, SinkClosed};
 
 /// Response messages per edge awaiting acknowledgement before the outbox waits.
@@ -309,8 +310,13 @@ impl KafkaJobSource {
         if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() {
             return Err("malformed");
         }
+        let route = match h.str(H_ROUTE) {
+            None => Route::Completions,
+            Some(path) => Route::from_path(path).ok_or("malformed")?,
+        };
         let request = QueuedRequest {
             request_id: request_id.to_string(),
+            route,
             body: Bytes::copy_from_slice(body),
             trace_context: h.trace_context(),
             submitted_at_ms,

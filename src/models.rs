@@ -1,0 +1,125 @@
+//! `GET /v1/models` and the model check: the models clients may use. A list
+//! in `upstream.models` is the answer, and a request for any other model is
+//! refused here with vLLM's 404 (no upstream call). Without one, the answer
+//! is the upstream's own `/v1/models`, kept for a few seconds, and an
+//! unknown model is for vLLM to refuse.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::Mutex;
+use url::Url;
+
+use crate::config::UpstreamConfig;
+use crate::error::{ErrorInfo, GatewayError};
+
+/// How long an upstream's model list is served without asking again.
+const UPSTREAM_LIST_TTL: Duration = Duration::from_secs(10);
+/// Longest model list read from an upstream.
+const MAX_LIST_BYTES: usize = 1 << 20;
+
+pub struct ModelCatalog {
+    configured: Option<Vec<String>>,
+    http: reqwest::Client,
+    urls: Vec<Url>,
+    api_key: Option<SecretString>,
+    /// The upstream's last answer and when it came.
+    fetched: Mutex<Option<(Instant, Bytes)>>,
+}
+
+impl ModelCatalog {
+    pub fn new(config: &UpstreamConfig) -> Result<Self, GatewayError> {
+        let http = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.connect_timeout + Duration::from_secs(5))
+            .build()
+            .map_err(|e| GatewayError::Internal(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Self {
+            configured: (!config.models.is_empty()).then(|| config.models.clone()),
+            http,
+            urls: config.urls.clone(),
+            api_key: config.api_key.clone(),
+            fetched: Mutex::new(None),
+        })
+    }
+
+    /// Refuses a model outside the configured list, as vLLM refuses one it does not serve.
+    pub fn check(&self, model: &str) -> Result<(), GatewayError> {
+        match &self.configured {
+            Some(models) if !models.iter().any(|m| m == model) => {
+                Err(GatewayError::Upstream(ErrorInfo::new(
+                    axum::http::StatusCode::NOT_FOUND,
+                    "NotFoundError",
+                    format!("The model `{model}` does not exist."),
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The list in OpenAI's shape (`{"object": "list", "data": [...]}`), as JSON.
+    pub async fn list(&self) -> Result<Bytes, GatewayError> {
+        if let Some(models) = &self.configured {
+            let data: Vec<serde_json::Value> = models
+                .iter()
+                .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "sluice"}))
+                .collect();
+            let body = serde_json::json!({"object": "list", "data": data});
+            return Ok(Bytes::from(body.to_string()));
+        }
+        let mut fetched = self.fetched.lock().await;
+        if let Some((at, body)) = fetched.as_ref()
+            && at.elapsed() < UPSTREAM_LIST_TTL
+        {
+            return Ok(body.clone());
+        }
+        let body = self.fetch().await?;
+        *fetched = Some((Instant::now(), body.clone()));
+        Ok(body)
+    }
+
+    /// The first upstream's answer that is a model list.
+    async fn fetch(&self) -> Result<Bytes, GatewayError> {
+        let mut last_error = String::from("no upstream configured");
+        for base in &self.urls {
+            let mut url = base.clone();
+            let path = format!("{}/v1/models", url.path().trim_end_matches('/'));
+            url.set_path(&path);
+            let mut request = self.http.get(url);
+            if let Some(key) = &self.api_key {
+                request = request.bearer_auth(key.expose_secret());
+            }
+            match request.send().await {
+                Ok(response) if response.status().is_success() => {
+                    let body = match response.bytes().await {
+                        Ok(body) if body.len() <= MAX_LIST_BYTES => body,
+                        Ok(_) => {
+                            last_error = "the model list is too large".into();
+                            continue;
+                        }
+                        Err(err) => {
+                            last_error = err.without_url().to_string();
+                            continue;
+                        }
+                    };
+                    #[derive(serde::Deserialize)]
+                    struct List {
+                        #[serde(rename = "data")]
+                        _data: Vec<serde::de::IgnoredAny>,
+                    }
+                    match serde_json::from_slice::<List>(&body) {
+                        Ok(_) => return Ok(body),
+                        Err(err) => last_error = format!("not a model list: {err}"),
+                    }
+                }
+                Ok(response) => last_error = format!("answered {}", response.status()),
+                Err(err) => last_error = err.without_url().to_string(),
+            }
+        }
+        Err(GatewayError::UpstreamUnavailable(format!(
+            "cannot list the upstream's models: {last_error}"
+        )))
+    }
+}
