@@ -14,6 +14,7 @@
 //!
 //!     cargo bench --bench gateway                          # embedded mode
 //!     cargo bench --bench gateway -- --queue kafka://127.0.0.1:9092
+//!     cargo bench --bench gateway -- --route chat          # /v1/chat/completions
 //!
 //! `--telemetry` turns on trace export (every request sampled, to a local
 //! OTLP sink) and JSON request logs (to stderr: run with `2>/dev/null`), to
@@ -41,6 +42,28 @@ struct Args {
     token_delay_ms: u64,
     rounds: usize,
     hit_seconds: u64,
+    /// Stream chats (`/v1/chat/completions`) instead of completions.
+    chat: bool,
+}
+
+impl Args {
+    fn path(&self) -> &'static str {
+        match self.chat {
+            true => "/v1/chat/completions",
+            false => "/v1/completions",
+        }
+    }
+
+    /// A streamed request for `prompt` on the benchmarked route.
+    fn body(&self, prompt: &str) -> serde_json::Value {
+        match self.chat {
+            true => json!({"model": "sim-llama", "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": self.tokens, "stream": true}),
+            false => {
+                json!({"model": "sim-llama", "prompt": prompt, "max_tokens": self.tokens, "stream": true})
+            }
+        }
+    }
 }
 
 fn args() -> Args {
@@ -52,6 +75,7 @@ fn args() -> Args {
         token_delay_ms: 10,
         rounds: 5,
         hit_seconds: 5,
+        chat: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -66,6 +90,7 @@ fn args() -> Args {
             "--hit-seconds" => args.hit_seconds = value().parse().unwrap_or(args.hit_seconds),
             "--telemetry" => args.telemetry = true,
             "--hits-only" => args.hits_only = true,
+            "--route" => args.chat = value() == "chat",
             _ => {}
         }
     }
@@ -88,12 +113,13 @@ async fn one_stream(
     client: &reqwest::Client,
     sim: &Simulator,
     target: &Target,
-    tokens: u32,
+    args: &Args,
 ) -> Sample {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let body = json!({"model": "sim-llama", "prompt": format!("benchmark prompt {n}"), "max_tokens": tokens, "stream": true});
+    let body = args.body(&format!("benchmark prompt {n}"));
+    let tokens = args.tokens;
     let mut request = client
-        .post(format!("{}/v1/completions", target.url))
+        .post(format!("{}{}", target.url, args.path()))
         .json(&body);
     let direct_id = format!("bench-{n}");
     request = match &target.key {
@@ -125,6 +151,10 @@ async fn one_stream(
             received.push(now);
         }
     }
+    // A chat's role chunk leaves with its first token, in the same step.
+    if args.chat {
+        received.remove(0);
+    }
     let emitted = sim.emit_times(&id);
     assert_eq!(received.len(), emitted.len(), "every token arrived");
     Sample {
@@ -146,18 +176,19 @@ async fn measure(
     target: &Arc<Target>,
     concurrency: usize,
     per_client: usize,
-    tokens: u32,
+    args: &Arc<Args>,
     stream_time: Duration,
 ) -> (Vec<Duration>, Vec<Duration>) {
     let tasks: Vec<_> = (0..concurrency)
         .map(|i| {
-            let (client, sim, target) = (client.clone(), sim.clone(), target.clone());
+            let (client, sim, target, args) =
+                (client.clone(), sim.clone(), target.clone(), args.clone());
             let stagger = stream_time.mul_f64(i as f64 / concurrency as f64);
             tokio::spawn(async move {
                 tokio::time::sleep(stagger).await;
                 let mut samples = Vec::with_capacity(per_client);
                 for _ in 0..per_client {
-                    samples.push(one_stream(&client, &sim, &target, tokens).await);
+                    samples.push(one_stream(&client, &sim, &target, &args).await);
                 }
                 samples
             })
@@ -194,13 +225,14 @@ fn added(gateway: Duration, direct: Duration) -> String {
 async fn cache_hit_rate(
     client: &reqwest::Client,
     target: &Arc<Target>,
-    tokens: u32,
+    args: &Args,
     seconds: u64,
 ) -> (u64, f64) {
-    let body = json!({"model": "sim-llama", "prompt": "the cached prompt", "max_tokens": tokens, "stream": true});
-    let send = |client: reqwest::Client, target: Arc<Target>, body: serde_json::Value| async move {
+    let body = args.body("the cached prompt");
+    let path = args.path();
+    let send = move |client: reqwest::Client, target: Arc<Target>, body: serde_json::Value| async move {
         let response = client
-            .post(format!("{}/v1/completions", target.url))
+            .post(format!("{}{path}", target.url))
             .bearer_auth(target.key.as_deref().unwrap_or_default())
             .json(&body)
             .send()
@@ -291,7 +323,7 @@ fn gateway_config(args: &Args, upstream: &str, db: &std::path::Path) -> Config {
 }
 
 fn main() {
-    let args = args();
+    let args = Arc::new(args());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -337,7 +369,7 @@ fn main() {
 
         if args.hits_only {
             let cpu_before = process_cpu_seconds();
-            let (streams, rate) = cache_hit_rate(&client, &through, args.tokens, args.hit_seconds).await;
+            let (streams, rate) = cache_hit_rate(&client, &through, &args, args.hit_seconds).await;
             let cpu_us = (process_cpu_seconds() - cpu_before) / streams as f64 * 1e6;
             println!(
                 "cache-hit streams per second (telemetry {}): {rate:.0}; process CPU per stream (client included): {cpu_us:.1} µs; {streams} streams",
@@ -347,19 +379,19 @@ fn main() {
         }
         let stream_time = Duration::from_millis(20 + args.token_delay_ms * u64::from(args.tokens));
         // Warm up connections on both paths.
-        measure(&client, &sim, &direct, 100, 1, args.tokens, stream_time).await;
-        measure(&client, &sim, &through, 100, 1, args.tokens, stream_time).await;
+        measure(&client, &sim, &direct, 100, 1, &args, stream_time).await;
+        measure(&client, &sim, &through, 100, 1, &args, stream_time).await;
 
         println!(
-            "sluice benchmark: queue {}, {} tokens per stream, {} ms per token, {} rounds\n",
-            args.queue, args.tokens, args.token_delay_ms, args.rounds
+            "sluice benchmark: {}, queue {}, {} tokens per stream, {} ms per token, {} rounds\n",
+            args.path(), args.queue, args.tokens, args.token_delay_ms, args.rounds
         );
         println!("| streams | metric | direct p50 | gateway p50 | added p50 | direct p99 | gateway p99 | added p99 |");
         println!("|---|---|---|---|---|---|---|---|");
         for concurrency in [1usize, 100] {
             let rounds = if concurrency == 1 { args.rounds * 10 } else { args.rounds };
-            let (d_ttft, d_tok) = measure(&client, &sim, &direct, concurrency, rounds, args.tokens, stream_time).await;
-            let (g_ttft, g_tok) = measure(&client, &sim, &through, concurrency, rounds, args.tokens, stream_time).await;
+            let (d_ttft, d_tok) = measure(&client, &sim, &direct, concurrency, rounds, &args, stream_time).await;
+            let (g_ttft, g_tok) = measure(&client, &sim, &through, concurrency, rounds, &args, stream_time).await;
             for (name, d, g) in [("TTFT (ms)", &d_ttft, &g_ttft), ("per-token (ms)", &d_tok, &g_tok)] {
                 println!(
                     "| {concurrency} | {name} | {} | {} | {} | {} | {} | {} |",
@@ -378,7 +410,7 @@ fn main() {
                 println!("{line}");
             }
         }
-        let (_, rate) = cache_hit_rate(&client, &through, args.tokens, args.hit_seconds).await;
+        let (_, rate) = cache_hit_rate(&client, &through, &args, args.hit_seconds).await;
         println!("\ncache-hit streams per second ({} chunks each, 32 clients): {rate:.0}", args.tokens);
     });
 }

@@ -264,14 +264,36 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
                 config_json: plugin_config,
             };
             let hooks = crate::plugins::check(&config.plugin_host, plugin).await?;
-            println!("{}: a valid sluice:plugin@0.1.0 component", file.display());
-            for (hook, served) in [
-                ("on-request (request-hook):  ", hooks.on_request),
-                ("cache-key (cache-key-hook): ", hooks.cache_key),
-                ("on-token (token-hook):      ", hooks.on_token),
-                ("on-tokens (token-batch-hook):", hooks.on_tokens),
+            println!(
+                "{}: a valid {} component",
+                file.display(),
+                hooks.version.package()
+            );
+            let both = "/v1/completions and /v1/chat/completions";
+            let request_routes = match hooks.reads_chat() {
+                true => both,
+                false => {
+                    "/v1/completions only (built against 0.1.0: on chat it is skipped when fail-open, refuses when fail-closed)"
+                }
+            };
+            for (hook, served, routes) in [
+                (
+                    "on-request (request-hook):   ",
+                    hooks.on_request,
+                    request_routes,
+                ),
+                (
+                    "cache-key (cache-key-hook):  ",
+                    hooks.cache_key,
+                    request_routes,
+                ),
+                ("on-token (token-hook):       ", hooks.on_token, both),
+                ("on-tokens (token-batch-hook):", hooks.on_tokens, both),
             ] {
-                println!("  {hook} {}", if served { "yes" } else { "no" });
+                match served {
+                    true => println!("  {hook} yes, on {routes}"),
+                    false => println!("  {hook} no"),
+                }
             }
             Ok(())
         }

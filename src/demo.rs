@@ -1,5 +1,6 @@
 //! `sluice demo`: the gateway in embedded mode with a simulated vLLM in the
-//! same process, a fresh demo key, and a ready-to-paste `curl` command.
+//! same process, a fresh demo key, and ready-to-paste `curl` commands and an
+//! OpenAI SDK snippet.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -53,8 +54,30 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<()>
         "    -d '{{\"model\": \"sim-llama\", \"prompt\": \"Once upon a time\", \"max_tokens\": 24, \"stream\": true}}'"
     );
     println!();
+    println!("Stream a chat:");
+    println!();
+    println!("  curl -N http://{addr}/v1/chat/completions \\");
+    println!("    -H 'Authorization: Bearer {}' \\", key.secret);
+    println!("    -H 'Content-Type: application/json' \\");
     println!(
-        "Run it twice: the second answer streams from the cache. Metrics: http://{addr}/metrics. Ctrl-C stops."
+        "    -d '{{\"model\": \"sim-llama\", \"messages\": [{{\"role\": \"user\", \"content\": \"Tell me about the river\"}}], \"max_tokens\": 24, \"stream\": true}}'"
+    );
+    println!();
+    println!("Or with the OpenAI Python SDK (pip install openai):");
+    println!();
+    println!("  from openai import OpenAI");
+    println!(
+        "  client = OpenAI(base_url=\"http://{addr}/v1\", api_key=\"{}\")",
+        key.secret
+    );
+    println!("  for chunk in client.chat.completions.create(model=\"sim-llama\", stream=True,");
+    println!(
+        "          messages=[{{\"role\": \"user\", \"content\": \"Tell me about the river\"}}]):"
+    );
+    println!("      print(chunk.choices[0].delta.content or \"\", end=\"\", flush=True)");
+    println!();
+    println!(
+        "Run a request twice: the second answer streams from the cache. Metrics: http://{addr}/metrics. Ctrl-C stops."
     );
 
     gateway

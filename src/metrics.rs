@@ -137,7 +137,7 @@ impl Metrics {
             requests: b.counter_vec(
                 R::EDGE,
                 "sluice_requests_total",
-                "Completion requests by route, transport and HTTP status class (499, client gone, counts as 4xx)",
+                "Inference requests by route, transport and HTTP status class (499, client gone, counts as 4xx)",
                 &["route", "transport", "status"],
             ),
             request_duration: b.histogram_vec(

@@ -61,7 +61,7 @@ impl RequestRecord {
     ) -> Self {
         Self {
             state,
-            trace: RequestTrace::start(&request_id, trace_headers),
+            trace: RequestTrace::start(route.span_name(), &request_id, trace_headers),
             key_name: String::new(),
             request_id,
             route,

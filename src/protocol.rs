@@ -39,6 +39,14 @@ impl Route {
         }
     }
 
+    /// The name of a request's server span: `POST <path>`.
+    pub fn span_name(self) -> &'static str {
+        match self {
+            Route::Completions => "POST /v1/completions",
+            Route::ChatCompletions => "POST /v1/chat/completions",
+        }
+    }
+
     pub fn from_path(path: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|route| route.path() == path)
     }

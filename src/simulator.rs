@@ -550,43 +550,85 @@ impl Generation {
         }
     }
 
-    /// The chat chunk payloads of `step` for choice `index` (the role chunk first, at step 0).
-    fn chat_choices(&self, plan: &ChatPlan, prompt: usize, choice: u32, step: u32) -> Vec<Value> {
+    /// The chat chunk choices of `step` for one choice (the role chunk first, at step 0).
+    fn chat_choices(
+        &self,
+        plan: &ChatPlan,
+        prompt: usize,
+        choice: u32,
+        step: u32,
+    ) -> Vec<ChatStreamChoice> {
         let index = prompt as u32 * self.n + choice;
         let last = step + 1 == self.steps();
         let mut out = Vec::new();
         if step == 0 {
-            out.push(serde_json::json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}));
+            out.push(ChatStreamChoice {
+                index,
+                delta: Delta {
+                    role: Some("assistant"),
+                    content: Some(String::new()),
+                    tool_calls: None,
+                },
+                logprobs: Value::Null,
+                finish_reason: None,
+                stop_reason: None,
+            });
         }
         let (delta, logprobs) = match &plan.tool {
-            Some(tool) if step == 0 => (
-                serde_json::json!({"tool_calls": [{"id": tool.id, "type": "function", "index": 0, "function": {"name": tool.name, "arguments": ""}}]}),
-                Value::Null,
-            ),
-            Some(tool) => (
-                serde_json::json!({"tool_calls": [{"index": 0, "function": {"arguments": tool.pieces[step as usize - 1]}}]}),
-                Value::Null,
-            ),
+            Some(tool) => {
+                let call = match step {
+                    0 => ToolCallDelta {
+                        id: Some(tool.id.clone()),
+                        kind: Some("function"),
+                        index: 0,
+                        function: FunctionDelta {
+                            name: Some(tool.name.clone()),
+                            arguments: String::new(),
+                        },
+                    },
+                    _ => ToolCallDelta {
+                        id: None,
+                        kind: None,
+                        index: 0,
+                        function: FunctionDelta {
+                            name: None,
+                            arguments: tool.pieces[step as usize - 1].clone(),
+                        },
+                    },
+                };
+                let delta = Delta {
+                    role: None,
+                    content: None,
+                    tool_calls: Some(vec![call]),
+                };
+                (delta, Value::Null)
+            }
             None => {
                 let token = self.token(prompt, choice, step);
                 let logprobs = match plan.logprobs {
                     true => serde_json::json!({"content": [chat_logprob(&token, step)]}),
                     false => Value::Null,
                 };
-                (serde_json::json!({"content": token}), logprobs)
+                let delta = Delta {
+                    role: None,
+                    content: Some(token),
+                    tool_calls: None,
+                };
+                (delta, logprobs)
             }
         };
-        let mut choice = serde_json::json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": null});
-        if last {
-            let reason = if plan.tool.is_some() {
-                "tool_calls"
-            } else {
-                "length"
-            };
-            choice["finish_reason"] = Value::from(reason);
-            choice["stop_reason"] = Value::Null;
-        }
-        out.push(choice);
+        let reason = if plan.tool.is_some() {
+            "tool_calls"
+        } else {
+            "length"
+        };
+        out.push(ChatStreamChoice {
+            index,
+            delta,
+            logprobs,
+            finish_reason: last.then_some(reason),
+            stop_reason: last.then_some(Value::Null),
+        });
         out
     }
 
@@ -652,6 +694,57 @@ fn chat_logprob(token: &str, step: u32) -> Value {
     let mut with_top = entry.clone();
     with_top["top_logprobs"] = serde_json::json!([entry]);
     with_top
+}
+
+/// A chat stream chunk, fields in vLLM's order (`id` first, as clients and
+/// the gateway's renaming of cached chunks expect).
+#[derive(Serialize)]
+struct ChatChunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: [ChatStreamChoice; 1],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+#[derive(Serialize)]
+struct ChatStreamChoice {
+    index: u32,
+    delta: Delta,
+    logprobs: Value,
+    finish_reason: Option<&'static str>,
+    /// Present (as `null`) on the last chunk of a choice only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stop_reason: Option<Value>,
+}
+
+#[derive(Serialize)]
+struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+#[derive(Serialize)]
+struct ToolCallDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    kind: Option<&'static str>,
+    index: u32,
+    function: FunctionDelta,
+}
+
+#[derive(Serialize)]
+struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    arguments: String,
 }
 
 /// What a chat answer is made of.
@@ -817,12 +910,14 @@ fn stream_response(state: Arc<SimState>, generation: Generation) -> Response {
             if let Some(plan) = &g.chat {
                 for (p, c) in pairs {
                     for choice in g.chat_choices(plan, p, c, step) {
-                        let mut chunk = serde_json::json!({"id": g.id, "object": g.object(), "created": g.created, "model": g.model, "choices": [choice]});
-                        if g.continuous_usage {
-                            chunk["usage"] = serde_json::to_value(g.usage(u64::from(step + 1)))
-                                .unwrap_or_default();
-                        }
-                        s.pending.push_back(sse(&chunk));
+                        s.pending.push_back(sse(&ChatChunk {
+                            id: &g.id,
+                            object: g.object(),
+                            created: g.created,
+                            model: &g.model,
+                            choices: [choice],
+                            usage: g.continuous_usage.then(|| g.usage(u64::from(step + 1))),
+                        }));
                     }
                 }
                 s.step += 1;

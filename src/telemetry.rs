@@ -328,15 +328,11 @@ pub struct RequestTrace {
 
 impl RequestTrace {
     /// Starts the trace of a request arriving at the edge, continuing `incoming`
-    /// (the client's `traceparent`/`tracestate`, if any).
-    pub fn start(request_id: &str, incoming: &[(String, String)]) -> Self {
+    /// (the client's `traceparent`/`tracestate`, if any); `name` is the
+    /// server span's (`POST /v1/chat/completions`).
+    pub fn start(name: &'static str, request_id: &str, incoming: &[(String, String)]) -> Self {
         let span = tracing::info_span!("request", request_id);
-        let cx = Self::root(
-            "POST /v1/completions",
-            SpanKind::Server,
-            request_id,
-            incoming,
-        );
+        let cx = Self::root(name, SpanKind::Server, request_id, incoming);
         Self { span, cx }
     }
 
@@ -511,11 +507,15 @@ mod tests {
     #[test]
     fn without_a_tracer_the_clients_context_passes_through() {
         // No tracer is installed in unit tests.
-        let trace = RequestTrace::start("req", &pairs(SAMPLED));
+        let trace = RequestTrace::start("POST /v1/completions", "req", &pairs(SAMPLED));
         assert!(!trace.sampled());
         assert!(!trace.stage("auth").is_recording());
         assert_eq!(trace.headers(), pairs(SAMPLED));
-        assert!(RequestTrace::start("req", &[]).headers().is_empty());
+        assert!(
+            RequestTrace::start("POST /v1/completions", "req", &[])
+                .headers()
+                .is_empty()
+        );
         let worker = RequestTrace::continue_job("req", &trace.headers());
         assert_eq!(worker.headers(), pairs(SAMPLED));
     }
@@ -529,7 +529,9 @@ mod tests {
             "not a traceparent",
         ] {
             assert!(
-                RequestTrace::start("req", &pairs(bad)).headers().is_empty(),
+                RequestTrace::start("POST /v1/completions", "req", &pairs(bad))
+                    .headers()
+                    .is_empty(),
                 "{bad}"
             );
         }
@@ -561,7 +563,7 @@ mod tests {
     #[test]
     fn json_log_lines_carry_the_request_id() {
         let out = logged(LogFormat::Json, "info", || {
-            let trace = RequestTrace::start("req-7", &[]);
+            let trace = RequestTrace::start("POST /v1/completions", "req-7", &[]);
             trace
                 .span
                 .in_scope(|| tracing::info!(status = 200_u16, "request finished"));

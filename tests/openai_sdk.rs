@@ -1,5 +1,6 @@
-//! The official OpenAI Python SDK, pointed at sluice with `base_url`, completes
-//! a streaming and a non-streaming `completions.create` call.
+//! The official OpenAI Python SDK, pointed at sluice with `base_url`: a
+//! streaming and a non-streaming `completions.create` call, and every form of
+//! `chat.completions.create` compared with the upstream's own answers.
 //!
 //! Needs a Python with the `openai` package: `$SLUICE_PYTHON`, else `python3`.
 //! The test command (`scripts/test.sh`) provides one. Outside CI the test is
@@ -10,25 +11,9 @@ mod common;
 use common::*;
 use serde_json::{Value, json};
 
-fn python() -> Option<String> {
-    let candidate = std::env::var("SLUICE_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = std::process::Command::new(&candidate)
-        .args(["-c", "import openai"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    ok.then_some(candidate)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn openai_python_sdk_streams_and_completes() {
-    let Some(python) = python() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI is set but no Python with the openai package was found (set SLUICE_PYTHON)"
-        );
-        eprintln!(
-            "SKIPPED: no Python with the openai package; run scripts/test.sh or set SLUICE_PYTHON"
-        );
+    let Some(python) = python_with_openai() else {
         return;
     };
     let gw = TestGateway::start().await;
@@ -53,4 +38,13 @@ async fn openai_python_sdk_streams_and_completes() {
     assert_eq!(result["completion_tokens"], 6);
     assert_eq!(result["stream_usage"], 6);
     assert_eq!(result["auth_error"], 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openai_python_sdk_chat_matches_the_upstream_field_by_field() {
+    let Some(python) = python_with_openai() else {
+        return;
+    };
+    let gw = TestGateway::start().await;
+    assert_openai_chat_matches_upstream(&python, &gw.url, &gw.sim.url(), &gw.key).await;
 }

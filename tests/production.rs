@@ -162,6 +162,36 @@ async fn redis_cache_serves_edge_b_what_edge_a_computed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_sdk_chat_through_kafka_and_two_workers_matches_the_upstream() {
+    let Some(python) = python_with_openai() else {
+        return;
+    };
+    let services = services!();
+    let sim = Simulator::start(sim_config()).await.unwrap();
+    let worker_config = || services.config(&sim.url(), &services.kafka_queue(false));
+    let (worker_1, worker_2) = (Isolated::new("worker-1"), Isolated::new("worker-2"));
+    worker_1.start_worker(worker_config()).await;
+    worker_2.start_worker(worker_config()).await;
+    let edge = Isolated::new("edge");
+    let (url, store) = edge.start_edge(worker_config()).await;
+    let key = sluice::auth::create_key(store.as_ref(), "chat-sdk")
+        .await
+        .unwrap()
+        .secret;
+    assert_openai_chat_matches_upstream(&python, &url, &sim.url(), &key).await;
+    // The conversation travelled through Kafka to the upstream's chat route.
+    assert!(
+        sim.received()
+            .iter()
+            .any(|r| r.body["messages"][0]["role"] == "user" && r.body["stream"] == true)
+    );
+    for rt in [edge, worker_1, worker_2] {
+        rt.kill();
+    }
+    services.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_edges_two_workers_serve_200_concurrent_streams_exactly_once() {
     let services = services!();
     let sim = Simulator::start(SimulatorConfig {

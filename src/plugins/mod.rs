@@ -52,8 +52,14 @@ pub struct PluginHost {
     metrics: Arc<Metrics>,
     source: Option<PathBuf>,
     max_body_bytes: usize,
-    reloading: tokio::sync::Mutex<()>,
+    /// Held while reloading; holds the versions that failed to load (config
+    /// and file digest by plugin name), so a broken file is reported once,
+    /// not again on every later reload while it is still in place.
+    reloading: tokio::sync::Mutex<std::collections::HashMap<String, FailedVersion>>,
 }
+
+/// A plugin version that failed to load: its config and the digest of its file.
+type FailedVersion = (crate::config::PluginConfig, [u8; 32]);
 
 /// One plugin's metrics for one hook.
 pub struct HookMetrics {

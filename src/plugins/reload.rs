@@ -23,7 +23,7 @@ impl PluginHost {
             metrics,
             source: config.source.clone(),
             max_body_bytes: config.server.max_body_bytes,
-            reloading: tokio::sync::Mutex::new(()),
+            reloading: tokio::sync::Mutex::new(Default::default()),
         });
         let mut plugins = Vec::new();
         for plugin in &config.plugins {
@@ -76,7 +76,7 @@ impl PluginHost {
     /// Re-reads the config and the plugin files, reloads what changed, and
     /// swaps the chain. A plugin that fails to load keeps its previous version.
     pub async fn reload(self: &Arc<Self>) {
-        let _one_at_a_time = self.reloading.lock().await;
+        let mut failed = self.reloading.lock().await;
         let configs = match &self.source {
             Some(path) => match Config::load(Some(path)) {
                 Ok(config) => config.plugins,
@@ -98,27 +98,39 @@ impl PluginHost {
         };
         let current = self.chain();
         let mut next = Vec::with_capacity(configs.len());
-        let mut changed = current.plugins.len() != configs.len();
         for config in configs {
             let previous = current
                 .plugins
                 .iter()
                 .find(|p| p.config.name == config.name)
                 .cloned();
-            let unchanged = match (&previous, std::fs::read(&config.path)) {
-                (Some(p), Ok(bytes)) => {
-                    p.config == config && p.digest[..] == Sha256::digest(&bytes)[..]
-                }
+            let digest: Option<[u8; 32]> = tokio::fs::read(&config.path)
+                .await
+                .ok()
+                .map(|bytes| Sha256::digest(&bytes).into());
+            let unchanged = match (&previous, digest) {
+                (Some(p), Some(digest)) => p.config == config && p.digest == digest,
                 _ => false,
             };
             if unchanged {
                 next.push(previous.expect("checked above"));
                 continue;
             }
-            changed = true;
+            // The version that failed last time, still in place: already reported.
+            let known_broken = digest.is_some_and(|digest| {
+                failed
+                    .get(&config.name)
+                    .is_some_and(|(c, d)| *c == config && *d == digest)
+            });
+            if known_broken {
+                next.extend(previous);
+                continue;
+            }
             let name = config.name.clone();
+            let version = digest.map(|digest| (config.clone(), digest));
             match self.load(config).await {
                 Ok(loaded) => {
+                    failed.remove(&name);
                     tracing::info!(plugin = %name, hooks = ?loaded.exports.hooks(), "plugin reloaded");
                     self.metrics
                         .plugin_reloads
@@ -131,6 +143,9 @@ impl PluginHost {
                         .plugin_reloads
                         .with_label_values(&[&name, "failed"])
                         .inc();
+                    if let Some(version) = version {
+                        failed.insert(name.clone(), version);
+                    }
                     match previous {
                         Some(previous) => {
                             tracing::error!(plugin = %name, %err, "plugin reload failed; the previous version keeps serving");
@@ -143,6 +158,11 @@ impl PluginHost {
                 }
             }
         }
+        let changed = next.len() != current.plugins.len()
+            || next
+                .iter()
+                .zip(&current.plugins)
+                .any(|(new, old)| !Arc::ptr_eq(new, old));
         if changed {
             let version = current.version + 1;
             self.chain.store(Arc::new(Chain {

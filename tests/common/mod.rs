@@ -111,6 +111,31 @@ impl TestGateway {
         format!("{}/v1/completions", self.url.replacen("http", "ws", 1))
     }
 
+    pub fn chat_url(&self) -> String {
+        format!("{}/v1/chat/completions", self.url)
+    }
+
+    /// A WebSocket to `/v1/chat/completions` with the test key in `Authorization`.
+    pub async fn chat_ws(&self) -> Ws {
+        let url = format!("{}/v1/chat/completions", self.url.replacen("http", "ws", 1));
+        let mut request = url.into_client_request().unwrap();
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.key).parse().unwrap(),
+        );
+        tokio_tungstenite::connect_async(request).await.unwrap().0
+    }
+
+    pub async fn post_chat(&self, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.chat_url())
+            .bearer_auth(&self.key)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
     pub async fn post(&self, body: &Value) -> reqwest::Response {
         self.http
             .post(self.completions_url())
@@ -233,7 +258,10 @@ pub fn texts(events: &[String]) -> Vec<String> {
             if out.len() <= index {
                 out.resize(index + 1, String::new());
             }
-            out[index].push_str(choice["text"].as_str().unwrap_or_default());
+            let text = choice["text"]
+                .as_str()
+                .or(choice["delta"]["content"].as_str());
+            out[index].push_str(text.unwrap_or_default());
         }
     }
     out
@@ -276,6 +304,130 @@ pub async fn direct(sim: &Simulator, body: &Value, request_id: &str) -> reqwest:
         .send()
         .await
         .unwrap()
+}
+
+/// Sends a chat `body` straight to the simulator, with the same request id.
+pub async fn direct_chat(sim: &Simulator, body: &Value, request_id: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", sim.url()))
+        .header("x-request-id", request_id)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A Python with the `openai` package: `$SLUICE_PYTHON`, else `python3`.
+/// `None` (the test skips with a message) only outside CI; with `CI` set a
+/// missing one fails the test.
+pub fn python_with_openai() -> Option<String> {
+    let candidate = std::env::var("SLUICE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = std::process::Command::new(&candidate)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(candidate);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI is set but no Python with the openai package was found (set SLUICE_PYTHON)"
+    );
+    eprintln!(
+        "SKIPPED: no Python with the openai package; run scripts/test.sh or set SLUICE_PYTHON"
+    );
+    None
+}
+
+/// Runs `tests/openai_chat.py` (the OpenAI SDK's `chat.completions` through
+/// the gateway and straight to the upstream) and checks that every scenario
+/// came back the same both ways, field by field.
+pub async fn assert_openai_chat_matches_upstream(
+    python: &str,
+    gateway_url: &str,
+    upstream_url: &str,
+    key: &str,
+) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_chat.py");
+    let output = tokio::process::Command::new(python)
+        .args([script, gateway_url, upstream_url, key, MODEL])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "SDK script failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let scenarios = result.as_object().unwrap();
+    let mut compared = 0;
+    for (name, outcome) in scenarios {
+        if let Some(both) = outcome.as_object().filter(|o| o.contains_key("gateway")) {
+            assert_eq!(both["gateway"], both["direct"], "{name}");
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 10, "5 scenarios, streamed and not");
+    // What the scenarios hold, so the comparison is not of two empty answers.
+    let tool = &result["tool_call/json"]["gateway"]["choices"][0];
+    assert_eq!(tool["finish_reason"], "tool_calls");
+    assert_eq!(
+        tool["message"]["tool_calls"][0]["function"]["name"],
+        "get_weather"
+    );
+    let arguments: Value = serde_json::from_str(
+        tool["message"]["tool_calls"][0]["function"]["arguments"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(arguments["query"], "What is the weather in Oslo");
+    let pieces = result["tool_call/stream"]["gateway"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| !c["choices"][0]["delta"]["tool_calls"].is_null())
+        .count();
+    assert!(pieces > 3, "the tool call streams in pieces ({pieces})");
+    let n2 = &result["n2_logprobs/json"]["gateway"];
+    assert_eq!(n2["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        n2["choices"][1]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    let streamed = result["plain/stream"]["gateway"].as_array().unwrap();
+    assert_eq!(streamed[0]["choices"][0]["delta"]["role"], "assistant");
+    let usage = &streamed.last().unwrap()["usage"];
+    assert_eq!(
+        usage["completion_tokens"], 6,
+        "the usage chunk the client asked for"
+    );
+    let text: String = streamed
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        Some(text.as_str()),
+        result["plain/json"]["gateway"]["choices"][0]["message"]["content"].as_str()
+    );
+    assert_eq!(
+        result["tool_result/json"]["gateway"]["choices"][0]["finish_reason"],
+        "length"
+    );
+    assert_eq!(result["unknown_model"], 404);
+    assert!(
+        result["bad_role"]
+            .as_str()
+            .unwrap()
+            .contains("messages[0].role"),
+        "{}",
+        result["bad_role"]
+    );
+    assert_eq!(result["models"], serde_json::json!([MODEL]));
 }
 
 /// A chunk payload without `created` (which differs between two calls a second apart).

@@ -2,8 +2,9 @@
 //! whitespace or the `user` field share one cache entry.
 //!
 //! The key is built from the request body with `user` (and the transport
-//! fields `stream`, `stream_options`) removed and every prompt lower-cased
-//! with runs of whitespace folded to one space. Config: `ignore = ["user"]`
+//! fields `stream`, `stream_options`) removed and every prompt (on the chat
+//! route: the text of every message) lower-cased with runs of whitespace
+//! folded to one space. Config: `ignore = ["user"]`
 //! (body fields left out of the key; default `["user"]`).
 
 use std::collections::BTreeMap;
@@ -102,12 +103,35 @@ pub fn key(config: &Config, body_json: &str) -> Option<String> {
                 }
                 _ => out.push_str(value.get()),
             }
+        } else if name == "messages" {
+            let mut messages: Value = serde_json::from_str(value.get()).ok()?;
+            for message in messages.as_array_mut().into_iter().flatten() {
+                normalize_content(message);
+            }
+            out.push_str(&messages.to_string());
         } else {
             out.push_str(value.get());
         }
     }
     out.push('}');
     Some(out)
+}
+
+/// Normalizes a chat message's text: string content, or its text parts.
+fn normalize_content(message: &mut Value) {
+    match message.get_mut("content") {
+        Some(Value::String(text)) => *text = normalize_text(text),
+        Some(Value::Array(parts)) => {
+            for part in parts {
+                if part.get("type").and_then(Value::as_str) == Some("text")
+                    && let Some(Value::String(text)) = part.get_mut("text")
+                {
+                    *text = normalize_text(text);
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Appends `text`, normalized, as a JSON string.
@@ -135,7 +159,7 @@ mod component {
     wit_bindgen::generate!({ path: "../../wit", world: "cache-key-plugin" });
 
     use exports::sluice::plugin::cache_key_hook::{
-        CacheKeyDecision, CompletionRequest, Guest as CacheKeyHook, RequestContext,
+        CacheKeyDecision, Guest as CacheKeyHook, InferenceRequest, RequestContext,
     };
     use exports::sluice::plugin::lifecycle::Guest as Lifecycle;
 
@@ -157,10 +181,14 @@ mod component {
     impl CacheKeyHook for Plugin {
         fn cache_key(
             _ctx: RequestContext,
-            request: CompletionRequest,
+            request: InferenceRequest,
             _default_key: String,
         ) -> CacheKeyDecision {
-            match CONFIG.with(|c| key(&c.borrow(), &request.body_json)) {
+            let body_json = match &request {
+                InferenceRequest::Completion(request) => &request.body_json,
+                InferenceRequest::Chat(request) => &request.body_json,
+            };
+            match CONFIG.with(|c| key(&c.borrow(), body_json)) {
                 Some(key) => CacheKeyDecision::Custom(key),
                 None => CacheKeyDecision::UseDefault,
             }
@@ -187,6 +215,31 @@ mod tests {
         );
         assert_eq!(a, b);
         assert!(a.is_some());
+    }
+
+    #[test]
+    fn chat_messages_are_normalized_too() {
+        let c = Config::default();
+        let a = key(
+            &c,
+            r#"{"model":"m","messages":[{"role":"user","content":"Hello   World"}],"user":"a"}"#,
+        );
+        let b = key(
+            &c,
+            r#"{"model":"m","messages":[{"role":"user","content":" hello world"}],"user":"b"}"#,
+        );
+        let parts = key(
+            &c,
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"HELLO world"}]}]}"#,
+        );
+        let other = key(
+            &c,
+            r#"{"model":"m","messages":[{"role":"system","content":"hello world"}]}"#,
+        );
+        assert_eq!(a, b);
+        assert!(a.is_some());
+        assert_ne!(a, parts, "a list of parts is another request");
+        assert_ne!(a, other, "the role is part of the key");
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! pii-redactor: replaces e-mail addresses and phone numbers in prompts
-//! before they reach the model (or the cache key).
+//! pii-redactor: replaces e-mail addresses and phone numbers in prompts and
+//! in the text of every chat message before they reach the model (or the
+//! cache key).
 //!
 //! Config: `email = "[EMAIL]"`, `phone = "[PHONE]"` (the replacements).
 
@@ -156,8 +157,9 @@ mod component {
 
     use exports::sluice::plugin::lifecycle::Guest as Lifecycle;
     use exports::sluice::plugin::request_hook::{
-        CompletionRequest, Guest as RequestHook, RequestContext, RequestDecision,
+        Guest as RequestHook, RequestContext, RequestDecision,
     };
+    use sluice::plugin::types::InferenceRequest;
 
     thread_local! {
         static CONFIG: RefCell<Config> = RefCell::new(Config::default());
@@ -174,22 +176,36 @@ mod component {
         }
     }
 
+    /// Redacts `text` in place; true when it changed.
+    fn redact_in_place(config: &Config, text: &mut String) -> bool {
+        let redacted = redact(config, text);
+        let changed = redacted != *text;
+        *text = redacted;
+        changed
+    }
+
     impl RequestHook for Plugin {
-        fn on_request(_ctx: RequestContext, request: CompletionRequest) -> RequestDecision {
-            let redacted: Vec<String> = CONFIG.with(|c| {
-                request
-                    .prompts
-                    .iter()
-                    .map(|p| redact(&c.borrow(), p))
-                    .collect()
+        fn on_request(_ctx: RequestContext, mut request: InferenceRequest) -> RequestDecision {
+            let changed = CONFIG.with(|c| {
+                let config = c.borrow();
+                let mut changed = false;
+                match &mut request {
+                    InferenceRequest::Completion(completion) => {
+                        for prompt in &mut completion.prompts {
+                            changed |= redact_in_place(&config, prompt);
+                        }
+                    }
+                    InferenceRequest::Chat(chat) => {
+                        for text in chat.messages.iter_mut().filter_map(|m| m.content.as_mut()) {
+                            changed |= redact_in_place(&config, text);
+                        }
+                    }
+                }
+                changed
             });
-            if redacted == request.prompts {
-                RequestDecision::Proceed
-            } else {
-                RequestDecision::Modify(CompletionRequest {
-                    prompts: redacted,
-                    ..request
-                })
+            match changed {
+                true => RequestDecision::Modify(request),
+                false => RequestDecision::Proceed,
             }
         }
     }

@@ -1,5 +1,6 @@
-//! prompt-guard: rejects prompts that contain configured phrases
-//! (case-insensitive) and can prepend an instruction to every prompt.
+//! prompt-guard: rejects prompts and conversations that contain configured
+//! phrases (case-insensitive, in any message) and can prepend an instruction
+//! to every prompt (on the chat route: a system message first).
 //!
 //! Config: `block = ["ignore previous instructions"]`, `status = 400`,
 //! `message = "..."`, `prepend = "You are a careful assistant.\n"`.
@@ -46,29 +47,43 @@ impl Guard {
         Self { config, phrases }
     }
 
-    pub fn judge(&self, prompts: &[String]) -> Verdict {
-        for prompt in prompts {
+    /// The rejection for the first text holding a blocked phrase, if any.
+    pub fn blocked(&self, texts: &[String]) -> Option<Verdict> {
+        for text in texts {
             // ASCII lower-casing agrees with Unicode's on ASCII text, and is cheaper.
-            let lower = if prompt.is_ascii() {
-                prompt.to_ascii_lowercase()
+            let lower = if text.is_ascii() {
+                text.to_ascii_lowercase()
             } else {
-                prompt.to_lowercase()
+                text.to_lowercase()
             };
             let blocked = self
                 .phrases
                 .iter()
                 .find(|(_, finder)| finder.find(lower.as_bytes()).is_some());
             if let Some((phrase, _)) = blocked {
-                return Verdict::Reject {
+                return Some(Verdict::Reject {
                     status: self.config.status.unwrap_or(400),
                     message: self.config.message.clone().unwrap_or_else(|| {
                         format!("prompt rejected by policy: it contains \"{phrase}\"")
                     }),
-                };
+                });
             }
         }
-        match &self.config.prepend {
-            Some(prefix) if !prefix.is_empty() && !prompts.is_empty() => {
+        None
+    }
+
+    /// The instruction to prepend, if one is configured.
+    pub fn instruction(&self) -> Option<&str> {
+        self.config.prepend.as_deref().filter(|p| !p.is_empty())
+    }
+
+    /// The verdict on a completion's prompts.
+    pub fn judge(&self, prompts: &[String]) -> Verdict {
+        if let Some(rejection) = self.blocked(prompts) {
+            return rejection;
+        }
+        match self.instruction() {
+            Some(prefix) if !prompts.is_empty() => {
                 Verdict::Rewrite(prompts.iter().map(|p| format!("{prefix}{p}")).collect())
             }
             _ => Verdict::Allow,
@@ -86,9 +101,10 @@ mod component {
 
     use exports::sluice::plugin::lifecycle::Guest as Lifecycle;
     use exports::sluice::plugin::request_hook::{
-        CompletionRequest, Guest as RequestHook, Rejection, RequestContext, RequestDecision,
+        Guest as RequestHook, Rejection, RequestContext, RequestDecision,
     };
     use sluice::plugin::host::{LogLevel, log};
+    use sluice::plugin::types::{ChatMessage, CompletionRequest, InferenceRequest};
 
     thread_local! {
         static GUARD: RefCell<Guard> = RefCell::new(Guard::new(Config::default()));
@@ -98,6 +114,9 @@ mod component {
 
     impl Lifecycle for Plugin {
         fn init(config: String) -> Result<(), String> {
+            // A panic would show only as "wasm `unreachable` instruction executed";
+            // this puts its message in the gateway's log first.
+            std::panic::set_hook(Box::new(|info| log(LogLevel::Error, &info.to_string())));
             let config: Config =
                 serde_json::from_str(&config).map_err(|e| format!("invalid config: {e}"))?;
             GUARD.with(|g| *g.borrow_mut() = Guard::new(config));
@@ -105,21 +124,56 @@ mod component {
         }
     }
 
-    impl RequestHook for Plugin {
-        fn on_request(ctx: RequestContext, request: CompletionRequest) -> RequestDecision {
-            match GUARD.with(|g| g.borrow().judge(&request.prompts)) {
-                Verdict::Allow => RequestDecision::Proceed,
-                Verdict::Rewrite(prompts) => {
-                    RequestDecision::Modify(CompletionRequest { prompts, ..request })
-                }
-                Verdict::Reject { status, message } => {
-                    log(
-                        LogLevel::Info,
-                        &format!("rejected a prompt for key {}", ctx.key_name),
-                    );
-                    RequestDecision::Reject(Rejection { status, message })
-                }
+    fn reject(ctx: &RequestContext, verdict: Verdict) -> RequestDecision {
+        log(
+            LogLevel::Info,
+            &format!("rejected a request for key {}", ctx.key_name),
+        );
+        match verdict {
+            Verdict::Reject { status, message } => {
+                RequestDecision::Reject(Rejection { status, message })
             }
+            _ => RequestDecision::Proceed,
+        }
+    }
+
+    impl RequestHook for Plugin {
+        fn on_request(ctx: RequestContext, request: InferenceRequest) -> RequestDecision {
+            GUARD.with(|g| {
+                let guard = g.borrow();
+                match request {
+                    InferenceRequest::Completion(request) => match guard.judge(&request.prompts) {
+                        Verdict::Allow => RequestDecision::Proceed,
+                        Verdict::Rewrite(prompts) => RequestDecision::Modify(
+                            InferenceRequest::Completion(CompletionRequest { prompts, ..request }),
+                        ),
+                        rejection => reject(&ctx, rejection),
+                    },
+                    InferenceRequest::Chat(mut chat) => {
+                        // Every message counts: an injection can hide in a tool result.
+                        let texts: Vec<String> = chat
+                            .messages
+                            .iter()
+                            .filter_map(|m| m.content.clone())
+                            .collect();
+                        if let Some(rejection) = guard.blocked(&texts) {
+                            return reject(&ctx, rejection);
+                        }
+                        match guard.instruction() {
+                            Some(instruction) => {
+                                let system = ChatMessage {
+                                    role: "system".into(),
+                                    content: Some(instruction.trim_end().to_string()),
+                                    json: "{}".into(),
+                                };
+                                chat.messages.insert(0, system);
+                                RequestDecision::Modify(InferenceRequest::Chat(chat))
+                            }
+                            None => RequestDecision::Proceed,
+                        }
+                    }
+                }
+            })
         }
     }
 

@@ -12,10 +12,11 @@ wit_bindgen::generate!({ path: "../../../wit", world: "full-plugin" });
 use exports::sluice::plugin::cache_key_hook::{CacheKeyDecision, Guest as CacheKeyHook};
 use exports::sluice::plugin::lifecycle::Guest as Lifecycle;
 use exports::sluice::plugin::request_hook::{
-    CompletionRequest, Guest as RequestHook, RequestContext, RequestDecision,
+    Guest as RequestHook, InferenceRequest, RequestContext, RequestDecision,
 };
 use exports::sluice::plugin::token_batch_hook::Guest as TokenBatchHook;
 use exports::sluice::plugin::token_hook::{Guest as TokenHook, TokenAction};
+use sluice::plugin::types::CompletionRequest;
 
 #[derive(serde::Deserialize, Default, Clone)]
 struct Config {
@@ -71,13 +72,21 @@ impl Lifecycle for Plugin {
 }
 
 impl RequestHook for Plugin {
-    fn on_request(_ctx: RequestContext, request: CompletionRequest) -> RequestDecision {
-        match misbehave("on-request") {
-            Some(text) => RequestDecision::Modify(CompletionRequest {
-                prompts: vec![text],
-                ..request
-            }),
-            None => RequestDecision::Proceed,
+    fn on_request(_ctx: RequestContext, request: InferenceRequest) -> RequestDecision {
+        match (misbehave("on-request"), request) {
+            (Some(text), InferenceRequest::Completion(request)) => {
+                RequestDecision::Modify(InferenceRequest::Completion(CompletionRequest {
+                    prompts: vec![text],
+                    ..request
+                }))
+            }
+            (Some(text), InferenceRequest::Chat(mut request)) => {
+                for message in &mut request.messages {
+                    message.content = Some(text.clone());
+                }
+                RequestDecision::Modify(InferenceRequest::Chat(request))
+            }
+            (None, _) => RequestDecision::Proceed,
         }
     }
 }
@@ -85,7 +94,7 @@ impl RequestHook for Plugin {
 impl CacheKeyHook for Plugin {
     fn cache_key(
         _ctx: RequestContext,
-        _request: CompletionRequest,
+        _request: InferenceRequest,
         _default_key: String,
     ) -> CacheKeyDecision {
         match misbehave("cache-key") {
