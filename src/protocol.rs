@@ -297,73 +297,113 @@ impl CompletionRequest {
     /// Parses and validates a request body; every failure is a 400 that says what is wrong.
     pub fn parse(body: &[u8]) -> Result<Self, GatewayError> {
         let request: CompletionRequest = parse_body(body)?;
-        request.validate()?;
+        if request.prompt.is_empty() {
+            return Err(GatewayError::BadRequest("prompt must not be empty".into()));
+        }
+        request.check_common()?;
         Ok(request)
     }
+}
 
-    fn validate(&self) -> Result<(), GatewayError> {
+impl RequestBody for CompletionRequest {
+    const CACHE_NAMESPACE: &'static str = "v1";
+
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn sampling(&self) -> (Option<u32>, Option<f64>, Option<f64>) {
+        (self.n, self.temperature, self.top_p)
+    }
+
+    fn transport(&self) -> (Option<bool>, Option<&StreamOptions>) {
+        (self.stream, self.stream_options.as_ref())
+    }
+
+    fn transport_mut(&mut self) -> (&mut Option<bool>, &mut Option<StreamOptions>) {
+        (&mut self.stream, &mut self.stream_options)
+    }
+}
+
+/// What the completion and the chat body share: the checks of the sampling
+/// fields, and the transport fields (`stream`, `stream_options`) that the
+/// gateway sets for the upstream and leaves out of cache keys.
+pub trait RequestBody: Clone + Serialize {
+    /// The prefix of default cache keys: requests of two kinds never share an entry.
+    const CACHE_NAMESPACE: &'static str;
+
+    fn model(&self) -> &str;
+
+    /// `n`, `temperature` and `top_p`.
+    fn sampling(&self) -> (Option<u32>, Option<f64>, Option<f64>);
+
+    fn transport(&self) -> (Option<bool>, Option<&StreamOptions>);
+
+    fn transport_mut(&mut self) -> (&mut Option<bool>, &mut Option<StreamOptions>);
+
+    /// The checks both kinds of request pass, each failure a 400 saying what is wrong.
+    fn check_common(&self) -> Result<(), GatewayError> {
         let bad = |m: &str| Err(GatewayError::BadRequest(m.to_string()));
-        if self.model.trim().is_empty() {
+        let (n, temperature, top_p) = self.sampling();
+        if self.model().trim().is_empty() {
             return bad("model must not be empty");
         }
-        if self.prompt.is_empty() {
-            return bad("prompt must not be empty");
-        }
-        if self.n == Some(0) {
+        if n == Some(0) {
             return bad("n must be at least 1");
         }
-        if self
-            .temperature
-            .is_some_and(|t| !(0.0..=100.0).contains(&t))
-        {
+        if temperature.is_some_and(|t| !(0.0..=100.0).contains(&t)) {
             return bad("temperature must be a non-negative number");
         }
-        if self.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        if top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
             return bad("top_p must be in (0, 1]");
         }
-        if self.stream_options.is_some() && !self.is_stream() {
+        if self.transport().1.is_some() && !self.is_stream() {
             return bad("Stream options can only be defined when `stream=True`.");
         }
         Ok(())
     }
 
-    pub fn is_stream(&self) -> bool {
-        self.stream.unwrap_or(false)
+    fn is_stream(&self) -> bool {
+        self.transport().0.unwrap_or(false)
     }
 
     /// Whether the client asked for the final usage chunk of a stream.
-    pub fn wants_usage_chunk(&self) -> bool {
-        self.stream_options
-            .as_ref()
+    fn wants_usage_chunk(&self) -> bool {
+        self.transport()
+            .1
             .and_then(|o| o.include_usage)
             .unwrap_or(false)
     }
 
     /// The body sent upstream: always streaming, always with the usage chunk
     /// (the gateway needs token counts; it strips the chunk for clients that did not ask).
-    pub fn upstream_body(&self) -> Bytes {
+    fn upstream_body(&self) -> Bytes {
         let mut upstream = self.clone();
-        upstream.stream = Some(true);
-        let mut options = upstream.stream_options.take().unwrap_or_default();
-        options.include_usage = Some(true);
-        upstream.stream_options = Some(options);
+        let (stream, stream_options) = upstream.transport_mut();
+        *stream = Some(true);
+        stream_options.get_or_insert_default().include_usage = Some(true);
         Bytes::from(serde_json::to_vec(&upstream).unwrap_or_default())
     }
 
     /// The default cache key: a digest of everything that changes the output.
     /// Transport choices (`stream`, `stream_options.include_usage`) are left out
     /// so that a streaming and a non-streaming request share one entry.
-    pub fn default_cache_key(&self) -> String {
+    fn default_cache_key(&self) -> String {
         let mut canonical = self.clone();
-        canonical.stream = None;
-        if let Some(options) = canonical.stream_options.as_mut() {
+        let (stream, stream_options) = canonical.transport_mut();
+        *stream = None;
+        if let Some(options) = stream_options.as_mut() {
             options.include_usage = None;
             if options.continuous_usage_stats != Some(true) {
-                canonical.stream_options = None;
+                *stream_options = None;
             }
         }
         let json = serde_json::to_vec(&canonical).unwrap_or_default();
-        format!("v1:{}", hex::encode(Sha256::digest(&json)))
+        format!(
+            "{}:{}",
+            Self::CACHE_NAMESPACE,
+            hex::encode(Sha256::digest(&json))
+        )
     }
 }
 
@@ -697,11 +737,59 @@ impl ResponseAssembler {
 /// Accumulates completion stream chunks into the body vLLM returns for `stream: false`.
 #[derive(Default)]
 pub struct CompletionAssembler {
-    id: String,
-    created: i64,
-    model: String,
+    head: ResponseHead,
     choices: BTreeMap<u64, ChoiceAcc>,
+}
+
+/// What every chunk of a response repeats (kept from the first) and the usage.
+#[derive(Default)]
+pub(crate) struct ResponseHead {
+    pub id: String,
+    pub created: i64,
+    pub model: String,
     usage: Option<Value>,
+}
+
+impl ResponseHead {
+    /// Reads a chunk's envelope; returns its choices, as objects.
+    pub fn read(&mut self, payload: &[u8]) -> Vec<Map<String, Value>> {
+        let Ok(Value::Object(mut chunk)) = serde_json::from_slice::<Value>(payload) else {
+            return Vec::new();
+        };
+        if self.id.is_empty() {
+            if let Some(Value::String(id)) = chunk.remove("id") {
+                self.id = id;
+            }
+            self.created = chunk.get("created").and_then(Value::as_i64).unwrap_or(0);
+            if let Some(Value::String(model)) = chunk.remove("model") {
+                self.model = model;
+            }
+        }
+        if let Some(usage) = chunk.remove("usage").filter(|u| !u.is_null()) {
+            self.usage = Some(usage);
+        }
+        match chunk.remove("choices") {
+            Some(Value::Array(choices)) => choices
+                .into_iter()
+                .filter_map(|choice| match choice {
+                    Value::Object(choice) => Some(choice),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The usage as vLLM's non-streaming body has it (zeros if none came).
+    pub fn take_usage(&mut self) -> Value {
+        let mut usage = self.usage.take().unwrap_or_else(
+            || serde_json::json!({"prompt_tokens": 0, "total_tokens": 0, "completion_tokens": 0}),
+        );
+        if let Value::Object(fields) = &mut usage {
+            fields.entry("prompt_tokens_details").or_insert(Value::Null);
+        }
+        usage
+    }
 }
 
 #[derive(Default)]
@@ -724,28 +812,7 @@ struct LogprobsAcc {
 
 impl CompletionAssembler {
     pub fn push(&mut self, payload: &[u8]) {
-        let Ok(Value::Object(mut chunk)) = serde_json::from_slice::<Value>(payload) else {
-            return;
-        };
-        if self.id.is_empty() {
-            if let Some(Value::String(id)) = chunk.remove("id") {
-                self.id = id;
-            }
-            self.created = chunk.get("created").and_then(Value::as_i64).unwrap_or(0);
-            if let Some(Value::String(model)) = chunk.remove("model") {
-                self.model = model;
-            }
-        }
-        if let Some(usage) = chunk.remove("usage").filter(|u| !u.is_null()) {
-            self.usage = Some(usage);
-        }
-        let Some(Value::Array(choices)) = chunk.remove("choices") else {
-            return;
-        };
-        for choice in choices {
-            let Value::Object(mut choice) = choice else {
-                continue;
-            };
+        for mut choice in self.head.read(payload) {
             let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
             let acc = self.choices.entry(index).or_default();
             if let Some(Value::String(text)) = choice.get("text") {
@@ -779,7 +846,7 @@ impl CompletionAssembler {
     }
 
     /// The JSON body vLLM returns for `stream: false`, fields in vLLM's order.
-    pub fn finish(self) -> String {
+    pub fn finish(mut self) -> String {
         #[derive(Serialize)]
         struct Body {
             id: String,
@@ -817,17 +884,12 @@ impl CompletionAssembler {
                 prompt_token_ids: acc.prompt_token_ids,
             })
             .collect();
-        let mut usage = self.usage.unwrap_or_else(
-            || serde_json::json!({"prompt_tokens": 0, "total_tokens": 0, "completion_tokens": 0}),
-        );
-        if let Value::Object(fields) = &mut usage {
-            fields.entry("prompt_tokens_details").or_insert(Value::Null);
-        }
+        let usage = self.head.take_usage();
         serde_json::to_string(&Body {
-            id: self.id,
+            id: self.head.id,
             object: "text_completion",
-            created: self.created,
-            model: self.model,
+            created: self.head.created,
+            model: self.head.model,
             choices,
             service_tier: None,
             system_fingerprint: None,

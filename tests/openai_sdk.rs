@@ -9,7 +9,7 @@
 mod common;
 
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn openai_python_sdk_streams_and_completes() {
@@ -17,18 +17,7 @@ async fn openai_python_sdk_streams_and_completes() {
         return;
     };
     let gw = TestGateway::start().await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_sdk.py");
-    let output = tokio::process::Command::new(python)
-        .args([script, &gw.url, &gw.key, MODEL])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "SDK script failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let result = run_sdk_script(&python, "openai_sdk.py", &[&gw.url, &gw.key, MODEL]).await;
     let expected = gw.sim.expected_texts(
         &json!({"model": MODEL, "prompt": "The river flows", "max_tokens": 6, "seed": 1}),
     );

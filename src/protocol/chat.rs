@@ -5,13 +5,11 @@
 
 use std::collections::BTreeMap;
 
-use bytes::Bytes;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 
-use super::{StreamOptions, parse_body};
+use super::{RequestBody, ResponseHead, StreamOptions, parse_body};
 use crate::error::GatewayError;
 
 /// The roles vLLM's chat templates know.
@@ -173,83 +171,41 @@ impl ChatRequest {
     /// Parses and validates a request body; every failure is a 400 that says what is wrong.
     pub fn parse(body: &[u8]) -> Result<Self, GatewayError> {
         let request: ChatRequest = parse_body(body)?;
-        request.validate()?;
+        request.check_common()?;
         Ok(request)
-    }
-
-    fn validate(&self) -> Result<(), GatewayError> {
-        let bad = |m: &str| Err(GatewayError::BadRequest(m.to_string()));
-        if self.model.trim().is_empty() {
-            return bad("model must not be empty");
-        }
-        if self.n == Some(0) {
-            return bad("n must be at least 1");
-        }
-        if self
-            .temperature
-            .is_some_and(|t| !(0.0..=100.0).contains(&t))
-        {
-            return bad("temperature must be a non-negative number");
-        }
-        if self.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
-            return bad("top_p must be in (0, 1]");
-        }
-        if self.stream_options.is_some() && !self.is_stream() {
-            return bad("Stream options can only be defined when `stream=True`.");
-        }
-        Ok(())
-    }
-
-    pub fn is_stream(&self) -> bool {
-        self.stream.unwrap_or(false)
     }
 
     /// The output limit the client set (`max_completion_tokens`, or the older `max_tokens`).
     pub fn output_limit(&self) -> Option<u32> {
         self.max_completion_tokens.or(self.max_tokens)
     }
+}
 
-    pub fn wants_usage_chunk(&self) -> bool {
-        self.stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false)
+impl RequestBody for ChatRequest {
+    const CACHE_NAMESPACE: &'static str = "chat-v1";
+
+    fn model(&self) -> &str {
+        &self.model
     }
 
-    /// The body sent upstream: always streaming, always with the usage chunk.
-    pub fn upstream_body(&self) -> Bytes {
-        let mut upstream = self.clone();
-        upstream.stream = Some(true);
-        let mut options = upstream.stream_options.take().unwrap_or_default();
-        options.include_usage = Some(true);
-        upstream.stream_options = Some(options);
-        Bytes::from(serde_json::to_vec(&upstream).unwrap_or_default())
+    fn sampling(&self) -> (Option<u32>, Option<f64>, Option<f64>) {
+        (self.n, self.temperature, self.top_p)
     }
 
-    /// The default cache key: a digest of everything that changes the output,
-    /// in a namespace of its own (a chat and a completion never share an entry).
-    pub fn default_cache_key(&self) -> String {
-        let mut canonical = self.clone();
-        canonical.stream = None;
-        if let Some(options) = canonical.stream_options.as_mut() {
-            options.include_usage = None;
-            if options.continuous_usage_stats != Some(true) {
-                canonical.stream_options = None;
-            }
-        }
-        let json = serde_json::to_vec(&canonical).unwrap_or_default();
-        format!("chat-v1:{}", hex::encode(Sha256::digest(&json)))
+    fn transport(&self) -> (Option<bool>, Option<&StreamOptions>) {
+        (self.stream, self.stream_options.as_ref())
+    }
+
+    fn transport_mut(&mut self) -> (&mut Option<bool>, &mut Option<StreamOptions>) {
+        (&mut self.stream, &mut self.stream_options)
     }
 }
 
 /// Accumulates chat stream chunks into the body vLLM returns for `stream: false`.
 #[derive(Default)]
 pub struct ChatAssembler {
-    id: String,
-    created: i64,
-    model: String,
+    head: ResponseHead,
     choices: BTreeMap<u64, ChatChoiceAcc>,
-    usage: Option<Value>,
 }
 
 #[derive(Default)]
@@ -273,28 +229,7 @@ struct ToolCallAcc {
 
 impl ChatAssembler {
     pub fn push(&mut self, payload: &[u8]) {
-        let Ok(Value::Object(mut chunk)) = serde_json::from_slice::<Value>(payload) else {
-            return;
-        };
-        if self.id.is_empty() {
-            if let Some(Value::String(id)) = chunk.remove("id") {
-                self.id = id;
-            }
-            self.created = chunk.get("created").and_then(Value::as_i64).unwrap_or(0);
-            if let Some(Value::String(model)) = chunk.remove("model") {
-                self.model = model;
-            }
-        }
-        if let Some(usage) = chunk.remove("usage").filter(|u| !u.is_null()) {
-            self.usage = Some(usage);
-        }
-        let Some(Value::Array(choices)) = chunk.remove("choices") else {
-            return;
-        };
-        for choice in choices {
-            let Value::Object(mut choice) = choice else {
-                continue;
-            };
+        for mut choice in self.head.read(payload) {
             let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
             let acc = self.choices.entry(index).or_default();
             if let Some(Value::Object(mut delta)) = choice.remove("delta") {
@@ -328,8 +263,8 @@ impl ChatAssembler {
         }
     }
 
-    /// The JSON body vLLM returns for a non-streaming chat request, fields in vLLM's order.
-    pub fn finish(self) -> String {
+    /// The JSON body vLLM returns for a non-streaming chat request.
+    pub fn finish(mut self) -> String {
         let choices: Vec<Value> = self
             .choices
             .into_iter()
@@ -363,21 +298,15 @@ impl ChatAssembler {
                 })
             })
             .collect();
-        let mut usage = self.usage.unwrap_or_else(
-            || serde_json::json!({"prompt_tokens": 0, "total_tokens": 0, "completion_tokens": 0}),
-        );
-        if let Value::Object(fields) = &mut usage {
-            fields.entry("prompt_tokens_details").or_insert(Value::Null);
-        }
         serde_json::json!({
-            "id": self.id,
+            "id": self.head.id,
             "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
+            "created": self.head.created,
+            "model": self.head.model,
             "choices": choices,
             "service_tier": null,
             "system_fingerprint": null,
-            "usage": usage,
+            "usage": self.head.take_usage(),
             "prompt_logprobs": null,
             "kv_transfer_params": null,
         })

@@ -339,6 +339,23 @@ pub fn python_with_openai() -> Option<String> {
     None
 }
 
+/// Runs the Python script `tests/<script>` with `args`; the JSON it prints.
+pub async fn run_sdk_script(python: &str, script: &str, args: &[&str]) -> Value {
+    let path = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
+    let output = tokio::process::Command::new(python)
+        .arg(path)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
 /// Runs `tests/openai_chat.py` (the OpenAI SDK's `chat.completions` through
 /// the gateway and straight to the upstream) and checks that every scenario
 /// came back the same both ways, field by field.
