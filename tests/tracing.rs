@@ -212,6 +212,47 @@ async fn one_request_through_kafka_is_one_trace_from_client_to_worker() {
         upstream_parent.contains(&worker.span_id),
         "vLLM's parent is the worker span"
     );
+
+    // A chat is traced the same way, under its own route's name.
+    let chat_parent = "b7ad6b7169203331";
+    let response = gw
+        .http
+        .post(gw.chat_url())
+        .bearer_auth(&gw.key)
+        .header("traceparent", format!("00-{client_trace}-{chat_parent}-01"))
+        .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "trace this chat"}], "max_tokens": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    let spans = eventually(Duration::from_secs(10), || {
+        telemetry.flush();
+        let spans = received.lock().unwrap().clone();
+        let chat = spans
+            .iter()
+            .find(|s| s.name == "POST /v1/chat/completions")
+            .cloned();
+        let submit = chat.as_ref().and_then(|chat| {
+            spans
+                .iter()
+                .find(|s| s.name == "queue.submit" && s.parent == chat.span_id)
+                .cloned()
+        });
+        let worker = submit.as_ref().and_then(|submit| {
+            spans
+                .iter()
+                .find(|s| s.name == "worker.upstream" && s.parent == submit.span_id)
+                .cloned()
+        });
+        async move { chat.zip(worker) }
+    })
+    .await;
+    let (chat, worker) = spans.expect("the chat's request span and its worker span across Kafka");
+    assert_eq!(chat.parent, chat_parent);
+    assert_eq!(chat.trace_id, client_trace);
+    assert_eq!(chat.attributes["completion_tokens"], json!(4));
+    assert_eq!(worker.attributes["outcome"], json!("completed"));
     gw.stop().await;
     services.drop_database().await;
 }
