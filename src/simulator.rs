@@ -920,20 +920,19 @@ fn stream_response(state: Arc<SimState>, generation: Generation) -> Response {
                         }));
                     }
                 }
-                s.step += 1;
-                continue;
-            }
-            for (i, (p, c)) in pairs.into_iter().enumerate() {
-                let choice = g.choice(p, c, step, &mut s.offsets[i]);
-                let usage = g.continuous_usage.then(|| g.usage(u64::from(step + 1)));
-                s.pending.push_back(sse(&StreamChunk {
-                    id: &g.id,
-                    object: "text_completion",
-                    created: g.created,
-                    model: &g.model,
-                    choices: vec![choice],
-                    usage,
-                }));
+            } else {
+                for (i, (p, c)) in pairs.into_iter().enumerate() {
+                    let choice = g.choice(p, c, step, &mut s.offsets[i]);
+                    let usage = g.continuous_usage.then(|| g.usage(u64::from(step + 1)));
+                    s.pending.push_back(sse(&StreamChunk {
+                        id: &g.id,
+                        object: "text_completion",
+                        created: g.created,
+                        model: &g.model,
+                        choices: vec![choice],
+                        usage,
+                    }));
+                }
             }
             s.step += 1;
             if s.generation.record_emit_times {
