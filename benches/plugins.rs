@@ -64,10 +64,7 @@ fn all_plugins() -> Vec<PluginConfig> {
 fn ctx() -> RequestContext {
     RequestContext {
         request_id: "bench".into(),
-        identity: Identity {
-            key_id: "key_bench".into(),
-            key_name: "bench".into(),
-        },
+        identity: Identity::unlimited("key_bench", "bench"),
         route: "/v1/completions",
         transport: "sse",
         trace: opentelemetry::Context::new(),

@@ -92,7 +92,13 @@ impl Gateway {
             PluginHost::start(&config, metrics.clone()).await?
         };
         let state = Arc::new(AppState {
-            auth: Authenticator::new(store.clone(), &config.auth, metrics.clone()),
+            auth: Authenticator::new(
+                store.clone(),
+                &config.auth,
+                config.limits.default.clone(),
+                metrics.clone(),
+            ),
+            limiter: crate::limits::Limiter::new(&config.limits, metrics.clone()).await,
             models: crate::models::ModelCatalog::new(&config.upstream)?,
             config,
             store,

@@ -17,22 +17,55 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use base64::Engine;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 use crate::config::AuthConfig;
 use crate::error::GatewayError;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::store::{NewApiKey, Store, StoreError};
+use crate::store::{ActiveKey, NewApiKey, Store, StoreError};
 
 const SECRET_PREFIX: &str = "sk-sluice-";
 
-/// Who is making a request.
+/// Who is making a request, and what they may do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     pub key_id: String,
     pub key_name: String,
+    /// The key's limits, the configured defaults filling in what it does not set.
+    pub limits: Limits,
+    pub team: Option<TeamIdentity>,
+}
+
+/// The team a key belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TeamIdentity {
+    pub id: String,
+    pub name: String,
+    pub limits: Limits,
+}
+
+impl Identity {
+    /// A key without limits (tools and tests).
+    pub fn unlimited(key_id: &str, key_name: &str) -> Self {
+        Self {
+            key_id: key_id.to_string(),
+            key_name: key_name.to_string(),
+            limits: Limits::default(),
+            team: None,
+        }
+    }
+
+    /// Whether the key (and its team) may use `model`.
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.limits.allows_model(model)
+            && self
+                .team
+                .as_ref()
+                .is_none_or(|t| t.limits.allows_model(model))
+    }
 }
 
 /// A newly created key. `secret` exists only here: print it once.
@@ -47,8 +80,19 @@ pub fn hash_secret(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
-/// Creates a key named `name` and stores its hash.
+/// Creates a key named `name` without limits of its own and stores its hash.
 pub async fn create_key(store: &dyn Store, name: &str) -> Result<CreatedKey, StoreError> {
+    create_key_with(store, name, Limits::default(), None, None).await
+}
+
+/// Creates a key named `name` with its limits, team and expiry, and stores its hash.
+pub async fn create_key_with(
+    store: &dyn Store,
+    name: &str,
+    limits: Limits,
+    team_id: Option<String>,
+    expires_at: Option<chrono::DateTime<Utc>>,
+) -> Result<CreatedKey, StoreError> {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     let secret = format!(
@@ -64,6 +108,9 @@ pub async fn create_key(store: &dyn Store, name: &str) -> Result<CreatedKey, Sto
             name: name.to_string(),
             key_hash: hash_secret(&secret),
             created_at: Utc::now(),
+            limits,
+            team_id,
+            expires_at,
         })
         .await?;
     Ok(CreatedKey {
@@ -106,15 +153,21 @@ const VOUCHED_FOR: Duration = Duration::from_secs(600);
 pub struct Authenticator {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
-    valid: moka::future::Cache<String, Identity>,
+    valid: moka::future::Cache<String, (Identity, Option<DateTime<Utc>>)>,
     unknown: moka::future::Cache<String, ()>,
     /// Keys found valid within [`VOUCHED_FOR`]: their lookups are never limited.
     vouched: moka::future::Cache<String, ()>,
     unknown_lookups: Arc<governor::DefaultDirectRateLimiter>,
+    default_limits: Limits,
 }
 
 impl Authenticator {
-    pub fn new(store: Arc<dyn Store>, config: &AuthConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        config: &AuthConfig,
+        default_limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let rate = NonZeroU32::new(config.unknown_lookups_per_second).unwrap_or(NonZeroU32::MIN);
         Self {
             store,
@@ -125,6 +178,7 @@ impl Authenticator {
             unknown_lookups: Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
                 rate,
             ))),
+            default_limits,
         }
     }
 
@@ -134,8 +188,8 @@ impl Authenticator {
         ))?;
         let invalid = GatewayError::Unauthorized("invalid or revoked API key");
         let hash = hash_secret(secret);
-        if let Some(identity) = self.valid.get(&hash).await {
-            return Ok(identity);
+        if let Some((identity, expires_at)) = self.valid.get(&hash).await {
+            return unexpired(identity, expires_at);
         }
         if self.unknown.contains_key(&hash) {
             return Err(invalid);
@@ -152,15 +206,23 @@ impl Authenticator {
                 GatewayError::Backend(format!("cannot verify the API key: {err}"))
             })?;
         match found {
-            Some(key) => {
+            Some(ActiveKey { key, team }) => {
                 lookups.with_label_values(&["found"]).inc();
                 let identity = Identity {
                     key_id: key.id,
                     key_name: key.name,
+                    limits: key.limits.or(&self.default_limits),
+                    team: team.map(|team| TeamIdentity {
+                        id: team.id,
+                        name: team.name,
+                        limits: team.limits,
+                    }),
                 };
                 self.vouched.insert(hash.clone(), ()).await;
-                self.valid.insert(hash, identity.clone()).await;
-                Ok(identity)
+                self.valid
+                    .insert(hash, (identity.clone(), key.expires_at))
+                    .await;
+                unexpired(identity, key.expires_at)
             }
             None => {
                 lookups.with_label_values(&["unknown"]).inc();
@@ -168,6 +230,17 @@ impl Authenticator {
                 Err(invalid)
             }
         }
+    }
+}
+
+/// The identity, unless its key has expired (401).
+fn unexpired(
+    identity: Identity,
+    expires_at: Option<DateTime<Utc>>,
+) -> Result<Identity, GatewayError> {
+    match expires_at {
+        Some(at) if at <= Utc::now() => Err(GatewayError::Unauthorized("this API key has expired")),
+        _ => Ok(identity),
     }
 }
 

@@ -57,6 +57,7 @@ pub struct RawConfig {
     pub auth: AuthConfig,
     pub store: StoreConfig,
     pub cache: CacheConfig,
+    pub limits: LimitsConfig,
     pub queue: RawQueue,
     pub worker: WorkerConfig,
     pub upstream: UpstreamConfig,
@@ -243,6 +244,63 @@ impl Default for CacheConfig {
             timeout: Duration::from_millis(250),
         }
     }
+}
+
+/// `[limits]`: where per-key limits are counted and what applies to keys
+/// without limits of their own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// `memory://` (this process only) or `redis://HOST:PORT[/DB]` (exact across edges).
+    pub url: SecretString,
+    /// Prefix of every Redis key.
+    pub key_prefix: String,
+    /// A Redis check slower than this counts as Redis being down.
+    #[serde(rename = "timeout_ms", deserialize_with = "millis")]
+    pub timeout: Duration,
+    /// How long a running request holds its concurrency slot at most (frees
+    /// the slots of requests whose edge died).
+    #[serde(rename = "lease_secs", deserialize_with = "secs")]
+    pub lease: Duration,
+    /// While Redis is down: `local` (each edge checks its share) or `refuse` (503).
+    pub on_unavailable: OnLimiterDown,
+    /// How many edges share the limits: each one's share while Redis is down.
+    pub edges: u64,
+    /// Tokens reserved for the output of a request without `max_tokens`.
+    pub reserve_tokens: u64,
+    /// Limits of keys that set none of their own (field by field).
+    pub default: crate::limits::Limits,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            url: "memory://".to_string().into(),
+            key_prefix: "sluice:".into(),
+            timeout: Duration::from_millis(250),
+            lease: Duration::from_secs(600),
+            on_unavailable: OnLimiterDown::Local,
+            edges: 1,
+            reserve_tokens: 1024,
+            default: crate::limits::Limits::default(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The Redis URL, when limits are counted in Redis.
+    pub fn redis_url(&self) -> Option<&str> {
+        let url = self.url.expose_secret();
+        matches!(scheme(url), Some("redis" | "rediss")).then_some(url)
+    }
+}
+
+/// What the limiter does while its Redis is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnLimiterDown {
+    Local,
+    Refuse,
 }
 
 /// Which cache `cache.url` names.
@@ -712,6 +770,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub store: StoreConfig,
     pub cache: CacheConfig,
+    pub limits: LimitsConfig,
     pub queue: QueueConfig,
     pub worker: WorkerConfig,
     pub upstream: UpstreamConfig,
@@ -868,6 +927,24 @@ impl RawConfig {
             u64::from(self.store.max_connections),
         )?;
         positive("store.log_buffer", self.store.log_buffer as u64)?;
+
+        let limits_url = self.limits.url.expose_secret();
+        if !matches!(scheme(limits_url), Some("memory" | "redis" | "rediss")) {
+            return Err(invalid(
+                "limits.url",
+                format!(
+                    "`{}` must start with memory:// or redis://",
+                    redact_url(limits_url)
+                ),
+            ));
+        }
+        positive("limits.edges", self.limits.edges)?;
+        positive("limits.reserve_tokens", self.limits.reserve_tokens)?;
+        positive("limits.lease_secs", self.limits.lease.as_secs())?;
+        positive("limits.timeout_ms", self.limits.timeout.as_millis() as u64)?;
+        if let Err(message) = self.limits.default.validate() {
+            return Err(invalid("limits.default", message));
+        }
 
         let cache_url = self.cache.url.expose_secret();
         if !matches!(cache_url, "off" | "none" | "")
@@ -1123,6 +1200,7 @@ impl RawConfig {
             auth: self.auth,
             store: self.store,
             cache: self.cache,
+            limits: self.limits,
             queue,
             worker: self.worker,
             upstream: self.upstream,

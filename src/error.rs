@@ -17,6 +17,9 @@ pub struct ErrorInfo {
     #[serde(rename = "type")]
     pub kind: String,
     pub message: String,
+    /// A named `code` (OpenAI's `rate_limit_exceeded`) instead of the status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
 
 impl ErrorInfo {
@@ -25,6 +28,7 @@ impl ErrorInfo {
             status: status.as_u16(),
             kind: kind.into(),
             message: message.into(),
+            code: None,
         }
     }
 
@@ -44,14 +48,23 @@ impl ErrorInfo {
             #[serde(rename = "type")]
             kind: &'a str,
             param: Option<()>,
-            code: u16,
+            code: Code<'a>,
+        }
+        #[derive(Serialize)]
+        #[serde(untagged)]
+        enum Code<'a> {
+            Status(u16),
+            Named(&'a str),
         }
         serde_json::to_string(&Body {
             error: Inner {
                 message: &self.message,
                 kind: &self.kind,
                 param: None,
-                code: self.status,
+                code: match &self.code {
+                    Some(name) => Code::Named(name),
+                    None => Code::Status(self.status),
+                },
             },
         })
         .unwrap_or_else(|_| String::from(r#"{"error":{"message":"internal error","type":"InternalServerError","param":null,"code":500}}"#))
@@ -73,10 +86,15 @@ pub enum GatewayError {
     Forbidden(String),
     #[error("{0}")]
     TooManyRequests(String),
+    /// A limit of the key or its team refused the request.
+    #[error("{}", .0.message)]
+    RateLimited(Box<crate::limits::RateLimited>),
     #[error("{0}")]
     NotFound(String),
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("{0}")]
+    Conflict(String),
     /// A plugin's `on-request` hook rejected the request.
     #[error("{message}")]
     Rejected { status: StatusCode, message: String },
@@ -107,9 +125,10 @@ impl GatewayError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::TooManyRequests(_) | Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Rejected { status, .. } => *status,
             Self::Upstream(info) => info.status_code(),
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
@@ -131,6 +150,13 @@ impl GatewayError {
     pub fn info(&self) -> ErrorInfo {
         match self {
             Self::Upstream(info) => info.clone(),
+            // OpenAI's rate-limit errors: `type` says which limit, `code` is named.
+            Self::RateLimited(limited) => ErrorInfo {
+                status: 429,
+                kind: limited.kind.label().to_string(),
+                message: limited.message.clone(),
+                code: Some("rate_limit_exceeded".into()),
+            },
             other => ErrorInfo::new(other.status(), other.kind(), other.to_string()),
         }
     }
@@ -144,8 +170,10 @@ impl GatewayError {
             Self::RequestTimeout(_) => "request_timeout",
             Self::Forbidden(_) => "forbidden",
             Self::TooManyRequests(_) => "too_many_requests",
+            Self::RateLimited(_) => "rate_limited",
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
+            Self::Conflict(_) => "conflict",
             Self::Rejected { .. } => "plugin_rejected",
             Self::Upstream(_) => "upstream_error",
             Self::UpstreamUnavailable(_) => "upstream_unavailable",
@@ -197,6 +225,12 @@ impl IntoResponse for GatewayError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Self::RateLimited(limited) = self {
+            let headers = response.headers_mut();
+            headers.extend(limited.headers);
+            let seconds = limited.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

@@ -15,6 +15,7 @@ pub mod error;
 pub mod filter_chain;
 pub mod http;
 pub mod inference_log;
+pub mod limits;
 pub mod log_format;
 pub mod metrics;
 pub mod models;
@@ -29,6 +30,7 @@ pub mod sse;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod tenants;
 pub mod upstream;
 pub mod worker;
 

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub completion_tokens: IntCounterVec,
     pub active_streams: IntGauge,
     pub auth_lookups: IntCounterVec,
+    pub limited: IntCounterVec,
+    pub limiter_fallbacks: IntCounter,
     pub cache_lookups: IntCounterVec,
     pub cache_stores: IntCounterVec,
     pub queue_wait: Histogram,
@@ -182,6 +184,17 @@ impl Metrics {
                 "sluice_auth_lookups_total",
                 "API key lookups in the store by result: found, unknown, or limited (refused without a lookup)",
                 &["result"],
+            ),
+            limited: b.counter_vec(
+                R::EDGE,
+                "sluice_limited_requests_total",
+                "Requests refused by a key's or team's limits, by reason: requests, tokens, concurrency, model, expired, or unavailable (the limiter's Redis is down and on_unavailable = refuse)",
+                &["reason"],
+            ),
+            limiter_fallbacks: b.counter(
+                R::EDGE,
+                "sluice_limiter_fallbacks_total",
+                "Limit checks that could not reach the limiter's Redis (then checked in process, or refused, per limits.on_unavailable)",
             ),
             cache_lookups: b.counter_vec(
                 R::EDGE,

@@ -11,6 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Mutex;
 use url::Url;
 
+use crate::auth::Identity;
 use crate::config::UpstreamConfig;
 use crate::error::{ErrorInfo, GatewayError};
 
@@ -45,6 +46,30 @@ impl ModelCatalog {
         })
     }
 
+    /// The models `identity` may use, of those listed.
+    fn visible(identity: &Identity, body: Bytes) -> Bytes {
+        let restricted = identity.limits.models.is_some()
+            || identity
+                .team
+                .as_ref()
+                .is_some_and(|t| t.limits.models.is_some());
+        if !restricted {
+            return body;
+        }
+        let Ok(serde_json::Value::Object(mut list)) = serde_json::from_slice(&body) else {
+            return body;
+        };
+        if let Some(serde_json::Value::Array(data)) = list.get_mut("data") {
+            data.retain(|model| {
+                model
+                    .get("id")
+                    .and_then(serde_json::Value::as_str)
+                    .is_some_and(|id| identity.allows_model(id))
+            });
+        }
+        Bytes::from(serde_json::Value::Object(list).to_string())
+    }
+
     /// Refuses a model outside the configured list, as vLLM refuses one it does not serve.
     pub fn check(&self, model: &str) -> Result<(), GatewayError> {
         match &self.configured {
@@ -59,8 +84,13 @@ impl ModelCatalog {
         }
     }
 
+    /// The models `identity` may use, in OpenAI's list shape, as JSON.
+    pub async fn list_for(&self, identity: &Identity) -> Result<Bytes, GatewayError> {
+        Ok(Self::visible(identity, self.list().await?))
+    }
+
     /// The list in OpenAI's shape (`{"object": "list", "data": [...]}`), as JSON.
-    pub async fn list(&self) -> Result<Bytes, GatewayError> {
+    async fn list(&self) -> Result<Bytes, GatewayError> {
         if let Some(models) = &self.configured {
             let data: Vec<serde_json::Value> = models
                 .iter()
@@ -122,4 +152,13 @@ impl ModelCatalog {
             "cannot list the upstream's models: {last_error}"
         )))
     }
+}
+
+/// OpenAI's answer for a model the key may not use: 404, as for one that does not exist.
+pub fn no_access(model: &str) -> GatewayError {
+    GatewayError::Upstream(ErrorInfo::new(
+        axum::http::StatusCode::NOT_FOUND,
+        "NotFoundError",
+        format!("The model `{model}` does not exist or you do not have access to it."),
+    ))
 }

@@ -16,6 +16,7 @@ use opentelemetry::trace::SpanKind;
 use crate::cache::{CachedChunks, CachedResponse};
 use crate::error::{ErrorInfo, GatewayError};
 use crate::filter_chain::{FilterChain, Filtered};
+use crate::limits::{Admission, Limiter};
 use crate::policy::RequestContext;
 use crate::protocol::{Chunk, ChunkSummary, ChunkView, InferenceRequest, Route, Usage};
 use crate::queue::{QueuedRequest, ResponseEvent, ResponseStream};
@@ -48,6 +49,8 @@ pub struct RequestRecord {
     last_chunk_at: Option<Instant>,
     pub usage: Option<Usage>,
     chunks_sent: u64,
+    /// The request's place in its key's limits, settled when the record drops.
+    pub admission: Option<Admission>,
 }
 
 impl RequestRecord {
@@ -77,6 +80,7 @@ impl RequestRecord {
             last_chunk_at: None,
             usage: None,
             chunks_sent: 0,
+            admission: None,
         }
     }
 
@@ -148,6 +152,17 @@ impl Drop for RequestRecord {
                 .completion_tokens
                 .with_label_values(&[&self.model])
                 .inc_by(completion_tokens);
+        }
+        if let Some(admission) = self.admission.take() {
+            // A hit costs the GPUs nothing; an answer cut short without usage,
+            // its prompt and the chunks it got.
+            let used = match (self.cache_hit, self.usage) {
+                (true, _) => 0,
+                (false, Some(usage)) => usage.prompt_tokens + usage.completion_tokens,
+                (false, None) if self.chunks_sent == 0 => 0,
+                (false, None) => admission.prompt_estimate + self.chunks_sent,
+            };
+            admission.settle(used);
         }
         let ttft_ms = self
             .first_chunk_at
@@ -287,6 +302,26 @@ pub async fn start(
         record.fail(&err);
         return Err((err, record));
     }
+    // Before the hooks: a request over its key's limits costs no plugin work.
+    let scopes = Limiter::scopes(&ctx.identity);
+    let prompt_estimate = (request.prompt_bytes() as u64).div_ceil(4);
+    let reserved = state.limiter.reservation(
+        request.output_limit(),
+        request.choices(),
+        request.prompt_bytes(),
+    );
+    match state.limiter.admit(scopes, &ctx.request_id, reserved).await {
+        Ok(admission) => {
+            record.admission = admission.map(|mut a| {
+                a.prompt_estimate = prompt_estimate;
+                a
+            })
+        }
+        Err(err) => {
+            record.fail(&err);
+            return Err((err, record));
+        }
+    }
     let cache_key = match state
         .policy
         .admit(ctx, &mut request, state.cache.is_some())
@@ -299,7 +334,16 @@ pub async fn start(
         }
     };
     // After the hooks: the model checked is the one sent (a plugin may map aliases).
-    if let Err(err) = state.models.check(request.model()) {
+    let model_check = state.models.check(request.model()).and_then(|()| {
+        match ctx.identity.allows_model(request.model()) {
+            true => Ok(()),
+            false => {
+                state.metrics.limited.with_label_values(&["model"]).inc();
+                Err(crate::models::no_access(request.model()))
+            }
+        }
+    });
+    if let Err(err) = model_check {
         record.fail(&err);
         return Err((err, record));
     }

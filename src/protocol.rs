@@ -98,6 +98,48 @@ impl InferenceRequest {
         }
     }
 
+    /// The output cap per choice the client set, if any.
+    pub fn output_limit(&self) -> Option<u32> {
+        match self {
+            Self::Completion(r) => r.max_tokens,
+            Self::Chat(r) => r.output_limit(),
+        }
+    }
+
+    /// How many answers are generated: `n` for each prompt.
+    pub fn choices(&self) -> u64 {
+        let prompts = match self {
+            Self::Completion(r) => r.prompt.count() as u64,
+            Self::Chat(_) => 1,
+        };
+        u64::from(self.n()) * prompts
+    }
+
+    /// The bytes of prompt text (token-id prompts: 4 per id), to estimate its tokens.
+    pub fn prompt_bytes(&self) -> usize {
+        match self {
+            Self::Completion(r) => match &r.prompt {
+                Prompt::Text(text) => text.len(),
+                Prompt::Texts(texts) => texts.iter().map(String::len).sum(),
+                Prompt::Tokens(ids) => ids.len() * 4,
+                Prompt::TokenBatches(batches) => batches.iter().map(|b| b.len() * 4).sum(),
+            },
+            Self::Chat(r) => r
+                .messages
+                .iter()
+                .map(|m| match &m.content {
+                    Some(Content::Text(text)) => text.len(),
+                    Some(Content::Parts(parts)) => parts
+                        .iter()
+                        .filter_map(|p| p.get("text").and_then(Value::as_str))
+                        .map(str::len)
+                        .sum(),
+                    None => 0,
+                })
+                .sum(),
+        }
+    }
+
     pub fn wants_usage_chunk(&self) -> bool {
         match self {
             Self::Completion(r) => r.wants_usage_chunk(),
@@ -666,6 +708,7 @@ pub fn parse_error_event(payload: &[u8]) -> Option<crate::error::ErrorInfo> {
                 flat.kind
             },
             message: flat.message,
+            code: None,
         }),
         _ => None,
     }
@@ -691,16 +734,19 @@ pub fn error_info_from_value(error: &Value) -> crate::error::ErrorInfo {
                 .and_then(Value::as_str)
                 .unwrap_or("upstream error")
                 .to_string(),
+            code: None,
         },
         Value::String(message) => crate::error::ErrorInfo {
             status: 500,
             kind: "InternalServerError".into(),
             message: message.clone(),
+            code: None,
         },
         other => crate::error::ErrorInfo {
             status: 500,
             kind: "InternalServerError".into(),
             message: other.to_string(),
+            code: None,
         },
     }
 }

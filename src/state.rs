@@ -25,6 +25,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub inference_log: InferenceLogger,
     pub models: crate::models::ModelCatalog,
+    pub limiter: std::sync::Arc<crate::limits::Limiter>,
     /// Open WebSockets per API key.
     pub ws_sockets: Arc<SocketCounts>,
 }

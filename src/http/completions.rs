@@ -97,11 +97,24 @@ async fn handle(
         transport: record.transport,
         trace: record.trace.context().clone(),
     };
-    match pipeline::start(&state, &ctx, request, record).await {
-        Err((err, _record)) => err.into_response(),
-        Ok(completion) if stream => sse_response(completion),
-        Ok(completion) => json_response(route, completion).await,
+    let completion = match pipeline::start(&state, &ctx, request, record).await {
+        Ok(completion) => completion,
+        Err((err, _record)) => return err.into_response(),
+    };
+    // OpenAI's x-ratelimit-* headers, for keys with limits.
+    let limit_headers = completion
+        .record
+        .admission
+        .as_ref()
+        .map(|admission| admission.standing.headers());
+    let mut response = match stream {
+        true => sse_response(completion),
+        false => json_response(route, completion).await,
+    };
+    if let Some(headers) = limit_headers {
+        response.headers_mut().extend(headers);
     }
+    response
 }
 
 /// Reads the body, refusing more than `limit` bytes (before reading, when Content-Length says so).

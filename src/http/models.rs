@@ -12,11 +12,11 @@ use crate::state::AppState;
 pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let request_id = super::new_request_id();
     let answer = async {
-        state
+        let identity = state
             .auth
             .authenticate(presented_secret(&headers, None))
             .await?;
-        state.models.list().await
+        state.models.list_for(&identity).await
     };
     let response = match answer.await {
         Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),

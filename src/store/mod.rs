@@ -13,6 +13,7 @@ use serde::Serialize;
 use secrecy::ExposeSecret;
 
 use crate::config::{StoreConfig, StoreKind, redact_url};
+use crate::limits::Limits;
 
 pub use sql::{PostgresStore, SqliteStore};
 
@@ -24,19 +25,34 @@ pub enum StoreError {
         url: String,
         source: sqlx::Error,
     },
-    #[error("a key named `{0}` already exists")]
+    #[error("a key or team named `{0}` already exists")]
     DuplicateName(String),
+    #[error("stored limits of `{0}` are not valid JSON limits: {1}")]
+    BadLimits(String, String),
     #[error("store query failed: {0}")]
     Query(#[from] sqlx::Error),
 }
 
 /// An API key as listed: never the secret, never its hash.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ApiKey {
     pub id: String,
     pub name: String,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
+    /// The key's own limits (unset fields: the configured defaults apply).
+    pub limits: Limits,
+    pub team_id: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A group of keys with limits of its own, checked beside each key's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Team {
+    pub id: String,
+    pub name: String,
+    pub limits: Limits,
+    pub created_at: DateTime<Utc>,
 }
 
 /// A key to insert: the hash of its secret, not the secret.
@@ -46,6 +62,16 @@ pub struct NewApiKey {
     pub name: String,
     pub key_hash: String,
     pub created_at: DateTime<Utc>,
+    pub limits: Limits,
+    pub team_id: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// An active key found by its secret, with its team if it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveKey {
+    pub key: ApiKey,
+    pub team: Option<Team>,
 }
 
 /// One completion request, as logged.
@@ -79,10 +105,19 @@ pub struct KeyUsage {
 pub trait Store: Send + Sync + 'static {
     async fn insert_key(&self, key: &NewApiKey) -> Result<(), StoreError>;
     async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError>;
+    /// The key with this id or name, revoked or not.
+    async fn find_key(&self, id_or_name: &str) -> Result<Option<ApiKey>, StoreError>;
+    /// Writes a key's limits, team and expiry.
+    async fn update_key(&self, key: &ApiKey) -> Result<(), StoreError>;
     /// Revokes the active key with this id or name; returns how many were revoked.
     async fn revoke_key(&self, id_or_name: &str) -> Result<u64, StoreError>;
-    /// The active (not revoked) key whose secret hashes to `key_hash`.
-    async fn find_active_key(&self, key_hash: &str) -> Result<Option<ApiKey>, StoreError>;
+    /// The active (not revoked) key whose secret hashes to `key_hash`, with its team.
+    async fn find_active_key(&self, key_hash: &str) -> Result<Option<ActiveKey>, StoreError>;
+    async fn insert_team(&self, team: &Team) -> Result<(), StoreError>;
+    async fn list_teams(&self) -> Result<Vec<Team>, StoreError>;
+    /// The team with this id or name.
+    async fn find_team(&self, id_or_name: &str) -> Result<Option<Team>, StoreError>;
+    async fn update_team(&self, team: &Team) -> Result<(), StoreError>;
     async fn insert_inferences(&self, rows: &[InferenceRecord]) -> Result<(), StoreError>;
     async fn inferences_for(&self, request_id: &str) -> Result<Vec<InferenceRecord>, StoreError>;
     async fn key_usage(&self, since: Option<DateTime<Utc>>) -> Result<Vec<KeyUsage>, StoreError>;
