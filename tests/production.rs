@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::services::{Services, config_from_toml, merge_toml};
+use common::services::{Services, config_from_toml, free_port, merge_toml, start_redis};
 use common::*;
 use futures::future::join_all;
 use serde_json::{Value, json};
@@ -386,35 +386,6 @@ async fn a_worker_killed_mid_stream_ends_the_stream_with_an_error() {
     );
     edge.kill();
     services.drop_database().await;
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start_redis(port: u16) -> std::process::Child {
-    let binary = std::env::var("SLUICE_TEST_REDIS_SERVER")
-        .ok()
-        .filter(|b| !b.is_empty())
-        .unwrap_or_else(|| "redis-server".into());
-    std::process::Command::new(binary)
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("redis-server runs")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
