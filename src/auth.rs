@@ -194,43 +194,70 @@ impl Authenticator {
         if self.unknown.contains_key(&hash) {
             return Err(invalid);
         }
-        let lookups = &self.metrics.auth_lookups;
-        if !self.vouched.contains_key(&hash) && self.unknown_lookups.check().is_err() {
-            lookups.with_label_values(&["limited"]).inc();
-            return Err(GatewayError::Overloaded(
-                "too many API key lookups right now; retry shortly".into(),
-            ));
-        }
-        let found =
-            self.store.find_active_key(&hash).await.map_err(|err| {
-                GatewayError::Backend(format!("cannot verify the API key: {err}"))
-            })?;
-        match found {
-            Some(ActiveKey { key, team }) => {
-                lookups.with_label_values(&["found"]).inc();
-                let identity = Identity {
-                    key_id: key.id,
-                    key_name: key.name,
-                    limits: key.limits.or(&self.default_limits),
-                    team: team.map(|team| TeamIdentity {
-                        id: team.id,
-                        name: team.name,
-                        limits: team.limits,
-                    }),
-                };
-                self.vouched.insert(hash.clone(), ()).await;
-                self.valid
-                    .insert(hash, (identity.clone(), key.expires_at))
-                    .await;
-                unexpired(identity, key.expires_at)
-            }
-            None => {
-                lookups.with_label_values(&["unknown"]).inc();
-                self.unknown.insert(hash, ()).await;
-                Err(invalid)
-            }
+        // Concurrent requests with the same key share one lookup (a burst of
+        // a new key's requests is one store query, one unit of the budget).
+        let looked_up = self
+            .valid
+            .try_get_with(hash.clone(), self.look_up(&hash))
+            .await;
+        match looked_up {
+            Ok((identity, expires_at)) => unexpired(identity, expires_at),
+            Err(failure) => match &*failure {
+                LookupFailure::Unknown => {
+                    self.unknown.insert(hash, ()).await;
+                    Err(invalid)
+                }
+                LookupFailure::Limited => Err(GatewayError::Overloaded(
+                    "too many API key lookups right now; retry shortly".into(),
+                )),
+                LookupFailure::Store(message) => Err(GatewayError::Backend(format!(
+                    "cannot verify the API key: {message}"
+                ))),
+            },
         }
     }
+
+    /// Asks the store about a key, within the lookup budget for keys not
+    /// seen valid recently.
+    async fn look_up(
+        &self,
+        hash: &str,
+    ) -> Result<(Identity, Option<DateTime<Utc>>), LookupFailure> {
+        let lookups = &self.metrics.auth_lookups;
+        if !self.vouched.contains_key(hash) && self.unknown_lookups.check().is_err() {
+            lookups.with_label_values(&["limited"]).inc();
+            return Err(LookupFailure::Limited);
+        }
+        let found = self
+            .store
+            .find_active_key(hash)
+            .await
+            .map_err(|err| LookupFailure::Store(err.to_string()))?;
+        let Some(ActiveKey { key, team }) = found else {
+            lookups.with_label_values(&["unknown"]).inc();
+            return Err(LookupFailure::Unknown);
+        };
+        lookups.with_label_values(&["found"]).inc();
+        let identity = Identity {
+            key_id: key.id,
+            key_name: key.name,
+            limits: key.limits.or(&self.default_limits),
+            team: team.map(|team| TeamIdentity {
+                id: team.id,
+                name: team.name,
+                limits: team.limits,
+            }),
+        };
+        self.vouched.insert(hash.to_string(), ()).await;
+        Ok((identity, key.expires_at))
+    }
+}
+
+/// Why a lookup found no identity.
+enum LookupFailure {
+    Unknown,
+    Limited,
+    Store(String),
 }
 
 /// The identity, unless its key has expired (401).

@@ -1266,10 +1266,44 @@ mod tests {
     }
 
     #[test]
-    fn the_shipped_gateway_toml_is_valid() {
-        let text =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/gateway.toml")).unwrap();
-        load(&text, &[]).unwrap();
+    fn the_shipped_configs_are_valid() {
+        for file in ["gateway.toml", "examples/production.toml"] {
+            let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
+            let text = std::fs::read_to_string(&path).unwrap();
+            load(&text, &[]).unwrap_or_else(|err| panic!("{file}: {err}"));
+        }
+        let production = load(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/examples/production.toml"
+            ))
+            .unwrap(),
+            &[],
+        )
+        .unwrap();
+        assert!(production.limits.redis_url().is_some());
+        assert_eq!(production.limits.default.requests_per_minute, Some(600));
+    }
+
+    #[test]
+    fn nonsensical_limits_stop_startup_naming_the_key() {
+        let err = load("[limits.default]\nrequests_per_minute = 0\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("limits.default") && err.contains("requests_per_minute"),
+            "{err}"
+        );
+        let err = load("[limits.default]\ntokens_per_minute = -5\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tokens_per_minute"), "{err}");
+        let err = load("[limits]\nedges = 0\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("limits.edges"), "{err}");
+        let err = load("[limits]\nurl = \"kafka://x\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits.url"), "{err}");
     }
 
     #[test]
