@@ -232,6 +232,21 @@ pub struct CacheConfig {
     /// Redis commands slower than this count as failures (the request is served uncached).
     #[serde(rename = "timeout_ms", deserialize_with = "millis")]
     pub timeout: Duration,
+    /// Whose requests share cache entries: each API key's own (`key`), a
+    /// team's keys (`team`), or everyone's (`global`).
+    pub scope: CacheScope,
+    /// Whether to cache requests that sample (no `seed`, and a `temperature`
+    /// above 0 or none): replaying one answer changes what they asked for.
+    pub sampled: bool,
+}
+
+/// Whose requests share cache entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheScope {
+    Key,
+    Team,
+    Global,
 }
 
 impl Default for CacheConfig {
@@ -242,6 +257,8 @@ impl Default for CacheConfig {
             max_bytes: 256 * 1024 * 1024,
             key_prefix: "sluice:".into(),
             timeout: Duration::from_millis(250),
+            scope: CacheScope::Key,
+            sampled: false,
         }
     }
 }

@@ -51,7 +51,7 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<()>
     println!("    -H 'Authorization: Bearer {}' \\", key.secret);
     println!("    -H 'Content-Type: application/json' \\");
     println!(
-        "    -d '{{\"model\": \"sim-llama\", \"prompt\": \"Once upon a time\", \"max_tokens\": 24, \"stream\": true}}'"
+        "    -d '{{\"model\": \"sim-llama\", \"prompt\": \"Once upon a time\", \"max_tokens\": 24, \"temperature\": 0, \"stream\": true}}'"
     );
     println!();
     println!("Stream a chat:");
@@ -60,7 +60,7 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<()>
     println!("    -H 'Authorization: Bearer {}' \\", key.secret);
     println!("    -H 'Content-Type: application/json' \\");
     println!(
-        "    -d '{{\"model\": \"sim-llama\", \"messages\": [{{\"role\": \"user\", \"content\": \"Tell me about the river\"}}], \"max_tokens\": 24, \"stream\": true}}'"
+        "    -d '{{\"model\": \"sim-llama\", \"messages\": [{{\"role\": \"user\", \"content\": \"Tell me about the river\"}}], \"max_tokens\": 24, \"temperature\": 0, \"stream\": true}}'"
     );
     println!();
     println!("Or with the OpenAI Python SDK (pip install openai):");
@@ -77,7 +77,7 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<()>
     println!("      print(chunk.choices[0].delta.content or \"\", end=\"\", flush=True)");
     println!();
     println!(
-        "Run a request twice: the second answer streams from the cache. Metrics: http://{addr}/metrics. Ctrl-C stops."
+        "Run a request twice: the second answer streams from the cache (requests that sample, without temperature 0 or a seed, are not cached). Metrics: http://{addr}/metrics. Ctrl-C stops."
     );
 
     gateway

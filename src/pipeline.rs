@@ -14,6 +14,7 @@ use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
 
 use crate::cache::{CachedChunks, CachedResponse};
+use crate::config::CacheScope;
 use crate::error::{ErrorInfo, GatewayError};
 use crate::filter_chain::{FilterChain, Filtered};
 use crate::limits::{Admission, Limiter};
@@ -347,6 +348,10 @@ pub async fn start(
         record.fail(&err);
         return Err((err, record));
     }
+    let cache_config = &state.config.cache;
+    let cache_key = cache_key
+        .filter(|_| cache_config.sampled || !request.is_sampled())
+        .map(|key| scoped(cache_config.scope, &ctx.identity, key));
     let deliver_usage_chunk = !request.is_stream() || request.wants_usage_chunk();
     let filters = FilterChain::new(state.policy.token_filters(ctx));
     let metrics = &state.metrics;
@@ -425,6 +430,16 @@ pub async fn start(
         deliver_usage_chunk,
         to_cache,
     ))
+}
+
+/// A cache key within its scope: one key's requests (or one team's) never
+/// share an entry with another's.
+fn scoped(scope: CacheScope, identity: &crate::auth::Identity, key: String) -> String {
+    match (scope, &identity.team) {
+        (CacheScope::Global, _) => key,
+        (CacheScope::Team, Some(team)) => format!("team:{}:{key}", team.id),
+        (CacheScope::Team | CacheScope::Key, _) => format!("key:{}:{key}", identity.key_id),
+    }
 }
 
 /// Refuses requests for more generations than the gateway allows at once.

@@ -98,6 +98,19 @@ impl InferenceRequest {
         }
     }
 
+    /// Whether the answer is a sample: no `seed`, and a `temperature` above 0
+    /// or none (vLLM's default then is the model's, usually 1).
+    pub fn is_sampled(&self) -> bool {
+        let (temperature, seeded) = match self {
+            Self::Completion(r) => (r.temperature, r.seed.is_some()),
+            Self::Chat(r) => (
+                r.temperature,
+                r.extra.get("seed").is_some_and(|seed| !seed.is_null()),
+            ),
+        };
+        !seeded && temperature.is_none_or(|t| t > 0.0)
+    }
+
     /// The output cap per choice the client set, if any.
     pub fn output_limit(&self) -> Option<u32> {
         match self {

@@ -12,11 +12,14 @@
 //! `4000 + status` (4401), so page JavaScript can read why. Frames over
 //! `server.max_body_bytes` close the socket with 1009; more than
 //! `server.ws_max_queued_requests` requests sent ahead get an error frame and
-//! 1008.
+//! 1008. The key is checked again before every request and every
+//! `auth.cache_ttl_ms` while a response streams: once it is revoked or
+//! expired, the client gets the 401 error frame and close 4401, and a
+//! running response is cancelled.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -164,10 +167,14 @@ async fn websocket(
         Ok((identity, place)) => {
             // Each request on the socket has a record of its own.
             record.discard();
+            let login = Login {
+                identity,
+                secret: secret.unwrap_or_default().to_string(),
+            };
             upgrade.on_upgrade(move |socket| async move {
                 // The socket keeps its places (connection cap, per-key cap) while open.
                 let _places = (slot, place);
-                serve_socket(state, route, identity, socket, trace).await;
+                serve_socket(state, route, login, socket, trace).await;
             })
         }
         Err(err) => {
@@ -247,10 +254,48 @@ async fn too_big(sink: &mut Sink) {
     close(sink, close_code::SIZE, "message too big").await;
 }
 
+/// Who opened the socket: checked again before every request and while a
+/// response streams, so a revoked or expired key stops within the
+/// revocation bound (`auth.cache_ttl_ms`).
+struct Login {
+    identity: Identity,
+    secret: String,
+}
+
+impl Login {
+    /// The key's identity now (limits may have changed), or why it is refused.
+    async fn recheck(&mut self, state: &AppState) -> Result<(), GatewayError> {
+        self.identity = state.auth.authenticate(Some(&self.secret)).await?;
+        Ok(())
+    }
+
+    /// Resolves once the key is refused (revoked, expired), checking every
+    /// `auth.cache_ttl_ms`.
+    async fn refused(&self, state: &AppState) -> GatewayError {
+        let every = state.config.auth.cache_ttl.max(Duration::from_millis(50));
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(err @ GatewayError::Unauthorized(_)) =
+                state.auth.authenticate(Some(&self.secret)).await
+            {
+                return err;
+            }
+        }
+    }
+}
+
+/// Tells the client its key stopped working and closes with `4000 + status`.
+async fn logged_out(sink: &mut Sink, err: &GatewayError) {
+    let info = err.info();
+    if send_error(sink, &info).await {
+        close(sink, 4000 + info.status, "login refused").await;
+    }
+}
+
 async fn serve_socket(
     state: Arc<AppState>,
     route: Route,
-    identity: Identity,
+    mut login: Login,
     socket: WebSocket,
     trace: Vec<(String, String)>,
 ) {
@@ -296,11 +341,15 @@ async fn serve_socket(
             Instant::now(),
             &trace,
         );
-        record.identify(&identity);
+        if let Err(err) = login.recheck(&state).await {
+            record.fail(&err);
+            return logged_out(&mut sink, &err).await;
+        }
+        record.identify(&login.identity);
         let span = record.trace.span.clone();
         let connected = serve_request(
             &state,
-            &identity,
+            &login,
             text.as_bytes(),
             &mut sink,
             &mut stream,
@@ -318,7 +367,7 @@ async fn serve_socket(
 /// Serves one request; returns false when the connection is gone.
 async fn serve_request(
     state: &Arc<AppState>,
-    identity: &Identity,
+    login: &Login,
     body: &[u8],
     sink: &mut Sink,
     stream: &mut SplitStream<WebSocket>,
@@ -336,7 +385,7 @@ async fn serve_request(
     let stream_mode = request.is_stream();
     let ctx = RequestContext {
         request_id: record.request_id.clone(),
-        identity: identity.clone(),
+        identity: login.identity.clone(),
         route: record.route.path(),
         transport: "ws",
         trace: record.trace.context().clone(),
@@ -390,6 +439,7 @@ async fn serve_request(
         TooBig,
         Closed,
         Overflow,
+        LoggedOut(GatewayError),
     }
     let watch = async {
         loop {
@@ -405,6 +455,7 @@ async fn serve_request(
     let interrupt = tokio::select! {
         connected = deliver => return connected,
         interrupt = watch => interrupt,
+        err = login.refused(state) => Interrupt::LoggedOut(err),
     };
     // The response was dropped with `deliver`, which cancels its upstream request.
     match interrupt {
@@ -420,6 +471,7 @@ async fn serve_request(
                 close(sink, close_code::POLICY, "too many queued requests").await;
             }
         }
+        Interrupt::LoggedOut(err) => logged_out(sink, &err).await,
     }
     false
 }

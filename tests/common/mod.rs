@@ -56,6 +56,9 @@ impl TestGateway {
         };
         config.upstream.urls = vec![sim.url().parse().unwrap()];
         config.server.shutdown_grace = Duration::from_secs(2);
+        // Most tests send unseeded prompts and expect them cached; the tests
+        // of `cache.sampled` itself turn it off.
+        config.cache.sampled = true;
         customize(&mut config);
         Self::start_on(sim, dir, config).await
     }

@@ -96,6 +96,7 @@ impl Services {
             [cache]
             url = "{redis}"
             key_prefix = "sluice-test-{id}:"
+            sampled = true
             [upstream]
             urls = ["{upstream}"]
             idle_timeout_ms = 10000
