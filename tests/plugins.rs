@@ -1002,3 +1002,43 @@ async fn a_plugin_built_against_0_1_0_keeps_serving_completions() {
         "chat deltas go through its on-token"
     );
 }
+
+#[tokio::test]
+async fn no_plugin_state_crosses_api_keys() {
+    // `recall` keeps the last request's text in a global and refuses with it:
+    // a request sees another's text only if both ran on one instance.
+    let gw = gateway_with(vec![plugin(
+        "recall",
+        "misbehave",
+        FailClosed,
+        json!({"mode": "recall"}),
+    )])
+    .await;
+    let other = sluice::auth::create_key(gw.store.as_ref(), "other")
+        .await
+        .unwrap()
+        .secret;
+    let as_other = |prompt: &'static str| {
+        gw.http
+            .post(gw.completions_url())
+            .bearer_auth(&other)
+            .json(&json!({"model": MODEL, "prompt": prompt, "max_tokens": 1}))
+            .send()
+    };
+    let body = |prompt: &str| json!({"model": MODEL, "prompt": prompt, "max_tokens": 1});
+    assert_eq!(gw.post(&body("key A's secret")).await.status(), 200);
+    for prompt in ["another key's first", "another key's second"] {
+        let response = as_other(prompt).await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        assert!(!text.contains("key A's secret"), "{text}");
+        if prompt.ends_with("first") {
+            assert_eq!(status, 200, "a fresh instance for the other key: {text}");
+        }
+    }
+    // The same key does get its own instance back (so the test can see a leak).
+    let response = gw.post(&body("key A again")).await;
+    assert_eq!(response.status(), 409);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["message"], "recalled: key A's secret");
+}

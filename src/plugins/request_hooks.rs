@@ -44,10 +44,11 @@ impl PluginHost {
         span.set_with("plugin", || plugin.name.to_string());
         let result = span
             .during(async {
-                let mut live = plugin.checkout(&ctx.request_id, false).await?;
+                let key_id = &ctx.identity.key_id;
+                let mut live = plugin.checkout(&ctx.request_id, key_id, false).await?;
                 live.arm();
                 let value = call(&mut live).await?;
-                plugin.checkin(live, false);
+                plugin.checkin(live, key_id, false);
                 Ok(value)
             })
             .await;

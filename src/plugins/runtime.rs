@@ -320,10 +320,12 @@ pub struct LoadedPlugin {
     max_idle: usize,
     epoch_tick: Duration,
     engine: Engine,
-    /// Initialised instances for `on-request` and `cache-key`, reused across requests.
-    idle: std::sync::Mutex<Vec<Live>>,
-    /// Instances whose stream ended cleanly (`on-end` called), reused by later streams.
-    idle_token: std::sync::Mutex<Vec<Live>>,
+    /// Initialised instances for `on-request` and `cache-key`, each tagged
+    /// with the API key whose requests it served: reused only for that key.
+    idle: std::sync::Mutex<Vec<(Arc<str>, Live)>>,
+    /// Instances whose stream ended cleanly (`on-end` called), reused by
+    /// later streams of the same API key.
+    idle_token: std::sync::Mutex<Vec<(Arc<str>, Live)>>,
     /// This plugin's metric handles, resolved on first use.
     pub metrics: std::sync::OnceLock<super::PluginMetrics>,
 }
@@ -420,15 +422,25 @@ impl LoadedPlugin {
         self.config.keys.is_empty() || self.config.keys.iter().any(|k| k == key_name)
     }
 
-    fn pool(&self, token: bool) -> &std::sync::Mutex<Vec<Live>> {
+    fn pool(&self, token: bool) -> &std::sync::Mutex<Vec<(Arc<str>, Live)>> {
         if token { &self.idle_token } else { &self.idle }
     }
 
-    /// An initialised instance: an idle one if any, else a new one. `token`
-    /// selects the pool of `on-token` instances (kept apart: a stream holds its
-    /// instance for the whole response).
-    pub async fn checkout(&self, request_id: &str, token: bool) -> Result<Live, PluginFailure> {
-        let idle = self.pool(token).lock().ok().and_then(|mut idle| idle.pop());
+    /// An initialised instance for a request of API key `key_id`: an idle one
+    /// that served only that key, else a new one. No state a plugin keeps in
+    /// an instance ever reaches another key's requests. `token` selects the
+    /// pool of `on-token` instances (kept apart: a stream holds its instance
+    /// for the whole response).
+    pub async fn checkout(
+        &self,
+        request_id: &str,
+        key_id: &str,
+        token: bool,
+    ) -> Result<Live, PluginFailure> {
+        let idle = self.pool(token).lock().ok().and_then(|mut idle| {
+            let at = idle.iter().rposition(|(key, _)| &**key == key_id)?;
+            Some(idle.remove(at).1)
+        });
         match idle {
             Some(mut live) => {
                 let tag = &mut live.store.data_mut().request_id;
@@ -440,12 +452,22 @@ impl LoadedPlugin {
         }
     }
 
-    /// Returns an instance whose last call succeeded; one that failed is just dropped.
-    pub fn checkin(&self, live: Live, token: bool) {
-        if let Ok(mut idle) = self.pool(token).lock()
-            && idle.len() < self.max_idle
-        {
-            idle.push(live);
+    /// Returns an instance whose last call succeeded, for later requests of
+    /// the same key (one that failed is just dropped). Past the pool's size
+    /// the instance idle longest makes room.
+    pub fn checkin(&self, live: Live, key_id: &str, token: bool) {
+        if self.max_idle == 0 {
+            return;
+        }
+        if let Ok(mut idle) = self.pool(token).lock() {
+            if idle.len() >= self.max_idle {
+                idle.remove(0);
+            }
+            let key = idle
+                .iter()
+                .find(|(key, _)| &**key == key_id)
+                .map_or_else(|| Arc::from(key_id), |(key, _)| key.clone());
+            idle.push((key, live));
         }
     }
 

@@ -36,6 +36,8 @@ pub(super) struct WasmTokenFilter {
     plugin: Arc<LoadedPlugin>,
     metrics: Arc<Metrics>,
     request_id: String,
+    /// The API key of the request: instances are reused only within a key.
+    key_id: String,
     /// By choice index: one entry unless the request asked for `n` > 1.
     choices: Vec<(u32, ChoiceInstance)>,
     /// The texts of an `on-tokens` call, concatenated, and where each ends
@@ -65,6 +67,7 @@ impl WasmTokenFilter {
             plugin,
             metrics,
             request_id: ctx.request_id.clone(),
+            key_id: ctx.identity.key_id.clone(),
             choices: Vec::new(),
             batch_text: String::new(),
             batch_ends: Vec::new(),
@@ -82,7 +85,11 @@ impl WasmTokenFilter {
         let at = match found {
             Some(at) => at,
             None => {
-                let live = Box::new(self.plugin.checkout(&self.request_id, true).await?);
+                let live = Box::new(
+                    self.plugin
+                        .checkout(&self.request_id, &self.key_id, true)
+                        .await?,
+                );
                 self.choices.push((index, ChoiceInstance::Live(live)));
                 self.choices.len() - 1
             }
@@ -233,7 +240,7 @@ impl TokenFilter for WasmTokenFilter {
             Ok(text) => {
                 self.observe(started, None);
                 // on-end has flushed this choice: the instance may serve a later stream.
-                self.plugin.checkin(*live, true);
+                self.plugin.checkin(*live, &self.key_id, true);
                 Ok(text)
             }
             Err(failure) => {

@@ -1,9 +1,11 @@
 //! A plugin that misbehaves on purpose, for the host's isolation tests.
 //!
 //! Config: `mode` = `loop` | `alloc` | `trap` | `bad-utf8` | `huge` |
-//! `short` (`on-tokens` only: answers no text) | `init-fail` | `none`, and
-//! `hook` = `on-request` | `cache-key` | `on-token` | `on-tokens` (where to
-//! misbehave; the other hooks behave).
+//! `short` (`on-tokens` only: answers no text) | `init-fail` | `recall`
+//! (`on-request` only: keeps the last request's text in a global and refuses
+//! with 409 naming it, to show which requests share an instance) | `none`,
+//! and `hook` = `on-request` | `cache-key` | `on-token` | `on-tokens` (where
+//! to misbehave; the other hooks behave).
 
 use std::cell::RefCell;
 
@@ -28,6 +30,22 @@ struct Config {
 
 thread_local! {
     static CONFIG: RefCell<Config> = RefCell::new(Config::default());
+    /// `recall`: the text of the last request this instance saw.
+    static LAST: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// `recall`: the previous request's text, if this instance saw one; remembers this one's.
+fn recall(request: &InferenceRequest) -> Option<String> {
+    let text = match request {
+        InferenceRequest::Completion(c) => c.prompts.join(" "),
+        InferenceRequest::Chat(c) => c
+            .messages
+            .iter()
+            .filter_map(|m| m.content.clone())
+            .collect::<Vec<_>>()
+            .join(" "),
+    };
+    LAST.with(|last| last.borrow_mut().replace(text))
 }
 
 /// Misbehaves if configured for `hook`; otherwise returns `None`.
@@ -73,6 +91,14 @@ impl Lifecycle for Plugin {
 
 impl RequestHook for Plugin {
     fn on_request(_ctx: RequestContext, request: InferenceRequest) -> RequestDecision {
+        if CONFIG.with(|c| c.borrow().mode == "recall")
+            && let Some(previous) = recall(&request)
+        {
+            return RequestDecision::Reject(exports::sluice::plugin::request_hook::Rejection {
+                status: 409,
+                message: format!("recalled: {previous}"),
+            });
+        }
         match (misbehave("on-request"), request) {
             (Some(text), InferenceRequest::Completion(request)) => {
                 RequestDecision::Modify(InferenceRequest::Completion(CompletionRequest {
