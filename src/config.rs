@@ -523,6 +523,9 @@ pub struct TelemetryConfig {
     pub sample_ratio: f64,
     /// `grpc`, `http/protobuf` or `http/json`.
     pub protocol: OtlpProtocol,
+    /// Requests a second whose client `traceparent` may ask for tracing;
+    /// beyond it they are not traced (0: no cap).
+    pub max_client_sampled_per_second: u32,
 }
 
 impl Default for TelemetryConfig {
@@ -532,6 +535,7 @@ impl Default for TelemetryConfig {
             service_name: "sluice".into(),
             sample_ratio: 1.0,
             protocol: OtlpProtocol::HttpProtobuf,
+            max_client_sampled_per_second: 100,
         }
     }
 }

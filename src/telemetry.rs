@@ -44,6 +44,10 @@ use crate::outage::{Outage, Transition};
 /// without it, no request is traced.
 static TRACER: OnceLock<SdkTracer> = OnceLock::new();
 
+/// How many requests a second a client's `traceparent` may have sampled
+/// (`telemetry.max_client_sampled_per_second`); beyond it they are not traced.
+static CLIENT_SAMPLED: OnceLock<governor::DefaultDirectRateLimiter> = OnceLock::new();
+
 /// Keeps the log writer and the trace exporter alive; flushes both on drop.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
@@ -89,6 +93,11 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Telemetry {
         .with(log_filter(&spec))
         .with(log_lines(log.format, writer))
         .try_init();
+    if let Some(rate) = std::num::NonZeroU32::new(telemetry.max_client_sampled_per_second) {
+        let _ = CLIENT_SAMPLED.set(governor::RateLimiter::direct(governor::Quota::per_second(
+            rate,
+        )));
+    }
     let provider = tracer_provider(telemetry).and_then(|provider| {
         let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "sluice");
         if TRACER.set(tracer).is_err() {
@@ -302,6 +311,28 @@ fn extract(headers: &[(String, String)]) -> Context {
     TraceContextPropagator::new().extract(&Headers(headers))
 }
 
+/// A client's context, its sampled flag cleared once clients have had their
+/// share of sampled requests this second: a client cannot make the gateway
+/// trace everything. Without a tracer the flag passes through untouched.
+fn within_client_cap(parent: Context, cap: Option<&governor::DefaultDirectRateLimiter>) -> Context {
+    let remote = parent.span().span_context().clone();
+    let over = remote.is_sampled()
+        && remote.is_remote()
+        && TRACER.get().is_some()
+        && cap.is_some_and(|cap| cap.check().is_err());
+    if !over {
+        return parent;
+    }
+    let unsampled = opentelemetry::trace::SpanContext::new(
+        remote.trace_id(),
+        remote.span_id(),
+        opentelemetry::trace::TraceFlags::default(),
+        true,
+        remote.trace_state().clone(),
+    );
+    Context::new().with_remote_span_context(unsampled)
+}
+
 fn inject(cx: &Context) -> Vec<(String, String)> {
     if !cx.span().span_context().is_valid() {
         return Vec::new();
@@ -332,7 +363,8 @@ impl RequestTrace {
     /// server span's (`POST /v1/chat/completions`).
     pub fn start(name: &'static str, request_id: &str, incoming: &[(String, String)]) -> Self {
         let span = tracing::info_span!("request", request_id);
-        let cx = Self::root(name, SpanKind::Server, request_id, incoming);
+        let parent = within_client_cap(extract(incoming), CLIENT_SAMPLED.get());
+        let cx = Self::root_under(name, SpanKind::Server, request_id, parent);
         Self { span, cx }
     }
 
@@ -351,7 +383,15 @@ impl RequestTrace {
         request_id: &str,
         incoming: &[(String, String)],
     ) -> Context {
-        let parent = extract(incoming);
+        Self::root_under(name, kind, request_id, extract(incoming))
+    }
+
+    fn root_under(
+        name: &'static str,
+        kind: SpanKind,
+        request_id: &str,
+        parent: Context,
+    ) -> Context {
         let Some(tracer) = TRACER.get() else {
             return parent;
         };
