@@ -29,6 +29,8 @@ pub struct Gateway {
     state: Arc<AppState>,
     worker_shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// The admin API's listener, bound at start when `admin.listen` is set.
+    admin: Option<TcpListener>,
 }
 
 impl Gateway {
@@ -109,11 +111,24 @@ impl Gateway {
             inference_log,
             ws_sockets: Default::default(),
         });
+        let admin =
+            match state.config.admin.listen {
+                Some(addr) => Some(TcpListener::bind(addr).await.map_err(|err| {
+                    anyhow::anyhow!("cannot listen on {addr} (admin.listen): {err}")
+                })?),
+                None => None,
+            };
         Ok(Self {
             state,
             worker_shutdown,
             tasks,
+            admin,
         })
+    }
+
+    /// Where the admin API listens, if it does.
+    pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn store(&self) -> Arc<dyn Store> {
@@ -143,7 +158,26 @@ impl Gateway {
             concurrent_streams = self.state.config.worker.concurrency,
             "stream capacity: connections up to max_connections, upstream streams per worker up to worker.concurrency"
         );
+        let admin_shutdown = CancellationToken::new();
+        let admin_router =
+            crate::http::admin::router(self.state.store.clone(), &self.state.config.admin);
+        let admin_task = self.admin.zip(admin_router).map(|(listener, router)| {
+            let stop = admin_shutdown.clone();
+            tracing::info!(listen = ?listener.local_addr().ok(), "admin API listening");
+            tokio::spawn(async move {
+                let served = axum::serve(crate::http::nodelay(listener), router)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(err) = served {
+                    tracing::error!(%err, "the admin API stopped");
+                }
+            })
+        });
         crate::http::server::serve(listener, router, limits, shutdown, grace).await;
+        admin_shutdown.cancel();
+        if let Some(task) = admin_task {
+            let _ = task.await;
+        }
         self.worker_shutdown.cancel();
         let Gateway { state, tasks, .. } = self;
         drop(state);

@@ -58,6 +58,7 @@ pub struct RawConfig {
     pub store: StoreConfig,
     pub cache: CacheConfig,
     pub limits: LimitsConfig,
+    pub admin: AdminConfig,
     pub queue: RawQueue,
     pub worker: WorkerConfig,
     pub upstream: UpstreamConfig,
@@ -395,6 +396,26 @@ impl Default for RawQueue {
             producer: BTreeMap::new(),
             consumer: BTreeMap::new(),
         }
+    }
+}
+
+/// `[admin]`: the admin API's own listener, off unless `listen` is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Where the admin API listens, e.g. `127.0.0.1:8081`; unset: no admin API.
+    #[serde(deserialize_with = "optional_addr")]
+    pub listen: Option<SocketAddr>,
+    /// The bearer token admin requests must present (set it with
+    /// `SLUICE_ADMIN__TOKEN`); only its SHA-256 is kept after startup.
+    #[serde(deserialize_with = "non_empty_secret")]
+    pub token: Option<SecretString>,
+}
+
+fn optional_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    match non_empty(d)? {
+        None => Ok(None),
+        Some(text) => text.parse().map(Some).map_err(serde::de::Error::custom),
     }
 }
 
@@ -792,6 +813,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub cache: CacheConfig,
     pub limits: LimitsConfig,
+    pub admin: AdminConfig,
     pub queue: QueueConfig,
     pub worker: WorkerConfig,
     pub upstream: UpstreamConfig,
@@ -965,6 +987,24 @@ impl RawConfig {
         positive("limits.timeout_ms", self.limits.timeout.as_millis() as u64)?;
         if let Err(message) = self.limits.default.validate() {
             return Err(invalid("limits.default", message));
+        }
+
+        if self.admin.listen.is_some() {
+            match &self.admin.token {
+                None => {
+                    return Err(invalid(
+                        "admin.token",
+                        "must be set when admin.listen is (use $SLUICE_ADMIN__TOKEN)".into(),
+                    ));
+                }
+                Some(token) if token.expose_secret().len() < 16 => {
+                    return Err(invalid(
+                        "admin.token",
+                        "must be at least 16 characters".into(),
+                    ));
+                }
+                Some(_) => {}
+            }
         }
 
         let cache_url = self.cache.url.expose_secret();
@@ -1222,6 +1262,7 @@ impl RawConfig {
             store: self.store,
             cache: self.cache,
             limits: self.limits,
+            admin: self.admin,
             queue,
             worker: self.worker,
             upstream: self.upstream,

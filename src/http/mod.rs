@@ -2,6 +2,7 @@
 //! answers for unknown routes and methods. Handlers are thin: they
 //! authenticate, parse, and hand off to the [`pipeline`](crate::pipeline).
 
+pub mod admin;
 mod completions;
 mod models;
 mod ops;

@@ -22,6 +22,8 @@ pub const MODEL: &str = "sim-llama";
 
 pub struct TestGateway {
     pub url: String,
+    /// The admin API's base URL, when `admin.listen` is configured.
+    pub admin_url: Option<String>,
     pub key: String,
     pub key_id: String,
     pub sim: Simulator,
@@ -74,6 +76,7 @@ impl TestGateway {
         let gateway = sluice::Gateway::start(config)
             .await
             .expect("gateway starts");
+        let admin_url = gateway.admin_addr().map(|addr| format!("http://{addr}"));
         let store = gateway.store();
         let name = format!("test-{}", uuid::Uuid::new_v4().simple());
         let key = sluice::auth::create_key(store.as_ref(), &name)
@@ -84,6 +87,7 @@ impl TestGateway {
         let server = tokio::spawn(gateway.serve(listener, async move { stop.cancelled().await }));
         Self {
             url: format!("http://{addr}"),
+            admin_url,
             key: key.secret,
             key_id: key.id,
             sim,
