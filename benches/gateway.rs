@@ -15,6 +15,11 @@
 //!     cargo bench --bench gateway                          # embedded mode
 //!     cargo bench --bench gateway -- --queue kafka://127.0.0.1:9092
 //!     cargo bench --bench gateway -- --route chat          # /v1/chat/completions
+//!     cargo bench --bench gateway -- --limits redis://127.0.0.1:6379
+//!
+//! `--limits URL` counts per-key limits there (`limits.url`) and measures,
+//! at 100 streams in the same run, a key whose limits are checked (and
+//! settled) on every request against a key without limits.
 //!
 //! `--telemetry` turns on trace export (every request sampled, to a local
 //! OTLP sink) and JSON request logs (to stderr: run with `2>/dev/null`), to
@@ -44,6 +49,8 @@ struct Args {
     hit_seconds: u64,
     /// Stream chats (`/v1/chat/completions`) instead of completions.
     chat: bool,
+    /// `limits.url`: measure a limited key against an unlimited one.
+    limits: Option<String>,
 }
 
 impl Args {
@@ -76,6 +83,7 @@ fn args() -> Args {
         rounds: 5,
         hit_seconds: 5,
         chat: false,
+        limits: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -91,6 +99,7 @@ fn args() -> Args {
             "--telemetry" => args.telemetry = true,
             "--hits-only" => args.hits_only = true,
             "--route" => args.chat = value() == "chat",
+            "--limits" => args.limits = Some(value()),
             _ => {}
         }
     }
@@ -307,9 +316,13 @@ fn gateway_config(args: &Args, upstream: &str, db: &std::path::Path) -> Config {
         concurrency = 512
         [upstream]
         urls = ["{upstream}"]
+        [limits]
+        url = "{limits}"
+        key_prefix = "bench-{run}:"
         [log]
         level = "{level}"
         "#,
+        limits = args.limits.as_deref().unwrap_or("memory://"),
         db = db.display(),
         queue = args.queue,
         run = std::process::id(),
@@ -356,7 +369,8 @@ fn main() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let gateway = sluice::Gateway::start(config).await.expect("gateway");
-        let key = sluice::auth::create_key(gateway.store().as_ref(), "bench").await.expect("key");
+        let store = gateway.store();
+        let key = sluice::auth::create_key(store.as_ref(), "bench").await.expect("key");
         tokio::spawn(gateway.serve(listener, std::future::pending()));
 
         let client = reqwest::Client::builder()
@@ -366,6 +380,44 @@ fn main() {
             .expect("client");
         let direct = Arc::new(Target { url: sim.url(), key: None });
         let through = Arc::new(Target { url: format!("http://{addr}"), key: Some(key.secret) });
+        if args.limits.is_some() {
+            // Limits no request reaches, so every one is checked and settled and admitted.
+            let patch: sluice::tenants::KeyPatch = serde_json::from_value(json!({"limits": {
+                "requests_per_minute": 1_000_000_000u64, "tokens_per_minute": 1_000_000_000_000u64,
+                "max_concurrent": 100_000}})).expect("patch");
+            let limited_key = sluice::tenants::create_key(store.as_ref(), "bench-limited", &patch)
+                .await
+                .expect("limited key");
+            let limited = Arc::new(Target { url: through.url.clone(), key: Some(limited_key.secret) });
+            let stream_time = Duration::from_millis(20 + args.token_delay_ms * u64::from(args.tokens));
+            measure(&client, &sim, &through, 100, 1, &args, stream_time).await;
+            measure(&client, &sim, &limited, 100, 1, &args, stream_time).await;
+            println!(
+                "sluice limits benchmark: limits.url {}, 100 streams, {} rounds\n",
+                args.limits.as_deref().unwrap_or_default(),
+                args.rounds
+            );
+            println!("| key | TTFT p50 (ms) | TTFT p99 (ms) | per-token p50 (ms) | per-token p99 (ms) |");
+            println!("|---|---|---|---|---|");
+            let mut rows = Vec::new();
+            for (name, target) in [("no limits", &through), ("limits checked", &limited)] {
+                let (ttft, tok) = measure(&client, &sim, target, 100, args.rounds, &args, stream_time).await;
+                println!(
+                    "| {name} | {} | {} | {} | {} |",
+                    ms(pct(&ttft, 0.5)),
+                    ms(pct(&ttft, 0.99)),
+                    ms(pct(&tok, 0.5)),
+                    ms(pct(&tok, 0.99))
+                );
+                rows.push(ttft);
+            }
+            println!(
+                "\nadded by the limit check: TTFT p50 {} ms, p99 {} ms",
+                added(pct(&rows[1], 0.5), pct(&rows[0], 0.5)),
+                added(pct(&rows[1], 0.99), pct(&rows[0], 0.99))
+            );
+            return;
+        }
 
         if args.hits_only {
             let cpu_before = process_cpu_seconds();
