@@ -138,8 +138,17 @@ async fn redis_cache_serves_edge_b_what_edge_a_computed() {
     let body =
         json!({"model": MODEL, "prompt": "shared through redis", "max_tokens": 6, "stream": true});
     let from_a = sse_events(edge_a.post(&body).await).await;
+    // The same client (key), now through edge B: entries are scoped per key.
     let from_b = eventually(Duration::from_secs(3), || async {
-        let events = sse_events(edge_b.post(&body).await).await;
+        let response = edge_b
+            .http
+            .post(edge_b.completions_url())
+            .bearer_auth(&edge_a.key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let events = sse_events(response).await;
         (edge_b.sim.received().is_empty()).then_some(events)
     })
     .await

@@ -107,15 +107,54 @@ async fn admitted_responses_carry_openais_rate_limit_headers() {
     assert_eq!(response.headers()["x-ratelimit-remaining-requests"], "1");
 }
 
+/// Where limits are counted in a test: in process, and (when Redis is there,
+/// always in CI) in Redis under a fresh key prefix.
+fn limit_stores() -> Vec<Option<(String, String)>> {
+    let redis =
+        std::env::var("SLUICE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let reachable = std::net::TcpStream::connect(redis.trim_start_matches("redis://")).is_ok();
+    let required =
+        std::env::var_os("CI").is_some() || std::env::var_os("SLUICE_REQUIRE_SERVICES").is_some();
+    assert!(
+        reachable || !required,
+        "Redis is not reachable at {redis}, and CI is set"
+    );
+    let mut stores = vec![None];
+    if reachable {
+        let prefix = format!("sluice-test-{}:", uuid::Uuid::new_v4().simple());
+        stores.push(Some((redis, prefix)));
+    } else {
+        eprintln!("SKIPPED the Redis half: Redis is not reachable at {redis}");
+    }
+    stores
+}
+
+fn count_limits_in(config: &mut sluice::Config, store: &Option<(String, String)>) {
+    if let Some((url, prefix)) = store {
+        config.limits.url = url.clone().into();
+        config.limits.key_prefix = prefix.clone();
+    }
+}
+
 #[tokio::test]
 async fn token_reservations_are_settled_with_the_usage() {
+    for store in limit_stores() {
+        token_settlement(&store).await;
+    }
+}
+
+async fn token_settlement(store: &Option<(String, String)>) {
     let slow = SimulatorConfig {
         token_delay: Duration::from_millis(40),
         ..sim_config()
     };
     // A request without max_tokens reserves 70 output tokens; the simulator
     // writes 16 (vLLM's default) and reports them in its usage.
-    let gw = TestGateway::start_with(slow, |c| c.limits.reserve_tokens = 70).await;
+    let gw = TestGateway::start_with(slow, |c| {
+        c.limits.reserve_tokens = 70;
+        count_limits_in(c, store);
+    })
+    .await;
     let key = key_with(
         gw.store.as_ref(),
         "tokens",
@@ -160,11 +199,17 @@ async fn token_reservations_are_settled_with_the_usage() {
 
 #[tokio::test]
 async fn concurrent_requests_are_capped_and_freed_when_they_end() {
+    for store in limit_stores() {
+        concurrency(&store).await;
+    }
+}
+
+async fn concurrency(store: &Option<(String, String)>) {
     let slow = SimulatorConfig {
         token_delay: Duration::from_millis(30),
         ..sim_config()
     };
-    let gw = TestGateway::start_with(slow, |_| {}).await;
+    let gw = TestGateway::start_with(slow, |c| count_limits_in(c, store)).await;
     let key = key_with(gw.store.as_ref(), "two", json!({"max_concurrent": 2})).await;
     let long = |i: usize| json!({"model": MODEL, "prompt": format!("long {i}"), "max_tokens": 20, "stream": true});
     let a = post_as(&gw.http, &gw.url, &key, long(1)).await;
