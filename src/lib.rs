@@ -25,6 +25,7 @@ pub mod plugins;
 pub mod policy;
 pub mod protocol;
 pub mod queue;
+pub mod redis_client;
 pub mod simulator;
 pub mod sse;
 pub mod state;

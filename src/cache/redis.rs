@@ -43,39 +43,12 @@ impl RedisCache {
         metrics: Arc<Metrics>,
     ) -> Self {
         let redacted = crate::config::redact_url(url);
-        let config = Config::from_url(url).unwrap_or_else(|err| {
-            tracing::error!(url = %redacted, %err, "invalid Redis URL; the cache will stay bypassed");
-            Config::default()
-        });
-        let client = Builder::from_config(config)
-            .with_connection_config(|c| {
-                c.connection_timeout = Duration::from_secs(2);
-                c.tcp = TcpConfig {
-                    nodelay: Some(true),
-                    ..Default::default()
-                };
-            })
-            .with_performance_config(|p| p.default_command_timeout = timeout)
-            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
-            .build()
-            .unwrap_or_else(|_| Client::default());
-        client.on_error(|(error, _server)| async move {
-            tracing::debug!(%error, "redis connection error");
-            Ok(())
-        });
-        let _connection = client.connect();
-        // Give the first connection a moment so the first requests can use it.
-        let _ = tokio::time::timeout(Duration::from_millis(500), client.wait_for_connect()).await;
+        let client = crate::redis_client::connect(url, timeout, "cache").await;
         Self {
             client,
             key_prefix: key_prefix.to_string(),
             ttl_secs: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1),
-            options: Options {
-                fail_fast: true,
-                max_attempts: Some(1),
-                timeout: Some(timeout),
-                ..Default::default()
-            },
+            options: crate::redis_client::one_attempt(timeout),
             outage: Outage::default(),
             retry_at_ms: AtomicU64::new(0),
             epoch: Instant::now(),

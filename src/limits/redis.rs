@@ -28,39 +28,12 @@ impl RedisLimits {
     /// Creates the client and starts connecting; never fails (an unreachable
     /// Redis is handled per check, like one that goes away later).
     pub async fn connect(url: &str, key_prefix: &str, timeout: Duration, lease: Duration) -> Self {
-        let redacted = crate::config::redact_url(url);
-        let config = Config::from_url(url).unwrap_or_else(|err| {
-            tracing::error!(url = %redacted, %err, "invalid Redis URL for the rate limiter");
-            Config::default()
-        });
-        let client = Builder::from_config(config)
-            .with_connection_config(|c| {
-                c.connection_timeout = Duration::from_secs(2);
-                c.tcp = TcpConfig {
-                    nodelay: Some(true),
-                    ..Default::default()
-                };
-            })
-            .with_performance_config(|p| p.default_command_timeout = timeout)
-            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
-            .build()
-            .unwrap_or_else(|_| Client::default());
-        client.on_error(|(error, _server)| async move {
-            tracing::debug!(%error, "rate limiter: redis connection error");
-            Ok(())
-        });
-        let _connection = client.connect();
-        let _ = tokio::time::timeout(Duration::from_millis(500), client.wait_for_connect()).await;
+        let client = crate::redis_client::connect(url, timeout, "rate limiter").await;
         Self {
             client,
             key_prefix: key_prefix.to_string(),
             lease,
-            options: Options {
-                fail_fast: true,
-                max_attempts: Some(1),
-                timeout: Some(timeout),
-                ..Default::default()
-            },
+            options: crate::redis_client::one_attempt(timeout),
             hashes: RwLock::new(None),
         }
     }
