@@ -56,12 +56,22 @@ impl Gateway {
 
         let worker_shutdown = CancellationToken::new();
         let mut tasks = vec![log_task];
+        // The in-process worker's upstream client: its fleet's health is part of `/ready`.
+        let upstream = match in_process_worker {
+            true => Some(Arc::new(UpstreamClient::new(
+                &config.upstream,
+                &config.models,
+                &metrics,
+            )?)),
+            false => None,
+        };
         let queue: Arc<dyn Queue> = match &config.queue.backend {
             QueueBackend::Memory { capacity } => {
                 let queue = Arc::new(MemoryQueue::new(*capacity, config.queue.queue_timeout));
                 let source: Arc<dyn JobSource> = queue.clone();
                 tasks.push(spawn_worker(
                     &config,
+                    upstream.clone(),
                     source,
                     metrics.clone(),
                     worker_shutdown.clone(),
@@ -75,6 +85,7 @@ impl Gateway {
                         KafkaJobSource::connect(kafka, &config.queue, metrics.clone()).await?;
                     tasks.push(spawn_worker(
                         &config,
+                        upstream.clone(),
                         Arc::new(source),
                         metrics.clone(),
                         worker_shutdown.clone(),
@@ -101,7 +112,8 @@ impl Gateway {
                 metrics.clone(),
             ),
             limiter: crate::limits::Limiter::new(&config.limits, metrics.clone()).await,
-            models: crate::models::ModelCatalog::new(&config.upstream)?,
+            fleet: upstream.as_ref().map(|u| u.fleet().clone()),
+            models: crate::models::ModelCatalog::new(&config.upstream, &config.models)?,
             config,
             store,
             cache,
@@ -202,11 +214,19 @@ pub async fn run(
 
 fn spawn_worker(
     config: &Config,
+    upstream: Option<Arc<UpstreamClient>>,
     source: Arc<dyn JobSource>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<JoinHandle<()>> {
-    let upstream = Arc::new(UpstreamClient::new(&config.upstream)?);
+    let upstream = match upstream {
+        Some(upstream) => upstream,
+        None => Arc::new(UpstreamClient::new(
+            &config.upstream,
+            &config.models,
+            &metrics,
+        )?),
+    };
     let worker = Arc::new(Worker::new(
         upstream,
         metrics,
@@ -239,7 +259,13 @@ impl StandaloneWorker {
         let source = KafkaJobSource::connect(kafka, &config.queue, metrics.clone()).await?;
         metrics.backend_up.with_label_values(&["queue"]).set(1);
         let shutdown = CancellationToken::new();
-        let task = spawn_worker(config, Arc::new(source), metrics.clone(), shutdown.clone())?;
+        let task = spawn_worker(
+            config,
+            None,
+            Arc::new(source),
+            metrics.clone(),
+            shutdown.clone(),
+        )?;
         Ok(Self {
             metrics,
             shutdown,

@@ -66,6 +66,7 @@ pub struct RawConfig {
     pub telemetry: TelemetryConfig,
     pub plugin_host: PluginHostConfig,
     pub plugins: Vec<RawPlugin>,
+    pub models: Vec<ModelConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -459,8 +460,51 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     /// The models clients may ask for, answered by `GET /v1/models`; a
     /// request for another gets 404 without reaching vLLM. Empty: whatever
-    /// the upstream's `/v1/models` lists.
+    /// the upstream's `/v1/models` lists. (With `[[models]]`, those.)
     pub models: Vec<String>,
+    /// How the single pool of `urls` balances (`[[models]]` set their own).
+    pub balance: Balance,
+    /// How often each endpoint's `/health` is checked.
+    #[serde(rename = "health_interval_ms", deserialize_with = "millis")]
+    pub health_interval: Duration,
+    /// Endpoints a request may try before the client gets the error
+    /// (only before its first byte).
+    pub max_attempts: u32,
+    /// How long an endpoint that failed is left out; doubled while it keeps
+    /// failing, up to `max_eject_ms`.
+    #[serde(rename = "eject_ms", deserialize_with = "millis")]
+    pub eject: Duration,
+    #[serde(rename = "max_eject_ms", deserialize_with = "millis")]
+    pub max_eject: Duration,
+}
+
+/// How a pool picks an endpoint for a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    /// The less busy of two endpoints picked at random (power of two choices).
+    LeastOutstanding,
+}
+
+/// `[[models]]`: one model and the endpoints that serve it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The name clients use.
+    pub name: String,
+    /// Other names that mean this model.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// vLLM base URLs serving it.
+    #[serde(deserialize_with = "urls")]
+    pub endpoints: Vec<Url>,
+    /// The name vLLM knows it by (`--served-model-name`), if not `name`.
+    #[serde(default)]
+    pub upstream_model: Option<String>,
+    #[serde(default)]
+    pub balance: Balance,
 }
 
 impl Default for UpstreamConfig {
@@ -472,6 +516,11 @@ impl Default for UpstreamConfig {
             first_chunk_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(30),
             models: Vec::new(),
+            balance: Balance::RoundRobin,
+            health_interval: Duration::from_secs(2),
+            max_attempts: 3,
+            eject: Duration::from_secs(1),
+            max_eject: Duration::from_secs(30),
         }
     }
 }
@@ -821,6 +870,9 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub plugin_host: PluginHostConfig,
     pub plugins: Vec<PluginConfig>,
+    /// `[[models]]`: each model's pool of vLLM endpoints. Empty: one pool,
+    /// `upstream.urls`, serves every model.
+    pub models: Vec<ModelConfig>,
     /// The config file, watched for plugin changes.
     pub source: Option<PathBuf>,
 }
@@ -970,6 +1022,42 @@ impl RawConfig {
             u64::from(self.store.max_connections),
         )?;
         positive("store.log_buffer", self.store.log_buffer as u64)?;
+
+        positive(
+            "upstream.max_attempts",
+            u64::from(self.upstream.max_attempts),
+        )?;
+        positive(
+            "upstream.health_interval_ms",
+            self.upstream.health_interval.as_millis() as u64,
+        )?;
+        let mut names = std::collections::HashSet::new();
+        for (i, model) in self.models.iter().enumerate() {
+            let key = |field: &str| format!("models[{i}].{field}");
+            if model.name.trim().is_empty() {
+                return Err(invalid(&key("name"), "must not be empty".into()));
+            }
+            if model.endpoints.is_empty() {
+                return Err(invalid(
+                    &key("endpoints"),
+                    format!("model `{}` has no endpoints", model.name),
+                ));
+            }
+            for name in std::iter::once(&model.name).chain(&model.aliases) {
+                if !names.insert(name.clone()) {
+                    return Err(invalid(
+                        &key("name"),
+                        format!("`{name}` names two models (names and aliases must be unique)"),
+                    ));
+                }
+            }
+        }
+        if !self.models.is_empty() && !self.upstream.models.is_empty() {
+            return Err(invalid(
+                "upstream.models",
+                "leave it empty when [[models]] lists the models".into(),
+            ));
+        }
 
         let limits_url = self.limits.url.expose_secret();
         if !matches!(scheme(limits_url), Some("memory" | "redis" | "rediss")) {
@@ -1270,6 +1358,7 @@ impl RawConfig {
             telemetry: self.telemetry,
             plugin_host: self.plugin_host,
             plugins: plugins.into_iter().map(|(_, _, p)| p).collect(),
+            models: self.models,
             source: origins.file.clone(),
         })
     }

@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod filter_chain;
+pub mod fleet;
 pub mod http;
 pub mod inference_log;
 pub mod limits;

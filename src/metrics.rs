@@ -46,6 +46,9 @@ pub struct Metrics {
     pub plugin_timeouts: IntCounterVec,
     pub plugin_reloads: IntCounterVec,
     pub backend_up: IntGaugeVec,
+    pub endpoint_up: IntGaugeVec,
+    pub endpoint_in_flight: IntGaugeVec,
+    pub endpoint_requests: IntCounterVec,
     pub inference_log_dropped: IntCounter,
 }
 
@@ -247,6 +250,34 @@ impl Metrics {
                 "sluice_worker_requests_total",
                 "Requests finished by a worker, by outcome",
                 &["outcome"],
+            ),
+            endpoint_up: b.add(
+                R::WORKER,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "sluice_endpoint_up",
+                        "1 when the vLLM endpoint takes requests (its health check passes and it is not ejected after a failure)",
+                    ),
+                    &["model", "endpoint"],
+                )
+                .expect("valid metric"),
+            ),
+            endpoint_in_flight: b.add(
+                R::WORKER,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "sluice_endpoint_in_flight",
+                        "Requests this process runs on the vLLM endpoint now",
+                    ),
+                    &["model", "endpoint"],
+                )
+                .expect("valid metric"),
+            ),
+            endpoint_requests: b.counter_vec(
+                R::WORKER,
+                "sluice_endpoint_requests_total",
+                "Requests sent to the vLLM endpoint by result: ok (its first chunk arrived) or failed (before the first byte; another endpoint was tried)",
+                &["model", "endpoint", "result"],
             ),
             upstream_errors: b.counter_vec(
                 R::WORKER,

@@ -1,8 +1,9 @@
-//! `GET /v1/models` and the model check: the models clients may use. A list
-//! in `upstream.models` is the answer, and a request for any other model is
-//! refused here with vLLM's 404 (no upstream call). Without one, the answer
-//! is the upstream's own `/v1/models`, kept for a few seconds, and an
-//! unknown model is for vLLM to refuse.
+//! `GET /v1/models` and model names: the models clients may use. With
+//! `[[models]]` (a fleet) or a list in `upstream.models`, that list is the
+//! answer, an alias resolves to its model, and a request for any other
+//! model is refused here with vLLM's 404 (no upstream call). Without either,
+//! the answer is the upstream's own `/v1/models`, kept for a few seconds,
+//! and an unknown model is for vLLM to refuse.
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,16 @@ use tokio::sync::Mutex;
 use url::Url;
 
 use crate::auth::Identity;
-use crate::config::UpstreamConfig;
+use crate::config::{ModelConfig, UpstreamConfig};
+
+/// A requested model name, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The model whose endpoints serve it ("" for the single pool).
+    pub pool: String,
+    /// The name vLLM knows it by.
+    pub upstream: String,
+}
 use crate::error::{ErrorInfo, GatewayError};
 
 /// How long an upstream's model list is served without asking again.
@@ -22,6 +32,8 @@ const MAX_LIST_BYTES: usize = 1 << 20;
 
 pub struct ModelCatalog {
     configured: Option<Vec<String>>,
+    /// `[[models]]`: each name and alias, to the model's name and the name vLLM knows it by.
+    fleet: std::collections::HashMap<String, (String, String)>,
     http: reqwest::Client,
     urls: Vec<Url>,
     api_key: Option<SecretString>,
@@ -30,15 +42,30 @@ pub struct ModelCatalog {
 }
 
 impl ModelCatalog {
-    pub fn new(config: &UpstreamConfig) -> Result<Self, GatewayError> {
+    pub fn new(config: &UpstreamConfig, fleet: &[ModelConfig]) -> Result<Self, GatewayError> {
         let http = reqwest::Client::builder()
             .tcp_nodelay(true)
             .connect_timeout(config.connect_timeout)
             .timeout(config.connect_timeout + Duration::from_secs(5))
             .build()
             .map_err(|e| GatewayError::Internal(format!("cannot build the HTTP client: {e}")))?;
+        let mut names = std::collections::HashMap::new();
+        for model in fleet {
+            let upstream = model
+                .upstream_model
+                .clone()
+                .unwrap_or_else(|| model.name.clone());
+            for name in std::iter::once(&model.name).chain(&model.aliases) {
+                names.insert(name.clone(), (model.name.clone(), upstream.clone()));
+            }
+        }
+        let configured = match fleet.is_empty() {
+            true => (!config.models.is_empty()).then(|| config.models.clone()),
+            false => Some(fleet.iter().map(|m| m.name.clone()).collect()),
+        };
         Ok(Self {
-            configured: (!config.models.is_empty()).then(|| config.models.clone()),
+            configured,
+            fleet: names,
             http,
             urls: config.urls.clone(),
             api_key: config.api_key.clone(),
@@ -70,8 +97,17 @@ impl ModelCatalog {
         Bytes::from(serde_json::Value::Object(list).to_string())
     }
 
-    /// Refuses a model outside the configured list, as vLLM refuses one it does not serve.
-    pub fn check(&self, model: &str) -> Result<(), GatewayError> {
+    /// What a requested model name means: its model's name (the pool that
+    /// serves it; "" for the single pool of `upstream.urls`) and the name
+    /// to send vLLM. A model outside the configured list is refused, as vLLM
+    /// refuses one it does not serve.
+    pub fn resolve(&self, model: &str) -> Result<Resolved, GatewayError> {
+        if let Some((name, upstream)) = self.fleet.get(model) {
+            return Ok(Resolved {
+                pool: name.clone(),
+                upstream: upstream.clone(),
+            });
+        }
         match &self.configured {
             Some(models) if !models.iter().any(|m| m == model) => {
                 Err(GatewayError::Upstream(ErrorInfo::new(
@@ -80,7 +116,10 @@ impl ModelCatalog {
                     format!("The model `{model}` does not exist."),
                 )))
             }
-            _ => Ok(()),
+            _ => Ok(Resolved {
+                pool: String::new(),
+                upstream: model.to_string(),
+            }),
         }
     }
 

@@ -335,18 +335,29 @@ pub async fn start(
         }
     };
     // After the hooks: the model checked is the one sent (a plugin may map aliases).
-    let model_check = state.models.check(request.model()).and_then(|()| {
-        match ctx.identity.allows_model(request.model()) {
-            true => Ok(()),
+    let resolved = state.models.resolve(request.model()).and_then(|resolved| {
+        let allowed = ctx.identity.allows_model(request.model())
+            || (!resolved.pool.is_empty() && ctx.identity.allows_model(&resolved.pool));
+        match allowed {
+            true => Ok(resolved),
             false => {
                 state.metrics.limited.with_label_values(&["model"]).inc();
                 Err(crate::models::no_access(request.model()))
             }
         }
     });
-    if let Err(err) = model_check {
-        record.fail(&err);
-        return Err((err, record));
+    let resolved = match resolved {
+        Ok(resolved) => resolved,
+        Err(err) => {
+            record.fail(&err);
+            return Err((err, record));
+        }
+    };
+    if !resolved.pool.is_empty() {
+        record.model = resolved.pool.clone();
+    }
+    if resolved.upstream != request.model() {
+        request.set_model(resolved.upstream);
     }
     let cache_config = &state.config.cache;
     let cache_key = cache_key
@@ -396,6 +407,7 @@ pub async fn start(
         .stage_of_kind("queue.submit", SpanKind::Producer);
     let queued = QueuedRequest::new(
         ctx.request_id.clone(),
+        resolved.pool,
         request.route(),
         request.upstream_body(),
         record.trace.headers_from(&submit),

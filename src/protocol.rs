@@ -98,6 +98,14 @@ impl InferenceRequest {
         }
     }
 
+    /// Sends the request for `model` instead.
+    pub fn set_model(&mut self, model: String) {
+        match self {
+            Self::Completion(r) => r.model = model,
+            Self::Chat(r) => r.model = model,
+        }
+    }
+
     /// Whether the answer is a sample: no `seed`, and a `temperature` above 0
     /// or none (vLLM's default then is the model's, usually 1).
     pub fn is_sampled(&self) -> bool {

@@ -20,6 +20,9 @@
 //! | `sim_drop_after: N` | after N tokens, cut the connection |
 //! | `sim_token_delay_ms`, `sim_first_token_delay_ms` | override the delays |
 //!
+//! [`Simulator::set_failing`] turns it into a failing replica (503s, its
+//! `/health` too) and [`Simulator::kill`] into a crashed one.
+//!
 //! It records every request it receives and every generation a client
 //! aborted (connection closed before the end), so tests can assert both.
 
@@ -95,6 +98,10 @@ struct SimState {
     records: std::sync::Mutex<Records>,
     changed: Notify,
     next_id: AtomicU64,
+    /// Answer 503 to everything (health checks included).
+    failing: std::sync::atomic::AtomicBool,
+    /// Killed: streams break off, connections still open get 503 and close.
+    killed: std::sync::atomic::AtomicBool,
 }
 
 impl SimState {
@@ -111,6 +118,7 @@ pub struct Simulator {
     addr: SocketAddr,
     state: Arc<SimState>,
     shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Simulator {
@@ -132,17 +140,19 @@ impl Simulator {
             records: Default::default(),
             changed: Notify::new(),
             next_id: AtomicU64::new(1),
+            failing: Default::default(),
+            killed: Default::default(),
         });
         let app = Router::new()
             .route("/v1/completions", post(completions))
             .route("/v1/chat/completions", post(chat_completions))
             .route("/v1/models", get(models))
-            .route("/health", get(|| async { StatusCode::OK }))
+            .route("/health", get(health))
             .with_state(state.clone());
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let listener = crate::http::nodelay(listener);
-        tokio::spawn(async move {
+        let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await;
@@ -151,11 +161,24 @@ impl Simulator {
             addr,
             state,
             shutdown,
+            server,
         })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Makes every answer a 503 (`/health` too) until switched back.
+    pub fn set_failing(&self, failing: bool) {
+        self.state.failing.store(failing, Ordering::Relaxed);
+    }
+
+    /// Dies as a crashed replica does: the port stops accepting, running
+    /// streams break off mid-way, connections still open get 503 and close.
+    pub fn kill(&self) {
+        self.state.killed.store(true, Ordering::Relaxed);
+        self.server.abort();
     }
 
     /// The base URL to configure as `upstream.urls`.
@@ -253,6 +276,26 @@ fn error_response(status: StatusCode, kind: &str, message: &str) -> Response {
         .into_response()
 }
 
+async fn health(State(state): State<Arc<SimState>>) -> Response {
+    if state.killed.load(Ordering::Relaxed) {
+        return killed();
+    }
+    match state.failing.load(Ordering::Relaxed) {
+        true => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+        false => StatusCode::OK.into_response(),
+    }
+}
+
+/// What a connection still open to a killed replica gets: 503, and closed.
+fn killed() -> Response {
+    let mut response = StatusCode::SERVICE_UNAVAILABLE.into_response();
+    response.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    response
+}
+
 async fn models(State(state): State<Arc<SimState>>) -> Response {
     let body = serde_json::json!({"object": "list", "data": [{
         "id": state.config.model, "object": "model", "created": 0, "owned_by": "vllm",
@@ -279,6 +322,21 @@ async fn generate(
     body: Bytes,
     chat: bool,
 ) -> Response {
+    if state.killed.load(Ordering::Relaxed) {
+        let mut response = StatusCode::SERVICE_UNAVAILABLE.into_response();
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        return response;
+    }
+    if state.failing.load(Ordering::Relaxed) {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailableError",
+            "simulated replica failure",
+        );
+    }
     let body: Value = match serde_json::from_slice(&body) {
         Ok(value @ Value::Object(_)) => value,
         _ => {
@@ -864,6 +922,10 @@ fn stream_response(state: Arc<SimState>, generation: Generation) -> Response {
             }
             if s.done {
                 return None;
+            }
+            if s.guard.state.killed.load(Ordering::Relaxed) {
+                s.done = true;
+                return Some((Err(std::io::Error::other("simulated replica crash")), s));
             }
             let g = &s.generation;
             let step = s.step;

@@ -26,6 +26,8 @@ pub struct AppState {
     pub inference_log: InferenceLogger,
     pub models: crate::models::ModelCatalog,
     pub limiter: std::sync::Arc<crate::limits::Limiter>,
+    /// The in-process worker's endpoints (`/ready` reports each model's).
+    pub fleet: Option<std::sync::Arc<crate::fleet::Fleet>>,
     /// Open WebSockets per API key.
     pub ws_sockets: Arc<SocketCounts>,
 }

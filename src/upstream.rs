@@ -1,11 +1,13 @@
 //! The upstream client: calls vLLM's `/v1/completions` or
-//! `/v1/chat/completions` with `stream: true`
+//! `/v1/chat/completions` with `stream: true` on an endpoint of the
+//! request's model (see [`crate::fleet`]), trying another endpoint when one
+//! fails before the first chunk,
 //! and yields each chunk the moment its SSE event is complete.
 //!
 //! Dropping an [`UpstreamStream`] closes its HTTP connection, which is how
 //! vLLM learns to abort the generation.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -15,8 +17,10 @@ use http_body_util::{BodyExt, Limited};
 use tokio::time::Instant;
 use url::Url;
 
-use crate::config::UpstreamConfig;
+use crate::config::{ModelConfig, UpstreamConfig};
 use crate::error::{ErrorInfo, GatewayError, kind_for_status};
+use crate::fleet::{Fleet, InFlight};
+use crate::metrics::Metrics;
 use crate::protocol::{Chunk, Route, error_info_from_value, parse_error_event};
 use crate::sse::SseParser;
 
@@ -52,6 +56,17 @@ impl UpstreamError {
         }
     }
 
+    /// Whether the endpoint is at fault (another may serve the request):
+    /// unreachable, too slow, a 5xx, a broken or garbled stream. A 4xx or an
+    /// error event from vLLM is the request's, and is passed on.
+    pub fn is_endpoint_failure(&self) -> bool {
+        match self {
+            Self::Connect(_) | Self::Timeout(_) | Self::Body(_) | Self::Truncated => true,
+            Self::Status(info) => info.status >= 500,
+            Self::Event(_) => false,
+        }
+    }
+
     /// A low-cardinality label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -67,16 +82,19 @@ impl UpstreamError {
 
 pub struct UpstreamClient {
     http: reqwest::Client,
-    /// Base URLs, without a trailing slash.
-    endpoints: Vec<Url>,
-    next: AtomicUsize,
+    fleet: Arc<Fleet>,
     api_key: Option<secrecy::SecretString>,
     first_chunk_timeout: Duration,
     idle_timeout: Duration,
 }
 
 impl UpstreamClient {
-    pub fn new(config: &UpstreamConfig) -> Result<Self, GatewayError> {
+    /// The client of every pool, with their health checks running.
+    pub fn new(
+        config: &UpstreamConfig,
+        models: &[ModelConfig],
+        metrics: &Metrics,
+    ) -> Result<Self, GatewayError> {
         let http = reqwest::Client::builder()
             .tcp_nodelay(true)
             .connect_timeout(config.connect_timeout)
@@ -84,39 +102,84 @@ impl UpstreamClient {
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| GatewayError::Internal(format!("cannot build the HTTP client: {e}")))?;
-        let endpoints = config.urls.clone();
+        let fleet = Arc::new(Fleet::new(config, models, metrics));
+        fleet.check_health(http.clone(), config.health_interval);
         Ok(Self {
             http,
-            endpoints,
-            next: AtomicUsize::new(0),
+            fleet,
             api_key: config.api_key.clone(),
             first_chunk_timeout: config.first_chunk_timeout,
             idle_timeout: config.idle_timeout,
         })
     }
 
-    /// The next endpoint's URL for `path`, round robin.
-    fn endpoint(&self, path: &str) -> Url {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        let mut url = self.endpoints[i].clone();
-        let full = format!("{}{path}", url.path().trim_end_matches('/'));
-        url.set_path(&full);
-        url
+    pub fn fleet(&self) -> &Arc<Fleet> {
+        &self.fleet
     }
 
-    /// Starts the upstream request for `body` (the JSON of a streamed
-    /// completion) with `headers` (request id, trace context); resolves once
-    /// response headers arrive.
+    /// Starts the request for `body` (the JSON of a streamed completion or
+    /// chat) on an endpoint of `model`'s pool with `headers` (request id,
+    /// trace context) and waits for its first event. An endpoint that fails
+    /// before then is ejected and another one tried, up to
+    /// `upstream.max_attempts`; nothing has reached the client yet, so the
+    /// retry is invisible to it.
     pub async fn open(
         &self,
+        model: &str,
+        route: Route,
+        body: bytes::Bytes,
+        headers: &[(String, String)],
+    ) -> Result<UpstreamStream, UpstreamError> {
+        let pool = self
+            .fleet
+            .pool(model)
+            .ok_or_else(|| UpstreamError::Connect(format!("no endpoint serves `{model}`")))?;
+        let mut tried = Vec::with_capacity(2);
+        let mut last = None;
+        while tried.len() < self.fleet.max_attempts as usize {
+            let Some(at) = pool.pick(&tried) else { break };
+            tried.push(at);
+            let endpoint = &pool.endpoints[at];
+            let in_flight = endpoint.start();
+            let opened = match self
+                .attempt(&endpoint.url, route, body.clone(), headers)
+                .await
+            {
+                Ok(mut stream) => stream.prefetch().await.map(|()| stream),
+                Err(err) => Err(err),
+            };
+            match opened {
+                Ok(mut stream) => {
+                    endpoint.succeeded();
+                    stream.in_flight = Some(in_flight);
+                    return Ok(stream);
+                }
+                Err(err) if err.is_endpoint_failure() => {
+                    endpoint.failed(self.fleet.eject, self.fleet.max_eject);
+                    tracing::warn!(endpoint = %endpoint.url, %err, attempt = tried.len(), "upstream endpoint failed before the first chunk; trying another");
+                    last = Some(err);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Err(last.unwrap_or_else(|| UpstreamError::Connect("no endpoint to try".into())))
+    }
+
+    /// One attempt on one endpoint; resolves once response headers arrive.
+    async fn attempt(
+        &self,
+        base: &Url,
         route: Route,
         body: bytes::Bytes,
         headers: &[(String, String)],
     ) -> Result<UpstreamStream, UpstreamError> {
         let deadline = Instant::now() + self.first_chunk_timeout;
+        let mut url = base.clone();
+        let path = format!("{}{}", url.path().trim_end_matches('/'), route.path());
+        url.set_path(&path);
         let mut builder = self
             .http
-            .post(self.endpoint(route.path()))
+            .post(url)
             .header("content-type", "application/json")
             .header("accept", "text/event-stream")
             .body(body);
@@ -146,6 +209,8 @@ impl UpstreamClient {
             first_chunk_timeout: self.first_chunk_timeout,
             idle_timeout: self.idle_timeout,
             finished: false,
+            first: None,
+            in_flight: None,
         })
     }
 }
@@ -195,11 +260,28 @@ pub struct UpstreamStream {
     first_chunk_timeout: Duration,
     idle_timeout: Duration,
     finished: bool,
+    /// The first chunk, read while choosing the endpoint.
+    first: Option<Chunk>,
+    /// Counts the stream as running on its endpoint.
+    in_flight: Option<InFlight>,
 }
 
 impl UpstreamStream {
+    /// Reads the first event ahead, so that a failure before it can be retried elsewhere.
+    async fn prefetch(&mut self) -> Result<(), UpstreamError> {
+        self.first = self.read().await?;
+        Ok(())
+    }
+
     /// The next chunk; `Ok(None)` after `[DONE]`.
     pub async fn next(&mut self) -> Result<Option<Chunk>, UpstreamError> {
+        if let Some(first) = self.first.take() {
+            return Ok(Some(first));
+        }
+        self.read().await
+    }
+
+    async fn read(&mut self) -> Result<Option<Chunk>, UpstreamError> {
         loop {
             if self.finished {
                 return Ok(None);

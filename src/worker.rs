@@ -119,7 +119,12 @@ impl Worker {
         let request = &job.request;
         let opened = self
             .upstream
-            .open(request.route, request.body.clone(), &headers)
+            .open(
+                &request.model,
+                request.route,
+                request.body.clone(),
+                &headers,
+            )
             .await;
         let mut stream = match opened {
             Ok(stream) => stream,

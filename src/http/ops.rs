@@ -58,14 +58,37 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
             .with_label_values(&["cache"])
             .set(i64::from(cache.is_ok()));
     }
-    let ready = store.is_ok() && queue.is_ok();
+    // Each model's endpoints taking requests (in-process worker only: a
+    // standalone worker holds its own).
+    let mut models_ready = true;
+    let models: serde_json::Map<String, serde_json::Value> = state
+        .fleet
+        .iter()
+        .flat_map(|fleet| fleet.models())
+        .map(|pool| {
+            let healthy = pool.healthy();
+            models_ready &= healthy > 0;
+            let name = if pool.name.is_empty() { "*" } else { pool.name.as_str() };
+            let endpoints: Vec<_> = pool
+                .endpoints
+                .iter()
+                .map(|e| json!({"url": e.url.as_str(), "up": e.available(), "in_flight": e.in_flight()}))
+                .collect();
+            (
+                name.to_string(),
+                json!({"status": if healthy > 0 { "ok" } else { "error" }, "healthy": healthy, "endpoints": endpoints}),
+            )
+        })
+        .collect();
+    let ready = store.is_ok() && queue.is_ok() && models_ready;
     let body = json!({
         "status": if ready { "ready" } else { "unavailable" },
         "backends": {
             "store": describe(&store),
             "queue": describe(&queue),
             "cache": cache.as_ref().map_or(json!({"status": "disabled"}), describe),
-        }
+        },
+        "models": models,
     });
     let status = if ready {
         StatusCode::OK

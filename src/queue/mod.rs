@@ -23,6 +23,8 @@ pub use memory::MemoryQueue;
 #[derive(Debug, Clone)]
 pub struct QueuedRequest {
     pub request_id: String,
+    /// The model whose endpoints serve it (`[[models]]`); "" for the single pool.
+    pub model: String,
     /// The upstream route the body is for.
     pub route: Route,
     /// The JSON body for the upstream's route (already `stream: true`).
@@ -36,12 +38,14 @@ pub struct QueuedRequest {
 impl QueuedRequest {
     pub fn new(
         request_id: String,
+        model: String,
         route: Route,
         body: Bytes,
         trace_context: Vec<(String, String)>,
     ) -> Self {
         Self {
             request_id,
+            model,
             route,
             body,
             trace_context,

@@ -71,6 +71,7 @@ impl EdgeShared {
             (H_ATTEMPT, attempt_text.as_str()),
             (H_SUBMITTED, submitted.as_str()),
             (H_ROUTE, request.route.path()),
+            (H_MODEL, request.model.as_str()),
         ];
         for (name, value) in &request.trace_context {
             pairs.push((name.as_str(), value.as_str()));

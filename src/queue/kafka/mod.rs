@@ -54,6 +54,8 @@ const H_ATTEMPT: &str = "sluice-attempt";
 const H_SUBMITTED: &str = "sluice-submitted-ms";
 /// The upstream path of a request; absent means `/v1/completions`.
 const H_ROUTE: &str = "sluice-route";
+/// The model whose endpoints serve a request; absent means the single pool.
+const H_MODEL: &str = "sluice-model";
 const H_WORKER: &str = "sluice-worker";
 /// Trace-context headers carried through unchanged.
 const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];

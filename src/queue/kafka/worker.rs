@@ -316,6 +316,7 @@ impl KafkaJobSource {
         };
         let request = QueuedRequest {
             request_id: request_id.to_string(),
+            model: h.str(H_MODEL).unwrap_or_default().to_string(),
             route,
             body: Bytes::copy_from_slice(body),
             trace_context: h.trace_context(),

@@ -1,0 +1,236 @@
+//! A fleet: two models on two simulated replicas each. Failover before the
+//! first byte, ejection and return of a replica, aliases, unknown models,
+//! `/ready` and the endpoint metrics, and an endpoint that answers garbage.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::future::join_all;
+use serde_json::{Value, json};
+use sluice::config::{Balance, ModelConfig};
+use sluice::simulator::{Simulator, SimulatorConfig};
+
+const MISTRAL: &str = "sim-mistral";
+
+fn replica_config(model: &str) -> SimulatorConfig {
+    SimulatorConfig {
+        model: model.into(),
+        token_delay: Duration::from_millis(5),
+        first_token_delay: Duration::from_millis(5),
+        ..SimulatorConfig::default()
+    }
+}
+
+async fn replica(model: &str) -> Simulator {
+    Simulator::start(replica_config(model)).await.unwrap()
+}
+
+fn model(name: &str, aliases: &[&str], replicas: &[&Simulator], balance: Balance) -> ModelConfig {
+    ModelConfig {
+        name: name.into(),
+        aliases: aliases.iter().map(|a| a.to_string()).collect(),
+        endpoints: replicas.iter().map(|r| r.url().parse().unwrap()).collect(),
+        upstream_model: None,
+        balance,
+    }
+}
+
+async fn ready(gw: &TestGateway) -> (u16, Value) {
+    let response = gw
+        .http
+        .get(format!("{}/ready", gw.url))
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+fn request(model: &str, i: usize) -> Value {
+    json!({"model": model, "prompt": format!("fleet request {i}"), "max_tokens": 4, "stream": true})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_dies_under_load_costs_no_request_that_had_not_started() {
+    let (llama_a, llama_b) = (replica(MODEL).await, replica(MODEL).await);
+    let (mistral_a, mistral_b) = (replica(MISTRAL).await, replica(MISTRAL).await);
+    let port_a = llama_a.addr().port();
+    let fleet = vec![
+        model(
+            MODEL,
+            &["llama"],
+            &[&llama_a, &llama_b],
+            Balance::RoundRobin,
+        ),
+        model(
+            MISTRAL,
+            &[],
+            &[&mistral_a, &mistral_b],
+            Balance::LeastOutstanding,
+        ),
+    ];
+    let gw = TestGateway::start_with(sim_config(), move |c| {
+        c.models = fleet;
+        c.upstream.health_interval = Duration::from_millis(100);
+        c.cache.url = "off".to_string().into();
+    })
+    .await;
+
+    // Both models are served, by both of their replicas; the alias too.
+    for i in 0..8 {
+        for name in [MODEL, MISTRAL, "llama"] {
+            let events = sse_events(gw.post(&request(name, i)).await).await;
+            assert_eq!(events.last().unwrap(), "[DONE]", "{name}");
+        }
+    }
+    assert_eq!(llama_a.received().len() + llama_b.received().len(), 16);
+    assert!(!llama_a.received().is_empty() && !llama_b.received().is_empty());
+    assert!(!mistral_a.received().is_empty() && !mistral_b.received().is_empty());
+    assert!(
+        mistral_a
+            .received()
+            .iter()
+            .all(|r| r.body["model"] == MISTRAL)
+    );
+    // A model nobody serves: 404 without an upstream call.
+    let unknown = gw.post(&request("gpt-4", 0)).await;
+    assert_eq!(unknown.status(), 404);
+    let (status, body) = ready(&gw).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["models"][MODEL]["healthy"], 2);
+
+    // Load on the llama pair while replica A dies.
+    let gw_ref = &gw;
+    let load = join_all((0..60).map(|i| async move {
+        tokio::time::sleep(Duration::from_millis(i as u64 * 5)).await;
+        let response = gw_ref.post(&request(MODEL, 100 + i)).await;
+        let status = response.status().as_u16();
+        (status, sse_events(response).await)
+    }));
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        llama_a.kill();
+    };
+    let (results, ()) = tokio::join!(load, kill);
+    // Every request answered 200: those not yet streaming were retried on B.
+    // (A stream already running on A when it died may end with an error event.)
+    assert!(
+        results.iter().all(|(status, _)| *status == 200),
+        "{:?}",
+        results.iter().map(|r| r.0).collect::<Vec<_>>()
+    );
+    let broken = results
+        .iter()
+        .filter(|(_, events)| events.iter().any(|e| e.contains("\"error\"")))
+        .count();
+    assert!(
+        broken <= 10,
+        "{broken} streams broke, more than were running on A"
+    );
+    let metrics = gw.metrics().await;
+    let a = format!("http://127.0.0.1:{port_a}");
+    let up = |metrics: &str| {
+        metric(
+            metrics,
+            &format!(r#"sluice_endpoint_up{{endpoint="{a}",model="{MODEL}"}}"#),
+        )
+    };
+    assert_eq!(up(&metrics), Some(0.0), "A is out");
+    assert!(metric(&metrics, &format!(r#"sluice_endpoint_requests_total{{endpoint="{a}",model="{MODEL}",result="failed"}}"#)).unwrap_or(0.0) >= 1.0);
+    let (status, body) = ready(&gw).await;
+    assert_eq!(
+        status, 200,
+        "one healthy replica keeps the model ready: {body}"
+    );
+    assert_eq!(body["models"][MODEL]["healthy"], 1);
+
+    // A comes back on the same port: taken back by the health check.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port_a))
+        .await
+        .unwrap();
+    let revived = Simulator::serve(replica_config(MODEL), listener).unwrap();
+    let back = eventually(Duration::from_secs(5), || async {
+        (up(&gw.metrics().await) == Some(1.0)).then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "A is back in rotation");
+    for i in 0..6 {
+        sse_events(gw.post(&request(MODEL, 300 + i)).await).await;
+    }
+    assert!(!revived.received().is_empty(), "A serves again");
+
+    // Both llama replicas failing: the model is not ready, and clients get an error, not a hang.
+    revived.set_failing(true);
+    llama_b.set_failing(true);
+    let not_ready = eventually(Duration::from_secs(5), || async {
+        let (status, body) = ready(&gw).await;
+        (status == 503).then_some(body)
+    })
+    .await
+    .expect("no healthy llama: not ready");
+    assert_eq!(not_ready["models"][MODEL]["healthy"], 0);
+    let response = gw.post(&request(MODEL, 400)).await;
+    assert_eq!(response.status(), 503);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], 503);
+    // Mistral is untouched.
+    assert_eq!(gw.post(&request(MISTRAL, 400)).await.status(), 200);
+}
+
+#[tokio::test]
+async fn an_endpoint_answering_garbage_is_a_502_and_counted() {
+    let garbage = axum::Router::new()
+        .route(
+            "/v1/completions",
+            axum::routing::post(|| async { "this is not server-sent events" }),
+        )
+        .route("/health", axum::routing::get(|| async { "ok" }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, garbage).await });
+    let fleet = vec![ModelConfig {
+        name: "broken".into(),
+        aliases: Vec::new(),
+        endpoints: vec![url.parse().unwrap()],
+        upstream_model: None,
+        balance: Balance::RoundRobin,
+    }];
+    let gw = TestGateway::start_with(sim_config(), move |c| c.models = fleet).await;
+    let response = tokio::time::timeout(Duration::from_secs(10), gw.post(&request("broken", 0)))
+        .await
+        .expect("an answer, not a hang");
+    assert_eq!(response.status(), 502);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], 502);
+    let metrics = gw.metrics().await;
+    assert!(
+        metric(&metrics, &format!(r#"sluice_endpoint_requests_total{{endpoint="{url}",model="broken",result="failed"}}"#))
+            .unwrap_or(0.0)
+            >= 1.0,
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_fleet_that_makes_no_sense_stops_startup_naming_the_key() {
+    let load = |toml: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, toml).unwrap();
+        sluice::Config::load_with_env(Some(&path), []).map_err(|e| e.to_string())
+    };
+    let err = load("[[models]]\nname = \"a\"\nendpoints = []\n").unwrap_err();
+    assert!(err.contains("models[0].endpoints"), "{err}");
+    let err = load("[[models]]\nname = \"a\"\nendpoints = [\"not a url\"]\n").unwrap_err();
+    assert!(err.contains("not a url"), "{err}");
+    let err = load(
+        "[[models]]\nname = \"a\"\nendpoints = [\"http://x:1\"]\n[[models]]\nname = \"b\"\naliases = [\"a\"]\nendpoints = [\"http://y:1\"]\n",
+    )
+    .unwrap_err();
+    assert!(err.contains("models[1]") && err.contains("`a`"), "{err}");
+    let err =
+        load("[[models]]\nname = \"a\"\nendpoints = [\"http://x:1\"]\nbalance = \"random\"\n")
+            .unwrap_err();
+    assert!(err.contains("balance") || err.contains("random"), "{err}");
+}
