@@ -486,6 +486,12 @@ pub enum Balance {
     RoundRobin,
     /// The less busy of two endpoints picked at random (power of two choices).
     LeastOutstanding,
+    /// The endpoint with the fewest requests running and waiting by vLLM's
+    /// own `/metrics` (scraped every `health_interval_ms`).
+    Load,
+    /// Requests sharing a prompt prefix go to the same endpoint (consistent
+    /// hashing with bounded loads), unless it is busier than 1.25 × the mean.
+    Prefix,
 }
 
 /// `[[models]]`: one model and the endpoints that serve it.

@@ -9,9 +9,14 @@
 //! When every endpoint of a pool is out, the one whose cooldown ends first
 //! is tried anyway: a request is refused only when no endpoint could serve it.
 //!
-//! Balancing per pool: round robin, or least outstanding (the less busy of
-//! two endpoints picked at random, counting the requests this process runs
-//! on each).
+//! Balancing per pool: round robin; least outstanding (the less busy of two
+//! endpoints picked at random, counting the requests this process runs on
+//! each); load (the fewest requests running and waiting by vLLM's own
+//! `/metrics`, scraped with the health checks: the signal every worker
+//! process shares); or prefix (consistent hashing with bounded loads:
+//! requests whose prompts start alike hash to the same endpoint, which
+//! holds that prefix in vLLM's prefix cache, unless its load is above
+//! 1.25 × the mean, when the next endpoint on the ring takes it).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -34,6 +39,8 @@ pub struct Endpoint {
     ejected_until_ms: AtomicU64,
     /// Failures in a row.
     failures: AtomicU32,
+    /// Requests running and waiting by the endpoint's last scraped `/metrics`.
+    scraped_load: AtomicU64,
     epoch: Instant,
     up: prometheus::IntGauge,
     in_flight_gauge: prometheus::IntGauge,
@@ -54,6 +61,13 @@ impl Endpoint {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Its load as best known: vLLM's running and waiting requests by the
+    /// last scrape, or this process's own count when that is higher (it
+    /// moves between scrapes).
+    pub fn load(&self) -> u64 {
+        (self.in_flight() as u64).max(self.scraped_load.load(Ordering::Relaxed))
     }
 
     fn show(&self) {
@@ -115,12 +129,37 @@ pub struct Pool {
     pub endpoints: Vec<Arc<Endpoint>>,
     balance: Balance,
     next: AtomicUsize,
+    /// For `prefix`: points on the hash ring, each an endpoint's index.
+    ring: Vec<(u64, usize)>,
+}
+
+/// Points per endpoint on the hash ring: enough for an even split.
+const RING_POINTS: usize = 64;
+/// How far above the mean load an endpoint may be and still take its prefixes.
+const LOAD_BOUND: f64 = 1.25;
+
+fn ring_of(endpoints: &[Arc<Endpoint>]) -> Vec<(u64, usize)> {
+    use std::hash::{Hash, Hasher};
+    let mut ring: Vec<(u64, usize)> = endpoints
+        .iter()
+        .enumerate()
+        .flat_map(|(i, e)| {
+            (0..RING_POINTS).map(move |point| {
+                let mut hasher = std::hash::DefaultHasher::new();
+                (e.url.as_str(), point).hash(&mut hasher);
+                (hasher.finish(), i)
+            })
+        })
+        .collect();
+    ring.sort_unstable();
+    ring
 }
 
 impl Pool {
-    /// The endpoint for the next attempt, none of `tried`: an available one
-    /// by the pool's balance, else (all out) the one back soonest.
-    pub fn pick(&self, tried: &[usize]) -> Option<usize> {
+    /// The endpoint for the next attempt of a request whose prompt starts
+    /// as `prefix` hashes, none of `tried`: an available one by the pool's
+    /// balance, else (all out) the one back soonest.
+    pub fn pick(&self, prefix: u64, tried: &[usize]) -> Option<usize> {
         let candidates: Vec<usize> = (0..self.endpoints.len())
             .filter(|i| !tried.contains(i) && self.endpoints[*i].available())
             .collect();
@@ -133,8 +172,10 @@ impl Pool {
         match self.balance {
             Balance::RoundRobin => Some(candidates[turn % candidates.len()]),
             Balance::LeastOutstanding => {
-                let a = candidates[turn % candidates.len()];
-                let b = candidates[rand::random_range(0..candidates.len())];
+                // Two different endpoints (when there are two).
+                let n = candidates.len();
+                let a = candidates[turn % n];
+                let b = candidates[(turn + 1 + rand::random_range(0..n.max(2) - 1)) % n];
                 Some(
                     match self.endpoints[b].in_flight() < self.endpoints[a].in_flight() {
                         true => b,
@@ -142,7 +183,32 @@ impl Pool {
                     },
                 )
             }
+            Balance::Load => candidates
+                .iter()
+                .copied()
+                .min_by_key(|&i| (self.endpoints[i].load(), (i + turn) % candidates.len())),
+            Balance::Prefix => self.by_prefix(prefix, &candidates),
         }
+    }
+
+    /// The first endpoint clockwise from `prefix` on the ring whose load,
+    /// with this request, stays within `LOAD_BOUND` × the mean.
+    fn by_prefix(&self, prefix: u64, candidates: &[usize]) -> Option<usize> {
+        let total: u64 = candidates.iter().map(|&i| self.endpoints[i].load()).sum();
+        let bound = ((total + 1) as f64 * LOAD_BOUND / candidates.len() as f64).ceil() as u64;
+        let start = self.ring.partition_point(|(point, _)| *point < prefix);
+        let clockwise = self.ring[start..].iter().chain(&self.ring[..start]);
+        let mut first = None;
+        for &(_, i) in clockwise {
+            if !candidates.contains(&i) {
+                continue;
+            }
+            first.get_or_insert(i);
+            if self.endpoints[i].load() < bound {
+                return Some(i);
+            }
+        }
+        first
     }
 
     /// Endpoints available now.
@@ -165,7 +231,7 @@ impl Fleet {
         let epoch = Instant::now();
         let pool = |name: &str, urls: &[Url], balance: Balance| {
             let label = if name.is_empty() { "*" } else { name };
-            let endpoints = urls
+            let endpoints: Vec<Arc<Endpoint>> = urls
                 .iter()
                 .map(|url| {
                     let host = url.as_str().trim_end_matches('/');
@@ -176,6 +242,7 @@ impl Fleet {
                         healthy: AtomicBool::new(true),
                         ejected_until_ms: AtomicU64::new(0),
                         failures: AtomicU32::new(0),
+                        scraped_load: AtomicU64::new(0),
                         epoch,
                         up: metrics.endpoint_up.with_label_values(&labels),
                         in_flight_gauge: metrics.endpoint_in_flight.with_label_values(&labels),
@@ -192,6 +259,7 @@ impl Fleet {
                 .collect();
             Arc::new(Pool {
                 name: name.to_string(),
+                ring: ring_of(&endpoints),
                 endpoints,
                 balance,
                 next: AtomicUsize::new(0),
@@ -230,9 +298,11 @@ impl Fleet {
     }
 
     /// Checks every endpoint's `/health` every `interval`, in the background,
-    /// for as long as the fleet lives.
+    /// for as long as the fleet lives; for pools balanced by load or prefix,
+    /// also reads vLLM's `/metrics`.
     pub fn check_health(self: &Arc<Self>, http: reqwest::Client, interval: Duration) {
         for pool in self.pools.values() {
+            let scrape = matches!(pool.balance, Balance::Load | Balance::Prefix);
             for endpoint in &pool.endpoints {
                 let endpoint: Weak<Endpoint> = Arc::downgrade(endpoint);
                 let http = http.clone();
@@ -247,12 +317,21 @@ impl Fleet {
                         let mut url = endpoint.url.clone();
                         let path = format!("{}/health", url.path().trim_end_matches('/'));
                         url.set_path(&path);
-                        let answer = http
-                            .get(url)
-                            .timeout(interval.min(Duration::from_secs(2)))
-                            .send()
-                            .await;
+                        let timeout = interval.min(Duration::from_secs(2));
+                        let answer = http.get(url).timeout(timeout).send().await;
                         let healthy = answer.is_ok_and(|r| r.status().is_success());
+                        if healthy && scrape {
+                            let mut url = endpoint.url.clone();
+                            let path = format!("{}/metrics", url.path().trim_end_matches('/'));
+                            url.set_path(&path);
+                            if let Ok(response) = http.get(url).timeout(timeout).send().await
+                                && let Ok(text) = response.text().await
+                            {
+                                endpoint
+                                    .scraped_load
+                                    .store(vllm_load(&text), Ordering::Relaxed);
+                            }
+                        }
                         let was = endpoint.available();
                         endpoint.checked(healthy);
                         if was != endpoint.available() {
@@ -263,5 +342,76 @@ impl Fleet {
                 });
             }
         }
+    }
+}
+
+/// Requests running and waiting, summed over the models of a vLLM `/metrics` page.
+pub fn vllm_load(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with("vllm:num_requests_running")
+                || line.starts_with("vllm:num_requests_waiting")
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        .max(0.0) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_vllms_load_from_its_metrics() {
+        let page = "# HELP vllm:num_requests_running x\nvllm:num_requests_running{model_name=\"m\"} 3.0\n\
+                    vllm:num_requests_waiting{model_name=\"m\"} 2.0\nvllm:gpu_cache_usage_perc{model_name=\"m\"} 0.5\n";
+        assert_eq!(vllm_load(page), 5);
+    }
+
+    fn pool(n: usize, balance: Balance) -> Pool {
+        let metrics = Metrics::new(crate::metrics::Roles::WORKER);
+        let urls: Vec<Url> = (0..n)
+            .map(|i| format!("http://replica-{i}:8000").parse().unwrap())
+            .collect();
+        let config = UpstreamConfig {
+            urls,
+            balance,
+            ..UpstreamConfig::default()
+        };
+        let fleet = Fleet::new(&config, &[], &metrics);
+        Arc::try_unwrap(fleet.pools.into_values().next().unwrap())
+            .ok()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_prefix_stays_on_its_endpoint_until_that_one_is_too_busy() {
+        let pool = pool(4, Balance::Prefix);
+        let home = pool.pick(42, &[]).unwrap();
+        assert!((0..20).all(|_| pool.pick(42, &[]) == Some(home)));
+        // Different prefixes spread over the endpoints.
+        let homes: std::collections::HashSet<usize> = (0..200u64)
+            .filter_map(|p| pool.pick(p.wrapping_mul(0x9e37_79b9_7f4a_7c15), &[]))
+            .collect();
+        assert_eq!(homes.len(), 4);
+        // Loaded beyond the bound, its prefixes go elsewhere.
+        let _busy: Vec<InFlight> = (0..6).map(|_| pool.endpoints[home].start()).collect();
+        assert_ne!(pool.pick(42, &[]), Some(home));
+        // A tried endpoint is never picked again.
+        let other = pool.pick(42, &[]).unwrap();
+        assert_ne!(pool.pick(42, &[other]), Some(other));
+    }
+
+    #[test]
+    fn least_outstanding_avoids_the_busy_endpoint() {
+        let pool = pool(2, Balance::LeastOutstanding);
+        let _busy: Vec<InFlight> = (0..5).map(|_| pool.endpoints[0].start()).collect();
+        assert!((0..20).all(|_| pool.pick(0, &[]) == Some(1)));
+        let load = self::pool(3, Balance::Load);
+        load.endpoints[0].scraped_load.store(7, Ordering::Relaxed);
+        load.endpoints[1].scraped_load.store(2, Ordering::Relaxed);
+        load.endpoints[2].scraped_load.store(4, Ordering::Relaxed);
+        assert!((0..10).all(|_| load.pick(0, &[]) == Some(1)));
     }
 }

@@ -405,13 +405,14 @@ pub async fn start(
     let mut submit = record
         .trace
         .stage_of_kind("queue.submit", SpanKind::Producer);
-    let queued = QueuedRequest::new(
+    let mut queued = QueuedRequest::new(
         ctx.request_id.clone(),
         resolved.pool,
         request.route(),
         request.upstream_body(),
         record.trace.headers_from(&submit),
     );
+    queued.prefix = request.prefix_key();
     let mut responses = match state.queue.submit(queued).await {
         Ok(responses) => responses,
         Err(err) => {

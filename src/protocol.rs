@@ -98,6 +98,42 @@ impl InferenceRequest {
         }
     }
 
+    /// A hash of the start of the prompt, for routing requests that share a
+    /// prefix to the same endpoint: a chat's leading system (or developer)
+    /// messages, or its first message when there are none; a completion's
+    /// first 256 bytes (or 64 token ids).
+    pub fn prefix_key(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        match self {
+            Self::Chat(r) => {
+                let leading: Vec<&ChatMessage> = r
+                    .messages
+                    .iter()
+                    .take_while(|m| m.role == "system" || m.role == "developer")
+                    .collect();
+                let leading = match leading.is_empty() {
+                    true => r.messages.iter().take(1).collect(),
+                    false => leading,
+                };
+                for message in leading {
+                    message.role.hash(&mut hasher);
+                    message.text().hash(&mut hasher);
+                }
+            }
+            Self::Completion(r) => match &r.prompt {
+                Prompt::Text(text) => prefix_of(text).hash(&mut hasher),
+                Prompt::Texts(texts) => texts.first().map(|t| prefix_of(t)).hash(&mut hasher),
+                Prompt::Tokens(ids) => ids[..ids.len().min(64)].hash(&mut hasher),
+                Prompt::TokenBatches(batches) => batches
+                    .first()
+                    .map(|ids| &ids[..ids.len().min(64)])
+                    .hash(&mut hasher),
+            },
+        }
+        hasher.finish()
+    }
+
     /// Sends the request for `model` instead.
     pub fn set_model(&mut self, model: String) {
         match self {
@@ -190,6 +226,15 @@ impl InferenceRequest {
         }
         .unwrap_or_default()
     }
+}
+
+/// The first 256 bytes of `text` (at a character boundary).
+fn prefix_of(text: &str) -> &str {
+    let mut end = text.len().min(256);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// Deserializes a request body; a failure is a 400 naming the field at fault.

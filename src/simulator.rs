@@ -26,6 +26,7 @@
 //! It records every request it receives and every generation a client
 //! aborted (connection closed before the end), so tests can assert both.
 
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,6 +64,12 @@ pub struct SimulatorConfig {
     pub default_max_tokens: u32,
     /// Record when each token chunk was handed to the connection (for benchmarks).
     pub record_emit_times: bool,
+    /// Prefill time per prompt token not in the prefix cache (added to
+    /// `first_token_delay`), as vLLM's prefill grows with the uncached prompt.
+    pub prefill_per_token: Duration,
+    /// Blocks of 16 prompt words the prefix cache holds (least recently used
+    /// evicted first); 0: no prefix cache.
+    pub prefix_cache_blocks: usize,
 }
 
 impl Default for SimulatorConfig {
@@ -73,7 +80,62 @@ impl Default for SimulatorConfig {
             first_token_delay: Duration::from_millis(50),
             default_max_tokens: 16,
             record_emit_times: false,
+            prefill_per_token: Duration::ZERO,
+            prefix_cache_blocks: 0,
         }
+    }
+}
+
+/// Prompt words per prefix-cache block.
+const BLOCK_WORDS: usize = 16;
+
+/// vLLM's automatic prefix caching, roughly: a prompt's leading blocks of
+/// words, each keyed by the hash of everything before and in it; a request
+/// reuses the leading blocks already cached.
+#[derive(Default)]
+struct PrefixCache {
+    /// Block key to when it was last used.
+    blocks: HashMap<u64, u64>,
+    clock: u64,
+    queried_tokens: u64,
+    hit_tokens: u64,
+}
+
+impl PrefixCache {
+    /// Looks `prompt` up and caches its blocks; returns how many of its words were cached.
+    fn serve(&mut self, prompt: &str, capacity: usize) -> u64 {
+        let words: Vec<&str> = prompt.split_whitespace().collect();
+        self.queried_tokens += words.len() as u64;
+        if capacity == 0 {
+            return 0;
+        }
+        let mut hasher = std::hash::DefaultHasher::new();
+        let mut cached = 0;
+        let mut still_hitting = true;
+        for block in words.chunks(BLOCK_WORDS) {
+            if block.len() < BLOCK_WORDS {
+                break; // only whole blocks are cached, as in vLLM
+            }
+            block.hash(&mut hasher);
+            let key = hasher.finish();
+            self.clock += 1;
+            match self.blocks.insert(key, self.clock) {
+                Some(_) if still_hitting => cached += block.len() as u64,
+                _ => still_hitting = false,
+            }
+        }
+        while self.blocks.len() > capacity {
+            let oldest = self
+                .blocks
+                .iter()
+                .min_by_key(|(_, used)| **used)
+                .map(|(k, _)| *k);
+            if let Some(oldest) = oldest {
+                self.blocks.remove(&oldest);
+            }
+        }
+        self.hit_tokens += cached;
+        cached
     }
 }
 
@@ -102,6 +164,9 @@ struct SimState {
     failing: std::sync::atomic::AtomicBool,
     /// Killed: streams break off, connections still open get 503 and close.
     killed: std::sync::atomic::AtomicBool,
+    prefix_cache: std::sync::Mutex<PrefixCache>,
+    /// Requests generating now (`vllm:num_requests_running`).
+    running: std::sync::atomic::AtomicI64,
 }
 
 impl SimState {
@@ -142,12 +207,15 @@ impl Simulator {
             next_id: AtomicU64::new(1),
             failing: Default::default(),
             killed: Default::default(),
+            prefix_cache: Default::default(),
+            running: Default::default(),
         });
         let app = Router::new()
             .route("/v1/completions", post(completions))
             .route("/v1/chat/completions", post(chat_completions))
             .route("/v1/models", get(models))
             .route("/health", get(health))
+            .route("/metrics", get(vllm_metrics))
             .with_state(state.clone());
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
@@ -172,6 +240,16 @@ impl Simulator {
     /// Makes every answer a 503 (`/health` too) until switched back.
     pub fn set_failing(&self, failing: bool) {
         self.state.failing.store(failing, Ordering::Relaxed);
+    }
+
+    /// Prompt tokens looked up in the prefix cache, and how many were found there.
+    pub fn prefix_cache_tokens(&self) -> (u64, u64) {
+        let cache = self
+            .state
+            .prefix_cache
+            .lock()
+            .map(|c| (c.queried_tokens, c.hit_tokens));
+        cache.unwrap_or_default()
     }
 
     /// Dies as a crashed replica does: the port stops accepting, running
@@ -296,6 +374,33 @@ fn killed() -> Response {
     response
 }
 
+/// vLLM's own metrics, in its names: what load-aware routing reads.
+async fn vllm_metrics(State(state): State<Arc<SimState>>) -> String {
+    let model = &state.config.model;
+    let running = state.running.load(Ordering::Relaxed).max(0);
+    let (blocks, queried, hits) = state
+        .prefix_cache
+        .lock()
+        .map(|c| (c.blocks.len(), c.queried_tokens, c.hit_tokens))
+        .unwrap_or_default();
+    let usage = match state.config.prefix_cache_blocks {
+        0 => 0.0,
+        capacity => blocks as f64 / capacity as f64,
+    };
+    format!(
+        "# TYPE vllm:num_requests_running gauge\n\
+         vllm:num_requests_running{{model_name=\"{model}\"}} {running}.0\n\
+         # TYPE vllm:num_requests_waiting gauge\n\
+         vllm:num_requests_waiting{{model_name=\"{model}\"}} 0.0\n\
+         # TYPE vllm:gpu_cache_usage_perc gauge\n\
+         vllm:gpu_cache_usage_perc{{model_name=\"{model}\"}} {usage}\n\
+         # TYPE vllm:prefix_cache_queries counter\n\
+         vllm:prefix_cache_queries_total{{model_name=\"{model}\"}} {queried}.0\n\
+         # TYPE vllm:prefix_cache_hits counter\n\
+         vllm:prefix_cache_hits_total{{model_name=\"{model}\"}} {hits}.0\n"
+    )
+}
+
 async fn models(State(state): State<Arc<SimState>>) -> Response {
     let body = serde_json::json!({"object": "list", "data": [{
         "id": state.config.model, "object": "model", "created": 0, "owned_by": "vllm",
@@ -387,7 +492,22 @@ async fn generate(
         false => Generation::from_body(&state.config, request_id.clone(), &body),
     };
     let generation = match parsed {
-        Ok(generation) => generation,
+        Ok(mut generation) => {
+            let prompt = generation
+                .prompts
+                .first()
+                .map(|(p, _)| p.clone())
+                .unwrap_or_default();
+            let capacity = state.config.prefix_cache_blocks;
+            let cached = state
+                .prefix_cache
+                .lock()
+                .map(|mut cache| cache.serve(&prompt, capacity))
+                .unwrap_or(0);
+            let uncached = generation.prompt_tokens().saturating_sub(cached);
+            generation.first_token_delay += state.config.prefill_per_token * uncached as u32;
+            generation
+        }
         Err(message) => {
             return error_response(StatusCode::BAD_REQUEST, "BadRequestError", &message);
         }
@@ -395,11 +515,7 @@ async fn generate(
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
         stream_response(state, generation)
     } else {
-        let guard = AbortGuard {
-            state: state.clone(),
-            request_id,
-            finished: false,
-        };
+        let guard = AbortGuard::new(state.clone(), request_id);
         full_response(generation, guard).await
     }
 }
@@ -419,8 +535,20 @@ impl AbortGuard {
     }
 }
 
+impl AbortGuard {
+    fn new(state: Arc<SimState>, request_id: String) -> Self {
+        state.running.fetch_add(1, Ordering::Relaxed);
+        Self {
+            state,
+            request_id,
+            finished: false,
+        }
+    }
+}
+
 impl Drop for AbortGuard {
     fn drop(&mut self) {
+        self.state.running.fetch_sub(1, Ordering::Relaxed);
         if !self.finished {
             let id = std::mem::take(&mut self.request_id);
             self.state.record(|r| r.aborted.push(id));
@@ -902,11 +1030,7 @@ struct StreamState {
 
 fn stream_response(state: Arc<SimState>, generation: Generation) -> Response {
     let choices = generation.choices().count();
-    let guard = AbortGuard {
-        state,
-        request_id: generation.request_id.clone(),
-        finished: false,
-    };
+    let guard = AbortGuard::new(state, generation.request_id.clone());
     let stream_state = StreamState {
         generation,
         guard,

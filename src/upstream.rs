@@ -126,6 +126,7 @@ impl UpstreamClient {
     pub async fn open(
         &self,
         model: &str,
+        prefix: u64,
         route: Route,
         body: bytes::Bytes,
         headers: &[(String, String)],
@@ -137,7 +138,9 @@ impl UpstreamClient {
         let mut tried = Vec::with_capacity(2);
         let mut last = None;
         while tried.len() < self.fleet.max_attempts as usize {
-            let Some(at) = pool.pick(&tried) else { break };
+            let Some(at) = pool.pick(prefix, &tried) else {
+                break;
+            };
             tried.push(at);
             let endpoint = &pool.endpoints[at];
             let in_flight = endpoint.start();

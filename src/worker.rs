@@ -121,6 +121,7 @@ impl Worker {
             .upstream
             .open(
                 &request.model,
+                request.prefix,
                 request.route,
                 request.body.clone(),
                 &headers,

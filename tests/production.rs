@@ -201,6 +201,61 @@ async fn openai_sdk_chat_through_kafka_and_two_workers_matches_the_upstream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_fail_over_to_another_replica_through_kafka() {
+    let services = services!();
+    let replica = || {
+        Simulator::start(SimulatorConfig {
+            token_delay: Duration::from_millis(5),
+            first_token_delay: Duration::from_millis(5),
+            ..SimulatorConfig::default()
+        })
+    };
+    let (a, b) = (replica().await.unwrap(), replica().await.unwrap());
+    let fleet = format!(
+        "[upstream]\nhealth_interval_ms = 100\n[cache]\nurl = \"off\"\n[[models]]\nname = \"{MODEL}\"\nendpoints = [\"{}\", \"{}\"]\nbalance = \"least_outstanding\"\n",
+        a.url(),
+        b.url()
+    );
+    let config = || services.config(&a.url(), &merge_toml(&services.kafka_queue(false), &fleet));
+    let (worker_1, worker_2) = (Isolated::new("worker-1"), Isolated::new("worker-2"));
+    worker_1.start_worker(config()).await;
+    worker_2.start_worker(config()).await;
+    let edge = Isolated::new("edge");
+    let (url, store) = edge.start_edge(config()).await;
+    let key = sluice::auth::create_key(store.as_ref(), "fleet")
+        .await
+        .unwrap()
+        .secret;
+    let http = reqwest::Client::new();
+    let load = join_all((0..60).map(|i| {
+        let (http, url, key) = (&http, &url, &key);
+        async move {
+            tokio::time::sleep(Duration::from_millis(i * 10)).await;
+            let body = json!({"model": MODEL, "prompt": format!("through kafka {i}"), "max_tokens": 4, "stream": true});
+            let response = http
+                .post(format!("{url}/v1/completions"))
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            response.status().as_u16()
+        }
+    }));
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        a.kill();
+    };
+    let (statuses, ()) = tokio::join!(load, kill);
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(!b.received().is_empty());
+    for rt in [edge, worker_1, worker_2] {
+        rt.kill();
+    }
+    services.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_edges_two_workers_serve_200_concurrent_streams_exactly_once() {
     let services = services!();
     let sim = Simulator::start(SimulatorConfig {

@@ -25,6 +25,8 @@ pub struct QueuedRequest {
     pub request_id: String,
     /// The model whose endpoints serve it (`[[models]]`); "" for the single pool.
     pub model: String,
+    /// A hash of the prompt's start, for prefix-affine routing.
+    pub prefix: u64,
     /// The upstream route the body is for.
     pub route: Route,
     /// The JSON body for the upstream's route (already `stream: true`).
@@ -46,6 +48,7 @@ impl QueuedRequest {
         Self {
             request_id,
             model,
+            prefix: 0,
             route,
             body,
             trace_context,

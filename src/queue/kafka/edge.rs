@@ -63,6 +63,7 @@ impl EdgeShared {
         let reply = self.reply_partition.to_string();
         let attempt_text = attempt.to_string();
         let submitted = request.submitted_at_ms.to_string();
+        let prefix = format!("{:x}", request.prefix);
         let mut pairs = vec![
             (H_KIND, KIND_REQUEST),
             (H_REQUEST, request.request_id.as_str()),
@@ -72,6 +73,7 @@ impl EdgeShared {
             (H_SUBMITTED, submitted.as_str()),
             (H_ROUTE, request.route.path()),
             (H_MODEL, request.model.as_str()),
+            (H_PREFIX, prefix.as_str()),
         ];
         for (name, value) in &request.trace_context {
             pairs.push((name.as_str(), value.as_str()));

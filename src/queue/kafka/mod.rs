@@ -56,6 +56,8 @@ const H_SUBMITTED: &str = "sluice-submitted-ms";
 const H_ROUTE: &str = "sluice-route";
 /// The model whose endpoints serve a request; absent means the single pool.
 const H_MODEL: &str = "sluice-model";
+/// A hash of the prompt's start (hex), for prefix-affine routing.
+const H_PREFIX: &str = "sluice-prefix";
 const H_WORKER: &str = "sluice-worker";
 /// Trace-context headers carried through unchanged.
 const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];

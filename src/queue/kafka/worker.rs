@@ -317,6 +317,10 @@ impl KafkaJobSource {
         let request = QueuedRequest {
             request_id: request_id.to_string(),
             model: h.str(H_MODEL).unwrap_or_default().to_string(),
+            prefix: h
+                .str(H_PREFIX)
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                .unwrap_or(0),
             route,
             body: Bytes::copy_from_slice(body),
             trace_context: h.trace_context(),
