@@ -13,10 +13,12 @@
 //! endpoints picked at random, counting the requests this process runs on
 //! each); load (the fewest requests running and waiting by vLLM's own
 //! `/metrics`, scraped with the health checks: the signal every worker
-//! process shares); or prefix (consistent hashing with bounded loads:
-//! requests whose prompts start alike hash to the same endpoint, which
-//! holds that prefix in vLLM's prefix cache, unless its load is above
-//! 1.25 × the mean, when the next endpoint on the ring takes it).
+//! process shares); or prefix: a request whose prompt starts as an earlier
+//! one did goes where that one went, whose vLLM holds the prefix in its
+//! prefix cache; a new prefix goes to the endpoint with the fewest prefixes
+//! (then the least loaded), so prefixes split evenly; and a request whose
+//! endpoint is loaded beyond 1.25 × the mean (+1) goes to the least-loaded
+//! endpoint instead, without moving its prefix.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -129,30 +131,19 @@ pub struct Pool {
     pub endpoints: Vec<Arc<Endpoint>>,
     balance: Balance,
     next: AtomicUsize,
-    /// For `prefix`: points on the hash ring, each an endpoint's index.
-    ring: Vec<(u64, usize)>,
+    /// For `prefix`: where each prefix went, and how many prefixes each endpoint holds.
+    affinity: std::sync::Mutex<Affinity>,
 }
 
-/// Points per endpoint on the hash ring: enough for an even split.
-const RING_POINTS: usize = 64;
 /// How far above the mean load an endpoint may be and still take its prefixes.
 const LOAD_BOUND: f64 = 1.25;
+/// Prefixes remembered per pool; past it the table starts over.
+const MAX_PREFIXES: usize = 1 << 16;
 
-fn ring_of(endpoints: &[Arc<Endpoint>]) -> Vec<(u64, usize)> {
-    use std::hash::{Hash, Hasher};
-    let mut ring: Vec<(u64, usize)> = endpoints
-        .iter()
-        .enumerate()
-        .flat_map(|(i, e)| {
-            (0..RING_POINTS).map(move |point| {
-                let mut hasher = std::hash::DefaultHasher::new();
-                (e.url.as_str(), point).hash(&mut hasher);
-                (hasher.finish(), i)
-            })
-        })
-        .collect();
-    ring.sort_unstable();
-    ring
+#[derive(Default)]
+struct Affinity {
+    home: HashMap<u64, usize>,
+    prefixes: Vec<usize>,
 }
 
 impl Pool {
@@ -191,24 +182,50 @@ impl Pool {
         }
     }
 
-    /// The first endpoint clockwise from `prefix` on the ring whose load,
-    /// with this request, stays within `LOAD_BOUND` × the mean.
+    /// The prefix's endpoint, if it is a candidate and not loaded beyond
+    /// `LOAD_BOUND` × the mean (+1); else the least-loaded candidate. A new
+    /// prefix's endpoint is the one with the fewest prefixes, then the least loaded.
     fn by_prefix(&self, prefix: u64, candidates: &[usize]) -> Option<usize> {
-        let total: u64 = candidates.iter().map(|&i| self.endpoints[i].load()).sum();
-        let bound = ((total + 1) as f64 * LOAD_BOUND / candidates.len() as f64).ceil() as u64;
-        let start = self.ring.partition_point(|(point, _)| *point < prefix);
-        let clockwise = self.ring[start..].iter().chain(&self.ring[..start]);
-        let mut first = None;
-        for &(_, i) in clockwise {
-            if !candidates.contains(&i) {
-                continue;
-            }
-            first.get_or_insert(i);
-            if self.endpoints[i].load() < bound {
-                return Some(i);
-            }
+        let loads: Vec<u64> = candidates
+            .iter()
+            .map(|&i| self.endpoints[i].load())
+            .collect();
+        let mean = loads.iter().sum::<u64>() as f64 / candidates.len() as f64;
+        let least_loaded = candidates
+            .iter()
+            .zip(&loads)
+            .min_by_key(|(_, load)| **load)
+            .map(|(&i, _)| i);
+        let mut affinity = self
+            .affinity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if affinity.prefixes.len() != self.endpoints.len() {
+            affinity.prefixes = vec![0; self.endpoints.len()];
         }
-        first
+        let home = match affinity.home.get(&prefix) {
+            Some(&home) if candidates.contains(&home) => home,
+            _ => {
+                let home = *candidates
+                    .iter()
+                    .zip(&loads)
+                    .min_by_key(|(i, load)| (affinity.prefixes[**i], **load))
+                    .map(|(i, _)| i)?;
+                if affinity.home.len() >= MAX_PREFIXES {
+                    affinity.home.clear();
+                    affinity.prefixes.iter_mut().for_each(|n| *n = 0);
+                }
+                if let Some(old) = affinity.home.insert(prefix, home) {
+                    affinity.prefixes[old] -= 1;
+                }
+                affinity.prefixes[home] += 1;
+                return Some(home);
+            }
+        };
+        match self.endpoints[home].load() as f64 > LOAD_BOUND * mean + 1.0 {
+            true => least_loaded,
+            false => Some(home),
+        }
     }
 
     /// Endpoints available now.
@@ -259,7 +276,7 @@ impl Fleet {
                 .collect();
             Arc::new(Pool {
                 name: name.to_string(),
-                ring: ring_of(&endpoints),
+                affinity: Default::default(),
                 endpoints,
                 balance,
                 next: AtomicUsize::new(0),
@@ -390,14 +407,19 @@ mod tests {
         let pool = pool(4, Balance::Prefix);
         let home = pool.pick(42, &[]).unwrap();
         assert!((0..20).all(|_| pool.pick(42, &[]) == Some(home)));
-        // Different prefixes spread over the endpoints.
-        let homes: std::collections::HashSet<usize> = (0..200u64)
-            .filter_map(|p| pool.pick(p.wrapping_mul(0x9e37_79b9_7f4a_7c15), &[]))
-            .collect();
-        assert_eq!(homes.len(), 4);
-        // Loaded beyond the bound, its prefixes go elsewhere.
-        let _busy: Vec<InFlight> = (0..6).map(|_| pool.endpoints[home].start()).collect();
+        // New prefixes split evenly over the endpoints (42 is one of them).
+        let mut per_endpoint = [0; 4];
+        per_endpoint[home] += 1;
+        for p in 1..20u64 {
+            per_endpoint[pool.pick(p * 1000, &[]).unwrap()] += 1;
+        }
+        assert_eq!(per_endpoint, [5, 5, 5, 5]);
+        // Loaded beyond the bound, its requests go elsewhere; the prefix stays.
+        let busy: Vec<InFlight> = (0..6).map(|_| pool.endpoints[home].start()).collect();
         assert_ne!(pool.pick(42, &[]), Some(home));
+        drop(busy);
+        assert_eq!(pool.pick(42, &[]), Some(home));
+        let _busy: Vec<InFlight> = (0..6).map(|_| pool.endpoints[home].start()).collect();
         // A tried endpoint is never picked again.
         let other = pool.pick(42, &[]).unwrap();
         assert_ne!(pool.pick(42, &[other]), Some(other));

@@ -234,3 +234,36 @@ fn a_fleet_that_makes_no_sense_stops_startup_naming_the_key() {
             .unwrap_err();
     assert!(err.contains("balance") || err.contains("random"), "{err}");
 }
+
+#[tokio::test]
+async fn conversations_sharing_a_system_prompt_go_to_one_replica() {
+    let (a, b) = (replica(MODEL).await, replica(MODEL).await);
+    let fleet = vec![model(MODEL, &[], &[&a, &b], Balance::Prefix)];
+    let gw = TestGateway::start_with(sim_config(), move |c| {
+        c.models = fleet;
+        c.cache.url = "off".to_string().into();
+    })
+    .await;
+    let system = |n: usize| format!("You are assistant number {n}. Answer briefly and kindly.");
+    for i in 0..12 {
+        let body = json!({"model": MODEL, "max_tokens": 2, "messages": [
+            {"role": "system", "content": system(i % 2)},
+            {"role": "user", "content": format!("question {i}")}]});
+        assert_eq!(gw.post_chat(&body).await.status(), 200);
+    }
+    // Each replica saw one system prompt only, and both were used.
+    for replica in [&a, &b] {
+        let prompts: std::collections::HashSet<String> = replica
+            .received()
+            .iter()
+            .map(|r| {
+                r.body["messages"][0]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(prompts.len(), 1, "{prompts:?}");
+        assert_eq!(replica.received().len(), 6);
+    }
+}
