@@ -94,8 +94,34 @@ async fn a_replica_that_dies_under_load_costs_no_request_that_had_not_started() 
             .all(|r| r.body["model"] == MISTRAL)
     );
     // A model nobody serves: 404 without an upstream call.
+    let total = || {
+        [&llama_a, &llama_b, &mistral_a, &mistral_b]
+            .iter()
+            .map(|r| r.received().len())
+            .sum::<usize>()
+    };
+    let before = total();
     let unknown = gw.post(&request("gpt-4", 0)).await;
     assert_eq!(unknown.status(), 404);
+    assert_eq!(total(), before);
+    // The configured models are the list.
+    let list: Value = gw
+        .http
+        .get(format!("{}/v1/models", gw.url))
+        .bearer_auth(&gw.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [MODEL, MISTRAL]);
     let (status, body) = ready(&gw).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["models"][MODEL]["healthy"], 2);
