@@ -201,6 +201,59 @@ async fn openai_sdk_chat_through_kafka_and_two_workers_matches_the_upstream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_no_worker_picks_up_gets_503_after_the_queue_timeout() {
+    let services = services!();
+    let sim = Simulator::start(sim_config()).await.unwrap();
+    // An edge and no worker at all.
+    let queue = merge_toml(
+        &services.kafka_queue(false),
+        "[queue]\nqueue_timeout_ms = 1500\nmax_attempts = 3\n",
+    );
+    let edge = Isolated::new("edge");
+    let (url, store) = edge.start_edge(services.config(&sim.url(), &queue)).await;
+    let key = sluice::auth::create_key(store.as_ref(), "nobody")
+        .await
+        .unwrap()
+        .secret;
+    let started = Instant::now();
+    let response = reqwest::Client::new()
+        .post(format!("{url}/v1/completions"))
+        .bearer_auth(&key)
+        .json(&json!({"model": MODEL, "prompt": "anyone there?", "max_tokens": 2, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(response.status(), 503);
+    let error: Value = response.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no worker picked the request up"),
+        "{error}"
+    );
+    // After the configured wait, not once per attempt.
+    assert!(
+        waited >= Duration::from_millis(1400) && waited < Duration::from_millis(3000),
+        "{waited:?}"
+    );
+    let metrics = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&metrics, "sluice_queue_retries_total"),
+        Some(0.0),
+        "nothing resubmitted"
+    );
+    edge.kill();
+    services.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_fail_over_to_another_replica_through_kafka() {
     let services = services!();
     let replica = || {

@@ -334,14 +334,21 @@ impl KafkaResponses {
         event
     }
 
-    /// The worker went quiet: resubmit if nothing was delivered yet, else fail.
+    /// A wait ran out. Not picked up within `queue_timeout`: 503 (the request
+    /// is still in the topic; sending it again cannot make a worker free
+    /// sooner). Picked up, then the worker went quiet before sending
+    /// anything: resubmit, as a new submission with a new `queue_timeout`.
+    /// Went quiet after sending something: 502.
     fn on_timeout(&mut self) -> Option<ResponseEvent> {
         let waited = if self.accepted {
             self.shared.worker_timeout
         } else {
             self.shared.queue_timeout
         };
-        if self.delivered || self.attempt >= self.shared.max_attempts {
+        if !self.accepted {
+            self.shared.cancel(&self.request.request_id, self.attempt);
+        }
+        if !self.accepted || self.delivered || self.attempt >= self.shared.max_attempts {
             let message = if self.accepted {
                 format!("the worker serving this request stopped responding for {waited:?}")
             } else {
@@ -358,9 +365,11 @@ impl KafkaResponses {
         self.attempt += 1;
         self.accepted = false;
         self.next_seq = 0;
+        // A new submission: workers judge its age from now, not from the first one.
+        self.request.submitted_at_ms = chrono::Utc::now().timestamp_millis();
         self.deadline = Instant::now() + self.shared.queue_timeout;
         self.shared.metrics.queue_retries.inc();
-        tracing::warn!(request_id = %self.request.request_id, attempt = self.attempt, "worker lost before sending anything; resubmitting");
+        tracing::warn!(request_id = %self.request.request_id, attempt = self.attempt, "the worker serving the request went quiet before sending anything; resubmitting");
         if let Err(err) = self.shared.produce_request(&self.request, self.attempt) {
             return Some(self.finish(ResponseEvent::Error(GatewayError::from(err).info())));
         }
