@@ -24,6 +24,22 @@ use crate::worker::Worker;
 
 pub use crate::state::AppState;
 
+use crate::outage::{Outage, Transition};
+
+/// Logs a backend's outage once when it starts and once when it ends.
+fn report(outage: &Outage, backend: &'static str, result: &Result<(), String>) {
+    match (outage.observe(result.is_ok()), result) {
+        (Some(Transition::Started), Err(err)) => {
+            tracing::warn!(backend, %err, "backend unavailable")
+        }
+        (Some(Transition::Ended), _) => tracing::info!(backend, "backend is back"),
+        _ => {}
+    }
+}
+
+/// How often backends are checked in the background.
+const BACKEND_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A started gateway: backends connected, background tasks running, not yet serving HTTP.
 pub struct Gateway {
     state: Arc<AppState>,
@@ -130,11 +146,33 @@ impl Gateway {
                 })?),
                 None => None,
             };
+        tasks.push(Self::monitor_backends(
+            state.clone(),
+            worker_shutdown.clone(),
+        ));
         Ok(Self {
             state,
             worker_shutdown,
             tasks,
             admin,
+        })
+    }
+
+    /// Keeps `sluice_backend_up` current and logs each backend's outage once
+    /// when it starts and once when it ends, until `stop`.
+    fn monitor_backends(state: Arc<AppState>, stop: CancellationToken) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            let (store, queue) = (Outage::default(), Outage::default());
+            let mut ticks = tokio::time::interval(BACKEND_CHECK_EVERY);
+            loop {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    () = stop.cancelled() => return,
+                }
+                let checks = crate::http::ops::check_backends(&state).await;
+                report(&store, "store", &checks.store);
+                report(&queue, "queue", &checks.queue);
+            }
         })
     }
 
@@ -256,16 +294,29 @@ impl StandaloneWorker {
             );
         };
         let metrics = Arc::new(Metrics::new(Roles::WORKER));
-        let source = KafkaJobSource::connect(kafka, &config.queue, metrics.clone()).await?;
+        let source: Arc<dyn JobSource> =
+            Arc::new(KafkaJobSource::connect(kafka, &config.queue, metrics.clone()).await?);
         metrics.backend_up.with_label_values(&["queue"]).set(1);
         let shutdown = CancellationToken::new();
-        let task = spawn_worker(
-            config,
-            None,
-            Arc::new(source),
-            metrics.clone(),
-            shutdown.clone(),
-        )?;
+        // Keeps the queue's gauge current; logs an outage once at each end.
+        let (watched, gauge, stop) = (source.clone(), metrics.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let outage = Outage::default();
+            let mut ticks = tokio::time::interval(BACKEND_CHECK_EVERY);
+            loop {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    () = stop.cancelled() => return,
+                }
+                let result = crate::http::ops::check(watched.ping()).await;
+                gauge
+                    .backend_up
+                    .with_label_values(&["queue"])
+                    .set(i64::from(result.is_ok()));
+                report(&outage, "queue", &result);
+            }
+        });
+        let task = spawn_worker(config, None, source, metrics.clone(), shutdown.clone())?;
         Ok(Self {
             metrics,
             shutdown,

@@ -201,6 +201,35 @@ async fn openai_sdk_chat_through_kafka_and_two_workers_matches_the_upstream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_gauges_follow_an_outage_without_anyone_asking() {
+    let services = services!();
+    let port = free_port();
+    let mut redis = start_redis(port);
+    let sim = Simulator::start(sim_config()).await.unwrap();
+    let config = services.config(
+        &sim.url(),
+        &format!("[cache]\nurl = \"redis://127.0.0.1:{port}\"\n"),
+    );
+    let gw = TestGateway::start_config(sim, config).await;
+    let cache_up = |metrics: &str| metric(metrics, r#"sluice_backend_up{backend="cache"}"#);
+    assert_eq!(cache_up(&gw.metrics().await), Some(1.0));
+    redis.kill().unwrap();
+    redis.wait().unwrap();
+    // No request and no call to /ready: the background check notices.
+    let down = eventually(Duration::from_secs(15), || async {
+        (cache_up(&gw.metrics().await) == Some(0.0)).then_some(())
+    })
+    .await;
+    assert!(down.is_some(), "the gauge followed the outage");
+    assert_eq!(
+        metric(&gw.metrics().await, r#"sluice_backend_up{backend="store"}"#),
+        Some(1.0)
+    );
+    gw.stop().await;
+    services.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_no_worker_picks_up_gets_503_after_the_queue_timeout() {
     let services = services!();
     let sim = Simulator::start(sim_config()).await.unwrap();

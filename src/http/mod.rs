@@ -5,7 +5,7 @@
 pub mod admin;
 mod completions;
 mod models;
-mod ops;
+pub mod ops;
 pub mod server;
 mod ws;
 

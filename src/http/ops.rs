@@ -20,7 +20,7 @@ pub async fn health() -> Response {
     Json(json!({"status": "ok"})).into_response()
 }
 
-async fn check<E: std::fmt::Display>(
+pub async fn check<E: std::fmt::Display>(
     check: impl Future<Output = Result<(), E>>,
 ) -> Result<(), String> {
     match tokio::time::timeout(CHECK_TIMEOUT, check).await {
@@ -30,18 +30,23 @@ async fn check<E: std::fmt::Display>(
     }
 }
 
-/// Readiness: each backend answers. The cache is optional, so a cache
-/// failure degrades the answer but does not fail it.
-pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+/// What each backend answered to one check.
+pub struct Checks {
+    pub store: Result<(), String>,
+    pub queue: Result<(), String>,
+    /// `None` when there is no cache.
+    pub cache: Option<Result<(), String>>,
+}
+
+/// Checks each backend and sets `sluice_backend_up` from the answers. Run by
+/// `/ready` and, every few seconds, in the background, so the gauges are
+/// current whether or not anyone asks.
+pub async fn check_backends(state: &AppState) -> Checks {
     let store = check(state.store.ping()).await;
     let queue = check(state.queue.ping()).await;
     let cache = match &state.cache {
         Some(cache) => Some(check(cache.ping()).await),
         None => None,
-    };
-    let describe = |result: &Result<(), String>| match result {
-        Ok(()) => json!({"status": "ok"}),
-        Err(err) => json!({"status": "error", "error": err}),
     };
     let metrics = &state.metrics;
     metrics
@@ -58,6 +63,25 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
             .with_label_values(&["cache"])
             .set(i64::from(cache.is_ok()));
     }
+    Checks {
+        store,
+        queue,
+        cache,
+    }
+}
+
+/// Readiness: each backend answers. The cache is optional, so a cache
+/// failure degrades the answer but does not fail it.
+pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let Checks {
+        store,
+        queue,
+        cache,
+    } = check_backends(&state).await;
+    let describe = |result: &Result<(), String>| match result {
+        Ok(()) => json!({"status": "ok"}),
+        Err(err) => json!({"status": "error", "error": err}),
+    };
     // Each model's endpoints taking requests (in-process worker only: a
     // standalone worker holds its own).
     let mut models_ready = true;

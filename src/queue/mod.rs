@@ -126,6 +126,11 @@ pub struct Job {
 /// The worker side of the queue.
 #[async_trait]
 pub trait JobSource: Send + Sync + 'static {
+    /// Whether the queue answers (for `sluice_backend_up{backend="queue"}`).
+    async fn ping(&self) -> Result<(), QueueError> {
+        Ok(())
+    }
+
     /// The next job, or `None` when the source is shut down.
     async fn next_job(&self) -> Option<Job>;
 }

@@ -300,9 +300,12 @@ impl Queue for KafkaQueue {
     }
 
     async fn ping(&self) -> Result<(), QueueError> {
-        partition_count(&self.shared.kafka, &self.shared.kafka.request_topic)
-            .await
-            .map(|_| ())
+        reachable(
+            &self.shared.producer,
+            &self.shared.kafka,
+            &self.shared.kafka.request_topic,
+        )
+        .await
     }
 }
 

@@ -150,6 +150,34 @@ async fn ensure_topics(kafka: &KafkaConfig) -> Result<i32, QueueError> {
     partition_count(kafka, &kafka.response_topic).await
 }
 
+/// Whether the brokers answer a metadata request for `topic` through an
+/// existing client (no new connection per check).
+async fn reachable(
+    producer: &FutureProducer,
+    kafka: &KafkaConfig,
+    topic: &str,
+) -> Result<(), QueueError> {
+    let (producer, topic, kafka) = (producer.clone(), topic.to_string(), kafka.clone());
+    tokio::task::spawn_blocking(move || {
+        let metadata = rdkafka::producer::Producer::client(&producer)
+            .fetch_metadata(Some(&topic), Duration::from_secs(2))
+            .map_err(|e| unavailable(&kafka, e))?;
+        match metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && !t.partitions().is_empty())
+        {
+            true => Ok(()),
+            false => Err(unavailable(
+                &kafka,
+                format!("topic {topic} has no partitions"),
+            )),
+        }
+    })
+    .await
+    .map_err(|e| QueueError::Unavailable(e.to_string()))?
+}
+
 async fn partition_count(kafka: &KafkaConfig, topic: &str) -> Result<i32, QueueError> {
     let consumer: StreamConsumer =
         client_config(kafka, &[("group.id", "sluice-metadata")], &BTreeMap::new())

@@ -366,6 +366,15 @@ impl KafkaJobSource {
 
 #[async_trait]
 impl JobSource for KafkaJobSource {
+    async fn ping(&self) -> Result<(), crate::queue::QueueError> {
+        reachable(
+            &self.shared.producer,
+            &self.shared.kafka,
+            &self.shared.kafka.request_topic,
+        )
+        .await
+    }
+
     async fn next_job(&self) -> Option<Job> {
         loop {
             let message = match self.consumer.recv().await {
