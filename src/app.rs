@@ -283,6 +283,10 @@ pub struct StandaloneWorker {
     pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
+    /// The Kafka client, held here so that it is dropped here, off the
+    /// runtime: closing it blocks while the broker is unreachable.
+    source: Arc<dyn JobSource>,
+    grace: std::time::Duration,
 }
 
 impl StandaloneWorker {
@@ -316,18 +320,32 @@ impl StandaloneWorker {
                 report(&outage, "queue", &result);
             }
         });
-        let task = spawn_worker(config, None, source, metrics.clone(), shutdown.clone())?;
+        let task = spawn_worker(
+            config,
+            None,
+            source.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        )?;
         Ok(Self {
             metrics,
             shutdown,
             task,
+            source,
+            grace: config.server.shutdown_grace,
         })
     }
 
     /// Stops taking requests and waits for running ones (up to the grace period).
+    /// Stops taking requests and waits for running ones, within the grace
+    /// period, whether or not the broker answers.
     pub async fn stop(self) {
         self.shutdown.cancel();
-        let _ = self.task.await;
+        let grace = self.grace + std::time::Duration::from_secs(1);
+        let _ = tokio::time::timeout(grace, self.task).await;
+        // Closing the Kafka client waits for the broker; the process may exit first.
+        let source = self.source;
+        drop(tokio::task::spawn_blocking(move || drop(source)));
     }
 }
 

@@ -226,8 +226,12 @@ pub fn main() -> ExitCode {
         let _entered = runtime.enter();
         crate::telemetry::init(&config.log, &config.telemetry)
     };
+    let grace = config.server.shutdown_grace;
     let result = runtime.block_on(execute(cli.command, config));
     drop(telemetry);
+    // Background work still running (a Kafka client closing against an
+    // unreachable broker) gets a moment, not a say in when the process ends.
+    runtime.shutdown_timeout(grace.min(Duration::from_secs(5)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -200,6 +200,73 @@ async fn openai_sdk_chat_through_kafka_and_two_workers_matches_the_upstream() {
     services.drop_database().await;
 }
 
+/// A tansu broker of this test's own on `port` (to kill with SIGKILL).
+fn start_tansu(port: u16) -> std::process::Child {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let binary = [format!("{home}/.cargo/bin/tansu"), "tansu".to_string()]
+        .into_iter()
+        .find(|b| std::path::Path::new(b).exists() || b == "tansu")
+        .unwrap();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let child = std::process::Command::new(binary)
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        .args(["--storage-engine", "memory://tansu/"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tansu runs (scripts/test.sh installs it)");
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    child
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_exits_within_its_grace_period_while_the_broker_is_down() {
+    let Some(_services) = Services::fresh().await else {
+        return;
+    };
+    let port = free_port();
+    let mut broker = start_tansu(port);
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["--config", "/dev/null", "worker"])
+        .env("SLUICE_QUEUE__URL", format!("kafka://127.0.0.1:{port}"))
+        .env("SLUICE_SERVER__SHUTDOWN_GRACE_MS", "2000")
+        .env("SLUICE_WORKER__LISTEN", "127.0.0.1:0")
+        .env("SLUICE_LOG__LEVEL", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Running, and connected to its broker.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(worker.try_wait().unwrap().is_none(), "the worker started");
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = worker.id().unwrap().to_string();
+    let stopping = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let exited = tokio::time::timeout(Duration::from_secs(20), worker.wait()).await;
+    let took = stopping.elapsed();
+    assert!(exited.is_ok(), "the worker did not exit within 20 s");
+    // Its 2 s grace, the runtime's shutdown allowance (2 s), and some slack.
+    assert!(took < Duration::from_secs(7), "exiting took {took:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_gauges_follow_an_outage_without_anyone_asking() {
     let services = services!();
