@@ -37,6 +37,7 @@ pub struct Metrics {
     pub queue_consume_delay: Histogram,
     pub queue_messages_skipped: IntCounterVec,
     pub queue_retries: IntCounter,
+    pub queue_orphans_cancelled: IntCounter,
     pub worker_inflight: IntGauge,
     pub worker_requests: IntCounterVec,
     pub upstream_errors: IntCounterVec,
@@ -239,6 +240,11 @@ impl Metrics {
                 R::EDGE,
                 "sluice_queue_retries_total",
                 "Requests resubmitted after their worker was lost before sending anything",
+            ),
+            queue_orphans_cancelled: b.counter(
+                R::WORKER,
+                "sluice_queue_orphans_cancelled_total",
+                "Requests a worker cancelled because their edge went silent (died) for queue.worker_timeout_ms",
             ),
             worker_inflight: b.gauge(
                 R::WORKER,

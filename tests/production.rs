@@ -231,6 +231,85 @@ fn start_tansu(port: u16) -> std::process::Child {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_edges_requests_are_cancelled_on_the_worker() {
+    let services = services!();
+    let sim = Simulator::start(SimulatorConfig {
+        token_delay: Duration::from_millis(50),
+        ..sim_config()
+    })
+    .await
+    .unwrap();
+    let worker = Isolated::new("worker");
+    worker
+        .start_worker(services.config(&sim.url(), &services.kafka_queue(false)))
+        .await;
+    // The edge is a process of its own, to be killed with SIGKILL: it sends no cancellation.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let edge_toml = merge_toml(
+        &services.kafka_queue(false),
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[store]\nurl = \"sqlite://{}\"\n[cache]\nurl = \"off\"\n[upstream]\nurls = [\"{}\"]\n[log]\nlevel = \"warn\"\n",
+            dir.path().join("edge.db").display(),
+            sim.url()
+        ),
+    );
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, edge_toml).unwrap();
+    let sluice = env!("CARGO_BIN_EXE_sluice");
+    let created = std::process::Command::new(sluice)
+        .arg("--config")
+        .arg(&config)
+        .args(["keys", "create", "--name", "orphans"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&created.stdout);
+    let secret = stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("sk-sluice-"))
+        .unwrap_or_else(|| panic!("no key in {stdout}"))
+        .to_string();
+    let mut edge = tokio::process::Command::new(sluice)
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let up = eventually(Duration::from_secs(20), || async {
+        reqwest::get(format!("{url}/health")).await.ok().map(|_| ())
+    })
+    .await;
+    assert!(up.is_some(), "the edge started");
+    let response = reqwest::Client::new()
+        .post(format!("{url}/v1/completions"))
+        .bearer_auth(&secret)
+        .json(
+            &json!({"model": MODEL, "prompt": "a long answer", "max_tokens": 400, "stream": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let id = request_id(&response);
+    let mut reader = SseReader::new(response);
+    assert!(reader.next().await.is_some(), "streaming");
+    edge.start_kill().unwrap();
+    edge.wait().await.unwrap();
+    // The worker notices the edge's silence (queue.worker_timeout_ms = 1.5 s)
+    // and drops the upstream request, long before the 20 s answer would end.
+    assert!(
+        sim.wait_for_abort(&id, Duration::from_secs(8)).await,
+        "vLLM kept generating for a dead edge"
+    );
+    worker.kill();
+    services.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_exits_within_its_grace_period_while_the_broker_is_down() {
     let Some(_services) = Services::fresh().await else {
         return;

@@ -116,11 +116,33 @@ pub struct KafkaQueue {
     shared: Arc<EdgeShared>,
     routes: Routes,
     router: JoinHandle<()>,
+    liveness: JoinHandle<()>,
 }
 
 impl Drop for KafkaQueue {
     fn drop(&mut self) {
         self.router.abort();
+        self.liveness.abort();
+    }
+}
+
+/// Tells workers this edge is alive, every `every`, on the cancel topic.
+async fn announce_liveness(shared: Arc<EdgeShared>, every: Duration) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let record = FutureRecord::to(&shared.kafka.cancel_topic)
+            .key(shared.edge_id.as_str())
+            .payload(&[][..])
+            .headers(headers(&[
+                (H_KIND, KIND_EDGE_ALIVE),
+                (H_EDGE, shared.edge_id.as_str()),
+            ]));
+        // Fire and forget: a missed beat is covered by the next ones.
+        if let Err((err, _)) = shared.producer.send_result::<str, [u8]>(record) {
+            tracing::debug!(%err, "could not announce this edge's liveness");
+        }
     }
 }
 
@@ -171,11 +193,13 @@ impl KafkaQueue {
         });
         let routes: Routes = Default::default();
         let router = tokio::spawn(route_responses(consumer, shared.clone(), routes.clone()));
+        let liveness = tokio::spawn(announce_liveness(shared.clone(), queue.heartbeat));
         tracing::info!(edge_id = %kafka.edge_id, reply_partition, brokers = %kafka.brokers, "Kafka queue connected");
         Ok(Self {
             shared,
             routes,
             router,
+            liveness,
         })
     }
 }

@@ -64,6 +64,10 @@ const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
 
 const KIND_REQUEST: &str = "request";
 const KIND_CANCEL: &str = "cancel";
+/// An edge's sign of life on the cancel topic: workers cancel the requests
+/// of an edge silent for `queue.worker_timeout_ms` (it died; nobody reads
+/// their answers).
+const KIND_EDGE_ALIVE: &str = "edge-alive";
 /// A response message: a batch of [`frames`].
 const KIND_FRAMES: &str = "frames";
 /// How long startup waits for the brokers.

@@ -68,6 +68,10 @@ struct WorkerShared {
     /// Request id → highest attempt cancelled, and when.
     cancelled: Mutex<HashMap<String, (u32, Instant)>>,
     queue_timeout: Duration,
+    /// How long an edge may be silent before its requests are orphans.
+    edge_timeout: Duration,
+    /// When each edge last said it was alive.
+    edges: Mutex<HashMap<String, Instant>>,
     metrics: Arc<Metrics>,
 }
 
@@ -271,6 +275,8 @@ impl KafkaJobSource {
             outboxes: Default::default(),
             cancelled: Default::default(),
             queue_timeout: queue.queue_timeout,
+            edge_timeout: queue.worker_timeout,
+            edges: Default::default(),
             metrics,
         });
         let tasks = vec![
@@ -467,6 +473,12 @@ async fn listen_for_cancels(consumer: StreamConsumer, shared: Arc<WorkerShared>)
             }
         };
         let h = ReadHeaders::of(&message);
+        if let (Some(KIND_EDGE_ALIVE), Some(edge)) = (h.str(H_KIND), h.str(H_EDGE)) {
+            if let Ok(mut edges) = shared.edges.lock() {
+                edges.insert(edge.to_string(), Instant::now());
+            }
+            continue;
+        }
         let (Some(KIND_CANCEL), Some(request_id), Some(attempt)) =
             (h.str(H_KIND), h.str(H_REQUEST), h.num::<u32>(H_ATTEMPT))
         else {
@@ -516,6 +528,41 @@ async fn send_heartbeats(shared: Arc<WorkerShared>, every: Duration) {
         };
         for reply in quiet {
             shared.send_frame(&reply, FrameKind::Heartbeat, None, &[]);
+        }
+        shared.cancel_orphans();
+    }
+}
+
+impl WorkerShared {
+    /// Cancels the requests of edges silent for `edge_timeout`: they died,
+    /// and nobody will read the answers (vLLM stops generating for them).
+    /// Edges never heard from are left alone.
+    fn cancel_orphans(&self) {
+        let silent: Vec<String> = match self.edges.lock() {
+            Ok(mut edges) => {
+                let silent: Vec<String> = edges
+                    .iter()
+                    .filter(|(_, seen)| seen.elapsed() > self.edge_timeout)
+                    .map(|(edge, _)| edge.clone())
+                    .collect();
+                // An edge silent for long is forgotten; if it comes back it is heard again.
+                edges.retain(|_, seen| seen.elapsed() < self.edge_timeout * 10);
+                silent
+            }
+            Err(_) => return,
+        };
+        if silent.is_empty() {
+            return;
+        }
+        let Ok(inflight) = self.inflight.lock() else {
+            return;
+        };
+        for reply in inflight.values().filter(|r| silent.contains(&r.edge_id)) {
+            if !reply.cancel.is_cancelled() {
+                tracing::warn!(edge_id = %reply.edge_id, request_id = %reply.request_id, "the request's edge went silent; cancelling it");
+                self.metrics.queue_orphans_cancelled.inc();
+                reply.cancel.cancel();
+            }
         }
     }
 }
