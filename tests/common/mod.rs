@@ -516,8 +516,12 @@ impl Isolated {
             let worker = sluice::app::StandaloneWorker::start(&config)
                 .await
                 .expect("worker starts");
-            // Runs until the runtime is killed.
-            std::mem::forget(worker);
+            // Runs until the runtime is killed, which drops it with its Kafka
+            // clients (as a killed process loses them).
+            tokio::spawn(async move {
+                let _worker = worker;
+                std::future::pending::<()>().await
+            });
         })
         .await
     }

@@ -361,25 +361,27 @@ impl KafkaResponses {
         event
     }
 
-    /// A wait ran out. Not picked up within `queue_timeout`: 503 (the request
-    /// is still in the topic; sending it again cannot make a worker free
-    /// sooner). Picked up, then the worker went quiet before sending
-    /// anything: resubmit, as a new submission with a new `queue_timeout`.
-    /// Went quiet after sending something: 502.
+    /// A wait ran out. Not picked up within `queue_timeout`, or picked up
+    /// and the worker went quiet before sending anything: send it again
+    /// under another key (another partition, in case its partition lost its
+    /// reader), as a new submission that workers do not drop as expired, up
+    /// to `max_attempts` in all; then 503. Went quiet after sending
+    /// something: 502.
     fn on_timeout(&mut self) -> Option<ResponseEvent> {
         let waited = if self.accepted {
             self.shared.worker_timeout
         } else {
             self.shared.queue_timeout
         };
-        if !self.accepted {
+        if self.delivered || self.attempt >= self.shared.max_attempts {
             self.shared.cancel(&self.request.request_id, self.attempt);
-        }
-        if !self.accepted || self.delivered || self.attempt >= self.shared.max_attempts {
             let message = if self.accepted {
                 format!("the worker serving this request stopped responding for {waited:?}")
             } else {
-                format!("no worker picked the request up within {waited:?}")
+                format!(
+                    "no worker picked the request up within {waited:?} ({} attempts)",
+                    self.attempt
+                )
             };
             let status = if self.delivered {
                 StatusCode::BAD_GATEWAY
@@ -390,13 +392,20 @@ impl KafkaResponses {
         }
         self.shared.cancel(&self.request.request_id, self.attempt);
         self.attempt += 1;
+        // A new submission: workers judge its age from now, not from the first send.
+        self.request.submitted_at_ms = chrono::Utc::now().timestamp_millis();
+        match self.accepted {
+            true => {
+                tracing::warn!(request_id = %self.request.request_id, attempt = self.attempt, "the worker serving the request went quiet before sending anything; resubmitting")
+            }
+            false => {
+                tracing::warn!(request_id = %self.request.request_id, attempt = self.attempt, "no worker picked the request up; sending it again under another key")
+            }
+        }
         self.accepted = false;
         self.next_seq = 0;
-        // A new submission: workers judge its age from now, not from the first one.
-        self.request.submitted_at_ms = chrono::Utc::now().timestamp_millis();
         self.deadline = Instant::now() + self.shared.queue_timeout;
         self.shared.metrics.queue_retries.inc();
-        tracing::warn!(request_id = %self.request.request_id, attempt = self.attempt, "the worker serving the request went quiet before sending anything; resubmitting");
         if let Err(err) = self.shared.produce_request(&self.request, self.attempt) {
             return Some(self.finish(ResponseEvent::Error(GatewayError::from(err).info())));
         }
