@@ -17,6 +17,12 @@
 //!     cargo bench --bench gateway -- --route chat          # /v1/chat/completions
 //!     cargo bench --bench gateway -- --limits redis://127.0.0.1:6379
 //!
+//! With a Kafka queue it also measures the broker baseline: a bare rdkafka
+//! producer and consumer through the same broker with the same client
+//! settings, sending messages of a chunk's size at the rate of 1 and 100
+//! streams, and prints sluice's added per-token latency next to the hop's
+//! produce-to-consume latency, with their ratio.
+//!
 //! `--limits URL` counts per-key limits there (`limits.url`) and measures,
 //! at 100 streams in the same run, a key whose limits are checked (and
 //! settled) on every request against a key without limits.
@@ -62,13 +68,13 @@ impl Args {
     }
 
     /// A streamed request for `prompt` on the benchmarked route.
+    /// (Greedy: a sampled request is not cached, and the cache-hit run needs hits.)
     fn body(&self, prompt: &str) -> serde_json::Value {
         match self.chat {
             true => json!({"model": "sim-llama", "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": self.tokens, "stream": true}),
-            false => {
-                json!({"model": "sim-llama", "prompt": prompt, "max_tokens": self.tokens, "stream": true})
-            }
+                "max_tokens": self.tokens, "temperature": 0, "stream": true}),
+            false => json!({"model": "sim-llama", "prompt": prompt, "max_tokens": self.tokens,
+                "temperature": 0, "stream": true}),
         }
     }
 }
@@ -294,6 +300,126 @@ fn process_cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Produce-to-consume latency of a bare producer and consumer through the
+/// broker, with sluice's client settings: `streams` messages of ~250 bytes
+/// (a chunk frame) every `every`, `ticks` times. The produce side is one
+/// producer (as one worker process), the consume side one consumer (as one edge).
+async fn broker_hop(
+    kafka: &sluice::config::KafkaConfig,
+    streams: usize,
+    ticks: usize,
+    every: Duration,
+) -> Vec<Duration> {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let topic = format!("bench.baseline.{}.{streams}", std::process::id());
+    let settings = |defaults: &[(&str, &str)],
+                    overrides: &std::collections::BTreeMap<String, String>| {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &kafka.brokers);
+        for (key, value) in defaults {
+            config.set(*key, *value);
+        }
+        for (key, value) in overrides {
+            config.set(key, value);
+        }
+        config
+    };
+    let admin: rdkafka::admin::AdminClient<_> =
+        settings(&[], &Default::default()).create().expect("admin");
+    let new_topic =
+        rdkafka::admin::NewTopic::new(&topic, 1, rdkafka::admin::TopicReplication::Fixed(1));
+    let _ = admin
+        .create_topics([&new_topic], &rdkafka::admin::AdminOptions::new())
+        .await;
+    // Sluice's producer defaults, then the configured settings, as its workers use them.
+    let producer: FutureProducer = settings(
+        &[
+            ("linger.ms", "1"),
+            ("enable.idempotence", "true"),
+            ("message.timeout.ms", "30000"),
+        ],
+        &kafka.producer,
+    )
+    .create()
+    .expect("producer");
+    let consumer: StreamConsumer = settings(
+        &[
+            (
+                "group.id",
+                &format!("bench-baseline-{}", std::process::id()),
+            ),
+            ("enable.auto.commit", "false"),
+            ("auto.offset.reset", "earliest"),
+        ],
+        &kafka.consumer,
+    )
+    .create()
+    .expect("consumer");
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    assignment
+        .add_partition_offset(&topic, 0, rdkafka::Offset::Beginning)
+        .expect("partition");
+    consumer.assign(&assignment).expect("assign");
+    let epoch = Instant::now();
+    let total = streams * ticks;
+    let warmed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen_warm = warmed.clone();
+    let receiver = tokio::spawn(async move {
+        let mut latencies = Vec::with_capacity(total);
+        while latencies.len() < total {
+            let Ok(Ok(message)) =
+                tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await
+            else {
+                break;
+            };
+            let now = epoch.elapsed().as_nanos() as u64;
+            if message.key() == Some(b"warm-up".as_slice()) {
+                seen_warm.store(true, std::sync::atomic::Ordering::Relaxed);
+                continue;
+            }
+            if let Some(payload) = message.payload().filter(|p| p.len() >= 8) {
+                let sent = u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
+                latencies.push(Duration::from_nanos(now.saturating_sub(sent)));
+            }
+        }
+        latencies
+    });
+    // Until the consumer reads from its partition (a first fetch can take a
+    // while), warm-up messages, not counted.
+    let warm = Instant::now();
+    loop {
+        let record = FutureRecord::to(&topic)
+            .key("warm-up")
+            .payload(&[0u8; 4][..]);
+        let _ = producer.send_result(record);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if warmed.load(std::sync::atomic::Ordering::Relaxed)
+            || warm.elapsed() > Duration::from_secs(10)
+        {
+            break;
+        }
+    }
+    let mut ticker = tokio::time::interval(every);
+    for _ in 0..ticks {
+        ticker.tick().await;
+        for stream in 0..streams {
+            let mut payload = vec![b'x'; 250];
+            payload[..8].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
+            let key = format!("stream-{stream}");
+            let record = FutureRecord::to(&topic).key(&key).payload(&payload);
+            if let Err((err, _)) = producer.send_result(record) {
+                eprintln!("baseline produce failed: {err}");
+            }
+        }
+    }
+    let mut latencies = receiver.await.expect("receiver");
+    latencies.sort();
+    latencies
+}
+
 fn gateway_config(args: &Args, upstream: &str, db: &std::path::Path) -> Config {
     let toml = format!(
         r#"
@@ -440,10 +566,20 @@ fn main() {
         );
         println!("| streams | metric | direct p50 | gateway p50 | added p50 | direct p99 | gateway p99 | added p99 |");
         println!("|---|---|---|---|---|---|---|---|");
+        // Added per-token latency (ms, p50 and p99) per concurrency, for the broker baseline.
+        let mut kafka_added: Vec<(usize, (f64, f64))> = Vec::new();
         for concurrency in [1usize, 100] {
             let rounds = if concurrency == 1 { args.rounds * 10 } else { args.rounds };
             let (d_ttft, d_tok) = measure(&client, &sim, &direct, concurrency, rounds, &args, stream_time).await;
             let (g_ttft, g_tok) = measure(&client, &sim, &through, concurrency, rounds, &args, stream_time).await;
+            let millis = |d: Duration| d.as_secs_f64() * 1000.0;
+            kafka_added.push((
+                concurrency,
+                (
+                    millis(pct(&g_tok, 0.5)) - millis(pct(&d_tok, 0.5)),
+                    millis(pct(&g_tok, 0.99)) - millis(pct(&d_tok, 0.99)),
+                ),
+            ));
             for (name, d, g) in [("TTFT (ms)", &d_ttft, &g_ttft), ("per-token (ms)", &d_tok, &g_tok)] {
                 println!(
                     "| {concurrency} | {name} | {} | {} | {} | {} | {} | {} |",
@@ -453,6 +589,29 @@ fn main() {
                     ms(pct(d, 0.99)),
                     ms(pct(g, 0.99)),
                     added(pct(g, 0.99), pct(d, 0.99)),
+                );
+            }
+        }
+        if let sluice::config::QueueBackend::Kafka(kafka) = &gateway_config(&args, &sim.url(), &dir.path().join("unused.db")).queue.backend {
+            println!("\nbroker baseline: a bare producer-to-consumer hop through the same broker, same client settings\n");
+            println!("| streams | hop p50 (ms) | hop p99 (ms) | sluice added per-token p50 / p99 (ms) | ratio p50 | ratio p99 |");
+            println!("|---|---|---|---|---|---|");
+            for (concurrency, added) in &kafka_added {
+                let ticks = (args.tokens as usize * if *concurrency == 1 { 50 } else { 5 }).max(1);
+                let hop = broker_hop(kafka, *concurrency, ticks, Duration::from_millis(args.token_delay_ms)).await;
+                if hop.is_empty() {
+                    println!("| {concurrency} | no messages came back |");
+                    continue;
+                }
+                let (h50, h99) = (pct(&hop, 0.5), pct(&hop, 0.99));
+                println!(
+                    "| {concurrency} | {} | {} | {:.3} / {:.3} | {:.2} | {:.2} |",
+                    ms(h50),
+                    ms(h99),
+                    added.0,
+                    added.1,
+                    added.0 / (h50.as_secs_f64() * 1000.0),
+                    added.1 / (h99.as_secs_f64() * 1000.0),
                 );
             }
         }
