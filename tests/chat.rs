@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -226,14 +226,7 @@ async fn closing_a_chat_stream_cancels_the_upstream_generation() {
     ws.send(Message::Text(body.to_string().into()))
         .await
         .unwrap();
-    let Some(Ok(Message::Text(first))) = ws.next().await else {
-        panic!("no chunk")
-    };
-    let id = serde_json::from_str::<Value>(&first).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("chatcmpl-")
-        .to_string();
+    let id = first_chunk_request_id(&mut ws).await;
     ws.close(None).await.unwrap();
     drop(ws);
     assert!(
@@ -331,22 +324,7 @@ async fn models_are_the_upstreams_unless_a_list_is_configured() {
         c.upstream.models = vec![MODEL.into(), "sim-mistral".into()];
     })
     .await;
-    let list: Value = gw
-        .http
-        .get(format!("{}/v1/models", gw.url))
-        .bearer_auth(&gw.key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let ids: Vec<&str> = list["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
+    let ids = gw.model_ids(&gw.key).await;
     assert_eq!(ids, [MODEL, "sim-mistral"]);
     // A model off the list is refused without an upstream call, in vLLM's words.
     for response in [

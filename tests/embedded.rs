@@ -505,14 +505,7 @@ async fn client_disconnect_aborts_the_upstream_generation() {
     ws.send(Message::Text(body.to_string().into()))
         .await
         .unwrap();
-    let Some(Ok(Message::Text(first))) = ws.next().await else {
-        panic!("no chunk")
-    };
-    let id = serde_json::from_str::<Value>(&first).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("cmpl-")
-        .to_string();
+    let id = first_chunk_request_id(&mut ws).await;
     ws.close(None).await.unwrap();
     drop(ws);
     assert!(

@@ -105,22 +105,7 @@ async fn a_replica_that_dies_under_load_costs_no_request_that_had_not_started() 
     assert_eq!(unknown.status(), 404);
     assert_eq!(total(), before);
     // The configured models are the list.
-    let list: Value = gw
-        .http
-        .get(format!("{}/v1/models", gw.url))
-        .bearer_auth(&gw.key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let ids: Vec<&str> = list["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
+    let ids = gw.model_ids(&gw.key).await;
     assert_eq!(ids, [MODEL, MISTRAL]);
     let (status, body) = ready(&gw).await;
     assert_eq!(status, 200, "{body}");

@@ -565,14 +565,7 @@ async fn a_revoked_key_stops_working_on_an_open_websocket() {
         .send(Message::Text(long.to_string().into()))
         .await
         .unwrap();
-    let Some(Ok(Message::Text(first))) = streaming.next().await else {
-        panic!("the stream started")
-    };
-    let id = serde_json::from_str::<Value>(&first).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("cmpl-")
-        .to_string();
+    let id = first_chunk_request_id(&mut streaming).await;
     assert_eq!(gw.store.revoke_key(&gw.key_id).await.unwrap(), 1);
     // The running stream ends within the revocation bound (1 s), with a 401
     // error frame and close 4401, and its generation is cancelled.

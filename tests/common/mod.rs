@@ -133,6 +133,26 @@ impl TestGateway {
         tokio_tungstenite::connect_async(request).await.unwrap().0
     }
 
+    /// The ids `GET /v1/models` lists for `key`.
+    pub async fn model_ids(&self, key: &str) -> Vec<String> {
+        let list: Value = self
+            .http
+            .get(format!("{}/v1/models", self.url))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     pub async fn post_chat(&self, body: &Value) -> reqwest::Response {
         self.http
             .post(self.chat_url())
@@ -602,6 +622,30 @@ where
         }
     }
     frames
+}
+
+/// Reads a WebSocket's next frame, a chunk, and returns the request id its
+/// response `id` names (`cmpl-<id>` or `chatcmpl-<id>`).
+pub async fn first_chunk_request_id<S>(ws: &mut S) -> String
+where
+    S: futures::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
+{
+    use futures::StreamExt;
+    let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(first))) = ws.next().await else {
+        panic!("no chunk")
+    };
+    let id = serde_json::from_str::<Value>(&first).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    id.split_once('-')
+        .map(|(_, rest)| rest.to_string())
+        .unwrap_or(id)
 }
 
 /// SSE payloads with each chunk's response `id` blanked: a cached answer
