@@ -80,6 +80,13 @@ pub fn hash_secret(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
+/// A fresh id for a key or a team: `<kind>_` and 12 random hex digits.
+pub fn new_id(kind: &str) -> String {
+    let mut bytes = [0u8; 6];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("{kind}_{}", hex::encode(bytes))
+}
+
 /// Creates a key named `name` without limits of its own and stores its hash.
 pub async fn create_key(store: &dyn Store, name: &str) -> Result<CreatedKey, StoreError> {
     create_key_with(store, name, Limits::default(), None, None).await
@@ -99,9 +106,7 @@ pub async fn create_key_with(
         "{SECRET_PREFIX}{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     );
-    let mut id_bytes = [0u8; 6];
-    rand::rng().fill_bytes(&mut id_bytes);
-    let id = format!("key_{}", hex::encode(id_bytes));
+    let id = new_id("key");
     store
         .insert_key(&NewApiKey {
             id: id.clone(),

@@ -17,7 +17,7 @@ use crate::cache::{CachedChunks, CachedResponse};
 use crate::config::CacheScope;
 use crate::error::{ErrorInfo, GatewayError};
 use crate::filter_chain::{FilterChain, Filtered};
-use crate::limits::{Admission, Limiter};
+use crate::limits::Admission;
 use crate::policy::RequestContext;
 use crate::protocol::{Chunk, ChunkSummary, ChunkView, InferenceRequest, Route, Usage};
 use crate::queue::{QueuedRequest, ResponseEvent, ResponseStream};
@@ -304,20 +304,12 @@ pub async fn start(
         return Err((err, record));
     }
     // Before the hooks: a request over its key's limits costs no plugin work.
-    let scopes = Limiter::scopes(&ctx.identity);
-    let prompt_estimate = (request.prompt_bytes() as u64).div_ceil(4);
-    let reserved = state.limiter.reservation(
-        request.output_limit(),
-        request.choices(),
-        request.prompt_bytes(),
-    );
-    match state.limiter.admit(scopes, &ctx.request_id, reserved).await {
-        Ok(admission) => {
-            record.admission = admission.map(|mut a| {
-                a.prompt_estimate = prompt_estimate;
-                a
-            })
-        }
+    match state
+        .limiter
+        .admit(&ctx.identity, &ctx.request_id, &request)
+        .await
+    {
+        Ok(admission) => record.admission = admission,
         Err(err) => {
             record.fail(&err);
             return Err((err, record));
@@ -412,7 +404,16 @@ pub async fn start(
         request.upstream_body(),
         record.trace.headers_from(&submit),
     );
-    queued.prefix = request.prefix_key();
+    // Only prefix-affine pools route by it.
+    let config = &state.config;
+    let prefix_routed = config.upstream.balance == crate::config::Balance::Prefix
+        || config
+            .models
+            .iter()
+            .any(|m| m.balance == crate::config::Balance::Prefix);
+    if prefix_routed {
+        queued.prefix = request.prefix_key();
+    }
     let mut responses = match state.queue.submit(queued).await {
         Ok(responses) => responses,
         Err(err) => {

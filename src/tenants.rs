@@ -155,10 +155,8 @@ pub async fn create_team(
     limits: &LimitsPatch,
 ) -> Result<Team, TenantError> {
     valid_name(name)?;
-    let mut id = [0u8; 6];
-    rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
     let team = Team {
-        id: format!("team_{}", hex::encode(id)),
+        id: crate::auth::new_id("team"),
         name: name.to_string(),
         limits: limits.apply(&Limits::default())?,
         created_at: Utc::now(),

@@ -27,16 +27,17 @@ use chrono::{DateTime, Utc};
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::auth::hash_secret;
 use crate::error::GatewayError;
 use crate::store::{ApiKey, KeyUsage, Store};
 use crate::tenants::{self, KeyPatch, LimitsPatch};
 
 struct Admin {
     store: Arc<dyn Store>,
-    token_digest: [u8; 32],
+    /// The token's SHA-256, as API keys are kept.
+    token_hash: String,
 }
 
 /// The admin router, or `None` when no token is configured.
@@ -44,7 +45,7 @@ pub fn router(store: Arc<dyn Store>, config: &crate::config::AdminConfig) -> Opt
     let token = config.token.as_ref()?;
     let admin = Arc::new(Admin {
         store,
-        token_digest: Sha256::digest(token.expose_secret().as_bytes()).into(),
+        token_hash: hash_secret(token.expose_secret()),
     });
     Some(
         Router::new()
@@ -72,8 +73,8 @@ async fn authorize(State(admin): State<Arc<Admin>>, request: Request, next: Next
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
-    let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-    if !bool::from(digest.ct_eq(&admin.token_digest)) {
+    let presented = hash_secret(presented);
+    if !bool::from(presented.as_bytes().ct_eq(admin.token_hash.as_bytes())) {
         return GatewayError::Unauthorized("missing or wrong admin token").into_response();
     }
     next.run(request).await

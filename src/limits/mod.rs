@@ -239,7 +239,7 @@ impl Limiter {
 
     /// The scopes a request counts in: its key's and, if any, its team's
     /// (only those with a rate or concurrency limit).
-    pub fn scopes(identity: &crate::auth::Identity) -> Vec<Scope> {
+    fn scopes(identity: &crate::auth::Identity) -> Vec<Scope> {
         let mut scopes = Vec::with_capacity(2);
         if identity.limits.counts() {
             scopes.push(Scope {
@@ -258,27 +258,28 @@ impl Limiter {
         scopes
     }
 
-    /// The tokens to reserve for a request whose output is capped at
-    /// `max_tokens` per choice (or unknown), with `choices` choices and a
-    /// prompt of about `prompt_bytes` bytes (a token is about 4 bytes).
-    pub fn reservation(&self, max_tokens: Option<u32>, choices: u64, prompt_bytes: usize) -> u64 {
-        let output = max_tokens.map_or(self.reserve_tokens, u64::from);
-        output
-            .saturating_mul(choices.max(1))
-            .saturating_add((prompt_bytes as u64).div_ceil(4))
-    }
-
-    /// Admits a request or refuses it with a 429 (503 when the limiter is
-    /// unavailable and configured to refuse). `None`: nothing to count.
+    /// Admits a request of `identity` or refuses it with a 429 (503 when the
+    /// limiter is unavailable and configured to refuse). `None`: its key and
+    /// team have no rate or concurrency limit, so there is nothing to count.
+    /// It reserves its output cap (`max_tokens` per choice, or
+    /// `limits.reserve_tokens`) times `choices`, plus about a token per 4
+    /// bytes of prompt.
     pub async fn admit(
         self: &Arc<Self>,
-        scopes: Vec<Scope>,
+        identity: &crate::auth::Identity,
         request_id: &str,
-        tokens: u64,
+        request: &crate::protocol::InferenceRequest,
     ) -> Result<Option<Admission>, GatewayError> {
+        let scopes = Self::scopes(identity);
         if scopes.is_empty() {
             return Ok(None);
         }
+        let prompt_estimate = (request.prompt_bytes() as u64).div_ceil(4);
+        let tokens = request
+            .output_limit()
+            .map_or(self.reserve_tokens, u64::from)
+            .saturating_mul(request.choices().max(1))
+            .saturating_add(prompt_estimate);
         let (verdict, local) = match self.store.admit(&scopes, request_id, tokens).await {
             Ok(verdict) => {
                 self.up();
@@ -320,7 +321,7 @@ impl Limiter {
                 request_id: request_id.to_string(),
                 local,
                 reserved: tokens,
-                prompt_estimate: 0,
+                prompt_estimate,
                 standing,
             })),
             Verdict::Refused {

@@ -102,7 +102,12 @@ impl TestGateway {
     /// A WebSocket to `/v1/completions` with the test key in `Authorization`.
     #[allow(dead_code)] // not every test binary opens one
     pub async fn ws(&self) -> Ws {
-        let mut request = self.ws_url().into_client_request().unwrap();
+        self.ws_to(&self.ws_url()).await
+    }
+
+    /// A WebSocket to `url` with the test key in `Authorization`.
+    async fn ws_to(&self, url: &str) -> Ws {
+        let mut request = url.into_client_request().unwrap();
         request.headers_mut().insert(
             "authorization",
             format!("Bearer {}", self.key).parse().unwrap(),
@@ -125,12 +130,7 @@ impl TestGateway {
     /// A WebSocket to `/v1/chat/completions` with the test key in `Authorization`.
     pub async fn chat_ws(&self) -> Ws {
         let url = format!("{}/v1/chat/completions", self.url.replacen("http", "ws", 1));
-        let mut request = url.into_client_request().unwrap();
-        request.headers_mut().insert(
-            "authorization",
-            format!("Bearer {}", self.key).parse().unwrap(),
-        );
-        tokio_tungstenite::connect_async(request).await.unwrap().0
+        self.ws_to(&url).await
     }
 
     /// The ids `GET /v1/models` lists for `key`.
@@ -154,18 +154,16 @@ impl TestGateway {
     }
 
     pub async fn post_chat(&self, body: &Value) -> reqwest::Response {
-        self.http
-            .post(self.chat_url())
-            .bearer_auth(&self.key)
-            .json(body)
-            .send()
-            .await
-            .expect("request sent")
+        self.post_to(&self.chat_url(), body).await
     }
 
     pub async fn post(&self, body: &Value) -> reqwest::Response {
+        self.post_to(&self.completions_url(), body).await
+    }
+
+    async fn post_to(&self, url: &str, body: &Value) -> reqwest::Response {
         self.http
-            .post(self.completions_url())
+            .post(url)
             .bearer_auth(&self.key)
             .json(body)
             .send()
