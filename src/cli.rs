@@ -461,17 +461,22 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             };
             for (hook, served, routes) in [
                 (
-                    "on-request (request-hook):   ",
+                    "on-request (request-hook):    ",
                     hooks.on_request,
                     request_routes,
                 ),
                 (
-                    "cache-key (cache-key-hook):  ",
+                    "cache-key (cache-key-hook):   ",
                     hooks.cache_key,
                     request_routes,
                 ),
-                ("on-token (token-hook):       ", hooks.on_token, both),
-                ("on-tokens (token-batch-hook):", hooks.on_tokens, both),
+                ("on-token (token-hook):        ", hooks.on_token, both),
+                ("on-tokens (token-batch-hook): ", hooks.on_tokens, both),
+                (
+                    "on-tool-call (tool-call-hook):",
+                    hooks.on_tool_call,
+                    "/v1/chat/completions",
+                ),
             ] {
                 match served {
                     true => println!("  {hook} yes, on {routes}"),

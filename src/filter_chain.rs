@@ -2,7 +2,8 @@
 //! the response's [`TokenFilter`]s in order and rebuilds the chunk from what
 //! they answer (the chunk itself when nothing changed, nothing when all of
 //! its text is held, a rebuilt chunk otherwise). A cached answer goes through
-//! all at once, one filter call per filter rather than per chunk.
+//! all at once, one filter call per filter rather than per chunk. Tool calls
+//! of a chat answer go to the filters that ask for them, piece by piece.
 
 use std::borrow::Cow;
 
@@ -10,7 +11,7 @@ use serde_json::Value;
 
 use crate::cache::CachedChunks;
 use crate::error::GatewayError;
-use crate::policy::{TokenAction, TokenFilter};
+use crate::policy::{TokenAction, TokenFilter, ToolCallAction, ToolCallPiece};
 use crate::protocol::{Chunk, ChunkView};
 
 /// What applying the filters to one chunk produced.
@@ -44,6 +45,7 @@ fn assemble(chunk: &Chunk, view: &ChunkView<'_>, outputs: &[ChoiceOutput<'_>]) -
     if outputs
         .iter()
         .all(|out| out.text.is_empty() && !out.finishing && !out.stop)
+        && !has_tool_calls(chunk.payload_slice())
     {
         return Filtered::Skip;
     }
@@ -74,6 +76,16 @@ fn assemble(chunk: &Chunk, view: &ChunkView<'_>, outputs: &[ChoiceOutput<'_>]) -
     } else {
         Filtered::Chunk(rebuilt)
     }
+}
+
+/// Whether a chunk may carry tool calls (a key `"tool_calls":`, which JSON
+/// text cannot hold unescaped).
+fn has_tool_calls(payload: &[u8]) -> bool {
+    use memchr::memmem::Finder;
+    use std::sync::LazyLock;
+    static TOOL_CALLS: LazyLock<Finder<'static>> =
+        LazyLock::new(|| Finder::new(b"\"tool_calls\":"));
+    TOOL_CALLS.find(payload).is_some()
 }
 
 /// Sets a choice's text: a chat choice's `delta.content`, a completion's `text`.
@@ -136,6 +148,9 @@ fn splice_text(payload: &[u8], old: &str, new: &str) -> Option<Vec<u8>> {
 /// The token filters of one response, applied to each chunk in order.
 pub struct FilterChain {
     filters: Vec<Box<dyn TokenFilter>>,
+    /// Whether any filter reads text, and any reads tool calls.
+    text_filters: bool,
+    tool_call_filters: bool,
     /// Choices the filters have seen text of, and those already finished
     /// (flushed): at the end of a stream, only the difference needs work.
     seen: Vec<u32>,
@@ -145,6 +160,8 @@ pub struct FilterChain {
 impl FilterChain {
     pub fn new(filters: Vec<Box<dyn TokenFilter>>) -> Self {
         Self {
+            text_filters: filters.iter().any(|f| f.filters_text()),
+            tool_call_filters: filters.iter().any(|f| f.filters_tool_calls()),
             filters,
             seen: Vec::new(),
             finished: Vec::new(),
@@ -166,7 +183,7 @@ impl FilterChain {
         current.push_str(text);
         let mut stopped = false;
         for filter in self.filters.iter_mut() {
-            if !current.is_empty() {
+            if !current.is_empty() && filter.filters_text() {
                 match filter.on_text(index, &current).await? {
                     TokenAction::Pass => {}
                     TokenAction::Replace(text) => current = text,
@@ -189,7 +206,8 @@ impl FilterChain {
     /// Filters one chunk. A chunk whose text no filter changed is returned as
     /// it came, without re-serialising it.
     pub async fn apply(&mut self, chunk: Chunk) -> Result<Filtered, GatewayError> {
-        if self.filters.is_empty() {
+        let tool_calls = self.tool_call_filters && has_tool_calls(chunk.payload_slice());
+        if !self.text_filters && !tool_calls {
             return Ok(Filtered::Chunk(chunk));
         }
         let Some(view) = ChunkView::parse(&chunk).filter(|v| !v.choices.is_empty()) else {
@@ -211,7 +229,82 @@ impl FilterChain {
                 stop,
             });
         }
-        Ok(assemble(&chunk, &view, &outputs))
+        match assemble(&chunk, &view, &outputs) {
+            Filtered::Chunk(chunk) if tool_calls => self.filter_tool_calls(chunk).await,
+            filtered => Ok(filtered),
+        }
+    }
+
+    /// Runs each tool-call piece of `chunk` through the filters that read
+    /// tool calls. The chunk itself when none changed anything.
+    async fn filter_tool_calls(&mut self, chunk: Chunk) -> Result<Filtered, GatewayError> {
+        let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(chunk.payload_slice())
+        else {
+            return Ok(Filtered::Chunk(chunk));
+        };
+        let mut changed = false;
+        let Some(Value::Array(choices)) = body.get_mut("choices") else {
+            return Ok(Filtered::Chunk(chunk));
+        };
+        for choice in choices.iter_mut() {
+            let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0) as u32;
+            let Some(Value::Array(calls)) = choice.pointer_mut("/delta/tool_calls") else {
+                continue;
+            };
+            let mut stop = None;
+            for call in calls.iter_mut() {
+                let call_index = call.get("index").and_then(Value::as_u64).unwrap_or(0) as u32;
+                let name = call
+                    .pointer("/function/name")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                let sent = call
+                    .pointer("/function/arguments")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                let mut arguments = Cow::Borrowed(sent);
+                for filter in self.filters.iter_mut().filter(|f| f.filters_tool_calls()) {
+                    let piece = ToolCallPiece {
+                        call_index,
+                        name: name.as_deref(),
+                        arguments: &arguments,
+                    };
+                    match filter.on_tool_call(index, piece).await? {
+                        ToolCallAction::Pass => {}
+                        ToolCallAction::Replace(text) => arguments = Cow::Owned(text),
+                        ToolCallAction::Stop(text) => {
+                            stop = Some(text);
+                            break;
+                        }
+                    }
+                }
+                if stop.is_some() {
+                    break;
+                }
+                if let Cow::Owned(arguments) = arguments {
+                    changed = true;
+                    if let Some(Value::Object(function)) = call.get_mut("function") {
+                        function.insert("arguments".into(), Value::String(arguments));
+                    }
+                }
+            }
+            if let Some(text) = stop {
+                // Held text comes out first; the stop text passes the text filters too.
+                let (text, _) = self.run(index, &text, true).await?;
+                self.finished.push(index);
+                if let Value::Object(choice) = choice {
+                    choice.insert("delta".into(), serde_json::json!({"content": text}));
+                    choice.insert("finish_reason".into(), Value::from("stop"));
+                }
+                let payload = serde_json::to_vec(&body).unwrap_or_default();
+                return Ok(Filtered::Stop(Chunk::from_payload(&payload)));
+            }
+        }
+        if !changed {
+            return Ok(Filtered::Chunk(chunk));
+        }
+        let payload = serde_json::to_vec(&body).unwrap_or_default();
+        Ok(Filtered::Chunk(Chunk::from_payload(&payload)))
     }
 
     /// Filters consecutive chunks known at once (a cached answer), giving each
@@ -238,7 +331,9 @@ impl FilterChain {
             && indices
                 .next()
                 .is_some_and(|first| indices.all(|i| i == first));
-        if self.filters.is_empty() || !single_choice {
+        let tool_calls =
+            self.tool_call_filters && chunks.iter().any(|c| has_tool_calls(c.payload_slice()));
+        if !self.text_filters || !single_choice || tool_calls {
             let mut results = Vec::with_capacity(chunks.len());
             for chunk in chunks.iter() {
                 let filtered = self.apply(chunk.clone()).await?;
@@ -274,7 +369,7 @@ impl FilterChain {
         // Chunks after a `Stop` are never delivered.
         let mut end = chunks.len();
         let mut stopped_at = None;
-        for filter in self.filters.iter_mut() {
+        for filter in self.filters.iter_mut().filter(|f| f.filters_text()) {
             let mut start = 0;
             while start < end {
                 // Up to and including the next chunk that ends the choice.
@@ -682,6 +777,101 @@ mod tests {
             ),
             Some(serde_json::json!({"content":"#a"}))
         );
+    }
+
+    /// Reads tool calls only: upper-cases arguments, stops a call of `rm`.
+    struct ToolGuard;
+
+    #[async_trait]
+    impl TokenFilter for ToolGuard {
+        async fn on_text(&mut self, _index: u32, _text: &str) -> Result<TokenAction, GatewayError> {
+            panic!("a filter of tool calls never sees text");
+        }
+        async fn finish(&mut self, _index: u32) -> Result<String, GatewayError> {
+            Ok(String::new())
+        }
+        fn filters_text(&self) -> bool {
+            false
+        }
+        fn filters_tool_calls(&self) -> bool {
+            true
+        }
+        async fn on_tool_call(
+            &mut self,
+            _index: u32,
+            piece: ToolCallPiece<'_>,
+        ) -> Result<ToolCallAction, GatewayError> {
+            Ok(match piece.name {
+                Some("rm") => ToolCallAction::Stop("no".into()),
+                _ => ToolCallAction::Replace(piece.arguments.to_uppercase()),
+            })
+        }
+    }
+
+    fn tool_chunks(name: &str) -> Vec<Chunk> {
+        let call = |v: Value| chat_chunk(serde_json::json!({"tool_calls": [v]}), None);
+        vec![
+            chat_chunk(serde_json::json!({"role":"assistant","content":""}), None),
+            call(
+                serde_json::json!({"index":0,"id":"c1","type":"function","function":{"name":name,"arguments":""}}),
+            ),
+            call(serde_json::json!({"index":0,"function":{"arguments":"{\"q\": "}})),
+            chat_chunk(
+                serde_json::json!({"tool_calls":[{"index":0,"function":{"arguments":"\"x\"}"}}]}),
+                Some("tool_calls"),
+            ),
+        ]
+    }
+
+    #[tokio::test]
+    async fn tool_calls_reach_only_the_filters_that_ask_for_them() {
+        let cached = CachedChunks::new(tool_chunks("search"));
+        let all = FilterChain::new(vec![Box::new(ToolGuard)])
+            .apply_all(&cached)
+            .await
+            .unwrap();
+        let deltas: Vec<Value> = all.into_iter().map(|f| delta_of(f).unwrap()).collect();
+        assert_eq!(
+            deltas[0],
+            serde_json::json!({"role":"assistant","content":""})
+        );
+        assert_eq!(
+            deltas[1]["tool_calls"][0]["id"], "c1",
+            "the rest of a piece is kept"
+        );
+        assert_eq!(
+            deltas[2]["tool_calls"][0]["function"]["arguments"],
+            "{\"Q\": "
+        );
+        assert_eq!(
+            deltas[3]["tool_calls"][0]["function"]["arguments"],
+            "\"X\"}"
+        );
+
+        let mut chain = FilterChain::new(vec![Box::new(ToolGuard)]);
+        let chunks = tool_chunks("rm");
+        assert!(
+            matches!(chain.apply(chunks[0].clone()).await.unwrap(), Filtered::Chunk(c) if c == chunks[0])
+        );
+        let Filtered::Stop(stopped) = chain.apply(chunks[1].clone()).await.unwrap() else {
+            panic!("a call of rm must stop the response");
+        };
+        let stopped: Value = serde_json::from_slice(stopped.payload_slice()).unwrap();
+        assert_eq!(
+            stopped["choices"][0]["delta"],
+            serde_json::json!({"content":"no"})
+        );
+        assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+
+        // Without such a filter, tool calls pass as they came.
+        let mut upper = FilterChain::new(vec![Box::new(Upper {
+            held: String::new(),
+        })]);
+        for chunk in tool_chunks("rm") {
+            assert!(
+                matches!(upper.apply(chunk.clone()).await.unwrap(), Filtered::Chunk(c) if c == chunk)
+            );
+        }
     }
 
     #[test]

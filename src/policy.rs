@@ -38,6 +38,29 @@ pub enum TokenAction {
     Stop(String),
 }
 
+/// One streamed piece of a tool call of a chat answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ToolCallPiece<'a> {
+    /// The call's `index` among the message's tool calls.
+    pub call_index: u32,
+    /// `function.name`, on the piece that starts the call.
+    pub name: Option<&'a str>,
+    /// This piece of `function.arguments`.
+    pub arguments: &'a str,
+}
+
+/// A filter's answer for one tool-call piece.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolCallAction {
+    /// Send the piece unchanged.
+    Pass,
+    /// Send these arguments instead.
+    Replace(String),
+    /// Drop the chunk's tool calls, send this text as its content and end
+    /// the response with `finish_reason: "stop"`.
+    Stop(String),
+}
+
 /// One stateful filter over the text of one response.
 #[async_trait]
 pub trait TokenFilter: Send {
@@ -57,6 +80,26 @@ pub trait TokenFilter: Send {
 
     /// Called when choice `index` ends; returns held text to send.
     async fn finish(&mut self, index: u32) -> Result<String, GatewayError>;
+
+    /// Whether the filter reads chunk text at all (a filter of tool calls
+    /// only does not: its `on_text` is never called).
+    fn filters_text(&self) -> bool {
+        true
+    }
+
+    /// Whether the filter sees tool calls: without it they pass untouched.
+    fn filters_tool_calls(&self) -> bool {
+        false
+    }
+
+    /// Called with each piece of a tool call of choice `index`.
+    async fn on_tool_call(
+        &mut self,
+        _index: u32,
+        _piece: ToolCallPiece<'_>,
+    ) -> Result<ToolCallAction, GatewayError> {
+        Ok(ToolCallAction::Pass)
+    }
 }
 
 /// `on_texts` done one `on_text` call at a time, stopping after a `Stop`.

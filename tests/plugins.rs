@@ -780,12 +780,16 @@ fn plugin_check_reports_the_version_routes_and_hooks() {
     );
     assert!(
         guard.contains(
-            "on-request (request-hook):    yes, on /v1/completions and /v1/chat/completions"
+            "on-request (request-hook):     yes, on /v1/completions and /v1/chat/completions"
         ),
         "{guard}"
     );
     assert!(
-        guard.contains("on-token (token-hook):        no"),
+        guard.contains("on-token (token-hook):         no"),
+        "{guard}"
+    );
+    assert!(
+        guard.contains("on-tool-call (tool-call-hook): yes, on /v1/chat/completions"),
         "{guard}"
     );
     let old = plugin_check_stdout("v1_guard");
@@ -794,12 +798,12 @@ fn plugin_check_reports_the_version_routes_and_hooks() {
         "{old}"
     );
     assert!(
-        old.contains("on-request (request-hook):    yes, on /v1/completions only"),
+        old.contains("on-request (request-hook):     yes, on /v1/completions only"),
         "{old}"
     );
     assert!(
         old.contains(
-            "on-token (token-hook):        yes, on /v1/completions and /v1/chat/completions"
+            "on-token (token-hook):         yes, on /v1/completions and /v1/chat/completions"
         ),
         "{old}"
     );
@@ -1041,4 +1045,146 @@ async fn no_plugin_state_crosses_api_keys() {
     assert_eq!(response.status(), 409);
     let error: Value = response.json().await.unwrap();
     assert_eq!(error["error"]["message"], "recalled: key A's secret");
+}
+
+fn tool_chat(tool: &str, stream: bool) -> Value {
+    json!({"model": MODEL, "stream": stream, "seed": 4,
+        "messages": [{"role": "user", "content": "tidy my files"}],
+        "tools": [{"type": "function", "function": {"name": tool, "parameters": {"type": "object"}}}],
+        "tool_choice": {"type": "function", "function": {"name": tool}}})
+}
+
+/// The tool calls of every chunk of a chat stream, and its last choice.
+fn tool_calls_and_end(events: &[String]) -> (Vec<Value>, Value) {
+    let chunks: Vec<Value> = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let calls = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"].get("tool_calls").cloned())
+        .collect();
+    let last = chunks
+        .iter()
+        .rev()
+        .find_map(|c| c["choices"].get(0).cloned())
+        .unwrap();
+    (calls, last)
+}
+
+#[tokio::test]
+async fn prompt_guard_stops_an_answer_that_calls_a_blocked_tool() {
+    let gw = gateway_with(vec![plugin(
+        "prompt-guard",
+        "prompt_guard",
+        FailClosed,
+        json!({"blocked_tools": ["delete_file"]}),
+    )])
+    .await;
+
+    // An allowed call passes untouched, on a miss and on a hit.
+    let allowed = tool_chat("get_weather", true);
+    let response = gw.post_chat(&allowed).await;
+    let id = request_id(&response);
+    let miss = sse_events(response).await;
+    let upstream = sse_events(direct_chat(&gw.sim, &allowed, &id).await).await;
+    let plain = |events: &[String]| {
+        events
+            .iter()
+            .map(|e| without_created(e))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(plain(&miss), plain(&upstream));
+    assert!(tool_calls_and_end(&miss).0.len() > 2, "{miss:?}");
+    gw.wait_cached(1).await;
+    let hit = sse_events(gw.post_chat(&allowed).await).await;
+    assert_eq!(ids_blanked(&hit), ids_blanked(&miss));
+
+    // A blocked call never reaches the client, whatever the transport.
+    let blocked = tool_chat("delete_file", true);
+    for events in [
+        sse_events(gw.post_chat(&blocked).await).await,
+        chat_over_ws(&gw, &blocked).await,
+    ] {
+        let (calls, last) = tool_calls_and_end(&events);
+        assert!(calls.is_empty(), "{events:?}");
+        assert_eq!(last["finish_reason"], "stop");
+        assert_eq!(
+            last["delta"]["content"],
+            "[the call of tool \"delete_file\" was blocked by policy]"
+        );
+        assert_eq!(events.last().unwrap(), "[DONE]");
+    }
+    let full: Value = gw
+        .post_chat(&tool_chat("delete_file", false))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let message = &full["choices"][0]["message"];
+    assert!(
+        message
+            .get("tool_calls")
+            .is_none_or(|c| c.as_array().is_none_or(Vec::is_empty)),
+        "{full}"
+    );
+    assert_eq!(full["choices"][0]["finish_reason"], "stop");
+    assert!(
+        message["content"]
+            .as_str()
+            .unwrap()
+            .contains("blocked by policy")
+    );
+    // Each piece of the allowed call, on the miss and the hit; the first of each blocked one.
+    let pieces = tool_calls_and_end(&miss).0.len() as f64;
+    assert_eq!(
+        metric(
+            &gw.metrics().await,
+            r#"sluice_plugin_calls_total{hook="on-tool-call",plugin="prompt-guard"}"#
+        ),
+        Some(2.0 * pieces + 3.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misbehaving_tool_call_hook_is_handled_like_any_other() {
+    let body = tool_chat("get_weather", true);
+    for mode in ["loop", "trap", "bad-utf8", "huge"] {
+        // Fail-open: the plugin is skipped and the tool call reaches the client as sent.
+        let gw = gateway_with(vec![misbehaving(mode, "on-tool-call", FailOpen)]).await;
+        let response = gw.post_chat(&body).await;
+        let id = request_id(&response);
+        let events = sse_events(response).await;
+        let upstream = sse_events(direct_chat(&gw.sim, &body, &id).await).await;
+        let plain = |events: &[String]| {
+            events
+                .iter()
+                .map(|e| without_created(e))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(plain(&events), plain(&upstream), "{mode}, fail-open");
+        let failures = |metrics: &str| {
+            ["sluice_plugin_timeouts_total", "sluice_plugin_traps_total"]
+                .iter()
+                .filter_map(|c| {
+                    metric(
+                        metrics,
+                        &format!(r#"{c}{{hook="on-tool-call",plugin="bad"}}"#),
+                    )
+                })
+                .sum::<f64>()
+        };
+        assert_eq!(failures(&gw.metrics().await), 1.0, "{mode}");
+
+        // Fail-closed: an error event ends the stream.
+        let gw = gateway_with(vec![misbehaving(mode, "on-tool-call", FailClosed)]).await;
+        let events = sse_events(gw.post_chat(&body).await).await;
+        let error: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+        assert_eq!(
+            error["error"]["code"], 500,
+            "{mode}, fail-closed: {events:?}"
+        );
+        assert_eq!(events.last().unwrap(), "[DONE]");
+    }
 }

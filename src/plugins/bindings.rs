@@ -105,6 +105,22 @@ versioned_indices!(CacheKeyIndices, CacheKeyGuest, cache_key_hook);
 versioned_indices!(TokenIndices, TokenGuest, token_hook);
 versioned_indices!(TokenBatchIndices, TokenBatchGuest, token_batch_hook);
 
+/// `tool-call-hook`, which only 0.2.0 components can export.
+pub type ToolCallIndices = v2_hooks::tool_call_hook::GuestIndices;
+pub type ToolCallGuest = v2_hooks::tool_call_hook::Guest;
+pub use v2_hooks::tool_call_hook::{ToolCallAction, ToolCallPiece};
+
+/// The component's `tool-call-hook`, if it exports one.
+pub fn find_tool_call(
+    version: WitVersion,
+    pre: &wasmtime::component::InstancePre<PluginState>,
+) -> Option<ToolCallIndices> {
+    match version {
+        WitVersion::V0_1 => None,
+        WitVersion::V0_2 => ToolCallIndices::new(pre).ok(),
+    }
+}
+
 impl LifecycleIndices {
     /// The component's `lifecycle` export and so its version, newest first.
     pub fn detect(pre: &wasmtime::component::InstancePre<PluginState>) -> Option<Self> {

@@ -99,6 +99,7 @@ pub struct PluginMetrics {
     on_request: HookMetrics,
     cache_key: HookMetrics,
     on_token: HookMetrics,
+    on_tool_call: HookMetrics,
 }
 
 impl PluginMetrics {
@@ -110,6 +111,7 @@ impl PluginMetrics {
                 on_request: HookMetrics::new(metrics, name, "on-request"),
                 cache_key: HookMetrics::new(metrics, name, "cache-key"),
                 on_token: HookMetrics::new(metrics, name, "on-token"),
+                on_tool_call: HookMetrics::new(metrics, name, "on-tool-call"),
             }
         })
     }
@@ -161,7 +163,11 @@ impl Policy for PluginHost {
         chain
             .plugins
             .iter()
-            .filter(|p| p.exports.token.is_some() && p.applies_to(&ctx.identity.key_name))
+            .filter(|p| {
+                let chat = ctx.route == crate::protocol::Route::ChatCompletions.path();
+                (p.exports.token.is_some() || (chat && p.exports.tool_call.is_some()))
+                    && p.applies_to(&ctx.identity.key_name)
+            })
             .map(|plugin| {
                 Box::new(WasmTokenFilter::new(
                     plugin.clone(),

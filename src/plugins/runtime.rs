@@ -15,7 +15,8 @@ use wasmtime::{
 
 use super::bindings::{
     self, CacheKeyGuest, CacheKeyIndices, LifecycleIndices, PluginState, RequestGuest,
-    RequestIndices, TokenBatchGuest, TokenBatchIndices, TokenGuest, TokenIndices, WitVersion,
+    RequestIndices, TokenBatchGuest, TokenBatchIndices, TokenGuest, TokenIndices, ToolCallGuest,
+    ToolCallIndices, WitVersion, find_tool_call,
 };
 use crate::config::{PluginConfig, PluginHostConfig};
 
@@ -68,7 +69,7 @@ pub enum LoadError {
         path: String,
         interface: &'static str,
     },
-    #[error("{path} exports no hook (request-hook, cache-key-hook or token-hook)")]
+    #[error("{path} exports no hook (request-hook, cache-key-hook, token-hook or tool-call-hook)")]
     NoHooks { path: String },
     #[error("{path} cannot be instantiated: {reason}")]
     Instantiate { path: String, reason: String },
@@ -85,11 +86,13 @@ pub struct Hooks {
     pub on_token: bool,
     /// `token-batch-hook`: several chunks per call (only used with `token-hook`).
     pub on_tokens: bool,
+    /// `tool-call-hook`: the tool calls of chat answers.
+    pub on_tool_call: bool,
 }
 
 impl Hooks {
     fn any(&self) -> bool {
-        self.on_request || self.cache_key || self.on_token
+        self.on_request || self.cache_key || self.on_token || self.on_tool_call
     }
 
     /// Whether the request hooks read chat requests (0.1.0 components see completions only).
@@ -269,6 +272,7 @@ impl Runtime {
             cache_key: CacheKeyIndices::find(version, &pre),
             token: TokenIndices::find(version, &pre),
             token_batch: TokenBatchIndices::find(version, &pre),
+            tool_call: find_tool_call(version, &pre),
         };
         if !exports.hooks().any() {
             return Err(LoadError::NoHooks {
@@ -286,6 +290,7 @@ pub struct Exports {
     pub cache_key: Option<CacheKeyIndices>,
     pub token: Option<TokenIndices>,
     pub token_batch: Option<TokenBatchIndices>,
+    pub tool_call: Option<ToolCallIndices>,
 }
 
 impl Exports {
@@ -296,6 +301,7 @@ impl Exports {
             cache_key: self.cache_key.is_some(),
             on_token: self.token.is_some(),
             on_tokens: self.token.is_some() && self.token_batch.is_some(),
+            on_tool_call: self.tool_call.is_some(),
         }
     }
 }
@@ -345,6 +351,7 @@ pub struct Guests {
     pub cache_key: Option<CacheKeyGuest>,
     pub token: Option<TokenGuest>,
     pub token_batch: Option<TokenBatchGuest>,
+    pub tool_call: Option<ToolCallGuest>,
 }
 
 impl Live {
@@ -519,6 +526,7 @@ impl LoadedPlugin {
             // Optional: a component built against an earlier signature of
             // `on-tokens` is still served, through `on-token` (see `validate`).
             token_batch: load!(exports.token_batch).unwrap_or(None),
+            tool_call: load!(exports.tool_call).map_err(PluginFailure::from_wasmtime)?,
         };
         let lifecycle = exports
             .lifecycle

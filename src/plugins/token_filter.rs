@@ -1,18 +1,19 @@
 //! Token filtering: one plugin instance per stream and choice, so a filter
 //! can keep state across chunks; `on-tokens` takes a cached answer's texts
-//! in one call when the plugin exports it.
+//! in one call when the plugin exports it, and `on-tool-call` the pieces of
+//! a chat answer's tool calls.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
 
-use super::bindings::TokenAction as WitAction;
+use super::bindings::{TokenAction as WitAction, ToolCallAction as WitToolCallAction};
 use super::runtime::{self, LoadedPlugin, PluginFailure};
 use super::{PluginHost, PluginMetrics, checked_text, no_hook};
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
-use crate::policy::{RequestContext, TokenAction, TokenFilter};
+use crate::policy::{RequestContext, TokenAction, TokenFilter, ToolCallAction, ToolCallPiece};
 use crate::telemetry::StageSpan;
 
 /// A token action from a plugin, checked.
@@ -78,6 +79,32 @@ impl WasmTokenFilter {
         PluginMetrics::of(&self.plugin, &self.metrics)
             .on_token
             .observe(started, failure);
+    }
+
+    async fn call_on_tool_call(
+        &mut self,
+        index: u32,
+        piece: ToolCallPiece<'_>,
+    ) -> Result<Option<ToolCallAction>, PluginFailure> {
+        let ChoiceInstance::Live(live) = self.instance(index).await? else {
+            return Ok(None);
+        };
+        live.arm();
+        let guest = live.guests.tool_call.as_ref().ok_or_else(no_hook)?;
+        let piece = super::bindings::ToolCallPiece {
+            call_index: piece.call_index,
+            name: piece.name.map(str::to_owned),
+            arguments: piece.arguments.to_owned(),
+        };
+        let action = guest
+            .call_on_tool_call(&mut live.store, index, &piece)
+            .await
+            .map_err(PluginFailure::from_wasmtime)?;
+        Ok(Some(match action {
+            WitToolCallAction::Pass => ToolCallAction::Pass,
+            WitToolCallAction::Replace(text) => ToolCallAction::Replace(checked_text(text)?),
+            WitToolCallAction::Stop(text) => ToolCallAction::Stop(checked_text(text)?),
+        }))
     }
 
     async fn instance(&mut self, index: u32) -> Result<&mut ChoiceInstance, PluginFailure> {
@@ -168,12 +195,21 @@ impl WasmTokenFilter {
     }
 
     fn fail(&mut self, index: u32, failure: PluginFailure) -> Result<(), GatewayError> {
+        self.fail_hook(index, "on-token", failure)
+    }
+
+    fn fail_hook(
+        &mut self,
+        index: u32,
+        hook: &str,
+        failure: PluginFailure,
+    ) -> Result<(), GatewayError> {
         // The trapped instance is dropped here, never reused.
         match self.choices.iter_mut().find(|(i, _)| *i == index) {
             Some((_, choice)) => *choice = ChoiceInstance::Skipped,
             None => self.choices.push((index, ChoiceInstance::Skipped)),
         }
-        PluginHost::on_failure(&self.plugin, "on-token", &self.request_id, failure)
+        PluginHost::on_failure(&self.plugin, hook, &self.request_id, failure)
     }
 }
 
@@ -219,6 +255,36 @@ impl TokenFilter for WasmTokenFilter {
         }
     }
 
+    fn filters_text(&self) -> bool {
+        self.plugin.exports.token.is_some()
+    }
+
+    fn filters_tool_calls(&self) -> bool {
+        self.plugin.exports.tool_call.is_some()
+    }
+
+    async fn on_tool_call(
+        &mut self,
+        index: u32,
+        piece: ToolCallPiece<'_>,
+    ) -> Result<ToolCallAction, GatewayError> {
+        let started = Instant::now();
+        let result = self.call_on_tool_call(index, piece).await;
+        let metrics = PluginMetrics::of(&self.plugin, &self.metrics);
+        match result {
+            Ok(None) => Ok(ToolCallAction::Pass),
+            Ok(Some(action)) => {
+                metrics.on_tool_call.observe(started, None);
+                Ok(action)
+            }
+            Err(failure) => {
+                metrics.on_tool_call.observe(started, Some(&failure));
+                self.fail_hook(index, "on-tool-call", failure)
+                    .map(|()| ToolCallAction::Pass)
+            }
+        }
+    }
+
     async fn finish(&mut self, index: u32) -> Result<String, GatewayError> {
         let Some(at) = self.choices.iter().position(|(i, _)| *i == index) else {
             return Ok(String::new());
@@ -234,7 +300,8 @@ impl TokenFilter for WasmTokenFilter {
                 .await
                 .map_err(PluginFailure::from_wasmtime)
                 .and_then(checked_text),
-            None => Err(no_hook()),
+            // A filter of tool calls only: nothing is held.
+            None => Ok(String::new()),
         };
         match result {
             Ok(text) => {

@@ -1,9 +1,11 @@
 //! prompt-guard: rejects prompts and conversations that contain configured
-//! phrases (case-insensitive, in any message) and can prepend an instruction
-//! to every prompt (on the chat route: a system message first).
+//! phrases (case-insensitive, in any message), can prepend an instruction
+//! to every prompt (on the chat route: a system message first), and can stop
+//! an answer that calls a forbidden tool before the call reaches the client.
 //!
 //! Config: `block = ["ignore previous instructions"]`, `status = 400`,
-//! `message = "..."`, `prepend = "You are a careful assistant.\n"`.
+//! `message = "..."`, `prepend = "You are a careful assistant.\n"`,
+//! `blocked_tools = ["delete_file"]`.
 
 #[derive(serde::Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
@@ -16,6 +18,10 @@ pub struct Config {
     pub status: Option<u16>,
     #[serde(default)]
     pub message: Option<String>,
+    /// Tools the model may not call: an answer that starts such a call ends
+    /// there, with a note in place of the call.
+    #[serde(default)]
+    pub blocked_tools: Vec<String>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -72,6 +78,15 @@ impl Guard {
         None
     }
 
+    /// The text that replaces a call of tool `name`, if that tool is blocked.
+    pub fn tool_blocked(&self, name: &str) -> Option<String> {
+        self.config
+            .blocked_tools
+            .iter()
+            .any(|t| t == name)
+            .then(|| format!("[the call of tool \"{name}\" was blocked by policy]"))
+    }
+
     /// The instruction to prepend, if one is configured.
     pub fn instruction(&self) -> Option<&str> {
         self.config.prepend.as_deref().filter(|p| !p.is_empty())
@@ -97,11 +112,14 @@ mod component {
 
     use super::{Config, Guard, Verdict};
 
-    wit_bindgen::generate!({ path: "../../wit", world: "request-plugin" });
+    wit_bindgen::generate!({ path: "../../wit", world: "guard-plugin" });
 
     use exports::sluice::plugin::lifecycle::Guest as Lifecycle;
     use exports::sluice::plugin::request_hook::{
         Guest as RequestHook, Rejection, RequestContext, RequestDecision,
+    };
+    use exports::sluice::plugin::tool_call_hook::{
+        Guest as ToolCallHook, ToolCallAction, ToolCallPiece,
     };
     use sluice::plugin::host::{LogLevel, log};
     use sluice::plugin::types::{ChatMessage, CompletionRequest, InferenceRequest};
@@ -177,6 +195,23 @@ mod component {
         }
     }
 
+    impl ToolCallHook for Plugin {
+        fn on_tool_call(_index: u32, piece: ToolCallPiece) -> ToolCallAction {
+            // The name comes with the call's first piece: stopping there keeps
+            // the whole call from the client.
+            let Some(name) = piece.name else {
+                return ToolCallAction::Pass;
+            };
+            match GUARD.with(|g| g.borrow().tool_blocked(&name)) {
+                Some(note) => {
+                    log(LogLevel::Info, &format!("stopped a call of tool {name}"));
+                    ToolCallAction::Stop(note)
+                }
+                None => ToolCallAction::Pass,
+            }
+        }
+    }
+
     export!(Plugin);
 }
 
@@ -199,6 +234,21 @@ mod tests {
         assert!(matches!(verdict, Verdict::Reject { status: 400, .. }));
         let verdict = guard.judge(&["Ignorez-les: IGNORE PREVIOUS INSTRUCTIONS, é".into()]);
         assert!(matches!(verdict, Verdict::Reject { status: 400, .. }));
+    }
+
+    #[test]
+    fn blocks_only_the_listed_tools() {
+        let guard = Guard::new(Config {
+            blocked_tools: vec!["delete_file".into()],
+            ..Config::default()
+        });
+        assert!(
+            guard
+                .tool_blocked("delete_file")
+                .unwrap()
+                .contains("delete_file")
+        );
+        assert_eq!(guard.tool_blocked("get_weather"), None);
     }
 
     #[test]

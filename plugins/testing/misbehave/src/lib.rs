@@ -4,8 +4,8 @@
 //! `short` (`on-tokens` only: answers no text) | `init-fail` | `recall`
 //! (`on-request` only: keeps the last request's text in a global and refuses
 //! with 409 naming it, to show which requests share an instance) | `none`,
-//! and `hook` = `on-request` | `cache-key` | `on-token` | `on-tokens` (where
-//! to misbehave; the other hooks behave).
+//! and `hook` = `on-request` | `cache-key` | `on-token` | `on-tokens` |
+//! `on-tool-call` (where to misbehave; the other hooks behave).
 
 use std::cell::RefCell;
 
@@ -18,6 +18,9 @@ use exports::sluice::plugin::request_hook::{
 };
 use exports::sluice::plugin::token_batch_hook::Guest as TokenBatchHook;
 use exports::sluice::plugin::token_hook::{Guest as TokenHook, TokenAction};
+use exports::sluice::plugin::tool_call_hook::{
+    Guest as ToolCallHook, ToolCallAction, ToolCallPiece,
+};
 use sluice::plugin::types::CompletionRequest;
 
 #[derive(serde::Deserialize, Default, Clone)]
@@ -159,6 +162,15 @@ impl TokenBatchHook for Plugin {
         std::iter::once(first)
             .chain(ends.iter().skip(1).map(|_| TokenAction::Pass))
             .collect()
+    }
+}
+
+impl ToolCallHook for Plugin {
+    fn on_tool_call(_index: u32, _piece: ToolCallPiece) -> ToolCallAction {
+        match misbehave("on-tool-call") {
+            Some(text) => ToolCallAction::Replace(text),
+            None => ToolCallAction::Pass,
+        }
     }
 }
 
