@@ -210,6 +210,14 @@ impl FilterChain {
         if !self.text_filters && !tool_calls {
             return Ok(Filtered::Chunk(chunk));
         }
+        // Tool calls first: the text filters finish a choice at its last chunk.
+        let chunk = match tool_calls {
+            true => match self.filter_tool_calls(chunk).await? {
+                Filtered::Chunk(chunk) => chunk,
+                stopped => return Ok(stopped),
+            },
+            false => chunk,
+        };
         let Some(view) = ChunkView::parse(&chunk).filter(|v| !v.choices.is_empty()) else {
             return Ok(Filtered::Chunk(chunk));
         };
@@ -229,10 +237,7 @@ impl FilterChain {
                 stop,
             });
         }
-        match assemble(&chunk, &view, &outputs) {
-            Filtered::Chunk(chunk) if tool_calls => self.filter_tool_calls(chunk).await,
-            filtered => Ok(filtered),
-        }
+        Ok(assemble(&chunk, &view, &outputs))
     }
 
     /// Runs each tool-call piece of `chunk` through the filters that read

@@ -1150,7 +1150,7 @@ async fn prompt_guard_stops_an_answer_that_calls_a_blocked_tool() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_misbehaving_tool_call_hook_is_handled_like_any_other() {
     let body = tool_chat("get_weather", true);
-    for mode in ["loop", "trap", "bad-utf8", "huge"] {
+    for mode in ["trap", "bad-utf8", "huge", "loop"] {
         // Fail-open: the plugin is skipped and the tool call reaches the client as sent.
         let gw = gateway_with(vec![misbehaving(mode, "on-tool-call", FailOpen)]).await;
         let response = gw.post_chat(&body).await;
@@ -1175,7 +1175,17 @@ async fn a_misbehaving_tool_call_hook_is_handled_like_any_other() {
                 })
                 .sum::<f64>()
         };
-        assert_eq!(failures(&gw.metrics().await), 1.0, "{mode}");
+        let metrics = gw.metrics().await;
+        assert_eq!(
+            failures(&metrics),
+            1.0,
+            "{mode}: {}",
+            metrics
+                .lines()
+                .filter(|l| l.contains("_total{hook=\"on-tool-call\""))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
 
         // Fail-closed: an error event ends the stream.
         let gw = gateway_with(vec![misbehaving(mode, "on-tool-call", FailClosed)]).await;
