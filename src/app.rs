@@ -16,7 +16,7 @@ use crate::inference_log::InferenceLogger;
 use crate::metrics::{Metrics, Roles};
 use crate::plugins::PluginHost;
 use crate::policy::{NoPolicy, Policy};
-use crate::queue::kafka::{KafkaJobSource, KafkaQueue};
+use crate::queue::kafka::{ReconnectingJobSource, ReconnectingQueue};
 use crate::queue::{JobSource, MemoryQueue, Queue};
 use crate::store::{self, Store};
 use crate::upstream::UpstreamClient;
@@ -95,10 +95,12 @@ impl Gateway {
                 queue
             }
             QueueBackend::Kafka(kafka) => {
-                let queue = KafkaQueue::connect(kafka, &config.queue, metrics.clone()).await?;
+                let queue =
+                    ReconnectingQueue::connect(kafka, &config.queue, metrics.clone()).await?;
                 if config.worker.in_process {
                     let source =
-                        KafkaJobSource::connect(kafka, &config.queue, metrics.clone()).await?;
+                        ReconnectingJobSource::connect(kafka, &config.queue, metrics.clone())
+                            .await?;
                     tasks.push(spawn_worker(
                         &config,
                         upstream.clone(),
@@ -299,7 +301,7 @@ impl StandaloneWorker {
         };
         let metrics = Arc::new(Metrics::new(Roles::WORKER));
         let source: Arc<dyn JobSource> =
-            Arc::new(KafkaJobSource::connect(kafka, &config.queue, metrics.clone()).await?);
+            Arc::new(ReconnectingJobSource::connect(kafka, &config.queue, metrics.clone()).await?);
         metrics.backend_up.with_label_values(&["queue"]).set(1);
         let shutdown = CancellationToken::new();
         // Keeps the queue's gauge current; logs an outage once at each end.

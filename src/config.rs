@@ -371,6 +371,9 @@ pub struct RawQueue {
     pub reply_partition: i32,
     /// Consumer group of the workers.
     pub worker_group: String,
+    /// Response bytes a worker holds per edge while the broker is behind;
+    /// beyond it the worker stops reading from vLLM until the broker catches up.
+    pub max_outbox_bytes: usize,
     /// librdkafka settings for every producer (`"linger.ms" = 1`).
     pub producer: BTreeMap<String, serde_json::Value>,
     /// librdkafka settings for every consumer (`"fetch.wait.max.ms" = 5`).
@@ -394,6 +397,7 @@ impl Default for RawQueue {
             edge_id: String::new(),
             reply_partition: -1,
             worker_group: "sluice-workers".into(),
+            max_outbox_bytes: 1 << 20,
             producer: BTreeMap::new(),
             consumer: BTreeMap::new(),
         }
@@ -892,7 +896,7 @@ pub enum StoreKind {
 #[derive(Debug, Clone)]
 pub enum QueueBackend {
     Memory { capacity: usize },
-    Kafka(KafkaConfig),
+    Kafka(Box<KafkaConfig>),
 }
 
 #[derive(Debug, Clone)]
@@ -906,6 +910,9 @@ pub struct KafkaConfig {
     pub edge_id: String,
     pub reply_partition: Option<i32>,
     pub worker_group: String,
+    pub max_outbox_bytes: usize,
+    /// Largest response message the producer sends (its `message.max.bytes`).
+    pub max_message_bytes: usize,
     pub producer: BTreeMap<String, String>,
     pub consumer: BTreeMap<String, String>,
 }
@@ -1166,8 +1173,27 @@ impl RawConfig {
                         ));
                     }
                 };
-                QueueBackend::Kafka(KafkaConfig {
+                let producer = stringify_settings("queue.producer", &q.producer, &invalid)?;
+                // librdkafka's own default; the broker's limit may be lower.
+                let max_message_bytes = match producer.get("message.max.bytes") {
+                    None => 1_000_000,
+                    Some(value) => value.parse().map_err(|_| {
+                        invalid(
+                            "queue.producer.message.max.bytes",
+                            format!("`{value}` is not a number of bytes"),
+                        )
+                    })?,
+                };
+                if q.max_outbox_bytes < 4096 {
+                    return Err(invalid(
+                        "queue.max_outbox_bytes",
+                        "must be at least 4096".into(),
+                    ));
+                }
+                QueueBackend::Kafka(Box::new(KafkaConfig {
                     brokers,
+                    max_outbox_bytes: q.max_outbox_bytes,
+                    max_message_bytes,
                     partitions: q.partitions,
                     replication_factor: q.replication_factor.max(1),
                     edge_id: if q.edge_id.is_empty() {
@@ -1176,13 +1202,13 @@ impl RawConfig {
                         q.edge_id.clone()
                     },
                     reply_partition,
-                    producer: stringify_settings("queue.producer", &q.producer, &invalid)?,
+                    producer,
                     consumer: stringify_settings("queue.consumer", &q.consumer, &invalid)?,
                     request_topic: q.request_topic,
                     response_topic: q.response_topic,
                     cancel_topic: q.cancel_topic,
                     worker_group: q.worker_group,
-                })
+                }))
             }
             _ => {
                 return Err(invalid(

@@ -38,6 +38,9 @@ pub struct Metrics {
     pub queue_messages_skipped: IntCounterVec,
     pub queue_retries: IntCounter,
     pub queue_orphans_cancelled: IntCounter,
+    pub queue_outbox_bytes: IntGauge,
+    pub queue_outbox_full: IntCounter,
+    pub queue_frames_too_large: IntCounter,
     pub worker_inflight: IntGauge,
     pub worker_requests: IntCounterVec,
     pub upstream_errors: IntCounterVec,
@@ -245,6 +248,21 @@ impl Metrics {
                 R::WORKER,
                 "sluice_queue_orphans_cancelled_total",
                 "Requests a worker cancelled because their edge went silent (died) for queue.worker_timeout_ms",
+            ),
+            queue_outbox_bytes: b.gauge(
+                R::WORKER,
+                "sluice_queue_outbox_bytes",
+                "Response bytes a worker holds for edges, not yet handed to the broker",
+            ),
+            queue_outbox_full: b.counter(
+                R::WORKER,
+                "sluice_queue_outbox_full_total",
+                "Times a job stopped reading from vLLM because its edge's outbox was full (queue.max_outbox_bytes): the broker is behind",
+            ),
+            queue_frames_too_large: b.counter(
+                R::WORKER,
+                "sluice_queue_frames_too_large_total",
+                "Response chunks larger than the broker accepts in one message; their requests end with an error",
             ),
             worker_inflight: b.gauge(
                 R::WORKER,

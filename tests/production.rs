@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::services::{Services, config_from_toml, free_port, merge_toml, start_redis};
@@ -202,19 +203,25 @@ async fn openai_sdk_chat_through_kafka_and_two_workers_matches_the_upstream() {
 
 /// A tansu broker of this test's own on `port` (to kill with SIGKILL).
 fn start_tansu(port: u16) -> std::process::Child {
+    start_tansu_advertising(port, port)
+}
+
+/// A tansu listening on `port` that tells clients to connect to `advertised`.
+fn start_tansu_advertising(port: u16, advertised: u16) -> std::process::Child {
     let home = std::env::var("HOME").unwrap_or_default();
     let binary = [format!("{home}/.cargo/bin/tansu"), "tansu".to_string()]
         .into_iter()
         .find(|b| std::path::Path::new(b).exists() || b == "tansu")
         .unwrap();
     let url = format!("tcp://127.0.0.1:{port}");
+    let advertised = format!("tcp://127.0.0.1:{advertised}");
     let child = std::process::Command::new(binary)
         .args([
             "broker",
             "--listener-url",
             &url,
             "--advertised-listener-url",
-            &url,
+            &advertised,
         ])
         .args(["--storage-engine", "memory://tansu/"])
         .stdout(std::process::Stdio::null())
@@ -828,5 +835,367 @@ async fn startup_fails_clearly_when_a_required_backend_is_unreachable() {
     .await;
     assert_eq!(events.last().unwrap(), "[DONE]");
     gw.stop().await;
+    services.drop_database().await;
+}
+
+/// Streams whole and in order: `max_tokens` text chunks, no error, `[DONE]`.
+fn assert_complete(events: &[String], max_tokens: usize) {
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(|e| e.contains("\"error\"")),
+        "{events:?}"
+    );
+    assert_eq!(texts_of_stream(events), max_tokens, "{events:?}");
+}
+
+fn texts_of_stream(events: &[String]) -> usize {
+    events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter(|v| v["choices"][0]["text"].is_string())
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_too_large_for_a_message_ends_only_its_own_request() {
+    let services = services!();
+    let sim = Simulator::start(sim_config()).await.unwrap();
+    // This worker's producer sends messages of at most 4 KB; the edge's is as usual.
+    let small_messages = merge_toml(
+        &services.kafka_queue(false),
+        "[queue.producer]\n\"message.max.bytes\" = 4096\n",
+    );
+    let worker = Isolated::new("worker");
+    let metrics = worker
+        .start_worker(services.config(&sim.url(), &small_messages))
+        .await;
+    let edge = Isolated::new("edge");
+    let (url, store) = edge
+        .start_edge(services.config(&sim.url(), &services.kafka_queue(false)))
+        .await;
+    let key = sluice::auth::create_key(store.as_ref(), "oversize")
+        .await
+        .unwrap()
+        .secret;
+    let http = reqwest::Client::new();
+    // An echoed 6 KB prompt makes a first chunk no 4 KB message can carry;
+    // twenty streams beside it make batches that must be split.
+    let huge = json!({"model": MODEL, "prompt": "word ".repeat(1200), "echo": true,
+        "max_tokens": 40, "stream": true});
+    let normal = |i: usize| json!({"model": MODEL, "prompt": format!("stream {i}"), "max_tokens": 60, "stream": true});
+    let bodies: Vec<Value> = (0..20).map(normal).collect();
+    let huge_request = async {
+        let response = http
+            .post(format!("{url}/v1/completions"))
+            .bearer_auth(&key)
+            .json(&huge)
+            .send()
+            .await
+            .unwrap();
+        (
+            response.status(),
+            request_id(&response),
+            response.json::<Value>().await.unwrap(),
+        )
+    };
+    let others = join_all(
+        bodies
+            .iter()
+            .map(|body| stream_from(&http, &url, &key, body)),
+    );
+    let ((status, huge_id, error), others) = tokio::join!(huge_request, others);
+    for events in &others {
+        assert_complete(events, 60);
+    }
+    // The oversize chunk was the first: its client gets an OpenAI-shaped 500 saying why.
+    assert_eq!(status, 500, "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("larger than the queue's message limit"),
+        "{error}"
+    );
+    // Its generation was stopped on the upstream, not left running for nobody.
+    assert!(sim.wait_for_abort(&huge_id, Duration::from_secs(5)).await);
+    assert_eq!(
+        metric(&metrics.render(), "sluice_queue_frames_too_large_total"),
+        Some(1.0)
+    );
+    worker.kill();
+    edge.kill();
+    services.drop_database().await;
+}
+
+/// Relays TCP connections to `upstream`, passing at most `bytes_per_second`
+/// from each client to the broker: a broker that takes data slowly.
+async fn slow_proxy(listener: tokio::net::TcpListener, upstream: u16, bytes_per_second: f64) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    while let Ok((client, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+                return;
+            };
+            let _ = (client.set_nodelay(true), server.set_nodelay(true));
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+            });
+            let mut buf = vec![0u8; 1024];
+            while let Ok(n) = client_read.read(&mut buf).await {
+                if n == 0 || server_write.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs_f64(n as f64 / bytes_per_second)).await;
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_broker_holds_the_worker_to_its_outbox_bound() {
+    let services = services!();
+    // A broker of its own, reached only through a proxy that passes 64 KB/s towards it.
+    let (broker_port, proxy) = (
+        free_port(),
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    );
+    let proxy_port = proxy.local_addr().unwrap().port();
+    let mut broker = start_tansu_advertising(broker_port, proxy_port);
+    tokio::spawn(slow_proxy(proxy, broker_port, 64.0 * 1024.0));
+    let sim = Simulator::start(SimulatorConfig {
+        token_delay: Duration::from_millis(1),
+        ..sim_config()
+    })
+    .await
+    .unwrap();
+    let queue = merge_toml(
+        &services.kafka_queue(false),
+        &format!("[queue]\nurl = \"kafka://127.0.0.1:{proxy_port}\"\nmax_outbox_bytes = 8192\n"),
+    );
+    let worker = Isolated::new("worker");
+    let metrics = worker
+        .start_worker(services.config(&sim.url(), &queue))
+        .await;
+    let edge = Isolated::new("edge");
+    let (url, store) = edge.start_edge(services.config(&sim.url(), &queue)).await;
+    let key = sluice::auth::create_key(store.as_ref(), "slow")
+        .await
+        .unwrap()
+        .secret;
+    let http = reqwest::Client::new();
+    // Eight streams producing about 2 MB/s of responses between them, far more than the broker takes.
+    let body = |i: usize| json!({"model": MODEL, "prompt": format!("slow {i}"), "max_tokens": 150, "stream": true});
+    // The most the outbox ever held, sampled while the streams run.
+    let most = Arc::new(std::sync::Mutex::new(0.0f64));
+    let sampler = tokio::spawn({
+        let (metrics, most) = (metrics.clone(), most.clone());
+        async move {
+            loop {
+                let held = metric(&metrics.render(), "sluice_queue_outbox_bytes").unwrap_or(0.0);
+                {
+                    let mut most = most.lock().unwrap();
+                    *most = most.max(held);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    });
+    let bodies: Vec<Value> = (0..8).map(body).collect();
+    let streams = join_all(bodies.iter().map(|b| stream_from(&http, &url, &key, b))).await;
+    sampler.abort();
+    for events in &streams {
+        assert_complete(events, 150);
+    }
+    // The bound, plus at most one chunk from each job that found room at once.
+    let most = *most.lock().unwrap();
+    assert!(
+        most > 0.0 && most <= 8192.0 + 8.0 * 1024.0,
+        "the outbox held {most} bytes"
+    );
+    let rendered = metrics.render();
+    assert!(
+        metric(&rendered, "sluice_queue_outbox_full_total").unwrap_or(0.0) > 0.0,
+        "the worker never had to wait: the broker was not slow enough to test anything"
+    );
+    worker.kill();
+    edge.kill();
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+    services.drop_database().await;
+}
+
+/// `sluice` with `args`, as a process of its own (killed when dropped),
+/// logging to `log`.
+fn sluice_process(
+    config: &std::path::Path,
+    args: &[&str],
+    log: &std::path::Path,
+) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// The last lines of the logs at `paths`, for a failure message.
+fn log_tails(paths: &[&std::path::Path]) -> String {
+    paths
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            format!(
+                "--- {}\n{}",
+                path.display(),
+                lines[lines.len().saturating_sub(30)..].join("\n")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_ends_streams_cleanly_and_traffic_resumes() {
+    let services = services!();
+    let sim = Simulator::start(SimulatorConfig {
+        token_delay: Duration::from_millis(50),
+        ..sim_config()
+    })
+    .await
+    .unwrap();
+    // A broker of this test's own (memory storage: a restart loses every topic),
+    // and an edge and a worker as processes of their own, as in production.
+    let broker_port = free_port();
+    let mut broker = start_tansu(broker_port);
+    let dir = tempfile::tempdir().unwrap();
+    let (port, worker_port) = (free_port(), free_port());
+    let toml = merge_toml(
+        &services.kafka_queue(false),
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[store]\nurl = \"sqlite://{}\"\n[cache]\nurl = \"off\"\n[upstream]\nurls = [\"{}\"]\n[log]\nlevel = \"warn\"\nformat = \"text\"\n[queue]\nurl = \"kafka://127.0.0.1:{broker_port}\"\n[worker]\nlisten = \"127.0.0.1:{worker_port}\"\n",
+            dir.path().join("edge.db").display(),
+            sim.url()
+        ),
+    );
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, toml).unwrap();
+    let created = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--config")
+        .arg(&config)
+        .args(["keys", "create", "--name", "restart"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&created.stdout);
+    let key = stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("sk-sluice-"))
+        .unwrap_or_else(|| panic!("no key in {stdout}"))
+        .to_string();
+    let (worker_log, edge_log) = (dir.path().join("worker.log"), dir.path().join("edge.log"));
+    let mut worker = sluice_process(&config, &["worker"], &worker_log);
+    let mut edge = sluice_process(&config, &["serve"], &edge_log);
+    let logs = || log_tails(&[&edge_log, &worker_log]);
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let complete = |max_tokens: u32| json!({"model": MODEL, "prompt": "through a restart", "max_tokens": max_tokens, "stream": true});
+    let post = |body: Value| {
+        http.post(format!("{url}/v1/completions"))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+    };
+    let served = eventually(Duration::from_secs(30), || async {
+        let response = post(complete(3)).await.ok()?;
+        (response.status() == 200).then_some(())?;
+        let events = sse_events(response).await;
+        (texts_of_stream(&events) == 3).then_some(())
+    })
+    .await;
+    assert!(served.is_some(), "the edge and the worker came up");
+
+    // A long stream is running when the broker dies.
+    let response = post(complete(400)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut reader = SseReader::new(response);
+    assert!(reader.next().await.is_some(), "streaming");
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+    let killed = Instant::now();
+    let mut rest = Vec::new();
+    while let Some(event) = tokio::time::timeout(Duration::from_secs(20), reader.next())
+        .await
+        .expect("the stream ended within 20 s of the broker's death")
+    {
+        rest.push(event);
+    }
+    assert!(rest.iter().any(|e| e.contains("\"error\"")), "{rest:?}");
+    assert_eq!(rest.last().map(String::as_str), Some("[DONE]"));
+    eprintln!(
+        "the stream ended {:?} after the broker's death",
+        killed.elapsed()
+    );
+
+    // While the broker is gone, new requests get an OpenAI-shaped 503.
+    let refused = eventually(Duration::from_secs(20), || async {
+        let response = post(complete(3)).await.ok()?;
+        (response.status() == 503).then_some(response.json::<Value>().await.ok()?)
+    })
+    .await
+    .expect("503 while the broker is down");
+    assert!(refused["error"]["message"].is_string(), "{refused}");
+
+    // The broker comes back empty; the topics are made again and traffic resumes.
+    let mut broker = start_tansu(broker_port);
+    let resumed = eventually(Duration::from_secs(60), || async {
+        let response = post(complete(5)).await.ok()?;
+        (response.status() == 200).then_some(())?;
+        let events = sse_events(response).await;
+        (texts_of_stream(&events) == 5).then_some(())
+    })
+    .await;
+    assert!(
+        resumed.is_some(),
+        "traffic did not resume after the broker came back\n{}",
+        logs()
+    );
+    assert!(
+        edge.try_wait().unwrap().is_none(),
+        "the edge died\n{}",
+        logs()
+    );
+    assert!(
+        worker.try_wait().unwrap().is_none(),
+        "the worker died\n{}",
+        logs()
+    );
+    // The worker's queue gauge follows (it is checked every few seconds).
+    let queue_up = eventually(Duration::from_secs(15), || async {
+        let metrics = reqwest::get(format!("http://127.0.0.1:{worker_port}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (metric(&metrics, r#"sluice_backend_up{backend="queue"}"#) == Some(1.0)).then_some(())
+    })
+    .await;
+    assert!(
+        queue_up.is_some(),
+        "the worker's queue gauge says the broker is back"
+    );
+    let _ = (edge.start_kill(), worker.start_kill());
+    broker.kill().unwrap();
+    broker.wait().unwrap();
     services.drop_database().await;
 }

@@ -528,18 +528,20 @@ impl Isolated {
         .await
     }
 
-    /// Starts a standalone Kafka worker on this runtime.
-    pub async fn start_worker(&self, config: Config) {
+    /// Starts a standalone Kafka worker on this runtime; returns its metrics.
+    pub async fn start_worker(&self, config: Config) -> Arc<sluice::metrics::Metrics> {
         self.run(async move {
             let worker = sluice::app::StandaloneWorker::start(&config)
                 .await
                 .expect("worker starts");
+            let metrics = worker.metrics.clone();
             // Runs until the runtime is killed, which drops it with its Kafka
             // clients (as a killed process loses them).
             tokio::spawn(async move {
                 let _worker = worker;
                 std::future::pending::<()>().await
             });
+            metrics
         })
         .await
     }

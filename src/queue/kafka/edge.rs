@@ -10,14 +10,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use axum::http::StatusCode;
 use bytes::Bytes;
-use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::Message;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::frames::{self, Frame, FrameKind};
+use super::reconnect::{self, Consumer, Producer, Reconnecting, Session};
 use super::*;
 use crate::config::QueueConfig;
 use crate::error::{ErrorInfo, GatewayError, kind_for_status};
@@ -45,7 +45,8 @@ fn lock(routes: &Routes) -> std::sync::MutexGuard<'_, HashMap<String, Route>> {
 
 struct EdgeShared {
     kafka: KafkaConfig,
-    producer: FutureProducer,
+    producer: Producer,
+    loss: Arc<BrokerLoss>,
     edge_id: String,
     reply_partition: i32,
     queue_timeout: Duration,
@@ -95,6 +96,9 @@ impl EdgeShared {
 
     /// Tells workers to stop attempts up to `attempt` of `request_id`. Fire and forget.
     fn cancel(&self, request_id: &str, attempt: u32) {
+        if self.loss.is_lost() {
+            return;
+        }
         let attempt = attempt.to_string();
         let record = FutureRecord::to(&self.kafka.cancel_topic)
             .key(request_id)
@@ -131,7 +135,10 @@ async fn announce_liveness(shared: Arc<EdgeShared>, every: Duration) {
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shared.loss.wait() => return,
+        }
         let record = FutureRecord::to(&shared.kafka.cancel_topic)
             .key(shared.edge_id.as_str())
             .payload(&[][..])
@@ -160,6 +167,7 @@ impl KafkaQueue {
         metrics: Arc<Metrics>,
     ) -> Result<Self, QueueError> {
         let partitions = ensure_topics(kafka).await?;
+        let loss = Arc::new(BrokerLoss::default());
         let reply_partition = match kafka.reply_partition {
             Some(p) if p < partitions => p,
             Some(p) => {
@@ -175,6 +183,7 @@ impl KafkaQueue {
         };
         let consumer = tail_consumer(
             kafka,
+            &loss,
             &format!("sluice-edge-{}", kafka.edge_id),
             &kafka.response_topic,
             vec![reply_partition],
@@ -183,7 +192,8 @@ impl KafkaQueue {
         .await?;
         let shared = Arc::new(EdgeShared {
             kafka: kafka.clone(),
-            producer: producer(kafka)?,
+            producer: producer(kafka, &loss)?,
+            loss,
             edge_id: kafka.edge_id.clone(),
             reply_partition,
             queue_timeout: queue.queue_timeout,
@@ -205,7 +215,7 @@ impl KafkaQueue {
 }
 
 /// Reads the reply partition and hands each frame to the request that owns it.
-async fn route_responses(consumer: StreamConsumer, shared: Arc<EdgeShared>, routes: Routes) {
+async fn route_responses(consumer: Consumer, shared: Arc<EdgeShared>, routes: Routes) {
     let topic = shared.kafka.response_topic.clone();
     let skipped = |reason: &str| {
         shared
@@ -215,9 +225,14 @@ async fn route_responses(consumer: StreamConsumer, shared: Arc<EdgeShared>, rout
             .inc();
     };
     loop {
-        let message = match consumer.recv().await {
+        let received = tokio::select! {
+            received = consumer.recv() => received,
+            () = shared.loss.wait() => break,
+        };
+        let message = match received {
             Ok(message) => message,
             Err(err) => {
+                shared.loss.note(&err);
                 tracing::warn!(%err, "error reading the response topic");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
@@ -268,6 +283,55 @@ async fn route_responses(consumer: StreamConsumer, shared: Arc<EdgeShared>, rout
                 route.overflowed.store(true, Ordering::Relaxed);
                 routes.remove(&full.into_inner().request_id);
             }
+        }
+    }
+    // The brokers are gone: closing the consumer waits for them, so not here.
+    drop(tokio::task::spawn_blocking(move || drop(consumer)));
+}
+
+impl Session for KafkaQueue {
+    fn loss(&self) -> &BrokerLoss {
+        &self.shared.loss
+    }
+
+    /// Ends every stream: dropping their routes tells them the queue is gone.
+    fn close(&self) {
+        lock(&self.routes).clear();
+    }
+}
+
+/// An edge's queue that reconnects after losing its brokers.
+pub type ReconnectingQueue = Reconnecting<KafkaQueue>;
+
+impl ReconnectingQueue {
+    pub async fn connect(
+        kafka: &KafkaConfig,
+        queue: &QueueConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, QueueError> {
+        let (kafka, queue) = (kafka.clone(), queue.clone());
+        let brokers = kafka.brokers.clone();
+        Reconnecting::start(&brokers, "edge", move || {
+            let (kafka, queue, metrics) = (kafka.clone(), queue.clone(), metrics.clone());
+            async move { KafkaQueue::connect(&kafka, &queue, metrics).await }
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Queue for ReconnectingQueue {
+    async fn submit(&self, request: QueuedRequest) -> Result<Box<dyn ResponseStream>, QueueError> {
+        match self.current() {
+            Some(queue) => queue.submit(request).await,
+            None => Err(reconnect::unreachable()),
+        }
+    }
+
+    async fn ping(&self) -> Result<(), QueueError> {
+        match self.current() {
+            Some(queue) => queue.ping().await,
+            None => Err(reconnect::unreachable()),
         }
     }
 }
@@ -487,6 +551,8 @@ impl ResponseStream for KafkaResponses {
                 Ok(None) => {
                     let reason = if self.overflowed.load(Ordering::Relaxed) {
                         "the client read too slowly; its response buffer overflowed"
+                    } else if self.shared.loss.is_lost() {
+                        "the connection to Kafka was lost"
                     } else {
                         "the response router stopped"
                     };

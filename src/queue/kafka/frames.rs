@@ -95,6 +95,64 @@ pub fn decode(mut bytes: Bytes) -> Option<Vec<Frame>> {
     (!frames.is_empty()).then_some(frames)
 }
 
+/// Length of the frame at the start of `bytes`, if one is there whole.
+fn frame_len(bytes: &[u8]) -> Option<usize> {
+    let id_len = usize::from(u16::from_be_bytes(
+        bytes.get(HEADER_LEN - 2..HEADER_LEN)?.try_into().ok()?,
+    ));
+    let at = HEADER_LEN + id_len;
+    let payload_len = u32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
+    let len = at + 4 + payload_len;
+    (bytes.len() >= len).then_some(len)
+}
+
+/// A part of a batch of frames, as [`split`] cuts it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Piece {
+    /// Bytes of the batch to send as one message.
+    Message(std::ops::Range<usize>),
+    /// A frame longer than any message may be, decoded.
+    TooLarge(Frame),
+}
+
+impl Piece {
+    /// The piece with its byte range moved `by` bytes on (a piece of a part of a batch).
+    pub fn offset(self, by: usize) -> Self {
+        match self {
+            Piece::Message(range) => Piece::Message(range.start + by..range.end + by),
+            too_large => too_large,
+        }
+    }
+}
+
+/// Cuts a batch of frames into messages of at most `limit` bytes at frame
+/// boundaries, in order; frames longer than `limit` come apart.
+pub fn split(batch: &[u8], limit: usize) -> Vec<Piece> {
+    let mut pieces = Vec::new();
+    let (mut start, mut at) = (0, 0);
+    while at < batch.len() {
+        let Some(len) = frame_len(&batch[at..]) else {
+            break;
+        };
+        if len > limit || at + len - start > limit {
+            if start < at {
+                pieces.push(Piece::Message(start..at));
+            }
+            start = at;
+        }
+        if len > limit {
+            let frame = decode(Bytes::copy_from_slice(&batch[at..at + len]));
+            pieces.extend(frame.into_iter().flatten().map(Piece::TooLarge));
+            start = at + len;
+        }
+        at += len;
+    }
+    if start < batch.len() {
+        pieces.push(Piece::Message(start..batch.len()));
+    }
+    pieces
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,5 +179,56 @@ mod tests {
         assert!(decode(Bytes::from(buf[..buf.len() - 3].to_vec())).is_none());
         assert!(decode(Bytes::from_static(b"\x00\xffnot a sluice message")).is_none());
         assert!(decode(Bytes::new()).is_none());
+    }
+
+    #[test]
+    fn batches_split_at_frame_boundaries_and_oversize_frames_come_apart() {
+        let mut buf = Vec::new();
+        let mut ends = Vec::new();
+        for (i, size) in [100, 100, 900, 100, 2000, 100].into_iter().enumerate() {
+            let id = format!("req-{i}");
+            encode(
+                &mut buf,
+                FrameKind::Chunk,
+                1,
+                Some(i as u64),
+                &id,
+                &vec![b'x'; size],
+            );
+            ends.push(buf.len());
+        }
+        let pieces = split(&buf, 1000);
+        let [
+            Piece::Message(first),
+            Piece::Message(second),
+            Piece::Message(third),
+            Piece::TooLarge(frame),
+            Piece::Message(last),
+        ] = &pieces[..]
+        else {
+            panic!("{pieces:?}");
+        };
+        assert_eq!(
+            [first, second, third, last],
+            [
+                &(0..ends[1]),
+                &(ends[1]..ends[2]),
+                &(ends[2]..ends[3]),
+                &(ends[4]..ends[5])
+            ],
+            "messages stay under the limit, frames whole and in order"
+        );
+        assert_eq!((frame.request_id.as_str(), frame.seq), ("req-4", Some(4)));
+        for range in [first, second, third, last] {
+            assert!(decode(Bytes::copy_from_slice(&buf[range.clone()])).is_some());
+        }
+        assert_eq!(split(&buf, buf.len()), vec![Piece::Message(0..buf.len())]);
+        assert_eq!(
+            split(&buf[..ends[1]], 1000)
+                .into_iter()
+                .map(|p| p.offset(7))
+                .collect::<Vec<_>>(),
+            vec![Piece::Message(7..ends[1] + 7)]
+        );
     }
 }

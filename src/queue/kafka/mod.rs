@@ -25,6 +25,7 @@
 
 mod edge;
 mod frames;
+mod reconnect;
 mod worker;
 
 use std::collections::BTreeMap;
@@ -37,14 +38,15 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
+use reconnect::{BrokerLoss, Consumer as WatchedConsumer, Producer, Watched};
 
 use super::QueueError;
 use crate::config::KafkaConfig;
 
-pub use edge::KafkaQueue;
-pub use worker::KafkaJobSource;
+pub use edge::{KafkaQueue, ReconnectingQueue};
+pub use reconnect::Reconnecting;
+pub use worker::{KafkaJobSource, ReconnectingJobSource};
 
 const H_KIND: &str = "sluice-kind";
 const H_REQUEST: &str = "sluice-request";
@@ -93,7 +95,7 @@ fn client_config(
     config
 }
 
-fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, QueueError> {
+fn producer(kafka: &KafkaConfig, loss: &Arc<BrokerLoss>) -> Result<Producer, QueueError> {
     client_config(
         kafka,
         &[
@@ -103,7 +105,7 @@ fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, QueueError> {
         ],
         &kafka.producer,
     )
-    .create()
+    .create_with_context(Watched(loss.clone()))
     .map_err(|e| unavailable(kafka, e))
 }
 
@@ -157,7 +159,7 @@ async fn ensure_topics(kafka: &KafkaConfig) -> Result<i32, QueueError> {
 /// Whether the brokers answer a metadata request for `topic` through an
 /// existing client (no new connection per check).
 async fn reachable(
-    producer: &FutureProducer,
+    producer: &Producer,
     kafka: &KafkaConfig,
     topic: &str,
 ) -> Result<(), QueueError> {
@@ -220,11 +222,12 @@ async fn partition_count(kafka: &KafkaConfig, topic: &str) -> Result<i32, QueueE
 /// consumer group. `settings` are applied last (after the configured ones).
 async fn tail_consumer(
     kafka: &KafkaConfig,
+    loss: &Arc<BrokerLoss>,
     group: &str,
     topic: &str,
     partitions: Vec<i32>,
     settings: &[(&str, &str)],
-) -> Result<StreamConsumer, QueueError> {
+) -> Result<WatchedConsumer, QueueError> {
     let mut config = client_config(
         kafka,
         &[
@@ -237,7 +240,9 @@ async fn tail_consumer(
     for (key, value) in settings {
         config.set(*key, *value);
     }
-    let consumer: StreamConsumer = config.create().map_err(|e| unavailable(kafka, e))?;
+    let consumer: WatchedConsumer = config
+        .create_with_context(Watched(loss.clone()))
+        .map_err(|e| unavailable(kafka, e))?;
     let consumer = Arc::new(consumer);
     let blocking = consumer.clone();
     let topic_name = topic.to_string();

@@ -2,34 +2,41 @@
 //! request topic, an outbox per edge that coalesces waiting frames into one
 //! response message, heartbeats for quiet jobs, and a listener on the cancel
 //! topic that stops jobs whose clients went away.
+//!
+//! An outbox is bounded (`queue.max_outbox_bytes`): while the broker is
+//! behind, a job waits for room before taking its next chunk from vLLM, so
+//! the back-pressure reaches vLLM over TCP instead of piling up here. A batch
+//! larger than a message may be is split at frame boundaries; a single frame
+//! too large for any message ends only its own request, with an error.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer as _;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::OwnedHeaders;
+use rdkafka::producer::FutureRecord;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::frames::{self, FrameKind};
+use super::frames::{self, Frame, FrameKind, Piece};
+use super::reconnect::{self, Consumer, Producer, Reconnecting, Session};
 use super::*;
 use crate::config::QueueConfig;
 use crate::metrics::Metrics;
 use crate::protocol::Route;
 use crate::queue::{Job, JobSource, QueuedRequest, ResponseEvent, ResponseSink, SinkClosed};
 
-/// Response messages per edge awaiting acknowledgement before the outbox waits.
-/// While one is in flight, new frames accumulate into the next message: one
-/// message per broker round trip under load, one per frame when idle. Measured
-/// on tansu at 100 streams, 1 in flight beat 2, 8 and 64 (fewer, larger messages).
-const MAX_IN_FLIGHT: usize = 1;
+/// Room for a response message's record overhead and headers within the
+/// producer's `message.max.bytes`.
+const MESSAGE_OVERHEAD: usize = 512;
 /// An outbox unused this long is closed (its edge is probably gone).
 const OUTBOX_IDLE: Duration = Duration::from_secs(300);
 
@@ -51,6 +58,8 @@ struct Outbox {
     partition: i32,
     buffer: Mutex<OutboxBuffer>,
     ready: Notify,
+    /// Signalled when the flusher takes the buffer: room for waiting jobs.
+    drained: Notify,
 }
 
 #[derive(Default)]
@@ -61,7 +70,8 @@ struct OutboxBuffer {
 
 struct WorkerShared {
     kafka: KafkaConfig,
-    producer: FutureProducer,
+    producer: Producer,
+    loss: Arc<BrokerLoss>,
     worker_id: String,
     inflight: Mutex<HashMap<String, Arc<Reply>>>,
     outboxes: Mutex<HashMap<(String, i32), Arc<Outbox>>>,
@@ -86,6 +96,7 @@ impl WorkerShared {
                     partition,
                     buffer: Default::default(),
                     ready: Notify::new(),
+                    drained: Notify::new(),
                 });
                 tokio::spawn(flush_outbox(self.clone(), outbox.clone()));
                 outbox
@@ -109,6 +120,7 @@ impl WorkerShared {
             {
                 let mut buffer = outbox.buffer.lock().unwrap_or_else(|p| p.into_inner());
                 if !buffer.closed {
+                    let before = buffer.frames.len();
                     frames::encode(
                         &mut buffer.frames,
                         kind,
@@ -117,6 +129,8 @@ impl WorkerShared {
                         &reply.request_id,
                         payload,
                     );
+                    let added = buffer.frames.len() - before;
+                    self.metrics.queue_outbox_bytes.add(added as i64);
                     break;
                 }
             }
@@ -124,6 +138,145 @@ impl WorkerShared {
             *outbox = self.outbox(&reply.edge_id, reply.partition);
         }
         outbox.ready.notify_one();
+    }
+
+    /// Waits while the job's outbox holds `max_outbox_bytes` or more (the
+    /// broker is behind), or until the job is cancelled.
+    async fn wait_for_room(&self, reply: &Reply) {
+        let mut counted = false;
+        loop {
+            let outbox = reply
+                .outbox
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let drained = outbox.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            {
+                let buffer = outbox.buffer.lock().unwrap_or_else(|p| p.into_inner());
+                if buffer.closed || buffer.frames.len() < self.kafka.max_outbox_bytes {
+                    return;
+                }
+            }
+            if !counted {
+                self.metrics.queue_outbox_full.inc();
+                counted = true;
+            }
+            tokio::select! {
+                _ = &mut drained => {}
+                _ = reply.cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// Produces one response message and waits for its acknowledgement.
+    async fn produce(
+        &self,
+        outbox: &Outbox,
+        headers: &OwnedHeaders,
+        payload: &[u8],
+    ) -> Result<(), KafkaError> {
+        let sent = Instant::now();
+        loop {
+            let record = FutureRecord::<str, [u8]>::to(&self.kafka.response_topic)
+                .partition(outbox.partition)
+                .key(outbox.edge_id.as_str())
+                .payload(payload)
+                .headers(headers.clone());
+            match self.producer.send_result(record) {
+                Ok(delivery) => {
+                    return match delivery.await {
+                        Ok(Ok(_)) => {
+                            self.metrics
+                                .queue_produce
+                                .observe(sent.elapsed().as_secs_f64());
+                            Ok(())
+                        }
+                        Ok(Err((err, _))) => Err(err),
+                        Err(_) => Err(KafkaError::Canceled),
+                    };
+                }
+                Err((err, _)) if err.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((err, _)) => return Err(err),
+            }
+        }
+    }
+
+    /// Produces a batch of frames: as one message when it fits, else as
+    /// many as it takes, split at frame boundaries. A broker that refuses a
+    /// message as too large (its limit below the producer's) gets it again
+    /// in halves; a single frame too large for any message ends its request.
+    async fn produce_batch(&self, outbox: &Outbox, headers: &OwnedHeaders, batch: &[u8]) {
+        let mut limit = self
+            .kafka
+            .max_message_bytes
+            .saturating_sub(MESSAGE_OVERHEAD)
+            .max(1);
+        let mut parts = VecDeque::from([Piece::Message(0..batch.len())]);
+        while let Some(piece) = parts.pop_front() {
+            let range = match piece {
+                Piece::TooLarge(frame) => {
+                    self.refuse(outbox, headers, frame, limit).await;
+                    continue;
+                }
+                Piece::Message(range) => range,
+            };
+            let part = &batch[range.clone()];
+            if part.len() <= limit {
+                match self.produce(outbox, headers, part).await {
+                    Ok(()) => continue,
+                    Err(err) if is_too_large(&err) => limit = part.len() / 2,
+                    Err(err) => {
+                        tracing::warn!(%err, edge = %outbox.edge_id, "a response message was not delivered");
+                        continue;
+                    }
+                }
+            }
+            for piece in frames::split(part, limit).into_iter().rev() {
+                parts.push_front(piece.offset(range.start));
+            }
+        }
+    }
+
+    /// Ends the request of a frame no message can carry: an error to its
+    /// client in the frame's place, and its job cancelled.
+    async fn refuse(&self, outbox: &Outbox, headers: &OwnedHeaders, frame: Frame, limit: usize) {
+        self.metrics.queue_frames_too_large.inc();
+        let size = frame.payload.len();
+        tracing::warn!(
+            request_id = %frame.request_id,
+            size,
+            limit,
+            "a response chunk is larger than a queue message may be; ending its request"
+        );
+        if let Some(reply) = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&frame.request_id)
+            .filter(|r| r.attempt == frame.attempt)
+        {
+            reply.cancel.cancel();
+        }
+        let info = crate::error::GatewayError::Internal(format!(
+            "a response chunk of {size} bytes is larger than the queue's message limit ({limit} bytes)"
+        ))
+        .info();
+        let mut error = Vec::new();
+        frames::encode(
+            &mut error,
+            FrameKind::Error,
+            frame.attempt,
+            frame.seq,
+            &frame.request_id,
+            &serde_json::to_vec(&info).unwrap_or_default(),
+        );
+        if let Err(err) = self.produce(outbox, headers, &error).await {
+            tracing::warn!(%err, request_id = %frame.request_id, "the error for an oversize chunk was not delivered");
+        }
     }
 
     fn was_cancelled(&self, request_id: &str, attempt: u32) -> bool {
@@ -134,26 +287,27 @@ impl WorkerShared {
     }
 }
 
-/// Produces an outbox's frames, one message per batch, keeping at most
-/// [`MAX_IN_FLIGHT`] messages unacknowledged: when idle each frame leaves at
-/// once; under load frames that arrive meanwhile share the next message.
+/// Produces an outbox's frames, one message per batch, one batch at a time:
+/// when idle each frame leaves at once; under load the frames that arrive
+/// while a message waits for its acknowledgement share the next one.
 async fn flush_outbox(shared: Arc<WorkerShared>, outbox: Arc<Outbox>) {
-    let mut in_flight = std::collections::VecDeque::with_capacity(MAX_IN_FLIGHT);
     let headers_for = headers(&[
         (H_KIND, KIND_FRAMES),
         (H_EDGE, outbox.edge_id.as_str()),
         (H_WORKER, shared.worker_id.as_str()),
     ]);
     loop {
-        let idle = tokio::time::timeout(OUTBOX_IDLE, outbox.ready.notified())
-            .await
-            .is_err();
+        let idle = tokio::select! {
+            woken = tokio::time::timeout(OUTBOX_IDLE, outbox.ready.notified()) => woken.is_err(),
+            () = shared.loss.wait() => return,
+        };
         let batch = {
             let mut buffer = outbox.buffer.lock().unwrap_or_else(|p| p.into_inner());
             if buffer.frames.is_empty() {
                 if idle {
                     buffer.closed = true;
                     drop(buffer);
+                    outbox.drained.notify_waiters();
                     let mut outboxes = shared.outboxes.lock().unwrap_or_else(|p| p.into_inner());
                     let key = (outbox.edge_id.clone(), outbox.partition);
                     if outboxes.get(&key).is_some_and(|o| Arc::ptr_eq(o, &outbox)) {
@@ -165,44 +319,10 @@ async fn flush_outbox(shared: Arc<WorkerShared>, outbox: Arc<Outbox>) {
             }
             std::mem::take(&mut buffer.frames)
         };
-        loop {
-            let record = FutureRecord::<str, [u8]>::to(&shared.kafka.response_topic)
-                .partition(outbox.partition)
-                .key(outbox.edge_id.as_str())
-                .payload(&batch)
-                .headers(headers_for.clone());
-            match shared.producer.send_result(record) {
-                Ok(delivery) => {
-                    in_flight.push_back((Instant::now(), delivery));
-                    break;
-                }
-                Err((err, _)) => {
-                    // Usually a full local queue: wait for an acknowledgement, then retry.
-                    tracing::debug!(%err, "response message not queued; retrying");
-                    match in_flight.pop_front() {
-                        Some((_, delivery)) => {
-                            let _ = delivery.await;
-                        }
-                        None => tokio::time::sleep(Duration::from_millis(5)).await,
-                    }
-                }
-            }
-        }
-        while in_flight.len() >= MAX_IN_FLIGHT {
-            if let Some((sent, delivery)) = in_flight.pop_front() {
-                match delivery.await {
-                    Ok(Ok(_)) => shared
-                        .metrics
-                        .queue_produce
-                        .observe(sent.elapsed().as_secs_f64()),
-                    Ok(Err((err, _))) => {
-                        tracing::warn!(%err, edge = %outbox.edge_id, "a response message was not delivered")
-                    }
-                    Err(_) => {}
-                }
-            }
-        }
-        // Frames may have arrived while waiting; make sure they are not left behind.
+        shared.metrics.queue_outbox_bytes.sub(batch.len() as i64);
+        outbox.drained.notify_waiters();
+        shared.produce_batch(&outbox, &headers_for, &batch).await;
+        // Frames may have arrived while producing; make sure they are not left behind.
         if !outbox
             .buffer
             .lock()
@@ -215,10 +335,14 @@ async fn flush_outbox(shared: Arc<WorkerShared>, outbox: Arc<Outbox>) {
     }
 }
 
+fn is_too_large(err: &KafkaError) -> bool {
+    err.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge)
+}
+
 /// The worker's side of the Kafka queue.
 pub struct KafkaJobSource {
     shared: Arc<WorkerShared>,
-    consumer: StreamConsumer,
+    consumer: Consumer,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -237,10 +361,11 @@ impl KafkaJobSource {
         metrics: Arc<Metrics>,
     ) -> Result<Self, QueueError> {
         ensure_topics(kafka).await?;
+        let loss = Arc::new(BrokerLoss::default());
         let worker_id = format!("worker-{}", uuid::Uuid::new_v4().simple());
         // Offsets are committed as requests are taken (at most once); edges retry
         // lost ones. A worker polls only when it has capacity, hence the long poll interval.
-        let consumer: StreamConsumer = client_config(
+        let consumer: Consumer = client_config(
             kafka,
             &[
                 ("group.id", kafka.worker_group.as_str()),
@@ -252,7 +377,7 @@ impl KafkaJobSource {
             ],
             &kafka.consumer,
         )
-        .create()
+        .create_with_context(Watched(loss.clone()))
         .map_err(|e| unavailable(kafka, e))?;
         consumer
             .subscribe(&[&kafka.request_topic])
@@ -261,6 +386,7 @@ impl KafkaJobSource {
         // consumer from polling a broker that, like tansu, holds every fetch that long.
         let cancels = tail_consumer(
             kafka,
+            &loss,
             &format!("sluice-cancels-{worker_id}"),
             &kafka.cancel_topic,
             vec![0],
@@ -269,7 +395,8 @@ impl KafkaJobSource {
         .await?;
         let shared = Arc::new(WorkerShared {
             kafka: kafka.clone(),
-            producer: producer(kafka)?,
+            producer: producer(kafka, &loss)?,
+            loss,
             worker_id,
             inflight: Default::default(),
             outboxes: Default::default(),
@@ -386,6 +513,7 @@ impl JobSource for KafkaJobSource {
             let message = match self.consumer.recv().await {
                 Ok(message) => message,
                 Err(err) => {
+                    self.shared.loss.note(&err);
                     tracing::warn!(%err, "error reading the request topic");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -430,6 +558,10 @@ impl ResponseSink for KafkaSink {
         self.next_seq += 1;
         match &event {
             ResponseEvent::Chunk(chunk) => {
+                self.shared.wait_for_room(&self.reply).await;
+                if self.reply.cancel.is_cancelled() {
+                    return Err(SinkClosed);
+                }
                 self.shared
                     .send_frame(&self.reply, FrameKind::Chunk, seq, chunk.framed())
             }
@@ -461,12 +593,17 @@ impl Drop for KafkaSink {
     }
 }
 
-async fn listen_for_cancels(consumer: StreamConsumer, shared: Arc<WorkerShared>) {
+async fn listen_for_cancels(consumer: Consumer, shared: Arc<WorkerShared>) {
     let mut last_sweep = Instant::now();
     loop {
-        let message = match consumer.recv().await {
+        let received = tokio::select! {
+            received = consumer.recv() => received,
+            () = shared.loss.wait() => break,
+        };
+        let message = match received {
             Ok(message) => message,
             Err(err) => {
+                shared.loss.note(&err);
                 tracing::warn!(%err, "error reading the cancel topic");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
@@ -507,6 +644,68 @@ async fn listen_for_cancels(consumer: StreamConsumer, shared: Arc<WorkerShared>)
             }
         }
     }
+    // The brokers are gone: closing the consumer waits for them, so not here.
+    drop(tokio::task::spawn_blocking(move || drop(consumer)));
+}
+
+impl Session for KafkaJobSource {
+    fn loss(&self) -> &BrokerLoss {
+        &self.shared.loss
+    }
+
+    /// Stops every job: their answers can no longer reach their edges.
+    fn close(&self) {
+        let inflight = self
+            .shared
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for reply in inflight.values() {
+            reply.cancel.cancel();
+        }
+    }
+}
+
+/// A worker's job source that reconnects after losing its brokers.
+pub type ReconnectingJobSource = Reconnecting<KafkaJobSource>;
+
+impl ReconnectingJobSource {
+    pub async fn connect(
+        kafka: &KafkaConfig,
+        queue: &QueueConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, QueueError> {
+        let (kafka, queue) = (kafka.clone(), queue.clone());
+        let brokers = kafka.brokers.clone();
+        Reconnecting::start(&brokers, "worker", move || {
+            let (kafka, queue, metrics) = (kafka.clone(), queue.clone(), metrics.clone());
+            async move { KafkaJobSource::connect(&kafka, &queue, metrics).await }
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl JobSource for ReconnectingJobSource {
+    async fn ping(&self) -> Result<(), QueueError> {
+        match self.current() {
+            Some(source) => source.ping().await,
+            None => Err(reconnect::unreachable()),
+        }
+    }
+
+    async fn next_job(&self) -> Option<Job> {
+        loop {
+            let source = self.connected().await;
+            tokio::select! {
+                job = source.next_job() => return job,
+                () = source.loss().wait() => {
+                    // The last holder drops the session; its consumer closes off the runtime.
+                    drop(tokio::task::spawn_blocking(move || drop(source)));
+                }
+            }
+        }
+    }
 }
 
 /// Signals life for jobs that sent nothing for a heartbeat interval (a long
@@ -516,7 +715,10 @@ async fn send_heartbeats(shared: Arc<WorkerShared>, every: Duration) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let every_ms = every.as_millis() as i64;
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shared.loss.wait() => return,
+        }
         let now = chrono::Utc::now().timestamp_millis();
         let quiet: Vec<Arc<Reply>> = match shared.inflight.lock() {
             Ok(inflight) => inflight
