@@ -1199,3 +1199,73 @@ async fn a_broker_restart_ends_streams_cleanly_and_traffic_resumes() {
     broker.wait().unwrap();
     services.drop_database().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_served_after_a_worker_process_is_killed() {
+    let services = services!();
+    let sim = Simulator::start(sim_config()).await.unwrap();
+    // Two workers as processes of their own; one is killed with SIGKILL, so it
+    // neither leaves the consumer group nor finishes anything.
+    let dir = tempfile::tempdir().unwrap();
+    let queue = merge_toml(
+        &services.kafka_queue(false),
+        "[queue]\nqueue_timeout_ms = 3000\nmax_attempts = 3\n",
+    );
+    let worker_toml = |n: usize| {
+        merge_toml(
+            &queue,
+            &format!(
+                "[store]\nurl = \"sqlite://{}\"\n[upstream]\nurls = [\"{}\"]\n[log]\nlevel = \"warn\"\n[worker]\nlisten = \"127.0.0.1:{}\"\n",
+                dir.path().join(format!("worker-{n}.db")).display(),
+                sim.url(),
+                free_port()
+            ),
+        )
+    };
+    let mut workers = Vec::new();
+    for n in 0..2 {
+        let config = dir.path().join(format!("worker-{n}.toml"));
+        std::fs::write(&config, worker_toml(n)).unwrap();
+        let log = dir.path().join(format!("worker-{n}.log"));
+        workers.push((sluice_process(&config, &["worker"], &log), log));
+    }
+    let edge = Isolated::new("edge");
+    let (url, store) = edge.start_edge(services.config(&sim.url(), &queue)).await;
+    let key = sluice::auth::create_key(store.as_ref(), "sigkill")
+        .await
+        .unwrap()
+        .secret;
+    let http = reqwest::Client::new();
+    let body = |i: usize| json!({"model": MODEL, "prompt": format!("after the kill {i}"), "max_tokens": 4, "stream": true});
+    let served = eventually(Duration::from_secs(30), || async {
+        let response = http
+            .post(format!("{url}/v1/completions"))
+            .bearer_auth(&key)
+            .json(&body(0))
+            .send()
+            .await
+            .ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    assert!(served.is_some(), "the workers came up");
+
+    let (mut killed, _) = workers.remove(0);
+    killed.start_kill().unwrap();
+    killed.wait().await.unwrap();
+    // Every request is answered in full: those sent to the dead worker's
+    // partitions go again under other keys, within max_attempts x queue_timeout_ms.
+    let bodies: Vec<Value> = (1..=12).map(body).collect();
+    let answers = join_all(bodies.iter().map(|b| stream_from(&http, &url, &key, b))).await;
+    for (events, sent) in answers.iter().zip(&bodies) {
+        assert_eq!(texts(events), sim.expected_texts(sent), "{events:?}");
+    }
+    let (survivor, log) = &mut workers[0];
+    assert!(
+        survivor.try_wait().unwrap().is_none(),
+        "the surviving worker died\n{}",
+        log_tails(&[log])
+    );
+    edge.kill();
+    services.drop_database().await;
+}
