@@ -21,7 +21,9 @@
 //! producer and consumer through the same broker with the same client
 //! settings, sending messages of a chunk's size at the rate of 1 and 100
 //! streams, and prints sluice's added per-token latency next to the hop's
-//! produce-to-consume latency, with their ratio.
+//! produce-to-consume latency, with their ratio. `--worker-processes N` runs
+//! the Kafka workers as N `sluice worker` processes of their own, as
+//! production does, instead of in the edge's process.
 //!
 //! `--limits URL` counts per-key limits there (`limits.url`) and measures,
 //! at 100 streams in the same run, a key whose limits are checked (and
@@ -57,6 +59,8 @@ struct Args {
     chat: bool,
     /// `limits.url`: measure a limited key against an unlimited one.
     limits: Option<String>,
+    /// Kafka workers as separate `sluice worker` processes (0: in the edge's process).
+    worker_processes: usize,
 }
 
 impl Args {
@@ -90,6 +94,7 @@ fn args() -> Args {
         hit_seconds: 5,
         chat: false,
         limits: None,
+        worker_processes: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -106,6 +111,7 @@ fn args() -> Args {
             "--hits-only" => args.hits_only = true,
             "--route" => args.chat = value() == "chat",
             "--limits" => args.limits = Some(value()),
+            "--worker-processes" => args.worker_processes = value().parse().unwrap_or(0),
             _ => {}
         }
     }
@@ -420,8 +426,9 @@ async fn broker_hop(
     latencies
 }
 
-fn gateway_config(args: &Args, upstream: &str, db: &std::path::Path) -> Config {
-    let toml = format!(
+/// The benchmark's `gateway.toml`.
+fn gateway_toml(args: &Args, upstream: &str, db: &std::path::Path) -> String {
+    format!(
         r#"
         [store]
         url = "sqlite://{db}"
@@ -432,6 +439,7 @@ fn gateway_config(args: &Args, upstream: &str, db: &std::path::Path) -> Config {
         request_topic = "bench.requests.{run}"
         response_topic = "bench.responses.{run}"
         cancel_topic = "bench.cancels.{run}"
+        worker_group = "bench-workers.{run}"
         partitions = 4
         [queue.producer]
         "linger.ms" = 0
@@ -440,6 +448,7 @@ fn gateway_config(args: &Args, upstream: &str, db: &std::path::Path) -> Config {
         "fetch.error.backoff.ms" = 1
         [worker]
         concurrency = 512
+        in_process = {in_process}
         [upstream]
         urls = ["{upstream}"]
         [limits]
@@ -453,10 +462,14 @@ fn gateway_config(args: &Args, upstream: &str, db: &std::path::Path) -> Config {
         queue = args.queue,
         run = std::process::id(),
         level = if args.telemetry { "info" } else { "warn" },
-    );
+        in_process = args.worker_processes == 0,
+    )
+}
+
+fn gateway_config(args: &Args, upstream: &str, db: &std::path::Path) -> Config {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("bench.toml");
-    std::fs::write(&path, toml).expect("write config");
+    std::fs::write(&path, gateway_toml(args, upstream, db)).expect("write config");
     // SLUICE_* environment variables override these settings (e.g. librdkafka tuning).
     Config::load(Some(&path)).expect("valid bench config")
 }
@@ -498,6 +511,23 @@ fn main() {
         let store = gateway.store();
         let key = sluice::auth::create_key(store.as_ref(), "bench").await.expect("key");
         tokio::spawn(gateway.serve(listener, std::future::pending()));
+        // Separate worker processes, on the same configuration (killed with the benchmark).
+        let config_path = dir.path().join("bench.toml");
+        std::fs::write(&config_path, gateway_toml(&args, &sim.url(), &dir.path().join("bench.db")))
+            .expect("write config");
+        let _workers: Vec<tokio::process::Child> = (0..args.worker_processes)
+            .map(|_| {
+                tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+                    .arg("--config")
+                    .arg(&config_path)
+                    .arg("worker")
+                    .env("SLUICE_WORKER__LISTEN", "127.0.0.1:0")
+                    .stdout(std::process::Stdio::null())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .expect("sluice worker")
+            })
+            .collect();
 
         let client = reqwest::Client::builder()
             .tcp_nodelay(true)
@@ -561,8 +591,16 @@ fn main() {
         measure(&client, &sim, &through, 100, 1, &args, stream_time).await;
 
         println!(
-            "sluice benchmark: {}, queue {}, {} tokens per stream, {} ms per token, {} rounds\n",
-            args.path(), args.queue, args.tokens, args.token_delay_ms, args.rounds
+            "sluice benchmark: {}, queue {} (workers: {}), {} tokens per stream, {} ms per token, {} rounds\n",
+            args.path(),
+            args.queue,
+            match args.worker_processes {
+                0 => "in the edge's process".to_string(),
+                n => format!("{n} processes"),
+            },
+            args.tokens,
+            args.token_delay_ms,
+            args.rounds
         );
         println!("| streams | metric | direct p50 | gateway p50 | added p50 | direct p99 | gateway p99 | added p99 |");
         println!("|---|---|---|---|---|---|---|---|");
