@@ -365,13 +365,17 @@ impl Queue for KafkaQueue {
         let started = Instant::now();
         let delivery = stream.shared.produce_request(&stream.request, 1);
         let acknowledged = match delivery {
-            Ok(delivery) => match tokio::time::timeout(self.shared.queue_timeout, delivery).await {
-                Ok(Ok(Ok(_))) => Ok(()),
-                Ok(Ok(Err((err, _)))) => Err(unavailable(&self.shared.kafka, err)),
-                _ => Err(unavailable(
-                    &self.shared.kafka,
-                    "the request was not acknowledged in time",
-                )),
+            Ok(delivery) => tokio::select! {
+                result = tokio::time::timeout(self.shared.queue_timeout, delivery) => match result {
+                    Ok(Ok(Ok(_))) => Ok(()),
+                    Ok(Ok(Err((err, _)))) => Err(unavailable(&self.shared.kafka, err)),
+                    _ => Err(unavailable(
+                        &self.shared.kafka,
+                        "the request was not acknowledged in time",
+                    )),
+                },
+                // The producer must not outlive the session (see `reconnect`).
+                () = self.shared.loss.wait() => Err(reconnect::unreachable()),
             },
             Err(err) => Err(err),
         };

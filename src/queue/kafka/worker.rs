@@ -321,7 +321,12 @@ async fn flush_outbox(shared: Arc<WorkerShared>, outbox: Arc<Outbox>) {
         };
         shared.metrics.queue_outbox_bytes.sub(batch.len() as i64);
         outbox.drained.notify_waiters();
-        shared.produce_batch(&outbox, &headers_for, &batch).await;
+        // A lost broker ends the wait for acknowledgements: the producer must
+        // not outlive the session (see `reconnect`).
+        tokio::select! {
+            () = shared.produce_batch(&outbox, &headers_for, &batch) => {}
+            () = shared.loss.wait() => return,
+        }
         // Frames may have arrived while producing; make sure they are not left behind.
         if !outbox
             .buffer
