@@ -202,12 +202,29 @@ async fn openai_sdk_chat_through_kafka_and_two_workers_matches_the_upstream() {
 }
 
 /// A tansu broker of this test's own on `port` (to kill with SIGKILL).
-fn start_tansu(port: u16) -> std::process::Child {
+/// A tansu process of a test's own, killed (SIGKILL) by `kill` or when dropped,
+/// so a failing test leaves no broker behind.
+struct Broker(std::process::Child);
+
+impl Broker {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn start_tansu(port: u16) -> Broker {
     start_tansu_advertising(port, port)
 }
 
 /// A tansu listening on `port` that tells clients to connect to `advertised`.
-fn start_tansu_advertising(port: u16, advertised: u16) -> std::process::Child {
+fn start_tansu_advertising(port: u16, advertised: u16) -> Broker {
     let home = std::env::var("HOME").unwrap_or_default();
     let binary = [format!("{home}/.cargo/bin/tansu"), "tansu".to_string()]
         .into_iter()
@@ -234,7 +251,7 @@ fn start_tansu_advertising(port: u16, advertised: u16) -> std::process::Child {
         }
         std::thread::sleep(Duration::from_millis(25));
     }
-    child
+    Broker(child)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,8 +354,7 @@ async fn a_worker_exits_within_its_grace_period_while_the_broker_is_down() {
     // Running, and connected to its broker.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(worker.try_wait().unwrap().is_none(), "the worker started");
-    broker.kill().unwrap();
-    broker.wait().unwrap();
+    broker.kill();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let pid = worker.id().unwrap().to_string();
     let stopping = Instant::now();
@@ -1025,8 +1041,7 @@ async fn a_slow_broker_holds_the_worker_to_its_outbox_bound() {
     );
     worker.kill();
     edge.kill();
-    broker.kill().unwrap();
-    broker.wait().unwrap();
+    broker.kill();
     services.drop_database().await;
 }
 
@@ -1129,8 +1144,7 @@ async fn a_broker_restart_ends_streams_cleanly_and_traffic_resumes() {
     assert_eq!(response.status(), 200);
     let mut reader = SseReader::new(response);
     assert!(reader.next().await.is_some(), "streaming");
-    broker.kill().unwrap();
-    broker.wait().unwrap();
+    broker.kill();
     let killed = Instant::now();
     let mut rest = Vec::new();
     while let Some(event) = tokio::time::timeout(Duration::from_secs(20), reader.next())
@@ -1195,8 +1209,7 @@ async fn a_broker_restart_ends_streams_cleanly_and_traffic_resumes() {
         "the worker's queue gauge says the broker is back"
     );
     let _ = (edge.start_kill(), worker.start_kill());
-    broker.kill().unwrap();
-    broker.wait().unwrap();
+    broker.kill();
     services.drop_database().await;
 }
 
