@@ -17,8 +17,10 @@
 //! Delivery guarantees. Every response message carries the request's attempt
 //! number and a sequence number. The edge accepts only the current attempt, in
 //! sequence; duplicates are dropped and a gap ends the stream with an error, so
-//! a client never sees a token twice or out of order. Workers commit request
-//! offsets on receipt (at most once), and edges own retries: a worker that goes
+//! a client never sees a token twice or out of order. Workers commit the
+//! offsets of the requests they took (every second and before a rebalance
+//! moves their partitions; never when closing a session whose broker was
+//! lost), and edges own retries: a worker that goes
 //! silent (no chunk or heartbeat within `queue.worker_timeout_ms`) before
 //! anything was delivered has its request resubmitted as a new attempt; one
 //! that goes silent after delivering tokens ends the stream with an error.

@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::FutureProducer;
 use tokio::sync::Notify;
@@ -103,7 +105,17 @@ impl ClientContext for Watched {
     }
 }
 
-impl ConsumerContext for Watched {}
+impl ConsumerContext for Watched {
+    /// A group member commits what it took before its partitions move to
+    /// another member (offsets are not committed automatically: see
+    /// `KafkaJobSource`). Not once its session is lost: the broker it would
+    /// reach may be a new one, and the offsets are of the old topics.
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if matches!(rebalance, Rebalance::Revoke(_)) && !self.0.is_lost() {
+            let _ = consumer.commit_consumer_state(CommitMode::Sync);
+        }
+    }
+}
 
 pub type Producer = FutureProducer<Watched>;
 pub type Consumer = StreamConsumer<Watched>;

@@ -349,7 +349,12 @@ pub struct KafkaJobSource {
     shared: Arc<WorkerShared>,
     consumer: Consumer,
     tasks: Vec<JoinHandle<()>>,
+    /// When the offsets taken were last committed.
+    committed: Mutex<Instant>,
 }
+
+/// How often a worker commits the offsets of the requests it took.
+const COMMIT_EVERY: Duration = Duration::from_secs(1);
 
 impl Drop for KafkaJobSource {
     fn drop(&mut self) {
@@ -368,14 +373,17 @@ impl KafkaJobSource {
         ensure_topics(kafka).await?;
         let loss = Arc::new(BrokerLoss::default());
         let worker_id = format!("worker-{}", uuid::Uuid::new_v4().simple());
-        // Offsets are committed as requests are taken (at most once); edges retry
-        // lost ones. A worker polls only when it has capacity, hence the long poll interval.
+        // Offsets are committed as requests are taken (at most once; every
+        // second, and before partitions move to another worker), never by
+        // librdkafka itself: it would commit on closing, and a session closed
+        // for a lost broker must not commit its old offsets to a restarted one.
+        // Edges retry lost requests. A worker polls only when it has capacity,
+        // hence the long poll interval.
         let consumer: Consumer = client_config(
             kafka,
             &[
                 ("group.id", kafka.worker_group.as_str()),
-                ("enable.auto.commit", "true"),
-                ("auto.commit.interval.ms", "1000"),
+                ("enable.auto.commit", "false"),
                 ("auto.offset.reset", "earliest"),
                 ("enable.partition.eof", "false"),
                 ("max.poll.interval.ms", "3600000"),
@@ -420,7 +428,20 @@ impl KafkaJobSource {
             shared,
             consumer,
             tasks,
+            committed: Mutex::new(Instant::now()),
         })
+    }
+
+    /// Commits the offsets taken so far, at most every [`COMMIT_EVERY`] (a
+    /// message's offset is stored as it is received).
+    fn commit_now_and_then(&self) {
+        let mut committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        if committed.elapsed() >= COMMIT_EVERY {
+            *committed = Instant::now();
+            let _ = self
+                .consumer
+                .commit_consumer_state(rdkafka::consumer::CommitMode::Async);
+        }
     }
 
     fn parse_job(&self, message: &impl Message) -> Result<Job, &'static str> {
@@ -515,7 +536,15 @@ impl JobSource for KafkaJobSource {
 
     async fn next_job(&self) -> Option<Job> {
         loop {
-            let message = match self.consumer.recv().await {
+            // An idle worker still commits what it took, once its second is up.
+            let received = tokio::select! {
+                received = self.consumer.recv() => received,
+                () = tokio::time::sleep(COMMIT_EVERY) => {
+                    self.commit_now_and_then();
+                    continue;
+                }
+            };
+            let message = match received {
                 Ok(message) => message,
                 Err(err) => {
                     self.shared.loss.note(&err);
@@ -524,6 +553,7 @@ impl JobSource for KafkaJobSource {
                     continue;
                 }
             };
+            self.commit_now_and_then();
             match self.parse_job(&message) {
                 Ok(job) => return Some(job),
                 Err(reason) => {
