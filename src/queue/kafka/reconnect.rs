@@ -4,12 +4,13 @@
 //! the same name, as the topics of a broker that restarted without its
 //! storage are (confluentinc/librdkafka#4898: "it's still needed to restart
 //! the clients"); the versions tried can crash the process when they meet
-//! the new topic ids. So a session's clients never outlive their brokers:
-//! when every broker connection is lost, the session is closed at once (its
-//! streams and jobs end with an error) and its clients destroyed, before a
-//! broker can come back; once a bootstrap broker accepts connections again,
-//! a new session is built (creating the topics if they are gone). Meanwhile
-//! new requests get 503. The outage is logged once when it starts, every
+//! the new topic ids. So a session's clients are not kept past the loss of
+//! their brokers: when every broker connection is lost, the session is
+//! closed at once (its streams and jobs end with an error) and its clients
+//! are destroyed (a consumer's close may still take a moment, and a broker
+//! that is back by then may still hear from it: it commits nothing); once a
+//! bootstrap broker accepts connections again, a new session is built
+//! (creating the topics if they are gone). Meanwhile new requests get 503. The outage is logged once when it starts, every
 //! [`SUMMARY_EVERY`] while it lasts, and once when it ends.
 
 use std::future::Future;
