@@ -1543,6 +1543,14 @@ mod tests {
                 "[[plugins]]\nname = \"p\"\npath = \"p.wasm\"\non_error = \"maybe\"\n",
                 "plugins",
             ),
+            (
+                "[queue]\nurl = \"kafka://k:9092\"\nmax_outbox_bytes = 100\n[worker]\nin_process = false\n",
+                "queue.max_outbox_bytes",
+            ),
+            (
+                "[queue]\nurl = \"kafka://k:9092\"\n[queue.producer]\n\"message.max.bytes\" = \"1MB\"\n[worker]\nin_process = false\n",
+                "queue.producer.message.max.bytes",
+            ),
         ] {
             let err = load(toml, &[]).unwrap_err().to_string();
             assert!(err.contains(key), "{toml}: {err}");
