@@ -1081,7 +1081,7 @@ fn log_tails(paths: &[&std::path::Path]) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broker_restart_ends_streams_cleanly_and_traffic_resumes() {
+async fn broker_restarts_end_streams_cleanly_and_traffic_resumes() {
     let services = services!();
     let sim = Simulator::start(SimulatorConfig {
         token_delay: Duration::from_millis(50),
@@ -1089,25 +1089,52 @@ async fn a_broker_restart_ends_streams_cleanly_and_traffic_resumes() {
     })
     .await
     .unwrap();
-    // A broker of this test's own (memory storage: a restart loses every topic),
-    // and an edge and a worker as processes of their own, as in production.
+    // A broker of this test's own (memory storage: a restart loses every
+    // topic), and two edges and two workers as processes of their own.
     let broker_port = free_port();
     let mut broker = start_tansu(broker_port);
     let dir = tempfile::tempdir().unwrap();
-    let (port, worker_port) = (free_port(), free_port());
-    let toml = merge_toml(
-        &services.kafka_queue(false),
-        &format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[store]\nurl = \"sqlite://{}\"\n[cache]\nurl = \"off\"\n[upstream]\nurls = [\"{}\"]\n[log]\nlevel = \"warn\"\nformat = \"text\"\n[queue]\nurl = \"kafka://127.0.0.1:{broker_port}\"\n[worker]\nlisten = \"127.0.0.1:{worker_port}\"\n",
-            dir.path().join("edge.db").display(),
-            sim.url()
-        ),
-    );
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(&config, toml).unwrap();
+    let process_config = |name: &str, listen: u16| {
+        let toml = merge_toml(
+            &services.kafka_queue(false),
+            &format!(
+                "[server]\nlisten = \"127.0.0.1:{listen}\"\n[store]\nurl = \"{}\"\n[cache]\nurl = \"off\"\n[upstream]\nurls = [\"{}\"]\n[log]\nlevel = \"warn\"\nformat = \"text\"\n[queue]\nurl = \"kafka://127.0.0.1:{broker_port}\"\n[worker]\nlisten = \"127.0.0.1:{listen}\"\n",
+                services.postgres,
+                sim.url()
+            ),
+        );
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        path
+    };
+    let mut processes = Vec::new();
+    let (mut edges, mut worker_ports) = (Vec::new(), Vec::new());
+    for (name, role) in [
+        ("edge-a", "serve"),
+        ("edge-b", "serve"),
+        ("worker-a", "worker"),
+        ("worker-b", "worker"),
+    ] {
+        let port = free_port();
+        let config = process_config(name, port);
+        let log = dir.path().join(format!("{name}.log"));
+        processes.push((sluice_process(&config, &[role], &log), log));
+        match role {
+            "serve" => edges.push(format!("http://127.0.0.1:{port}")),
+            _ => worker_ports.push(port),
+        }
+    }
+    let logs = |processes: &[(tokio::process::Child, std::path::PathBuf)]| {
+        log_tails(
+            &processes
+                .iter()
+                .map(|(_, log)| log.as_path())
+                .collect::<Vec<_>>(),
+        )
+    };
     let created = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
         .arg("--config")
-        .arg(&config)
+        .arg(process_config("keys", free_port()))
         .args(["keys", "create", "--name", "restart"])
         .output()
         .unwrap();
@@ -1117,98 +1144,111 @@ async fn a_broker_restart_ends_streams_cleanly_and_traffic_resumes() {
         .find(|w| w.starts_with("sk-sluice-"))
         .unwrap_or_else(|| panic!("no key in {stdout}"))
         .to_string();
-    let (worker_log, edge_log) = (dir.path().join("worker.log"), dir.path().join("edge.log"));
-    let mut worker = sluice_process(&config, &["worker"], &worker_log);
-    let mut edge = sluice_process(&config, &["serve"], &edge_log);
-    let logs = || log_tails(&[&edge_log, &worker_log]);
-    let url = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     let complete = |max_tokens: u32| json!({"model": MODEL, "prompt": "through a restart", "max_tokens": max_tokens, "stream": true});
-    let post = |body: Value| {
-        http.post(format!("{url}/v1/completions"))
+    let post = |edge: &str, body: Value| {
+        http.post(format!("{edge}/v1/completions"))
             .bearer_auth(&key)
             .json(&body)
             .send()
     };
-    let served = eventually(Duration::from_secs(30), || async {
-        let response = post(complete(3)).await.ok()?;
-        (response.status() == 200).then_some(())?;
-        let events = sse_events(response).await;
-        (texts_of_stream(&events) == 3).then_some(())
-    })
-    .await;
-    assert!(served.is_some(), "the edge and the worker came up");
-
-    // A long stream is running when the broker dies.
-    let response = post(complete(400)).await.unwrap();
-    assert_eq!(response.status(), 200);
-    let mut reader = SseReader::new(response);
-    assert!(reader.next().await.is_some(), "streaming");
-    broker.kill();
-    let killed = Instant::now();
-    let mut rest = Vec::new();
-    while let Some(event) = tokio::time::timeout(Duration::from_secs(20), reader.next())
-        .await
-        .expect("the stream ended within 20 s of the broker's death")
-    {
-        rest.push(event);
+    let serves = |edge: String| {
+        let post = &post;
+        async move {
+            eventually(Duration::from_secs(60), || async {
+                let response = post(&edge, complete(3)).await.ok()?;
+                (response.status() == 200).then_some(())?;
+                let events = sse_events(response).await;
+                (texts_of_stream(&events) == 3).then_some(())
+            })
+            .await
+            .is_some()
+        }
+    };
+    for edge in &edges {
+        assert!(
+            serves(edge.clone()).await,
+            "{edge} came up\n{}",
+            logs(&processes)
+        );
     }
-    assert!(rest.iter().any(|e| e.contains("\"error\"")), "{rest:?}");
-    assert_eq!(rest.last().map(String::as_str), Some("[DONE]"));
-    eprintln!(
-        "the stream ended {:?} after the broker's death",
-        killed.elapsed()
-    );
 
-    // While the broker is gone, new requests get an OpenAI-shaped 503.
-    let refused = eventually(Duration::from_secs(20), || async {
-        let response = post(complete(3)).await.ok()?;
-        (response.status() == 503).then_some(response.json::<Value>().await.ok()?)
-    })
-    .await
-    .expect("503 while the broker is down");
-    assert!(refused["error"]["message"].is_string(), "{refused}");
+    for round in 0..3 {
+        // A long stream is running when the broker dies.
+        let edge = &edges[round % 2];
+        let response = post(edge, complete(400)).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let mut reader = SseReader::new(response);
+        assert!(reader.next().await.is_some(), "streaming");
+        broker.kill();
+        let killed = Instant::now();
+        let mut rest = Vec::new();
+        while let Some(event) = tokio::time::timeout(Duration::from_secs(20), reader.next())
+            .await
+            .expect("the stream ended within 20 s of the broker's death")
+        {
+            rest.push(event);
+        }
+        assert!(rest.iter().any(|e| e.contains("\"error\"")), "{rest:?}");
+        assert_eq!(rest.last().map(String::as_str), Some("[DONE]"));
+        eprintln!(
+            "round {round}: the stream ended {:?} after the broker's death",
+            killed.elapsed()
+        );
 
-    // The broker comes back empty; the topics are made again and traffic resumes.
-    let mut broker = start_tansu(broker_port);
-    let resumed = eventually(Duration::from_secs(60), || async {
-        let response = post(complete(5)).await.ok()?;
-        (response.status() == 200).then_some(())?;
-        let events = sse_events(response).await;
-        (texts_of_stream(&events) == 5).then_some(())
-    })
-    .await;
-    assert!(
-        resumed.is_some(),
-        "traffic did not resume after the broker came back\n{}",
-        logs()
-    );
-    assert!(
-        edge.try_wait().unwrap().is_none(),
-        "the edge died\n{}",
-        logs()
-    );
-    assert!(
-        worker.try_wait().unwrap().is_none(),
-        "the worker died\n{}",
-        logs()
-    );
-    // The worker's queue gauge follows (it is checked every few seconds).
-    let queue_up = eventually(Duration::from_secs(15), || async {
-        let metrics = reqwest::get(format!("http://127.0.0.1:{worker_port}/metrics"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        (metric(&metrics, r#"sluice_backend_up{backend="queue"}"#) == Some(1.0)).then_some(())
-    })
-    .await;
-    assert!(
-        queue_up.is_some(),
-        "the worker's queue gauge says the broker is back"
-    );
-    let _ = (edge.start_kill(), worker.start_kill());
+        // While the broker is gone, new requests get an OpenAI-shaped 503.
+        let refused = eventually(Duration::from_secs(20), || async {
+            let response = post(edge, complete(3)).await.ok()?;
+            (response.status() == 503).then_some(response.json::<Value>().await.ok()?)
+        })
+        .await
+        .expect("503 while the broker is down");
+        assert!(refused["error"]["message"].is_string(), "{refused}");
+
+        // The broker comes back empty; the topics are made again and both edges serve.
+        broker = start_tansu(broker_port);
+        let back = Instant::now();
+        for edge in &edges {
+            assert!(
+                serves(edge.clone()).await,
+                "round {round}: {edge} did not serve again\n{}",
+                logs(&processes)
+            );
+        }
+        eprintln!(
+            "round {round}: both edges served again {:?} after the restart",
+            back.elapsed()
+        );
+    }
+    for (process, log) in &mut processes {
+        let exited = process.try_wait().unwrap();
+        assert!(
+            exited.is_none(),
+            "{} died ({exited:?})\n{}",
+            log.display(),
+            log_tails(&[log])
+        );
+    }
+    // The workers' queue gauges follow (they are checked every few seconds).
+    for port in &worker_ports {
+        let queue_up = eventually(Duration::from_secs(15), || async {
+            let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            (metric(&metrics, r#"sluice_backend_up{backend="queue"}"#) == Some(1.0)).then_some(())
+        })
+        .await;
+        assert!(
+            queue_up.is_some(),
+            "a worker's queue gauge says the broker is back"
+        );
+    }
+    for (process, _) in &mut processes {
+        let _ = process.start_kill();
+    }
     broker.kill();
     services.drop_database().await;
 }
