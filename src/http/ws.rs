@@ -190,9 +190,20 @@ async fn websocket(
 /// Tells a refused client why in a form page JavaScript can read: the error
 /// frame, `[DONE]`, then close with `4000 + status`.
 async fn refuse_login(socket: WebSocket, info: ErrorInfo) {
-    let (mut sink, _stream) = socket.split();
+    let (mut sink, mut stream) = socket.split();
     if send_error(&mut sink, &info).await {
         close(&mut sink, 4000 + info.status, "login refused").await;
+        // Wait for the client's Close, reading what it sent meanwhile (its
+        // request): a socket dropped with unread data is reset, a reset can
+        // lose the close frame, and a browser then reports 1006.
+        let answered = async {
+            while let Some(Ok(message)) = stream.next().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), answered).await;
     }
 }
 
