@@ -95,12 +95,10 @@ impl Gateway {
                 queue
             }
             QueueBackend::Kafka(kafka) => {
-                let queue =
-                    ReconnectingQueue::connect(kafka, &config.queue, metrics.clone()).await?;
+                let queue = ReconnectingQueue::start(kafka, &config.queue, metrics.clone()).await?;
                 if config.worker.in_process {
                     let source =
-                        ReconnectingJobSource::connect(kafka, &config.queue, metrics.clone())
-                            .await?;
+                        ReconnectingJobSource::start(kafka, &config.queue, metrics.clone()).await?;
                     tasks.push(spawn_worker(
                         &config,
                         upstream.clone(),
@@ -301,7 +299,7 @@ impl StandaloneWorker {
         };
         let metrics = Arc::new(Metrics::new(Roles::WORKER));
         let source: Arc<dyn JobSource> =
-            Arc::new(ReconnectingJobSource::connect(kafka, &config.queue, metrics.clone()).await?);
+            Arc::new(ReconnectingJobSource::start(kafka, &config.queue, metrics.clone()).await?);
         metrics.backend_up.with_label_values(&["queue"]).set(1);
         let shutdown = CancellationToken::new();
         // Keeps the queue's gauge current; logs an outage once at each end.

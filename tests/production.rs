@@ -281,18 +281,7 @@ async fn a_killed_edges_requests_are_cancelled_on_the_worker() {
     let config = dir.path().join("gateway.toml");
     std::fs::write(&config, edge_toml).unwrap();
     let sluice = env!("CARGO_BIN_EXE_sluice");
-    let created = std::process::Command::new(sluice)
-        .arg("--config")
-        .arg(&config)
-        .args(["keys", "create", "--name", "orphans"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&created.stdout);
-    let secret = stdout
-        .split_whitespace()
-        .find(|w| w.starts_with("sk-sluice-"))
-        .unwrap_or_else(|| panic!("no key in {stdout}"))
-        .to_string();
+    let secret = create_key_with_cli(&config, "orphans");
     let mut edge = tokio::process::Command::new(sluice)
         .arg("--config")
         .arg(&config)
@@ -1045,6 +1034,22 @@ async fn a_slow_broker_holds_the_worker_to_its_outbox_bound() {
     services.drop_database().await;
 }
 
+/// A key made with `sluice keys create` on `config`; returns its secret.
+fn create_key_with_cli(config: &std::path::Path, name: &str) -> String {
+    let created = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--config")
+        .arg(config)
+        .args(["keys", "create", "--name", name])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&created.stdout);
+    stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("sk-sluice-"))
+        .unwrap_or_else(|| panic!("no key in {stdout}"))
+        .to_string()
+}
+
 /// `sluice` with `args`, as a process of its own (killed when dropped),
 /// logging to `log`.
 fn sluice_process(
@@ -1132,18 +1137,7 @@ async fn broker_restarts_end_streams_cleanly_and_traffic_resumes() {
                 .collect::<Vec<_>>(),
         )
     };
-    let created = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .arg("--config")
-        .arg(process_config("keys", free_port()))
-        .args(["keys", "create", "--name", "restart"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&created.stdout);
-    let key = stdout
-        .split_whitespace()
-        .find(|w| w.starts_with("sk-sluice-"))
-        .unwrap_or_else(|| panic!("no key in {stdout}"))
-        .to_string();
+    let key = create_key_with_cli(&process_config("keys", free_port()), "restart");
     let http = reqwest::Client::new();
     let complete = |max_tokens: u32| json!({"model": MODEL, "prompt": "through a restart", "max_tokens": max_tokens, "stream": true});
     let post = |edge: &str, body: Value| {

@@ -290,6 +290,16 @@ async fn route_responses(consumer: Consumer, shared: Arc<EdgeShared>, routes: Ro
 }
 
 impl Session for KafkaQueue {
+    const ROLE: &'static str = "edge";
+
+    async fn connect(
+        kafka: KafkaConfig,
+        queue: QueueConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, QueueError> {
+        KafkaQueue::connect(&kafka, &queue, metrics).await
+    }
+
     fn loss(&self) -> &BrokerLoss {
         &self.shared.loss
     }
@@ -302,22 +312,6 @@ impl Session for KafkaQueue {
 
 /// An edge's queue that reconnects after losing its brokers.
 pub type ReconnectingQueue = Reconnecting<KafkaQueue>;
-
-impl ReconnectingQueue {
-    pub async fn connect(
-        kafka: &KafkaConfig,
-        queue: &QueueConfig,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self, QueueError> {
-        let (kafka, queue) = (kafka.clone(), queue.clone());
-        let brokers = kafka.brokers.clone();
-        Reconnecting::start(&brokers, "edge", move || {
-            let (kafka, queue, metrics) = (kafka.clone(), queue.clone(), metrics.clone());
-            async move { KafkaQueue::connect(&kafka, &queue, metrics).await }
-        })
-        .await
-    }
-}
 
 #[async_trait]
 impl Queue for ReconnectingQueue {

@@ -15,7 +15,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -28,42 +27,14 @@ use rdkafka::producer::FutureProducer;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::QueueError;
+use crate::config::{KafkaConfig, QueueConfig};
+use crate::metrics::Metrics;
 
 const SUMMARY_EVERY: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-
-/// A flag tasks can wait for.
-#[derive(Default)]
-struct Flag {
-    set: AtomicBool,
-    notify: Notify,
-}
-
-impl Flag {
-    fn raise(&self) {
-        if !self.set.swap(true, Ordering::SeqCst) {
-            self.notify.notify_waiters();
-        }
-    }
-
-    fn is_raised(&self) -> bool {
-        self.set.load(Ordering::SeqCst)
-    }
-
-    async fn wait(&self) {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.is_raised() {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
 
 /// Whether a session's brokers are gone: `reported` when a client reports
 /// every broker connection down, `closed` once the supervisor has taken the
@@ -75,27 +46,27 @@ impl Flag {
 /// crash in the first three).
 #[derive(Default)]
 pub struct BrokerLoss {
-    reported: Flag,
-    closed: Flag,
+    reported: CancellationToken,
+    closed: CancellationToken,
 }
 
 impl BrokerLoss {
     /// Whether the session was closed for the loss of its brokers.
     pub fn is_lost(&self) -> bool {
-        self.closed.is_raised()
+        self.closed.is_cancelled()
     }
 
     /// Notes an error a client returned: consumers report the loss of every
     /// broker as an error of `recv`, not always to their context.
     pub fn note(&self, error: &KafkaError) {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            self.reported.raise();
+            self.reported.cancel();
         }
     }
 
     /// Returns once the session is closed for the loss of its brokers.
     pub async fn wait(&self) {
-        self.closed.wait().await;
+        self.closed.cancelled().await;
     }
 }
 
@@ -127,7 +98,17 @@ pub type Producer = FutureProducer<Watched>;
 pub type Consumer = StreamConsumer<Watched>;
 
 /// An edge's queue or a worker's job source, on one set of clients.
-pub trait Session: Send + Sync + 'static {
+pub trait Session: Sized + Send + Sync + 'static {
+    /// What the process is to the queue, for the log: `edge` or `worker`.
+    const ROLE: &'static str;
+
+    /// Creates missing topics and connects a new set of clients.
+    fn connect(
+        kafka: KafkaConfig,
+        queue: QueueConfig,
+        metrics: Arc<Metrics>,
+    ) -> impl Future<Output = Result<Self, QueueError>> + Send + 'static;
+
     fn loss(&self) -> &BrokerLoss;
     /// Ends the session's in-flight work: its brokers are gone.
     fn close(&self);
@@ -149,23 +130,22 @@ impl<S> Drop for Reconnecting<S> {
 impl<S: Session> Reconnecting<S> {
     /// Connects the first session (failing as `connect` does: startup
     /// should say when the brokers are unreachable) and keeps one connected.
-    pub async fn start<F, Fut>(
-        brokers: &str,
-        what: &'static str,
-        connect: F,
-    ) -> Result<Self, QueueError>
-    where
-        F: Fn() -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<S, QueueError>> + Send + 'static,
-    {
+    pub async fn start(
+        kafka: &KafkaConfig,
+        queue: &QueueConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, QueueError> {
+        let (kafka, queue) = (kafka.clone(), queue.clone());
+        let brokers = bootstrap_addresses(&kafka.brokers);
+        let connect = move || S::connect(kafka.clone(), queue.clone(), metrics.clone());
         let first = connect().await?;
         let current = Arc::new(ArcSwapOption::from_pointee(first));
         let reconnected = Arc::new(Notify::new());
         let supervisor = tokio::spawn(supervise(
             current.clone(),
             reconnected.clone(),
-            bootstrap_addresses(brokers),
-            what,
+            brokers,
+            S::ROLE,
             connect,
         ));
         Ok(Self {
@@ -215,8 +195,8 @@ async fn supervise<S, F, Fut>(
             return;
         };
         let loss = session.loss();
-        loss.reported.wait().await;
-        loss.closed.raise();
+        loss.reported.cancelled().await;
+        loss.closed.cancel();
         current.store(None);
         session.close();
         // Destroying clients waits for their threads; not on the runtime.

@@ -104,19 +104,20 @@ impl WorkerShared {
             .clone()
     }
 
-    /// Queues one frame for the job's edge; the outbox's flusher produces it.
+    /// Queues one frame for the job's edge; the outbox's flusher produces
+    /// it. Returns whether the outbox is now full (`max_outbox_bytes`).
     fn send_frame(
         self: &Arc<Self>,
         reply: &Reply,
         kind: FrameKind,
         seq: Option<u64>,
         payload: &[u8],
-    ) {
+    ) -> bool {
         reply
             .last_sent_ms
             .store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
         let mut outbox = reply.outbox.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
+        let full = loop {
             {
                 let mut buffer = outbox.buffer.lock().unwrap_or_else(|p| p.into_inner());
                 if !buffer.closed {
@@ -131,13 +132,14 @@ impl WorkerShared {
                     );
                     let added = buffer.frames.len() - before;
                     self.metrics.queue_outbox_bytes.add(added as i64);
-                    break;
+                    break buffer.frames.len() >= self.kafka.max_outbox_bytes;
                 }
             }
             // The outbox closed after idling; open a fresh one.
             *outbox = self.outbox(&reply.edge_id, reply.partition);
-        }
+        };
         outbox.ready.notify_one();
+        full
     }
 
     /// Waits while the job's outbox holds `max_outbox_bytes` or more (the
@@ -593,12 +595,13 @@ impl ResponseSink for KafkaSink {
         self.next_seq += 1;
         match &event {
             ResponseEvent::Chunk(chunk) => {
-                self.shared.wait_for_room(&self.reply).await;
-                if self.reply.cancel.is_cancelled() {
-                    return Err(SinkClosed);
-                }
-                self.shared
+                // The job takes its next chunk from vLLM only once there is room.
+                if self
+                    .shared
                     .send_frame(&self.reply, FrameKind::Chunk, seq, chunk.framed())
+                {
+                    self.shared.wait_for_room(&self.reply).await;
+                }
             }
             ResponseEvent::Error(info) => {
                 let payload = serde_json::to_vec(info).unwrap_or_default();
@@ -684,6 +687,16 @@ async fn listen_for_cancels(consumer: Consumer, shared: Arc<WorkerShared>) {
 }
 
 impl Session for KafkaJobSource {
+    const ROLE: &'static str = "worker";
+
+    async fn connect(
+        kafka: KafkaConfig,
+        queue: QueueConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, QueueError> {
+        KafkaJobSource::connect(&kafka, &queue, metrics).await
+    }
+
     fn loss(&self) -> &BrokerLoss {
         &self.shared.loss
     }
@@ -703,22 +716,6 @@ impl Session for KafkaJobSource {
 
 /// A worker's job source that reconnects after losing its brokers.
 pub type ReconnectingJobSource = Reconnecting<KafkaJobSource>;
-
-impl ReconnectingJobSource {
-    pub async fn connect(
-        kafka: &KafkaConfig,
-        queue: &QueueConfig,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self, QueueError> {
-        let (kafka, queue) = (kafka.clone(), queue.clone());
-        let brokers = kafka.brokers.clone();
-        Reconnecting::start(&brokers, "worker", move || {
-            let (kafka, queue, metrics) = (kafka.clone(), queue.clone(), metrics.clone());
-            async move { KafkaJobSource::connect(&kafka, &queue, metrics).await }
-        })
-        .await
-    }
-}
 
 #[async_trait]
 impl JobSource for ReconnectingJobSource {
