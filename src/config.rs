@@ -973,44 +973,74 @@ impl RawConfig {
             message,
         };
         let ms = Duration::from_millis;
-        let positive = |key: &str, value: u64| {
-            if value == 0 {
-                Err(invalid(key, "must be greater than 0".into()))
-            } else {
-                Ok(value)
-            }
+        let positive = |key: &str, value: u64| match value {
+            0 => Err(invalid(key, "must be greater than 0".into())),
+            value => Ok(value),
         };
-
-        positive("server.max_body_bytes", self.server.max_body_bytes as u64)?;
-        positive(
-            "server.listen_backlog",
-            u64::from(self.server.listen_backlog),
-        )?;
-        if let Some(max) = self.server.max_connections {
-            positive("server.max_connections", max as u64)?;
-        }
-        positive(
-            "server.ws_max_queued_requests",
-            self.server.ws_max_queued_requests as u64,
-        )?;
-        positive(
-            "server.ws_max_sockets_per_key",
-            self.server.ws_max_sockets_per_key as u64,
-        )?;
-        positive("server.max_n", u64::from(self.server.max_n))?;
-        positive("server.max_prompts", self.server.max_prompts as u64)?;
-        for (key, timeout) in [
-            ("server.header_timeout_ms", self.server.header_timeout),
-            ("server.body_timeout_ms", self.server.body_timeout),
-            ("server.ws_idle_timeout_ms", self.server.ws_idle_timeout),
+        let (server, auth, store, up, q) = (
+            &self.server,
+            &self.auth,
+            &self.store,
+            &self.upstream,
+            &self.queue,
+        );
+        let (limits, cache, worker) = (&self.limits, &self.cache, &self.worker);
+        let millis = |d: Duration| d.as_millis() as u64;
+        for (key, value) in [
+            ("server.max_body_bytes", server.max_body_bytes as u64),
+            ("server.listen_backlog", server.listen_backlog.into()),
+            (
+                "server.max_connections",
+                server.max_connections.map_or(1, |n| n as u64),
+            ),
+            (
+                "server.ws_max_queued_requests",
+                server.ws_max_queued_requests as u64,
+            ),
+            (
+                "server.ws_max_sockets_per_key",
+                server.ws_max_sockets_per_key as u64,
+            ),
+            ("server.max_n", server.max_n.into()),
+            ("server.max_prompts", server.max_prompts as u64),
+            ("server.header_timeout_ms", millis(server.header_timeout)),
+            ("server.body_timeout_ms", millis(server.body_timeout)),
+            ("server.ws_idle_timeout_ms", millis(server.ws_idle_timeout)),
+            ("auth.max_unknown_keys", auth.max_unknown_keys),
+            (
+                "auth.unknown_lookups_per_second",
+                auth.unknown_lookups_per_second.into(),
+            ),
+            ("store.max_connections", store.max_connections.into()),
+            ("store.log_buffer", store.log_buffer as u64),
+            ("upstream.max_attempts", up.max_attempts.into()),
+            ("upstream.health_interval_ms", millis(up.health_interval)),
+            ("upstream.connect_timeout_ms", millis(up.connect_timeout)),
+            (
+                "upstream.first_chunk_timeout_ms",
+                millis(up.first_chunk_timeout),
+            ),
+            ("upstream.idle_timeout_ms", millis(up.idle_timeout)),
+            ("limits.edges", limits.edges),
+            ("limits.reserve_tokens", limits.reserve_tokens),
+            ("limits.lease_secs", limits.lease.as_secs()),
+            ("limits.timeout_ms", millis(limits.timeout)),
+            ("cache.ttl_secs", cache.ttl.as_secs()),
+            ("cache.max_bytes", cache.max_bytes),
+            ("cache.timeout_ms", millis(cache.timeout)),
+            ("queue.capacity", q.capacity as u64),
+            ("queue.queue_timeout_ms", q.queue_timeout_ms),
+            ("queue.worker_timeout_ms", q.worker_timeout_ms),
+            ("queue.heartbeat_ms", q.heartbeat_ms),
+            ("queue.max_attempts", q.max_attempts.into()),
+            ("worker.concurrency", worker.concurrency as u64),
+            (
+                "plugin_host.epoch_tick_ms",
+                millis(self.plugin_host.epoch_tick),
+            ),
         ] {
-            positive(key, timeout.as_millis() as u64)?;
+            positive(key, value)?;
         }
-        positive("auth.max_unknown_keys", self.auth.max_unknown_keys)?;
-        positive(
-            "auth.unknown_lookups_per_second",
-            u64::from(self.auth.unknown_lookups_per_second),
-        )?;
         if self.auth.cache_ttl > Duration::from_secs(1) {
             return Err(invalid(
                 "auth.cache_ttl_ms",
@@ -1030,20 +1060,7 @@ impl RawConfig {
                 ),
             ));
         }
-        positive(
-            "store.max_connections",
-            u64::from(self.store.max_connections),
-        )?;
-        positive("store.log_buffer", self.store.log_buffer as u64)?;
 
-        positive(
-            "upstream.max_attempts",
-            u64::from(self.upstream.max_attempts),
-        )?;
-        positive(
-            "upstream.health_interval_ms",
-            self.upstream.health_interval.as_millis() as u64,
-        )?;
         let mut names = std::collections::HashSet::new();
         for (i, model) in self.models.iter().enumerate() {
             let key = |field: &str| format!("models[{i}].{field}");
@@ -1082,10 +1099,6 @@ impl RawConfig {
                 ),
             ));
         }
-        positive("limits.edges", self.limits.edges)?;
-        positive("limits.reserve_tokens", self.limits.reserve_tokens)?;
-        positive("limits.lease_secs", self.limits.lease.as_secs())?;
-        positive("limits.timeout_ms", self.limits.timeout.as_millis() as u64)?;
         if let Err(message) = self.limits.default.validate() {
             return Err(invalid("limits.default", message));
         }
@@ -1120,14 +1133,11 @@ impl RawConfig {
                 ),
             ));
         }
-        positive("cache.ttl_secs", self.cache.ttl.as_secs())?;
-        positive("cache.max_bytes", self.cache.max_bytes)?;
-        positive("cache.timeout_ms", self.cache.timeout.as_millis() as u64)?;
 
         let q = self.queue;
         let queue_backend = match scheme(&q.url) {
             Some("memory") => QueueBackend::Memory {
-                capacity: positive("queue.capacity", q.capacity as u64)? as usize,
+                capacity: q.capacity,
             },
             Some("kafka") => {
                 let brokers = q
@@ -1222,10 +1232,10 @@ impl RawConfig {
         };
         let queue = QueueConfig {
             backend: queue_backend,
-            queue_timeout: ms(positive("queue.queue_timeout_ms", q.queue_timeout_ms)?),
-            worker_timeout: ms(positive("queue.worker_timeout_ms", q.worker_timeout_ms)?),
-            heartbeat: ms(positive("queue.heartbeat_ms", q.heartbeat_ms)?),
-            max_attempts: positive("queue.max_attempts", u64::from(q.max_attempts))? as u32,
+            queue_timeout: ms(q.queue_timeout_ms),
+            worker_timeout: ms(q.worker_timeout_ms),
+            heartbeat: ms(q.heartbeat_ms),
+            max_attempts: q.max_attempts,
         };
         if queue.heartbeat >= queue.worker_timeout {
             return Err(invalid(
@@ -1234,7 +1244,6 @@ impl RawConfig {
             ));
         }
 
-        positive("worker.concurrency", self.worker.concurrency as u64)?;
         if matches!(queue.backend, QueueBackend::Memory { .. }) && !self.worker.in_process {
             return Err(invalid(
                 "worker.in_process",
@@ -1242,22 +1251,11 @@ impl RawConfig {
             ));
         }
 
-        let upstream = &self.upstream;
-        if upstream.urls.is_empty() {
+        if self.upstream.urls.is_empty() {
             return Err(invalid(
                 "upstream.urls",
                 "at least one vLLM URL is required".into(),
             ));
-        }
-        for (key, timeout) in [
-            ("upstream.connect_timeout_ms", upstream.connect_timeout),
-            (
-                "upstream.first_chunk_timeout_ms",
-                upstream.first_chunk_timeout,
-            ),
-            ("upstream.idle_timeout_ms", upstream.idle_timeout),
-        ] {
-            positive(key, timeout.as_millis() as u64)?;
         }
 
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
@@ -1280,10 +1278,6 @@ impl RawConfig {
                 format!("{max_instances} must be between 16 and 65536"),
             ));
         }
-        positive(
-            "plugin_host.epoch_tick_ms",
-            self.plugin_host.epoch_tick.as_millis() as u64,
-        )?;
         if let Some(n) = self.plugin_host.max_idle_instances
             && n > max_instances / 2
         {
