@@ -646,6 +646,77 @@ async fn a_worker_killed_before_its_first_chunk_is_replaced_transparently() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_and_its_generation_stopped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let services = services!();
+    let sim = Simulator::start(sim_config()).await.unwrap();
+    let (edge, worker, url, key) = edge_and_worker(&services, &sim, "stalled").await;
+
+    // A client that sends its request and then reads nothing, with a small
+    // receive buffer: the edge cannot hold back the worker across Kafka, so it
+    // holds a bounded number of the answer's chunks, then gives up on it.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket
+        .connect(url.trim_start_matches("http://").parse().unwrap())
+        .await
+        .unwrap();
+    let body = json!({"model": MODEL, "prompt": "never read", "max_tokens": 50000, "stream": true, "sim_token_delay_ms": 0}).to_string();
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: sluice\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stalled.write_all(request.as_bytes()).await.unwrap();
+    let id = eventually(Duration::from_secs(10), || async {
+        sim.received().first().map(|r| r.request_id.clone())
+    })
+    .await
+    .expect("the request reached vLLM");
+    assert!(
+        sim.wait_for_abort(&id, Duration::from_secs(60)).await,
+        "the generation nobody reads was stopped"
+    );
+    assert!(
+        !sim.completed().contains(&id),
+        "the generation ran to its end"
+    );
+
+    // Other clients are served meanwhile.
+    let other = json!({"model": MODEL, "prompt": "read promptly", "max_tokens": 5, "stream": true});
+    let events = stream_from(&reqwest::Client::new(), &url, &key, &other).await;
+    assert_eq!(texts(&events), sim.expected_texts(&other));
+
+    // Reading at last, the stalled client finds its stream ended: an error
+    // event that says why, then [DONE].
+    let mut received = Vec::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let n = stalled.read(&mut buffer).await.unwrap();
+            if n == 0 {
+                return;
+            }
+            received.extend_from_slice(&buffer[..n]);
+            if memchr::memmem::find(&received, b"data: [DONE]").is_some() {
+                return;
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&received);
+    assert!(ended.is_ok(), "the stalled stream never ended");
+    assert!(
+        text.contains("the client read too slowly"),
+        "no error event before the end: {}",
+        text.get(text.len().saturating_sub(600)..).unwrap_or(&text)
+    );
+    assert!(text.contains("data: [DONE]"));
+    edge.kill();
+    worker.kill();
+    services.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_stream_ends_the_stream_with_an_error() {
     let services = services!();
     let sim = Simulator::start(SimulatorConfig {

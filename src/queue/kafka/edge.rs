@@ -273,6 +273,7 @@ async fn route_responses(consumer: Consumer, shared: Arc<EdgeShared>, routes: Ro
                 .queue_consume_delay
                 .observe(age.max(0) as f64 / 1000.0);
         }
+        let mut overflowed = Vec::new();
         let mut routes = lock(&routes);
         for frame in decoded {
             let Some(route) = routes.get(&frame.request_id) else {
@@ -281,8 +282,16 @@ async fn route_responses(consumer: Consumer, shared: Arc<EdgeShared>, routes: Ro
             };
             if let Err(full) = route.tx.try_send(frame) {
                 route.overflowed.store(true, Ordering::Relaxed);
-                routes.remove(&full.into_inner().request_id);
+                let frame = full.into_inner();
+                routes.remove(&frame.request_id);
+                overflowed.push(frame);
             }
+        }
+        drop(routes);
+        // A client this far behind is cut off, and its generation stopped now:
+        // it may not read (and so end its stream) for a long time.
+        for frame in overflowed {
+            shared.cancel(&frame.request_id, frame.attempt);
         }
     }
     // The brokers are gone: closing the consumer waits for them, so not here.
