@@ -41,6 +41,8 @@ pub struct Metrics {
     pub queue_outbox_bytes: IntGauge,
     pub queue_outbox_full: IntCounter,
     pub queue_frames_too_large: IntCounter,
+    pub queue_group_rejoins: IntCounter,
+    pub queue_assigned_partitions: IntGauge,
     pub worker_inflight: IntGauge,
     pub worker_requests: IntCounterVec,
     pub upstream_errors: IntCounterVec,
@@ -263,6 +265,16 @@ impl Metrics {
                 R::WORKER,
                 "sluice_queue_frames_too_large_total",
                 "Response chunks larger than the broker accepts in one message; their requests end with an error",
+            ),
+            queue_group_rejoins: b.counter(
+                R::WORKER,
+                "sluice_queue_group_rejoins_total",
+                "Times a worker left and rejoined its consumer group because the group, though stable, left request partitions unread",
+            ),
+            queue_assigned_partitions: b.gauge(
+                R::WORKER,
+                "sluice_queue_assigned_partitions",
+                "Request-topic partitions the consumer group assigns this worker (checked every 3 s); their sum over the workers should equal the topic's partitions",
             ),
             worker_inflight: b.gauge(
                 R::WORKER,

@@ -1329,6 +1329,7 @@ async fn requests_are_served_after_a_worker_process_is_killed() {
         &services.kafka_queue(false),
         "[queue]\nqueue_timeout_ms = 3000\nmax_attempts = 3\n",
     );
+    let metrics_ports = [free_port(), free_port()];
     let worker_toml = |n: usize| {
         merge_toml(
             &queue,
@@ -1336,7 +1337,7 @@ async fn requests_are_served_after_a_worker_process_is_killed() {
                 "[store]\nurl = \"sqlite://{}\"\n[upstream]\nurls = [\"{}\"]\n[log]\nlevel = \"warn\"\n[worker]\nlisten = \"127.0.0.1:{}\"\n",
                 dir.path().join(format!("worker-{n}.db")).display(),
                 sim.url(),
-                free_port()
+                metrics_ports[n]
             ),
         )
     };
@@ -1367,10 +1368,32 @@ async fn requests_are_served_after_a_worker_process_is_killed() {
     })
     .await;
     assert!(served.is_some(), "the workers came up");
+    // Both workers read partitions, so the one killed leaves some without a reader.
+    let assigned = |port: u16| {
+        let http = &http;
+        async move {
+            let url = format!("http://127.0.0.1:{port}/metrics");
+            let text = http.get(url).send().await.ok()?.text().await.ok()?;
+            metric(&text, "sluice_queue_assigned_partitions")
+        }
+    };
+    let shared_out = eventually(Duration::from_secs(30), || async {
+        let (a, b) = (
+            assigned(metrics_ports[0]).await?,
+            assigned(metrics_ports[1]).await?,
+        );
+        (a > 0.0 && b > 0.0 && a + b == 4.0).then_some(())
+    })
+    .await;
+    assert!(
+        shared_out.is_some(),
+        "the two workers never shared the 4 partitions"
+    );
 
     let (mut killed, _) = workers.remove(0);
     killed.start_kill().unwrap();
     killed.wait().await.unwrap();
+    let killed_at = std::time::Instant::now();
     // Every request is answered in full: those sent to the dead worker's
     // partitions go again under other keys, within max_attempts x queue_timeout_ms.
     let bodies: Vec<Value> = (1..=12).map(body).collect();
@@ -1378,7 +1401,54 @@ async fn requests_are_served_after_a_worker_process_is_killed() {
     for (events, sent) in answers.iter().zip(&bodies) {
         assert_eq!(texts(events), sim.expected_texts(sent), "{events:?}");
     }
+    // Then the survivor reads every partition: once the dead member's session
+    // is over (6 s here) and the group has rebalanced, a wave of requests
+    // needs no re-send. A broker that keeps the dead member's partitions
+    // unassigned (tansu 0.6) is made to rebalance by the survivor rejoining.
+    let retries = || async {
+        let text = http
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        metric(&text, "sluice_queue_retries_total")
+    };
+    let mut wave = 100;
+    let healed = eventually(Duration::from_secs(60), || {
+        wave += 100;
+        let bodies: Vec<Value> = (wave..wave + 12).map(body).collect();
+        let (http, url, key, sim, retries) = (&http, &url, &key, &sim, &retries);
+        async move {
+            let before = retries().await?;
+            let answers = join_all(bodies.iter().map(|b| stream_from(http, url, key, b))).await;
+            for (events, sent) in answers.iter().zip(&bodies) {
+                assert_eq!(texts(events), sim.expected_texts(sent), "{events:?}");
+            }
+            (retries().await? == before).then_some(())
+        }
+    })
+    .await;
     let (survivor, log) = &mut workers[0];
+    assert!(
+        healed.is_some(),
+        "60 s after the kill, requests still needed re-sends: some request partitions have no reader\n{}",
+        log_tails(&[log])
+    );
+    let survivor_metrics = eventually(Duration::from_secs(10), || async {
+        let url = format!("http://127.0.0.1:{}/metrics", metrics_ports[1]);
+        let text = http.get(url).send().await.ok()?.text().await.ok()?;
+        (metric(&text, "sluice_queue_assigned_partitions") == Some(4.0)).then_some(text)
+    })
+    .await
+    .expect("the survivor's gauge shows it reads every partition");
+    eprintln!(
+        "every partition read again within {:.1} s of the kill; the survivor rejoined its group {} times",
+        killed_at.elapsed().as_secs_f64(),
+        metric(&survivor_metrics, "sluice_queue_group_rejoins_total").unwrap_or(0.0)
+    );
     assert!(
         survivor.try_wait().unwrap().is_none(),
         "the surviving worker died\n{}",

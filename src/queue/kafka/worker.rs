@@ -349,7 +349,7 @@ fn is_too_large(err: &KafkaError) -> bool {
 /// The worker's side of the Kafka queue.
 pub struct KafkaJobSource {
     shared: Arc<WorkerShared>,
-    consumer: Consumer,
+    consumer: Arc<Consumer>,
     tasks: Vec<JoinHandle<()>>,
     /// When the offsets taken were last committed.
     committed: Mutex<Instant>,
@@ -421,9 +421,11 @@ impl KafkaJobSource {
             edges: Default::default(),
             metrics,
         });
+        let consumer = Arc::new(consumer);
         let tasks = vec![
             tokio::spawn(listen_for_cancels(cancels, shared.clone())),
             tokio::spawn(send_heartbeats(shared.clone(), queue.heartbeat)),
+            tokio::spawn(watch_group(Arc::downgrade(&consumer), shared.clone())),
         ];
         tracing::info!(worker_id = %shared.worker_id, group = %kafka.worker_group, "Kafka worker connected");
         Ok(Self {
@@ -799,4 +801,91 @@ impl WorkerShared {
             }
         }
     }
+}
+
+/// How often a worker checks that its consumer group reads every request partition.
+const GROUP_CHECK_EVERY: Duration = Duration::from_secs(3);
+
+/// Rejoins the consumer group when, though stable, it leaves this worker
+/// fewer request partitions than its share: a broker that dropped a dead
+/// member without starting a new generation (tansu 0.6 does, when the member
+/// was killed rather than stopped) leaves that member's partitions unread
+/// until the group rebalances, and leaving and joining again makes it
+/// rebalance. Two checks in a row must agree, so a rebalance under way is
+/// not mistaken for it. On Apache Kafka the check never fires.
+async fn watch_group(consumer: std::sync::Weak<Consumer>, shared: Arc<WorkerShared>) {
+    let mut ticker = tokio::time::interval(GROUP_CHECK_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut short_before = false;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shared.loss.wait() => return,
+        }
+        let (weak, kafka) = (consumer.clone(), shared.kafka.clone());
+        // The group and topic lookups block; and if the session was dropped
+        // meanwhile, the consumer is destroyed here, off the runtime.
+        let checked = tokio::task::spawn_blocking(move || {
+            let consumer = weak.upgrade()?;
+            let held = consumer.assignment().map_or(0, |list| list.count());
+            let shortfall = share_shortfall(&consumer, &kafka, held);
+            Some((consumer, held, shortfall))
+        })
+        .await;
+        let Ok(Some((consumer, held, shortfall))) = checked else {
+            return;
+        };
+        shared.metrics.queue_assigned_partitions.set(held as i64);
+        match shortfall {
+            Some(short) if short_before => {
+                short_before = false;
+                tracing::warn!(
+                    held = short.held,
+                    share = short.share,
+                    members = short.members,
+                    partitions = short.partitions,
+                    "the worker group is stable but leaves request partitions unread; rejoining it so that it rebalances"
+                );
+                shared.metrics.queue_group_rejoins.inc();
+                consumer.unsubscribe();
+                if let Err(err) = consumer.subscribe(&[&shared.kafka.request_topic]) {
+                    tracing::warn!(%err, "could not subscribe to the request topic again");
+                }
+            }
+            shortfall => short_before = shortfall.is_some(),
+        }
+        // Destroying the last handle waits for the brokers: not on the runtime.
+        drop(tokio::task::spawn_blocking(move || drop(consumer)));
+    }
+}
+
+/// A worker holding fewer request partitions than a stable group's share.
+struct Shortfall {
+    held: usize,
+    share: usize,
+    members: usize,
+    partitions: usize,
+}
+
+fn share_shortfall(consumer: &Consumer, kafka: &KafkaConfig, held: usize) -> Option<Shortfall> {
+    let timeout = Duration::from_secs(2);
+    let groups = consumer
+        .fetch_group_list(Some(&kafka.worker_group), timeout)
+        .ok()?;
+    let group = groups
+        .groups()
+        .iter()
+        .find(|g| g.name() == kafka.worker_group && g.state() == "Stable")?;
+    let members = group.members().len();
+    let metadata = consumer
+        .fetch_metadata(Some(&kafka.request_topic), timeout)
+        .ok()?;
+    let partitions = metadata.topics().first()?.partitions().len();
+    let share = partitions / members.max(1);
+    (members > 0 && held < share).then_some(Shortfall {
+        held,
+        share,
+        members,
+        partitions,
+    })
 }
