@@ -650,7 +650,23 @@ async fn a_client_that_stops_reading_is_cut_off_and_its_generation_stopped() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let services = services!();
     let sim = Simulator::start(sim_config()).await.unwrap();
-    let (edge, worker, url, key) = edge_and_worker(&services, &sim, "stalled").await;
+    // The default worker timeout: the flood below (50,000 tokens as fast as
+    // the simulator makes them) can hold tansu up for longer than the tests'
+    // usual 1.5 s, which the edge would take for a lost worker.
+    let queue = merge_toml(
+        &services.kafka_queue(false),
+        "[queue]\nworker_timeout_ms = 10000\n",
+    );
+    let worker = Isolated::new("worker");
+    worker
+        .start_worker(services.config(&sim.url(), &queue))
+        .await;
+    let edge = Isolated::new("edge");
+    let (url, store) = edge.start_edge(services.config(&sim.url(), &queue)).await;
+    let key = sluice::auth::create_key(store.as_ref(), "stalled")
+        .await
+        .unwrap()
+        .secret;
 
     // A client that sends its request and then reads nothing, with a small
     // receive buffer: the edge cannot hold back the worker across Kafka, so it
