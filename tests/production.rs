@@ -29,14 +29,23 @@ async fn edge_and_worker(
     sim: &Simulator,
     key_name: &str,
 ) -> (Isolated, Isolated, String, String) {
+    edge_and_worker_with(services, sim, key_name, "").await
+}
+
+/// As [`edge_and_worker`], with `queue_overrides` (TOML) merged into both configs.
+async fn edge_and_worker_with(
+    services: &Services,
+    sim: &Simulator,
+    key_name: &str,
+    queue_overrides: &str,
+) -> (Isolated, Isolated, String, String) {
+    let queue = merge_toml(&services.kafka_queue(false), queue_overrides);
     let worker = Isolated::new("worker");
     worker
-        .start_worker(services.config(&sim.url(), &services.kafka_queue(false)))
+        .start_worker(services.config(&sim.url(), &queue))
         .await;
     let edge = Isolated::new("edge");
-    let (url, store) = edge
-        .start_edge(services.config(&sim.url(), &services.kafka_queue(false)))
-        .await;
+    let (url, store) = edge.start_edge(services.config(&sim.url(), &queue)).await;
     let key = sluice::auth::create_key(store.as_ref(), key_name)
         .await
         .unwrap()
@@ -425,12 +434,7 @@ async fn a_request_no_worker_picks_up_gets_503_after_its_attempts() {
         waited >= Duration::from_millis(4400) && waited < Duration::from_millis(7000),
         "{waited:?}"
     );
-    let metrics = reqwest::get(format!("{url}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape_metrics(&url).await.unwrap();
     assert_eq!(
         metric(&metrics, "sluice_queue_retries_total"),
         Some(2.0),
@@ -653,20 +657,13 @@ async fn a_client_that_stops_reading_is_cut_off_and_its_generation_stopped() {
     // The default worker timeout: the flood below (50,000 tokens as fast as
     // the simulator makes them) can hold tansu up for longer than the tests'
     // usual 1.5 s, which the edge would take for a lost worker.
-    let queue = merge_toml(
-        &services.kafka_queue(false),
+    let (edge, worker, url, key) = edge_and_worker_with(
+        &services,
+        &sim,
+        "stalled",
         "[queue]\nworker_timeout_ms = 10000\n",
-    );
-    let worker = Isolated::new("worker");
-    worker
-        .start_worker(services.config(&sim.url(), &queue))
-        .await;
-    let edge = Isolated::new("edge");
-    let (url, store) = edge.start_edge(services.config(&sim.url(), &queue)).await;
-    let key = sluice::auth::create_key(store.as_ref(), "stalled")
-        .await
-        .unwrap()
-        .secret;
+    )
+    .await;
 
     // A client that sends its request and then reads nothing, with a small
     // receive buffer: the edge cannot hold back the worker across Kafka, so it
@@ -1313,12 +1310,7 @@ async fn broker_restarts_end_streams_cleanly_and_traffic_resumes() {
     // The workers' queue gauges follow (they are checked every few seconds).
     for port in &worker_ports {
         let queue_up = eventually(Duration::from_secs(15), || async {
-            let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-                .await
-                .ok()?
-                .text()
-                .await
-                .ok()?;
+            let metrics = scrape_metrics(&format!("http://127.0.0.1:{port}")).await?;
             (metric(&metrics, r#"sluice_backend_up{backend="queue"}"#) == Some(1.0)).then_some(())
         })
         .await;
@@ -1385,18 +1377,20 @@ async fn requests_are_served_after_a_worker_process_is_killed() {
     .await;
     assert!(served.is_some(), "the workers came up");
     // Both workers read partitions, so the one killed leaves some without a reader.
-    let assigned = |port: u16| {
-        let http = &http;
+    let worker_urls = metrics_ports.map(|port| format!("http://127.0.0.1:{port}"));
+    let assigned = |url: &str| {
+        let url = url.to_string();
         async move {
-            let url = format!("http://127.0.0.1:{port}/metrics");
-            let text = http.get(url).send().await.ok()?.text().await.ok()?;
-            metric(&text, "sluice_queue_assigned_partitions")
+            metric(
+                &scrape_metrics(&url).await?,
+                "sluice_queue_assigned_partitions",
+            )
         }
     };
     let shared_out = eventually(Duration::from_secs(30), || async {
         let (a, b) = (
-            assigned(metrics_ports[0]).await?,
-            assigned(metrics_ports[1]).await?,
+            assigned(&worker_urls[0]).await?,
+            assigned(&worker_urls[1]).await?,
         );
         (a > 0.0 && b > 0.0 && a + b == 4.0).then_some(())
     })
@@ -1424,17 +1418,7 @@ async fn requests_are_served_after_a_worker_process_is_killed() {
     // is over (6 s here) and the group has rebalanced, a wave of requests
     // needs no re-send. A broker that keeps the dead member's partitions
     // unassigned (tansu 0.6) is made to rebalance by the survivor rejoining.
-    let retries = || async {
-        let text = http
-            .get(format!("{url}/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        metric(&text, "sluice_queue_retries_total")
-    };
+    let retries = || async { metric(&scrape_metrics(&url).await?, "sluice_queue_retries_total") };
     let mut wave = 100;
     let healed = eventually(Duration::from_secs(60), || {
         wave += 100;
@@ -1457,8 +1441,7 @@ async fn requests_are_served_after_a_worker_process_is_killed() {
         log_tails(&[log])
     );
     let survivor_metrics = eventually(Duration::from_secs(10), || async {
-        let url = format!("http://127.0.0.1:{}/metrics", metrics_ports[1]);
-        let text = http.get(url).send().await.ok()?.text().await.ok()?;
+        let text = scrape_metrics(&worker_urls[1]).await?;
         (metric(&text, "sluice_queue_assigned_partitions") == Some(4.0)).then_some(text)
     })
     .await

@@ -224,6 +224,16 @@ impl Drop for TestGateway {
     }
 }
 
+/// The Prometheus text a process serves at `{base_url}/metrics`, if it answers.
+pub async fn scrape_metrics(base_url: &str) -> Option<String> {
+    reqwest::get(format!("{base_url}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()
+}
+
 /// The value of one series (`name{labels}`) in a Prometheus text exposition.
 pub fn metric(metrics: &str, series: &str) -> Option<f64> {
     metrics

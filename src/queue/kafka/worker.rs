@@ -823,39 +823,38 @@ async fn watch_group(consumer: std::sync::Weak<Consumer>, shared: Arc<WorkerShar
             () = shared.loss.wait() => return,
         }
         let (weak, kafka) = (consumer.clone(), shared.kafka.clone());
-        // The group and topic lookups block; and if the session was dropped
-        // meanwhile, the consumer is destroyed here, off the runtime.
+        let rejoin_if_short = short_before;
+        // The lookups and the rejoin block, and if the session was dropped
+        // meanwhile, the consumer is destroyed here: all off the runtime.
         let checked = tokio::task::spawn_blocking(move || {
             let consumer = weak.upgrade()?;
             let held = consumer.assignment().map_or(0, |list| list.count());
             let shortfall = share_shortfall(&consumer, &kafka, held);
-            Some((consumer, held, shortfall))
+            let rejoined = (shortfall.is_some() && rejoin_if_short).then(|| {
+                consumer.unsubscribe();
+                consumer.subscribe(&[&kafka.request_topic])
+            });
+            Some((held, shortfall, rejoined))
         })
         .await;
-        let Ok(Some((consumer, held, shortfall))) = checked else {
+        let Ok(Some((held, shortfall, rejoined))) = checked else {
             return;
         };
         shared.metrics.queue_assigned_partitions.set(held as i64);
-        match shortfall {
-            Some(short) if short_before => {
-                short_before = false;
-                tracing::warn!(
-                    held = short.held,
-                    share = short.share,
-                    members = short.members,
-                    partitions = short.partitions,
-                    "the worker group is stable but leaves request partitions unread; rejoining it so that it rebalances"
-                );
-                shared.metrics.queue_group_rejoins.inc();
-                consumer.unsubscribe();
-                if let Err(err) = consumer.subscribe(&[&shared.kafka.request_topic]) {
-                    tracing::warn!(%err, "could not subscribe to the request topic again");
-                }
+        short_before = shortfall.is_some() && rejoined.is_none();
+        if let (Some(short), Some(subscribed)) = (shortfall, rejoined) {
+            tracing::warn!(
+                held = short.held,
+                share = short.share,
+                members = short.members,
+                partitions = short.partitions,
+                "the worker group is stable but leaves request partitions unread; rejoined it so that it rebalances"
+            );
+            shared.metrics.queue_group_rejoins.inc();
+            if let Err(err) = subscribed {
+                tracing::warn!(%err, "could not subscribe to the request topic again");
             }
-            shortfall => short_before = shortfall.is_some(),
         }
-        // Destroying the last handle waits for the brokers: not on the runtime.
-        drop(tokio::task::spawn_blocking(move || drop(consumer)));
     }
 }
 
