@@ -17,11 +17,21 @@
 //!     cargo bench --bench gateway -- --route chat          # /v1/chat/completions
 //!     cargo bench --bench gateway -- --limits redis://127.0.0.1:6379
 //!
-//! With a Kafka queue it also measures the broker baseline: a bare rdkafka
-//! producer and consumer through the same broker with the same client
-//! settings, sending messages of a chunk's size at the rate of 1 and 100
-//! streams, and prints sluice's added per-token latency next to the hop's
-//! produce-to-consume latency, with their ratio. `--worker-processes N` runs
+//! With a Kafka queue it also measures two broker baselines, each a bare
+//! rdkafka producer and consumer through the same broker with the same client
+//! settings, and prints sluice's added per-token latency next to each one's
+//! produce-to-consume latency, with their ratio:
+//! - *chunk bursts*: a chunk-sized message per stream every token step, on a
+//!   fresh partition;
+//! - *sluice's response traffic*: the messages the edge's reply partition
+//!   received during the phase (their sizes, their number, over the phase's
+//!   duration, evenly spaced), on a partition first filled with as many
+//!   batches as the reply partition held when the phase began. tansu's memory
+//!   storage lists every batch of a partition on each fetch that returns data,
+//!   so a hop costs more the longer a partition's history.
+//!
+//! `--hop-prefills 0,2000,5000` measures only the chunk-burst hop, on
+//! partitions first filled with that many batches. `--worker-processes N` runs
 //! the Kafka workers as N `sluice worker` processes of their own, as
 //! production does, instead of in the edge's process.
 //!
@@ -61,6 +71,8 @@ struct Args {
     limits: Option<String>,
     /// Kafka workers as separate `sluice worker` processes (0: in the edge's process).
     worker_processes: usize,
+    /// Only the broker hop, on partitions first filled with each of these batch counts.
+    hop_prefills: Vec<usize>,
 }
 
 impl Args {
@@ -95,6 +107,7 @@ fn args() -> Args {
         chat: false,
         limits: None,
         worker_processes: 0,
+        hop_prefills: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -112,6 +125,9 @@ fn args() -> Args {
             "--route" => args.chat = value() == "chat",
             "--limits" => args.limits = Some(value()),
             "--worker-processes" => args.worker_processes = value().parse().unwrap_or(0),
+            "--hop-prefills" => {
+                args.hop_prefills = value().split(',').filter_map(|n| n.parse().ok()).collect()
+            }
             _ => {}
         }
     }
@@ -306,42 +322,155 @@ fn process_cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// Produce-to-consume latency of a bare producer and consumer through the
-/// broker, with sluice's client settings: `streams` messages of ~250 bytes
-/// (a chunk frame) every `every`, `ticks` times. The produce side is one
-/// producer (as one worker process), the consume side one consumer (as one edge).
-async fn broker_hop(
+/// Messages for a bare producer to send: when (from the start) and what.
+struct Schedule {
+    name: String,
+    /// Single-message batches the partition holds before the measured messages
+    /// (tansu's memory storage lists every stored batch on each fetch, so a
+    /// partition's history is part of what a hop costs).
+    history: i64,
+    messages: Vec<(Duration, Vec<u8>)>,
+}
+
+impl Schedule {
+    /// `streams` chunk-sized messages (~250 bytes) every `every`, `ticks` times,
+    /// on a fresh partition: one burst per token step.
+    fn chunk_bursts(streams: usize, ticks: usize, every: Duration) -> Self {
+        let messages = (0..ticks)
+            .flat_map(|tick| (0..streams).map(move |_| (every * tick as u32, vec![b'x'; 250])))
+            .collect();
+        Self {
+            name: format!("chunk bursts ({streams} per tick)"),
+            history: 0,
+            messages,
+        }
+    }
+
+    /// Sluice's own response messages of a phase (their sizes, in order), sent
+    /// evenly over the phase's duration, on a partition with the same history.
+    fn replay(traffic: &Traffic) -> Self {
+        let count = traffic.payload_sizes.len().max(1) as u32;
+        let messages = traffic
+            .payload_sizes
+            .iter()
+            .enumerate()
+            .map(|(i, size)| {
+                (
+                    traffic.duration * i as u32 / count,
+                    vec![b'x'; (*size).max(8)],
+                )
+            })
+            .collect();
+        Self {
+            name: "sluice's response traffic".into(),
+            history: traffic.history,
+            messages,
+        }
+    }
+}
+
+/// What the edge's reply partition received during one measured phase.
+struct Traffic {
+    history: i64,
+    payload_sizes: Vec<usize>,
+    duration: Duration,
+}
+
+fn kafka_settings(
     kafka: &sluice::config::KafkaConfig,
-    streams: usize,
-    ticks: usize,
-    every: Duration,
-) -> Vec<Duration> {
-    use rdkafka::config::ClientConfig;
+    defaults: &[(&str, &str)],
+    overrides: &std::collections::BTreeMap<String, String>,
+) -> rdkafka::config::ClientConfig {
+    let mut config = rdkafka::config::ClientConfig::new();
+    config.set("bootstrap.servers", &kafka.brokers);
+    for (key, value) in defaults {
+        config.set(*key, *value);
+    }
+    for (key, value) in overrides {
+        config.set(key, value);
+    }
+    config
+}
+
+/// The high watermark of the edge's reply partition (0, as the benchmark configures it).
+async fn reply_watermark(kafka: &sluice::config::KafkaConfig) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = kafka_settings(
+        kafka,
+        &[("group.id", "bench-watermarks")],
+        &Default::default(),
+    )
+    .create()
+    .expect("consumer");
+    let topic = kafka.response_topic.clone();
+    tokio::task::spawn_blocking(move || {
+        consumer
+            .fetch_watermarks(&topic, 0, Duration::from_secs(10))
+            .expect("watermarks")
+            .1
+    })
+    .await
+    .expect("watermark task")
+}
+
+/// The payload sizes of the reply partition's messages `from..to`.
+async fn read_traffic(kafka: &sluice::config::KafkaConfig, from: i64, to: i64) -> Vec<usize> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+    let consumer: StreamConsumer = kafka_settings(
+        kafka,
+        &[
+            ("group.id", "bench-traffic"),
+            ("enable.auto.commit", "false"),
+        ],
+        &kafka.consumer,
+    )
+    .create()
+    .expect("consumer");
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    assignment
+        .add_partition_offset(&kafka.response_topic, 0, rdkafka::Offset::Offset(from))
+        .expect("partition");
+    consumer.assign(&assignment).expect("assign");
+    let mut sizes = Vec::new();
+    while let Ok(Ok(message)) = tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await
+    {
+        if message.offset() >= to {
+            break;
+        }
+        sizes.push(message.payload_len());
+        if message.offset() == to - 1 {
+            break;
+        }
+    }
+    sizes
+}
+
+/// Produce-to-consume latency of a bare producer and consumer through the
+/// broker, with sluice's client settings, sending `schedule`. The produce side
+/// is one producer (as one worker process), the consume side one consumer (as
+/// one edge), on a topic of one partition of its own.
+async fn broker_hop(kafka: &sluice::config::KafkaConfig, schedule: Schedule) -> Vec<Duration> {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::Message;
     use rdkafka::producer::{FutureProducer, FutureRecord};
-    let topic = format!("bench.baseline.{}.{streams}", std::process::id());
-    let settings = |defaults: &[(&str, &str)],
-                    overrides: &std::collections::BTreeMap<String, String>| {
-        let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", &kafka.brokers);
-        for (key, value) in defaults {
-            config.set(*key, *value);
-        }
-        for (key, value) in overrides {
-            config.set(key, value);
-        }
-        config
-    };
-    let admin: rdkafka::admin::AdminClient<_> =
-        settings(&[], &Default::default()).create().expect("admin");
+    static TOPICS: AtomicU64 = AtomicU64::new(0);
+    let topic = format!(
+        "bench.baseline.{}.{}",
+        std::process::id(),
+        TOPICS.fetch_add(1, Ordering::Relaxed)
+    );
+    let admin: rdkafka::admin::AdminClient<_> = kafka_settings(kafka, &[], &Default::default())
+        .create()
+        .expect("admin");
     let new_topic =
         rdkafka::admin::NewTopic::new(&topic, 1, rdkafka::admin::TopicReplication::Fixed(1));
     let _ = admin
         .create_topics([&new_topic], &rdkafka::admin::AdminOptions::new())
         .await;
     // Sluice's producer defaults, then the configured settings, as its workers use them.
-    let producer: FutureProducer = settings(
+    let producer: FutureProducer = kafka_settings(
+        kafka,
         &[
             ("linger.ms", "1"),
             ("enable.idempotence", "true"),
@@ -351,14 +480,23 @@ async fn broker_hop(
     )
     .create()
     .expect("producer");
-    let consumer: StreamConsumer = settings(
+    for _ in 0..schedule.history {
+        let record = FutureRecord::to(&topic)
+            .key("history")
+            .payload(&[0u8; 250][..]);
+        match producer.send_result(record) {
+            Ok(delivery) => drop(delivery.await),
+            Err((err, _)) => eprintln!("baseline produce failed: {err}"),
+        }
+    }
+    let consumer: StreamConsumer = kafka_settings(
+        kafka,
         &[
             (
                 "group.id",
                 &format!("bench-baseline-{}", std::process::id()),
             ),
             ("enable.auto.commit", "false"),
-            ("auto.offset.reset", "earliest"),
         ],
         &kafka.consumer,
     )
@@ -366,11 +504,11 @@ async fn broker_hop(
     .expect("consumer");
     let mut assignment = rdkafka::TopicPartitionList::new();
     assignment
-        .add_partition_offset(&topic, 0, rdkafka::Offset::Beginning)
+        .add_partition_offset(&topic, 0, rdkafka::Offset::Offset(schedule.history))
         .expect("partition");
     consumer.assign(&assignment).expect("assign");
     let epoch = Instant::now();
-    let total = streams * ticks;
+    let total = schedule.messages.len();
     let warmed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let seen_warm = warmed.clone();
     let receiver = tokio::spawn(async move {
@@ -383,7 +521,7 @@ async fn broker_hop(
             };
             let now = epoch.elapsed().as_nanos() as u64;
             if message.key() == Some(b"warm-up".as_slice()) {
-                seen_warm.store(true, std::sync::atomic::Ordering::Relaxed);
+                seen_warm.store(true, Ordering::Relaxed);
                 continue;
             }
             if let Some(payload) = message.payload().filter(|p| p.len() >= 8) {
@@ -402,23 +540,18 @@ async fn broker_hop(
             .payload(&[0u8; 4][..]);
         let _ = producer.send_result(record);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        if warmed.load(std::sync::atomic::Ordering::Relaxed)
-            || warm.elapsed() > Duration::from_secs(10)
-        {
+        if warmed.load(Ordering::Relaxed) || warm.elapsed() > Duration::from_secs(10) {
             break;
         }
     }
-    let mut ticker = tokio::time::interval(every);
-    for _ in 0..ticks {
-        ticker.tick().await;
-        for stream in 0..streams {
-            let mut payload = vec![b'x'; 250];
-            payload[..8].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
-            let key = format!("stream-{stream}");
-            let record = FutureRecord::to(&topic).key(&key).payload(&payload);
-            if let Err((err, _)) = producer.send_result(record) {
-                eprintln!("baseline produce failed: {err}");
-            }
+    let start = tokio::time::Instant::now();
+    for (i, (at, mut payload)) in schedule.messages.into_iter().enumerate() {
+        tokio::time::sleep_until(start + at).await;
+        payload[..8].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
+        let key = format!("message-{}", i % 100);
+        let record = FutureRecord::to(&topic).key(&key).payload(&payload);
+        if let Err((err, _)) = producer.send_result(record) {
+            eprintln!("baseline produce failed: {err}");
         }
     }
     let mut latencies = receiver.await.expect("receiver");
@@ -441,6 +574,7 @@ fn gateway_toml(args: &Args, upstream: &str, db: &std::path::Path) -> String {
         cancel_topic = "bench.cancels.{run}"
         worker_group = "bench-workers.{run}"
         partitions = 4
+        reply_partition = 0
         [queue.producer]
         "linger.ms" = 0
         [queue.consumer]
@@ -481,6 +615,25 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(async move {
+        if !args.hop_prefills.is_empty() {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let config = gateway_config(&args, "http://127.0.0.1:1", &dir.path().join("unused.db"));
+            let sluice::config::QueueBackend::Kafka(kafka) = &config.queue.backend else {
+                panic!("--hop-prefills needs --queue kafka://...");
+            };
+            println!("| prefilled batches | streams | hop p50 (ms) | hop p99 (ms) |");
+            println!("|---|---|---|---|");
+            for prefill in &args.hop_prefills {
+                for streams in [1usize, 100] {
+                    let ticks = args.tokens as usize * if streams == 1 { 50 } else { 5 };
+                    let mut schedule = Schedule::chunk_bursts(streams, ticks, Duration::from_millis(args.token_delay_ms));
+                    schedule.history = *prefill as i64;
+                    let hop = broker_hop(kafka, schedule).await;
+                    println!("| {prefill} | {streams} | {} | {} |", ms(pct(&hop, 0.5)), ms(pct(&hop, 0.99)));
+                }
+            }
+            return;
+        }
         let _telemetry = if args.telemetry {
             let sink = axum::Router::new().route("/v1/traces", axum::routing::post(|| async { "" }));
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind sink");
@@ -604,12 +757,30 @@ fn main() {
         );
         println!("| streams | metric | direct p50 | gateway p50 | added p50 | direct p99 | gateway p99 | added p99 |");
         println!("|---|---|---|---|---|---|---|---|");
-        // Added per-token latency (ms, p50 and p99) per concurrency, for the broker baseline.
-        let mut kafka_added: Vec<(usize, (f64, f64))> = Vec::new();
+        let kafka = match gateway_config(&args, &sim.url(), &dir.path().join("unused.db")).queue.backend {
+            sluice::config::QueueBackend::Kafka(kafka) => Some(kafka),
+            _ => None,
+        };
+        // Per concurrency, for the broker baselines: added per-token latency
+        // (ms, p50 and p99) and the response traffic the phase produced.
+        let mut kafka_added: Vec<(usize, (f64, f64), Option<Traffic>)> = Vec::new();
         for concurrency in [1usize, 100] {
             let rounds = if concurrency == 1 { args.rounds * 10 } else { args.rounds };
             let (d_ttft, d_tok) = measure(&client, &sim, &direct, concurrency, rounds, &args, stream_time).await;
+            let history = match &kafka {
+                Some(kafka) => reply_watermark(kafka).await,
+                None => 0,
+            };
+            let phase = Instant::now();
             let (g_ttft, g_tok) = measure(&client, &sim, &through, concurrency, rounds, &args, stream_time).await;
+            let duration = phase.elapsed();
+            let traffic = match &kafka {
+                Some(kafka) => {
+                    let end = reply_watermark(kafka).await;
+                    Some(Traffic { history, payload_sizes: read_traffic(kafka, history, end).await, duration })
+                }
+                None => None,
+            };
             let millis = |d: Duration| d.as_secs_f64() * 1000.0;
             kafka_added.push((
                 concurrency,
@@ -617,6 +788,7 @@ fn main() {
                     millis(pct(&g_tok, 0.5)) - millis(pct(&d_tok, 0.5)),
                     millis(pct(&g_tok, 0.99)) - millis(pct(&d_tok, 0.99)),
                 ),
+                traffic,
             ));
             for (name, d, g) in [("TTFT (ms)", &d_ttft, &g_ttft), ("per-token (ms)", &d_tok, &g_tok)] {
                 println!(
@@ -630,27 +802,34 @@ fn main() {
                 );
             }
         }
-        if let sluice::config::QueueBackend::Kafka(kafka) = &gateway_config(&args, &sim.url(), &dir.path().join("unused.db")).queue.backend {
-            println!("\nbroker baseline: a bare producer-to-consumer hop through the same broker, same client settings\n");
-            println!("| streams | hop p50 (ms) | hop p99 (ms) | sluice added per-token p50 / p99 (ms) | ratio p50 | ratio p99 |");
-            println!("|---|---|---|---|---|---|");
-            for (concurrency, added) in &kafka_added {
-                let ticks = (args.tokens as usize * if *concurrency == 1 { 50 } else { 5 }).max(1);
-                let hop = broker_hop(kafka, *concurrency, ticks, Duration::from_millis(args.token_delay_ms)).await;
-                if hop.is_empty() {
-                    println!("| {concurrency} | no messages came back |");
-                    continue;
+        if let Some(kafka) = &kafka {
+            println!("\nbroker baselines: a bare producer and consumer through the same broker, same client settings\n");
+            println!("| streams | baseline | messages/s | partition history (batches) | hop p50 (ms) | hop p99 (ms) | sluice added per-token p50 / p99 (ms) | ratio p50 | ratio p99 |");
+            println!("|---|---|---|---|---|---|---|---|---|");
+            for (concurrency, added, traffic) in kafka_added {
+                let ticks = (args.tokens as usize * if concurrency == 1 { 50 } else { 5 }).max(1);
+                let mut schedules = vec![Schedule::chunk_bursts(concurrency, ticks, Duration::from_millis(args.token_delay_ms))];
+                schedules.extend(traffic.as_ref().map(Schedule::replay));
+                for schedule in schedules {
+                    let (name, history) = (schedule.name.clone(), schedule.history);
+                    let rate = schedule.messages.len() as f64
+                        / schedule.messages.last().map_or(1.0, |(at, _)| at.as_secs_f64().max(0.001));
+                    let hop = broker_hop(kafka, schedule).await;
+                    if hop.is_empty() {
+                        println!("| {concurrency} | {name} | no messages came back |");
+                        continue;
+                    }
+                    let (h50, h99) = (pct(&hop, 0.5), pct(&hop, 0.99));
+                    println!(
+                        "| {concurrency} | {name} | {rate:.0} | {history} | {} | {} | {:.3} / {:.3} | {:.2} | {:.2} |",
+                        ms(h50),
+                        ms(h99),
+                        added.0,
+                        added.1,
+                        added.0 / (h50.as_secs_f64() * 1000.0),
+                        added.1 / (h99.as_secs_f64() * 1000.0),
+                    );
                 }
-                let (h50, h99) = (pct(&hop, 0.5), pct(&hop, 0.99));
-                println!(
-                    "| {concurrency} | {} | {} | {:.3} / {:.3} | {:.2} | {:.2} |",
-                    ms(h50),
-                    ms(h99),
-                    added.0,
-                    added.1,
-                    added.0 / (h50.as_secs_f64() * 1000.0),
-                    added.1 / (h99.as_secs_f64() * 1000.0),
-                );
             }
         }
         if std::env::var_os("BENCH_SHOW_QUEUE_METRICS").is_some() {
