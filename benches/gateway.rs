@@ -383,6 +383,7 @@ fn kafka_settings(
 ) -> rdkafka::config::ClientConfig {
     let mut config = rdkafka::config::ClientConfig::new();
     config.set("bootstrap.servers", &kafka.brokers);
+    config.set("socket.nagle.disable", "true"); // as sluice's clients
     for (key, value) in defaults {
         config.set(*key, *value);
     }

@@ -88,6 +88,8 @@ fn client_config(
 ) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &kafka.brokers);
+    // librdkafka leaves Nagle's algorithm on by default; a chunk must not wait for it.
+    config.set("socket.nagle.disable", "true");
     for (key, value) in defaults {
         config.set(*key, *value);
     }
