@@ -414,25 +414,33 @@ async fn reply_watermark(kafka: &sluice::config::KafkaConfig) -> i64 {
     .expect("watermark task")
 }
 
-/// The payload sizes of the reply partition's messages `from..to`.
-async fn read_traffic(kafka: &sluice::config::KafkaConfig, from: i64, to: i64) -> Vec<usize> {
-    use rdkafka::consumer::{Consumer, StreamConsumer};
-    use rdkafka::message::Message;
-    let consumer: StreamConsumer = kafka_settings(
+/// A consumer (sluice's consumer settings) of partition 0 of `topic`, from offset `from`.
+fn partition_reader(
+    kafka: &sluice::config::KafkaConfig,
+    group: &str,
+    topic: &str,
+    from: i64,
+) -> rdkafka::consumer::StreamConsumer {
+    use rdkafka::consumer::Consumer;
+    let consumer: rdkafka::consumer::StreamConsumer = kafka_settings(
         kafka,
-        &[
-            ("group.id", "bench-traffic"),
-            ("enable.auto.commit", "false"),
-        ],
+        &[("group.id", group), ("enable.auto.commit", "false")],
         &kafka.consumer,
     )
     .create()
     .expect("consumer");
     let mut assignment = rdkafka::TopicPartitionList::new();
     assignment
-        .add_partition_offset(&kafka.response_topic, 0, rdkafka::Offset::Offset(from))
+        .add_partition_offset(topic, 0, rdkafka::Offset::Offset(from))
         .expect("partition");
     consumer.assign(&assignment).expect("assign");
+    consumer
+}
+
+/// The payload sizes of the reply partition's messages `from..to`.
+async fn read_traffic(kafka: &sluice::config::KafkaConfig, from: i64, to: i64) -> Vec<usize> {
+    use rdkafka::message::Message;
+    let consumer = partition_reader(kafka, "bench-traffic", &kafka.response_topic, from);
     let mut sizes = Vec::new();
     while let Ok(Ok(message)) = tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await
     {
@@ -452,7 +460,6 @@ async fn read_traffic(kafka: &sluice::config::KafkaConfig, from: i64, to: i64) -
 /// is one producer (as one worker process), the consume side one consumer (as
 /// one edge), on a topic of one partition of its own.
 async fn broker_hop(kafka: &sluice::config::KafkaConfig, schedule: Schedule) -> Vec<Duration> {
-    use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::Message;
     use rdkafka::producer::{FutureProducer, FutureRecord};
     static TOPICS: AtomicU64 = AtomicU64::new(0);
@@ -490,24 +497,8 @@ async fn broker_hop(kafka: &sluice::config::KafkaConfig, schedule: Schedule) -> 
             Err((err, _)) => eprintln!("baseline produce failed: {err}"),
         }
     }
-    let consumer: StreamConsumer = kafka_settings(
-        kafka,
-        &[
-            (
-                "group.id",
-                &format!("bench-baseline-{}", std::process::id()),
-            ),
-            ("enable.auto.commit", "false"),
-        ],
-        &kafka.consumer,
-    )
-    .create()
-    .expect("consumer");
-    let mut assignment = rdkafka::TopicPartitionList::new();
-    assignment
-        .add_partition_offset(&topic, 0, rdkafka::Offset::Offset(schedule.history))
-        .expect("partition");
-    consumer.assign(&assignment).expect("assign");
+    let group = format!("bench-baseline-{}", std::process::id());
+    let consumer = partition_reader(kafka, &group, &topic, schedule.history);
     let epoch = Instant::now();
     let total = schedule.messages.len();
     let warmed = Arc::new(std::sync::atomic::AtomicBool::new(false));
