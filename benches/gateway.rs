@@ -376,27 +376,10 @@ struct Traffic {
     duration: Duration,
 }
 
-fn kafka_settings(
-    kafka: &sluice::config::KafkaConfig,
-    defaults: &[(&str, &str)],
-    overrides: &std::collections::BTreeMap<String, String>,
-) -> rdkafka::config::ClientConfig {
-    let mut config = rdkafka::config::ClientConfig::new();
-    config.set("bootstrap.servers", &kafka.brokers);
-    config.set("socket.nagle.disable", "true"); // as sluice's clients
-    for (key, value) in defaults {
-        config.set(*key, *value);
-    }
-    for (key, value) in overrides {
-        config.set(key, value);
-    }
-    config
-}
-
 /// The high watermark of the edge's reply partition (0, as the benchmark configures it).
 async fn reply_watermark(kafka: &sluice::config::KafkaConfig) -> i64 {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = kafka_settings(
+    let consumer: BaseConsumer = sluice::queue::kafka::client_config(
         kafka,
         &[("group.id", "bench-watermarks")],
         &Default::default(),
@@ -422,7 +405,7 @@ fn partition_reader(
     from: i64,
 ) -> rdkafka::consumer::StreamConsumer {
     use rdkafka::consumer::Consumer;
-    let consumer: rdkafka::consumer::StreamConsumer = kafka_settings(
+    let consumer: rdkafka::consumer::StreamConsumer = sluice::queue::kafka::client_config(
         kafka,
         &[("group.id", group), ("enable.auto.commit", "false")],
         &kafka.consumer,
@@ -468,26 +451,19 @@ async fn broker_hop(kafka: &sluice::config::KafkaConfig, schedule: Schedule) -> 
         std::process::id(),
         TOPICS.fetch_add(1, Ordering::Relaxed)
     );
-    let admin: rdkafka::admin::AdminClient<_> = kafka_settings(kafka, &[], &Default::default())
-        .create()
-        .expect("admin");
+    let admin: rdkafka::admin::AdminClient<_> =
+        sluice::queue::kafka::client_config(kafka, &[], &Default::default())
+            .create()
+            .expect("admin");
     let new_topic =
         rdkafka::admin::NewTopic::new(&topic, 1, rdkafka::admin::TopicReplication::Fixed(1));
     let _ = admin
         .create_topics([&new_topic], &rdkafka::admin::AdminOptions::new())
         .await;
     // Sluice's producer defaults, then the configured settings, as its workers use them.
-    let producer: FutureProducer = kafka_settings(
-        kafka,
-        &[
-            ("linger.ms", "1"),
-            ("enable.idempotence", "true"),
-            ("message.timeout.ms", "30000"),
-        ],
-        &kafka.producer,
-    )
-    .create()
-    .expect("producer");
+    let producer: FutureProducer = sluice::queue::kafka::producer_config(kafka)
+        .create()
+        .expect("producer");
     for _ in 0..schedule.history {
         let record = FutureRecord::to(&topic)
             .key("history")

@@ -81,7 +81,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 // Client configuration and topics
 // ---------------------------------------------------------------------------
 
-fn client_config(
+/// A client's settings: the brokers, sluice's `defaults` for this kind of
+/// client, then the configured `overrides` (`[queue.producer]` or `[queue.consumer]`).
+pub fn client_config(
     kafka: &KafkaConfig,
     defaults: &[(&str, &str)],
     overrides: &BTreeMap<String, String>,
@@ -99,7 +101,8 @@ fn client_config(
     config
 }
 
-fn producer(kafka: &KafkaConfig, loss: &Arc<BrokerLoss>) -> Result<Producer, QueueError> {
+/// The settings of sluice's producers (edges' and workers' alike).
+pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
     client_config(
         kafka,
         &[
@@ -109,8 +112,12 @@ fn producer(kafka: &KafkaConfig, loss: &Arc<BrokerLoss>) -> Result<Producer, Que
         ],
         &kafka.producer,
     )
-    .create_with_context(Watched(loss.clone()))
-    .map_err(|e| unavailable(kafka, e))
+}
+
+fn producer(kafka: &KafkaConfig, loss: &Arc<BrokerLoss>) -> Result<Producer, QueueError> {
+    producer_config(kafka)
+        .create_with_context(Watched(loss.clone()))
+        .map_err(|e| unavailable(kafka, e))
 }
 
 fn unavailable(kafka: &KafkaConfig, err: impl std::fmt::Display) -> QueueError {
