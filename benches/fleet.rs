@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sluice::config::{Balance, Config, ModelConfig};
-use sluice::simulator::{Simulator, SimulatorConfig};
+use sluice_simulator::{Simulator, SimulatorConfig};
 
 const SYSTEM_PROMPTS: usize = 20;
 const SYSTEM_WORDS: usize = 200;
@@ -108,7 +108,7 @@ async fn run(mode: Balance, args: &Args) -> Outcome {
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let gateway = sluice::Gateway::start(config).await.expect("gateway");
-    let key = sluice::auth::create_key(gateway.store().as_ref(), "bench")
+    let key = sluice::tenancy::auth::create_key(gateway.store().as_ref(), "bench")
         .await
         .expect("key")
         .secret;

@@ -52,8 +52,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sluice::config::Config;
-use sluice::simulator::{Simulator, SimulatorConfig};
-use sluice::sse::SseParser;
+use sluice::protocol::sse::SseParser;
+use sluice_simulator::{Simulator, SimulatorConfig};
 
 struct Args {
     /// Export traces (to a local sink) and log every request as JSON (to stderr).
@@ -379,7 +379,7 @@ struct Traffic {
 /// The high watermark of the edge's reply partition (0, as the benchmark configures it).
 async fn reply_watermark(kafka: &sluice::config::KafkaConfig) -> i64 {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = sluice::queue::kafka::client_config(
+    let consumer: BaseConsumer = sluice::backends::queue::kafka::client_config(
         kafka,
         &[("group.id", "bench-watermarks")],
         &Default::default(),
@@ -405,13 +405,14 @@ fn partition_reader(
     from: i64,
 ) -> rdkafka::consumer::StreamConsumer {
     use rdkafka::consumer::Consumer;
-    let consumer: rdkafka::consumer::StreamConsumer = sluice::queue::kafka::client_config(
-        kafka,
-        &[("group.id", group), ("enable.auto.commit", "false")],
-        &kafka.consumer,
-    )
-    .create()
-    .expect("consumer");
+    let consumer: rdkafka::consumer::StreamConsumer =
+        sluice::backends::queue::kafka::client_config(
+            kafka,
+            &[("group.id", group), ("enable.auto.commit", "false")],
+            &kafka.consumer,
+        )
+        .create()
+        .expect("consumer");
     let mut assignment = rdkafka::TopicPartitionList::new();
     assignment
         .add_partition_offset(topic, 0, rdkafka::Offset::Offset(from))
@@ -452,7 +453,7 @@ async fn broker_hop(kafka: &sluice::config::KafkaConfig, schedule: Schedule) -> 
         TOPICS.fetch_add(1, Ordering::Relaxed)
     );
     let admin: rdkafka::admin::AdminClient<_> =
-        sluice::queue::kafka::client_config(kafka, &[], &Default::default())
+        sluice::backends::queue::kafka::client_config(kafka, &[], &Default::default())
             .create()
             .expect("admin");
     let new_topic =
@@ -461,7 +462,7 @@ async fn broker_hop(kafka: &sluice::config::KafkaConfig, schedule: Schedule) -> 
         .create_topics([&new_topic], &rdkafka::admin::AdminOptions::new())
         .await;
     // Sluice's producer defaults, then the configured settings, as its workers use them.
-    let producer: FutureProducer = sluice::queue::kafka::producer_config(kafka)
+    let producer: FutureProducer = sluice::backends::queue::kafka::producer_config(kafka)
         .create()
         .expect("producer");
     for _ in 0..schedule.history {
@@ -610,7 +611,7 @@ fn main() {
             let (mut log, mut telemetry) = (Config::default().log, Config::default().telemetry);
             log.format = sluice::config::LogFormat::Json;
             telemetry.otlp_endpoint = Some(endpoint);
-            Some(sluice::telemetry::init(&log, &telemetry))
+            Some(sluice::observe::telemetry::init(&log, &telemetry))
         } else {
             None
         };
@@ -630,7 +631,7 @@ fn main() {
         let addr = listener.local_addr().expect("addr");
         let gateway = sluice::Gateway::start(config).await.expect("gateway");
         let store = gateway.store();
-        let key = sluice::auth::create_key(store.as_ref(), "bench").await.expect("key");
+        let key = sluice::tenancy::auth::create_key(store.as_ref(), "bench").await.expect("key");
         tokio::spawn(gateway.serve(listener, std::future::pending()));
         // Separate worker processes, on the same configuration (killed with the benchmark).
         let config_path = dir.path().join("bench.toml");
@@ -659,10 +660,10 @@ fn main() {
         let through = Arc::new(Target { url: format!("http://{addr}"), key: Some(key.secret) });
         if args.limits.is_some() {
             // Limits no request reaches, so every one is checked and settled and admitted.
-            let patch: sluice::tenants::KeyPatch = serde_json::from_value(json!({"limits": {
+            let patch: sluice::tenancy::tenants::KeyPatch = serde_json::from_value(json!({"limits": {
                 "requests_per_minute": 1_000_000_000u64, "tokens_per_minute": 1_000_000_000_000u64,
                 "max_concurrent": 100_000}})).expect("patch");
-            let limited_key = sluice::tenants::create_key(store.as_ref(), "bench-limited", &patch)
+            let limited_key = sluice::tenancy::tenants::create_key(store.as_ref(), "bench-limited", &patch)
                 .await
                 .expect("limited key");
             let limited = Arc::new(Target { url: through.url.clone(), key: Some(limited_key.secret) });

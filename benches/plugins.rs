@@ -9,14 +9,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sluice::auth::Identity;
 use sluice::config::{Config, OnError, PluginConfig};
-use sluice::filter_chain::{FilterChain, Filtered};
-use sluice::metrics::Metrics;
+use sluice::observe::metrics::Metrics;
+use sluice::pipeline::filter_chain::{FilterChain, Filtered};
+use sluice::pipeline::policy::{Policy, RequestContext};
 use sluice::plugins::PluginHost;
-use sluice::policy::{Policy, RequestContext};
 use sluice::protocol::{Chunk, InferenceRequest, Route};
-use sluice::simulator::{Simulator, SimulatorConfig};
+use sluice::tenancy::auth::Identity;
+use sluice_simulator::{Simulator, SimulatorConfig};
 
 fn wasm(name: &str) -> std::path::PathBuf {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -158,7 +158,7 @@ async fn streams_per_second(plugins: Vec<PluginConfig>, hits: bool, seconds: u64
         listener.local_addr().expect("addr")
     );
     let gateway = sluice::Gateway::start(config).await.expect("gateway");
-    let key = sluice::auth::create_key(gateway.store().as_ref(), "bench")
+    let key = sluice::tenancy::auth::create_key(gateway.store().as_ref(), "bench")
         .await
         .expect("key")
         .secret;

@@ -99,6 +99,7 @@ fn main() {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child before exec.
+    #[allow(unsafe_code)]
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut command, || {
             rlimit::setrlimit(

@@ -9,22 +9,22 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Authenticator;
-use crate::cache;
+use crate::backends::cache;
+use crate::backends::queue::kafka::{ReconnectingJobSource, ReconnectingQueue};
+use crate::backends::queue::{JobSource, MemoryQueue, Queue};
+use crate::backends::store::inference_log::InferenceLogger;
+use crate::backends::store::{self, Store};
 use crate::config::{Config, QueueBackend};
-use crate::inference_log::InferenceLogger;
-use crate::metrics::{Metrics, Roles};
+use crate::fleet::upstream::UpstreamClient;
+use crate::fleet::worker::Worker;
+use crate::observe::metrics::{Metrics, Roles};
+use crate::pipeline::policy::{NoPolicy, Policy};
 use crate::plugins::PluginHost;
-use crate::policy::{NoPolicy, Policy};
-use crate::queue::kafka::{ReconnectingJobSource, ReconnectingQueue};
-use crate::queue::{JobSource, MemoryQueue, Queue};
-use crate::store::{self, Store};
-use crate::upstream::UpstreamClient;
-use crate::worker::Worker;
+use crate::tenancy::auth::Authenticator;
 
-pub use crate::state::AppState;
+pub use crate::pipeline::state::AppState;
 
-use crate::outage::{Outage, Transition};
+use crate::observe::outage::{Outage, Transition};
 
 /// Logs a backend's outage once when it starts and once when it ends.
 fn report(outage: &Outage, backend: &'static str, result: &Result<(), String>) {
@@ -127,9 +127,9 @@ impl Gateway {
                 config.limits.default.clone(),
                 metrics.clone(),
             ),
-            limiter: crate::limits::Limiter::new(&config.limits, metrics.clone()).await,
+            limiter: crate::tenancy::limits::Limiter::new(&config.limits, metrics.clone()).await,
             fleet: upstream.as_ref().map(|u| u.fleet().clone()),
-            models: crate::models::ModelCatalog::new(&config.upstream, &config.models)?,
+            models: crate::pipeline::models::ModelCatalog::new(&config.upstream, &config.models)?,
             config,
             store,
             cache,
@@ -169,7 +169,7 @@ impl Gateway {
                     _ = ticks.tick() => {}
                     () = stop.cancelled() => return,
                 }
-                let checks = crate::http::ops::check_backends(&state).await;
+                let checks = crate::edge::ops::check_backends(&state).await;
                 report(&store, "store", &checks.store);
                 report(&queue, "queue", &checks.queue);
             }
@@ -192,14 +192,14 @@ impl Gateway {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let router = crate::http::router(self.state.clone());
+        let router = crate::edge::router(self.state.clone());
         let server = &self.state.config.server;
         let grace = server.shutdown_grace;
-        let descriptors = crate::http::server::raise_descriptor_limit();
-        let limits = crate::http::server::ConnectionLimits {
+        let descriptors = crate::edge::server::raise_descriptor_limit();
+        let limits = crate::edge::server::ConnectionLimits {
             max_connections: server
                 .max_connections
-                .unwrap_or_else(|| crate::http::server::default_max_connections(descriptors)),
+                .unwrap_or_else(|| crate::edge::server::default_max_connections(descriptors)),
             header_timeout: server.header_timeout,
         };
         tracing::info!(
@@ -210,12 +210,12 @@ impl Gateway {
         );
         let admin_shutdown = CancellationToken::new();
         let admin_router =
-            crate::http::admin::router(self.state.store.clone(), &self.state.config.admin);
+            crate::edge::admin::router(self.state.store.clone(), &self.state.config.admin);
         let admin_task = self.admin.zip(admin_router).map(|(listener, router)| {
             let stop = admin_shutdown.clone();
             tracing::info!(listen = ?listener.local_addr().ok(), "admin API listening");
             tokio::spawn(async move {
-                let served = axum::serve(crate::http::nodelay(listener), router)
+                let served = axum::serve(crate::edge::nodelay(listener), router)
                     .with_graceful_shutdown(async move { stop.cancelled().await })
                     .await;
                 if let Err(err) = served {
@@ -223,7 +223,7 @@ impl Gateway {
                 }
             })
         });
-        crate::http::server::serve(listener, router, limits, shutdown, grace).await;
+        crate::edge::server::serve(listener, router, limits, shutdown, grace).await;
         admin_shutdown.cancel();
         if let Some(task) = admin_task {
             let _ = task.await;
@@ -312,7 +312,7 @@ impl StandaloneWorker {
                     _ = ticks.tick() => {}
                     () = stop.cancelled() => return,
                 }
-                let result = crate::http::ops::check(watched.ping()).await;
+                let result = crate::edge::ops::check(watched.ping()).await;
                 gauge
                     .backend_up
                     .with_label_values(&["queue"])
@@ -362,8 +362,8 @@ pub async fn run_worker(
         )
     })?;
     tracing::info!(listen = %config.worker.listen, "sluice worker running; metrics and health on this address");
-    let router = crate::http::worker_router(worker.metrics.clone());
-    axum::serve(crate::http::nodelay(listener), router)
+    let router = crate::edge::worker_router(worker.metrics.clone());
+    axum::serve(crate::edge::nodelay(listener), router)
         .with_graceful_shutdown(shutdown)
         .await?;
     worker.stop().await;

@@ -288,7 +288,7 @@ pub struct LimitsConfig {
     /// Tokens reserved for the output of a request without `max_tokens`.
     pub reserve_tokens: u64,
     /// Limits of keys that set none of their own (field by field).
-    pub default: crate::limits::Limits,
+    pub default: crate::tenancy::limits::Limits,
 }
 
 impl Default for LimitsConfig {
@@ -301,7 +301,7 @@ impl Default for LimitsConfig {
             on_unavailable: OnLimiterDown::Local,
             edges: 1,
             reserve_tokens: 1024,
-            default: crate::limits::Limits::default(),
+            default: crate::tenancy::limits::Limits::default(),
         }
     }
 }

@@ -88,7 +88,7 @@ pub enum GatewayError {
     TooManyRequests(String),
     /// A limit of the key or its team refused the request.
     #[error("{}", .0.message)]
-    RateLimited(Box<crate::limits::RateLimited>),
+    RateLimited(Box<crate::tenancy::limits::RateLimited>),
     #[error("{0}")]
     NotFound(String),
     #[error("method not allowed")]

@@ -1,40 +1,30 @@
 //! sluice: an LLM inference gateway in front of vLLM.
 //!
-//! Requests flow through one module per stage:
-//! [`http`] → [`auth`] → [`policy`] hooks → [`cache`] → [`queue`] → [`worker`]
-//! → [`upstream`], and back through the [`pipeline`] to the client.
-//! [`run`] starts everything from a [`Config`]; the binary and the tests share it.
+//! A request comes in at the [`edge`], goes through the [`pipeline`]'s
+//! stages (the key's [`tenancy`]: auth and limits; policy hooks, which the
+//! [`plugins`] implement; the cache), then through the queue in
+//! [`backends`] to a [`fleet`] worker, which streams it from vLLM; its chunks
+//! come back the same way. [`protocol`] holds the wire formats, [`observe`]
+//! the metrics, traces and logs. [`app`] builds all of it from a [`Config`].
+//!
+//! Modules are layered: each may use only those below it. The order is
+//! declared once, in `docs/design.md` ("Layers"), and a test holds the code to it.
 
 pub mod app;
-pub mod auth;
-pub mod cache;
-pub mod cli;
+pub mod backends;
 pub mod config;
-pub mod demo;
+pub mod edge;
 pub mod error;
-pub mod filter_chain;
 pub mod fleet;
-pub mod http;
-pub mod inference_log;
-pub mod limits;
-pub mod log_format;
-pub mod metrics;
-pub mod models;
-pub mod outage;
+pub mod observe;
 pub mod pipeline;
 pub mod plugins;
-pub mod policy;
 pub mod protocol;
-pub mod queue;
-pub mod redis_client;
-pub mod simulator;
-pub mod sse;
-pub mod state;
-pub mod store;
-pub mod telemetry;
-pub mod tenants;
-pub mod upstream;
-pub mod worker;
+pub mod settings;
+pub mod tenancy;
+
+#[cfg(test)]
+mod layering;
 
 pub use app::{Gateway, run};
 pub use config::Config;

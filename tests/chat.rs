@@ -205,7 +205,7 @@ async fn a_cached_chat_replays_the_original_chunks() {
 
 #[tokio::test]
 async fn closing_a_chat_stream_cancels_the_upstream_generation() {
-    let slow = sluice::simulator::SimulatorConfig {
+    let slow = sluice_simulator::SimulatorConfig {
         token_delay: Duration::from_millis(50),
         ..sim_config()
     };

@@ -462,7 +462,7 @@ async fn a_flood_of_random_keys_is_bounded_and_locks_out_no_valid_key() {
     // The valid key is still served while the flood goes on, also when its
     // cached answer expires (auth.cache_ttl_ms) and it must be looked up again.
     let ttl = Duration::from_millis(500);
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let mut i = 1000;
     while started.elapsed() < 3 * ttl {
         for _ in 0..10 {

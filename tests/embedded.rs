@@ -278,7 +278,7 @@ async fn missing_invalid_and_revoked_keys_get_401() {
         .unwrap();
     assert_openai_error(invalid, 401).await;
 
-    let key = sluice::auth::create_key(gw.store.as_ref(), "to-revoke")
+    let key = sluice::tenancy::auth::create_key(gw.store.as_ref(), "to-revoke")
         .await
         .unwrap();
     let ok = gw
@@ -475,7 +475,7 @@ async fn a_stalled_or_truncated_upstream_ends_the_stream_with_an_error() {
 
 #[tokio::test]
 async fn client_disconnect_aborts_the_upstream_generation() {
-    let slow = sluice::simulator::SimulatorConfig {
+    let slow = sluice_simulator::SimulatorConfig {
         token_delay: Duration::from_millis(50),
         ..sim_config()
     };

@@ -10,7 +10,7 @@ use common::*;
 use futures::future::join_all;
 use serde_json::{Value, json};
 use sluice::config::{Balance, ModelConfig};
-use sluice::simulator::{Simulator, SimulatorConfig};
+use sluice_simulator::{Simulator, SimulatorConfig};
 
 const MISTRAL: &str = "sim-mistral";
 

@@ -9,7 +9,7 @@ use common::*;
 use futures::SinkExt;
 use serde_json::{Value, json};
 use sluice::config::OnError::{FailClosed, FailOpen};
-use sluice::simulator::{Simulator, SimulatorConfig};
+use sluice_simulator::{Simulator, SimulatorConfig};
 use tokio_tungstenite::tungstenite::Message;
 
 async fn gateway_with(plugins: Vec<sluice::config::PluginConfig>) -> TestGateway {
@@ -719,7 +719,7 @@ async fn plugins_can_be_limited_to_some_keys() {
             .status(),
         200
     );
-    let restricted = sluice::auth::create_key(gw.store.as_ref(), "restricted")
+    let restricted = sluice::tenancy::auth::create_key(gw.store.as_ref(), "restricted")
         .await
         .unwrap();
     let response = gw
@@ -1018,7 +1018,7 @@ async fn no_plugin_state_crosses_api_keys() {
         json!({"mode": "recall"}),
     )])
     .await;
-    let other = sluice::auth::create_key(gw.store.as_ref(), "other")
+    let other = sluice::tenancy::auth::create_key(gw.store.as_ref(), "other")
         .await
         .unwrap()
         .secret;

@@ -12,11 +12,11 @@ use common::services::{Services, free_port, start_redis};
 use common::*;
 use futures::future::join_all;
 use serde_json::{Value, json};
-use sluice::simulator::SimulatorConfig;
-use sluice::tenants::{self, KeyPatch, LimitsPatch};
+use sluice::tenancy::tenants::{self, KeyPatch, LimitsPatch};
+use sluice_simulator::SimulatorConfig;
 
 /// A key with these limits (JSON, as the admin API takes them).
-async fn key_with(store: &dyn sluice::store::Store, name: &str, limits: Value) -> String {
+async fn key_with(store: &dyn sluice::backends::store::Store, name: &str, limits: Value) -> String {
     let patch = KeyPatch {
         limits: serde_json::from_value(limits).unwrap(),
         ..KeyPatch::default()
@@ -360,7 +360,7 @@ async fn two_edges(
     Isolated,
     String,
     String,
-    std::sync::Arc<dyn sluice::store::Store>,
+    std::sync::Arc<dyn sluice::backends::store::Store>,
 ) {
     let config = || services.config(upstream, extra);
     let (edge_a, edge_b) = (Isolated::new("edge-a"), Isolated::new("edge-b"));
@@ -374,7 +374,7 @@ async fn two_edges_sharing_redis_admit_exactly_the_limit() {
     let Some(services) = Services::fresh().await else {
         return;
     };
-    let sim = sluice::simulator::Simulator::start(sim_config())
+    let sim = sluice_simulator::Simulator::start(sim_config())
         .await
         .unwrap();
     let limits = format!(
@@ -410,7 +410,7 @@ async fn when_the_limiters_redis_dies_each_edge_checks_its_share_or_refuses() {
     let Some(services) = Services::fresh().await else {
         return;
     };
-    let sim = sluice::simulator::Simulator::start(sim_config())
+    let sim = sluice_simulator::Simulator::start(sim_config())
         .await
         .unwrap();
     let port = free_port();
@@ -479,7 +479,7 @@ async fn when_the_limiters_redis_dies_each_edge_checks_its_share_or_refuses() {
 #[tokio::test]
 async fn one_keys_cached_answer_is_not_a_hit_for_another_key() {
     let gw = TestGateway::start().await;
-    let other = sluice::auth::create_key(gw.store.as_ref(), "other")
+    let other = sluice::tenancy::auth::create_key(gw.store.as_ref(), "other")
         .await
         .unwrap()
         .secret;
@@ -505,7 +505,7 @@ async fn one_keys_cached_answer_is_not_a_hit_for_another_key() {
         c.cache.scope = sluice::config::CacheScope::Global;
     })
     .await;
-    let other = sluice::auth::create_key(gw.store.as_ref(), "other")
+    let other = sluice::tenancy::auth::create_key(gw.store.as_ref(), "other")
         .await
         .unwrap()
         .secret;
@@ -609,7 +609,7 @@ async fn the_admin_api_manages_keys_teams_limits_and_usage() {
     })
     .await;
     let admin = gw.admin_url.clone().expect("the admin API listens");
-    let call = |method: reqwest::Method, path: &str, token: &str, body: Option<Value>| {
+    let call = |method: Method, path: &str, token: &str, body: Option<Value>| {
         let mut request = gw
             .http
             .request(method, format!("{admin}{path}"))

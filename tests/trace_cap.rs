@@ -42,7 +42,8 @@ async fn client_sampled_flags_are_followed_only_up_to_the_cap() {
     let mut telemetry_config = sluice::Config::default().telemetry;
     telemetry_config.otlp_endpoint = Some(endpoint);
     telemetry_config.max_client_sampled_per_second = 3;
-    let telemetry = sluice::telemetry::init(&sluice::Config::default().log, &telemetry_config);
+    let telemetry =
+        sluice::observe::telemetry::init(&sluice::Config::default().log, &telemetry_config);
     let gw = TestGateway::start().await;
 
     // Twenty requests at once, each from a client that asks for tracing.

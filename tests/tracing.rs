@@ -16,7 +16,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value;
 use prost::Message;
 use serde_json::{Value, json};
-use sluice::simulator::Simulator;
+use sluice_simulator::Simulator;
 
 #[derive(Debug, Clone)]
 struct Span {
@@ -91,9 +91,9 @@ async fn one_request_through_kafka_is_one_trace_from_client_to_worker() {
     let telemetry_toml = format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\n");
     let config = services.config(
         &sim.url(),
-        &common::services::merge_toml(&services.kafka_queue(true), &telemetry_toml),
+        &services::merge_toml(&services.kafka_queue(true), &telemetry_toml),
     );
-    let telemetry = sluice::telemetry::init(&config.log, &config.telemetry);
+    let telemetry = sluice::observe::telemetry::init(&config.log, &config.telemetry);
     assert!(telemetry.is_exporting());
     let gw = TestGateway::start_config(sim, config).await;
 

@@ -58,7 +58,7 @@ async fn spans_reach_a_grpc_collector() {
     let mut config = Config::default();
     config.telemetry.otlp_endpoint = Some(endpoint);
     config.telemetry.protocol = OtlpProtocol::Grpc;
-    let telemetry = sluice::telemetry::init(&config.log, &config.telemetry);
+    let telemetry = sluice::observe::telemetry::init(&config.log, &config.telemetry);
     assert!(telemetry.is_exporting());
     let gw = TestGateway::start().await;
 

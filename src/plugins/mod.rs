@@ -25,8 +25,8 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 
 use crate::error::GatewayError;
-use crate::metrics::Metrics;
-use crate::policy::{Policy, RequestContext, TokenFilter};
+use crate::observe::metrics::Metrics;
+use crate::pipeline::policy::{Policy, RequestContext, TokenFilter};
 use crate::protocol::InferenceRequest;
 use request_hooks::{hooked, wit_context, wit_request};
 use runtime::{LoadedPlugin, PluginFailure};

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use super::runtime::{Compiled, Hooks, LoadError, LoadedPlugin, Runtime};
 use super::{Chain, PluginHost, watch};
 use crate::config::{Config, PluginConfig, PluginHostConfig};
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 
 impl PluginHost {
     /// Loads every configured plugin; any that fails stops startup with its reason.

@@ -15,9 +15,9 @@ use super::runtime::{self, LoadedPlugin, PluginFailure};
 use super::{Chain, HookMetrics, MAX_PLUGIN_TEXT, PluginHost, PluginMetrics, no_hook};
 use crate::config::OnError;
 use crate::error::GatewayError;
-use crate::policy::RequestContext;
+use crate::observe::telemetry::StageSpan;
+use crate::pipeline::policy::RequestContext;
 use crate::protocol::{ChatMessage, ChatRequest, CompletionRequest, InferenceRequest, Prompt};
-use crate::telemetry::StageSpan;
 
 impl PluginHost {
     pub(super) fn metrics_of<'p>(&self, plugin: &'p LoadedPlugin) -> &'p PluginMetrics {

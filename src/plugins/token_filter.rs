@@ -12,9 +12,11 @@ use super::bindings::{TokenAction as WitAction, ToolCallAction as WitToolCallAct
 use super::runtime::{self, LoadedPlugin, PluginFailure};
 use super::{PluginHost, PluginMetrics, checked_text, no_hook};
 use crate::error::GatewayError;
-use crate::metrics::Metrics;
-use crate::policy::{RequestContext, TokenAction, TokenFilter, ToolCallAction, ToolCallPiece};
-use crate::telemetry::StageSpan;
+use crate::observe::metrics::Metrics;
+use crate::observe::telemetry::StageSpan;
+use crate::pipeline::policy::{
+    RequestContext, TokenAction, TokenFilter, ToolCallAction, ToolCallPiece,
+};
 
 /// A token action from a plugin, checked.
 fn token_action(action: WitAction) -> Result<TokenAction, PluginFailure> {
@@ -237,7 +239,7 @@ impl TokenFilter for WasmTokenFilter {
         texts: &[&str],
     ) -> Result<Vec<TokenAction>, GatewayError> {
         if texts.len() < 2 || !self.has_batch_form() {
-            return crate::policy::on_each_text(self, index, texts).await;
+            return crate::pipeline::policy::on_each_text(self, index, texts).await;
         }
         let started = Instant::now();
         let result = self.call_on_tokens(index, texts).await;

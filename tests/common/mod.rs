@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
+use sluice::backends::store::Store;
 use sluice::config::{Config, StoreConfig};
-use sluice::simulator::{Simulator, SimulatorConfig};
-use sluice::sse::SseParser;
-use sluice::store::Store;
+use sluice::protocol::sse::SseParser;
+use sluice_simulator::{Simulator, SimulatorConfig};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util::sync::CancellationToken;
@@ -79,7 +79,7 @@ impl TestGateway {
         let admin_url = gateway.admin_addr().map(|addr| format!("http://{addr}"));
         let store = gateway.store();
         let name = format!("test-{}", uuid::Uuid::new_v4().simple());
-        let key = sluice::auth::create_key(store.as_ref(), &name)
+        let key = sluice::tenancy::auth::create_key(store.as_ref(), &name)
             .await
             .unwrap();
         let shutdown = CancellationToken::new();
@@ -316,7 +316,7 @@ pub fn request_id(response: &reqwest::Response) -> String {
 pub async fn eventually<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
+    Fut: Future<Output = Option<T>>,
 {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -514,7 +514,7 @@ impl Isolated {
     /// Runs `future` on this runtime and waits for its result.
     pub async fn run<F, T>(&self, future: F) -> T
     where
-        F: std::future::Future<Output = T> + Send + 'static,
+        F: Future<Output = T> + Send + 'static,
         T: Send + 'static,
     {
         self.runtime
@@ -539,7 +539,7 @@ impl Isolated {
     }
 
     /// Starts a standalone Kafka worker on this runtime; returns its metrics.
-    pub async fn start_worker(&self, config: Config) -> Arc<sluice::metrics::Metrics> {
+    pub async fn start_worker(&self, config: Config) -> Arc<sluice::observe::metrics::Metrics> {
         self.run(async move {
             let worker = sluice::app::StandaloneWorker::start(&config)
                 .await
@@ -599,7 +599,7 @@ pub fn plugin(
     name: &str,
     wasm: &str,
     on_error: sluice::config::OnError,
-    config: serde_json::Value,
+    config: Value,
 ) -> sluice::config::PluginConfig {
     sluice::config::PluginConfig {
         name: name.to_string(),

@@ -1,0 +1,151 @@
+//! The `Store` stage: API keys and inference logs, behind one trait with a
+//! SQLite implementation (embedded mode) and a PostgreSQL one (production).
+//! Both run the same SQL; only the migrations differ.
+
+pub mod inference_log;
+mod sql;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use secrecy::ExposeSecret;
+
+use crate::config::{StoreConfig, StoreKind, redact_url};
+use crate::tenancy::limits::Limits;
+
+pub use sql::{PostgresStore, SqliteStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot connect to the {backend} store at {url}: {source}")]
+    Connect {
+        backend: &'static str,
+        url: String,
+        source: sqlx::Error,
+    },
+    #[error("a key or team named `{0}` already exists")]
+    DuplicateName(String),
+    #[error("stored limits of `{0}` are not valid JSON limits: {1}")]
+    BadLimits(String, String),
+    #[error("store query failed: {0}")]
+    Query(#[from] sqlx::Error),
+}
+
+/// An API key as listed: never the secret, never its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApiKey {
+    pub id: String,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// The key's own limits (unset fields: the configured defaults apply).
+    pub limits: Limits,
+    pub team_id: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A group of keys with limits of its own, checked beside each key's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Team {
+    pub id: String,
+    pub name: String,
+    pub limits: Limits,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A key to insert: the hash of its secret, not the secret.
+#[derive(Debug, Clone)]
+pub struct NewApiKey {
+    pub id: String,
+    pub name: String,
+    pub key_hash: String,
+    pub created_at: DateTime<Utc>,
+    pub limits: Limits,
+    pub team_id: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// An active key found by its secret, with its team if it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveKey {
+    pub key: ApiKey,
+    pub team: Option<Team>,
+}
+
+/// One completion request, as logged.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct InferenceRecord {
+    pub request_id: String,
+    pub key_id: String,
+    pub model: String,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cache_hit: bool,
+    /// HTTP status, or 499 when the client went away first.
+    pub status: i32,
+    pub ttft_ms: Option<f64>,
+    pub total_ms: f64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Token usage of one key, summed over the inference log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct KeyUsage {
+    pub key_id: String,
+    pub name: Option<String>,
+    pub requests: i64,
+    pub cache_hits: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn insert_key(&self, key: &NewApiKey) -> Result<(), StoreError>;
+    async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError>;
+    /// The key with this id or name, revoked or not.
+    async fn find_key(&self, id_or_name: &str) -> Result<Option<ApiKey>, StoreError>;
+    /// Writes a key's limits, team and expiry.
+    async fn update_key(&self, key: &ApiKey) -> Result<(), StoreError>;
+    /// Revokes the active key with this id or name; returns how many were revoked.
+    async fn revoke_key(&self, id_or_name: &str) -> Result<u64, StoreError>;
+    /// The active (not revoked) key whose secret hashes to `key_hash`, with its team.
+    async fn find_active_key(&self, key_hash: &str) -> Result<Option<ActiveKey>, StoreError>;
+    async fn insert_team(&self, team: &Team) -> Result<(), StoreError>;
+    async fn list_teams(&self) -> Result<Vec<Team>, StoreError>;
+    /// The team with this id or name.
+    async fn find_team(&self, id_or_name: &str) -> Result<Option<Team>, StoreError>;
+    async fn update_team(&self, team: &Team) -> Result<(), StoreError>;
+    async fn insert_inferences(&self, rows: &[InferenceRecord]) -> Result<(), StoreError>;
+    async fn inferences_for(&self, request_id: &str) -> Result<Vec<InferenceRecord>, StoreError>;
+    async fn key_usage(&self, since: Option<DateTime<Utc>>) -> Result<Vec<KeyUsage>, StoreError>;
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Connects to the configured store and applies its migrations.
+pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    let store: Arc<dyn Store> = match config.kind() {
+        StoreKind::Sqlite => Arc::new(
+            SqliteStore::connect(config.url.expose_secret(), config.max_connections)
+                .await
+                .map_err(|source| StoreError::Connect {
+                    backend: "SQLite",
+                    url: redact_url(config.url.expose_secret()),
+                    source,
+                })?,
+        ),
+        StoreKind::Postgres => Arc::new(
+            PostgresStore::connect(config.url.expose_secret(), config.max_connections)
+                .await
+                .map_err(|source| StoreError::Connect {
+                    backend: "PostgreSQL",
+                    url: redact_url(config.url.expose_secret()),
+                    source,
+                })?,
+        ),
+    };
+    Ok(store)
+}

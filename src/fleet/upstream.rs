@@ -1,0 +1,344 @@
+//! The upstream client: calls vLLM's `/v1/completions` or
+//! `/v1/chat/completions` with `stream: true` on an endpoint of the
+//! request's model (see [`crate::fleet`]), trying another endpoint when one
+//! fails before the first chunk,
+//! and yields each chunk the moment its SSE event is complete.
+//!
+//! Dropping an [`UpstreamStream`] closes its HTTP connection, which is how
+//! vLLM learns to abort the generation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use http_body_util::{BodyExt, Limited};
+use tokio::time::Instant;
+use url::Url;
+
+use crate::config::{ModelConfig, UpstreamConfig};
+use crate::error::{ErrorInfo, GatewayError, kind_for_status};
+use crate::fleet::{Fleet, InFlight};
+use crate::observe::metrics::Metrics;
+use crate::protocol::sse::SseParser;
+use crate::protocol::{Chunk, Route, error_info_from_value, parse_error_event};
+
+/// Largest error body read from the upstream.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot reach the upstream: {0}")]
+    Connect(String),
+    #[error("the upstream sent nothing for {0:?}")]
+    Timeout(Duration),
+    /// An error status before the stream began, with the upstream's own message.
+    #[error("upstream answered {}: {}", .0.status, .0.message)]
+    Status(ErrorInfo),
+    /// An error event in the middle of the stream.
+    #[error("upstream error: {}", .0.message)]
+    Event(ErrorInfo),
+    #[error("reading the upstream response failed: {0}")]
+    Body(String),
+    #[error("the upstream closed the stream before [DONE]")]
+    Truncated,
+}
+
+impl UpstreamError {
+    pub fn info(&self) -> ErrorInfo {
+        match self {
+            Self::Status(info) | Self::Event(info) => info.clone(),
+            Self::Timeout(_) => GatewayError::UpstreamTimeout(self.to_string()).info(),
+            Self::Connect(_) | Self::Body(_) | Self::Truncated => {
+                GatewayError::UpstreamUnavailable(self.to_string()).info()
+            }
+        }
+    }
+
+    /// Whether the endpoint is at fault (another may serve the request):
+    /// unreachable, too slow, a 5xx, a broken or garbled stream. A 4xx or an
+    /// error event from vLLM is the request's, and is passed on.
+    pub fn is_endpoint_failure(&self) -> bool {
+        match self {
+            Self::Connect(_) | Self::Timeout(_) | Self::Body(_) | Self::Truncated => true,
+            Self::Status(info) => info.status >= 500,
+            Self::Event(_) => false,
+        }
+    }
+
+    /// A low-cardinality label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Connect(_) => "connect",
+            Self::Timeout(_) => "timeout",
+            Self::Status(_) => "status",
+            Self::Event(_) => "stream_error",
+            Self::Body(_) => "body",
+            Self::Truncated => "truncated",
+        }
+    }
+}
+
+pub struct UpstreamClient {
+    http: reqwest::Client,
+    fleet: Arc<Fleet>,
+    api_key: Option<secrecy::SecretString>,
+    first_chunk_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl UpstreamClient {
+    /// The client of every pool, with their health checks running.
+    pub fn new(
+        config: &UpstreamConfig,
+        models: &[ModelConfig],
+        metrics: &Metrics,
+    ) -> Result<Self, GatewayError> {
+        let http = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .connect_timeout(config.connect_timeout)
+            .pool_max_idle_per_host(1024)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| GatewayError::Internal(format!("cannot build the HTTP client: {e}")))?;
+        let fleet = Arc::new(Fleet::new(config, models, metrics));
+        fleet.check_health(http.clone(), config.health_interval);
+        Ok(Self {
+            http,
+            fleet,
+            api_key: config.api_key.clone(),
+            first_chunk_timeout: config.first_chunk_timeout,
+            idle_timeout: config.idle_timeout,
+        })
+    }
+
+    pub fn fleet(&self) -> &Arc<Fleet> {
+        &self.fleet
+    }
+
+    /// Starts the request for `body` (the JSON of a streamed completion or
+    /// chat) on an endpoint of `model`'s pool with `headers` (request id,
+    /// trace context) and waits for its first event. An endpoint that fails
+    /// before then is ejected and another one tried, up to
+    /// `upstream.max_attempts`; nothing has reached the client yet, so the
+    /// retry is invisible to it.
+    pub async fn open(
+        &self,
+        model: &str,
+        prefix: u64,
+        route: Route,
+        body: bytes::Bytes,
+        headers: &[(String, String)],
+    ) -> Result<UpstreamStream, UpstreamError> {
+        let pool = self
+            .fleet
+            .pool(model)
+            .ok_or_else(|| UpstreamError::Connect(format!("no endpoint serves `{model}`")))?;
+        let mut tried = Vec::with_capacity(2);
+        let mut last = None;
+        while tried.len() < self.fleet.max_attempts as usize {
+            let Some(at) = pool.pick(prefix, &tried) else {
+                break;
+            };
+            tried.push(at);
+            let endpoint = &pool.endpoints[at];
+            let in_flight = endpoint.start();
+            let opened = match self
+                .attempt(&endpoint.url, route, body.clone(), headers)
+                .await
+            {
+                Ok(mut stream) => stream.prefetch().await.map(|()| stream),
+                Err(err) => Err(err),
+            };
+            match opened {
+                Ok(mut stream) => {
+                    endpoint.succeeded();
+                    stream.in_flight = Some(in_flight);
+                    return Ok(stream);
+                }
+                Err(err) if err.is_endpoint_failure() => {
+                    endpoint.failed(self.fleet.eject, self.fleet.max_eject);
+                    tracing::warn!(endpoint = %endpoint.url, %err, attempt = tried.len(), "upstream endpoint failed before the first chunk; trying another");
+                    last = Some(err);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Err(last.unwrap_or_else(|| UpstreamError::Connect("no endpoint to try".into())))
+    }
+
+    /// One attempt on one endpoint; resolves once response headers arrive.
+    async fn attempt(
+        &self,
+        base: &Url,
+        route: Route,
+        body: bytes::Bytes,
+        headers: &[(String, String)],
+    ) -> Result<UpstreamStream, UpstreamError> {
+        let deadline = Instant::now() + self.first_chunk_timeout;
+        let mut url = base.clone();
+        let path = format!("{}{}", url.path().trim_end_matches('/'), route.path());
+        url.set_path(&path);
+        let mut builder = self
+            .http
+            .post(url)
+            .header("content-type", "application/json")
+            .header("accept", "text/event-stream")
+            .body(body);
+        for (name, value) in headers {
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        if let Some(key) = &self.api_key {
+            builder = builder.bearer_auth(secrecy::ExposeSecret::expose_secret(key));
+        }
+        let response = tokio::time::timeout_at(deadline, builder.send())
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.first_chunk_timeout))?
+            .map_err(|e| UpstreamError::Connect(describe(e)))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = Limited::new(reqwest::Body::from(response), MAX_ERROR_BODY).collect();
+            let body = match tokio::time::timeout_at(deadline, body).await {
+                Ok(Ok(collected)) => collected.to_bytes(),
+                _ => bytes::Bytes::new(),
+            };
+            return Err(UpstreamError::Status(error_from_body(status, &body)));
+        }
+        Ok(UpstreamStream {
+            body: response.bytes_stream().boxed(),
+            parser: SseParser::new(),
+            deadline: Some(deadline),
+            first_chunk_timeout: self.first_chunk_timeout,
+            idle_timeout: self.idle_timeout,
+            finished: false,
+            first: None,
+            in_flight: None,
+        })
+    }
+}
+
+/// A reqwest error with its causes, without the URL (it may carry credentials).
+fn describe(err: reqwest::Error) -> String {
+    let err = err.without_url();
+    let mut message = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(inner) = source {
+        message = format!("{message}: {inner}");
+        source = inner.source();
+    }
+    message
+}
+
+/// Maps an upstream error response to the error the client sees, keeping
+/// vLLM's status, type and message.
+fn error_from_body(status: StatusCode, body: &[u8]) -> ErrorInfo {
+    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) {
+        let error = value.get("error").unwrap_or(&value);
+        let mut info = error_info_from_value(error);
+        info.status = status.as_u16();
+        if error.get("type").is_none() {
+            info.kind = kind_for_status(status).to_string();
+        }
+        return info;
+    }
+    let text = String::from_utf8_lossy(body);
+    ErrorInfo::new(
+        status,
+        kind_for_status(status),
+        if text.trim().is_empty() {
+            format!("upstream answered {status}")
+        } else {
+            text.chars().take(512).collect::<String>()
+        },
+    )
+}
+
+/// The chunks of one upstream response.
+pub struct UpstreamStream {
+    body: BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    parser: SseParser,
+    /// Until the first chunk arrives, the absolute first-chunk deadline.
+    deadline: Option<Instant>,
+    first_chunk_timeout: Duration,
+    idle_timeout: Duration,
+    finished: bool,
+    /// The first chunk, read while choosing the endpoint.
+    first: Option<Chunk>,
+    /// Counts the stream as running on its endpoint.
+    in_flight: Option<InFlight>,
+}
+
+impl UpstreamStream {
+    /// Reads the first event ahead, so that a failure before it can be retried elsewhere.
+    async fn prefetch(&mut self) -> Result<(), UpstreamError> {
+        self.first = self.read().await?;
+        Ok(())
+    }
+
+    /// The next chunk; `Ok(None)` after `[DONE]`.
+    pub async fn next(&mut self) -> Result<Option<Chunk>, UpstreamError> {
+        if let Some(first) = self.first.take() {
+            return Ok(Some(first));
+        }
+        self.read().await
+    }
+
+    async fn read(&mut self) -> Result<Option<Chunk>, UpstreamError> {
+        loop {
+            if self.finished {
+                return Ok(None);
+            }
+            if let Some(event) = self.parser.next_event() {
+                if event.is_done() {
+                    self.finished = true;
+                    return Ok(None);
+                }
+                if let Some(info) = parse_error_event(event.chunk.payload_slice()) {
+                    self.finished = true;
+                    return Err(UpstreamError::Event(info));
+                }
+                self.deadline = None;
+                return Ok(Some(event.chunk));
+            }
+            let (deadline, waited) = match self.deadline {
+                Some(deadline) => (deadline, self.first_chunk_timeout),
+                None => (Instant::now() + self.idle_timeout, self.idle_timeout),
+            };
+            match tokio::time::timeout_at(deadline, self.body.next()).await {
+                Err(_) => return Err(UpstreamError::Timeout(waited)),
+                Ok(None) => {
+                    self.finished = true;
+                    return Err(UpstreamError::Truncated);
+                }
+                Ok(Some(Err(err))) => {
+                    self.finished = true;
+                    return Err(UpstreamError::Body(describe(err)));
+                }
+                Ok(Some(Ok(bytes))) => self.parser.push(&bytes),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vllm_error_bodies_keep_status_type_and_message() {
+        let body = br#"{"error":{"message":"The model `x` does not exist.","type":"NotFoundError","param":null,"code":404}}"#;
+        let info = error_from_body(StatusCode::NOT_FOUND, body);
+        assert_eq!(
+            info,
+            ErrorInfo::new(
+                StatusCode::NOT_FOUND,
+                "NotFoundError",
+                "The model `x` does not exist."
+            )
+        );
+        let info = error_from_body(StatusCode::SERVICE_UNAVAILABLE, b"overloaded");
+        assert_eq!(info.status, 503);
+        assert_eq!(info.message, "overloaded");
+    }
+}

@@ -1,0 +1,158 @@
+//! The worker: takes jobs from a [`JobSource`], calls the upstream with
+//! `stream: true`, and forwards every chunk to the job's sink as it arrives.
+//!
+//! At most `concurrency` jobs run at once; the worker takes a new job only
+//! when it has room, so a busy worker leaves work in the queue for others.
+//! When a job is cancelled, its upstream request is dropped at once, closing
+//! the connection so vLLM stops generating.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::backends::queue::{Job, JobSource, ResponseEvent};
+use crate::error::GatewayError;
+use crate::fleet::upstream::{UpstreamClient, UpstreamError};
+use crate::observe::metrics::Metrics;
+use crate::observe::telemetry::RequestTrace;
+
+pub struct Worker {
+    upstream: Arc<UpstreamClient>,
+    metrics: Arc<Metrics>,
+    concurrency: usize,
+    /// A job older than this when taken is answered with 503 instead of run.
+    queue_timeout: Duration,
+}
+
+impl Worker {
+    pub fn new(
+        upstream: Arc<UpstreamClient>,
+        metrics: Arc<Metrics>,
+        concurrency: usize,
+        queue_timeout: Duration,
+    ) -> Self {
+        Self {
+            upstream,
+            metrics,
+            concurrency,
+            queue_timeout,
+        }
+    }
+
+    /// Runs until `shutdown` fires, then waits up to `grace` for running jobs.
+    pub async fn run(
+        self: Arc<Self>,
+        source: Arc<dyn JobSource>,
+        shutdown: CancellationToken,
+        grace: Duration,
+    ) {
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        loop {
+            let permit = tokio::select! {
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+                () = shutdown.cancelled() => break,
+            };
+            let job = tokio::select! {
+                job = source.next_job() => job,
+                () = shutdown.cancelled() => break,
+            };
+            let Some(job) = job else { break };
+            let worker = self.clone();
+            tokio::spawn(async move {
+                worker.process(job).await;
+                drop(permit);
+            });
+        }
+        let all = u32::try_from(self.concurrency).unwrap_or(u32::MAX);
+        if tokio::time::timeout(grace, permits.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!("worker stopped with requests still running");
+        }
+    }
+
+    async fn process(&self, mut job: Job) {
+        let trace = RequestTrace::continue_job(&job.request.request_id, &job.request.trace_context);
+        // vLLM continues the trace from the worker's span.
+        job.request.trace_context = trace.headers();
+        let span = trace.span.clone();
+        self.metrics.worker_inflight.inc();
+        let cancel = job.cancel.clone();
+        let outcome = tokio::select! {
+            outcome = self.relay(&mut job).instrument(span.clone()) => outcome,
+            () = cancel.cancelled() => "cancelled",
+        };
+        self.metrics.worker_inflight.dec();
+        self.metrics
+            .worker_requests
+            .with_label_values(&[outcome])
+            .inc();
+        trace.record(|span| {
+            span.set_attribute(opentelemetry::KeyValue::new("outcome", outcome));
+            if outcome == "upstream_error" {
+                crate::observe::telemetry::fail(span, "the upstream request failed");
+            }
+        });
+        span.in_scope(|| tracing::debug!(outcome, "upstream request finished"));
+    }
+
+    /// Streams one job; returns its outcome label.
+    async fn relay(&self, job: &mut Job) -> &'static str {
+        if job.request.age() > self.queue_timeout {
+            let error = GatewayError::Overloaded(format!(
+                "the request waited more than {:?} for a worker",
+                self.queue_timeout
+            ));
+            let _ = job.sink.send(ResponseEvent::Error(error.info())).await;
+            return "expired";
+        }
+        let mut headers = Vec::with_capacity(1 + job.request.trace_context.len());
+        headers.push(("x-request-id".to_string(), job.request.request_id.clone()));
+        headers.extend(job.request.trace_context.iter().cloned());
+        let request = &job.request;
+        let opened = self
+            .upstream
+            .open(
+                &request.model,
+                request.prefix,
+                request.route,
+                request.body.clone(),
+                &headers,
+            )
+            .await;
+        let mut stream = match opened {
+            Ok(stream) => stream,
+            Err(err) => return self.upstream_failed(job, err).await,
+        };
+        loop {
+            let event = match stream.next().await {
+                Ok(Some(chunk)) => ResponseEvent::Chunk(chunk),
+                Ok(None) => {
+                    let _ = job.sink.send(ResponseEvent::Done).await;
+                    return "completed";
+                }
+                Err(err) => return self.upstream_failed(job, err).await,
+            };
+            if job.sink.send(event).await.is_err() {
+                return "cancelled";
+            }
+        }
+    }
+
+    /// Counts an upstream failure and passes it on to the requester.
+    async fn upstream_failed(&self, job: &mut Job, err: UpstreamError) -> &'static str {
+        self.metrics
+            .upstream_errors
+            .with_label_values(&[err.kind()])
+            .inc();
+        let _ = job.sink.send(ResponseEvent::Error(err.info())).await;
+        "upstream_error"
+    }
+}

@@ -1,0 +1,522 @@
+//! The limits stage: per-key and per-team requests per minute, tokens per
+//! minute and concurrent requests, checked at admission and settled when the
+//! request ends.
+//!
+//! Each limit is a sliding window of one minute over a log of admissions: a
+//! request is admitted only if, counting it, no limit of its key (or of the
+//! key's team) is exceeded over the last 60 s, so at most the limit is ever
+//! admitted in any minute. A request reserves its token budget (`max_tokens`
+//! times the choices, or `limits.reserve_tokens`, plus an estimate of the
+//! prompt) and is settled with vLLM's usage when it ends, so a short answer
+//! frees what it did not use. Concurrent requests hold a lease until they end
+//! (or, if their edge died, until `limits.lease_secs` passes).
+//!
+//! With `limits.url = redis://…` every check is one Lua script run in Redis,
+//! atomic across all edges ([`redis`]); with `memory://` the same algorithm
+//! runs in process ([`memory`]). When Redis is unreachable, `on_unavailable`
+//! decides: `local` checks in process with each limit divided by
+//! `limits.edges`, `refuse` answers 503.
+
+mod memory;
+mod redis;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{LimitsConfig, OnLimiterDown};
+use crate::error::GatewayError;
+use crate::observe::metrics::Metrics;
+use crate::observe::outage::Outage;
+
+pub use memory::MemoryLimits;
+pub use redis::RedisLimits;
+
+/// The window every limit counts over.
+pub const WINDOW: Duration = Duration::from_secs(60);
+
+/// The limits of one key or team; `None` is unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u64>,
+    /// Prompt plus completion tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u64>,
+    /// The models the key may use (`None`: any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
+}
+
+impl Limits {
+    /// Refuses limits that make no sense, naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, value) in [
+            ("requests_per_minute", self.requests_per_minute),
+            ("tokens_per_minute", self.tokens_per_minute),
+            ("max_concurrent", self.max_concurrent),
+        ] {
+            if value == Some(0) {
+                return Err(format!(
+                    "{name} must be at least 1 (leave it out for no limit)"
+                ));
+            }
+        }
+        if let Some(models) = &self.models
+            && models.iter().any(|m| m.trim().is_empty())
+        {
+            return Err("models must not contain an empty name".into());
+        }
+        Ok(())
+    }
+
+    /// These limits with `defaults` filling in what is not set.
+    pub fn or(&self, defaults: &Limits) -> Limits {
+        Limits {
+            requests_per_minute: self.requests_per_minute.or(defaults.requests_per_minute),
+            tokens_per_minute: self.tokens_per_minute.or(defaults.tokens_per_minute),
+            max_concurrent: self.max_concurrent.or(defaults.max_concurrent),
+            models: self.models.clone().or_else(|| defaults.models.clone()),
+        }
+    }
+
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|models| models.iter().any(|m| m == model))
+    }
+
+    /// Whether any rate or concurrency limit is set (the model list aside).
+    pub fn counts(&self) -> bool {
+        self.requests_per_minute.is_some()
+            || self.tokens_per_minute.is_some()
+            || self.max_concurrent.is_some()
+    }
+
+    /// Each limit divided by `parts` (at least 1 left of each): an edge's
+    /// share when limits are checked locally.
+    fn share(&self, parts: u64) -> Limits {
+        let part = |v: Option<u64>| v.map(|v| (v / parts.max(1)).max(1));
+        Limits {
+            requests_per_minute: part(self.requests_per_minute),
+            tokens_per_minute: part(self.tokens_per_minute),
+            max_concurrent: part(self.max_concurrent),
+            models: self.models.clone(),
+        }
+    }
+}
+
+/// One set of limits counted together: a key's, or its team's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    /// `key:<id>` or `team:<id>`.
+    pub id: String,
+    pub limits: Limits,
+}
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    Requests,
+    Tokens,
+    Concurrency,
+}
+
+impl LimitKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            LimitKind::Requests => "requests",
+            LimitKind::Tokens => "tokens",
+            LimitKind::Concurrency => "concurrency",
+        }
+    }
+}
+
+/// Where the first scope (the key) stands after a check: what the
+/// `x-ratelimit-*` headers say.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Standing {
+    pub limit_requests: Option<u64>,
+    pub remaining_requests: u64,
+    /// Until the oldest request counted leaves the window (one more is free).
+    pub reset_requests: Duration,
+    pub limit_tokens: Option<u64>,
+    pub remaining_tokens: u64,
+    pub reset_tokens: Duration,
+}
+
+/// The answer of a check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Admitted(Standing),
+    Refused {
+        kind: LimitKind,
+        /// Which scope refused (0: the key, 1: its team).
+        scope: usize,
+        retry_after: Duration,
+        standing: Standing,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("rate limiter unavailable: {0}")]
+pub struct LimiterUnavailable(pub String);
+
+/// Where admissions are counted: in process or in Redis.
+#[async_trait]
+pub trait LimitStore: Send + Sync + 'static {
+    /// Admits `request_id` with `tokens` reserved if no limit of any scope
+    /// would be exceeded, recording it in every scope; else records nothing.
+    async fn admit(
+        &self,
+        scopes: &[Scope],
+        request_id: &str,
+        tokens: u64,
+    ) -> Result<Verdict, LimiterUnavailable>;
+
+    /// Replaces the request's reservation by the `tokens` it used and ends its lease.
+    async fn settle(
+        &self,
+        scopes: &[Scope],
+        request_id: &str,
+        tokens: u64,
+    ) -> Result<(), LimiterUnavailable>;
+}
+
+/// Checks and settles requests against their key's and team's limits.
+pub struct Limiter {
+    store: Arc<dyn LimitStore>,
+    /// With a Redis store: the in-process store used while Redis is down
+    /// (`on_unavailable = "local"`), with each limit shared between `edges`.
+    fallback: Option<(MemoryLimits, u64)>,
+    on_unavailable: OnLimiterDown,
+    /// Tokens reserved for a request that sets no `max_tokens`.
+    reserve_tokens: u64,
+    outage: Outage,
+    metrics: Arc<Metrics>,
+}
+
+/// An admitted request's place in its scopes, settled when the request ends.
+pub struct Admission {
+    limiter: Arc<Limiter>,
+    scopes: Vec<Scope>,
+    request_id: String,
+    /// Counted in the in-process fallback (Redis was down at admission).
+    local: bool,
+    pub reserved: u64,
+    /// The part of `reserved` estimated for the prompt.
+    pub prompt_estimate: u64,
+    pub standing: Standing,
+}
+
+impl Limiter {
+    pub async fn new(config: &LimitsConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+        let (store, fallback): (Arc<dyn LimitStore>, _) = match config.redis_url() {
+            Some(url) => (
+                Arc::new(
+                    RedisLimits::connect(url, &config.key_prefix, config.timeout, config.lease)
+                        .await,
+                ),
+                Some((MemoryLimits::new(config.lease), config.edges)),
+            ),
+            None => (Arc::new(MemoryLimits::new(config.lease)), None),
+        };
+        Arc::new(Self {
+            store,
+            fallback,
+            on_unavailable: config.on_unavailable,
+            reserve_tokens: config.reserve_tokens,
+            outage: Outage::default(),
+            metrics,
+        })
+    }
+
+    /// The scopes a request counts in: its key's and, if any, its team's
+    /// (only those with a rate or concurrency limit).
+    fn scopes(identity: &crate::tenancy::auth::Identity) -> Vec<Scope> {
+        let mut scopes = Vec::with_capacity(2);
+        if identity.limits.counts() {
+            scopes.push(Scope {
+                id: format!("key:{}", identity.key_id),
+                limits: identity.limits.clone(),
+            });
+        }
+        if let Some(team) = &identity.team
+            && team.limits.counts()
+        {
+            scopes.push(Scope {
+                id: format!("team:{}", team.id),
+                limits: team.limits.clone(),
+            });
+        }
+        scopes
+    }
+
+    /// Admits a request of `identity` or refuses it with a 429 (503 when the
+    /// limiter is unavailable and configured to refuse). `None`: its key and
+    /// team have no rate or concurrency limit, so there is nothing to count.
+    /// It reserves its output cap (`max_tokens` per choice, or
+    /// `limits.reserve_tokens`) times `choices`, plus about a token per 4
+    /// bytes of prompt.
+    pub async fn admit(
+        self: &Arc<Self>,
+        identity: &crate::tenancy::auth::Identity,
+        request_id: &str,
+        request: &crate::protocol::InferenceRequest,
+    ) -> Result<Option<Admission>, GatewayError> {
+        let scopes = Self::scopes(identity);
+        if scopes.is_empty() {
+            return Ok(None);
+        }
+        let prompt_estimate = (request.prompt_bytes() as u64).div_ceil(4);
+        let tokens = request
+            .output_limit()
+            .map_or(self.reserve_tokens, u64::from)
+            .saturating_mul(request.choices().max(1))
+            .saturating_add(prompt_estimate);
+        let (verdict, local) = match self.store.admit(&scopes, request_id, tokens).await {
+            Ok(verdict) => {
+                self.up();
+                (verdict, false)
+            }
+            Err(err) => {
+                self.down(&err);
+                match (&self.fallback, self.on_unavailable) {
+                    (Some((local, edges)), OnLimiterDown::Local) => {
+                        let shares: Vec<Scope> = scopes
+                            .iter()
+                            .map(|s| Scope {
+                                id: s.id.clone(),
+                                limits: s.limits.share(*edges),
+                            })
+                            .collect();
+                        let verdict = local
+                            .admit(&shares, request_id, tokens)
+                            .await
+                            .map_err(|err| GatewayError::Overloaded(err.to_string()))?;
+                        (verdict, true)
+                    }
+                    _ => {
+                        self.metrics
+                            .limited
+                            .with_label_values(&["unavailable"])
+                            .inc();
+                        return Err(GatewayError::Overloaded(format!(
+                            "{err}; requests are refused until it is back"
+                        )));
+                    }
+                }
+            }
+        };
+        match verdict {
+            Verdict::Admitted(standing) => Ok(Some(Admission {
+                limiter: self.clone(),
+                scopes,
+                request_id: request_id.to_string(),
+                local,
+                reserved: tokens,
+                prompt_estimate,
+                standing,
+            })),
+            Verdict::Refused {
+                kind,
+                scope,
+                retry_after,
+                standing,
+            } => {
+                self.metrics
+                    .limited
+                    .with_label_values(&[kind.label()])
+                    .inc();
+                let whose = if scope == 0 {
+                    "this API key"
+                } else {
+                    "this API key's team"
+                };
+                let limit = &scopes[scope.min(scopes.len() - 1)].limits;
+                let message = match kind {
+                    LimitKind::Requests => format!(
+                        "Rate limit reached for requests per minute on {whose}: limit {}. Try again in {}.",
+                        limit.requests_per_minute.unwrap_or(0),
+                        format_duration(retry_after)
+                    ),
+                    LimitKind::Tokens if tokens > limit.tokens_per_minute.unwrap_or(u64::MAX) => {
+                        format!(
+                            "Request too large for tokens per minute on {whose}: it may use {tokens} tokens (the prompt and max_tokens), the limit is {}. Lower max_tokens.",
+                            limit.tokens_per_minute.unwrap_or(0)
+                        )
+                    }
+                    LimitKind::Tokens => format!(
+                        "Rate limit reached for tokens per minute on {whose}: limit {}, this request may use {tokens}. Try again in {}.",
+                        limit.tokens_per_minute.unwrap_or(0),
+                        format_duration(retry_after)
+                    ),
+                    LimitKind::Concurrency => format!(
+                        "Too many concurrent requests on {whose}: limit {}. Try again when one has finished.",
+                        limit.max_concurrent.unwrap_or(0)
+                    ),
+                };
+                Err(GatewayError::RateLimited(Box::new(RateLimited {
+                    kind,
+                    message,
+                    retry_after,
+                    headers: standing.headers(),
+                })))
+            }
+        }
+    }
+
+    fn up(&self) {
+        if self.fallback.is_some() && self.outage.succeeded().is_some() {
+            tracing::info!("the rate limiter's Redis is back; limits are exact across edges again");
+            self.metrics
+                .backend_up
+                .with_label_values(&["limits"])
+                .set(1);
+        }
+    }
+
+    fn down(&self, err: &LimiterUnavailable) {
+        if self.outage.failed().is_some() {
+            let fallback = match self.on_unavailable {
+                OnLimiterDown::Local => {
+                    "checking limits in this process, each divided by limits.edges"
+                }
+                OnLimiterDown::Refuse => "refusing requests of limited keys",
+            };
+            tracing::warn!(%err, "the rate limiter's Redis is unavailable; {fallback} until it is back");
+            self.metrics
+                .backend_up
+                .with_label_values(&["limits"])
+                .set(0);
+        }
+        self.metrics.limiter_fallbacks.inc();
+    }
+}
+
+impl Admission {
+    /// Settles the request with the tokens it used, off the request path.
+    pub fn settle(self, tokens: u64) {
+        tokio::spawn(async move {
+            let limiter = &self.limiter;
+            let result = match (&limiter.fallback, self.local) {
+                (Some((local, _)), true) => {
+                    local.settle(&self.scopes, &self.request_id, tokens).await
+                }
+                _ => {
+                    limiter
+                        .store
+                        .settle(&self.scopes, &self.request_id, tokens)
+                        .await
+                }
+            };
+            if let Err(err) = result {
+                tracing::debug!(%err, request_id = %self.request_id, "could not settle the request's tokens; its reservation stands");
+            }
+        });
+    }
+}
+
+/// A request refused by a limit: a 429 in OpenAI's rate-limit shape.
+#[derive(Debug)]
+pub struct RateLimited {
+    pub kind: LimitKind,
+    pub message: String,
+    pub retry_after: Duration,
+    pub headers: HeaderMap,
+}
+
+impl Standing {
+    /// OpenAI's rate-limit headers for this standing (only for the limits set).
+    pub fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        let mut put = |name: &'static str, value: String| {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(HeaderName::from_static(name), value);
+            }
+        };
+        if let Some(limit) = self.limit_requests {
+            put("x-ratelimit-limit-requests", limit.to_string());
+            put(
+                "x-ratelimit-remaining-requests",
+                self.remaining_requests.to_string(),
+            );
+            put(
+                "x-ratelimit-reset-requests",
+                format_duration(self.reset_requests),
+            );
+        }
+        if let Some(limit) = self.limit_tokens {
+            put("x-ratelimit-limit-tokens", limit.to_string());
+            put(
+                "x-ratelimit-remaining-tokens",
+                self.remaining_tokens.to_string(),
+            );
+            put(
+                "x-ratelimit-reset-tokens",
+                format_duration(self.reset_tokens),
+            );
+        }
+        headers
+    }
+}
+
+/// A duration as OpenAI's headers write it: `20ms`, `1.5s`, `6m0s`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let (minutes, rest_ms) = (ms / 60_000, ms % 60_000);
+    let seconds = rest_ms as f64 / 1000.0;
+    let seconds = format!("{seconds:.3}");
+    let seconds = seconds.trim_end_matches('0').trim_end_matches('.');
+    match minutes {
+        0 => format!("{seconds}s"),
+        m => format!("{m}m{seconds}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_openais() {
+        assert_eq!(format_duration(Duration::from_millis(20)), "20ms");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(format_duration(Duration::from_secs(360)), "6m0s");
+        assert_eq!(format_duration(Duration::from_millis(61_250)), "1m1.25s");
+    }
+
+    #[test]
+    fn limits_validate_merge_and_share() {
+        let zero = Limits {
+            requests_per_minute: Some(0),
+            ..Limits::default()
+        };
+        assert!(zero.validate().unwrap_err().contains("requests_per_minute"));
+        let own = Limits {
+            tokens_per_minute: Some(1000),
+            ..Limits::default()
+        };
+        let defaults = Limits {
+            requests_per_minute: Some(60),
+            tokens_per_minute: Some(10),
+            models: Some(vec!["a".into()]),
+            ..Limits::default()
+        };
+        let merged = own.or(&defaults);
+        assert_eq!(merged.tokens_per_minute, Some(1000));
+        assert_eq!(merged.requests_per_minute, Some(60));
+        assert!(merged.allows_model("a") && !merged.allows_model("b"));
+        assert_eq!(merged.share(4).requests_per_minute, Some(15));
+        assert_eq!(merged.share(100).requests_per_minute, Some(1));
+    }
+}

@@ -1,0 +1,386 @@
+//! One generation: what a request asks for, and its deterministic tokens
+//! (a function of prompt, seed, choice and step).
+
+use std::hash::{Hash, Hasher};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::SimulatorConfig;
+use crate::wire::{
+    ChatStreamChoice, Delta, FunctionDelta, Logprobs, StreamChoice, ToolCallDelta, Usage,
+};
+
+pub(crate) const VOCABULARY: &[&str] = &[
+    "the", "river", "flows", "through", "a", "quiet", "valley", "where", "light", "falls", "on",
+    "stone", "and", "water", "meets", "sky", "every", "morning", "brings", "new", "sound", "of",
+    "wind", "over", "fields", "gate", "opens", "slowly", "as", "boats", "drift", "past", "old",
+    "mills", "lanterns", "glow", "near", "harbor", "walls", "while", "gulls", "circle", "high",
+    "above", "tide", "returns", "again", "to", "sand", "shore", "bright", "cold", "deep", "long",
+    "narrow", "green", "silver", "north", "south", "east", "west", "path", "bridge", "sluice",
+];
+
+pub(crate) struct Generation {
+    pub(crate) id: String,
+    pub(crate) request_id: String,
+    /// A chat request: what the answer is made of.
+    pub(crate) chat: Option<ChatPlan>,
+    pub(crate) created: u64,
+    pub(crate) model: String,
+    pub(crate) prompts: Vec<(String, u64)>,
+    pub(crate) n: u32,
+    pub(crate) max_tokens: u32,
+    pub(crate) seed: i64,
+    pub(crate) echo: bool,
+    pub(crate) logprobs: Option<u32>,
+    pub(crate) include_usage: bool,
+    pub(crate) continuous_usage: bool,
+    pub(crate) error_after: Option<u32>,
+    pub(crate) stall_after: Option<u32>,
+    pub(crate) drop_after: Option<u32>,
+    pub(crate) first_token_delay: Duration,
+    pub(crate) token_delay: Duration,
+    pub(crate) record_emit_times: bool,
+}
+
+impl Generation {
+    pub(crate) fn from_body(
+        config: &SimulatorConfig,
+        request_id: String,
+        body: &Value,
+    ) -> Result<Self, String> {
+        let prompts: Vec<(String, u64)> = match body.get("prompt") {
+            Some(Value::String(s)) => vec![(s.clone(), count_words(s))],
+            Some(Value::Array(items)) if items.iter().all(Value::is_string) => items
+                .iter()
+                .filter_map(Value::as_str)
+                .map(|s| (s.to_string(), count_words(s)))
+                .collect(),
+            Some(Value::Array(items)) if items.iter().all(Value::is_u64) => {
+                vec![(format!("{items:?}"), items.len() as u64)]
+            }
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|batch| {
+                    (
+                        batch.to_string(),
+                        batch.as_array().map_or(1, |b| b.len() as u64),
+                    )
+                })
+                .collect(),
+            _ => return Err("prompt is required".into()),
+        };
+        let number = |name: &str| body.get(name).and_then(Value::as_u64);
+        let ms =
+            |name: &str, default: Duration| number(name).map_or(default, Duration::from_millis);
+        let options = body.get("stream_options");
+        let option = |name: &str| {
+            options
+                .and_then(|o| o.get(name))
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+        };
+        Ok(Self {
+            id: format!("cmpl-{request_id}"),
+            request_id,
+            chat: None,
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            model: config.model.clone(),
+            prompts,
+            n: number("n").map_or(1, |n| n.max(1) as u32),
+            max_tokens: number("max_tokens").map_or(config.default_max_tokens, |n| n as u32),
+            seed: body.get("seed").and_then(Value::as_i64).unwrap_or(0),
+            echo: body.get("echo").and_then(Value::as_bool).unwrap_or(false),
+            logprobs: number("logprobs").map(|n| n as u32),
+            include_usage: option("include_usage"),
+            continuous_usage: option("continuous_usage_stats"),
+            error_after: number("sim_error_after").map(|n| n as u32),
+            stall_after: number("sim_stall_after").map(|n| n as u32),
+            drop_after: number("sim_drop_after").map(|n| n as u32),
+            first_token_delay: ms("sim_first_token_delay_ms", config.first_token_delay),
+            token_delay: ms("sim_token_delay_ms", config.token_delay),
+            record_emit_times: config.record_emit_times,
+        })
+    }
+
+    /// A chat request: the conversation is the one prompt.
+    pub(crate) fn from_chat_body(
+        config: &SimulatorConfig,
+        request_id: String,
+        body: &Value,
+    ) -> Result<Self, String> {
+        let Some(Value::Array(messages)) = body.get("messages") else {
+            return Err("messages is required".into());
+        };
+        let text_of = |message: &Value| match message.get("content") {
+            Some(Value::String(text)) => text.clone(),
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            _ => String::new(),
+        };
+        let conversation: String = messages
+            .iter()
+            .map(|m| {
+                let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
+                format!("<{role}> {}\n", text_of(m))
+            })
+            .collect();
+        let mut prompt_body = body.clone();
+        if let Value::Object(fields) = &mut prompt_body {
+            fields.insert("prompt".into(), Value::String(conversation));
+            if let Some(limit) = body.get("max_completion_tokens") {
+                fields.insert("max_tokens".into(), limit.clone());
+            }
+            fields.remove("logprobs");
+        }
+        let mut generation = Self::from_body(config, request_id, &prompt_body)?;
+        generation.id = format!("chatcmpl-{}", generation.request_id);
+        let last = messages.last();
+        let answered_tool =
+            last.and_then(|m| m.get("role")).and_then(Value::as_str) == Some("tool");
+        let tools = body
+            .get("tools")
+            .and_then(Value::as_array)
+            .filter(|t| !t.is_empty());
+        let choice = body.get("tool_choice");
+        let tool_choice_none = choice.and_then(Value::as_str) == Some("none");
+        let tool = match tools {
+            Some(tools) if !tool_choice_none && !answered_tool => {
+                let named = choice
+                    .and_then(|c| c.pointer("/function/name"))
+                    .and_then(Value::as_str);
+                let name = named
+                    .or_else(|| tools[0].pointer("/function/name").and_then(Value::as_str))
+                    .unwrap_or("tool")
+                    .to_string();
+                let asked = last.map(text_of).unwrap_or_default();
+                let query: Vec<&str> = asked.split_whitespace().take(6).collect();
+                let arguments = serde_json::json!({"query": query.join(" ")}).to_string();
+                Some(ToolCall {
+                    id: format!("chatcmpl-tool-{:016x}", generation.hash_of(&name)),
+                    name,
+                    pieces: split_pieces(&arguments, 8),
+                })
+            }
+            _ => None,
+        };
+        generation.chat = Some(ChatPlan {
+            tool,
+            logprobs: body
+                .get("logprobs")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        });
+        Ok(generation)
+    }
+
+    pub(crate) fn hash_of(&self, what: &str) -> u64 {
+        let mut hasher = std::hash::DefaultHasher::new();
+        (&self.prompts[0].0, self.seed, what).hash(&mut hasher);
+        hasher.finish()
+    }
+
+    /// How many steps the answer takes: one token (or tool-call piece) per choice each.
+    pub(crate) fn steps(&self) -> u32 {
+        match self.chat.as_ref().and_then(|c| c.tool.as_ref()) {
+            Some(tool) => 1 + tool.pieces.len() as u32,
+            None => self.max_tokens,
+        }
+    }
+
+    pub(crate) fn object(&self) -> &'static str {
+        match self.chat {
+            Some(_) => "chat.completion.chunk",
+            None => "text_completion",
+        }
+    }
+
+    /// The chat chunk choices of `step` for one choice (the role chunk first, at step 0).
+    pub(crate) fn chat_choices(
+        &self,
+        plan: &ChatPlan,
+        prompt: usize,
+        choice: u32,
+        step: u32,
+    ) -> Vec<ChatStreamChoice> {
+        let index = prompt as u32 * self.n + choice;
+        let last = step + 1 == self.steps();
+        let mut out = Vec::new();
+        if step == 0 {
+            out.push(ChatStreamChoice {
+                index,
+                delta: Delta {
+                    role: Some("assistant"),
+                    content: Some(String::new()),
+                    tool_calls: None,
+                },
+                logprobs: Value::Null,
+                finish_reason: None,
+                stop_reason: None,
+            });
+        }
+        let (delta, logprobs) = match &plan.tool {
+            Some(tool) => {
+                let call = match step {
+                    0 => ToolCallDelta {
+                        id: Some(tool.id.clone()),
+                        kind: Some("function"),
+                        index: 0,
+                        function: FunctionDelta {
+                            name: Some(tool.name.clone()),
+                            arguments: String::new(),
+                        },
+                    },
+                    _ => ToolCallDelta {
+                        id: None,
+                        kind: None,
+                        index: 0,
+                        function: FunctionDelta {
+                            name: None,
+                            arguments: tool.pieces[step as usize - 1].clone(),
+                        },
+                    },
+                };
+                let delta = Delta {
+                    role: None,
+                    content: None,
+                    tool_calls: Some(vec![call]),
+                };
+                (delta, Value::Null)
+            }
+            None => {
+                let token = self.token(prompt, choice, step);
+                let logprobs = match plan.logprobs {
+                    true => serde_json::json!({"content": [chat_logprob(&token, step)]}),
+                    false => Value::Null,
+                };
+                let delta = Delta {
+                    role: None,
+                    content: Some(token),
+                    tool_calls: None,
+                };
+                (delta, logprobs)
+            }
+        };
+        let reason = if plan.tool.is_some() {
+            "tool_calls"
+        } else {
+            "length"
+        };
+        out.push(ChatStreamChoice {
+            index,
+            delta,
+            logprobs,
+            finish_reason: last.then_some(reason),
+            stop_reason: last.then_some(Value::Null),
+        });
+        out
+    }
+
+    /// (prompt index, choice index) pairs in output order.
+    pub(crate) fn choices(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
+        (0..self.prompts.len()).flat_map(move |p| (0..self.n).map(move |c| (p, c)))
+    }
+
+    pub(crate) fn token(&self, prompt: usize, choice: u32, step: u32) -> String {
+        let mut hasher = std::hash::DefaultHasher::new();
+        (&self.prompts[prompt].0, self.seed, choice, step).hash(&mut hasher);
+        let word = VOCABULARY[(hasher.finish() % VOCABULARY.len() as u64) as usize];
+        format!(" {word}")
+    }
+
+    pub(crate) fn prompt_tokens(&self) -> u64 {
+        self.prompts.iter().map(|(_, n)| n).sum()
+    }
+
+    pub(crate) fn usage(&self, completion_tokens: u64) -> Usage {
+        let prompt_tokens = self.prompt_tokens();
+        Usage {
+            prompt_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            completion_tokens,
+        }
+    }
+
+    /// The choice for `step`, with the text offset before it updated in `offsets`.
+    pub(crate) fn choice(
+        &self,
+        prompt: usize,
+        choice: u32,
+        step: u32,
+        offset: &mut u64,
+    ) -> StreamChoice {
+        let token = self.token(prompt, choice, step);
+        let mut text = token.clone();
+        if step == 0 && self.echo {
+            text = format!("{}{}", self.prompts[prompt].0, token);
+        }
+        let logprobs = self.logprobs.map(|_| {
+            let logprob = -((step % 7) as f64 + 1.0) / 4.0;
+            Logprobs {
+                text_offset: vec![*offset],
+                token_logprobs: vec![logprob],
+                tokens: vec![token.clone()],
+                top_logprobs: vec![std::iter::once((token.clone(), logprob)).collect()],
+            }
+        });
+        *offset += text.len() as u64;
+        let last = step + 1 == self.max_tokens;
+        StreamChoice {
+            index: prompt as u32 * self.n + choice,
+            text,
+            logprobs,
+            finish_reason: last.then_some("length"),
+            stop_reason: None,
+            prompt_token_ids: None,
+            token_ids: None,
+        }
+    }
+}
+
+/// The `logprobs.content` entry of a chat token (its own token as the top one).
+pub(crate) fn chat_logprob(token: &str, step: u32) -> Value {
+    let logprob = -((step % 7) as f64 + 1.0) / 4.0;
+    let entry = serde_json::json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
+    let mut with_top = entry.clone();
+    with_top["top_logprobs"] = serde_json::json!([entry]);
+    with_top
+}
+
+/// What a chat answer is made of.
+pub(crate) struct ChatPlan {
+    pub(crate) tool: Option<ToolCall>,
+    pub(crate) logprobs: bool,
+}
+
+pub(crate) struct ToolCall {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    /// The arguments' JSON, in the pieces it streams in.
+    pub(crate) pieces: Vec<String>,
+}
+
+/// `text` in pieces of at most `size` bytes, cut at character boundaries.
+pub(crate) fn split_pieces(text: &str, size: usize) -> Vec<String> {
+    let mut pieces = Vec::new();
+    let mut current = String::new();
+    for c in text.chars() {
+        if current.len() + c.len_utf8() > size {
+            pieces.push(std::mem::take(&mut current));
+        }
+        current.push(c);
+    }
+    if !current.is_empty() {
+        pieces.push(current);
+    }
+    pieces
+}
+
+pub(crate) fn count_words(s: &str) -> u64 {
+    s.split_whitespace().count().max(1) as u64
+}
