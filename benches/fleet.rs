@@ -91,7 +91,7 @@ async fn run(mode: Balance, args: &Args) -> Outcome {
     config.store.url = format!("sqlite://{}", dir.path().join("bench.db").display()).into();
     config.cache.url = "off".to_string().into();
     config.log.level = "warn".into();
-    config.worker.concurrency = 512;
+    config.worker.concurrency = std::num::NonZeroUsize::new(512).expect("not zero");
     config.upstream.health_interval = Duration::from_millis(200);
     config.models = vec![ModelConfig {
         name: "sim-llama".into(),
@@ -108,7 +108,7 @@ async fn run(mode: Balance, args: &Args) -> Outcome {
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let gateway = sluice::Gateway::start(config).await.expect("gateway");
-    let key = sluice::tenancy::auth::create_key(gateway.store().as_ref(), "bench")
+    let key = sluice::tenancy::keys::create_key(gateway.store().as_ref(), "bench")
         .await
         .expect("key")
         .secret;

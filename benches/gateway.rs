@@ -631,7 +631,7 @@ fn main() {
         let addr = listener.local_addr().expect("addr");
         let gateway = sluice::Gateway::start(config).await.expect("gateway");
         let store = gateway.store();
-        let key = sluice::tenancy::auth::create_key(store.as_ref(), "bench").await.expect("key");
+        let key = sluice::tenancy::keys::create_key(store.as_ref(), "bench").await.expect("key");
         tokio::spawn(gateway.serve(listener, std::future::pending()));
         // Separate worker processes, on the same configuration (killed with the benchmark).
         let config_path = dir.path().join("bench.toml");

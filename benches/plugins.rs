@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sluice::config::{Config, OnError, PluginConfig};
-use sluice::observe::metrics::Metrics;
+use sluice::observe::metrics::MetricsRegistry;
 use sluice::pipeline::filter_chain::{FilterChain, Filtered};
 use sluice::pipeline::policy::{Policy, RequestContext};
 use sluice::plugins::PluginHost;
 use sluice::protocol::{Chunk, InferenceRequest, Route};
-use sluice::tenancy::auth::Identity;
+use sluice::tenancy::Identity;
 use sluice_simulator::{Simulator, SimulatorConfig};
 
 fn wasm(name: &str) -> std::path::PathBuf {
@@ -105,7 +105,9 @@ async fn host(plugins: Vec<PluginConfig>) -> Arc<PluginHost> {
         ..Default::default()
     };
     bench_plugin_host(&mut config);
-    PluginHost::start(&config, Arc::new(Metrics::default()))
+    let registry = MetricsRegistry::default();
+    let metrics = Arc::new(sluice::plugins::PluginFamilies::new(&registry));
+    PluginHost::start(config.plugin_setup(), metrics)
         .await
         .expect("plugins load")
 }
@@ -158,7 +160,7 @@ async fn streams_per_second(plugins: Vec<PluginConfig>, hits: bool, seconds: u64
         listener.local_addr().expect("addr")
     );
     let gateway = sluice::Gateway::start(config).await.expect("gateway");
-    let key = sluice::tenancy::auth::create_key(gateway.store().as_ref(), "bench")
+    let key = sluice::tenancy::keys::create_key(gateway.store().as_ref(), "bench")
         .await
         .expect("key")
         .secret;

@@ -71,6 +71,17 @@ impl ErrorInfo {
     }
 }
 
+/// A request refused by a limit of its key or team: a 429 in OpenAI's
+/// rate-limit shape, with the `x-ratelimit-*` headers and `retry-after`.
+#[derive(Debug)]
+pub struct RateLimited {
+    /// Which limit refused it (`requests`, `tokens`, `concurrency`): the error's `type`.
+    pub limit: &'static str,
+    pub message: String,
+    pub retry_after: std::time::Duration,
+    pub headers: axum::http::HeaderMap,
+}
+
 /// Everything that can go wrong while serving a request.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -88,7 +99,7 @@ pub enum GatewayError {
     TooManyRequests(String),
     /// A limit of the key or its team refused the request.
     #[error("{}", .0.message)]
-    RateLimited(Box<crate::tenancy::limits::RateLimited>),
+    RateLimited(Box<RateLimited>),
     #[error("{0}")]
     NotFound(String),
     #[error("method not allowed")]
@@ -153,7 +164,7 @@ impl GatewayError {
             // OpenAI's rate-limit errors: `type` says which limit, `code` is named.
             Self::RateLimited(limited) => ErrorInfo {
                 status: 429,
-                kind: limited.kind.label().to_string(),
+                kind: limited.limit.to_string(),
                 message: limited.message.clone(),
                 code: Some("rate_limit_exceeded".into()),
             },

@@ -2,6 +2,9 @@
 //! sampled flag is followed for at most `telemetry.max_client_sampled_per_second`
 //! requests a second. (Its own test binary: the trace pipeline is global.)
 
+// A test's unwrap is its assertion.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::{Arc, Mutex};

@@ -3,6 +3,9 @@
 //! form one trace, continue the client's `traceparent`, and link the worker's
 //! spans to the edge's. (Its own test binary: the trace pipeline is global.)
 
+// A test's unwrap is its assertion.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::HashMap;

@@ -3,6 +3,9 @@
 //! spans of one request in embedded mode. (Its own test binary: the tracer
 //! is global.)
 
+// A test's unwrap is its assertion.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::{Arc, Mutex};

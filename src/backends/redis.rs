@@ -13,7 +13,7 @@ use fred::types::config::Options;
 /// component in log lines.
 pub async fn connect(url: &str, timeout: Duration, user: &'static str) -> Client {
     let config = Config::from_url(url).unwrap_or_else(|err| {
-        let url = crate::config::redact_url(url);
+        let url = crate::settings::redact_url(url);
         tracing::error!(%url, %err, user, "invalid Redis URL; every command will fail");
         Config::default()
     });

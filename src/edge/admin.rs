@@ -31,7 +31,7 @@ use subtle::ConstantTimeEq;
 
 use crate::backends::store::{ApiKey, KeyUsage, Store};
 use crate::error::GatewayError;
-use crate::tenancy::auth::hash_secret;
+use crate::tenancy::keys::hash_secret;
 use crate::tenancy::tenants::{self, KeyPatch, LimitsPatch};
 
 struct Admin {
@@ -41,7 +41,7 @@ struct Admin {
 }
 
 /// The admin router, or `None` when no token is configured.
-pub fn router(store: Arc<dyn Store>, config: &crate::config::AdminConfig) -> Option<Router> {
+pub fn router(store: Arc<dyn Store>, config: &super::AdminConfig) -> Option<Router> {
     let token = config.token.as_ref()?;
     let admin = Arc::new(Admin {
         store,

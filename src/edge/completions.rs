@@ -12,15 +12,15 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, Limited};
 use tracing::Instrument;
 
+use super::Edge;
 use crate::error::GatewayError;
 use crate::pipeline::policy::RequestContext;
-use crate::pipeline::state::AppState;
 use crate::pipeline::{self, Completion, Delivery, RequestRecord};
 use crate::protocol::{InferenceRequest, ResponseAssembler, Route};
 use crate::tenancy::auth::presented_secret;
 
 pub async fn completions(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<Edge>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -28,18 +28,18 @@ pub async fn completions(
 }
 
 pub async fn chat_completions(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<Edge>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     serve(state, Route::ChatCompletions, headers, body).await
 }
 
-async fn serve(state: Arc<AppState>, route: Route, headers: HeaderMap, body: Body) -> Response {
+async fn serve(state: Arc<Edge>, route: Route, headers: HeaderMap, body: Body) -> Response {
     let received_at = Instant::now();
     let request_id = super::new_request_id();
     let record = RequestRecord::new(
-        state.clone(),
+        state.stages.clone(),
         request_id.clone(),
         route,
         "json",
@@ -54,7 +54,7 @@ async fn serve(state: Arc<AppState>, route: Route, headers: HeaderMap, body: Bod
 }
 
 async fn handle(
-    state: Arc<AppState>,
+    state: Arc<Edge>,
     route: Route,
     headers: HeaderMap,
     body: Body,
@@ -67,16 +67,19 @@ async fn handle(
             return err.into_response();
         }};
     }
-    let authenticate = state.auth.authenticate(presented_secret(&headers, None));
+    let authenticate = state
+        .stages
+        .auth
+        .authenticate(presented_secret(&headers, None));
     let identity = match record.trace.stage("auth").during(authenticate).await {
         Ok(identity) => identity,
         Err(err) => bail!(err),
     };
     record.identify(&identity);
-    let server = &state.config.server;
+    let server = &state.server;
     let body = tokio::time::timeout(
         server.body_timeout,
-        read_body(&headers, body, server.max_body_bytes),
+        read_body(&headers, body, server.max_body_bytes.get()),
     )
     .await;
     let body = match body {
@@ -97,7 +100,7 @@ async fn handle(
         transport: record.transport,
         trace: record.trace.context().clone(),
     };
-    let completion = match pipeline::start(&state, &ctx, request, record).await {
+    let completion = match pipeline::start(&state.stages, &ctx, request, record).await {
         Ok(completion) => completion,
         Err((err, _record)) => return err.into_response(),
     };

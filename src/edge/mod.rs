@@ -4,9 +4,11 @@
 
 pub mod admin;
 mod completions;
+mod config;
 mod models;
 pub mod ops;
 pub mod server;
+mod state;
 mod ws;
 
 use std::sync::Arc;
@@ -20,11 +22,14 @@ use axum::serve::{Listener, ListenerExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::error::GatewayError;
-use crate::pipeline::state::AppState;
+use crate::observe::metrics::MetricsRegistry;
+
+pub use config::{AdminConfig, CorsConfig, ServerConfig};
+pub use state::{Edge, SocketCounts, SocketPlace};
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router(state: Arc<Edge>) -> Router {
     Router::new()
         .route(
             "/v1/completions",
@@ -40,7 +45,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(ops::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(cors(&state.config.cors))
+        .layer(cors(&state.cors))
         .with_state(state)
 }
 
@@ -49,7 +54,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// asks for (a literal `*` never covers `Authorization`), and `"*"` for
 /// origins does too when credentials are allowed (browsers refuse a literal
 /// `*` with credentials), as vLLM's server does.
-fn cors(config: &crate::config::CorsConfig) -> tower_http::cors::CorsLayer {
+fn cors(config: &CorsConfig) -> tower_http::cors::CorsLayer {
     use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, CorsLayer};
     let any = |list: &[String]| list.iter().any(|item| item == "*");
     let credentials = config.allow_credentials;
@@ -83,7 +88,7 @@ fn cors(config: &crate::config::CorsConfig) -> tower_http::cors::CorsLayer {
 }
 
 /// The router of a standalone worker: health and metrics only.
-pub fn worker_router(metrics: Arc<crate::observe::metrics::Metrics>) -> Router {
+pub fn worker_router(metrics: Arc<MetricsRegistry>) -> Router {
     Router::new()
         .route("/health", get(ops::health))
         .route(
@@ -118,7 +123,7 @@ pub fn with_request_id(mut response: Response, request_id: &str) -> Response {
 
 /// Sets TCP_NODELAY on every accepted connection: without it the last small
 /// SSE write of a stream waits ~40 ms for a delayed ACK. For the worker's
-/// listener and the simulator; the edge's connections go through [`server`].
+/// listener and the admin API's; the edge's connections go through [`server`].
 pub fn nodelay(
     listener: TcpListener,
 ) -> impl Listener<Io = TcpStream, Addr = std::net::SocketAddr> {

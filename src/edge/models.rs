@@ -6,10 +6,11 @@ use axum::extract::State;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::pipeline::state::AppState;
+use super::Edge;
 use crate::tenancy::auth::presented_secret;
 
-pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+pub async fn list(State(edge): State<Arc<Edge>>, headers: HeaderMap) -> Response {
+    let state = &edge.stages;
     let request_id = super::new_request_id();
     let answer = async {
         let identity = state

@@ -9,8 +9,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::observe::metrics::Metrics;
-use crate::pipeline::state::AppState;
+use super::Edge;
+use crate::observe::metrics::MetricsRegistry;
+use crate::pipeline::state::Stages;
 
 /// How long a readiness check waits for each backend.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -41,14 +42,14 @@ pub struct Checks {
 /// Checks each backend and sets `sluice_backend_up` from the answers. Run by
 /// `/ready` and, every few seconds, in the background, so the gauges are
 /// current whether or not anyone asks.
-pub async fn check_backends(state: &AppState) -> Checks {
+pub async fn check_backends(state: &Stages) -> Checks {
     let store = check(state.store.ping()).await;
     let queue = check(state.queue.ping()).await;
     let cache = match &state.cache {
         Some(cache) => Some(check(cache.ping()).await),
         None => None,
     };
-    let metrics = &state.metrics;
+    let metrics = &state.registry;
     metrics
         .backend_up
         .with_label_values(&["store"])
@@ -72,12 +73,13 @@ pub async fn check_backends(state: &AppState) -> Checks {
 
 /// Readiness: each backend answers. The cache is optional, so a cache
 /// failure degrades the answer but does not fail it.
-pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+pub async fn ready(State(edge): State<Arc<Edge>>) -> Response {
+    let state = &edge.stages;
     let Checks {
         store,
         queue,
         cache,
-    } = check_backends(&state).await;
+    } = check_backends(state).await;
     let describe = |result: &Result<(), String>| match result {
         Ok(()) => json!({"status": "ok"}),
         Err(err) => json!({"status": "error", "error": err}),
@@ -122,11 +124,11 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     (status, Json(body)).into_response()
 }
 
-pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    render_metrics(&state.metrics)
+pub async fn metrics(State(edge): State<Arc<Edge>>) -> Response {
+    render_metrics(&edge.stages.registry)
 }
 
-pub fn render_metrics(metrics: &Metrics) -> Response {
+pub fn render_metrics(metrics: &MetricsRegistry) -> Response {
     (
         [(
             header::CONTENT_TYPE,

@@ -103,7 +103,7 @@ impl Waiting {
 }
 
 /// Binds `addr` with a listen backlog of `backlog` connections.
-pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+pub fn bind(addr: SocketAddr, backlog: std::num::NonZeroU32) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -111,7 +111,7 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
-    socket.listen(backlog)
+    socket.listen(backlog.get())
 }
 
 /// Raises the soft limit on open descriptors to the hard limit; returns the

@@ -33,13 +33,14 @@ use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tracing::Instrument;
 
+use super::Edge;
 use crate::edge::server::ConnectionSlot;
 use crate::error::{ErrorInfo, GatewayError};
 use crate::pipeline::policy::RequestContext;
-use crate::pipeline::state::AppState;
 use crate::pipeline::{self, Delivery, RequestRecord};
 use crate::protocol::{InferenceRequest, ResponseAssembler, Route};
-use crate::tenancy::auth::{Identity, presented_secret};
+use crate::tenancy::Identity;
+use crate::tenancy::auth::presented_secret;
 
 /// The subprotocol the server selects; `sluice-key.<KEY>` beside it carries the key.
 pub const PROTOCOL: &str = "sluice";
@@ -61,7 +62,7 @@ fn subprotocol_key(headers: &HeaderMap) -> Option<&str> {
 }
 
 pub async fn completions(
-    state: State<Arc<AppState>>,
+    state: State<Arc<Edge>>,
     headers: HeaderMap,
     params: Result<Query<WsParams>, QueryRejection>,
     slot: Option<Extension<ConnectionSlot>>,
@@ -71,7 +72,7 @@ pub async fn completions(
 }
 
 pub async fn chat_completions(
-    state: State<Arc<AppState>>,
+    state: State<Arc<Edge>>,
     headers: HeaderMap,
     params: Result<Query<WsParams>, QueryRejection>,
     slot: Option<Extension<ConnectionSlot>>,
@@ -90,7 +91,7 @@ pub async fn chat_completions(
 
 async fn websocket(
     route: Route,
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<Edge>>,
     headers: HeaderMap,
     params: Result<Query<WsParams>, QueryRejection>,
     slot: Option<Extension<ConnectionSlot>>,
@@ -101,7 +102,7 @@ async fn websocket(
     // every request on the socket.
     let trace = crate::observe::telemetry::trace_headers(&headers);
     let mut record = RequestRecord::new(
-        state.clone(),
+        state.stages.clone(),
         request_id.clone(),
         route,
         "ws",
@@ -134,13 +135,13 @@ async fn websocket(
         }
     };
     let origin = headers.get(header::ORIGIN).map(|o| o.as_bytes());
-    if !state.config.cors.allows_origin(origin) {
+    if !state.cors.allows_origin(origin) {
         let err = GatewayError::Forbidden("this origin may not open a WebSocket".into());
         return refused(record, err);
     }
     let secret =
         presented_secret(&headers, params.api_key.as_deref()).or_else(|| subprotocol_key(&headers));
-    let authenticate = state.auth.authenticate(secret);
+    let authenticate = state.stages.auth.authenticate(secret);
     let login = record
         .trace
         .stage("auth")
@@ -148,9 +149,9 @@ async fn websocket(
         .instrument(record.trace.span.clone())
         .await;
     // Frames a little over the body limit still arrive, to be refused with 1009.
-    let limit = state.config.server.max_body_bytes;
+    let limit = state.server.max_body_bytes.get();
     let upgrade = upgrade.protocols([PROTOCOL]).max_message_size(limit + 1);
-    let max_sockets = state.config.server.ws_max_sockets_per_key;
+    let max_sockets = state.server.ws_max_sockets_per_key.get();
     let login =
         login.and_then(
             |identity| match state.ws_sockets.acquire(&identity.key_id, max_sockets) {
@@ -275,19 +276,19 @@ struct Login {
 
 impl Login {
     /// The key's identity now (limits may have changed), or why it is refused.
-    async fn recheck(&mut self, state: &AppState) -> Result<(), GatewayError> {
-        self.identity = state.auth.authenticate(Some(&self.secret)).await?;
+    async fn recheck(&mut self, state: &Edge) -> Result<(), GatewayError> {
+        self.identity = state.stages.auth.authenticate(Some(&self.secret)).await?;
         Ok(())
     }
 
     /// Resolves once the key is refused (revoked, expired), checking every
     /// `auth.cache_ttl_ms`.
-    async fn refused(&self, state: &AppState) -> GatewayError {
-        let every = state.config.auth.cache_ttl.max(Duration::from_millis(50));
+    async fn refused(&self, state: &Edge) -> GatewayError {
+        let every = state.auth_recheck;
         loop {
             tokio::time::sleep(every).await;
             if let Err(err @ GatewayError::Unauthorized(_)) =
-                state.auth.authenticate(Some(&self.secret)).await
+                state.stages.auth.authenticate(Some(&self.secret)).await
             {
                 return err;
             }
@@ -304,7 +305,7 @@ async fn logged_out(sink: &mut Sink, err: &GatewayError) {
 }
 
 async fn serve_socket(
-    state: Arc<AppState>,
+    state: Arc<Edge>,
     route: Route,
     mut login: Login,
     socket: WebSocket,
@@ -312,8 +313,8 @@ async fn serve_socket(
 ) {
     let (mut sink, mut stream) = socket.split();
     let mut queued: VecDeque<Utf8Bytes> = VecDeque::new();
-    let server = &state.config.server;
-    let (idle_timeout, limit) = (server.ws_idle_timeout, server.max_body_bytes);
+    let server = &state.server;
+    let (idle_timeout, limit) = (server.ws_idle_timeout, server.max_body_bytes.get());
     loop {
         let text = match queued.pop_front() {
             Some(text) => text,
@@ -345,7 +346,7 @@ async fn serve_socket(
             },
         };
         let mut record = RequestRecord::new(
-            state.clone(),
+            state.stages.clone(),
             crate::edge::new_request_id(),
             route,
             "ws",
@@ -377,7 +378,7 @@ async fn serve_socket(
 
 /// Serves one request; returns false when the connection is gone.
 async fn serve_request(
-    state: &Arc<AppState>,
+    state: &Arc<Edge>,
     login: &Login,
     body: &[u8],
     sink: &mut Sink,
@@ -401,7 +402,7 @@ async fn serve_request(
         transport: "ws",
         trace: record.trace.context().clone(),
     };
-    let mut completion = match pipeline::start(state, &ctx, request, record).await {
+    let mut completion = match pipeline::start(&state.stages, &ctx, request, record).await {
         Ok(completion) => completion,
         Err((err, _record)) => return send_error(sink, &err.info()).await,
     };
@@ -443,8 +444,11 @@ async fn serve_request(
             }
         }
     };
-    let server = &state.config.server;
-    let (limit, max_queued) = (server.max_body_bytes, server.ws_max_queued_requests);
+    let server = &state.server;
+    let (limit, max_queued) = (
+        server.max_body_bytes.get(),
+        server.ws_max_queued_requests.get(),
+    );
     /// Why watching the socket stopped the response.
     enum Interrupt {
         TooBig,

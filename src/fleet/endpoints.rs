@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use url::Url;
 
-use crate::config::{Balance, ModelConfig, UpstreamConfig};
-use crate::observe::metrics::Metrics;
+use super::FleetMetrics;
+use super::{Balance, ModelConfig, UpstreamConfig};
 
 /// One vLLM server of a pool.
 pub struct Endpoint {
@@ -244,7 +244,7 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    pub fn new(config: &UpstreamConfig, models: &[ModelConfig], metrics: &Metrics) -> Self {
+    pub fn new(config: &UpstreamConfig, models: &[ModelConfig], metrics: &FleetMetrics) -> Self {
         let epoch = Instant::now();
         let pool = |name: &str, urls: &[Url], balance: Balance| {
             let label = if name.is_empty() { "*" } else { name };
@@ -294,7 +294,7 @@ impl Fleet {
             pools,
             eject: config.eject,
             max_eject: config.max_eject,
-            max_attempts: config.max_attempts,
+            max_attempts: config.max_attempts.get(),
         }
     }
 
@@ -387,7 +387,9 @@ mod tests {
     }
 
     fn pool(n: usize, balance: Balance) -> Pool {
-        let metrics = Metrics::new(crate::observe::metrics::Roles::WORKER);
+        let registry =
+            crate::observe::metrics::MetricsRegistry::new(crate::observe::metrics::Roles::WORKER);
+        let metrics = FleetMetrics::new(&registry);
         let urls: Vec<Url> = (0..n)
             .map(|i| format!("http://replica-{i}:8000").parse().unwrap())
             .collect();

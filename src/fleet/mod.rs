@@ -2,8 +2,12 @@
 //! ([`endpoints`]), the client that streams from them ([`upstream`]), and the
 //! [`worker`] that takes jobs from the queue and relays every chunk.
 
+mod config;
 pub mod endpoints;
+mod metrics;
 pub mod upstream;
 pub mod worker;
 
+pub use config::{Balance, ModelConfig, UpstreamConfig, WorkerConfig};
 pub use endpoints::{Fleet, InFlight};
+pub use metrics::FleetMetrics;

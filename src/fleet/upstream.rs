@@ -17,10 +17,10 @@ use http_body_util::{BodyExt, Limited};
 use tokio::time::Instant;
 use url::Url;
 
-use crate::config::{ModelConfig, UpstreamConfig};
+use super::FleetMetrics;
+use super::{ModelConfig, UpstreamConfig};
 use crate::error::{ErrorInfo, GatewayError, kind_for_status};
 use crate::fleet::{Fleet, InFlight};
-use crate::observe::metrics::Metrics;
 use crate::protocol::sse::SseParser;
 use crate::protocol::{Chunk, Route, error_info_from_value, parse_error_event};
 
@@ -93,7 +93,7 @@ impl UpstreamClient {
     pub fn new(
         config: &UpstreamConfig,
         models: &[ModelConfig],
-        metrics: &Metrics,
+        metrics: &FleetMetrics,
     ) -> Result<Self, GatewayError> {
         let http = reqwest::Client::builder()
             .tcp_nodelay(true)

@@ -13,15 +13,15 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::FleetMetrics;
 use crate::backends::queue::{Job, JobSource, ResponseEvent};
 use crate::error::GatewayError;
 use crate::fleet::upstream::{UpstreamClient, UpstreamError};
-use crate::observe::metrics::Metrics;
 use crate::observe::telemetry::RequestTrace;
 
 pub struct Worker {
     upstream: Arc<UpstreamClient>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<FleetMetrics>,
     concurrency: usize,
     /// A job older than this when taken is answered with 503 instead of run.
     queue_timeout: Duration,
@@ -30,7 +30,7 @@ pub struct Worker {
 impl Worker {
     pub fn new(
         upstream: Arc<UpstreamClient>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<FleetMetrics>,
         concurrency: usize,
         queue_timeout: Duration,
     ) -> Self {

@@ -37,7 +37,7 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::config::{LogConfig, LogFormat, OtlpProtocol, TelemetryConfig};
+use super::{LogConfig, LogFormat, OtlpProtocol, TelemetryConfig};
 use crate::observe::outage::{Outage, Transition};
 
 /// The tracer of this process, set once when trace export is set up;

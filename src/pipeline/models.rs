@@ -12,8 +12,9 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Mutex;
 use url::Url;
 
-use crate::config::{ModelConfig, UpstreamConfig};
-use crate::tenancy::auth::Identity;
+use crate::error::{ErrorInfo, GatewayError};
+use crate::fleet::{Balance, ModelConfig, UpstreamConfig};
+use crate::tenancy::Identity;
 
 /// A requested model name, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,8 +23,17 @@ pub struct Resolved {
     pub pool: String,
     /// The name vLLM knows it by.
     pub upstream: String,
+    /// Whether its pool routes by prompt prefix (then the request carries its prefix's hash).
+    pub by_prefix: bool,
 }
-use crate::error::{ErrorInfo, GatewayError};
+
+/// A `[[models]]` name or alias: its model, the name vLLM knows, and whether its pool routes by prefix.
+#[derive(Debug, Clone)]
+struct FleetModel {
+    pool: String,
+    upstream: String,
+    by_prefix: bool,
+}
 
 /// How long an upstream's model list is served without asking again.
 const UPSTREAM_LIST_TTL: Duration = Duration::from_secs(10);
@@ -32,8 +42,10 @@ const MAX_LIST_BYTES: usize = 1 << 20;
 
 pub struct ModelCatalog {
     configured: Option<Vec<String>>,
-    /// `[[models]]`: each name and alias, to the model's name and the name vLLM knows it by.
-    fleet: std::collections::HashMap<String, (String, String)>,
+    /// `[[models]]`: each name and alias, to its model.
+    fleet: std::collections::HashMap<String, FleetModel>,
+    /// Whether the single pool of `upstream.urls` routes by prefix.
+    single_pool_by_prefix: bool,
     http: reqwest::Client,
     urls: Vec<Url>,
     api_key: Option<SecretString>,
@@ -55,8 +67,13 @@ impl ModelCatalog {
                 .upstream_model
                 .clone()
                 .unwrap_or_else(|| model.name.clone());
+            let entry = FleetModel {
+                pool: model.name.clone(),
+                upstream,
+                by_prefix: model.balance == Balance::Prefix,
+            };
             for name in std::iter::once(&model.name).chain(&model.aliases) {
-                names.insert(name.clone(), (model.name.clone(), upstream.clone()));
+                names.insert(name.clone(), entry.clone());
             }
         }
         let configured = match fleet.is_empty() {
@@ -66,6 +83,7 @@ impl ModelCatalog {
         Ok(Self {
             configured,
             fleet: names,
+            single_pool_by_prefix: config.balance == Balance::Prefix,
             http,
             urls: config.urls.clone(),
             api_key: config.api_key.clone(),
@@ -102,10 +120,11 @@ impl ModelCatalog {
     /// to send vLLM. A model outside the configured list is refused, as vLLM
     /// refuses one it does not serve.
     pub fn resolve(&self, model: &str) -> Result<Resolved, GatewayError> {
-        if let Some((name, upstream)) = self.fleet.get(model) {
+        if let Some(entry) = self.fleet.get(model) {
             return Ok(Resolved {
-                pool: name.clone(),
-                upstream: upstream.clone(),
+                pool: entry.pool.clone(),
+                upstream: entry.upstream.clone(),
+                by_prefix: entry.by_prefix,
             });
         }
         match &self.configured {
@@ -119,6 +138,7 @@ impl ModelCatalog {
             _ => Ok(Resolved {
                 pool: String::new(),
                 upstream: model.to_string(),
+                by_prefix: self.single_pool_by_prefix,
             }),
         }
     }

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use crate::error::GatewayError;
 use crate::protocol::InferenceRequest;
-use crate::tenancy::auth::Identity;
+use crate::tenancy::Identity;
 
 /// What a hook knows about the request it runs for.
 #[derive(Debug, Clone)]

@@ -1,72 +1,51 @@
-//! What every request handler shares: the stages a request goes through,
-//! built once by [`crate::app`]. It sits below the pipeline and the HTTP
-//! layer, which both read it, so neither depends on the wiring above them.
+//! The stages every request goes through, built once by the gateway's
+//! wiring: the pipeline holds them, and the edge hands them each request.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
-use crate::backends::cache::Cache;
-use crate::backends::queue::Queue;
+use super::metrics::RequestMetrics;
+use super::models::ModelCatalog;
+use super::policy::Policy;
+use crate::backends::cache::{Cache, CacheMetrics, CacheScope};
+use crate::backends::queue::{Queue, QueueMetrics};
 use crate::backends::store::Store;
 use crate::backends::store::inference_log::InferenceLogger;
-use crate::config::Config;
-use crate::observe::metrics::Metrics;
-use crate::pipeline::policy::Policy;
+use crate::fleet::Fleet;
+use crate::observe::metrics::MetricsRegistry;
+use crate::tenancy::TenancyMetrics;
 use crate::tenancy::auth::Authenticator;
+use crate::tenancy::limits::Limiter;
 
-/// What every request handler shares.
-pub struct AppState {
-    pub config: Arc<Config>,
+/// What a request's journey is bounded and decided by, from the config.
+#[derive(Debug, Clone)]
+pub struct PipelineSettings {
+    /// Largest `n` a request may ask for (`server.max_n`).
+    pub max_n: u32,
+    /// Most prompts in one request (`server.max_prompts`).
+    pub max_prompts: usize,
+    /// Whose requests share cache entries (`cache.scope`).
+    pub cache_scope: CacheScope,
+    /// Whether answers of requests that sample are cached (`cache.sampled`).
+    pub cache_sampled: bool,
+}
+
+/// The stages, shared by every request.
+pub struct Stages {
+    pub settings: PipelineSettings,
     pub auth: Authenticator,
-    pub store: Arc<dyn Store>,
+    pub limiter: Arc<Limiter>,
+    pub policy: Arc<dyn Policy>,
+    pub models: ModelCatalog,
     pub cache: Option<Arc<dyn Cache>>,
     pub queue: Arc<dyn Queue>,
-    pub policy: Arc<dyn Policy>,
-    pub metrics: Arc<Metrics>,
+    pub store: Arc<dyn Store>,
     pub inference_log: InferenceLogger,
-    pub models: crate::pipeline::models::ModelCatalog,
-    pub limiter: Arc<crate::tenancy::limits::Limiter>,
     /// The in-process worker's endpoints (`/ready` reports each model's).
-    pub fleet: Option<Arc<crate::fleet::Fleet>>,
-    /// Open WebSockets per API key.
-    pub ws_sockets: Arc<SocketCounts>,
-}
-
-/// Open WebSockets per API key, for `server.ws_max_sockets_per_key`.
-#[derive(Debug, Default)]
-pub struct SocketCounts(Mutex<HashMap<String, usize>>);
-
-impl SocketCounts {
-    /// A place for one more socket of `key_id`; `None` when it has `max` open.
-    pub fn acquire(self: &Arc<Self>, key_id: &str, max: usize) -> Option<SocketPlace> {
-        let mut counts = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let count = counts.entry(key_id.to_string()).or_default();
-        if *count >= max {
-            return None;
-        }
-        *count += 1;
-        Some(SocketPlace {
-            counts: self.clone(),
-            key_id: key_id.to_string(),
-        })
-    }
-}
-
-/// One open socket's place, given back when dropped.
-#[derive(Debug)]
-pub struct SocketPlace {
-    counts: Arc<SocketCounts>,
-    key_id: String,
-}
-
-impl Drop for SocketPlace {
-    fn drop(&mut self) {
-        let mut counts = self.counts.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(count) = counts.get_mut(&self.key_id) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.key_id);
-            }
-        }
-    }
+    pub fleet: Option<Arc<Fleet>>,
+    /// Every family of the process, for `/metrics`.
+    pub registry: Arc<MetricsRegistry>,
+    pub metrics: Arc<RequestMetrics>,
+    pub cache_metrics: Arc<CacheMetrics>,
+    pub queue_metrics: Arc<QueueMetrics>,
+    pub tenancy_metrics: Arc<TenancyMetrics>,
 }

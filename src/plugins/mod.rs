@@ -11,29 +11,35 @@
 //! `on_error` policy, and its instance is thrown away, never reused.
 
 mod bindings;
+mod config;
+mod metrics;
 mod reload;
 mod request_hooks;
 mod runtime;
 mod token_filter;
 mod watch;
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 
 use crate::error::GatewayError;
-use crate::observe::metrics::Metrics;
 use crate::pipeline::policy::{Policy, RequestContext, TokenFilter};
 use crate::protocol::InferenceRequest;
 use request_hooks::{hooked, wit_context, wit_request};
 use runtime::{LoadedPlugin, PluginFailure};
 use token_filter::WasmTokenFilter;
 
+pub use config::{
+    HostSetup, MAX_PLUGIN_MEMORY, OnError, PluginConfig, PluginHostConfig, PluginSection,
+    PluginSource, PluginsLoader, chain,
+};
+pub use metrics::PluginFamilies;
 pub use reload::check;
 pub use runtime::Hooks;
+
+use metrics::{HookMetrics, PluginMetrics};
 
 /// Largest text a plugin may return for one chunk, and largest custom cache key.
 const MAX_PLUGIN_TEXT: usize = 64 * 1024;
@@ -47,10 +53,10 @@ pub(crate) struct Chain {
 pub struct PluginHost {
     /// The wasmtime runtime is created with the first plugin: a gateway
     /// without plugins reserves no instance pool and runs no epoch ticker.
-    runtime_config: crate::config::PluginHostConfig,
+    runtime_config: PluginHostConfig,
     chain: ArcSwap<Chain>,
-    metrics: Arc<Metrics>,
-    source: Option<PathBuf>,
+    metrics: Arc<PluginFamilies>,
+    source: Option<PluginSource>,
     max_body_bytes: usize,
     /// Held while reloading; holds the versions that failed to load (config
     /// and file digest by plugin name), so a broken file is reported once,
@@ -59,63 +65,7 @@ pub struct PluginHost {
 }
 
 /// A plugin version that failed to load: its config and the digest of its file.
-type FailedVersion = (crate::config::PluginConfig, [u8; 32]);
-
-/// One plugin's metrics for one hook.
-pub struct HookMetrics {
-    calls: prometheus::IntCounter,
-    latency: prometheus::Histogram,
-    traps: prometheus::IntCounter,
-    timeouts: prometheus::IntCounter,
-}
-
-impl HookMetrics {
-    fn new(metrics: &Metrics, plugin: &str, hook: &str) -> Self {
-        let labels = [plugin, hook];
-        Self {
-            calls: metrics.plugin_calls.with_label_values(&labels),
-            latency: metrics.plugin_call_duration.with_label_values(&labels),
-            traps: metrics.plugin_traps.with_label_values(&labels),
-            timeouts: metrics.plugin_timeouts.with_label_values(&labels),
-        }
-    }
-
-    /// Counts a call, its latency, and a failure as a timeout or a trap
-    /// (invalid results count as traps).
-    fn observe(&self, started: Instant, failure: Option<&PluginFailure>) {
-        self.calls.inc();
-        self.latency.observe(started.elapsed().as_secs_f64());
-        match failure {
-            Some(f) if f.is_timeout() => self.timeouts.inc(),
-            Some(_) => self.traps.inc(),
-            None => {}
-        }
-    }
-}
-
-/// A plugin's metric handles per hook, resolved once: looking a labelled
-/// series up hashes its labels and takes a lock.
-pub struct PluginMetrics {
-    on_request: HookMetrics,
-    cache_key: HookMetrics,
-    on_token: HookMetrics,
-    on_tool_call: HookMetrics,
-}
-
-impl PluginMetrics {
-    /// The plugin's handles, resolved on first use for each loaded version.
-    fn of<'p>(plugin: &'p LoadedPlugin, metrics: &Metrics) -> &'p Self {
-        plugin.metrics.get_or_init(|| {
-            let name = &*plugin.name;
-            Self {
-                on_request: HookMetrics::new(metrics, name, "on-request"),
-                cache_key: HookMetrics::new(metrics, name, "cache-key"),
-                on_token: HookMetrics::new(metrics, name, "on-token"),
-                on_tool_call: HookMetrics::new(metrics, name, "on-tool-call"),
-            }
-        })
-    }
-}
+type FailedVersion = (PluginConfig, [u8; 32]);
 
 pub(super) fn checked_text(text: String) -> Result<String, PluginFailure> {
     if text.len() > MAX_PLUGIN_TEXT {

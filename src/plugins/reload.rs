@@ -7,32 +7,33 @@ use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 
 use super::runtime::{Compiled, Hooks, LoadError, LoadedPlugin, Runtime};
-use super::{Chain, PluginHost, watch};
-use crate::config::{Config, PluginConfig, PluginHostConfig};
-use crate::observe::metrics::Metrics;
+use super::{Chain, HostSetup, PluginConfig, PluginFamilies, PluginHost, PluginHostConfig, watch};
 
 impl PluginHost {
     /// Loads every configured plugin; any that fails stops startup with its reason.
-    pub async fn start(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
+    pub async fn start(
+        setup: HostSetup,
+        metrics: Arc<PluginFamilies>,
+    ) -> anyhow::Result<Arc<Self>> {
         let host = Arc::new(Self {
-            runtime_config: config.plugin_host.clone(),
+            runtime_config: setup.host.clone(),
             chain: ArcSwap::from_pointee(Chain {
                 plugins: Vec::new(),
                 version: 0,
             }),
             metrics,
-            source: config.source.clone(),
-            max_body_bytes: config.server.max_body_bytes,
+            source: setup.source.clone(),
+            max_body_bytes: setup.max_body_bytes,
             reloading: tokio::sync::Mutex::new(Default::default()),
         });
         let mut plugins = Vec::new();
-        for plugin in &config.plugins {
+        for plugin in &setup.plugins {
             let loaded = host
                 .load(plugin.clone())
                 .await
                 .map_err(|err| anyhow::anyhow!("plugin `{}`: {err}", plugin.name))?;
             host.metrics
-                .plugin_reloads
+                .reloads
                 .with_label_values(&[&plugin.name, "ok"])
                 .inc();
             tracing::info!(plugin = %plugin.name, hooks = ?loaded.exports.hooks(), "plugin loaded");
@@ -42,8 +43,10 @@ impl PluginHost {
             plugins,
             version: 1,
         }));
-        if config.plugin_host.watch {
-            watch::spawn(host.clone(), config);
+        if setup.host.watch
+            && let Some(source) = setup.source
+        {
+            watch::spawn(host.clone(), source, &setup.plugins);
         }
         Ok(host)
     }
@@ -78,12 +81,12 @@ impl PluginHost {
     pub async fn reload(self: &Arc<Self>) {
         let mut failed = self.reloading.lock().await;
         let configs = match &self.source {
-            Some(path) => match Config::load(Some(path)) {
-                Ok(config) => config.plugins,
+            Some(source) => match (source.load)() {
+                Ok(plugins) => plugins,
                 Err(err) => {
                     tracing::error!(%err, "config changed but is invalid; plugins unchanged");
                     self.metrics
-                        .plugin_reloads
+                        .reloads
                         .with_label_values(&["config", "failed"])
                         .inc();
                     return;
@@ -132,15 +135,12 @@ impl PluginHost {
                 Ok(loaded) => {
                     failed.remove(&name);
                     tracing::info!(plugin = %name, hooks = ?loaded.exports.hooks(), "plugin reloaded");
-                    self.metrics
-                        .plugin_reloads
-                        .with_label_values(&[&name, "ok"])
-                        .inc();
+                    self.metrics.reloads.with_label_values(&[&name, "ok"]).inc();
                     next.push(Arc::new(loaded));
                 }
                 Err(err) => {
                     self.metrics
-                        .plugin_reloads
+                        .reloads
                         .with_label_values(&[&name, "failed"])
                         .inc();
                     if let Some(version) = version {

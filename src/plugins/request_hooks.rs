@@ -7,13 +7,13 @@ use std::time::Instant;
 use axum::http::StatusCode;
 use sha2::{Digest, Sha256};
 
+use super::OnError;
 use super::bindings::{
     self, CacheKeyDecision, InferenceRequest as WitRequest, RequestContext as WitContext,
     RequestDecision,
 };
 use super::runtime::{self, LoadedPlugin, PluginFailure};
 use super::{Chain, HookMetrics, MAX_PLUGIN_TEXT, PluginHost, PluginMetrics, no_hook};
-use crate::config::OnError;
 use crate::error::GatewayError;
 use crate::observe::telemetry::StageSpan;
 use crate::pipeline::policy::RequestContext;

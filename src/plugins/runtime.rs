@@ -18,10 +18,10 @@ use super::bindings::{
     RequestIndices, TokenBatchGuest, TokenBatchIndices, TokenGuest, TokenIndices, ToolCallGuest,
     ToolCallIndices, WitVersion, find_tool_call,
 };
-use crate::config::{PluginConfig, PluginHostConfig};
+use super::{PluginConfig, PluginHostConfig};
 
 /// Engine-wide ceiling on a plugin instance's linear memory (config validation enforces it).
-pub const MAX_PLUGIN_MEMORY: usize = crate::config::MAX_PLUGIN_MEMORY as usize;
+pub const MAX_PLUGIN_MEMORY: usize = super::config::MAX_PLUGIN_MEMORY as usize;
 /// Linear memory kept resident (and zeroed by memset) when a pool slot is
 /// recycled. Zero: zeroing a Rust guest's ~1 MiB initial memory
 /// per instance cost more than batched madvise.

@@ -10,9 +10,8 @@ use async_trait::async_trait;
 
 use super::bindings::{TokenAction as WitAction, ToolCallAction as WitToolCallAction};
 use super::runtime::{self, LoadedPlugin, PluginFailure};
-use super::{PluginHost, PluginMetrics, checked_text, no_hook};
+use super::{PluginFamilies, PluginHost, PluginMetrics, checked_text, no_hook};
 use crate::error::GatewayError;
-use crate::observe::metrics::Metrics;
 use crate::observe::telemetry::StageSpan;
 use crate::pipeline::policy::{
     RequestContext, TokenAction, TokenFilter, ToolCallAction, ToolCallPiece,
@@ -37,7 +36,7 @@ enum ChoiceInstance {
 
 pub(super) struct WasmTokenFilter {
     plugin: Arc<LoadedPlugin>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<PluginFamilies>,
     request_id: String,
     /// The API key of the request: instances are reused only within a key.
     key_id: String,
@@ -54,7 +53,7 @@ pub(super) struct WasmTokenFilter {
 impl WasmTokenFilter {
     pub(super) fn new(
         plugin: Arc<LoadedPlugin>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<PluginFamilies>,
         ctx: &RequestContext,
     ) -> Self {
         Self {

@@ -15,8 +15,7 @@ use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecursiveMode};
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 
-use super::PluginHost;
-use crate::config::Config;
+use super::{PluginConfig, PluginHost, PluginSource};
 
 /// Quiet time after a file's last change before reloading (editors and `cp` write in bursts).
 const SETTLE: Duration = Duration::from_millis(200);
@@ -47,11 +46,10 @@ fn is_change(kind: &EventKind) -> bool {
     )
 }
 
-pub fn spawn(host: Arc<PluginHost>, config: &Config) {
-    let source = config.source.clone();
+pub fn spawn(host: Arc<PluginHost>, source: PluginSource, plugins: &[PluginConfig]) {
     let files = Arc::new(Mutex::new(watched_files(
-        source.as_deref(),
-        config.plugins.iter().map(|p| p.path.clone()),
+        Some(&source.path),
+        plugins.iter().map(|p| p.path.clone()),
     )));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let matching = files.clone();
@@ -89,17 +87,12 @@ pub fn spawn(host: Arc<PluginHost>, config: &Config) {
             host.reload().await;
             let chain = host.chain();
             let mut now_watched = watched_files(
-                source.as_deref(),
+                Some(&source.path),
                 chain.plugins.iter().map(|p| p.config.path.clone()),
             );
             // Plugins that failed to load are watched too, so fixing them is seen.
-            if let Some(path) = &source
-                && let Ok(config) = Config::load(Some(path))
-            {
-                now_watched.extend(watched_files(
-                    None,
-                    config.plugins.into_iter().map(|p| p.path),
-                ));
+            if let Ok(plugins) = (source.load)() {
+                now_watched.extend(watched_files(None, plugins.into_iter().map(|p| p.path)));
             }
             watch_dirs(&now_watched);
             *files.lock().unwrap_or_else(PoisonError::into_inner) = now_watched;

@@ -1,128 +1,62 @@
-//! The auth stage: API key generation, hashing and verification.
+//! The auth stage: verifying a presented API key.
 //!
-//! Secrets are 256-bit random strings shown once at creation; the store keeps
-//! only their SHA-256 (a fast hash is right here: the secret has full entropy,
-//! so there is nothing to brute-force). Lookups are remembered for at most
-//! `auth.cache_ttl_ms` (≤ 1 s), which bounds how late a revocation takes effect.
-//!
-//! Valid and unknown keys are remembered apart, so a flood of random keys
-//! never evicts a valid key's entry; and the store is asked about keys not
-//! seen valid recently at most `auth.unknown_lookups_per_second` times a
-//! second (beyond that: 503, without a lookup). A key seen valid in the last
-//! ten minutes is always looked up, so a flood cannot lock out real clients.
+//! Lookups are remembered for at most `auth.cache_ttl_ms` (≤ 1 s), which
+//! bounds how late a revocation takes effect. Valid and unknown keys are
+//! remembered apart, so a flood of random keys never evicts a valid key's
+//! entry; and the store is asked about keys not seen valid recently at most
+//! `auth.unknown_lookups_per_second` times a second (beyond that: 503,
+//! without a lookup). A key seen valid in the last ten minutes is always
+//! looked up, so a flood cannot lock out real clients.
 
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroU64};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::HeaderMap;
-use base64::Engine;
 use chrono::{DateTime, Utc};
-use rand::RngCore;
-use sha2::{Digest, Sha256};
+use serde::Deserialize;
 
-use crate::backends::store::{ActiveKey, NewApiKey, Store, StoreError};
-use crate::config::AuthConfig;
+use super::keys::hash_secret;
+use super::metrics::TenancyMetrics;
+use super::{Identity, TeamIdentity};
+use crate::backends::store::{ActiveKey, Limits, Store};
 use crate::error::GatewayError;
-use crate::observe::metrics::Metrics;
-use crate::tenancy::limits::Limits;
+use crate::settings::{Invalid, millis};
 
-const SECRET_PREFIX: &str = "sk-sluice-";
-
-/// Who is making a request, and what they may do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    pub key_id: String,
-    pub key_name: String,
-    /// The key's limits, the configured defaults filling in what it does not set.
-    pub limits: Limits,
-    pub team: Option<TeamIdentity>,
+/// `[auth]`: how key lookups are remembered and rationed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// How long a key lookup is remembered. Bounds how late a revocation takes effect.
+    #[serde(rename = "cache_ttl_ms", deserialize_with = "millis")]
+    pub cache_ttl: Duration,
+    /// Unknown keys remembered (for `cache_ttl_ms`), apart from valid ones.
+    pub max_unknown_keys: NonZeroU64,
+    /// Store lookups per second for keys not seen valid in the last ten
+    /// minutes; beyond it such requests get 503 without a lookup.
+    pub unknown_lookups_per_second: NonZeroU32,
 }
 
-/// The team a key belongs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TeamIdentity {
-    pub id: String,
-    pub name: String,
-    pub limits: Limits,
-}
-
-impl Identity {
-    /// A key without limits (tools and tests).
-    pub fn unlimited(key_id: &str, key_name: &str) -> Self {
+impl Default for AuthConfig {
+    fn default() -> Self {
         Self {
-            key_id: key_id.to_string(),
-            key_name: key_name.to_string(),
-            limits: Limits::default(),
-            team: None,
+            cache_ttl: Duration::from_millis(500),
+            max_unknown_keys: const { NonZeroU64::new(100_000).expect("not zero") },
+            unknown_lookups_per_second: const { NonZeroU32::new(100).expect("not zero") },
         }
     }
+}
 
-    /// Whether the key (and its team) may use `model`.
-    pub fn allows_model(&self, model: &str) -> bool {
-        self.limits.allows_model(model)
-            && self
-                .team
-                .as_ref()
-                .is_none_or(|t| t.limits.allows_model(model))
+impl AuthConfig {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if self.cache_ttl > Duration::from_secs(1) {
+            return Err(Invalid::new(
+                "auth.cache_ttl_ms",
+                "must be at most 1000 so that a revoked key stops working within a second",
+            ));
+        }
+        Ok(())
     }
-}
-
-/// A newly created key. `secret` exists only here: print it once.
-#[derive(Debug, Clone)]
-pub struct CreatedKey {
-    pub id: String,
-    pub name: String,
-    pub secret: String,
-}
-
-pub fn hash_secret(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
-}
-
-/// A fresh id for a key or a team: `<kind>_` and 12 random hex digits.
-pub fn new_id(kind: &str) -> String {
-    let mut bytes = [0u8; 6];
-    rand::rng().fill_bytes(&mut bytes);
-    format!("{kind}_{}", hex::encode(bytes))
-}
-
-/// Creates a key named `name` without limits of its own and stores its hash.
-pub async fn create_key(store: &dyn Store, name: &str) -> Result<CreatedKey, StoreError> {
-    create_key_with(store, name, Limits::default(), None, None).await
-}
-
-/// Creates a key named `name` with its limits, team and expiry, and stores its hash.
-pub async fn create_key_with(
-    store: &dyn Store,
-    name: &str,
-    limits: Limits,
-    team_id: Option<String>,
-    expires_at: Option<DateTime<Utc>>,
-) -> Result<CreatedKey, StoreError> {
-    let mut bytes = [0u8; 32];
-    rand::rng().fill_bytes(&mut bytes);
-    let secret = format!(
-        "{SECRET_PREFIX}{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-    );
-    let id = new_id("key");
-    store
-        .insert_key(&NewApiKey {
-            id: id.clone(),
-            name: name.to_string(),
-            key_hash: hash_secret(&secret),
-            created_at: Utc::now(),
-            limits,
-            team_id,
-            expires_at,
-        })
-        .await?;
-    Ok(CreatedKey {
-        id,
-        name: name.to_string(),
-        secret,
-    })
 }
 
 /// The presented secret: `Authorization: Bearer <key>`, or the `api_key`
@@ -157,7 +91,7 @@ const VOUCHED_FOR: Duration = Duration::from_secs(600);
 #[derive(Clone)]
 pub struct Authenticator {
     store: Arc<dyn Store>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<TenancyMetrics>,
     valid: moka::future::Cache<String, (Identity, Option<DateTime<Utc>>)>,
     unknown: moka::future::Cache<String, ()>,
     /// Keys found valid within [`VOUCHED_FOR`]: their lookups are never limited.
@@ -171,17 +105,16 @@ impl Authenticator {
         store: Arc<dyn Store>,
         config: &AuthConfig,
         default_limits: Limits,
-        metrics: Arc<Metrics>,
+        metrics: Arc<TenancyMetrics>,
     ) -> Self {
-        let rate = NonZeroU32::new(config.unknown_lookups_per_second).unwrap_or(NonZeroU32::MIN);
         Self {
             store,
             metrics,
             valid: remembered(100_000, config.cache_ttl),
-            unknown: remembered(config.max_unknown_keys, config.cache_ttl),
+            unknown: remembered(config.max_unknown_keys.get(), config.cache_ttl),
             vouched: remembered(100_000, VOUCHED_FOR),
             unknown_lookups: Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
-                rate,
+                config.unknown_lookups_per_second,
             ))),
             default_limits,
         }
@@ -287,12 +220,5 @@ mod tests {
         assert_eq!(presented_secret(&headers, Some("q")), Some("abc"));
         assert_eq!(presented_secret(&HeaderMap::new(), Some("q")), Some("q"));
         assert_eq!(presented_secret(&HeaderMap::new(), None), None);
-    }
-
-    #[test]
-    fn hashes_are_stable_and_not_the_secret() {
-        assert_eq!(hash_secret("x"), hash_secret("x"));
-        assert_ne!(hash_secret("x"), "x");
-        assert_eq!(hash_secret("x").len(), 64);
     }
 }

@@ -1,7 +1,51 @@
-//! Tenancy: who may call and how much. API keys and teams ([`tenants`],
-//! shared by the CLI and the admin API), verifying a presented key
-//! ([`auth`]), and the per-key and per-team [`limits`].
+//! Tenancy: who may call and how much. API keys ([`keys`]) and teams
+//! ([`tenants`], the operations the CLI and the admin API share), verifying a
+//! presented key ([`auth`]), and the per-key and per-team [`limits`].
 
 pub mod auth;
+pub mod keys;
 pub mod limits;
+mod metrics;
 pub mod tenants;
+
+pub use crate::backends::store::Limits;
+pub use metrics::TenancyMetrics;
+
+/// Who is making a request, and what they may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub key_id: String,
+    pub key_name: String,
+    /// The key's limits, the configured defaults filling in what it does not set.
+    pub limits: Limits,
+    pub team: Option<TeamIdentity>,
+}
+
+/// The team a key belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TeamIdentity {
+    pub id: String,
+    pub name: String,
+    pub limits: Limits,
+}
+
+impl Identity {
+    /// A key without limits (tools and tests).
+    pub fn unlimited(key_id: &str, key_name: &str) -> Self {
+        Self {
+            key_id: key_id.to_string(),
+            key_name: key_name.to_string(),
+            limits: Limits::default(),
+            team: None,
+        }
+    }
+
+    /// Whether the key (and its team) may use `model`.
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.limits.allows_model(model)
+            && self
+                .team
+                .as_ref()
+                .is_none_or(|t| t.limits.allows_model(model))
+    }
+}

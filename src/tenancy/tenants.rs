@@ -5,10 +5,10 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer};
 
+use super::Limits;
+use super::keys::CreatedKey;
 use crate::backends::store::{ApiKey, Store, StoreError, Team};
 use crate::error::GatewayError;
-use crate::tenancy::auth::CreatedKey;
-use crate::tenancy::limits::Limits;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TenantError {
@@ -118,7 +118,7 @@ pub async fn create_key(
         None => None,
     };
     let expires_at = patch.expires_at.flatten();
-    Ok(crate::tenancy::auth::create_key_with(store, name, limits, team, expires_at).await?)
+    Ok(super::keys::create_key_with(store, name, limits, team, expires_at).await?)
 }
 
 /// Applies `patch` to the key with this id or name; returns the key as it now is.
@@ -156,7 +156,7 @@ pub async fn create_team(
 ) -> Result<Team, TenantError> {
     valid_name(name)?;
     let team = Team {
-        id: crate::tenancy::auth::new_id("team"),
+        id: super::keys::new_id("team"),
         name: name.to_string(),
         limits: limits.apply(&Limits::default())?,
         created_at: Utc::now(),

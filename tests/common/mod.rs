@@ -79,7 +79,7 @@ impl TestGateway {
         let admin_url = gateway.admin_addr().map(|addr| format!("http://{addr}"));
         let store = gateway.store();
         let name = format!("test-{}", uuid::Uuid::new_v4().simple());
-        let key = sluice::tenancy::auth::create_key(store.as_ref(), &name)
+        let key = sluice::tenancy::keys::create_key(store.as_ref(), &name)
             .await
             .unwrap();
         let shutdown = CancellationToken::new();
@@ -539,7 +539,10 @@ impl Isolated {
     }
 
     /// Starts a standalone Kafka worker on this runtime; returns its metrics.
-    pub async fn start_worker(&self, config: Config) -> Arc<sluice::observe::metrics::Metrics> {
+    pub async fn start_worker(
+        &self,
+        config: Config,
+    ) -> Arc<sluice::observe::metrics::MetricsRegistry> {
         self.run(async move {
             let worker = sluice::app::StandaloneWorker::start(&config)
                 .await

@@ -2,16 +2,19 @@
 //! so a hit replays as a real stream with the original chunk boundaries.
 //! An in-process bounded TTL cache for embedded mode, Redis for production.
 
+mod config;
 mod memory;
 mod redis;
 
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
+use prometheus::{IntCounterVec, IntGaugeVec};
 
-use crate::config::{CacheBackend, CacheConfig};
+use crate::observe::metrics::{MetricsRegistry, Roles};
 use crate::protocol::{Chunk, ChunkView};
 
+pub use config::{CacheBackend, CacheConfig, CacheScope};
 pub use memory::MemoryCache;
 pub use redis::RedisCache;
 
@@ -70,14 +73,42 @@ pub trait Cache: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), CacheError>;
 }
 
+/// The cache's metric families.
+pub struct CacheMetrics {
+    pub lookups: IntCounterVec,
+    pub stores: IntCounterVec,
+    /// The registry's `sluice_backend_up` (the Redis cache reports as `cache`).
+    pub backend_up: IntGaugeVec,
+}
+
+impl CacheMetrics {
+    pub fn new(registry: &MetricsRegistry) -> Self {
+        Self {
+            lookups: registry.counter_vec(
+                Roles::EDGE,
+                "sluice_cache_lookups_total",
+                "Cache lookups by result: hit, miss, bypass (plugin or uncacheable), error",
+                &["result"],
+            ),
+            stores: registry.counter_vec(
+                Roles::EDGE,
+                "sluice_cache_stores_total",
+                "Complete responses written to the cache, by result: stored or failed",
+                &["result"],
+            ),
+            backend_up: registry.backend_up.clone(),
+        }
+    }
+}
+
 /// Builds the configured cache; `None` when caching is off.
-pub async fn open(
-    config: &CacheConfig,
-    metrics: Arc<crate::observe::metrics::Metrics>,
-) -> Option<Arc<dyn Cache>> {
+pub async fn open(config: &CacheConfig, metrics: Arc<CacheMetrics>) -> Option<Arc<dyn Cache>> {
     match config.backend() {
         CacheBackend::Disabled => None,
-        CacheBackend::Memory => Some(Arc::new(MemoryCache::new(config.max_bytes, config.ttl))),
+        CacheBackend::Memory => Some(Arc::new(MemoryCache::new(
+            config.max_bytes.get(),
+            config.ttl,
+        ))),
         CacheBackend::Redis => Some(Arc::new(
             RedisCache::connect(
                 secrecy::ExposeSecret::expose_secret(&config.url),

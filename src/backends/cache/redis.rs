@@ -11,8 +11,7 @@ use async_trait::async_trait;
 use fred::prelude::*;
 use fred::types::config::Options;
 
-use super::{Cache, CacheError, CachedResponse};
-use crate::observe::metrics::Metrics;
+use super::{Cache, CacheError, CacheMetrics, CachedResponse};
 use crate::observe::outage::Outage;
 
 /// After a failure, how long to serve uncached before trying Redis again.
@@ -28,7 +27,7 @@ pub struct RedisCache {
     /// Milliseconds since `epoch` before which calls are not attempted.
     retry_at_ms: AtomicU64,
     epoch: Instant,
-    metrics: Arc<Metrics>,
+    metrics: Arc<CacheMetrics>,
     url: String,
 }
 
@@ -40,9 +39,9 @@ impl RedisCache {
         key_prefix: &str,
         ttl: Duration,
         timeout: Duration,
-        metrics: Arc<Metrics>,
+        metrics: Arc<CacheMetrics>,
     ) -> Self {
-        let redacted = crate::config::redact_url(url);
+        let redacted = crate::settings::redact_url(url);
         let client = crate::backends::redis::connect(url, timeout, "cache").await;
         Self {
             client,

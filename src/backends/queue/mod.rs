@@ -7,8 +7,10 @@
 //! `cancel` token fires). The in-process implementation connects the two with
 //! channels; the Kafka one with a request topic and a response topic.
 
+mod config;
 pub mod kafka;
 mod memory;
+mod metrics;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -17,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{ErrorInfo, GatewayError};
 use crate::protocol::{Chunk, Route};
 
+pub use config::{QueueBackend, QueueConfig, QueueSection};
 pub use memory::MemoryQueue;
+pub use metrics::QueueMetrics;
 
 /// A request as it travels to a worker.
 #[derive(Debug, Clone)]

@@ -9,8 +9,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use prometheus::IntCounter;
+
 use crate::backends::store::{InferenceRecord, Store};
-use crate::observe::metrics::Metrics;
+use crate::observe::metrics::{MetricsRegistry, Roles};
 
 const BATCH: usize = 256;
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
@@ -18,7 +20,8 @@ const FLUSH_EVERY: Duration = Duration::from_millis(100);
 #[derive(Clone)]
 pub struct InferenceLogger {
     tx: mpsc::Sender<InferenceRecord>,
-    metrics: Arc<Metrics>,
+    /// `sluice_inference_log_dropped_total`.
+    dropped: IntCounter,
 }
 
 impl InferenceLogger {
@@ -26,16 +29,21 @@ impl InferenceLogger {
     pub fn start(
         store: Arc<dyn Store>,
         buffer: usize,
-        metrics: Arc<Metrics>,
+        registry: &MetricsRegistry,
     ) -> (Self, JoinHandle<()>) {
+        let dropped = registry.counter(
+            Roles::EDGE,
+            "sluice_inference_log_dropped_total",
+            "Inference-log rows dropped because the store fell behind",
+        );
         let (tx, rx) = mpsc::channel(buffer);
         let task = tokio::spawn(write_batches(store, rx));
-        (Self { tx, metrics }, task)
+        (Self { tx, dropped }, task)
     }
 
     pub fn log(&self, record: InferenceRecord) {
         if self.tx.try_send(record).is_err() {
-            self.metrics.inference_log_dropped.inc();
+            self.dropped.inc();
         }
     }
 }

@@ -1,8 +1,10 @@
-//! The `Store` stage: API keys and inference logs, behind one trait with a
+//! The `Store` stage: API keys, teams and inference logs, behind one trait with a
 //! SQLite implementation (embedded mode) and a PostgreSQL one (production).
 //! Both run the same SQL; only the migrations differ.
 
+mod config;
 pub mod inference_log;
+mod limits;
 mod sql;
 
 use std::sync::Arc;
@@ -13,9 +15,10 @@ use serde::Serialize;
 
 use secrecy::ExposeSecret;
 
-use crate::config::{StoreConfig, StoreKind, redact_url};
-use crate::tenancy::limits::Limits;
+use crate::settings::redact_url;
 
+pub use config::{StoreConfig, StoreKind};
+pub use limits::Limits;
 pub use sql::{PostgresStore, SqliteStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +132,7 @@ pub trait Store: Send + Sync + 'static {
 pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     let store: Arc<dyn Store> = match config.kind() {
         StoreKind::Sqlite => Arc::new(
-            SqliteStore::connect(config.url.expose_secret(), config.max_connections)
+            SqliteStore::connect(config.url.expose_secret(), config.max_connections.get())
                 .await
                 .map_err(|source| StoreError::Connect {
                     backend: "SQLite",
@@ -138,7 +141,7 @@ pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
                 })?,
         ),
         StoreKind::Postgres => Arc::new(
-            PostgresStore::connect(config.url.expose_secret(), config.max_connections)
+            PostgresStore::connect(config.url.expose_secret(), config.max_connections.get())
                 .await
                 .map_err(|source| StoreError::Connect {
                     backend: "PostgreSQL",

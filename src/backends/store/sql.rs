@@ -11,8 +11,9 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 
-use super::{ActiveKey, ApiKey, InferenceRecord, KeyUsage, NewApiKey, Store, StoreError, Team};
-use crate::tenancy::limits::Limits;
+use super::{
+    ActiveKey, ApiKey, InferenceRecord, KeyUsage, Limits, NewApiKey, Store, StoreError, Team,
+};
 
 const INSERT_KEY: &str = "INSERT INTO api_keys (id, name, key_hash, created_at, limits, team_id, expires_at) \
      VALUES ($1, $2, $3, $4, $5, $6, $7)";

@@ -172,7 +172,7 @@ enum ConfigCommand {
 }
 
 /// Limits in one line: `60 requests/min, 10000 tokens/min, 4 at once, models a, b`.
-fn describe_limits(limits: &sluice::tenancy::limits::Limits) -> String {
+fn describe_limits(limits: &sluice::tenancy::Limits) -> String {
     let mut parts = Vec::new();
     if let Some(n) = limits.requests_per_minute {
         parts.push(format!("{n} requests/min"));

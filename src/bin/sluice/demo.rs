@@ -37,7 +37,7 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<()>
         })?;
     let addr = listener.local_addr()?;
     let gateway = Gateway::start(config).await?;
-    let key = sluice::tenancy::auth::create_key(gateway.store().as_ref(), "demo").await?;
+    let key = sluice::tenancy::keys::create_key(gateway.store().as_ref(), "demo").await?;
 
     println!(
         "sluice demo: gateway on http://{addr}, simulated vLLM on {}",

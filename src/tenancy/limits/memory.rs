@@ -199,7 +199,7 @@ impl LimitStore for MemoryLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tenancy::limits::Limits;
+    use crate::tenancy::Limits;
 
     fn scope(rpm: Option<u64>, tpm: Option<u64>, concurrent: Option<u64>) -> Scope {
         Scope {

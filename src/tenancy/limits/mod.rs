@@ -17,6 +17,7 @@
 //! decides: `local` checks in process with each limit divided by
 //! `limits.edges`, `refuse` answers 503.
 
+mod config;
 mod memory;
 mod redis;
 
@@ -25,90 +26,27 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
-use serde::{Deserialize, Serialize};
 
-use crate::config::{LimitsConfig, OnLimiterDown};
-use crate::error::GatewayError;
-use crate::observe::metrics::Metrics;
+use super::{Identity, Limits, TenancyMetrics};
+use crate::error::{GatewayError, RateLimited};
 use crate::observe::outage::Outage;
 
+pub use config::{LimitsConfig, OnLimiterDown};
 pub use memory::MemoryLimits;
 pub use redis::RedisLimits;
 
 /// The window every limit counts over.
 pub const WINDOW: Duration = Duration::from_secs(60);
 
-/// The limits of one key or team; `None` is unlimited.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Limits {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub requests_per_minute: Option<u64>,
-    /// Prompt plus completion tokens.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tokens_per_minute: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_concurrent: Option<u64>,
-    /// The models the key may use (`None`: any).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub models: Option<Vec<String>>,
-}
-
-impl Limits {
-    /// Refuses limits that make no sense, naming the field.
-    pub fn validate(&self) -> Result<(), String> {
-        for (name, value) in [
-            ("requests_per_minute", self.requests_per_minute),
-            ("tokens_per_minute", self.tokens_per_minute),
-            ("max_concurrent", self.max_concurrent),
-        ] {
-            if value == Some(0) {
-                return Err(format!(
-                    "{name} must be at least 1 (leave it out for no limit)"
-                ));
-            }
-        }
-        if let Some(models) = &self.models
-            && models.iter().any(|m| m.trim().is_empty())
-        {
-            return Err("models must not contain an empty name".into());
-        }
-        Ok(())
-    }
-
-    /// These limits with `defaults` filling in what is not set.
-    pub fn or(&self, defaults: &Limits) -> Limits {
-        Limits {
-            requests_per_minute: self.requests_per_minute.or(defaults.requests_per_minute),
-            tokens_per_minute: self.tokens_per_minute.or(defaults.tokens_per_minute),
-            max_concurrent: self.max_concurrent.or(defaults.max_concurrent),
-            models: self.models.clone().or_else(|| defaults.models.clone()),
-        }
-    }
-
-    pub fn allows_model(&self, model: &str) -> bool {
-        self.models
-            .as_ref()
-            .is_none_or(|models| models.iter().any(|m| m == model))
-    }
-
-    /// Whether any rate or concurrency limit is set (the model list aside).
-    pub fn counts(&self) -> bool {
-        self.requests_per_minute.is_some()
-            || self.tokens_per_minute.is_some()
-            || self.max_concurrent.is_some()
-    }
-
-    /// Each limit divided by `parts` (at least 1 left of each): an edge's
-    /// share when limits are checked locally.
-    fn share(&self, parts: u64) -> Limits {
-        let part = |v: Option<u64>| v.map(|v| (v / parts.max(1)).max(1));
-        Limits {
-            requests_per_minute: part(self.requests_per_minute),
-            tokens_per_minute: part(self.tokens_per_minute),
-            max_concurrent: part(self.max_concurrent),
-            models: self.models.clone(),
-        }
+/// Each limit of `limits` divided by `parts` (at least 1 left of each): an
+/// edge's share when limits are checked locally.
+fn share(limits: &Limits, parts: u64) -> Limits {
+    let part = |v: Option<u64>| v.map(|v| (v / parts.max(1)).max(1));
+    Limits {
+        requests_per_minute: part(limits.requests_per_minute),
+        tokens_per_minute: part(limits.tokens_per_minute),
+        max_concurrent: part(limits.max_concurrent),
+        models: limits.models.clone(),
     }
 }
 
@@ -199,7 +137,7 @@ pub struct Limiter {
     /// Tokens reserved for a request that sets no `max_tokens`.
     reserve_tokens: u64,
     outage: Outage,
-    metrics: Arc<Metrics>,
+    metrics: Arc<TenancyMetrics>,
 }
 
 /// An admitted request's place in its scopes, settled when the request ends.
@@ -216,14 +154,14 @@ pub struct Admission {
 }
 
 impl Limiter {
-    pub async fn new(config: &LimitsConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub async fn new(config: &LimitsConfig, metrics: Arc<TenancyMetrics>) -> Arc<Self> {
         let (store, fallback): (Arc<dyn LimitStore>, _) = match config.redis_url() {
             Some(url) => (
                 Arc::new(
                     RedisLimits::connect(url, &config.key_prefix, config.timeout, config.lease)
                         .await,
                 ),
-                Some((MemoryLimits::new(config.lease), config.edges)),
+                Some((MemoryLimits::new(config.lease), config.edges.get())),
             ),
             None => (Arc::new(MemoryLimits::new(config.lease)), None),
         };
@@ -231,7 +169,7 @@ impl Limiter {
             store,
             fallback,
             on_unavailable: config.on_unavailable,
-            reserve_tokens: config.reserve_tokens,
+            reserve_tokens: config.reserve_tokens.get(),
             outage: Outage::default(),
             metrics,
         })
@@ -239,7 +177,7 @@ impl Limiter {
 
     /// The scopes a request counts in: its key's and, if any, its team's
     /// (only those with a rate or concurrency limit).
-    fn scopes(identity: &crate::tenancy::auth::Identity) -> Vec<Scope> {
+    fn scopes(identity: &Identity) -> Vec<Scope> {
         let mut scopes = Vec::with_capacity(2);
         if identity.limits.counts() {
             scopes.push(Scope {
@@ -266,7 +204,7 @@ impl Limiter {
     /// bytes of prompt.
     pub async fn admit(
         self: &Arc<Self>,
-        identity: &crate::tenancy::auth::Identity,
+        identity: &Identity,
         request_id: &str,
         request: &crate::protocol::InferenceRequest,
     ) -> Result<Option<Admission>, GatewayError> {
@@ -293,7 +231,7 @@ impl Limiter {
                             .iter()
                             .map(|s| Scope {
                                 id: s.id.clone(),
-                                limits: s.limits.share(*edges),
+                                limits: share(&s.limits, *edges),
                             })
                             .collect();
                         let verdict = local
@@ -363,7 +301,7 @@ impl Limiter {
                     ),
                 };
                 Err(GatewayError::RateLimited(Box::new(RateLimited {
-                    kind,
+                    limit: kind.label(),
                     message,
                     retry_after,
                     headers: standing.headers(),
@@ -421,15 +359,6 @@ impl Admission {
             }
         });
     }
-}
-
-/// A request refused by a limit: a 429 in OpenAI's rate-limit shape.
-#[derive(Debug)]
-pub struct RateLimited {
-    pub kind: LimitKind,
-    pub message: String,
-    pub retry_after: Duration,
-    pub headers: HeaderMap,
 }
 
 impl Standing {
@@ -496,27 +425,15 @@ mod tests {
     }
 
     #[test]
-    fn limits_validate_merge_and_share() {
-        let zero = Limits {
-            requests_per_minute: Some(0),
-            ..Limits::default()
-        };
-        assert!(zero.validate().unwrap_err().contains("requests_per_minute"));
-        let own = Limits {
-            tokens_per_minute: Some(1000),
-            ..Limits::default()
-        };
-        let defaults = Limits {
+    fn an_edges_share_of_limits_leaves_at_least_one() {
+        let limits = Limits {
             requests_per_minute: Some(60),
             tokens_per_minute: Some(10),
             models: Some(vec!["a".into()]),
             ..Limits::default()
         };
-        let merged = own.or(&defaults);
-        assert_eq!(merged.tokens_per_minute, Some(1000));
-        assert_eq!(merged.requests_per_minute, Some(60));
-        assert!(merged.allows_model("a") && !merged.allows_model("b"));
-        assert_eq!(merged.share(4).requests_per_minute, Some(15));
-        assert_eq!(merged.share(100).requests_per_minute, Some(1));
+        assert_eq!(share(&limits, 4).requests_per_minute, Some(15));
+        assert_eq!(share(&limits, 100).requests_per_minute, Some(1));
+        assert_eq!(share(&limits, 100).models, limits.models);
     }
 }

@@ -19,10 +19,10 @@ use tokio::time::Instant;
 use super::frames::{self, Frame, FrameKind};
 use super::reconnect::{self, Consumer, Producer, Reconnecting, Session};
 use super::*;
+use crate::backends::queue::QueueConfig;
+use crate::backends::queue::QueueMetrics;
 use crate::backends::queue::{Queue, QueuedRequest, ResponseEvent, ResponseStream};
-use crate::config::QueueConfig;
 use crate::error::{ErrorInfo, GatewayError, kind_for_status};
-use crate::observe::metrics::Metrics;
 use crate::protocol::Chunk;
 use crate::protocol::sse::SseParser;
 
@@ -52,7 +52,7 @@ struct EdgeShared {
     queue_timeout: Duration,
     worker_timeout: Duration,
     max_attempts: u32,
-    metrics: Arc<Metrics>,
+    metrics: Arc<QueueMetrics>,
 }
 
 impl EdgeShared {
@@ -164,7 +164,7 @@ impl KafkaQueue {
     pub async fn connect(
         kafka: &KafkaConfig,
         queue: &QueueConfig,
-        metrics: Arc<Metrics>,
+        metrics: Arc<QueueMetrics>,
     ) -> Result<Self, QueueError> {
         let partitions = ensure_topics(kafka).await?;
         let loss = Arc::new(BrokerLoss::default());
@@ -198,7 +198,7 @@ impl KafkaQueue {
             reply_partition,
             queue_timeout: queue.queue_timeout,
             worker_timeout: queue.worker_timeout,
-            max_attempts: queue.max_attempts,
+            max_attempts: queue.max_attempts.get(),
             metrics,
         });
         let routes: Routes = Default::default();
@@ -220,7 +220,7 @@ async fn route_responses(consumer: Consumer, shared: Arc<EdgeShared>, routes: Ro
     let skipped = |reason: &str| {
         shared
             .metrics
-            .queue_messages_skipped
+            .messages_skipped
             .with_label_values(&[topic.as_str(), reason])
             .inc();
     };
@@ -270,7 +270,7 @@ async fn route_responses(consumer: Consumer, shared: Arc<EdgeShared>, routes: Ro
             let age = chrono::Utc::now().timestamp_millis() - created;
             shared
                 .metrics
-                .queue_consume_delay
+                .consume_delay
                 .observe(age.max(0) as f64 / 1000.0);
         }
         let mut overflowed = Vec::new();
@@ -304,7 +304,7 @@ impl Session for KafkaQueue {
     async fn connect(
         kafka: KafkaConfig,
         queue: QueueConfig,
-        metrics: Arc<Metrics>,
+        metrics: Arc<QueueMetrics>,
     ) -> Result<Self, QueueError> {
         KafkaQueue::connect(&kafka, &queue, metrics).await
     }
@@ -388,7 +388,7 @@ impl Queue for KafkaQueue {
         }
         self.shared
             .metrics
-            .queue_produce
+            .produce
             .observe(started.elapsed().as_secs_f64());
         stream.deadline = Instant::now() + self.shared.queue_timeout;
         Ok(Box::new(stream))
@@ -476,7 +476,7 @@ impl KafkaResponses {
         self.accepted = false;
         self.next_seq = 0;
         self.deadline = Instant::now() + self.shared.queue_timeout;
-        self.shared.metrics.queue_retries.inc();
+        self.shared.metrics.retries.inc();
         if let Err(err) = self.shared.produce_request(&self.request, self.attempt) {
             return Some(self.finish(ResponseEvent::Error(GatewayError::from(err).info())));
         }

@@ -25,6 +25,7 @@
 //! anything was delivered has its request resubmitted as a new attempt; one
 //! that goes silent after delivering tokens ends the stream with an error.
 
+mod config;
 mod edge;
 mod frames;
 mod reconnect;
@@ -44,8 +45,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use reconnect::{BrokerLoss, Consumer as WatchedConsumer, Producer, Watched};
 
 use super::QueueError;
-use crate::config::KafkaConfig;
 
+pub use config::KafkaConfig;
 pub use edge::{KafkaQueue, ReconnectingQueue};
 pub use reconnect::Reconnecting;
 pub use worker::{KafkaJobSource, ReconnectingJobSource};

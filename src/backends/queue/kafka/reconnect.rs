@@ -29,9 +29,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::KafkaConfig;
 use super::QueueError;
-use crate::config::{KafkaConfig, QueueConfig};
-use crate::observe::metrics::Metrics;
+use crate::backends::queue::QueueConfig;
+use crate::backends::queue::QueueMetrics;
 
 const SUMMARY_EVERY: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -106,7 +107,7 @@ pub trait Session: Sized + Send + Sync + 'static {
     fn connect(
         kafka: KafkaConfig,
         queue: QueueConfig,
-        metrics: Arc<Metrics>,
+        metrics: Arc<QueueMetrics>,
     ) -> impl Future<Output = Result<Self, QueueError>> + Send + 'static;
 
     fn loss(&self) -> &BrokerLoss;
@@ -133,7 +134,7 @@ impl<S: Session> Reconnecting<S> {
     pub async fn start(
         kafka: &KafkaConfig,
         queue: &QueueConfig,
-        metrics: Arc<Metrics>,
+        metrics: Arc<QueueMetrics>,
     ) -> Result<Self, QueueError> {
         let (kafka, queue) = (kafka.clone(), queue.clone());
         let brokers = bootstrap_addresses(&kafka.brokers);

@@ -29,11 +29,11 @@ use tokio_util::sync::CancellationToken;
 use super::frames::{self, Frame, FrameKind, Piece};
 use super::reconnect::{self, Consumer, Producer, Reconnecting, Session};
 use super::*;
+use crate::backends::queue::QueueConfig;
+use crate::backends::queue::QueueMetrics;
 use crate::backends::queue::{
     Job, JobSource, QueuedRequest, ResponseEvent, ResponseSink, SinkClosed,
 };
-use crate::config::QueueConfig;
-use crate::observe::metrics::Metrics;
 use crate::protocol::Route;
 
 /// Room for a response message's record overhead and headers within the
@@ -84,7 +84,7 @@ struct WorkerShared {
     edge_timeout: Duration,
     /// When each edge last said it was alive.
     edges: Mutex<HashMap<String, Instant>>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<QueueMetrics>,
 }
 
 impl WorkerShared {
@@ -133,7 +133,7 @@ impl WorkerShared {
                         payload,
                     );
                     let added = buffer.frames.len() - before;
-                    self.metrics.queue_outbox_bytes.add(added as i64);
+                    self.metrics.outbox_bytes.add(added as i64);
                     break buffer.frames.len() >= self.kafka.max_outbox_bytes;
                 }
             }
@@ -164,7 +164,7 @@ impl WorkerShared {
                 }
             }
             if !counted {
-                self.metrics.queue_outbox_full.inc();
+                self.metrics.outbox_full.inc();
                 counted = true;
             }
             tokio::select! {
@@ -192,9 +192,7 @@ impl WorkerShared {
                 Ok(delivery) => {
                     return match delivery.await {
                         Ok(Ok(_)) => {
-                            self.metrics
-                                .queue_produce
-                                .observe(sent.elapsed().as_secs_f64());
+                            self.metrics.produce.observe(sent.elapsed().as_secs_f64());
                             Ok(())
                         }
                         Ok(Err((err, _))) => Err(err),
@@ -248,7 +246,7 @@ impl WorkerShared {
     /// Ends the request of a frame no message can carry: an error to its
     /// client in the frame's place, and its job cancelled.
     async fn refuse(&self, outbox: &Outbox, headers: &OwnedHeaders, frame: Frame, limit: usize) {
-        self.metrics.queue_frames_too_large.inc();
+        self.metrics.frames_too_large.inc();
         let size = frame.payload.len();
         tracing::warn!(
             request_id = %frame.request_id,
@@ -323,7 +321,7 @@ async fn flush_outbox(shared: Arc<WorkerShared>, outbox: Arc<Outbox>) {
             }
             std::mem::take(&mut buffer.frames)
         };
-        shared.metrics.queue_outbox_bytes.sub(batch.len() as i64);
+        shared.metrics.outbox_bytes.sub(batch.len() as i64);
         outbox.drained.notify_waiters();
         // A lost broker ends the wait for acknowledgements: the producer must
         // not outlive the session (see `reconnect`).
@@ -372,7 +370,7 @@ impl KafkaJobSource {
     pub async fn connect(
         kafka: &KafkaConfig,
         queue: &QueueConfig,
-        metrics: Arc<Metrics>,
+        metrics: Arc<QueueMetrics>,
     ) -> Result<Self, QueueError> {
         ensure_topics(kafka).await?;
         let loss = Arc::new(BrokerLoss::default());
@@ -493,7 +491,7 @@ impl KafkaJobSource {
         };
         self.shared
             .metrics
-            .queue_consume_delay
+            .consume_delay
             .observe(request.age().as_secs_f64());
         if request.age() > self.shared.queue_timeout {
             return Err("expired");
@@ -572,7 +570,7 @@ impl JobSource for KafkaJobSource {
                     }
                     self.shared
                         .metrics
-                        .queue_messages_skipped
+                        .messages_skipped
                         .with_label_values(&[self.shared.kafka.request_topic.as_str(), reason])
                         .inc();
                 }
@@ -663,7 +661,7 @@ async fn listen_for_cancels(consumer: Consumer, shared: Arc<WorkerShared>) {
         else {
             shared
                 .metrics
-                .queue_messages_skipped
+                .messages_skipped
                 .with_label_values(&[shared.kafka.cancel_topic.as_str(), "malformed"])
                 .inc();
             continue;
@@ -696,7 +694,7 @@ impl Session for KafkaJobSource {
     async fn connect(
         kafka: KafkaConfig,
         queue: QueueConfig,
-        metrics: Arc<Metrics>,
+        metrics: Arc<QueueMetrics>,
     ) -> Result<Self, QueueError> {
         KafkaJobSource::connect(&kafka, &queue, metrics).await
     }
@@ -798,7 +796,7 @@ impl WorkerShared {
         for reply in inflight.values().filter(|r| silent.contains(&r.edge_id)) {
             if !reply.cancel.is_cancelled() {
                 tracing::warn!(edge_id = %reply.edge_id, request_id = %reply.request_id, "the request's edge went silent; cancelling it");
-                self.metrics.queue_orphans_cancelled.inc();
+                self.metrics.orphans_cancelled.inc();
                 reply.cancel.cancel();
             }
         }
@@ -842,7 +840,7 @@ async fn watch_group(consumer: std::sync::Weak<Consumer>, shared: Arc<WorkerShar
         let Ok(Some((held, shortfall, rejoined))) = checked else {
             return;
         };
-        shared.metrics.queue_assigned_partitions.set(held as i64);
+        shared.metrics.assigned_partitions.set(held as i64);
         short_before = shortfall.is_some() && rejoined.is_none();
         if let (Some(short), Some(subscribed)) = (shortfall, rejoined) {
             tracing::warn!(
@@ -852,7 +850,7 @@ async fn watch_group(consumer: std::sync::Weak<Consumer>, shared: Arc<WorkerShar
                 partitions = short.partitions,
                 "the worker group is stable but leaves request partitions unread; rejoined it so that it rebalances"
             );
-            shared.metrics.queue_group_rejoins.inc();
+            shared.metrics.group_rejoins.inc();
             if let Err(err) = subscribed {
                 tracing::warn!(%err, "could not subscribe to the request topic again");
             }

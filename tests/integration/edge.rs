@@ -3,11 +3,9 @@
 //! deadlines; connections over the cap are refused at once while the others
 //! keep being served; a WebSocket close completes its handshake.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -98,7 +96,7 @@ async fn a_stalled_body_gets_408_at_the_body_deadline() {
 #[tokio::test]
 async fn at_the_connection_cap_silent_clients_make_room_and_the_rest_are_refused_at_once() {
     let gw = TestGateway::start_with(sim_config(), |c| {
-        c.server.max_connections = Some(3);
+        c.server.max_connections = Some(3.try_into().unwrap());
     })
     .await;
     let health = format!("{}/health", gw.url);
@@ -228,7 +226,10 @@ async fn close_code_of(ws: &mut Ws) -> (Vec<String>, Option<u16>) {
 
 #[tokio::test]
 async fn a_websocket_message_over_the_size_limit_is_closed_with_1009() {
-    let gw = TestGateway::start_with(sim_config(), |c| c.server.max_body_bytes = 1024).await;
+    let gw = TestGateway::start_with(sim_config(), |c| {
+        c.server.max_body_bytes = 1024.try_into().unwrap()
+    })
+    .await;
     let mut ws = gw.ws().await;
     let huge = json!({"model": MODEL, "prompt": "x".repeat(4096)}).to_string();
     ws.send(Message::Text(huge.into())).await.unwrap();
@@ -240,7 +241,10 @@ async fn a_websocket_message_over_the_size_limit_is_closed_with_1009() {
 async fn websocket_requests_queued_past_the_bound_get_an_error_and_1008() {
     let mut slow = sim_config();
     slow.token_delay = Duration::from_millis(50);
-    let gw = TestGateway::start_with(slow, |c| c.server.ws_max_queued_requests = 2).await;
+    let gw = TestGateway::start_with(slow, |c| {
+        c.server.ws_max_queued_requests = 2.try_into().unwrap()
+    })
+    .await;
     let mut ws = gw.ws().await;
     let body = json!({"model": MODEL, "prompt": "queue", "max_tokens": 20, "stream": true});
     for _ in 0..4 {
@@ -357,7 +361,10 @@ async fn cors_preflights_are_answered_without_a_key_and_origins_are_enforced() {
 
 #[tokio::test]
 async fn malformed_query_strings_and_oversized_requests_get_openai_errors() {
-    let gw = TestGateway::start_with(sim_config(), |c| c.server.max_prompts = 2).await;
+    let gw = TestGateway::start_with(sim_config(), |c| {
+        c.server.max_prompts = 2.try_into().unwrap()
+    })
+    .await;
     let duplicated = gw
         .http
         .get(format!(
@@ -390,7 +397,10 @@ async fn malformed_query_strings_and_oversized_requests_get_openai_errors() {
 
 #[tokio::test]
 async fn one_key_may_hold_only_so_many_websockets() {
-    let gw = TestGateway::start_with(sim_config(), |c| c.server.ws_max_sockets_per_key = 2).await;
+    let gw = TestGateway::start_with(sim_config(), |c| {
+        c.server.ws_max_sockets_per_key = 2.try_into().unwrap()
+    })
+    .await;
     let first = gw.ws().await;
     let _second = gw.ws().await;
     let mut third = gw.ws().await;
@@ -421,7 +431,7 @@ async fn one_key_may_hold_only_so_many_websockets() {
 #[tokio::test]
 async fn a_flood_of_random_keys_is_bounded_and_locks_out_no_valid_key() {
     let gw = TestGateway::start_with(sim_config(), |c| {
-        c.auth.unknown_lookups_per_second = 5;
+        c.auth.unknown_lookups_per_second = 5.try_into().unwrap();
     })
     .await;
     let health = json!({"model": MODEL, "prompt": "ok", "max_tokens": 1});

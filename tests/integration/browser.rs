@@ -8,11 +8,9 @@
 //! Needs Debian's `chromium` (`scripts/test.sh` installs it); without it the
 //! test is skipped, except under CI or `SLUICE_REQUIRE_SERVICES`, where it fails.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;

@@ -2,11 +2,9 @@
 //! SSE, JSON and WebSocket compared with the simulated vLLM's own answers,
 //! cache hits, cancellation, the inference log, bad input and `/v1/models`.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures::SinkExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -244,7 +242,10 @@ async fn error_of(response: reqwest::Response, status: u16) -> String {
 
 #[tokio::test]
 async fn bad_conversations_get_a_400_naming_the_field() {
-    let gw = TestGateway::start_with(sim_config(), |c| c.server.max_body_bytes = 4096).await;
+    let gw = TestGateway::start_with(sim_config(), |c| {
+        c.server.max_body_bytes = 4096.try_into().unwrap()
+    })
+    .await;
     let cases = [
         (json!({"model": MODEL}), "messages"),
         (json!({"model": MODEL, "messages": []}), "`messages`"),

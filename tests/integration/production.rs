@@ -1,14 +1,12 @@
 //! Production mode against real PostgreSQL, Redis and Kafka (tansu in CI):
 //! each test gets its own database, Redis key prefix and Kafka topics.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::services::{Services, config_from_toml, free_port, merge_toml, start_redis};
-use common::*;
+use crate::common::services::{Services, config_from_toml, free_port, merge_toml, start_redis};
+use crate::common::*;
 use futures::future::join_all;
 use serde_json::{Value, json};
 use sluice_simulator::{Simulator, SimulatorConfig};
@@ -46,7 +44,7 @@ async fn edge_and_worker_with(
         .await;
     let edge = Isolated::new("edge");
     let (url, store) = edge.start_edge(services.config(&sim.url(), &queue)).await;
-    let key = sluice::tenancy::auth::create_key(store.as_ref(), key_name)
+    let key = sluice::tenancy::keys::create_key(store.as_ref(), key_name)
         .await
         .unwrap()
         .secret;
@@ -106,7 +104,7 @@ async fn postgres_store_keeps_keys_revocations_and_inference_logs() {
         .await
         .unwrap();
     assert_ne!(hash, gw.key, "only the hash is stored");
-    assert_eq!(hash, sluice::tenancy::auth::hash_secret(&gw.key));
+    assert_eq!(hash, sluice::tenancy::keys::hash_secret(&gw.key));
 
     let keys = gw.store.list_keys().await.unwrap();
     assert!(
@@ -193,7 +191,7 @@ async fn openai_sdk_chat_through_kafka_and_two_workers_matches_the_upstream() {
     worker_2.start_worker(worker_config()).await;
     let edge = Isolated::new("edge");
     let (url, store) = edge.start_edge(worker_config()).await;
-    let key = sluice::tenancy::auth::create_key(store.as_ref(), "chat-sdk")
+    let key = sluice::tenancy::keys::create_key(store.as_ref(), "chat-sdk")
         .await
         .unwrap()
         .secret;
@@ -407,7 +405,7 @@ async fn a_request_no_worker_picks_up_gets_503_after_its_attempts() {
     );
     let edge = Isolated::new("edge");
     let (url, store) = edge.start_edge(services.config(&sim.url(), &queue)).await;
-    let key = sluice::tenancy::auth::create_key(store.as_ref(), "nobody")
+    let key = sluice::tenancy::keys::create_key(store.as_ref(), "nobody")
         .await
         .unwrap()
         .secret;
@@ -466,7 +464,7 @@ async fn workers_fail_over_to_another_replica_through_kafka() {
     worker_2.start_worker(config()).await;
     let edge = Isolated::new("edge");
     let (url, store) = edge.start_edge(config()).await;
-    let key = sluice::tenancy::auth::create_key(store.as_ref(), "fleet")
+    let key = sluice::tenancy::keys::create_key(store.as_ref(), "fleet")
         .await
         .unwrap()
         .secret;
@@ -523,7 +521,7 @@ async fn two_edges_two_workers_serve_200_concurrent_streams_exactly_once() {
     rt_worker_2.start_worker(worker_config()).await;
     let (url_a, store) = rt_edge_a.start_edge(edge_config()).await;
     let (url_b, _) = rt_edge_b.start_edge(edge_config()).await;
-    let key = sluice::tenancy::auth::create_key(store.as_ref(), "load")
+    let key = sluice::tenancy::keys::create_key(store.as_ref(), "load")
         .await
         .unwrap()
         .secret;
@@ -605,7 +603,7 @@ async fn a_worker_killed_before_its_first_chunk_is_replaced_transparently() {
     let (url, store) = edge
         .start_edge(services.config(&sim.url(), &services.kafka_queue(false)))
         .await;
-    let key = sluice::tenancy::auth::create_key(store.as_ref(), "retry")
+    let key = sluice::tenancy::keys::create_key(store.as_ref(), "retry")
         .await
         .unwrap()
         .secret;
@@ -972,7 +970,7 @@ async fn a_chunk_too_large_for_a_message_ends_only_its_own_request() {
     let (url, store) = edge
         .start_edge(services.config(&sim.url(), &services.kafka_queue(false)))
         .await;
-    let key = sluice::tenancy::auth::create_key(store.as_ref(), "oversize")
+    let key = sluice::tenancy::keys::create_key(store.as_ref(), "oversize")
         .await
         .unwrap()
         .secret;
@@ -1079,7 +1077,7 @@ async fn a_slow_broker_holds_the_worker_to_its_outbox_bound() {
         .await;
     let edge = Isolated::new("edge");
     let (url, store) = edge.start_edge(services.config(&sim.url(), &queue)).await;
-    let key = sluice::tenancy::auth::create_key(store.as_ref(), "slow")
+    let key = sluice::tenancy::keys::create_key(store.as_ref(), "slow")
         .await
         .unwrap()
         .secret;
@@ -1364,7 +1362,7 @@ async fn requests_are_served_after_a_worker_process_is_killed() {
     }
     let edge = Isolated::new("edge");
     let (url, store) = edge.start_edge(services.config(&sim.url(), &queue)).await;
-    let key = sluice::tenancy::auth::create_key(store.as_ref(), "sigkill")
+    let key = sluice::tenancy::keys::create_key(store.as_ref(), "sigkill")
         .await
         .unwrap()
         .secret;

@@ -1,11 +1,9 @@
 //! End-to-end tests of the embedded mode: a gateway on port 0 (SQLite store,
 //! in-process cache and queue) in front of the simulated vLLM.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -278,7 +276,7 @@ async fn missing_invalid_and_revoked_keys_get_401() {
         .unwrap();
     assert_openai_error(invalid, 401).await;
 
-    let key = sluice::tenancy::auth::create_key(gw.store.as_ref(), "to-revoke")
+    let key = sluice::tenancy::keys::create_key(gw.store.as_ref(), "to-revoke")
         .await
         .unwrap();
     let ok = gw
@@ -317,7 +315,10 @@ async fn missing_invalid_and_revoked_keys_get_401() {
 
 #[tokio::test]
 async fn bad_input_gets_a_clear_4xx_and_nothing_else_breaks() {
-    let gw = TestGateway::start_with(sim_config(), |c| c.server.max_body_bytes = 4096).await;
+    let gw = TestGateway::start_with(sim_config(), |c| {
+        c.server.max_body_bytes = 4096.try_into().unwrap()
+    })
+    .await;
     let post_raw = |body: String| {
         gw.http
             .post(gw.completions_url())

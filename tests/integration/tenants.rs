@@ -4,12 +4,10 @@
 //! what happens when the limiter's Redis goes away) and isolation between
 //! keys (cache scope, sampled requests).
 
-mod common;
-
 use std::time::Duration;
 
-use common::services::{Services, free_port, start_redis};
-use common::*;
+use crate::common::services::{Services, free_port, start_redis};
+use crate::common::*;
 use futures::future::join_all;
 use serde_json::{Value, json};
 use sluice::tenancy::tenants::{self, KeyPatch, LimitsPatch};
@@ -151,7 +149,7 @@ async fn token_settlement(store: &Option<(String, String)>) {
     // A request without max_tokens reserves 70 output tokens; the simulator
     // writes 16 (vLLM's default) and reports them in its usage.
     let gw = TestGateway::start_with(slow, |c| {
-        c.limits.reserve_tokens = 70;
+        c.limits.reserve_tokens = 70.try_into().unwrap();
         count_limits_in(c, store);
     })
     .await;
@@ -479,7 +477,7 @@ async fn when_the_limiters_redis_dies_each_edge_checks_its_share_or_refuses() {
 #[tokio::test]
 async fn one_keys_cached_answer_is_not_a_hit_for_another_key() {
     let gw = TestGateway::start().await;
-    let other = sluice::tenancy::auth::create_key(gw.store.as_ref(), "other")
+    let other = sluice::tenancy::keys::create_key(gw.store.as_ref(), "other")
         .await
         .unwrap()
         .secret;
@@ -505,7 +503,7 @@ async fn one_keys_cached_answer_is_not_a_hit_for_another_key() {
         c.cache.scope = sluice::config::CacheScope::Global;
     })
     .await;
-    let other = sluice::tenancy::auth::create_key(gw.store.as_ref(), "other")
+    let other = sluice::tenancy::keys::create_key(gw.store.as_ref(), "other")
         .await
         .unwrap()
         .secret;

@@ -6,9 +6,7 @@
 //! The test command (`scripts/test.sh`) provides one. Outside CI the test is
 //! skipped with a message when none is available; with `CI` set it fails.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread")]

@@ -2,11 +2,9 @@
 //! first byte, ejection and return of a replica, aliases, unknown models,
 //! `/ready` and the endpoint metrics, and an endpoint that answers garbage.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures::future::join_all;
 use serde_json::{Value, json};
 use sluice::config::{Balance, ModelConfig};

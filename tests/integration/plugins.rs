@@ -1,11 +1,9 @@
 //! The plugin platform end to end: every example plugin through REST and
 //! WebSocket, on cache misses and hits; misbehaving plugins; hot reload.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures::SinkExt;
 use serde_json::{Value, json};
 use sluice::config::OnError::{FailClosed, FailOpen};
@@ -719,7 +717,7 @@ async fn plugins_can_be_limited_to_some_keys() {
             .status(),
         200
     );
-    let restricted = sluice::tenancy::auth::create_key(gw.store.as_ref(), "restricted")
+    let restricted = sluice::tenancy::keys::create_key(gw.store.as_ref(), "restricted")
         .await
         .unwrap();
     let response = gw
@@ -1018,7 +1016,7 @@ async fn no_plugin_state_crosses_api_keys() {
         json!({"mode": "recall"}),
     )])
     .await;
-    let other = sluice::tenancy::auth::create_key(gw.store.as_ref(), "other")
+    let other = sluice::tenancy::keys::create_key(gw.store.as_ref(), "other")
         .await
         .unwrap()
         .secret;

@@ -1,8 +1,6 @@
 //! What an operator sees: the metrics after known traffic.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use sluice::config::OnError::FailOpen;
 

@@ -1,0 +1,57 @@
+//! The fleet's metric families: the worker's requests and each endpoint's
+//! health, load and results.
+
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec};
+
+use crate::observe::metrics::{MetricsRegistry, Roles};
+
+pub struct FleetMetrics {
+    pub worker_inflight: IntGauge,
+    pub worker_requests: IntCounterVec,
+    pub upstream_errors: IntCounterVec,
+    pub endpoint_up: IntGaugeVec,
+    pub endpoint_in_flight: IntGaugeVec,
+    pub endpoint_requests: IntCounterVec,
+}
+
+impl FleetMetrics {
+    pub fn new(registry: &MetricsRegistry) -> Self {
+        Self {
+            worker_inflight: registry.gauge(
+                Roles::WORKER,
+                "sluice_worker_inflight_requests",
+                "Upstream requests a worker is running",
+            ),
+            worker_requests: registry.counter_vec(
+                Roles::WORKER,
+                "sluice_worker_requests_total",
+                "Requests finished by a worker, by outcome",
+                &["outcome"],
+            ),
+            upstream_errors: registry.counter_vec(
+                Roles::WORKER,
+                "sluice_upstream_errors_total",
+                "Upstream failures by kind",
+                &["kind"],
+            ),
+            endpoint_up: registry.gauge_vec(
+                Roles::WORKER,
+                "sluice_endpoint_up",
+                "1 when the vLLM endpoint takes requests (its health check passes and it is not ejected after a failure)",
+                &["model", "endpoint"],
+            ),
+            endpoint_in_flight: registry.gauge_vec(
+                Roles::WORKER,
+                "sluice_endpoint_in_flight",
+                "Requests this process runs on the vLLM endpoint now",
+                &["model", "endpoint"],
+            ),
+            endpoint_requests: registry.counter_vec(
+                Roles::WORKER,
+                "sluice_endpoint_requests_total",
+                "Requests sent to the vLLM endpoint by result: ok (its first chunk arrived) or failed (before the first byte; another endpoint was tried)",
+                &["model", "endpoint", "result"],
+            ),
+        }
+    }
+}
