@@ -8,7 +8,8 @@
 //! the metrics, traces and logs. [`app`] builds all of it from a [`Config`].
 //!
 //! Modules are layered: each may use only those below it. The order is
-//! declared once, in `docs/design.md` ("Layers"), and a test holds the code to it.
+//! declared once, in `docs/design.md` ("Layers"), and a test
+//! (`tests/integration/layering.rs`) holds the code to it.
 
 pub mod app;
 pub mod backends;
@@ -22,9 +23,6 @@ pub mod plugins;
 pub mod protocol;
 pub mod settings;
 pub mod tenancy;
-
-#[cfg(test)]
-mod layering;
 
 pub use app::{Gateway, run};
 pub use config::Config;

@@ -1,15 +1,12 @@
 //! The vLLM/OpenAI chat wire format (`POST /v1/chat/completions`): the
 //! request body sluice accepts (checked only as far as routing, caching and
-//! plugins need; every other field passes through as sent) and the assembly
-//! of a non-streaming chat response from stream chunks.
-
-use std::collections::BTreeMap;
+//! plugins need; every other field passes through as sent).
 
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{RequestBody, ResponseHead, StreamOptions, parse_body};
+use super::{RequestBody, StreamOptions, parse_body};
 use crate::error::GatewayError;
 
 /// The roles vLLM's chat templates know.
@@ -201,145 +198,6 @@ impl RequestBody for ChatRequest {
     }
 }
 
-/// Accumulates chat stream chunks into the body vLLM returns for `stream: false`.
-#[derive(Default)]
-pub struct ChatAssembler {
-    head: ResponseHead,
-    choices: BTreeMap<u64, ChatChoiceAcc>,
-}
-
-#[derive(Default)]
-struct ChatChoiceAcc {
-    role: Option<String>,
-    content: Option<String>,
-    reasoning_content: Option<String>,
-    tool_calls: BTreeMap<u64, ToolCallAcc>,
-    logprobs: Option<Vec<Value>>,
-    finish_reason: Value,
-    stop_reason: Value,
-}
-
-#[derive(Default)]
-struct ToolCallAcc {
-    id: Value,
-    kind: Value,
-    name: String,
-    arguments: String,
-}
-
-impl ChatAssembler {
-    pub fn push(&mut self, payload: &[u8]) {
-        for mut choice in self.head.read(payload) {
-            let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
-            let acc = self.choices.entry(index).or_default();
-            if let Some(Value::Object(mut delta)) = choice.remove("delta") {
-                if let Some(Value::String(role)) = delta.remove("role") {
-                    acc.role = Some(role);
-                }
-                if let Some(Value::String(text)) = delta.remove("content") {
-                    acc.content.get_or_insert_with(String::new).push_str(&text);
-                }
-                if let Some(Value::String(text)) = delta.remove("reasoning_content") {
-                    let reasoning = acc.reasoning_content.get_or_insert_with(String::new);
-                    reasoning.push_str(&text);
-                }
-                if let Some(Value::Array(calls)) = delta.remove("tool_calls") {
-                    for call in calls {
-                        acc.push_tool_call(call);
-                    }
-                }
-            }
-            if let Some(Value::Object(mut logprobs)) = choice.remove("logprobs")
-                && let Some(Value::Array(content)) = logprobs.remove("content")
-            {
-                acc.logprobs.get_or_insert_with(Vec::new).extend(content);
-            }
-            if let Some(reason) = choice.remove("finish_reason").filter(|v| !v.is_null()) {
-                acc.finish_reason = reason;
-            }
-            if let Some(reason) = choice.remove("stop_reason").filter(|v| !v.is_null()) {
-                acc.stop_reason = reason;
-            }
-        }
-    }
-
-    /// The JSON body vLLM returns for a non-streaming chat request.
-    pub fn finish(mut self) -> String {
-        let choices: Vec<Value> = self
-            .choices
-            .into_iter()
-            .map(|(index, acc)| {
-                let tool_calls: Vec<Value> = acc
-                    .tool_calls
-                    .into_values()
-                    .map(|call| {
-                        serde_json::json!({
-                            "id": call.id,
-                            "type": if call.kind.is_null() { Value::from("function") } else { call.kind },
-                            "function": {"name": call.name, "arguments": call.arguments},
-                        })
-                    })
-                    .collect();
-                // The role chunk's `""` is no content when the answer is a tool call.
-                let content = acc
-                    .content
-                    .filter(|text| !text.is_empty() || tool_calls.is_empty());
-                serde_json::json!({
-                    "index": index,
-                    "message": {
-                        "role": acc.role.unwrap_or_else(|| "assistant".into()),
-                        "reasoning_content": acc.reasoning_content,
-                        "content": content,
-                        "tool_calls": tool_calls,
-                    },
-                    "logprobs": acc.logprobs.map(|content| serde_json::json!({"content": content})),
-                    "finish_reason": acc.finish_reason,
-                    "stop_reason": acc.stop_reason,
-                })
-            })
-            .collect();
-        serde_json::json!({
-            "id": self.head.id,
-            "object": "chat.completion",
-            "created": self.head.created,
-            "model": self.head.model,
-            "choices": choices,
-            "service_tier": null,
-            "system_fingerprint": null,
-            "usage": self.head.take_usage(),
-            "prompt_logprobs": null,
-            "kv_transfer_params": null,
-        })
-        .to_string()
-    }
-}
-
-impl ChatChoiceAcc {
-    /// Adds one streamed tool-call piece: the first piece of a call carries
-    /// its id, type and name; later pieces add to its arguments.
-    fn push_tool_call(&mut self, call: Value) {
-        let Value::Object(mut call) = call else {
-            return;
-        };
-        let index = call.get("index").and_then(Value::as_u64).unwrap_or(0);
-        let acc = self.tool_calls.entry(index).or_default();
-        if let Some(id) = call.remove("id").filter(|v| !v.is_null()) {
-            acc.id = id;
-        }
-        if let Some(kind) = call.remove("type").filter(|v| !v.is_null()) {
-            acc.kind = kind;
-        }
-        if let Some(Value::Object(mut function)) = call.remove("function") {
-            if let Some(Value::String(name)) = function.remove("name") {
-                acc.name.push_str(&name);
-            }
-            if let Some(Value::String(arguments)) = function.remove("arguments") {
-                acc.arguments.push_str(&arguments);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,31 +284,5 @@ mod tests {
             serde_json::to_value(&plain).unwrap(),
             serde_json::json!({"role":"user","content":"b","name":"n"})
         );
-    }
-
-    #[test]
-    fn assembles_content_tool_calls_and_usage() {
-        let mut asm = ChatAssembler::default();
-        for chunk in [
-            r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":5,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}"#,
-            r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":5,"model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"id":"call-1","type":"function","index":0,"function":{"name":"get_weather","arguments":""}}]},"logprobs":null,"finish_reason":null}]}"#,
-            r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":5,"model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"city\": "}}]},"logprobs":null,"finish_reason":null}]}"#,
-            r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":5,"model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\"Oslo\"}"}}]},"logprobs":null,"finish_reason":"tool_calls"}]}"#,
-            r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":5,"model":"m","choices":[],"usage":{"prompt_tokens":3,"total_tokens":7,"completion_tokens":4}}"#,
-        ] {
-            asm.push(chunk.as_bytes());
-        }
-        let body: Value = serde_json::from_str(&asm.finish()).unwrap();
-        assert_eq!(body["object"], "chat.completion");
-        let message = &body["choices"][0]["message"];
-        assert_eq!(message["role"], "assistant");
-        assert_eq!(message["content"], Value::Null);
-        assert_eq!(message["tool_calls"][0]["function"]["name"], "get_weather");
-        assert_eq!(
-            message["tool_calls"][0]["function"]["arguments"],
-            r#"{"city": "Oslo"}"#
-        );
-        assert_eq!(body["choices"][0]["finish_reason"], "tool_calls");
-        assert_eq!(body["usage"]["completion_tokens"], 4);
     }
 }

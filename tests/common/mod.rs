@@ -71,6 +71,7 @@ impl TestGateway {
     }
 
     async fn start_on(sim: Simulator, dir: tempfile::TempDir, config: Config) -> Self {
+        capture_logs();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let gateway = sluice::Gateway::start(config)
@@ -500,6 +501,7 @@ pub struct Isolated {
 
 impl Isolated {
     pub fn new(name: &str) -> Self {
+        capture_logs();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name(name)
@@ -677,4 +679,18 @@ pub fn ids_blanked(events: &[String]) -> Vec<String> {
             None => event.clone(),
         })
         .collect()
+}
+
+/// The gateway's log lines (warnings and errors by default; `SLUICE_TEST_LOG`
+/// takes a filter), captured with the test's output: shown for a test that
+/// fails, so its gateway's own account of what went wrong is in the report.
+pub fn capture_logs() {
+    static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let filter = std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "sluice=warn".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    });
 }

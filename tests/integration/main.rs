@@ -16,6 +16,7 @@ mod chat;
 mod edge;
 mod embedded;
 mod fleet;
+mod layering;
 mod observability;
 mod openai_sdk;
 mod plugins;

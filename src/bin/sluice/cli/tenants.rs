@@ -1,0 +1,248 @@
+//! `sluice keys` and `sluice teams`: the same operations as the admin API
+//! (`sluice::tenancy::tenants`), printed for a terminal.
+
+use clap::Subcommand;
+use sluice::config::Config;
+
+/// Limits given on the command line; a flag left out keeps the current value.
+#[derive(clap::Args, Default)]
+pub(super) struct LimitFlags {
+    /// Requests per minute (0: remove, the default applies).
+    #[arg(long)]
+    requests_per_minute: Option<u64>,
+    /// Prompt plus completion tokens per minute (0: remove).
+    #[arg(long)]
+    tokens_per_minute: Option<u64>,
+    /// Requests running at once (0: remove).
+    #[arg(long)]
+    max_concurrent: Option<u64>,
+    /// The models it may use, comma-separated ("" : any).
+    #[arg(long)]
+    models: Option<String>,
+}
+
+impl LimitFlags {
+    fn patch(&self) -> sluice::tenancy::tenants::LimitsPatch {
+        let number = |v: Option<u64>| v.map(|v| (v != 0).then_some(v));
+        sluice::tenancy::tenants::LimitsPatch {
+            requests_per_minute: number(self.requests_per_minute),
+            tokens_per_minute: number(self.tokens_per_minute),
+            max_concurrent: number(self.max_concurrent),
+            models: self.models.as_ref().map(|list| {
+                let models: Vec<String> = list
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|m| !m.is_empty())
+                    .map(String::from)
+                    .collect();
+                (!models.is_empty()).then_some(models)
+            }),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub(super) enum KeysCommand {
+    /// Create a key and print its secret once.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// The team (id or name) whose limits it also counts against.
+        #[arg(long)]
+        team: Option<String>,
+        /// When it stops working (RFC 3339, e.g. 2026-12-31T00:00:00Z).
+        #[arg(long)]
+        expires: Option<chrono::DateTime<chrono::Utc>>,
+        #[command(flatten)]
+        limits: LimitFlags,
+    },
+    /// Change a key's limits, team or expiry; takes effect within a second.
+    Limit {
+        id_or_name: String,
+        /// Move it to this team (id or name; "" : no team).
+        #[arg(long)]
+        team: Option<String>,
+        /// New expiry (RFC 3339).
+        #[arg(long)]
+        expires: Option<chrono::DateTime<chrono::Utc>>,
+        #[command(flatten)]
+        limits: LimitFlags,
+    },
+    /// List keys (never their secrets).
+    List,
+    /// Revoke a key by id or name; takes effect within a second.
+    Revoke { id_or_name: String },
+    /// Requests and tokens per key, from the inference log.
+    Usage {
+        /// Only count requests since this RFC 3339 time (e.g. 2026-01-31T00:00:00Z).
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(super) enum TeamsCommand {
+    /// Create a team.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        limits: LimitFlags,
+    },
+    /// Change a team's limits.
+    Limit {
+        id_or_name: String,
+        #[command(flatten)]
+        limits: LimitFlags,
+    },
+    /// List teams and their limits.
+    List,
+}
+
+pub(super) async fn keys(command: KeysCommand, config: &Config) -> anyhow::Result<()> {
+    let store = sluice::backends::store::open(&config.store).await?;
+    match command {
+        KeysCommand::Create {
+            name,
+            team,
+            expires,
+            limits,
+        } => {
+            let patch = sluice::tenancy::tenants::KeyPatch {
+                limits: limits.patch(),
+                team: Some(team),
+                expires_at: Some(expires),
+            };
+            let key = sluice::tenancy::tenants::create_key(store.as_ref(), &name, &patch).await?;
+            println!("created key {} ({})", key.id, key.name);
+            println!("secret (shown once, store it now): {}", key.secret);
+        }
+        KeysCommand::Limit {
+            id_or_name,
+            team,
+            expires,
+            limits,
+        } => {
+            let patch = sluice::tenancy::tenants::KeyPatch {
+                limits: limits.patch(),
+                team: team.map(|t| (!t.is_empty()).then_some(t)),
+                expires_at: expires.map(Some),
+            };
+            let key =
+                sluice::tenancy::tenants::update_key(store.as_ref(), &id_or_name, &patch).await?;
+            println!(
+                "key {} ({}): {}",
+                key.id,
+                key.name,
+                describe_limits(&key.limits)
+            );
+        }
+        KeysCommand::List => {
+            println!(
+                "{:<18} {:<24} {:<21} {:<21} {:<18} limits",
+                "id", "name", "created", "revoked", "team"
+            );
+            let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                    .unwrap_or_else(|| "-".into())
+            };
+            for key in store.list_keys().await? {
+                let mut limits = describe_limits(&key.limits);
+                if let Some(at) = key.expires_at {
+                    limits.push_str(&format!(", expires {}", time(Some(at))));
+                }
+                println!(
+                    "{:<18} {:<24} {:<21} {:<21} {:<18} {limits}",
+                    key.id,
+                    key.name,
+                    time(Some(key.created_at)),
+                    time(key.revoked_at),
+                    key.team_id.as_deref().unwrap_or("-"),
+                );
+            }
+        }
+        KeysCommand::Revoke { id_or_name } => match store.revoke_key(&id_or_name).await? {
+            0 => anyhow::bail!("no active key with id or name `{id_or_name}`"),
+            n => println!("revoked {n} key(s); they stop working within a second"),
+        },
+        KeysCommand::Usage { since } => {
+            println!(
+                "{:<18} {:<24} {:>10} {:>10} {:>14} {:>18}",
+                "key id", "name", "requests", "cache hits", "prompt tokens", "completion tokens"
+            );
+            for usage in store.key_usage(since).await? {
+                println!(
+                    "{:<18} {:<24} {:>10} {:>10} {:>14} {:>18}",
+                    usage.key_id,
+                    usage.name.as_deref().unwrap_or("-"),
+                    usage.requests,
+                    usage.cache_hits,
+                    usage.prompt_tokens,
+                    usage.completion_tokens
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn teams(command: TeamsCommand, config: &Config) -> anyhow::Result<()> {
+    let store = sluice::backends::store::open(&config.store).await?;
+    match command {
+        TeamsCommand::Create { name, limits } => {
+            let team =
+                sluice::tenancy::tenants::create_team(store.as_ref(), &name, &limits.patch())
+                    .await?;
+            println!(
+                "created team {} ({}): {}",
+                team.id,
+                team.name,
+                describe_limits(&team.limits)
+            );
+        }
+        TeamsCommand::Limit { id_or_name, limits } => {
+            let team =
+                sluice::tenancy::tenants::update_team(store.as_ref(), &id_or_name, &limits.patch())
+                    .await?;
+            println!(
+                "team {} ({}): {}",
+                team.id,
+                team.name,
+                describe_limits(&team.limits)
+            );
+        }
+        TeamsCommand::List => {
+            println!("{:<18} {:<24} limits", "id", "name");
+            for team in store.list_teams().await? {
+                println!(
+                    "{:<18} {:<24} {}",
+                    team.id,
+                    team.name,
+                    describe_limits(&team.limits)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Limits in one line: `60 requests/min, 10000 tokens/min, 4 at once, models a, b`.
+fn describe_limits(limits: &sluice::tenancy::Limits) -> String {
+    let mut parts = Vec::new();
+    if let Some(n) = limits.requests_per_minute {
+        parts.push(format!("{n} requests/min"));
+    }
+    if let Some(n) = limits.tokens_per_minute {
+        parts.push(format!("{n} tokens/min"));
+    }
+    if let Some(n) = limits.max_concurrent {
+        parts.push(format!("{n} at once"));
+    }
+    if let Some(models) = &limits.models {
+        parts.push(format!("models {}", models.join(", ")));
+    }
+    match parts.is_empty() {
+        true => "defaults".into(),
+        false => parts.join(", "),
+    }
+}

@@ -1,0 +1,264 @@
+//! One upstream stream chunk as the exact SSE bytes the upstream sent, and
+//! the views the gateway reads from it (text, finish reason, usage) without
+//! re-serialising it.
+
+use std::borrow::Cow;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::de::{self, IgnoredAny};
+use serde::{Deserialize, Deserializer, Serialize};
+
+const SSE_PREFIX: &[u8] = b"data: ";
+const SSE_SUFFIX: &[u8] = b"\n\n";
+
+/// One upstream stream chunk, held as the SSE event bytes `data: <json>\n\n`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    framed: Bytes,
+}
+
+impl Chunk {
+    /// Frames a JSON payload as an SSE `data:` event.
+    pub fn from_payload(payload: &[u8]) -> Self {
+        let mut framed =
+            BytesMut::with_capacity(payload.len() + SSE_PREFIX.len() + SSE_SUFFIX.len());
+        framed.put_slice(SSE_PREFIX);
+        framed.put_slice(payload);
+        framed.put_slice(SSE_SUFFIX);
+        Self {
+            framed: framed.freeze(),
+        }
+    }
+
+    /// Wraps bytes that are already exactly `data: <payload>\n\n`.
+    pub fn from_framed(framed: Bytes) -> Option<Self> {
+        (framed.len() >= SSE_PREFIX.len() + SSE_SUFFIX.len()
+            && framed.starts_with(SSE_PREFIX)
+            && framed.ends_with(SSE_SUFFIX))
+        .then_some(Self { framed })
+    }
+
+    /// The SSE event, ready to write to a client.
+    pub fn framed(&self) -> &Bytes {
+        &self.framed
+    }
+
+    /// The JSON payload (what a WebSocket frame carries).
+    pub fn payload(&self) -> Bytes {
+        self.framed
+            .slice(SSE_PREFIX.len()..self.framed.len() - SSE_SUFFIX.len())
+    }
+
+    pub fn payload_slice(&self) -> &[u8] {
+        &self.framed[SSE_PREFIX.len()..self.framed.len() - SSE_SUFFIX.len()]
+    }
+
+    /// This chunk with its response `id` naming `request_id`, as vLLM names
+    /// the chunks of its answer to `X-Request-Id: <request_id>`
+    /// (`cmpl-<request_id>`; the prefix up to the first `-` is kept).
+    /// Unchanged when the payload does not begin with an `"id"`.
+    pub fn naming(&self, request_id: &str) -> Chunk {
+        const KEY: &[u8] = b"\"id\":\"";
+        let payload = self.payload_slice();
+        let Some(at) = memchr::memmem::find(&payload[..payload.len().min(16)], KEY) else {
+            return self.clone();
+        };
+        let start = SSE_PREFIX.len() + at + KEY.len();
+        let Some(len) = memchr::memchr(b'"', &self.framed[start..]) else {
+            return self.clone();
+        };
+        let id = &self.framed[start..start + len];
+        let keep = id
+            .iter()
+            .position(|&b| b == b'-')
+            .map_or(0, |dash| dash + 1);
+        if &id[keep..] == request_id.as_bytes() {
+            return self.clone();
+        }
+        let mut framed =
+            BytesMut::with_capacity(self.framed.len() - (len - keep) + request_id.len());
+        framed.put_slice(&self.framed[..start + keep]);
+        framed.put_slice(request_id.as_bytes());
+        framed.put_slice(&self.framed[start + len..]);
+        Chunk {
+            framed: framed.freeze(),
+        }
+    }
+
+    /// Reads what the gateway needs to know about a chunk without keeping it parsed.
+    pub fn summary(&self) -> ChunkSummary {
+        #[derive(Deserialize)]
+        struct Peek {
+            #[serde(default)]
+            choices: Vec<IgnoredAny>,
+            #[serde(default)]
+            usage: Option<Usage>,
+        }
+        match serde_json::from_slice::<Peek>(self.payload_slice()) {
+            Ok(peek) => ChunkSummary {
+                choices: peek.choices.len(),
+                usage: peek.usage,
+            },
+            Err(_) => ChunkSummary::default(),
+        }
+    }
+}
+
+/// The parts of a chunk the token filters need, borrowed from its bytes
+/// (or owned, [`ChunkView::into_owned`], to keep alongside a cached answer).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChunkView<'a> {
+    #[serde(borrow, default)]
+    pub choices: Vec<ChoiceView<'a>>,
+    #[serde(default)]
+    pub usage: Option<Usage>,
+}
+
+/// One choice of a chunk: a completion's `text`, or a chat chunk's `delta`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChoiceView<'a> {
+    #[serde(default)]
+    pub index: u32,
+    #[serde(borrow, default, deserialize_with = "text_or_null")]
+    text: Cow<'a, str>,
+    #[serde(borrow, default)]
+    delta: Option<DeltaView<'a>>,
+    #[serde(default)]
+    pub finish_reason: Option<IgnoredAny>,
+}
+
+/// The part of a chat delta token filters see: its `content`. Tool-call
+/// deltas are not text and pass untouched.
+#[derive(Debug, Clone, Deserialize)]
+struct DeltaView<'a> {
+    #[serde(borrow, default, deserialize_with = "text_or_null")]
+    content: Cow<'a, str>,
+}
+
+impl ChoiceView<'_> {
+    /// The text of the choice: a completion's `text`, a chat delta's `content`.
+    pub fn text(&self) -> &str {
+        match &self.delta {
+            Some(delta) => &delta.content,
+            None => &self.text,
+        }
+    }
+
+    fn into_owned(self) -> ChoiceView<'static> {
+        ChoiceView {
+            index: self.index,
+            text: Cow::Owned(self.text.into_owned()),
+            delta: self.delta.map(|d| DeltaView {
+                content: Cow::Owned(d.content.into_owned()),
+            }),
+            finish_reason: self.finish_reason,
+        }
+    }
+}
+
+/// A string borrowed from the input when it has no escapes; `null` reads as "".
+fn text_or_null<'de: 'a, 'a, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Cow<'a, str>, D::Error> {
+    struct Text;
+    impl<'de> de::Visitor<'de> for Text {
+        type Value = Cow<'de, str>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string or null")
+        }
+        fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Cow::Borrowed(v))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Cow::Owned(v.to_owned()))
+        }
+        fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+            Ok(Cow::Owned(v))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Cow::Borrowed(""))
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Cow::Borrowed(""))
+        }
+    }
+    deserializer.deserialize_any(Text)
+}
+
+impl<'a> ChunkView<'a> {
+    /// `None` for a payload that is not a JSON object of this shape.
+    pub fn parse(chunk: &'a Chunk) -> Option<Self> {
+        serde_json::from_slice(chunk.payload_slice()).ok()
+    }
+
+    pub fn into_owned(self) -> ChunkView<'static> {
+        ChunkView {
+            choices: self
+                .choices
+                .into_iter()
+                .map(ChoiceView::into_owned)
+                .collect(),
+            usage: self.usage,
+        }
+    }
+
+    pub fn summary(&self) -> ChunkSummary {
+        ChunkSummary {
+            choices: self.choices.len(),
+            usage: self.usage,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ChunkSummary {
+    pub choices: usize,
+    pub usage: Option<Usage>,
+}
+
+impl ChunkSummary {
+    /// The final `choices: []` chunk that carries only `usage`.
+    pub fn is_usage_only(&self) -> bool {
+        self.choices == 0 && self.usage.is_some()
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_can_be_renamed_for_another_request() {
+        let chunk =
+            Chunk::from_payload(br#"{"id":"cmpl-abc123","object":"text_completion","choices":[]}"#);
+        let renamed = chunk.naming("r-42");
+        assert_eq!(
+            renamed.payload_slice(),
+            br#"{"id":"cmpl-r-42","object":"text_completion","choices":[]}"#
+        );
+        assert_eq!(renamed.naming("r-42"), renamed, "already named");
+        let no_id = Chunk::from_payload(br#"{"object":"text_completion","id":"x"}"#);
+        assert_eq!(no_id.naming("r-42"), no_id);
+    }
+
+    #[test]
+    fn chunk_payload_and_framing_round_trip() {
+        let chunk = Chunk::from_payload(br#"{"id":"x","choices":[]}"#);
+        assert_eq!(
+            chunk.framed().as_ref(),
+            b"data: {\"id\":\"x\",\"choices\":[]}\n\n"
+        );
+        assert_eq!(chunk.payload().as_ref(), br#"{"id":"x","choices":[]}"#);
+        assert_eq!(Chunk::from_framed(chunk.framed().clone()), Some(chunk));
+    }
+}

@@ -1,0 +1,97 @@
+//! Errors in vLLM's shape inside an upstream body or stream.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::ErrorInfo;
+
+/// Recognises an upstream error event (`{"error": {...}}`, or the older
+/// flat `{"object": "error", ...}`) among stream payloads.
+pub fn parse_error_event(payload: &[u8]) -> Option<ErrorInfo> {
+    #[derive(Deserialize)]
+    struct Nested {
+        error: Value,
+    }
+    #[derive(Deserialize)]
+    struct Flat {
+        object: String,
+        #[serde(default)]
+        message: String,
+        #[serde(default, rename = "type")]
+        kind: String,
+        #[serde(default)]
+        code: Option<u16>,
+    }
+    // Cheap pre-check: chunks start with {"id"; only errors mention "error" early.
+    let head = &payload[..payload.len().min(64)];
+    if !head.windows(5).any(|w| w == b"error") {
+        return None;
+    }
+    if let Ok(Nested { error }) = serde_json::from_slice::<Nested>(payload) {
+        return Some(error_info_from_value(&error));
+    }
+    match serde_json::from_slice::<Flat>(payload) {
+        Ok(flat) if flat.object == "error" => Some(ErrorInfo {
+            status: flat.code.unwrap_or(500),
+            kind: if flat.kind.is_empty() {
+                "InternalServerError".into()
+            } else {
+                flat.kind
+            },
+            message: flat.message,
+            code: None,
+        }),
+        _ => None,
+    }
+}
+
+/// Builds an [`ErrorInfo`] from the `error` object of an upstream body.
+pub fn error_info_from_value(error: &Value) -> ErrorInfo {
+    match error {
+        Value::Object(fields) => ErrorInfo {
+            status: fields
+                .get("code")
+                .and_then(Value::as_u64)
+                .and_then(|c| u16::try_from(c).ok())
+                .filter(|c| (400..600).contains(c))
+                .unwrap_or(500),
+            kind: fields
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("InternalServerError")
+                .to_string(),
+            message: fields
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("upstream error")
+                .to_string(),
+            code: None,
+        },
+        Value::String(message) => ErrorInfo {
+            status: 500,
+            kind: "InternalServerError".into(),
+            message: message.clone(),
+            code: None,
+        },
+        other => ErrorInfo {
+            status: 500,
+            kind: "InternalServerError".into(),
+            message: other.to_string(),
+            code: None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_error_events() {
+        let nested =
+            br#"{"error":{"message":"boom","type":"InternalServerError","param":null,"code":500}}"#;
+        assert_eq!(parse_error_event(nested).unwrap().message, "boom");
+        let chunk = br#"{"id":"cmpl-1","object":"text_completion","choices":[{"index":0,"text":" error"}]}"#;
+        assert!(parse_error_event(chunk).is_none());
+    }
+}
