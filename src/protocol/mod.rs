@@ -1,7 +1,7 @@
 //! The vLLM/OpenAI wire formats, one file each: the completion request
-//! ([`completion`]) and the chat request ([`chat`]) sluice accepts, the
-//! stream [`chunk`]s it relays, upstream [`errors`] in a stream, the
-//! [`assembly`] of a non-streaming answer from those chunks, and incremental
+//! (`completion`) and the chat request (`chat`) sluice accepts, the
+//! stream `chunk`s it relays, upstream `errors` in a stream, the
+//! `assembly` of a non-streaming answer from those chunks, and incremental
 //! [`sse`] parsing.
 //!
 //! Chunks are kept as the exact bytes the upstream sent (`data: <json>\n\n`),

@@ -843,6 +843,7 @@ async fn requests_succeed_while_redis_is_down_and_the_cache_comes_back_by_itself
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_on_both_topics_are_skipped_and_counted() {
     use rdkafka::config::ClientConfig;
+    use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
 
     let services = services!();
@@ -865,6 +866,48 @@ async fn malformed_messages_on_both_topics_are_skipped_and_counted() {
                 .expect("garbage produced");
         }
     }
+    // Well-formed messages of a protocol version this build does not speak
+    // (an edge or worker of a later release, mid-upgrade): skipped, not run.
+    let future =
+        json!({"model": MODEL, "prompt": "from a later release", "max_tokens": 4, "stream": true})
+            .to_string();
+    let now = chrono::Utc::now().timestamp_millis().to_string();
+    for partition in 0..4 {
+        for topic in ["requests", "responses"] {
+            let headers = [
+                ("sluice-protocol", "2"),
+                (
+                    "sluice-kind",
+                    if topic == "requests" {
+                        "request"
+                    } else {
+                        "frames"
+                    },
+                ),
+                ("sluice-request", "future-1"),
+                ("sluice-edge", "edge-of-the-future"),
+                ("sluice-reply-partition", "0"),
+                ("sluice-attempt", "1"),
+                ("sluice-submitted-ms", now.as_str()),
+            ]
+            .into_iter()
+            .fold(OwnedHeaders::new(), |h, (key, value)| {
+                h.insert(Header {
+                    key,
+                    value: Some(value),
+                })
+            });
+            let topic = format!("sluice-test-{}.{topic}", services.id);
+            let record = FutureRecord::<str, [u8]>::to(&topic)
+                .partition(partition)
+                .payload(future.as_bytes())
+                .headers(headers);
+            producer
+                .send(record, Duration::from_secs(5))
+                .await
+                .expect("a later version's message produced");
+        }
+    }
     let body =
         json!({"model": MODEL, "prompt": "after the garbage", "max_tokens": 4, "stream": true});
     let events = sse_events(gw.post(&body).await).await;
@@ -882,6 +925,20 @@ async fn malformed_messages_on_both_topics_are_skipped_and_counted() {
     assert!(
         metrics.contains(&responses),
         "the edge's reply partition had one: {metrics}"
+    );
+    for (topic, count) in [("requests", 4), ("responses", 1)] {
+        let versions = format!(
+            r#"sluice_queue_messages_skipped_total{{reason="version",topic="sluice-test-{}.{topic}"}} {count}"#,
+            services.id
+        );
+        assert!(metrics.contains(&versions), "{versions} in {metrics}");
+    }
+    assert!(
+        gw.sim
+            .received()
+            .iter()
+            .all(|r| r.body["prompt"] != "from a later release"),
+        "a request of another protocol version never reaches vLLM"
     );
     gw.stop().await;
     services.drop_database().await;

@@ -45,7 +45,7 @@ impl QueueMetrics {
             messages_skipped: registry.counter_vec(
                 Roles::ALL,
                 "sluice_queue_messages_skipped_total",
-                "Malformed, foreign or stale queue messages skipped",
+                "Queue messages skipped, by reason: malformed, stale, expired, cancelled, or version (a protocol version this build does not speak)",
                 &["topic", "reason"],
             ),
             retries: registry.counter(

@@ -12,8 +12,8 @@
 //! (or, if their edge died, until `limits.lease_secs` passes).
 //!
 //! With `limits.url = redis://…` every check is one Lua script run in Redis,
-//! atomic across all edges ([`redis`]); with `memory://` the same algorithm
-//! runs in process ([`memory`]). When Redis is unreachable, `on_unavailable`
+//! atomic across all edges (`redis`); with `memory://` the same algorithm
+//! runs in process (`memory`). When Redis is unreachable, `on_unavailable`
 //! decides: `local` checks in process with each limit divided by
 //! `limits.edges`, `refuse` answers 503.
 

@@ -217,6 +217,7 @@ impl KafkaQueue {
 /// Reads the reply partition and hands each frame to the request that owns it.
 async fn route_responses(consumer: Consumer, shared: Arc<EdgeShared>, routes: Routes) {
     let topic = shared.kafka.response_topic.clone();
+    let versions = VersionCheck::new(&topic);
     let skipped = |reason: &str| {
         shared
             .metrics
@@ -239,6 +240,10 @@ async fn route_responses(consumer: Consumer, shared: Arc<EdgeShared>, routes: Ro
             }
         };
         let h = ReadHeaders::of(&message);
+        if !versions.speaks(&h) {
+            skipped("version");
+            continue;
+        }
         match h.str(H_EDGE) {
             Some(edge) if edge == shared.edge_id => {}
             Some(_) => continue, // another edge sharing this partition

@@ -3,9 +3,7 @@
 //! into one message, so under load the broker handles a message per batch,
 //! not per token; when idle, every frame leaves at once.
 //!
-//! Frame layout (big-endian): kind `u8`, attempt `u32`, sequence `u64`
-//! (`u64::MAX` for none), request-id length `u16`, request id, payload length
-//! `u32`, payload.
+//! The layout is in `docs/design.md` ("The Kafka protocol").
 
 use bytes::{Buf, Bytes};
 

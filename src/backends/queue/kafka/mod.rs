@@ -1,29 +1,9 @@
-//! The Kafka queue (rdkafka): edges and workers on any number of machines.
-//!
-//! Topics:
-//! - **request topic**: one message per request (key: request id, payload: the
-//!   upstream body). Workers consume it as one consumer group.
-//! - **response topic**: upstream chunks as [frames](frames), each message holding
-//!   the frames that were waiting for one edge (one chunk when idle, a batch under load). Each edge reads one partition of it
-//!   (its *reply partition*, from `queue.reply_partition` or a hash of its edge
-//!   id) and workers produce a request's responses to the partition its edge
-//!   named. An edge therefore reads only its own traffic plus that of edges
-//!   sharing its partition (filtered out by the `sluice-edge` header): size the
-//!   response topic with at least as many partitions as edges. Adding an edge
-//!   costs one partition's worth of consumer, not a copy of all traffic.
-//! - **cancel topic**: a small broadcast topic every worker reads completely, so a
-//!   client disconnect reaches the worker running the request wherever it is.
-//!
-//! Delivery guarantees. Every response message carries the request's attempt
-//! number and a sequence number. The edge accepts only the current attempt, in
-//! sequence; duplicates are dropped and a gap ends the stream with an error, so
-//! a client never sees a token twice or out of order. Workers commit the
-//! offsets of the requests they took (every second and before a rebalance
-//! moves their partitions; never when closing a session whose broker was
-//! lost), and edges own retries: a worker that goes
-//! silent (no chunk or heartbeat within `queue.worker_timeout_ms`) before
-//! anything was delivered has its request resubmitted as a new attempt; one
-//! that goes silent after delivering tokens ends the stream with an error.
+//! The Kafka queue (rdkafka): edges and workers on any number of machines,
+//! talking over a request topic, a response topic (one reply partition per
+//! edge) and a cancel topic. The protocol (topics, headers, frames, versions,
+//! delivery rules) is described in one place, `docs/design.md` ("The Kafka
+//! protocol"); `edge` and `worker` implement its two sides, `frames`
+//! its payload, `reconnect` the sessions rebuilt after a lost broker.
 
 mod config;
 mod edge;
@@ -64,8 +44,19 @@ const H_MODEL: &str = "sluice-model";
 /// A hash of the prompt's start (hex), for prefix-affine routing.
 const H_PREFIX: &str = "sluice-prefix";
 const H_WORKER: &str = "sluice-worker";
+/// The queue protocol's version, on every message: what the message's
+/// headers and frames mean. Absent means 1 (the version before it was sent).
+const H_PROTOCOL: &str = "sluice-protocol";
 /// Trace-context headers carried through unchanged.
 const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
+
+/// The version of the queue protocol this build speaks (see `H_PROTOCOL`).
+/// A worker answers a request in the request's version; edges and workers
+/// skip, log and count (`sluice_queue_messages_skipped_total{reason="version"}`)
+/// messages of a version they do not speak.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The version as the header carries it.
+const PROTOCOL_VERSION_TEXT: &str = "1";
 
 const KIND_REQUEST: &str = "request";
 const KIND_CANCEL: &str = "cancel";
@@ -282,16 +273,56 @@ async fn tail_consumer(
 // Message headers
 // ---------------------------------------------------------------------------
 
+/// A message's headers: `pairs`, and the protocol version.
 fn headers(pairs: &[(&str, &str)]) -> OwnedHeaders {
-    pairs.iter().fold(
-        OwnedHeaders::new_with_capacity(pairs.len()),
-        |h, (key, value)| {
-            h.insert(Header {
-                key,
-                value: Some(value.as_bytes()),
-            })
-        },
-    )
+    let versioned = OwnedHeaders::new_with_capacity(pairs.len() + 1).insert(Header {
+        key: H_PROTOCOL,
+        value: Some(PROTOCOL_VERSION_TEXT.as_bytes()),
+    });
+    pairs.iter().fold(versioned, |h, (key, value)| {
+        h.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        })
+    })
+}
+
+/// Whether this build speaks the protocol version of a received message.
+/// One it does not is logged, once per version; the caller counts it as
+/// skipped (`reason="version"`).
+struct VersionCheck {
+    topic: String,
+    reported: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl VersionCheck {
+    fn new(topic: &str) -> Self {
+        Self {
+            topic: topic.to_string(),
+            reported: Default::default(),
+        }
+    }
+
+    fn speaks(&self, headers: &ReadHeaders<'_>) -> bool {
+        let version = headers.str(H_PROTOCOL).unwrap_or(PROTOCOL_VERSION_TEXT);
+        if version == PROTOCOL_VERSION_TEXT {
+            return true;
+        }
+        let first = self
+            .reported
+            .lock()
+            .map(|mut seen| seen.insert(version.to_string()))
+            .unwrap_or(false);
+        if first {
+            tracing::warn!(
+                topic = %self.topic,
+                version,
+                speaks = PROTOCOL_VERSION,
+                "skipping queue messages of a protocol version this sluice does not speak; upgrade the workers before the edges"
+            );
+        }
+        false
+    }
 }
 
 /// The headers of a received message, by name.

@@ -11,13 +11,14 @@ use tokio::time::Instant;
 use super::super::frames::FrameKind;
 use super::super::reconnect::Consumer;
 use super::super::{
-    H_ATTEMPT, H_EDGE, H_KIND, H_REQUEST, KIND_CANCEL, KIND_EDGE_ALIVE, ReadHeaders,
+    H_ATTEMPT, H_EDGE, H_KIND, H_REQUEST, KIND_CANCEL, KIND_EDGE_ALIVE, ReadHeaders, VersionCheck,
 };
 use super::WorkerShared;
 use super::outbox::Reply;
 
 pub(super) async fn listen_for_cancels(consumer: Consumer, shared: Arc<WorkerShared>) {
     let mut last_sweep = Instant::now();
+    let versions = VersionCheck::new(&shared.kafka.cancel_topic);
     loop {
         let received = tokio::select! {
             received = consumer.recv() => received,
@@ -33,6 +34,14 @@ pub(super) async fn listen_for_cancels(consumer: Consumer, shared: Arc<WorkerSha
             }
         };
         let h = ReadHeaders::of(&message);
+        if !versions.speaks(&h) {
+            shared
+                .metrics
+                .messages_skipped
+                .with_label_values(&[shared.kafka.cancel_topic.as_str(), "version"])
+                .inc();
+            continue;
+        }
         if let (Some(KIND_EDGE_ALIVE), Some(edge)) = (h.str(H_KIND), h.str(H_EDGE)) {
             if let Ok(mut edges) = shared.edges.lock() {
                 edges.insert(edge.to_string(), Instant::now());

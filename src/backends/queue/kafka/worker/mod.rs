@@ -72,6 +72,7 @@ impl WorkerShared {
 /// The worker's side of the Kafka queue.
 pub struct KafkaJobSource {
     shared: Arc<WorkerShared>,
+    versions: VersionCheck,
     consumer: Arc<Consumer>,
     tasks: Vec<JoinHandle<()>>,
     /// When the offsets taken were last committed.
@@ -152,6 +153,7 @@ impl KafkaJobSource {
         ];
         tracing::info!(worker_id = %shared.worker_id, group = %kafka.worker_group, "Kafka worker connected");
         Ok(Self {
+            versions: VersionCheck::new(&kafka.request_topic),
             shared,
             consumer,
             tasks,
@@ -173,6 +175,9 @@ impl KafkaJobSource {
 
     fn parse_job(&self, message: &impl Message) -> Result<Job, &'static str> {
         let h = ReadHeaders::of(message);
+        if !self.versions.speaks(&h) {
+            return Err("version");
+        }
         if h.str(H_KIND) != Some(KIND_REQUEST) {
             return Err("malformed");
         }
