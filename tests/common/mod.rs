@@ -620,16 +620,11 @@ pub fn plugin(
 /// Reads frames from a WebSocket until `[DONE]`.
 pub async fn ws_frames<S>(ws: &mut S) -> Vec<String>
 where
-    S: futures::Stream<
-            Item = Result<
-                tokio_tungstenite::tungstenite::Message,
-                tokio_tungstenite::tungstenite::Error,
-            >,
-        > + Unpin,
+    S: futures::Stream<Item = Result<tungstenite::Message, tungstenite::Error>> + Unpin,
 {
     use futures::StreamExt;
     let mut frames = Vec::new();
-    while let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) = ws.next().await {
+    while let Some(Ok(tungstenite::Message::Text(text))) = ws.next().await {
         let done = text.as_str() == "[DONE]";
         frames.push(text.to_string());
         if done {
@@ -643,15 +638,10 @@ where
 /// response `id` names (`cmpl-<id>` or `chatcmpl-<id>`).
 pub async fn first_chunk_request_id<S>(ws: &mut S) -> String
 where
-    S: futures::Stream<
-            Item = Result<
-                tokio_tungstenite::tungstenite::Message,
-                tokio_tungstenite::tungstenite::Error,
-            >,
-        > + Unpin,
+    S: futures::Stream<Item = Result<tungstenite::Message, tungstenite::Error>> + Unpin,
 {
     use futures::StreamExt;
-    let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(first))) = ws.next().await else {
+    let Some(Ok(tungstenite::Message::Text(first))) = ws.next().await else {
         panic!("no chunk")
     };
     let id = serde_json::from_str::<Value>(&first).unwrap()["id"]

@@ -342,7 +342,7 @@ async fn cors_preflights_are_answered_without_a_key_and_origins_are_enforced() {
         format!("Bearer {}", gw.key).parse().unwrap(),
     );
     match tokio_tungstenite::connect_async(request).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+        Err(tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), 403)
         }
         other => panic!("a foreign origin opened a WebSocket: {other:?}"),
