@@ -1,0 +1,221 @@
+//! The admin API: keys, teams, limits and usage.
+
+use super::*;
+
+const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
+
+#[tokio::test]
+async fn the_admin_api_manages_keys_teams_limits_and_usage() {
+    let gw = TestGateway::start_with(sim_config(), |c| {
+        c.admin.listen = Some("127.0.0.1:0".parse().unwrap());
+        c.admin.token = Some(ADMIN_TOKEN.to_string().into());
+        assert!(
+            !format!("{c:?}").contains(ADMIN_TOKEN),
+            "the token never appears in Debug output"
+        );
+    })
+    .await;
+    let admin = gw.admin_url.clone().expect("the admin API listens");
+    let call = |method: Method, path: &str, token: &str, body: Option<Value>| {
+        let mut request = gw
+            .http
+            .request(method, format!("{admin}{path}"))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        request.send()
+    };
+    use reqwest::Method;
+    // The wrong token, or none, is refused in the OpenAI error shape.
+    let response = call(Method::GET, "/admin/keys", "wrong", None)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], 401);
+    let response = gw
+        .http
+        .get(format!("{admin}/admin/keys"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    // The admin API is not on the public listener.
+    let response = gw
+        .http
+        .get(format!("{}/admin/keys", gw.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+
+    let team = call(
+        Method::POST,
+        "/admin/teams",
+        ADMIN_TOKEN,
+        Some(json!({"name": "ops", "limits": {"requests_per_minute": 50}})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(team.status(), 201);
+    let created = call(
+        Method::POST,
+        "/admin/keys",
+        ADMIN_TOKEN,
+        Some(json!({"name": "svc", "team": "ops", "limits": {"requests_per_minute": 2, "models": [MODEL]}})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.status(), 201);
+    let created: Value = created.json().await.unwrap();
+    let secret = created["secret"].as_str().unwrap().to_string();
+    assert_eq!(created["limits"]["requests_per_minute"], 2);
+    assert!(created["team_id"].as_str().unwrap().starts_with("team_"));
+    let statuses = |n: usize| {
+        let secret = secret.clone();
+        let gw = &gw;
+        async move {
+            let mut statuses = Vec::new();
+            for i in 0..n {
+                statuses.push(
+                    post_as(&gw.http, &gw.url, &secret, small(1000 + i))
+                        .await
+                        .status()
+                        .as_u16(),
+                );
+            }
+            statuses
+        }
+    };
+    assert_eq!(statuses(3).await, [200, 200, 429]);
+
+    let updated = call(
+        Method::PATCH,
+        "/admin/keys/svc",
+        ADMIN_TOKEN,
+        Some(json!({"limits": {"requests_per_minute": 5}})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(updated.status(), 200);
+    let updated: Value = updated.json().await.unwrap();
+    assert_eq!(updated["limits"]["requests_per_minute"], 5);
+    assert_eq!(
+        updated["limits"]["models"],
+        json!([MODEL]),
+        "untouched fields stay"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        statuses(4).await,
+        [200, 200, 200, 429],
+        "the new limit within a second"
+    );
+
+    let usage = eventually(Duration::from_secs(3), || async {
+        let usage: Value = call(Method::GET, "/admin/keys/svc/usage", ADMIN_TOKEN, None)
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        // Refused requests are logged too (status 429), without tokens.
+        (usage["requests"] == 7).then_some(usage)
+    })
+    .await
+    .expect("usage of the seven requests, five admitted");
+    assert_eq!(usage["completion_tokens"], 10);
+    let team_usage: Value = call(Method::GET, "/admin/teams/ops/usage", ADMIN_TOKEN, None)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(team_usage["requests"], 7);
+
+    // Bad input: 400 naming the problem, 404 for an unknown key, 409 for a taken name.
+    for (body, needle) in [
+        (
+            json!({"name": "z", "limits": {"requests_per_minute": 0}}),
+            "requests_per_minute",
+        ),
+        (
+            json!({"name": "z", "limits": {"tokens_per_minute": -3}}),
+            "tokens_per_minute",
+        ),
+        (json!({"name": "z", "limits": {"rpm": 3}}), "rpm"),
+        (json!({"limits": {}}), "name"),
+        (json!({"name": "z", "team": "no-such-team"}), "no-such-team"),
+    ] {
+        let response = call(Method::POST, "/admin/keys", ADMIN_TOKEN, Some(body.clone()))
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let error: Value = response.json().await.unwrap();
+        assert!(matches!(status, 400 | 404), "{body}: {status}");
+        assert!(
+            error["error"]["message"].as_str().unwrap().contains(needle),
+            "{body}: {error}"
+        );
+    }
+    let malformed = gw
+        .http
+        .post(format!("{admin}/admin/keys"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(malformed.status(), 400);
+    let error: Value = malformed.json().await.unwrap();
+    assert_eq!(error["error"]["code"], 400);
+    let missing = call(
+        Method::GET,
+        "/admin/keys/key_nonexistent",
+        ADMIN_TOKEN,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(missing.status(), 404);
+    let taken = call(
+        Method::POST,
+        "/admin/keys",
+        ADMIN_TOKEN,
+        Some(json!({"name": "svc"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(taken.status(), 409);
+
+    // Revoked: refused within a second.
+    let revoked = call(Method::DELETE, "/admin/keys/svc", ADMIN_TOKEN, None)
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    let revoked: Value = revoked.json().await.unwrap();
+    assert!(revoked["revoked_at"].is_string());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        post_as(&gw.http, &gw.url, &secret, small(2000))
+            .await
+            .status(),
+        401
+    );
+    let keys: Value = call(Method::GET, "/admin/keys", ADMIN_TOKEN, None)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        keys["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["name"] == "svc")
+    );
+}
