@@ -83,18 +83,18 @@ async fn run(
         .policy
         .admit(ctx, &mut request, state.cache.is_some())
         .await?;
-    // After the hooks: the model checked is the one sent (a plugin may map aliases).
-    let resolved = state.models.resolve(request.model())?;
-    let allowed = ctx.identity.allows_model(request.model())
-        || (!resolved.pool.is_empty() && ctx.identity.allows_model(&resolved.pool));
-    if !allowed {
-        state
-            .tenancy_metrics
-            .limited
-            .with_label_values(&["model"])
-            .inc();
-        return Err(models::no_access(request.model()));
-    }
+    // After the hooks: the model checked is the one sent (a plugin may map
+    // aliases). A model the key may not use, or that does not exist, costs
+    // its limits nothing: a misconfigured client cannot lock its key out.
+    let resolved = match model_for(state, ctx, &request) {
+        Ok(resolved) => resolved,
+        Err(err) => {
+            if let Some(admission) = record.admission.take() {
+                admission.refund().await;
+            }
+            return Err(err);
+        }
+    };
     if !resolved.pool.is_empty() {
         record.model = resolved.pool.clone();
     }
@@ -173,6 +173,26 @@ async fn run(
     };
     let to_cache = cache_key.map(|key| (key, Vec::new()));
     Ok((source, filters, deliver_usage_chunk, to_cache))
+}
+
+/// The request's model, resolved, if it exists and the key may use it.
+fn model_for(
+    state: &Stages,
+    ctx: &RequestContext,
+    request: &InferenceRequest,
+) -> Result<models::Resolved, GatewayError> {
+    let resolved = state.models.resolve(request.model())?;
+    let allowed = ctx.identity.allows_model(request.model())
+        || (!resolved.pool.is_empty() && ctx.identity.allows_model(&resolved.pool));
+    if !allowed {
+        state
+            .tenancy_metrics
+            .limited
+            .with_label_values(&["model"])
+            .inc();
+        return Err(models::no_access(request.model()));
+    }
+    Ok(resolved)
 }
 
 /// A cache key within its scope: one key's requests (or one team's) never

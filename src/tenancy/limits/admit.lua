@@ -8,10 +8,10 @@
 -- ARGV: request id, tokens to reserve, window ms, lease ms, then per scope:
 -- requests per minute, tokens per minute, concurrent (0 = no limit).
 --
--- Returns {1, remaining requests, reset requests ms, remaining tokens,
--- reset tokens ms} for the first scope, or {0, refusing scope (0-based),
--- kind (1 requests, 2 tokens, 3 concurrency), retry after ms, the same four
--- standing numbers}.
+-- Returns {1, then per scope: remaining requests, reset requests ms,
+-- remaining tokens, reset tokens ms}, or {0, refusing scope (0-based), kind
+-- (1 requests, 2 tokens, 3 concurrency), retry after ms, then the same four
+-- standing numbers per scope}: the caller picks the binding limit.
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local id = ARGV[1]
@@ -75,8 +75,15 @@ for i = 0, scopes - 1 do
     kind, wait = 3, 1000
   end
   if kind > 0 then
-    local rr, rr_reset, rt, rt_reset = standing(0)
-    return {0, i, kind, wait, rr, rr_reset, rt, rt_reset}
+    local answer = {0, i, kind, wait}
+    for j = 0, scopes - 1 do
+      local rr, rr_reset, rt, rt_reset = standing(j)
+      table.insert(answer, rr)
+      table.insert(answer, rr_reset)
+      table.insert(answer, rt)
+      table.insert(answer, rt_reset)
+    end
+    return answer
   end
 end
 
@@ -92,5 +99,12 @@ for i = 0, scopes - 1 do
   redis.call('PEXPIRE', amt, window + lease)
   redis.call('PEXPIRE', run, window + lease)
 end
-local rr, rr_reset, rt, rt_reset = standing(0)
-return {1, rr, rr_reset, rt, rt_reset}
+local answer = {1}
+for j = 0, scopes - 1 do
+  local rr, rr_reset, rt, rt_reset = standing(j)
+  table.insert(answer, rr)
+  table.insert(answer, rr_reset)
+  table.insert(answer, rt)
+  table.insert(answer, rt_reset)
+end
+return answer

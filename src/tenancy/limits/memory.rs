@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{LimitKind, LimitStore, LimiterUnavailable, Scope, Standing, Verdict, WINDOW};
+use super::{
+    LimitKind, LimitStore, LimiterUnavailable, Scope, Settlement, Standing, Verdict, WINDOW,
+};
 
 /// One scope's admissions within the window.
 #[derive(Default)]
@@ -137,28 +139,30 @@ impl LimitStore for MemoryLimits {
             let log = logs.entry(scope.id.clone()).or_default();
             log.expire(now);
             if let Some((kind, retry_after)) = log.refusal(scope, tokens, now) {
-                let standing = logs
-                    .get(&scopes[0].id)
-                    .map(|key| key.standing(&scopes[0], now))
-                    .unwrap_or_default();
+                let standings = scopes
+                    .iter()
+                    .map(|scope| {
+                        logs.get(&scope.id)
+                            .map(|log| log.standing(scope, now))
+                            .unwrap_or_else(|| ScopeLog::default().standing(scope, now))
+                    })
+                    .collect();
                 return Ok(Verdict::Refused {
                     kind,
                     scope: i,
                     retry_after,
-                    standing,
+                    standings,
                 });
             }
         }
-        let mut standing = Standing::default();
-        for (i, scope) in scopes.iter().enumerate() {
+        let mut standings = Vec::with_capacity(scopes.len());
+        for scope in scopes {
             let log = logs.entry(scope.id.clone()).or_default();
             log.requests.push_back((now, request_id.to_string()));
             log.tokens.push_back((now, request_id.to_string(), tokens));
             log.token_sum += tokens;
             log.running.insert(request_id.to_string(), now + self.lease);
-            if i == 0 {
-                standing = log.standing(scope, now);
-            }
+            standings.push(log.standing(scope, now));
         }
         // Forget scopes with nothing left in their window.
         if logs.len() > 10_000 {
@@ -167,14 +171,14 @@ impl LimitStore for MemoryLimits {
                 !log.is_empty()
             });
         }
-        Ok(Verdict::Admitted(standing))
+        Ok(Verdict::Admitted(standings))
     }
 
     async fn settle(
         &self,
         scopes: &[Scope],
         request_id: &str,
-        tokens: u64,
+        settlement: Settlement,
     ) -> Result<(), LimiterUnavailable> {
         let mut logs = self.lock();
         for scope in scopes {
@@ -182,6 +186,18 @@ impl LimitStore for MemoryLimits {
                 continue;
             };
             log.running.remove(request_id);
+            let tokens = match settlement {
+                Settlement::Used(tokens) => tokens,
+                Settlement::Refund => {
+                    log.requests.retain(|(_, id)| id != request_id);
+                    if let Some(at) = log.tokens.iter().position(|(_, id, _)| id == request_id)
+                        && let Some((_, _, amount)) = log.tokens.remove(at)
+                    {
+                        log.token_sum -= amount;
+                    }
+                    continue;
+                }
+            };
             if let Some(charge) = log
                 .tokens
                 .iter_mut()
@@ -200,10 +216,12 @@ impl LimitStore for MemoryLimits {
 mod tests {
     use super::*;
     use crate::tenancy::Limits;
+    use crate::tenancy::limits::Whose;
 
     fn scope(rpm: Option<u64>, tpm: Option<u64>, concurrent: Option<u64>) -> Scope {
         Scope {
             id: "key:k".into(),
+            whose: Whose::Key,
             limits: Limits {
                 requests_per_minute: rpm,
                 tokens_per_minute: tpm,
@@ -219,11 +237,11 @@ mod tests {
         let scopes = [scope(Some(3), None, None)];
         let mut admitted = 0;
         for i in 0..10 {
-            if let Verdict::Admitted(standing) =
+            if let Verdict::Admitted(standings) =
                 limits.admit(&scopes, &format!("r{i}"), 1).await.unwrap()
             {
                 admitted += 1;
-                assert_eq!(standing.remaining_requests, 3 - admitted);
+                assert_eq!(standings[0].remaining_requests, 3 - admitted);
             }
         }
         assert_eq!(admitted, 3);
@@ -244,12 +262,18 @@ mod tests {
                 ..
             }
         ));
-        limits.settle(&scopes, "a", 30).await.unwrap();
+        limits
+            .settle(&scopes, "a", Settlement::Used(30))
+            .await
+            .unwrap();
         assert!(matches!(
             limits.admit(&scopes, "c", 70).await.unwrap(),
             Verdict::Admitted(_)
         ));
-        limits.settle(&scopes, "c", 70).await.unwrap();
+        limits
+            .settle(&scopes, "c", Settlement::Used(70))
+            .await
+            .unwrap();
         let refused = limits.admit(&scopes, "d", 1).await.unwrap();
         assert!(
             matches!(refused, Verdict::Refused { kind: LimitKind::Tokens, retry_after, .. } if retry_after > Duration::from_secs(58)),
@@ -262,6 +286,7 @@ mod tests {
         let limits = MemoryLimits::new(Duration::from_secs(600));
         let team = Scope {
             id: "team:t".into(),
+            whose: Whose::Team,
             ..scope(Some(1), None, None)
         };
         let key = scope(Some(5), None, None);
@@ -276,9 +301,9 @@ mod tests {
             limits.admit(&[key.clone(), team], "b", 1).await.unwrap(),
             Verdict::Refused { scope: 1, .. }
         ));
-        let Verdict::Admitted(standing) = limits.admit(&[key], "c", 1).await.unwrap() else {
+        let Verdict::Admitted(standings) = limits.admit(&[key], "c", 1).await.unwrap() else {
             panic!("the key alone has room")
         };
-        assert_eq!(standing.remaining_requests, 3, "b was not counted");
+        assert_eq!(standings[0].remaining_requests, 3, "b was not counted");
     }
 }

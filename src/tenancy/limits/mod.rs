@@ -55,7 +55,25 @@ fn share(limits: &Limits, parts: u64) -> Limits {
 pub struct Scope {
     /// `key:<id>` or `team:<id>`.
     pub id: String,
+    pub whose: Whose,
     pub limits: Limits,
+}
+
+/// Whose limits a scope holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whose {
+    Key,
+    Team,
+}
+
+impl Whose {
+    /// How a refusal names it.
+    fn describe(self) -> &'static str {
+        match self {
+            Whose::Key => "this API key",
+            Whose::Team => "this API key's team",
+        }
+    }
 }
 
 /// Which limit refused a request.
@@ -76,8 +94,8 @@ impl LimitKind {
     }
 }
 
-/// Where the first scope (the key) stands after a check: what the
-/// `x-ratelimit-*` headers say.
+/// Where one scope stands after a check. The `x-ratelimit-*` headers
+/// describe the binding limits of all the request's scopes ([`Standing::binding`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Standing {
     pub limit_requests: Option<u64>,
@@ -89,16 +107,16 @@ pub struct Standing {
     pub reset_tokens: Duration,
 }
 
-/// The answer of a check.
+/// The answer of a check, with each scope's standing (in the scopes' order).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    Admitted(Standing),
+    Admitted(Vec<Standing>),
     Refused {
         kind: LimitKind,
-        /// Which scope refused (0: the key, 1: its team).
+        /// Which of the scopes refused (an index into them).
         scope: usize,
         retry_after: Duration,
-        standing: Standing,
+        standings: Vec<Standing>,
     },
 }
 
@@ -118,13 +136,24 @@ pub trait LimitStore: Send + Sync + 'static {
         tokens: u64,
     ) -> Result<Verdict, LimiterUnavailable>;
 
-    /// Replaces the request's reservation by the `tokens` it used and ends its lease.
+    /// Ends the request's lease, and replaces its reservation by the tokens
+    /// it used, or takes it out of every window (a refund).
     async fn settle(
         &self,
         scopes: &[Scope],
         request_id: &str,
-        tokens: u64,
+        settlement: Settlement,
     ) -> Result<(), LimiterUnavailable>;
+}
+
+/// How an admitted request ends, for its limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// It ran: it counts, with the tokens it used.
+    Used(u64),
+    /// It was refused after admission, for a reason its key's limits must
+    /// not pay for (a model it may not use): it never counted.
+    Refund,
 }
 
 /// Checks and settles requests against their key's and team's limits.
@@ -182,6 +211,7 @@ impl Limiter {
         if identity.limits.counts() {
             scopes.push(Scope {
                 id: format!("key:{}", identity.key_id),
+                whose: Whose::Key,
                 limits: identity.limits.clone(),
             });
         }
@@ -190,6 +220,7 @@ impl Limiter {
         {
             scopes.push(Scope {
                 id: format!("team:{}", team.id),
+                whose: Whose::Team,
                 limits: team.limits.clone(),
             });
         }
@@ -230,8 +261,8 @@ impl Limiter {
                         let shares: Vec<Scope> = scopes
                             .iter()
                             .map(|s| Scope {
-                                id: s.id.clone(),
                                 limits: share(&s.limits, *edges),
+                                ..s.clone()
                             })
                             .collect();
                         let verdict = local
@@ -253,31 +284,27 @@ impl Limiter {
             }
         };
         match verdict {
-            Verdict::Admitted(standing) => Ok(Some(Admission {
+            Verdict::Admitted(standings) => Ok(Some(Admission {
                 limiter: self.clone(),
                 scopes,
                 request_id: request_id.to_string(),
                 local,
                 reserved: tokens,
                 prompt_estimate,
-                standing,
+                standing: Standing::binding(&standings),
             })),
             Verdict::Refused {
                 kind,
                 scope,
                 retry_after,
-                standing,
+                standings,
             } => {
                 self.metrics
                     .limited
                     .with_label_values(&[kind.label()])
                     .inc();
-                let whose = if scope == 0 {
-                    "this API key"
-                } else {
-                    "this API key's team"
-                };
-                let limit = &scopes[scope.min(scopes.len() - 1)].limits;
+                let refusing = &scopes[scope.min(scopes.len() - 1)];
+                let (whose, limit) = (refusing.whose.describe(), &refusing.limits);
                 let message = match kind {
                     LimitKind::Requests => format!(
                         "Rate limit reached for requests per minute on {whose}: limit {}. Try again in {}.",
@@ -304,7 +331,7 @@ impl Limiter {
                     limit: kind.label(),
                     message,
                     retry_after,
-                    headers: standing.headers(),
+                    headers: Standing::binding(&standings).headers(),
                 })))
             }
         }
@@ -341,27 +368,59 @@ impl Limiter {
 impl Admission {
     /// Settles the request with the tokens it used, off the request path.
     pub fn settle(self, tokens: u64) {
-        tokio::spawn(async move {
-            let limiter = &self.limiter;
-            let result = match (&limiter.fallback, self.local) {
-                (Some((local, _)), true) => {
-                    local.settle(&self.scopes, &self.request_id, tokens).await
-                }
-                _ => {
-                    limiter
-                        .store
-                        .settle(&self.scopes, &self.request_id, tokens)
-                        .await
-                }
-            };
-            if let Err(err) = result {
-                tracing::debug!(%err, request_id = %self.request_id, "could not settle the request's tokens; its reservation stands");
+        tokio::spawn(self.end(Settlement::Used(tokens)));
+    }
+
+    /// Takes the request out of its limits' windows before the refusal is
+    /// answered, so that a client retrying at once finds its quota whole.
+    pub async fn refund(self) {
+        self.end(Settlement::Refund).await;
+    }
+
+    async fn end(self, settlement: Settlement) {
+        let limiter = &self.limiter;
+        let result = match (&limiter.fallback, self.local) {
+            (Some((local, _)), true) => {
+                local
+                    .settle(&self.scopes, &self.request_id, settlement)
+                    .await
             }
-        });
+            _ => {
+                limiter
+                    .store
+                    .settle(&self.scopes, &self.request_id, settlement)
+                    .await
+            }
+        };
+        if let Err(err) = result {
+            tracing::debug!(%err, request_id = %self.request_id, ?settlement, "could not settle the request in its limits; its reservation stands");
+        }
     }
 }
 
 impl Standing {
+    /// The binding limits of several scopes: for requests and for tokens
+    /// each, the scope (of those with that limit) with the least left; the
+    /// first scope, the key, on a tie.
+    pub fn binding(standings: &[Standing]) -> Standing {
+        let requests = standings
+            .iter()
+            .filter(|s| s.limit_requests.is_some())
+            .min_by_key(|s| s.remaining_requests);
+        let tokens = standings
+            .iter()
+            .filter(|s| s.limit_tokens.is_some())
+            .min_by_key(|s| s.remaining_tokens);
+        Standing {
+            limit_requests: requests.and_then(|s| s.limit_requests),
+            remaining_requests: requests.map_or(0, |s| s.remaining_requests),
+            reset_requests: requests.map_or(Duration::ZERO, |s| s.reset_requests),
+            limit_tokens: tokens.and_then(|s| s.limit_tokens),
+            remaining_tokens: tokens.map_or(0, |s| s.remaining_tokens),
+            reset_tokens: tokens.map_or(Duration::ZERO, |s| s.reset_tokens),
+        }
+    }
+
     /// OpenAI's rate-limit headers for this standing (only for the limits set).
     pub fn headers(&self) -> HeaderMap {
         let mut headers = HeaderMap::new();

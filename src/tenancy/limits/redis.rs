@@ -10,7 +10,9 @@ use fred::prelude::*;
 use fred::types::config::Options;
 use tokio::sync::RwLock;
 
-use super::{LimitKind, LimitStore, LimiterUnavailable, Scope, Standing, Verdict, WINDOW};
+use super::{
+    LimitKind, LimitStore, LimiterUnavailable, Scope, Settlement, Standing, Verdict, WINDOW,
+};
 
 const ADMIT: &str = include_str!("admit.lua");
 const SETTLE: &str = include_str!("settle.lua");
@@ -113,18 +115,27 @@ impl LimitStore for RedisLimits {
             args.push(limit(scope.limits.max_concurrent));
         }
         let answer: Vec<i64> = self.run(false, self.keys(scopes), args).await?;
-        let key = &scopes[0].limits;
-        let standing = |at: usize| Standing {
-            limit_requests: key.requests_per_minute,
-            remaining_requests: answer.get(at).copied().unwrap_or(0).max(0) as u64,
-            reset_requests: millis(answer.get(at + 1).copied().unwrap_or(0)),
-            limit_tokens: key.tokens_per_minute,
-            remaining_tokens: answer.get(at + 2).copied().unwrap_or(0).max(0) as u64,
-            reset_tokens: millis(answer.get(at + 3).copied().unwrap_or(0)),
+        // Each scope's standing: four numbers from `at` on.
+        let standings = |at: usize| -> Option<Vec<Standing>> {
+            let numbers = answer.get(at..at + 4 * scopes.len())?;
+            Some(
+                scopes
+                    .iter()
+                    .zip(numbers.chunks(4))
+                    .map(|(scope, n)| Standing {
+                        limit_requests: scope.limits.requests_per_minute,
+                        remaining_requests: n[0].max(0) as u64,
+                        reset_requests: millis(n[1]),
+                        limit_tokens: scope.limits.tokens_per_minute,
+                        remaining_tokens: n[2].max(0) as u64,
+                        reset_tokens: millis(n[3]),
+                    })
+                    .collect(),
+            )
         };
-        match answer.first() {
-            Some(1) => Ok(Verdict::Admitted(standing(1))),
-            Some(0) if answer.len() >= 8 => Ok(Verdict::Refused {
+        let verdict = match answer.first() {
+            Some(1) => standings(1).map(Verdict::Admitted),
+            Some(0) if answer.len() >= 4 => standings(4).map(|standings| Verdict::Refused {
                 scope: answer[1].max(0) as usize,
                 kind: match answer[2] {
                     1 => LimitKind::Requests,
@@ -132,21 +143,32 @@ impl LimitStore for RedisLimits {
                     _ => LimitKind::Concurrency,
                 },
                 retry_after: millis(answer[3]),
-                standing: standing(4),
+                standings,
             }),
-            _ => Err(LimiterUnavailable(format!(
+            _ => None,
+        };
+        verdict.ok_or_else(|| {
+            LimiterUnavailable(format!(
                 "unexpected answer from the admit script: {answer:?}"
-            ))),
-        }
+            ))
+        })
     }
 
     async fn settle(
         &self,
         scopes: &[Scope],
         request_id: &str,
-        tokens: u64,
+        settlement: Settlement,
     ) -> Result<(), LimiterUnavailable> {
-        let args = vec![Value::from(request_id), Value::from(tokens as i64)];
+        let (tokens, refund) = match settlement {
+            Settlement::Used(tokens) => (tokens, 0),
+            Settlement::Refund => (0, 1),
+        };
+        let args = vec![
+            Value::from(request_id),
+            Value::from(tokens as i64),
+            Value::from(refund),
+        ];
         let _: i64 = self.run(true, self.keys(scopes), args).await?;
         Ok(())
     }

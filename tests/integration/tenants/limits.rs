@@ -399,3 +399,126 @@ async fn when_the_limiters_redis_dies_each_edge_checks_its_share_or_refuses() {
     }
     services.drop_database().await;
 }
+
+#[tokio::test]
+async fn a_teams_refusal_names_the_team_and_the_headers_show_the_binding_limit() {
+    refusals_name_their_scope(TestGateway::start().await).await;
+}
+
+#[tokio::test]
+async fn in_redis_too_a_teams_refusal_names_the_team_and_the_headers_show_the_binding_limit() {
+    let Some(services) = Services::fresh().await else {
+        return;
+    };
+    let gw = TestGateway::start_with(sim_config(), |c| {
+        c.limits.url = services.redis.clone().into();
+        c.limits.key_prefix = format!("sluice-test-{}:", services.id);
+    })
+    .await;
+    refusals_name_their_scope(gw).await;
+    services.drop_database().await;
+}
+
+async fn refusals_name_their_scope(gw: TestGateway) {
+    let store = gw.store.as_ref();
+    let one_a_minute: LimitsPatch =
+        serde_json::from_value(json!({"requests_per_minute": 1})).unwrap();
+    tenants::create_team(store, "tight", &one_a_minute)
+        .await
+        .unwrap();
+    let in_team = |name: &'static str, limits: Value| async move {
+        let patch = KeyPatch {
+            team: Some(Some("tight".into())),
+            limits: serde_json::from_value(limits).unwrap(),
+            ..KeyPatch::default()
+        };
+        tenants::create_key(store, name, &patch)
+            .await
+            .unwrap()
+            .secret
+    };
+    // A key without limits of its own: the team's limit binds, and says so.
+    let plain = in_team("plain", json!({})).await;
+    let first = post_as(&gw.http, &gw.url, &plain, small(0)).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["x-ratelimit-limit-requests"], "1");
+    assert_eq!(first.headers()["x-ratelimit-remaining-requests"], "0");
+    let second = post_as(&gw.http, &gw.url, &plain, small(1)).await;
+    assert_eq!(second.status(), 429);
+    assert_eq!(second.headers()["x-ratelimit-limit-requests"], "1");
+    let error: Value = second.json().await.unwrap();
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains("this API key's team"), "{message}");
+
+    // A key with a roomy limit of its own in the same team: refused by the
+    // team, and the headers describe the team's limit, the one with the least left.
+    let roomy = in_team("roomy", json!({"requests_per_minute": 100})).await;
+    let refused = post_as(&gw.http, &gw.url, &roomy, small(2)).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["x-ratelimit-limit-requests"], "1");
+    assert_eq!(refused.headers()["x-ratelimit-remaining-requests"], "0");
+    let error: Value = refused.json().await.unwrap();
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains("this API key's team"), "{message}");
+
+    // A key alone (no team) with its own limit is named as the key.
+    let alone = key_with(store, "alone", json!({"requests_per_minute": 1})).await;
+    assert_eq!(
+        post_as(&gw.http, &gw.url, &alone, small(3)).await.status(),
+        200
+    );
+    let refused = post_as(&gw.http, &gw.url, &alone, small(4)).await;
+    let error: Value = refused.json().await.unwrap();
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("on this API key:") && !message.contains("team"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn requests_for_a_model_the_key_may_not_use_cost_it_nothing() {
+    requests_for_other_models_cost_nothing(TestGateway::start().await).await;
+}
+
+#[tokio::test]
+async fn in_redis_too_requests_for_a_model_the_key_may_not_use_cost_it_nothing() {
+    let Some(services) = Services::fresh().await else {
+        return;
+    };
+    let gw = TestGateway::start_with(sim_config(), |c| {
+        c.limits.url = services.redis.clone().into();
+        c.limits.key_prefix = format!("sluice-test-{}:", services.id);
+    })
+    .await;
+    requests_for_other_models_cost_nothing(gw).await;
+    services.drop_database().await;
+}
+
+async fn requests_for_other_models_cost_nothing(gw: TestGateway) {
+    let key = key_with(
+        gw.store.as_ref(),
+        "narrow",
+        json!({"requests_per_minute": 2, "models": [MODEL]}),
+    )
+    .await;
+    for i in 0..3 {
+        let body =
+            json!({"model": "someone-elses", "prompt": format!("wrong {i}"), "max_tokens": 1});
+        let response = post_as(&gw.http, &gw.url, &key, body).await;
+        assert_eq!(response.status(), 404);
+    }
+    for i in 0..2 {
+        let response = post_as(&gw.http, &gw.url, &key, small(100 + i)).await;
+        assert_eq!(
+            response.status(),
+            200,
+            "the refused requests used up none of the key's 2 a minute"
+        );
+    }
+    assert_eq!(
+        post_as(&gw.http, &gw.url, &key, small(200)).await.status(),
+        429,
+        "the limit still holds for the model it may use"
+    );
+}
