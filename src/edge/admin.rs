@@ -9,7 +9,7 @@
 //! | `GET /admin/keys`, `GET /admin/keys/{id}` | keys (never secrets) |
 //! | `PATCH /admin/keys/{id}` | `{"limits"?, "team"?, "expires_at"?}`; `null` removes |
 //! | `DELETE /admin/keys/{id}` | revokes (within a second) |
-//! | `GET /admin/keys/{id}/usage[?since=RFC3339]` | requests, cache hits, tokens |
+//! | `GET /admin/keys/{id}/usage[?since=RFC3339]` | requests by outcome, cache hits, tokens |
 //! | `POST /admin/teams`, `GET /admin/teams`, `GET`/`PATCH /admin/teams/{id}` | teams and their limits |
 //! | `GET /admin/teams/{id}/usage[?since=]` | the team's keys' usage, summed |
 
@@ -101,6 +101,9 @@ struct NewKey {
     team: Option<String>,
     #[serde(default)]
     expires_at: Option<DateTime<Utc>>,
+    /// A secret the operator brings (from another gateway); unset: a new one.
+    #[serde(default)]
+    secret: Option<secrecy::SecretString>,
 }
 
 async fn create_key(State(admin): State<Arc<Admin>>, request: Bytes) -> Answer {
@@ -109,13 +112,15 @@ async fn create_key(State(admin): State<Arc<Admin>>, request: Bytes) -> Answer {
         limits,
         team,
         expires_at,
+        secret,
     } = body(&request)?;
     let patch = KeyPatch {
         limits,
         team: Some(team),
         expires_at: Some(expires_at),
     };
-    let created = tenants::create_key(admin.store.as_ref(), &name, &patch).await?;
+    let secret = secret.as_ref().map(ExposeSecret::expose_secret);
+    let created = tenants::create_key(admin.store.as_ref(), &name, &patch, secret).await?;
     let key = tenants::find_key(admin.store.as_ref(), &created.id).await?;
     let mut answer =
         serde_json::to_value(&key).map_err(|e| GatewayError::Internal(e.to_string()))?;
@@ -166,19 +171,42 @@ async fn usage_of(store: &dyn Store, keys: &[ApiKey], since: Option<DateTime<Utc
     let mine = rows
         .iter()
         .filter(|row| keys.iter().any(|k| k.id == row.key_id));
-    let (mut requests, mut cache_hits, mut prompt_tokens, mut completion_tokens) = (0, 0, 0, 0);
+    let mut sum = [0i64; 8];
     for row in mine {
-        requests += row.requests;
-        cache_hits += row.cache_hits;
-        prompt_tokens += row.prompt_tokens;
-        completion_tokens += row.completion_tokens;
+        let counts = [
+            row.requests,
+            row.served,
+            row.refused,
+            row.client_closed,
+            row.failed,
+            row.cache_hits,
+            row.prompt_tokens,
+            row.completion_tokens,
+        ];
+        for (total, count) in sum.iter_mut().zip(counts) {
+            *total += count;
+        }
     }
+    let [
+        requests,
+        served,
+        refused,
+        client_closed,
+        failed,
+        cache_hits,
+        prompt,
+        completion,
+    ] = sum;
     ok(json!({
         "since": since,
         "requests": requests,
+        "served": served,
+        "refused": refused,
+        "client_closed": client_closed,
+        "failed": failed,
         "cache_hits": cache_hits,
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
     }))
 }
 

@@ -28,6 +28,9 @@ impl From<TenantError> for GatewayError {
             TenantError::Store(StoreError::DuplicateName(name)) => {
                 GatewayError::Conflict(format!("a key or team named `{name}` already exists"))
             }
+            TenantError::Store(StoreError::DuplicateSecret) => {
+                GatewayError::Conflict("a key with this secret already exists".into())
+            }
             TenantError::Store(err) => GatewayError::Backend(err.to_string()),
         }
     }
@@ -105,20 +108,25 @@ fn valid_name(name: &str) -> Result<(), TenantError> {
     Ok(())
 }
 
-/// Creates a key with the patch's limits, team and expiry; its secret is in the answer only.
+/// Creates a key with the patch's limits, team and expiry, and a new
+/// secret or the one the operator brings; the secret is in the answer only.
 pub async fn create_key(
     store: &dyn Store,
     name: &str,
     patch: &KeyPatch,
+    secret: Option<&str>,
 ) -> Result<CreatedKey, TenantError> {
     valid_name(name)?;
+    if let Some(secret) = secret {
+        super::keys::check_secret(secret).map_err(TenantError::Invalid)?;
+    }
     let limits = patch.limits.apply(&Limits::default())?;
     let team = match patch.team.clone().flatten() {
         Some(team) => Some(team_id(store, &team).await?),
         None => None,
     };
     let expires_at = patch.expires_at.flatten();
-    Ok(super::keys::create_key_with(store, name, limits, team, expires_at).await?)
+    Ok(super::keys::create_key_with(store, name, limits, team, expires_at, secret).await?)
 }
 
 /// Applies `patch` to the key with this id or name; returns the key as it now is.

@@ -29,7 +29,7 @@ impl Limits {
         ] {
             if value == Some(0) {
                 return Err(format!(
-                    "{name} must be at least 1 (leave it out for no limit)"
+                    "{name} must be at least 1; to set no limit of its own, remove it (null in the admin API, `none` on the command line, left out of gateway.toml)"
                 ));
             }
         }

@@ -31,6 +31,8 @@ pub enum StoreError {
     },
     #[error("a key or team named `{0}` already exists")]
     DuplicateName(String),
+    #[error("a key with this secret already exists")]
+    DuplicateSecret,
     #[error("stored limits of `{0}` are not valid JSON limits: {1}")]
     BadLimits(String, String),
     #[error("store query failed: {0}")]
@@ -94,12 +96,21 @@ pub struct InferenceRecord {
     pub created_at: DateTime<Utc>,
 }
 
-/// Token usage of one key, summed over the inference log.
+/// The requests of one key in the inference log, by outcome, and their tokens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct KeyUsage {
     pub key_id: String,
     pub name: Option<String>,
+    /// Every request logged: `served + refused + client_closed + failed`.
     pub requests: i64,
+    /// Answered (2xx).
+    pub served: i64,
+    /// Refused before an answer (4xx: limits, unknown models, bad requests).
+    pub refused: i64,
+    /// Abandoned by their client before the end (499).
+    pub client_closed: i64,
+    /// Failed (5xx: the upstream, the queue, a fail-closed plugin).
+    pub failed: i64,
     pub cache_hits: i64,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,

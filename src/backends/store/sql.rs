@@ -32,6 +32,10 @@ const INSERT_INFERENCES: &str = "INSERT INTO inference_logs (request_id, key_id,
 const INFERENCES_FOR: &str = "SELECT request_id, key_id, model, prompt_tokens, completion_tokens, cache_hit, \
      status, ttft_ms, total_ms, created_at FROM inference_logs WHERE request_id = $1";
 const KEY_USAGE: &str = "SELECT l.key_id AS key_id, MAX(k.name) AS name, COUNT(*) AS requests, \
+     CAST(COALESCE(SUM(CASE WHEN l.status BETWEEN 200 AND 299 THEN 1 ELSE 0 END), 0) AS BIGINT) AS served, \
+     CAST(COALESCE(SUM(CASE WHEN l.status BETWEEN 400 AND 498 THEN 1 ELSE 0 END), 0) AS BIGINT) AS refused, \
+     CAST(COALESCE(SUM(CASE WHEN l.status = 499 THEN 1 ELSE 0 END), 0) AS BIGINT) AS client_closed, \
+     CAST(COALESCE(SUM(CASE WHEN l.status >= 500 THEN 1 ELSE 0 END), 0) AS BIGINT) AS failed, \
      CAST(COALESCE(SUM(CASE WHEN l.cache_hit THEN 1 ELSE 0 END), 0) AS BIGINT) AS cache_hits, \
      CAST(COALESCE(SUM(l.prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
      CAST(COALESCE(SUM(l.completion_tokens), 0) AS BIGINT) AS completion_tokens \
@@ -100,7 +104,20 @@ impl TeamRow {
 }
 
 fn is_unique_violation(err: &sqlx::Error) -> bool {
-    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
+    unique_violation(err).is_some()
+}
+
+/// A unique-constraint violation's message (it names the column: `key_hash`
+/// in SQLite's `api_keys.key_hash`, PostgreSQL's `api_keys_key_hash_key`).
+fn unique_violation(err: &sqlx::Error) -> Option<String> {
+    match err {
+        sqlx::Error::Database(db) if db.is_unique_violation() => Some(format!(
+            "{} {}",
+            db.message(),
+            db.constraint().unwrap_or_default()
+        )),
+        _ => None,
+    }
 }
 
 macro_rules! sql_store {
@@ -135,12 +152,10 @@ macro_rules! sql_store {
                     .bind(key.expires_at)
                     .execute(&self.pool)
                     .await
-                    .map_err(|err| {
-                        if is_unique_violation(&err) {
-                            StoreError::DuplicateName(key.name.clone())
-                        } else {
-                            StoreError::Query(err)
-                        }
+                    .map_err(|err| match unique_violation(&err) {
+                        Some(column) if column.contains("key_hash") => StoreError::DuplicateSecret,
+                        Some(_) => StoreError::DuplicateName(key.name.clone()),
+                        None => StoreError::Query(err),
                     })?;
                 Ok(())
             }

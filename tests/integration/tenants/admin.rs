@@ -127,6 +127,16 @@ async fn the_admin_api_manages_keys_teams_limits_and_usage() {
     .await
     .expect("usage of the seven requests, five admitted");
     assert_eq!(usage["completion_tokens"], 10);
+    assert_eq!(
+        (
+            &usage["served"],
+            &usage["refused"],
+            &usage["client_closed"],
+            &usage["failed"]
+        ),
+        (&json!(5), &json!(2), &json!(0), &json!(0)),
+        "served and refused apart: {usage}"
+    );
     let team_usage: Value = call(Method::GET, "/admin/teams/ops/usage", ADMIN_TOKEN, None)
         .await
         .unwrap()
@@ -191,6 +201,52 @@ async fn the_admin_api_manages_keys_teams_limits_and_usage() {
     .unwrap();
     assert_eq!(taken.status(), 409);
 
+    // A key brought from another gateway: its own secret, hashed alike; a
+    // short one refused, the same secret twice refused.
+    let brought = "sk-from-another-gateway-0123456789";
+    let imported = call(
+        Method::POST,
+        "/admin/keys",
+        ADMIN_TOKEN,
+        Some(json!({"name": "imported", "secret": brought})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(imported.status(), 201);
+    assert_eq!(
+        post_as(&gw.http, &gw.url, brought, small(3000))
+            .await
+            .status(),
+        200,
+        "the brought secret works as a key"
+    );
+    let again = call(
+        Method::POST,
+        "/admin/keys",
+        ADMIN_TOKEN,
+        Some(json!({"name": "imported-twice", "secret": brought})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.status(), 409);
+    let error: Value = again.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("secret"),
+        "{error}"
+    );
+    let short = call(
+        Method::POST,
+        "/admin/keys",
+        ADMIN_TOKEN,
+        Some(json!({"name": "short", "secret": "sk-short"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(short.status(), 400);
+
     // Revoked: refused within a second.
     let revoked = call(Method::DELETE, "/admin/keys/svc", ADMIN_TOKEN, None)
         .await
@@ -218,4 +274,91 @@ async fn the_admin_api_manages_keys_teams_limits_and_usage() {
             .iter()
             .any(|k| k["name"] == "svc")
     );
+}
+
+/// `sluice` run against the SQLite store at `db`: its exit status, stdout and stderr.
+fn cli(db: &std::path::Path, args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .env("SLUICE_STORE__URL", format!("sqlite://{}", db.display()))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_command_line_takes_limits_as_the_admin_api_does_and_brings_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("cli.db");
+    // 0 is not a limit, on the command line as in the admin API and gateway.toml.
+    let (ok, _, stderr) = cli(
+        &db,
+        &[
+            "keys",
+            "create",
+            "--name",
+            "z",
+            "--requests-per-minute",
+            "0",
+        ],
+        "",
+    );
+    assert!(
+        !ok && stderr.contains("requests_per_minute must be at least 1"),
+        "{stderr}"
+    );
+    let (ok, stdout, stderr) = cli(
+        &db,
+        &[
+            "keys",
+            "create",
+            "--name",
+            "a",
+            "--requests-per-minute",
+            "5",
+        ],
+        "",
+    );
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("sk-sluice-"),
+        "a new secret is shown: {stdout}"
+    );
+    // `none` removes the key's own limit: the default applies again.
+    let (ok, stdout, stderr) = cli(
+        &db,
+        &["keys", "limit", "a", "--requests-per-minute", "none"],
+        "",
+    );
+    assert!(ok && stdout.contains("defaults"), "{stdout}{stderr}");
+    // A brought secret, from standard input: never printed back.
+    let brought = "sk-migrated-from-litellm-abcdef012345";
+    let (ok, stdout, stderr) = cli(
+        &db,
+        &["keys", "create", "--name", "migrated", "--secret-stdin"],
+        &format!("{brought}\n"),
+    );
+    assert!(ok, "{stderr}");
+    assert!(!stdout.contains(brought), "{stdout}");
+    let (ok, _, stderr) = cli(
+        &db,
+        &["keys", "create", "--name", "again", "--secret-stdin"],
+        &format!("{brought}\n"),
+    );
+    assert!(!ok && stderr.contains("already exists"), "{stderr}");
 }

@@ -200,7 +200,7 @@ async fn an_expired_key_gets_401_and_a_team_limit_holds_across_its_keys() {
         expires_at: Some(Some(chrono::Utc::now() - chrono::Duration::seconds(1))),
         ..KeyPatch::default()
     };
-    let secret = tenants::create_key(store, "old", &expired)
+    let secret = tenants::create_key(store, "old", &expired, None)
         .await
         .unwrap()
         .secret;
@@ -224,7 +224,7 @@ async fn an_expired_key_gets_401_and_a_team_limit_holds_across_its_keys() {
             team: Some(Some("research".into())),
             ..KeyPatch::default()
         };
-        tenants::create_key(store, name, &patch)
+        tenants::create_key(store, name, &patch, None)
             .await
             .unwrap()
             .secret
@@ -432,7 +432,7 @@ async fn refusals_name_their_scope(gw: TestGateway) {
             limits: serde_json::from_value(limits).unwrap(),
             ..KeyPatch::default()
         };
-        tenants::create_key(store, name, &patch)
+        tenants::create_key(store, name, &patch, None)
             .await
             .unwrap()
             .secret

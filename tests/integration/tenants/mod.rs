@@ -30,7 +30,7 @@ pub(super) async fn key_with(
         limits: serde_json::from_value(limits).unwrap(),
         ..KeyPatch::default()
     };
-    tenants::create_key(store, name, &patch)
+    tenants::create_key(store, name, &patch, None)
         .await
         .unwrap()
         .secret

@@ -4,30 +4,47 @@
 use clap::Subcommand;
 use sluice::config::Config;
 
-/// Limits given on the command line; a flag left out keeps the current value.
+/// Limits given on the command line; a flag left out keeps the current
+/// value, `none` removes it (the configured default applies). A limit is at
+/// least 1, as in the admin API and `gateway.toml`.
 #[derive(clap::Args, Default)]
 pub(super) struct LimitFlags {
-    /// Requests per minute (0: remove, the default applies).
-    #[arg(long)]
-    requests_per_minute: Option<u64>,
-    /// Prompt plus completion tokens per minute (0: remove).
-    #[arg(long)]
-    tokens_per_minute: Option<u64>,
-    /// Requests running at once (0: remove).
-    #[arg(long)]
-    max_concurrent: Option<u64>,
+    /// Requests per minute, or `none`.
+    #[arg(long, value_name = "N|none", value_parser = limit)]
+    requests_per_minute: Option<Limit>,
+    /// Prompt plus completion tokens per minute, or `none`.
+    #[arg(long, value_name = "N|none", value_parser = limit)]
+    tokens_per_minute: Option<Limit>,
+    /// Requests running at once, or `none`.
+    #[arg(long, value_name = "N|none", value_parser = limit)]
+    max_concurrent: Option<Limit>,
     /// The models it may use, comma-separated ("" : any).
     #[arg(long)]
     models: Option<String>,
 }
 
+/// A limit as given: a number, or `none` (no limit of its own).
+#[derive(Clone, Copy)]
+struct Limit(Option<u64>);
+
+/// Reads `none` or a number; whether it is a valid limit is the tenancy's
+/// check, shared with the admin API.
+fn limit(value: &str) -> Result<Limit, String> {
+    match value {
+        "none" => Ok(Limit(None)),
+        number => number
+            .parse()
+            .map(|n| Limit(Some(n)))
+            .map_err(|_| format!("`{number}` is not a number or `none`")),
+    }
+}
+
 impl LimitFlags {
     fn patch(&self) -> sluice::tenancy::tenants::LimitsPatch {
-        let number = |v: Option<u64>| v.map(|v| (v != 0).then_some(v));
         sluice::tenancy::tenants::LimitsPatch {
-            requests_per_minute: number(self.requests_per_minute),
-            tokens_per_minute: number(self.tokens_per_minute),
-            max_concurrent: number(self.max_concurrent),
+            requests_per_minute: self.requests_per_minute.map(|l| l.0),
+            tokens_per_minute: self.tokens_per_minute.map(|l| l.0),
+            max_concurrent: self.max_concurrent.map(|l| l.0),
             models: self.models.as_ref().map(|list| {
                 let models: Vec<String> = list
                     .split(',')
@@ -53,6 +70,10 @@ pub(super) enum KeysCommand {
         /// When it stops working (RFC 3339, e.g. 2026-12-31T00:00:00Z).
         #[arg(long)]
         expires: Option<chrono::DateTime<chrono::Utc>>,
+        /// Read the key's secret from standard input (one line) instead of
+        /// making one: a key brought from another gateway or a GitOps repository.
+        #[arg(long)]
+        secret_stdin: bool,
         #[command(flatten)]
         limits: LimitFlags,
     },
@@ -72,7 +93,8 @@ pub(super) enum KeysCommand {
     List,
     /// Revoke a key by id or name; takes effect within a second.
     Revoke { id_or_name: String },
-    /// Requests and tokens per key, from the inference log.
+    /// Requests per key by outcome (served 2xx, refused 4xx, closed by the
+    /// client 499, failed 5xx), cache hits and tokens, from the inference log.
     Usage {
         /// Only count requests since this RFC 3339 time (e.g. 2026-01-31T00:00:00Z).
         #[arg(long)]
@@ -106,6 +128,7 @@ pub(super) async fn keys(command: KeysCommand, config: &Config) -> anyhow::Resul
             name,
             team,
             expires,
+            secret_stdin,
             limits,
         } => {
             let patch = sluice::tenancy::tenants::KeyPatch {
@@ -113,9 +136,21 @@ pub(super) async fn keys(command: KeysCommand, config: &Config) -> anyhow::Resul
                 team: Some(team),
                 expires_at: Some(expires),
             };
-            let key = sluice::tenancy::tenants::create_key(store.as_ref(), &name, &patch).await?;
+            let brought = match secret_stdin {
+                true => Some(read_secret()?),
+                false => None,
+            };
+            let key = sluice::tenancy::tenants::create_key(
+                store.as_ref(),
+                &name,
+                &patch,
+                brought.as_deref(),
+            )
+            .await?;
             println!("created key {} ({})", key.id, key.name);
-            println!("secret (shown once, store it now): {}", key.secret);
+            if brought.is_none() {
+                println!("secret (shown once, store it now): {}", key.secret);
+            }
         }
         KeysCommand::Limit {
             id_or_name,
@@ -167,15 +202,28 @@ pub(super) async fn keys(command: KeysCommand, config: &Config) -> anyhow::Resul
         },
         KeysCommand::Usage { since } => {
             println!(
-                "{:<18} {:<24} {:>10} {:>10} {:>14} {:>18}",
-                "key id", "name", "requests", "cache hits", "prompt tokens", "completion tokens"
+                "{:<18} {:<24} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>14} {:>18}",
+                "key id",
+                "name",
+                "requests",
+                "served",
+                "refused",
+                "closed",
+                "failed",
+                "cache hits",
+                "prompt tokens",
+                "completion tokens"
             );
             for usage in store.key_usage(since).await? {
                 println!(
-                    "{:<18} {:<24} {:>10} {:>10} {:>14} {:>18}",
+                    "{:<18} {:<24} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>14} {:>18}",
                     usage.key_id,
                     usage.name.as_deref().unwrap_or("-"),
                     usage.requests,
+                    usage.served,
+                    usage.refused,
+                    usage.client_closed,
+                    usage.failed,
                     usage.cache_hits,
                     usage.prompt_tokens,
                     usage.completion_tokens
@@ -245,4 +293,11 @@ fn describe_limits(limits: &sluice::tenancy::Limits) -> String {
         true => "defaults".into(),
         false => parts.join(", "),
     }
+}
+
+/// One line of standard input, without its line ending.
+fn read_secret() -> anyhow::Result<String> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
 }
