@@ -58,7 +58,21 @@ pub struct Origins {
 impl Origins {
     /// ` (in FILE)` or ` (from $VAR)`, or nothing for a default.
     pub(super) fn describe(&self, key: &str) -> String {
-        describe(self.figment.find_metadata(key))
+        // figment's paths are dotted and find no list items: the value of
+        // `models[1].name` is found as `models`' (the list came from one place).
+        if !key.contains('[') {
+            return describe(self.figment.find_metadata(key));
+        }
+        let mut path = key.replace('[', ".").replace(']', "");
+        loop {
+            if let Some(metadata) = self.figment.find_metadata(&path) {
+                return describe(Some(metadata));
+            }
+            match path.rsplit_once('.') {
+                Some((parent, _)) => path = parent.to_string(),
+                None => return String::new(),
+            }
+        }
     }
 }
 

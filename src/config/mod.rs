@@ -186,7 +186,7 @@ impl RawConfig {
                 }
             } else {
                 ConfigError::Invalid {
-                    key: err.path.join("."),
+                    key: key_name(&err.path),
                     origin: describe(err.metadata.as_ref()),
                     message: err.kind.to_string(),
                 }
@@ -246,4 +246,21 @@ impl RawConfig {
             source: origins.file.clone(),
         })
     }
+}
+
+/// A key as errors name it: `models[1].balance` (figment's path is
+/// `models.1.balance`; validation names keys the same bracketed way).
+fn key_name(path: &[String]) -> String {
+    let mut key = String::new();
+    for segment in path {
+        if !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit()) {
+            key.push_str(&format!("[{segment}]"));
+        } else {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(segment);
+        }
+    }
+    key
 }

@@ -255,3 +255,22 @@ fn plugin_paths_are_relative_to_the_config_file() {
     assert_eq!(plugin.config_json, r#"{"words":["a"]}"#);
     assert_eq!(plugin.on_error, OnError::FailOpen);
 }
+
+#[test]
+fn keys_in_lists_are_named_one_way_with_where_they_came_from() {
+    let two = "[[models]]\nname = \"a\"\nendpoints = [\"http://a:8000\"]\n\
+               [[models]]\nname = \"b\"\nendpoints = [\"http://b:8000\"]\n";
+    let err = load(&format!("{two}balance = \"fastest\"\n"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`models[1].balance`"), "{err}");
+    assert!(err.contains("gateway.toml"), "{err}");
+    let err = load(&format!("{two}aliases = [\"a\"]\n"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`models[1].name`"), "{err}");
+    assert!(
+        err.contains("gateway.toml"),
+        "names where the value came from: {err}"
+    );
+}

@@ -69,6 +69,18 @@ pub enum Balance {
     Prefix,
 }
 
+impl Balance {
+    /// Its name in `gateway.toml`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastOutstanding => "least_outstanding",
+            Balance::Load => "load",
+            Balance::Prefix => "prefix",
+        }
+    }
+}
+
 /// `[[models]]`: one model and the endpoints that serve it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -341,13 +341,15 @@ impl Fleet {
                             let mut url = endpoint.url.clone();
                             let path = format!("{}/metrics", url.path().trim_end_matches('/'));
                             url.set_path(&path);
-                            if let Ok(response) = http.get(url).timeout(timeout).send().await
-                                && let Ok(text) = response.text().await
-                            {
-                                endpoint
-                                    .scraped_load
-                                    .store(vllm_load(&text), Ordering::Relaxed);
-                            }
+                            // No page (or not vLLM's): this process's own count
+                            // stands alone, rather than a load scraped long ago.
+                            let scraped = match http.get(url).timeout(timeout).send().await {
+                                Ok(response) if response.status().is_success() => {
+                                    response.text().await.map_or(0, |text| vllm_load(&text))
+                                }
+                                _ => 0,
+                            };
+                            endpoint.scraped_load.store(scraped, Ordering::Relaxed);
                         }
                         let was = endpoint.available();
                         endpoint.checked(healthy);

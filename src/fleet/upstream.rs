@@ -159,7 +159,14 @@ impl UpstreamClient {
                 }
                 Err(err) if err.is_endpoint_failure() => {
                     endpoint.failed(self.fleet.eject, self.fleet.max_eject);
-                    tracing::warn!(endpoint = %endpoint.url, %err, attempt = tried.len(), "upstream endpoint failed before the first chunk; trying another");
+                    match tried.len() < self.fleet.max_attempts as usize {
+                        true => {
+                            tracing::warn!(endpoint = %endpoint.url, %err, attempt = tried.len(), "upstream endpoint failed before the first chunk; trying another")
+                        }
+                        false => {
+                            tracing::warn!(endpoint = %endpoint.url, %err, attempt = tried.len(), "upstream endpoint failed before the first chunk; no attempts left (upstream.max_attempts)")
+                        }
+                    }
                     last = Some(err);
                 }
                 Err(err) => return Err(err),

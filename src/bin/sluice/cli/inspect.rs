@@ -102,16 +102,38 @@ pub(super) fn check_config(config: &Config) {
     );
     println!("  cache:    {}", describe_cache(config));
     println!("  queue:    {}", describe_queue(config));
-    println!(
-        "  upstream: {}",
-        config
-            .upstream
-            .urls
-            .iter()
-            .map(|u| u.as_str())
+    let urls = |urls: &[url::Url]| {
+        urls.iter()
+            .map(url::Url::as_str)
             .collect::<Vec<_>>()
             .join(", ")
-    );
+    };
+    if config.models.is_empty() {
+        println!(
+            "  upstream: {} (every model; balance {})",
+            urls(&config.upstream.urls),
+            config.upstream.balance.name()
+        );
+    } else {
+        println!("  upstream: not used ([[models]] lists the models)");
+        for model in &config.models {
+            let aliases = match model.aliases.is_empty() {
+                true => String::new(),
+                false => format!(" (aliases {})", model.aliases.join(", ")),
+            };
+            let served_as = model
+                .upstream_model
+                .as_deref()
+                .map(|m| format!(", served as {m}"))
+                .unwrap_or_default();
+            println!(
+                "  model:    {}{aliases}: {} (balance {}{served_as})",
+                model.name,
+                urls(&model.endpoints),
+                model.balance.name()
+            );
+        }
+    }
     println!(
         "  plugins:  {}",
         config
