@@ -77,4 +77,4 @@ export SLUICE_PYTHON="$VENV/bin/python"
 # Tests that need a backend fail instead of skipping.
 export SLUICE_REQUIRE_SERVICES=1
 log "running cargo test"
-cargo test --locked "$@"
+cargo test --locked --workspace "$@"

@@ -118,6 +118,13 @@ impl Endpoint {
 /// A request running on an endpoint.
 pub struct InFlight(Arc<Endpoint>);
 
+impl InFlight {
+    /// The endpoint the request runs on.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.0
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);

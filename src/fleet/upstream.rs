@@ -131,14 +131,71 @@ impl UpstreamClient {
         body: bytes::Bytes,
         headers: &[(String, String)],
     ) -> Result<UpstreamStream, UpstreamError> {
+        let mut tried = Vec::with_capacity(2);
+        self.open_untried(model, prefix, route, body, headers, &mut tried)
+            .await
+    }
+
+    /// The whole answer to `body`, for a client that gets nothing before
+    /// the end (a JSON answer): an endpoint that fails at any point before
+    /// the last chunk is ejected and the request run again on another, up to
+    /// `upstream.max_attempts` endpoints in all, so a replica dying
+    /// mid-generation costs the client time, not an error.
+    pub async fn complete(
+        &self,
+        model: &str,
+        prefix: u64,
+        route: Route,
+        body: bytes::Bytes,
+        headers: &[(String, String)],
+    ) -> Result<Vec<Chunk>, UpstreamError> {
+        let mut tried = Vec::with_capacity(2);
+        loop {
+            let mut stream = self
+                .open_untried(model, prefix, route, body.clone(), headers, &mut tried)
+                .await?;
+            let mut chunks = Vec::new();
+            let failure = loop {
+                match stream.next().await {
+                    Ok(Some(chunk)) => chunks.push(chunk),
+                    Ok(None) => return Ok(chunks),
+                    Err(err) => break err,
+                }
+            };
+            let left = tried.len() < self.fleet.max_attempts as usize;
+            let endpoint = stream.in_flight.as_ref().map(|f| f.endpoint().clone());
+            match (failure.is_endpoint_failure(), endpoint) {
+                (true, Some(endpoint)) => {
+                    endpoint.failed(self.fleet.eject, self.fleet.max_eject);
+                    if !left {
+                        tracing::warn!(endpoint = %endpoint.url, err = %failure, "upstream endpoint failed mid-answer; no attempts left (upstream.max_attempts)");
+                        return Err(failure);
+                    }
+                    tracing::warn!(endpoint = %endpoint.url, err = %failure, "upstream endpoint failed mid-answer; nothing reached the client, running it again on another");
+                }
+                _ => return Err(failure),
+            }
+        }
+    }
+
+    /// As [`UpstreamClient::open`], among the endpoints not in `tried` (to
+    /// which it adds those it tries).
+    async fn open_untried(
+        &self,
+        model: &str,
+        prefix: u64,
+        route: Route,
+        body: bytes::Bytes,
+        headers: &[(String, String)],
+        tried: &mut Vec<usize>,
+    ) -> Result<UpstreamStream, UpstreamError> {
         let pool = self
             .fleet
             .pool(model)
             .ok_or_else(|| UpstreamError::Connect(format!("no endpoint serves `{model}`")))?;
-        let mut tried = Vec::with_capacity(2);
         let mut last = None;
         while tried.len() < self.fleet.max_attempts as usize {
-            let Some(at) = pool.pick(prefix, &tried) else {
+            let Some(at) = pool.pick(prefix, tried) else {
                 break;
             };
             tried.push(at);

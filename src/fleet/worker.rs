@@ -117,6 +117,9 @@ impl Worker {
         headers.push(("x-request-id".to_string(), job.request.request_id.clone()));
         headers.extend(job.request.trace_context.iter().cloned());
         let request = &job.request;
+        if request.buffered {
+            return self.relay_whole(job, &headers).await;
+        }
         let opened = self
             .upstream
             .open(
@@ -144,6 +147,34 @@ impl Worker {
                 return "cancelled";
             }
         }
+    }
+
+    /// A job whose client gets nothing before the end: the whole answer
+    /// first (run again on another endpoint if one fails mid-answer), then
+    /// every chunk at once.
+    async fn relay_whole(&self, job: &mut Job, headers: &[(String, String)]) -> &'static str {
+        let request = &job.request;
+        let answer = self
+            .upstream
+            .complete(
+                &request.model,
+                request.prefix,
+                request.route,
+                request.body.clone(),
+                headers,
+            )
+            .await;
+        let chunks = match answer {
+            Ok(chunks) => chunks,
+            Err(err) => return self.upstream_failed(job, err).await,
+        };
+        for chunk in chunks {
+            if job.sink.send(ResponseEvent::Chunk(chunk)).await.is_err() {
+                return "cancelled";
+            }
+        }
+        let _ = job.sink.send(ResponseEvent::Done).await;
+        "completed"
     }
 
     /// Counts an upstream failure and passes it on to the requester.

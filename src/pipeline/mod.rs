@@ -152,6 +152,7 @@ async fn run(
     if resolved.by_prefix {
         queued.prefix = request.prefix_key();
     }
+    queued.buffered = !request.is_stream();
     let mut responses = state
         .queue
         .submit(queued)

@@ -684,3 +684,51 @@ pub fn capture_logs() {
             .try_init();
     });
 }
+
+/// The simulated vLLM as a process of its own (the `sluice-simulator`
+/// binary, which `cargo test --workspace` builds beside the tests), killed
+/// with SIGKILL by [`SimulatorProcess::kill`] or when dropped.
+pub struct SimulatorProcess {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl SimulatorProcess {
+    pub fn start(args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let exe = std::env::current_exe().unwrap();
+        let binary = exe
+            .parent()
+            .and_then(std::path::Path::parent)
+            .map(|dir| dir.join("sluice-simulator"))
+            .filter(|path| path.exists())
+            .expect("the sluice-simulator binary beside the tests: run `cargo test --workspace` (scripts/test.sh does)");
+        let mut child = std::process::Command::new(binary)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("the simulator said {line:?}"))
+            .to_string();
+        Self { child, url }
+    }
+
+    /// SIGKILL: the replica dies as a crashed one does, mid-answer.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for SimulatorProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -276,3 +276,48 @@ async fn conversations_sharing_a_system_prompt_go_to_one_replica() {
         assert_eq!(replica.received().len(), 6);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_answer_survives_its_replica_dying_mid_generation() {
+    let args = ["--token-delay-ms", "20", "--first-token-delay-ms", "20"];
+    let mut replicas = [
+        SimulatorProcess::start(&args),
+        SimulatorProcess::start(&args),
+    ];
+    let endpoints = replicas.iter().map(|r| r.url.parse().unwrap()).collect();
+    let fleet = vec![ModelConfig {
+        name: MODEL.into(),
+        aliases: Vec::new(),
+        endpoints,
+        upstream_model: None,
+        balance: Balance::RoundRobin,
+    }];
+    let gw = TestGateway::start_with(sim_config(), move |c| {
+        c.models = fleet;
+        c.cache.url = "off".to_string().into();
+    })
+    .await;
+    // Ten JSON answers of 20 tokens (about half a second each), five on
+    // each replica; one replica is SIGKILLed 150 ms in.
+    let body = |i: usize| json!({"model": MODEL, "prompt": format!("whole answer {i}"), "max_tokens": 20, "stream": false});
+    let gw_ref = &gw;
+    let requests = join_all((0..10).map(|i| async move {
+        let response = gw_ref.post(&body(i)).await;
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().await.unwrap())
+    }));
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        replicas[0].kill();
+    };
+    let (answers, ()) = tokio::join!(requests, kill);
+    for (i, (status, answer)) in answers.iter().enumerate() {
+        assert_eq!(*status, 200, "request {i}: {answer}");
+        assert_eq!(
+            answer["choices"][0]["text"].as_str(),
+            Some(gw.sim.expected_texts(&body(i))[0].as_str()),
+            "request {i} got the whole answer, once: {answer}"
+        );
+        assert_eq!(answer["usage"]["completion_tokens"], 20, "{answer}");
+    }
+}

@@ -31,6 +31,10 @@ pub struct QueuedRequest {
     pub model: String,
     /// A hash of the prompt's start, for prefix-affine routing.
     pub prefix: u64,
+    /// The client gets nothing before the whole answer (a JSON answer, not
+    /// a stream): a worker may run it again on another endpoint when one
+    /// fails mid-answer.
+    pub buffered: bool,
     /// The upstream route the body is for.
     pub route: Route,
     /// The JSON body for the upstream's route (already `stream: true`).
@@ -53,6 +57,7 @@ impl QueuedRequest {
             request_id,
             model,
             prefix: 0,
+            buffered: false,
             route,
             body,
             trace_context,

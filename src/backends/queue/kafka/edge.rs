@@ -76,6 +76,9 @@ impl EdgeShared {
             (H_MODEL, request.model.as_str()),
             (H_PREFIX, prefix.as_str()),
         ];
+        if request.buffered {
+            pairs.push((H_BUFFERED, "1"));
+        }
         for (name, value) in &request.trace_context {
             pairs.push((name.as_str(), value.as_str()));
         }

@@ -43,6 +43,8 @@ const H_ROUTE: &str = "sluice-route";
 const H_MODEL: &str = "sluice-model";
 /// A hash of the prompt's start (hex), for prefix-affine routing.
 const H_PREFIX: &str = "sluice-prefix";
+/// `1` when the client gets nothing before the whole answer (absent: it streams).
+const H_BUFFERED: &str = "sluice-buffered";
 const H_WORKER: &str = "sluice-worker";
 /// The queue protocol's version, on every message: what the message's
 /// headers and frames mean. Absent means 1 (the version before it was sent).

@@ -212,6 +212,7 @@ impl KafkaJobSource {
                 .str(H_PREFIX)
                 .and_then(|hex| u64::from_str_radix(hex, 16).ok())
                 .unwrap_or(0),
+            buffered: h.str(H_BUFFERED) == Some("1"),
             route,
             body: Bytes::copy_from_slice(body),
             trace_context: h.trace_context(),
