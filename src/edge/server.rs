@@ -1,6 +1,6 @@
 //! The edge's listener and its connections: a listen backlog, a cap on open
-//! connections, a deadline on request headers (which also closes idle
-//! keep-alive connections), TCP_NODELAY on every socket, and the descriptor
+//! connections, a deadline on request headers (counted from accept for a
+//! connection's first request; it also closes idle keep-alive connections), TCP_NODELAY on every socket, and the descriptor
 //! limit raised at startup.
 //!
 //! At the cap, a new connection takes the place of the oldest connection
@@ -211,11 +211,22 @@ pub async fn serve(
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let connection = graceful.watch(connection);
+        let header_timeout = limits.header_timeout;
         tokio::spawn(async move {
+            // hyper's header deadline starts at a request's first byte; a
+            // connection that never sends one is closed at the same deadline
+            // counted from accept, as nginx's client_header_timeout does.
+            let silent = async {
+                tokio::time::sleep(header_timeout).await;
+                if newcomer.settled() {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 _ = connection => {}
                 // Dropping the connection closes its socket and frees its place.
                 () = newcomer.evict.cancelled() => {}
+                () = silent => {}
             }
             newcomer.settled.store(true, Ordering::Relaxed);
         });

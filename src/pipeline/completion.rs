@@ -135,6 +135,7 @@ impl Completion {
                     if summary.usage.is_some() {
                         self.record.usage = summary.usage;
                     }
+                    self.record.generated += summary.outputs as u64;
                     if let Some((_, raw)) = &mut self.to_cache {
                         raw.push(chunk.clone());
                     }

@@ -42,6 +42,9 @@ pub struct RequestRecord {
     last_chunk_at: Option<Instant>,
     pub usage: Option<Usage>,
     pub(super) chunks_sent: u64,
+    /// Output pieces generated (a choice's text or tool-call piece in a
+    /// chunk; about a token each): the count when the upstream sends no usage.
+    pub(super) generated: u64,
     /// The request's place in its key's limits, settled when the record drops.
     pub admission: Option<Admission>,
 }
@@ -73,6 +76,7 @@ impl RequestRecord {
             last_chunk_at: None,
             usage: None,
             chunks_sent: 0,
+            generated: 0,
             admission: None,
         }
     }
@@ -134,7 +138,7 @@ impl Drop for RequestRecord {
         let completion_tokens = if self.usage.is_some() {
             usage.completion_tokens
         } else {
-            self.chunks_sent
+            self.generated
         };
         if self.status == 200 {
             metrics
@@ -152,8 +156,8 @@ impl Drop for RequestRecord {
             let used = match (self.cache_hit, self.usage) {
                 (true, _) => 0,
                 (false, Some(usage)) => usage.prompt_tokens + usage.completion_tokens,
-                (false, None) if self.chunks_sent == 0 => 0,
-                (false, None) => admission.prompt_estimate + self.chunks_sent,
+                (false, None) if self.generated == 0 => 0,
+                (false, None) => admission.prompt_estimate + self.generated,
             };
             admission.settle(used);
         }

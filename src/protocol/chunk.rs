@@ -87,20 +87,7 @@ impl Chunk {
 
     /// Reads what the gateway needs to know about a chunk without keeping it parsed.
     pub fn summary(&self) -> ChunkSummary {
-        #[derive(Deserialize)]
-        struct Peek {
-            #[serde(default)]
-            choices: Vec<IgnoredAny>,
-            #[serde(default)]
-            usage: Option<Usage>,
-        }
-        match serde_json::from_slice::<Peek>(self.payload_slice()) {
-            Ok(peek) => ChunkSummary {
-                choices: peek.choices.len(),
-                usage: peek.usage,
-            },
-            Err(_) => ChunkSummary::default(),
-        }
+        ChunkView::parse(self).map_or_else(ChunkSummary::default, |view| view.summary())
     }
 }
 
@@ -133,6 +120,9 @@ pub struct ChoiceView<'a> {
 struct DeltaView<'a> {
     #[serde(borrow, default, deserialize_with = "text_or_null")]
     content: Cow<'a, str>,
+    /// Present on a piece of a tool call (output, though not text).
+    #[serde(default)]
+    tool_calls: Option<IgnoredAny>,
 }
 
 impl ChoiceView<'_> {
@@ -144,12 +134,19 @@ impl ChoiceView<'_> {
         }
     }
 
+    /// Whether the choice carries output: text, or a piece of a tool call
+    /// (a role chunk or a finish chunk carries none).
+    pub fn has_output(&self) -> bool {
+        !self.text().is_empty() || self.delta.as_ref().is_some_and(|d| d.tool_calls.is_some())
+    }
+
     fn into_owned(self) -> ChoiceView<'static> {
         ChoiceView {
             index: self.index,
             text: Cow::Owned(self.text.into_owned()),
             delta: self.delta.map(|d| DeltaView {
                 content: Cow::Owned(d.content.into_owned()),
+                tool_calls: d.tool_calls,
             }),
             finish_reason: self.finish_reason,
         }
@@ -205,6 +202,7 @@ impl<'a> ChunkView<'a> {
     pub fn summary(&self) -> ChunkSummary {
         ChunkSummary {
             choices: self.choices.len(),
+            outputs: self.choices.iter().filter(|c| c.has_output()).count(),
             usage: self.usage,
         }
     }
@@ -213,6 +211,9 @@ impl<'a> ChunkView<'a> {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ChunkSummary {
     pub choices: usize,
+    /// Choices that carry output (text or a tool-call piece): about a
+    /// token each, what is counted when the upstream sends no usage.
+    pub outputs: usize,
     pub usage: Option<Usage>,
 }
 

@@ -338,3 +338,25 @@ async fn models_are_the_upstreams_unless_a_list_is_configured() {
     }
     assert!(gw.sim.received().is_empty());
 }
+
+#[tokio::test]
+async fn without_upstream_usage_the_log_counts_the_output_pieces_not_every_chunk() {
+    let gw = TestGateway::start().await;
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "no usage from upstream"}],
+                      "max_tokens": 8, "stream": true, "sim_no_usage": true});
+    let response = gw.post_chat(&body).await;
+    let id = request_id(&response);
+    let events = sse_events(response).await;
+    assert_eq!(
+        events.len(),
+        10,
+        "a role chunk, 8 tokens and [DONE]: {events:?}"
+    );
+    let row = eventually(Duration::from_secs(3), || async {
+        gw.store.inferences_for(&id).await.unwrap().pop()
+    })
+    .await
+    .expect("an inference log row");
+    assert_eq!(row.completion_tokens, 8, "the role chunk is no token");
+    assert_eq!(row.prompt_tokens, 0);
+}

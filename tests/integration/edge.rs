@@ -1,4 +1,4 @@
-//! The edge under hostile or careless clients: slow headers, a stalled body,
+//! The edge under hostile or careless clients: slow or no headers, a stalled body,
 //! idle keep-alive connections and idle WebSockets are closed at their
 //! deadlines; connections over the cap are refused at once while the others
 //! keep being served; a WebSocket close completes its handshake.
@@ -65,6 +65,16 @@ async fn slow_headers_and_idle_keep_alive_connections_are_closed_at_the_header_d
         .await
         .expect("an idle keep-alive connection stays open");
     assert!(sent.starts_with("HTTP/1.1 200"), "{sent}");
+
+    // A connection that never sends a byte is closed at the same deadline,
+    // counted from accept.
+    let mut silent = TcpStream::connect(host(&gw)).await.unwrap();
+    let started = Instant::now();
+    let sent = closed_within(&mut silent, Duration::from_secs(10))
+        .await
+        .expect("a connection that sends nothing stays open");
+    assert!(sent.is_empty(), "{sent}");
+    assert!(started.elapsed() >= Duration::from_millis(250));
     gw.stop().await;
 }
 

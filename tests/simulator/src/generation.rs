@@ -94,7 +94,11 @@ impl Generation {
             seed: body.get("seed").and_then(Value::as_i64).unwrap_or(0),
             echo: body.get("echo").and_then(Value::as_bool).unwrap_or(false),
             logprobs: number("logprobs").map(|n| n as u32),
-            include_usage: option("include_usage"),
+            include_usage: option("include_usage")
+                && !body
+                    .get("sim_no_usage")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
             continuous_usage: option("continuous_usage_stats"),
             error_after: number("sim_error_after").map(|n| n as u32),
             stall_after: number("sim_stall_after").map(|n| n as u32),

@@ -22,6 +22,7 @@
 //! | `sim_stall_after: N` | after N tokens, send nothing more |
 //! | `sim_drop_after: N` | after N tokens, cut the connection |
 //! | `sim_token_delay_ms`, `sim_first_token_delay_ms` | override the delays |
+//! | `sim_no_usage: true` | no usage chunk, even when `stream_options.include_usage` asks |
 //!
 //! [`Simulator::set_failing`] turns it into a failing replica (503s, its
 //! `/health` too) and [`Simulator::kill`] into a crashed one.
