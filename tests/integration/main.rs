@@ -13,6 +13,7 @@ mod common;
 
 mod browser;
 mod chat;
+mod demo;
 mod edge;
 mod embedded;
 mod fleet;

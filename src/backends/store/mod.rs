@@ -137,6 +137,9 @@ pub trait Store: Send + Sync + 'static {
     async fn inferences_for(&self, request_id: &str) -> Result<Vec<InferenceRecord>, StoreError>;
     async fn key_usage(&self, since: Option<DateTime<Utc>>) -> Result<Vec<KeyUsage>, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Closes every connection (SQLite then folds its write-ahead log back
+    /// into the database file). Calls after it fail.
+    async fn close(&self);
 }
 
 /// Connects to the configured store and applies its migrations.

@@ -304,6 +304,10 @@ macro_rules! sql_store {
                 sqlx::query("SELECT 1").execute(&self.pool).await?;
                 Ok(())
             }
+
+            async fn close(&self) {
+                self.pool.close().await;
+            }
         }
     };
 }

@@ -80,12 +80,20 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<()>
         "Run a request twice: the second answer streams from the cache (requests that sample, without temperature 0 or a seed, are not cached). Metrics: http://{addr}/metrics. Ctrl-C stops."
     );
 
+    let store = gateway.store();
     gateway
         .serve(listener, async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;
-    let _ = std::fs::remove_file(&db);
+    // Closed first, so SQLite leaves no write-ahead log behind; then the
+    // database and whatever files SQLite kept beside it.
+    store.close().await;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut file = db.clone().into_os_string();
+        file.push(suffix);
+        let _ = std::fs::remove_file(file);
+    }
     drop(simulator);
     Ok(())
 }
