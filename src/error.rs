@@ -17,6 +17,10 @@ pub struct ErrorInfo {
     #[serde(rename = "type")]
     pub kind: String,
     pub message: String,
+    /// The request field at fault, when the upstream named one (vLLM does
+    /// for context-length errors); `null` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param: Option<String>,
     /// A named `code` (OpenAI's `rate_limit_exceeded`) instead of the status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
@@ -28,6 +32,7 @@ impl ErrorInfo {
             status: status.as_u16(),
             kind: kind.into(),
             message: message.into(),
+            param: None,
             code: None,
         }
     }
@@ -47,7 +52,7 @@ impl ErrorInfo {
             message: &'a str,
             #[serde(rename = "type")]
             kind: &'a str,
-            param: Option<()>,
+            param: Option<&'a str>,
             code: Code<'a>,
         }
         #[derive(Serialize)]
@@ -60,7 +65,7 @@ impl ErrorInfo {
             error: Inner {
                 message: &self.message,
                 kind: &self.kind,
-                param: None,
+                param: self.param.as_deref(),
                 code: match &self.code {
                     Some(name) => Code::Named(name),
                     None => Code::Status(self.status),
@@ -166,6 +171,7 @@ impl GatewayError {
                 status: 429,
                 kind: limited.limit.to_string(),
                 message: limited.message.clone(),
+                param: None,
                 code: Some("rate_limit_exceeded".into()),
             },
             other => ErrorInfo::new(other.status(), other.kind(), other.to_string()),

@@ -52,9 +52,9 @@ impl Gateway {
         } else {
             Roles::EDGE
         }));
-        let request_metrics = Arc::new(RequestMetrics::new(&registry));
+        let request_metrics = Arc::new(RequestMetrics::new(&registry, &known_models(&config)));
         let cache_metrics = Arc::new(CacheMetrics::new(&registry));
-        let queue_metrics = Arc::new(QueueMetrics::new(&registry));
+        let queue_metrics = Arc::new(QueueMetrics::new(&registry, &kafka_topics(&config)));
         let tenancy_metrics = Arc::new(TenancyMetrics::new(&registry));
         let fleet_metrics = Arc::new(FleetMetrics::new(&registry));
         let plugin_metrics = Arc::new(PluginFamilies::new(&registry));
@@ -64,6 +64,9 @@ impl Gateway {
         let cache = cache::open(&config.cache, cache_metrics.clone()).await;
         if cache.is_some() {
             registry.backend_up.with_label_values(&["cache"]).set(1);
+        }
+        if config.limits.redis_url().is_some() {
+            registry.backend_up.with_label_values(&["limits"]).set(1);
         }
         let (inference_log, log_task) =
             InferenceLogger::start(store.clone(), config.store.log_buffer.get(), &registry);
@@ -233,6 +236,26 @@ impl Gateway {
             let _ = tokio::time::timeout(grace, task).await;
         }
         Ok(())
+    }
+}
+
+/// The models whose token counters exist from startup: `[[models]]`, or `upstream.models`.
+fn known_models(config: &Config) -> Vec<String> {
+    match config.models.is_empty() {
+        true => config.upstream.models.clone(),
+        false => config.models.iter().map(|m| m.name.clone()).collect(),
+    }
+}
+
+/// The Kafka topics, when Kafka is the queue (their skipped-message counters exist from startup).
+pub(super) fn kafka_topics(config: &Config) -> Vec<&str> {
+    match &config.queue.backend {
+        QueueBackend::Kafka(kafka) => vec![
+            kafka.request_topic.as_str(),
+            kafka.response_topic.as_str(),
+            kafka.cancel_topic.as_str(),
+        ],
+        QueueBackend::Memory { .. } => Vec::new(),
     }
 }
 

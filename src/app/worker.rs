@@ -36,7 +36,10 @@ impl StandaloneWorker {
             );
         };
         let registry = Arc::new(MetricsRegistry::new(Roles::WORKER));
-        let queue_metrics = Arc::new(QueueMetrics::new(&registry));
+        let queue_metrics = Arc::new(QueueMetrics::new(
+            &registry,
+            &super::gateway::kafka_topics(config),
+        ));
         let fleet_metrics = Arc::new(FleetMetrics::new(&registry));
         let source: Arc<dyn JobSource> =
             Arc::new(ReconnectingJobSource::start(kafka, &config.queue, queue_metrics).await?);

@@ -15,7 +15,27 @@ pub struct FleetMetrics {
 }
 
 impl FleetMetrics {
+    /// The families, every known outcome and kind at 0 (each endpoint's
+    /// series are made with the fleet).
     pub fn new(registry: &MetricsRegistry) -> Self {
+        let metrics = Self::families(registry);
+        for outcome in ["completed", "upstream_error", "cancelled", "expired"] {
+            metrics.worker_requests.with_label_values(&[outcome]);
+        }
+        for kind in [
+            "connect",
+            "timeout",
+            "status",
+            "stream_error",
+            "body",
+            "truncated",
+        ] {
+            metrics.upstream_errors.with_label_values(&[kind]);
+        }
+        metrics
+    }
+
+    fn families(registry: &MetricsRegistry) -> Self {
         Self {
             worker_inflight: registry.gauge(
                 Roles::WORKER,

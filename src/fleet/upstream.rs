@@ -162,13 +162,17 @@ impl UpstreamClient {
                     Err(err) => break err,
                 }
             };
-            let left = tried.len() < self.fleet.max_attempts as usize;
+            let endpoints = self
+                .fleet
+                .pool(model)
+                .map_or(0, |pool| pool.endpoints.len());
+            let left = tried.len() < (self.fleet.max_attempts as usize).min(endpoints);
             let endpoint = stream.in_flight.as_ref().map(|f| f.endpoint().clone());
             match (failure.is_endpoint_failure(), endpoint) {
                 (true, Some(endpoint)) => {
                     endpoint.failed(self.fleet.eject, self.fleet.max_eject);
                     if !left {
-                        tracing::warn!(endpoint = %endpoint.url, err = %failure, "upstream endpoint failed mid-answer; no attempts left (upstream.max_attempts)");
+                        tracing::warn!(endpoint = %endpoint.url, err = %failure, "upstream endpoint failed mid-answer; no other endpoint to try (upstream.max_attempts, or the pool's size)");
                         return Err(failure);
                     }
                     tracing::warn!(endpoint = %endpoint.url, err = %failure, "upstream endpoint failed mid-answer; nothing reached the client, running it again on another");

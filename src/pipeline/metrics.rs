@@ -4,6 +4,12 @@
 use prometheus::{Histogram, HistogramVec, IntCounterVec, IntGauge};
 
 use crate::observe::metrics::{FINE_BUCKETS, LATENCY_BUCKETS, MetricsRegistry, Roles};
+use crate::protocol::Route;
+
+/// The transports a request may come by (the `transport` label).
+pub const TRANSPORTS: [&str; 3] = ["sse", "json", "ws"];
+/// The status classes of the `status` label.
+const STATUS_CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
 
 pub struct RequestMetrics {
     pub requests: IntCounterVec,
@@ -16,7 +22,35 @@ pub struct RequestMetrics {
 }
 
 impl RequestMetrics {
-    pub fn new(registry: &MetricsRegistry) -> Self {
+    /// The families, with every series whose labels are known up front
+    /// (routes, transports, status classes, and `models`) at 0, so a
+    /// dashboard sees zero rather than no data before the first request.
+    pub fn new(registry: &MetricsRegistry, models: &[String]) -> Self {
+        let metrics = Self::families(registry);
+        for route in Route::ALL {
+            for transport in TRANSPORTS {
+                for status in STATUS_CLASSES {
+                    let labels = [route.path(), transport, status];
+                    metrics.requests.with_label_values(&labels);
+                    metrics.request_duration.with_label_values(&labels);
+                }
+            }
+        }
+        for transport in TRANSPORTS {
+            for cache in ["hit", "miss"] {
+                metrics
+                    .time_to_first_token
+                    .with_label_values(&[transport, cache]);
+            }
+        }
+        for model in models {
+            metrics.prompt_tokens.with_label_values(&[model]);
+            metrics.completion_tokens.with_label_values(&[model]);
+        }
+        metrics
+    }
+
+    fn families(registry: &MetricsRegistry) -> Self {
         Self {
             requests: registry.counter_vec(
                 Roles::EDGE,

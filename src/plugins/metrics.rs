@@ -19,6 +19,15 @@ pub struct PluginFamilies {
 }
 
 impl PluginFamilies {
+    /// Every series of a plugin just loaded, at 0: its hooks' calls,
+    /// latencies and failures, and its reloads by result.
+    pub(super) fn know(&self, plugin: &LoadedPlugin) {
+        PluginMetrics::of(plugin, self);
+        for result in ["ok", "failed"] {
+            self.reloads.with_label_values(&[&plugin.name, result]);
+        }
+    }
+
     pub fn new(registry: &MetricsRegistry) -> Self {
         Self {
             calls: registry.counter_vec(

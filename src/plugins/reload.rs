@@ -32,6 +32,7 @@ impl PluginHost {
                 .load(plugin.clone())
                 .await
                 .map_err(|err| anyhow::anyhow!("plugin `{}`: {err}", plugin.name))?;
+            host.metrics.know(&loaded);
             host.metrics
                 .reloads
                 .with_label_values(&[&plugin.name, "ok"])
@@ -133,6 +134,7 @@ impl PluginHost {
             let version = digest.map(|digest| (config.clone(), digest));
             match self.load(config).await {
                 Ok(loaded) => {
+                    self.metrics.know(&loaded);
                     failed.remove(&name);
                     tracing::info!(plugin = %name, hooks = ?loaded.exports.hooks(), "plugin reloaded");
                     self.metrics.reloads.with_label_values(&[&name, "ok"]).inc();

@@ -39,6 +39,7 @@ pub fn parse_error_event(payload: &[u8]) -> Option<ErrorInfo> {
                 flat.kind
             },
             message: flat.message,
+            param: None,
             code: None,
         }),
         _ => None,
@@ -65,18 +66,24 @@ pub fn error_info_from_value(error: &Value) -> ErrorInfo {
                 .and_then(Value::as_str)
                 .unwrap_or("upstream error")
                 .to_string(),
+            param: fields
+                .get("param")
+                .and_then(Value::as_str)
+                .map(String::from),
             code: None,
         },
         Value::String(message) => ErrorInfo {
             status: 500,
             kind: "InternalServerError".into(),
             message: message.clone(),
+            param: None,
             code: None,
         },
         other => ErrorInfo {
             status: 500,
             kind: "InternalServerError".into(),
             message: other.to_string(),
+            param: None,
             code: None,
         },
     }

@@ -14,7 +14,19 @@ pub struct TenancyMetrics {
 }
 
 impl TenancyMetrics {
+    /// The families, every known label value at 0.
     pub fn new(registry: &MetricsRegistry) -> Self {
+        let metrics = Self::families(registry);
+        for result in ["found", "unknown", "limited"] {
+            metrics.auth_lookups.with_label_values(&[result]);
+        }
+        for reason in ["requests", "tokens", "concurrency", "model", "unavailable"] {
+            metrics.limited.with_label_values(&[reason]);
+        }
+        metrics
+    }
+
+    fn families(registry: &MetricsRegistry) -> Self {
         Self {
             auth_lookups: registry.counter_vec(
                 Roles::EDGE,

@@ -14,7 +14,7 @@ fn tool_request(stream: bool) -> Value {
         "messages": [{"role": "system", "content": "be brief"},
                      {"role": "user", "content": [{"type": "text", "text": "weather in Oslo?"},
                                                   {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}],
-        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
         "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
         "response_format": {"type": "text"}, "chat_template_kwargs": {"enable_thinking": false},
         "vendor_extension": [1, 2, 3]})
@@ -359,4 +359,54 @@ async fn without_upstream_usage_the_log_counts_the_output_pieces_not_every_chunk
     .expect("an inference log row");
     assert_eq!(row.completion_tokens, 8, "the role chunk is no token");
     assert_eq!(row.prompt_tokens, 0);
+}
+
+#[tokio::test]
+async fn answers_end_by_themselves_tools_get_arguments_of_their_schema_and_overlong_requests_vllms_400()
+ {
+    let gw = TestGateway::start().await;
+    // An answer ends on its own before a large max_tokens: finish_reason stop.
+    let long = json!({"model": MODEL, "messages": [{"role": "user", "content": "tell me everything"}],
+                      "max_tokens": 3000, "temperature": 0});
+    let answer: Value = gw.post_chat(&long).await.json().await.unwrap();
+    let tokens = answer["usage"]["completion_tokens"].as_u64().unwrap();
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop", "{answer}");
+    assert!(tokens < 3000, "{tokens}");
+    // ignore_eos runs to max_tokens, as vLLM's does.
+    let mut forced = long.clone();
+    forced["ignore_eos"] = json!(true);
+    forced["max_tokens"] = json!(1100);
+    let answer: Value = gw.post_chat(&forced).await.json().await.unwrap();
+    assert_eq!(answer["choices"][0]["finish_reason"], "length");
+    assert_eq!(answer["usage"]["completion_tokens"], 1100);
+
+    // A tool's arguments satisfy its schema: required properties, of their types.
+    let tool = json!({"model": MODEL, "messages": [{"role": "user", "content": "book two seats to Oslo"}],
+        "tools": [{"type": "function", "function": {"name": "book", "parameters": {
+            "type": "object", "required": ["city", "seats", "window"],
+            "properties": {"city": {"type": "string"}, "seats": {"type": "integer"},
+                           "window": {"type": "boolean"}, "class": {"enum": ["economy", "business"]}}}}}]});
+    let answer: Value = gw.post_chat(&tool).await.json().await.unwrap();
+    let call = &answer["choices"][0]["message"]["tool_calls"][0]["function"];
+    let arguments: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert!(arguments["city"].is_string(), "{arguments}");
+    assert!(arguments["seats"].is_u64(), "{arguments}");
+    assert!(arguments["window"].is_boolean(), "{arguments}");
+    assert_eq!(arguments["class"], "economy");
+
+    // More than the context holds: vLLM's 400, its message and `param`, passed on whole.
+    let overlong = json!({"model": MODEL, "prompt": "hello", "max_tokens": 100_000});
+    let response = gw.post(&overlong).await;
+    assert_eq!(response.status(), 400);
+    let ours: Value = response.json().await.unwrap();
+    let theirs: Value = direct(&gw.sim, &overlong, "x").await.json().await.unwrap();
+    assert_eq!(ours, theirs);
+    assert_eq!(ours["error"]["param"], "max_tokens");
+    assert!(
+        ours["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("maximum context length is 4096"),
+        "{ours}"
+    );
 }

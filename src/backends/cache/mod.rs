@@ -82,7 +82,19 @@ pub struct CacheMetrics {
 }
 
 impl CacheMetrics {
+    /// The families, every known label value at 0.
     pub fn new(registry: &MetricsRegistry) -> Self {
+        let metrics = Self::families(registry);
+        for result in ["hit", "miss", "bypass", "error"] {
+            metrics.lookups.with_label_values(&[result]);
+        }
+        for result in ["stored", "failed"] {
+            metrics.stores.with_label_values(&[result]);
+        }
+        metrics
+    }
+
+    fn families(registry: &MetricsRegistry) -> Self {
         Self {
             lookups: registry.counter_vec(
                 Roles::EDGE,

@@ -21,8 +21,23 @@ pub struct QueueMetrics {
     pub backend_up: IntGaugeVec,
 }
 
+/// Why a queue message is skipped (the `reason` label).
+const SKIP_REASONS: [&str; 5] = ["malformed", "stale", "expired", "cancelled", "version"];
+
 impl QueueMetrics {
-    pub fn new(registry: &MetricsRegistry) -> Self {
+    /// The families; the skipped-message series of `topics` (Kafka's, when
+    /// it is the queue) at 0.
+    pub fn new(registry: &MetricsRegistry, topics: &[&str]) -> Self {
+        let metrics = Self::families(registry);
+        for topic in topics {
+            for reason in SKIP_REASONS {
+                metrics.messages_skipped.with_label_values(&[topic, reason]);
+            }
+        }
+        metrics
+    }
+
+    fn families(registry: &MetricsRegistry) -> Self {
         Self {
             first_chunk: registry.histogram(
                 Roles::EDGE,

@@ -203,7 +203,7 @@ async fn a_plugin_built_against_0_1_0_keeps_serving_completions() {
 fn tool_chat(tool: &str, stream: bool) -> Value {
     json!({"model": MODEL, "stream": stream, "seed": 4,
         "messages": [{"role": "user", "content": "tidy my files"}],
-        "tools": [{"type": "function", "function": {"name": tool, "parameters": {"type": "object"}}}],
+        "tools": [{"type": "function", "function": {"name": tool, "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
         "tool_choice": {"type": "function", "function": {"name": tool}}})
 }
 

@@ -244,3 +244,29 @@ async fn startup_fails_clearly_when_a_required_backend_is_unreachable() {
     gw.stop().await;
     services.drop_database().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_kafka_every_documented_family_is_exposed_from_startup() {
+    let services = services!();
+    let sim = Simulator::start(sim_config()).await.unwrap();
+    let mut config = services.config(&sim.url(), &services.kafka_queue(true));
+    config.plugins = vec![plugin(
+        "censor",
+        "token_censor",
+        sluice::config::OnError::FailOpen,
+        json!({"words": ["x"]}),
+    )];
+    config.upstream.models = vec![MODEL.to_string()];
+    let gw = TestGateway::start_config(sim, config).await;
+    let metrics = gw.metrics().await;
+    let families = crate::observability::documented_families();
+    let missing = crate::observability::missing_families(&metrics, &families);
+    assert!(missing.is_empty(), "{missing:?} in {metrics}");
+    let skipped = format!(
+        r#"sluice_queue_messages_skipped_total{{reason="version",topic="sluice-test-{}.requests"}} 0"#,
+        services.id
+    );
+    assert!(metrics.contains(&skipped), "{metrics}");
+    gw.stop().await;
+    services.drop_database().await;
+}

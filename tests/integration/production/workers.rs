@@ -357,7 +357,13 @@ async fn a_worker_killed_before_its_first_chunk_is_replaced_transparently() {
 async fn a_client_that_stops_reading_is_cut_off_and_its_generation_stopped() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let services = services!();
-    let sim = Simulator::start(sim_config()).await.unwrap();
+    // A context long enough for the flood below.
+    let sim = Simulator::start(SimulatorConfig {
+        max_model_len: 100_000,
+        ..sim_config()
+    })
+    .await
+    .unwrap();
     // The default worker timeout: the flood below (50,000 tokens as fast as
     // the simulator makes them) can hold tansu up for longer than the tests'
     // usual 1.5 s, which the edge would take for a lost worker.
@@ -378,7 +384,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_its_generation_stopped() {
         .connect(url.trim_start_matches("http://").parse().unwrap())
         .await
         .unwrap();
-    let body = json!({"model": MODEL, "prompt": "never read", "max_tokens": 50000, "stream": true, "sim_token_delay_ms": 0}).to_string();
+    let body = json!({"model": MODEL, "prompt": "never read", "max_tokens": 50000, "ignore_eos": true, "stream": true, "sim_token_delay_ms": 0}).to_string();
     let request = format!(
         "POST /v1/completions HTTP/1.1\r\nHost: sluice\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()

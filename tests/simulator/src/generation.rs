@@ -30,6 +30,9 @@ pub(crate) struct Generation {
     pub(crate) prompts: Vec<(String, u64)>,
     pub(crate) n: u32,
     pub(crate) max_tokens: u32,
+    /// The tokens a text answer has: `max_tokens`, or fewer when the answer
+    /// ends by itself first (then its `finish_reason` is `stop`).
+    pub(crate) text_len: u32,
     pub(crate) seed: i64,
     pub(crate) echo: bool,
     pub(crate) logprobs: Option<u32>,
@@ -91,6 +94,7 @@ impl Generation {
             prompts,
             n: number("n").map_or(1, |n| n.max(1) as u32),
             max_tokens: number("max_tokens").map_or(config.default_max_tokens, |n| n as u32),
+            text_len: 0,
             seed: body.get("seed").and_then(Value::as_i64).unwrap_or(0),
             echo: body.get("echo").and_then(Value::as_bool).unwrap_or(false),
             logprobs: number("logprobs").map(|n| n as u32),
@@ -106,6 +110,55 @@ impl Generation {
             first_token_delay: ms("sim_first_token_delay_ms", config.first_token_delay),
             token_delay: ms("sim_token_delay_ms", config.token_delay),
             record_emit_times: config.record_emit_times,
+        }
+        .end_naturally(config, body))
+    }
+
+    /// Sets how long the text answer is: `max_tokens`, unless the answer
+    /// (a function of the first prompt and the seed) ends before.
+    fn end_naturally(mut self, config: &SimulatorConfig, body: &Value) -> Self {
+        let ignore_eos = body
+            .get("ignore_eos")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let range = &config.answer_tokens;
+        let natural = range.start
+            + (self.hash_of("length") % u64::from((range.end - range.start).max(1))) as u32;
+        self.text_len = match ignore_eos {
+            true => self.max_tokens,
+            false => self.max_tokens.min(natural),
+        };
+        self
+    }
+
+    /// The `finish_reason` of a text answer's last chunk.
+    pub(crate) fn text_finish(&self) -> &'static str {
+        match self.text_len < self.max_tokens {
+            true => "stop",
+            false => "length",
+        }
+    }
+
+    /// vLLM's answer to a request that does not fit the context: `None` when it does.
+    pub(crate) fn over_context(&self, config: &SimulatorConfig) -> Option<(String, &'static str)> {
+        let prompt = self.prompts.iter().map(|(_, n)| *n).max().unwrap_or(0);
+        let limit = u64::from(config.max_model_len);
+        if prompt >= limit {
+            return Some((
+                format!(
+                    "This model's maximum context length is {limit} tokens. However, your request has {prompt} input tokens. Please reduce the length of the input messages."
+                ),
+                "input_tokens",
+            ));
+        }
+        let max_tokens = u64::from(self.max_tokens);
+        (prompt + max_tokens > limit).then(|| {
+            (
+                format!(
+                    "'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum context length is {limit} tokens and your request has {prompt} input tokens ({max_tokens} > {limit} - {prompt})."
+                ),
+                "max_tokens",
+            )
         })
     }
 
@@ -163,8 +216,12 @@ impl Generation {
                     .unwrap_or("tool")
                     .to_string();
                 let asked = last.map(text_of).unwrap_or_default();
-                let query: Vec<&str> = asked.split_whitespace().take(6).collect();
-                let arguments = serde_json::json!({"query": query.join(" ")}).to_string();
+                let words: Vec<&str> = asked.split_whitespace().take(6).collect();
+                let schema = tools
+                    .iter()
+                    .find(|t| t.pointer("/function/name").and_then(Value::as_str) == Some(&name))
+                    .and_then(|t| t.pointer("/function/parameters"));
+                let arguments = arguments_for(schema, &words.join(" ")).to_string();
                 Some(ToolCall {
                     id: format!("chatcmpl-tool-{:016x}", generation.hash_of(&name)),
                     name,
@@ -193,7 +250,7 @@ impl Generation {
     pub(crate) fn steps(&self) -> u32 {
         match self.chat.as_ref().and_then(|c| c.tool.as_ref()) {
             Some(tool) => 1 + tool.pieces.len() as u32,
-            None => self.max_tokens,
+            None => self.text_len,
         }
     }
 
@@ -274,7 +331,7 @@ impl Generation {
         let reason = if plan.tool.is_some() {
             "tool_calls"
         } else {
-            "length"
+            self.text_finish()
         };
         out.push(ChatStreamChoice {
             index,
@@ -334,12 +391,12 @@ impl Generation {
             }
         });
         *offset += text.len() as u64;
-        let last = step + 1 == self.max_tokens;
+        let last = step + 1 == self.text_len;
         StreamChoice {
             index: prompt as u32 * self.n + choice,
             text,
             logprobs,
-            finish_reason: last.then_some("length"),
+            finish_reason: last.then(|| self.text_finish()),
             stop_reason: None,
             prompt_token_ids: None,
             token_ids: None,
@@ -387,4 +444,64 @@ pub(crate) fn split_pieces(text: &str, size: usize) -> Vec<String> {
 
 pub(crate) fn count_words(s: &str) -> u64 {
     s.split_whitespace().count().max(1) as u64
+}
+
+/// Arguments that satisfy a tool's JSON schema, as a model that follows it
+/// would write them: every declared property (a required one is always
+/// declared) with a value of its type; strings from the user's words.
+pub(crate) fn arguments_for(schema: Option<&Value>, words: &str) -> Value {
+    let Some(schema) = schema else {
+        return Value::Object(Default::default());
+    };
+    if let Some(value) = schema.get("const") {
+        return value.clone();
+    }
+    if let Some(first) = schema
+        .get("enum")
+        .and_then(Value::as_array)
+        .and_then(|e| e.first())
+    {
+        return first.clone();
+    }
+    let kind = match schema.get("type") {
+        Some(Value::String(kind)) => kind.as_str(),
+        // A list of types: the first that is not null.
+        Some(Value::Array(kinds)) => kinds
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|k| *k != "null")
+            .unwrap_or("string"),
+        _ if schema.get("properties").is_some() => "object",
+        _ => "string",
+    };
+    match kind {
+        "object" => {
+            let mut object = serde_json::Map::new();
+            let properties = schema.get("properties").and_then(Value::as_object);
+            let required = schema.get("required").and_then(Value::as_array);
+            let names = properties
+                .into_iter()
+                .flat_map(|p| p.keys().cloned())
+                .chain(
+                    required
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|r| r.as_str().map(String::from)),
+                );
+            for name in names {
+                let property = properties.and_then(|p| p.get(&name));
+                object.entry(name).or_insert_with(|| match property {
+                    Some(property) => arguments_for(Some(property), words),
+                    None => Value::from(words),
+                });
+            }
+            Value::Object(object)
+        }
+        "array" => Value::Array(vec![arguments_for(schema.get("items"), words)]),
+        "integer" => Value::from(words.split_whitespace().count().max(1)),
+        "number" => Value::from(words.split_whitespace().count().max(1) as f64 + 0.5),
+        "boolean" => Value::Bool(true),
+        "null" => Value::Null,
+        _ => Value::from(words),
+    }
 }

@@ -60,6 +60,14 @@ pub struct SimulatorConfig {
     pub first_token_delay: Duration,
     /// `max_tokens` when the request has none (vLLM's default is 16).
     pub default_max_tokens: u32,
+    /// How long a text answer is when nothing cuts it short: it ends there
+    /// with `finish_reason: "stop"`, as a model's end-of-sequence token does
+    /// (a function of the prompt and seed, within this range). A request
+    /// with `ignore_eos: true` runs to `max_tokens`, as vLLM's does.
+    pub answer_tokens: std::ops::Range<u32>,
+    /// The context length: a request whose prompt and `max_tokens` do not
+    /// fit gets vLLM's 400.
+    pub max_model_len: u32,
     /// Record when each token chunk was handed to the connection (for benchmarks).
     pub record_emit_times: bool,
     /// Prefill time per prompt token not in the prefix cache (added to
@@ -77,6 +85,8 @@ impl Default for SimulatorConfig {
             token_delay: Duration::from_millis(20),
             first_token_delay: Duration::from_millis(50),
             default_max_tokens: 16,
+            answer_tokens: 512..1024,
+            max_model_len: 4096,
             record_emit_times: false,
             prefill_per_token: Duration::ZERO,
             prefix_cache_blocks: 0,
@@ -281,7 +291,7 @@ impl Simulator {
                 .choices()
                 .map(|(p, c)| {
                     let mut text = String::new();
-                    for step in 0..generation.max_tokens {
+                    for step in 0..generation.text_len {
                         text.push_str(&generation.token(p, c, step));
                     }
                     text

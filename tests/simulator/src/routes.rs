@@ -28,7 +28,17 @@ fn vllm_error_type(status: StatusCode) -> &'static str {
 }
 
 fn error_response(status: StatusCode, kind: &str, message: &str) -> Response {
-    let body = serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": status.as_u16()}});
+    error_with_param(status, kind, message, None)
+}
+
+/// vLLM's error body; `param` names the field at fault, when there is one.
+fn error_with_param(
+    status: StatusCode,
+    kind: &str,
+    message: &str,
+    param: Option<&str>,
+) -> Response {
+    let body = serde_json::json!({"error": {"message": message, "type": kind, "param": param, "code": status.as_u16()}});
     (
         status,
         [(header::CONTENT_TYPE, "application/json")],
@@ -178,6 +188,16 @@ async fn generate(
         true => Generation::from_chat_body(&state.config, request_id.clone(), &body),
         false => Generation::from_body(&state.config, request_id.clone(), &body),
     };
+    if let Ok(generation) = &parsed
+        && let Some((message, param)) = generation.over_context(&state.config)
+    {
+        return error_with_param(
+            StatusCode::BAD_REQUEST,
+            "BadRequestError",
+            &message,
+            Some(param),
+        );
+    }
     let generation = match parsed {
         Ok(mut generation) => {
             let prompt = generation

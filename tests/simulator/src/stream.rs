@@ -181,7 +181,7 @@ pub(crate) async fn full_response(generation: Generation, mut guard: AbortGuard)
         let mut offset = 0;
         let mut text = String::new();
         let mut logprobs: Option<Logprobs> = None;
-        for step in 0..g.max_tokens {
+        for step in 0..g.text_len {
             let choice = g.choice(p, c, step, &mut offset);
             text.push_str(&choice.text);
             if let Some(lp) = choice.logprobs {
@@ -201,14 +201,14 @@ pub(crate) async fn full_response(generation: Generation, mut guard: AbortGuard)
             "index": p as u32 * g.n + c,
             "text": text,
             "logprobs": logprobs,
-            "finish_reason": if g.max_tokens > 0 { Value::from("length") } else { Value::Null },
+            "finish_reason": if g.text_len > 0 { Value::from(g.text_finish()) } else { Value::Null },
             "stop_reason": null,
             "token_ids": null,
             "prompt_logprobs": null,
             "prompt_token_ids": null,
         }));
     }
-    let usage = g.usage(u64::from(g.max_tokens) * choices.len() as u64);
+    let usage = g.usage(u64::from(g.text_len) * choices.len() as u64);
     let body = serde_json::json!({
         "id": g.id, "object": "text_completion", "created": g.created, "model": g.model,
         "choices": choices, "service_tier": null, "system_fingerprint": null,
@@ -233,7 +233,7 @@ pub(crate) fn full_chat_body(g: &Generation, plan: &ChatPlan) -> Value {
             None => {
                 let mut text = String::new();
                 let mut entries = Vec::new();
-                for step in 0..g.max_tokens {
+                for step in 0..g.text_len {
                     let token = g.token(p, c, step);
                     if plan.logprobs {
                         entries.push(chat_logprob(&token, step));
@@ -250,7 +250,7 @@ pub(crate) fn full_chat_body(g: &Generation, plan: &ChatPlan) -> Value {
         let reason = if plan.tool.is_some() {
             "tool_calls"
         } else {
-            "length"
+            g.text_finish()
         };
         choices.push(serde_json::json!({
             "index": p as u32 * g.n + c,
