@@ -274,3 +274,20 @@ fn keys_in_lists_are_named_one_way_with_where_they_came_from() {
         "names where the value came from: {err}"
     );
 }
+
+#[test]
+fn kafka_retention_must_outlast_a_requests_waits() {
+    let kafka = "[worker]\nin_process = false\n[queue]\nurl = \"kafka://k:9092\"\nqueue_timeout_ms = 30000\nmax_attempts = 3\n";
+    let err = load(&format!("{kafka}retention_ms = 60000\n"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("queue.retention_ms") && err.contains("90000"),
+        "{err}"
+    );
+    let config = load(kafka, &[]).unwrap();
+    let QueueBackend::Kafka(kafka) = config.queue.backend else {
+        panic!("not kafka")
+    };
+    assert_eq!(kafka.retention, Duration::from_secs(600));
+}

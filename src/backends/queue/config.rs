@@ -42,6 +42,10 @@ pub struct QueueSection {
     pub reply_partition: i32,
     /// Consumer group of the workers.
     pub worker_group: String,
+    /// `retention.ms` of the topics sluice creates (not of topics that
+    /// exist already): long enough for a request to wait out its attempts.
+    #[serde(rename = "retention_ms", deserialize_with = "positive_millis")]
+    pub retention: Duration,
     /// Response bytes a worker holds per edge while the broker is behind;
     /// beyond it the worker stops reading from vLLM until the broker catches up.
     pub max_outbox_bytes: usize,
@@ -68,6 +72,7 @@ impl Default for QueueSection {
             edge_id: String::new(),
             reply_partition: -1,
             worker_group: "sluice-workers".into(),
+            retention: Duration::from_secs(600),
             max_outbox_bytes: 1 << 20,
             producer: BTreeMap::new(),
             consumer: BTreeMap::new(),

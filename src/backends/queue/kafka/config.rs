@@ -3,6 +3,7 @@
 //! strings librdkafka takes.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use crate::backends::queue::QueueSection;
 use crate::settings::Invalid;
@@ -22,6 +23,8 @@ pub struct KafkaConfig {
     pub reply_partition: Option<i32>,
     pub worker_group: String,
     pub max_outbox_bytes: usize,
+    /// The `retention.ms` of topics sluice creates.
+    pub retention: Duration,
     /// Largest response message the producer sends (its `message.max.bytes`).
     pub max_message_bytes: usize,
     pub producer: BTreeMap<String, String>,
@@ -84,6 +87,18 @@ impl KafkaConfig {
                 )
             })?,
         };
+        // A request may wait out every attempt before a worker takes it.
+        let waits = q.queue_timeout.saturating_mul(q.max_attempts.get());
+        if q.retention <= waits {
+            return Err(Invalid::new(
+                "queue.retention_ms",
+                format!(
+                    "{} ms is not longer than queue.queue_timeout_ms × queue.max_attempts ({} ms): requests would be deleted while they wait",
+                    q.retention.as_millis(),
+                    waits.as_millis()
+                ),
+            ));
+        }
         if q.max_outbox_bytes < MIN_OUTBOX_BYTES {
             return Err(Invalid::new(
                 "queue.max_outbox_bytes",
@@ -93,6 +108,7 @@ impl KafkaConfig {
         Ok(Self {
             brokers,
             max_outbox_bytes: q.max_outbox_bytes,
+            retention: q.retention,
             max_message_bytes,
             partitions: q.partitions,
             replication_factor: q.replication_factor.max(1),

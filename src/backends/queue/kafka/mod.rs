@@ -118,28 +118,28 @@ fn unavailable(kafka: &KafkaConfig, err: impl std::fmt::Display) -> QueueError {
     QueueError::Unavailable(format!("Kafka at kafka://{}: {err}", kafka.brokers))
 }
 
+/// The three topics as sluice creates them: with `retention.ms` set to
+/// `retention` (a message is worthless seconds after its request ends; the
+/// broker's default keeps it for a week).
+fn new_topics<'a>(kafka: &'a KafkaConfig, retention: &'a str) -> [NewTopic<'a>; 3] {
+    [
+        (&kafka.request_topic, kafka.partitions),
+        (&kafka.response_topic, kafka.partitions),
+        (&kafka.cancel_topic, 1),
+    ]
+    .map(|(name, partitions)| {
+        let replication = TopicReplication::Fixed(kafka.replication_factor);
+        NewTopic::new(name, partitions, replication).set("retention.ms", retention)
+    })
+}
+
 /// Creates the three topics when missing; returns the response topic's partition count.
 async fn ensure_topics(kafka: &KafkaConfig) -> Result<i32, QueueError> {
     let admin: AdminClient<DefaultClientContext> = client_config(kafka, &[], &BTreeMap::new())
         .create()
         .map_err(|e| unavailable(kafka, e))?;
-    let topics = [
-        NewTopic::new(
-            &kafka.request_topic,
-            kafka.partitions,
-            TopicReplication::Fixed(kafka.replication_factor),
-        ),
-        NewTopic::new(
-            &kafka.response_topic,
-            kafka.partitions,
-            TopicReplication::Fixed(kafka.replication_factor),
-        ),
-        NewTopic::new(
-            &kafka.cancel_topic,
-            1,
-            TopicReplication::Fixed(kafka.replication_factor),
-        ),
-    ];
+    let retention = kafka.retention.as_millis().to_string();
+    let topics = new_topics(kafka, &retention);
     let options = AdminOptions::new()
         .request_timeout(Some(CONNECT_TIMEOUT))
         .operation_timeout(Some(CONNECT_TIMEOUT));
@@ -360,5 +360,28 @@ impl<'a> ReadHeaders<'a> {
             .iter()
             .filter_map(|name| self.str(name).map(|v| (name.to_string(), v.to_string())))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_are_created_with_a_short_retention() {
+        let section = crate::backends::queue::QueueSection {
+            url: "kafka://k:9092".into(),
+            retention: Duration::from_secs(120),
+            ..Default::default()
+        };
+        let crate::backends::queue::QueueBackend::Kafka(kafka) =
+            section.validate().unwrap().backend
+        else {
+            panic!("not kafka")
+        };
+        let retention = kafka.retention.as_millis().to_string();
+        for topic in new_topics(&kafka, &retention) {
+            assert_eq!(topic.config, [("retention.ms", "120000")], "{}", topic.name);
+        }
     }
 }
