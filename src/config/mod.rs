@@ -213,7 +213,12 @@ impl RawConfig {
         self.log.validate().map_err(located)?;
         self.telemetry.validate().map_err(located)?;
         self.plugin_host.validate().map_err(located)?;
-        let queue = self.queue.validate().map_err(located)?;
+        let mut queue = self.queue.validate().map_err(located)?;
+        if let QueueBackend::Kafka(kafka) = &mut queue.backend
+            && !self.models.is_empty()
+        {
+            kafka.worker_models = self.models.iter().map(|m| m.name.clone()).collect();
+        }
         if matches!(queue.backend, QueueBackend::Memory { .. }) && !self.worker.in_process {
             return Err(located(Invalid::new(
                 "worker.in_process",

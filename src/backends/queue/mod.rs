@@ -86,12 +86,16 @@ pub enum QueueError {
     Full(std::time::Duration),
     #[error("queue unavailable: {0}")]
     Unavailable(String),
+    #[error("no worker serving {0} is alive (none heard from within queue.worker_timeout_ms)")]
+    NoWorker(String),
 }
 
 impl From<QueueError> for GatewayError {
     fn from(err: QueueError) -> Self {
         match err {
-            QueueError::Full(_) => GatewayError::Overloaded(err.to_string()),
+            QueueError::Full(_) | QueueError::NoWorker(_) => {
+                GatewayError::Overloaded(err.to_string())
+            }
             QueueError::Unavailable(_) => GatewayError::Backend(err.to_string()),
         }
     }

@@ -101,13 +101,13 @@ async fn a_killed_edges_requests_are_cancelled_on_the_worker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_no_worker_picks_up_gets_503_after_its_attempts() {
+async fn with_no_worker_alive_a_request_gets_503_at_once() {
     let services = services!();
     let sim = Simulator::start(sim_config()).await.unwrap();
-    // An edge and no worker at all.
+    // An edge and no worker at all, up longer than a worker may be silent.
     let queue = merge_toml(
         &services.kafka_queue(false),
-        "[queue]\nqueue_timeout_ms = 1500\nmax_attempts = 3\n",
+        "[queue]\nqueue_timeout_ms = 5000\nmax_attempts = 3\n",
     );
     let edge = Isolated::new("edge");
     let (url, store) = edge.start_edge(services.config(&sim.url(), &queue)).await;
@@ -115,8 +115,65 @@ async fn a_request_no_worker_picks_up_gets_503_after_its_attempts() {
         .await
         .unwrap()
         .secret;
+    tokio::time::sleep(Duration::from_millis(1600)).await;
     let started = Instant::now();
     let response = reqwest::Client::new()
+        .post(format!("{url}/v1/completions"))
+        .bearer_auth(&key)
+        .json(&json!({"model": MODEL, "prompt": "anyone there?", "max_tokens": 2, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(response.status(), 503);
+    let error: Value = response.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no worker serving"),
+        "{error}"
+    );
+    assert!(
+        waited < Duration::from_secs(1),
+        "not after max_attempts × queue_timeout_ms: {waited:?}"
+    );
+    assert!(sim.received().is_empty());
+    let metrics = scrape_metrics(&url).await.unwrap();
+    assert_eq!(metric(&metrics, "sluice_queue_retries_total"), Some(0.0));
+    edge.kill();
+    services.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_a_live_worker_never_picks_up_gets_503_after_its_attempts() {
+    let services = services!();
+    let sim = Simulator::start(sim_config()).await.unwrap();
+    // A worker that is alive but busy: one request at a time, and that one long.
+    let (edge, worker, url, key) = edge_and_worker_with(
+        &services,
+        &sim,
+        "busy",
+        "[queue]\nqueue_timeout_ms = 1500\nmax_attempts = 3\n[worker]\nconcurrency = 1\n",
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let long = tokio::spawn({
+        let (http, url, key) = (http.clone(), url.clone(), key.clone());
+        async move {
+            let body = json!({"model": MODEL, "prompt": "a long prefill", "max_tokens": 2, "stream": true, "sim_first_token_delay_ms": 9000});
+            stream_from(&http, &url, &key, &body).await
+        }
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            (!sim.received().is_empty()).then_some(())
+        })
+        .await
+        .is_some()
+    );
+    let started = Instant::now();
+    let response = http
         .post(format!("{url}/v1/completions"))
         .bearer_auth(&key)
         .json(&json!({"model": MODEL, "prompt": "anyone there?", "max_tokens": 2, "stream": true}))
@@ -144,7 +201,9 @@ async fn a_request_no_worker_picks_up_gets_503_after_its_attempts() {
         Some(2.0),
         "sent again twice under other keys (a partition may have lost its reader)"
     );
+    long.abort();
     edge.kill();
+    worker.kill();
     services.drop_database().await;
 }
 

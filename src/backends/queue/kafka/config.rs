@@ -25,6 +25,10 @@ pub struct KafkaConfig {
     pub max_outbox_bytes: usize,
     /// The `retention.ms` of topics sluice creates.
     pub retention: Duration,
+    /// The models this process's worker serves, as it announces them: the
+    /// `[[models]]` names, or `*` (every model, one pool). Set from the fleet's
+    /// sections when the whole config is checked.
+    pub worker_models: Vec<String>,
     /// Largest response message the producer sends (its `message.max.bytes`).
     pub max_message_bytes: usize,
     pub producer: BTreeMap<String, String>,
@@ -109,6 +113,7 @@ impl KafkaConfig {
             brokers,
             max_outbox_bytes: q.max_outbox_bytes,
             retention: q.retention,
+            worker_models: vec!["*".to_string()],
             max_message_bytes,
             partitions: q.partitions,
             replication_factor: q.replication_factor.max(1),

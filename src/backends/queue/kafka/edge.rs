@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::frames::{self, Frame, FrameKind};
+use super::live_workers::{self, LiveWorkers};
 use super::reconnect::{self, Consumer, Producer, Reconnecting, Session};
 use super::*;
 use crate::backends::queue::QueueConfig;
@@ -53,6 +54,7 @@ struct EdgeShared {
     worker_timeout: Duration,
     max_attempts: u32,
     metrics: Arc<QueueMetrics>,
+    workers: Arc<LiveWorkers>,
 }
 
 impl EdgeShared {
@@ -124,12 +126,15 @@ pub struct KafkaQueue {
     routes: Routes,
     router: JoinHandle<()>,
     liveness: JoinHandle<()>,
+    /// Listens for workers' signs of life.
+    heard: JoinHandle<()>,
 }
 
 impl Drop for KafkaQueue {
     fn drop(&mut self) {
         self.router.abort();
         self.liveness.abort();
+        self.heard.abort();
     }
 }
 
@@ -193,6 +198,17 @@ impl KafkaQueue {
             &[],
         )
         .await?;
+        // The cancel topic, for workers' signs of life.
+        let beats = tail_consumer(
+            kafka,
+            &loss,
+            &format!("sluice-edge-beats-{}", kafka.edge_id),
+            &kafka.cancel_topic,
+            vec![0],
+            &[("fetch.wait.max.ms", "100")],
+        )
+        .await?;
+        let workers = Arc::new(LiveWorkers::new(queue.worker_timeout));
         let shared = Arc::new(EdgeShared {
             kafka: kafka.clone(),
             producer: producer(kafka, &loss)?,
@@ -203,16 +219,24 @@ impl KafkaQueue {
             worker_timeout: queue.worker_timeout,
             max_attempts: queue.max_attempts.get(),
             metrics,
+            workers: workers.clone(),
         });
         let routes: Routes = Default::default();
         let router = tokio::spawn(route_responses(consumer, shared.clone(), routes.clone()));
         let liveness = tokio::spawn(announce_liveness(shared.clone(), queue.heartbeat));
+        let heard = tokio::spawn(live_workers::listen(
+            beats,
+            workers,
+            kafka.cancel_topic.clone(),
+            shared.loss.clone(),
+        ));
         tracing::info!(edge_id = %kafka.edge_id, reply_partition, brokers = %kafka.brokers, "Kafka queue connected");
         Ok(Self {
             shared,
             routes,
             router,
             liveness,
+            heard,
         })
     }
 }
@@ -350,6 +374,13 @@ impl Queue for ReconnectingQueue {
 #[async_trait]
 impl Queue for KafkaQueue {
     async fn submit(&self, request: QueuedRequest) -> Result<Box<dyn ResponseStream>, QueueError> {
+        if !self.shared.workers.serve(&request.model) {
+            let model = match request.model.as_str() {
+                "" => "any model".to_string(),
+                model => format!("model `{model}`"),
+            };
+            return Err(QueueError::NoWorker(model));
+        }
         let (tx, rx) = mpsc::channel(ROUTE_BUFFER);
         let overflowed = Arc::new(AtomicBool::new(false));
         lock(&self.routes).insert(

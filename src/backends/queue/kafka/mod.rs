@@ -8,6 +8,7 @@
 mod config;
 mod edge;
 mod frames;
+mod live_workers;
 mod reconnect;
 mod worker;
 
@@ -68,6 +69,12 @@ const KIND_CANCEL: &str = "cancel";
 const KIND_EDGE_ALIVE: &str = "edge-alive";
 /// A response message: a batch of [`frames`].
 const KIND_FRAMES: &str = "frames";
+/// A worker's sign of life on the cancel topic, every `queue.heartbeat_ms`,
+/// naming the models it serves: an edge answers 503 at once for a model no
+/// live worker serves, instead of waiting out every attempt.
+const KIND_WORKER_ALIVE: &str = "worker-alive";
+/// The models a worker serves, comma-separated; `*` for every model (one pool).
+const H_MODELS: &str = "sluice-models";
 /// How long startup waits for the brokers.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 

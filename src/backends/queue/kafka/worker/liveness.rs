@@ -10,8 +10,11 @@ use tokio::time::Instant;
 
 use super::super::frames::FrameKind;
 use super::super::reconnect::Consumer;
+use rdkafka::producer::FutureRecord;
+
 use super::super::{
-    H_ATTEMPT, H_EDGE, H_KIND, H_REQUEST, KIND_CANCEL, KIND_EDGE_ALIVE, ReadHeaders, VersionCheck,
+    H_ATTEMPT, H_EDGE, H_KIND, H_MODELS, H_REQUEST, H_WORKER, KIND_CANCEL, KIND_EDGE_ALIVE,
+    KIND_WORKER_ALIVE, ReadHeaders, VersionCheck, headers,
 };
 use super::WorkerShared;
 use super::outbox::Reply;
@@ -41,6 +44,9 @@ pub(super) async fn listen_for_cancels(consumer: Consumer, shared: Arc<WorkerSha
                 .with_label_values(&[shared.kafka.cancel_topic.as_str(), "version"])
                 .inc();
             continue;
+        }
+        if h.str(H_KIND) == Some(KIND_WORKER_ALIVE) {
+            continue; // for edges
         }
         if let (Some(KIND_EDGE_ALIVE), Some(edge)) = (h.str(H_KIND), h.str(H_EDGE)) {
             if let Ok(mut edges) = shared.edges.lock() {
@@ -103,11 +109,29 @@ pub(super) async fn send_heartbeats(shared: Arc<WorkerShared>, every: Duration) 
         for reply in quiet {
             shared.send_frame(&reply, FrameKind::Heartbeat, None, &[]);
         }
+        shared.announce();
         shared.cancel_orphans();
     }
 }
 
 impl WorkerShared {
+    /// Tells edges this worker is alive, and which models it serves. Fire
+    /// and forget: a missed beat is covered by the next ones.
+    fn announce(&self) {
+        let models = self.kafka.worker_models.join(",");
+        let record = FutureRecord::to(&self.kafka.cancel_topic)
+            .key(self.worker_id.as_str())
+            .payload(&[][..])
+            .headers(headers(&[
+                (H_KIND, KIND_WORKER_ALIVE),
+                (H_WORKER, self.worker_id.as_str()),
+                (H_MODELS, models.as_str()),
+            ]));
+        if let Err((err, _)) = self.producer.send_result::<str, [u8]>(record) {
+            tracing::debug!(%err, "could not announce this worker's liveness");
+        }
+    }
+
     /// Cancels the requests of edges silent for `edge_timeout`: they died,
     /// and nobody will read the answers (vLLM stops generating for them).
     /// Edges never heard from are left alone.
