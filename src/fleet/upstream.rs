@@ -409,4 +409,65 @@ mod tests {
         assert_eq!(info.status, 503);
         assert_eq!(info.message, "overloaded");
     }
+
+    /// What the operator reads when endpoints fail: "trying another" only
+    /// when an attempt is left, and which setting ended the tries when not.
+    #[tokio::test]
+    async fn the_log_says_another_endpoint_is_tried_only_when_one_is() {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        async fn refused_url() -> Url {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            drop(listener);
+            Url::parse(&url).unwrap()
+        }
+        for (attempts, trying_another) in [(1, 0), (2, 1), (3, 2)] {
+            let lines = Lines::default();
+            let writer = lines.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .finish();
+            let _logging = tracing::subscriber::set_default(subscriber);
+            let config = UpstreamConfig {
+                urls: vec![
+                    refused_url().await,
+                    refused_url().await,
+                    refused_url().await,
+                ],
+                max_attempts: std::num::NonZeroU32::new(attempts).unwrap(),
+                ..UpstreamConfig::default()
+            };
+            let registry = crate::observe::metrics::MetricsRegistry::new(
+                crate::observe::metrics::Roles::WORKER,
+            );
+            let client = UpstreamClient::new(&config, &[], &FleetMetrics::new(&registry)).unwrap();
+            let body = bytes::Bytes::from_static(br#"{"model":"m","prompt":"hi"}"#);
+            let opened = client.open("m", 0, Route::Completions, body, &[]).await;
+            assert!(opened.is_err(), "no endpoint listens");
+            let log = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+            assert_eq!(
+                log.matches("failed before the first chunk; trying another")
+                    .count(),
+                trying_another,
+                "max_attempts = {attempts}: {log}"
+            );
+            assert_eq!(
+                log.matches("no attempts left (upstream.max_attempts)")
+                    .count(),
+                1,
+                "max_attempts = {attempts}: {log}"
+            );
+        }
+    }
 }

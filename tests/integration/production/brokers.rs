@@ -165,9 +165,11 @@ async fn a_chunk_too_large_for_a_message_ends_only_its_own_request() {
         .secret;
     let http = reqwest::Client::new();
     // An echoed 6 KB prompt makes a first chunk no 4 KB message can carry;
-    // twenty streams beside it make batches that must be split.
+    // twenty streams beside it make batches that must be split. The answer
+    // is long (5 s) so that it is still running when the worker refuses its
+    // first chunk, however busy the broker: only a cancel stops it early.
     let huge = json!({"model": MODEL, "prompt": "word ".repeat(1200), "echo": true,
-        "max_tokens": 40, "stream": true});
+        "max_tokens": 2500, "ignore_eos": true, "stream": true});
     let normal = |i: usize| json!({"model": MODEL, "prompt": format!("stream {i}"), "max_tokens": 60, "stream": true});
     let bodies: Vec<Value> = (0..20).map(normal).collect();
     let huge_request = async {

@@ -97,7 +97,7 @@ pub(crate) async fn vllm_metrics(State(state): State<Arc<SimState>>) -> String {
 pub(crate) async fn models(State(state): State<Arc<SimState>>) -> Response {
     let body = serde_json::json!({"object": "list", "data": [{
         "id": state.config.model, "object": "model", "created": 0, "owned_by": "vllm",
-        "root": state.config.model, "parent": null, "max_model_len": 4096, "permission": []
+        "root": state.config.model, "parent": null, "max_model_len": state.config.max_model_len, "permission": []
     }]});
     axum::Json(body).into_response()
 }

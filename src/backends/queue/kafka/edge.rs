@@ -252,20 +252,7 @@ async fn route_responses(consumer: Consumer, shared: Arc<EdgeShared>, routes: Ro
             .with_label_values(&[topic.as_str(), reason])
             .inc();
     };
-    loop {
-        let received = tokio::select! {
-            received = consumer.recv() => received,
-            () = shared.loss.wait() => break,
-        };
-        let message = match received {
-            Ok(message) => message,
-            Err(err) => {
-                shared.loss.note(&err);
-                tracing::warn!(%err, "error reading the response topic");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    while let Some(message) = reconnect::next_message(&consumer, &shared.loss, &topic).await {
         let h = ReadHeaders::of(&message);
         if !versions.speaks(&h) {
             skipped("version");

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::reconnect::{BrokerLoss, Consumer};
+use super::reconnect::{BrokerLoss, Consumer, next_message};
 use super::{H_KIND, H_MODELS, H_WORKER, KIND_WORKER_ALIVE, ReadHeaders, VersionCheck};
 
 /// Who serves what, as last heard.
@@ -62,19 +62,7 @@ pub(super) async fn listen(
     loss: Arc<BrokerLoss>,
 ) {
     let versions = VersionCheck::new(&topic);
-    loop {
-        let received = tokio::select! {
-            received = consumer.recv() => received,
-            () = loss.wait() => break,
-        };
-        let message = match received {
-            Ok(message) => message,
-            Err(err) => {
-                loss.note(&err);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    while let Some(message) = next_message(&consumer, &loss, &topic).await {
         let h = ReadHeaders::of(&message);
         if !versions.speaks(&h) || h.str(H_KIND) != Some(KIND_WORKER_ALIVE) {
             continue; // cancels and edges' beats are for workers

@@ -10,8 +10,9 @@
 //! are destroyed (a consumer's close may still take a moment, and a broker
 //! that is back by then may still hear from it: it commits nothing); once a
 //! bootstrap broker accepts connections again, a new session is built
-//! (creating the topics if they are gone). Meanwhile new requests get 503. The outage is logged once when it starts, every
-//! [`SUMMARY_EVERY`] while it lasts, and once when it ends.
+//! (creating the topics if they are gone). Meanwhile new requests get 503.
+//! The outage is logged once when it starts, every [`SUMMARY_EVERY`] while
+//! it lasts, and once when it ends.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -97,6 +98,30 @@ impl ConsumerContext for Watched {
 
 pub type Producer = FutureProducer<Watched>;
 pub type Consumer = StreamConsumer<Watched>;
+
+/// The next message of `consumer` (of `topic`), or `None` once the brokers
+/// are lost; a read error is noted (it may tell of the loss), logged and
+/// waited out.
+pub async fn next_message<'c>(
+    consumer: &'c Consumer,
+    loss: &BrokerLoss,
+    topic: &str,
+) -> Option<rdkafka::message::BorrowedMessage<'c>> {
+    loop {
+        let received = tokio::select! {
+            received = consumer.recv() => received,
+            () = loss.wait() => return None,
+        };
+        match received {
+            Ok(message) => return Some(message),
+            Err(err) => {
+                loss.note(&err);
+                tracing::warn!(%err, topic, "error reading a queue topic");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
 
 /// An edge's queue or a worker's job source, on one set of clients.
 pub trait Session: Sized + Send + Sync + 'static {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::super::frames::FrameKind;
-use super::super::reconnect::Consumer;
+use super::super::reconnect::{Consumer, next_message};
 use rdkafka::producer::FutureRecord;
 
 use super::super::{
@@ -22,20 +22,8 @@ use super::outbox::Reply;
 pub(super) async fn listen_for_cancels(consumer: Consumer, shared: Arc<WorkerShared>) {
     let mut last_sweep = Instant::now();
     let versions = VersionCheck::new(&shared.kafka.cancel_topic);
-    loop {
-        let received = tokio::select! {
-            received = consumer.recv() => received,
-            () = shared.loss.wait() => break,
-        };
-        let message = match received {
-            Ok(message) => message,
-            Err(err) => {
-                shared.loss.note(&err);
-                tracing::warn!(%err, "error reading the cancel topic");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    let topic = shared.kafka.cancel_topic.clone();
+    while let Some(message) = next_message(&consumer, &shared.loss, &topic).await {
         let h = ReadHeaders::of(&message);
         if !versions.speaks(&h) {
             shared
