@@ -1,8 +1,9 @@
 //! Production mode against real PostgreSQL, Redis and Kafka (tansu in CI):
 //! each test gets its own database, Redis key prefix and Kafka topics.
 //! [`backends`]: the store, the cache and their outages; [`workers`]: edges
-//! and workers through Kafka, and losing either; [`brokers`]: the broker
-//! itself misbehaving, slow, restarted or sent garbage.
+//! and workers through Kafka, and losing either; [`stalled_client`]: a
+//! client that stops reading a flood of chunks (on a broker of its own);
+//! [`brokers`]: the broker itself misbehaving, slow, restarted or sent garbage.
 
 macro_rules! services {
     () => {
@@ -15,6 +16,7 @@ macro_rules! services {
 
 mod backends;
 mod brokers;
+mod stalled_client;
 mod workers;
 
 use std::collections::HashSet;
@@ -80,7 +82,6 @@ pub(super) async fn stream_from(
     sse_events(response).await
 }
 
-/// A tansu broker of this test's own on `port` (to kill with SIGKILL).
 /// A tansu process of a test's own, killed (SIGKILL) by `kill` or when dropped,
 /// so a failing test leaves no broker behind.
 pub(super) struct Broker(std::process::Child);
