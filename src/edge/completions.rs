@@ -1,5 +1,7 @@
-//! `POST /v1/completions` and `POST /v1/chat/completions`: SSE when
-//! `stream: true`, the assembled JSON body otherwise.
+//! The REST inference routes: `POST /v1/completions` and
+//! `POST /v1/chat/completions` (SSE when `stream: true`, the assembled JSON
+//! body otherwise), and the routes answered with one JSON body
+//! (`/v1/embeddings`, `/tokenize`, `/detokenize`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -35,7 +37,7 @@ pub async fn chat_completions(
     serve(state, Route::ChatCompletions, headers, body).await
 }
 
-async fn serve(state: Arc<Edge>, route: Route, headers: HeaderMap, body: Body) -> Response {
+pub async fn serve(state: Arc<Edge>, route: Route, headers: HeaderMap, body: Body) -> Response {
     let received_at = Instant::now();
     let request_id = super::new_request_id();
     let record = RequestRecord::new(

@@ -23,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::error::GatewayError;
 use crate::observe::metrics::MetricsRegistry;
+use crate::protocol::Route;
 
 pub use config::{AdminConfig, CorsConfig, ServerConfig};
 pub use state::{Edge, SocketCounts, SocketPlace};
@@ -30,7 +31,20 @@ pub use state::{Edge, SocketCounts, SocketPlace};
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 pub fn router(state: Arc<Edge>) -> Router {
-    Router::new()
+    let mut router = Router::new();
+    for route in Route::ALL.into_iter().filter(|r| !r.generates()) {
+        router = router.route(
+            route.path(),
+            post(
+                move |state: axum::extract::State<Arc<Edge>>,
+                      headers: axum::http::HeaderMap,
+                      body: axum::body::Body| {
+                    completions::serve(state.0, route, headers, body)
+                },
+            ),
+        );
+    }
+    router
         .route(
             "/v1/completions",
             post(completions::completions).get(ws::completions),

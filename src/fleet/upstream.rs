@@ -26,6 +26,8 @@ use crate::protocol::{Chunk, Route, error_info_from_value, parse_error_event};
 
 /// Largest error body read from the upstream.
 const MAX_ERROR_BODY: usize = 64 * 1024;
+/// The largest JSON answer read from vLLM (a large batch of embeddings).
+const MAX_JSON_ANSWER: usize = 256 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -248,11 +250,15 @@ impl UpstreamClient {
         let mut url = base.clone();
         let path = format!("{}{}", url.path().trim_end_matches('/'), route.path());
         url.set_path(&path);
+        let accept = match route.generates() {
+            true => "text/event-stream",
+            false => "application/json",
+        };
         let mut builder = self
             .http
             .post(url)
             .header("content-type", "application/json")
-            .header("accept", "text/event-stream")
+            .header("accept", accept)
             .body(body);
         for (name, value) in headers {
             builder = builder.header(name.as_str(), value.as_str());
@@ -275,6 +281,7 @@ impl UpstreamClient {
         }
         Ok(UpstreamStream {
             body: response.bytes_stream().boxed(),
+            whole: (!route.generates()).then(bytes::BytesMut::new),
             parser: SseParser::new(),
             deadline: Some(deadline),
             first_chunk_timeout: self.first_chunk_timeout,
@@ -325,6 +332,9 @@ fn error_from_body(status: StatusCode, body: &[u8]) -> ErrorInfo {
 /// The chunks of one upstream response.
 pub struct UpstreamStream {
     body: BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    /// For a route answered with one JSON body: that body so far (it
+    /// becomes the stream's one chunk at its end).
+    whole: Option<bytes::BytesMut>,
     parser: SseParser,
     /// Until the first chunk arrives, the absolute first-chunk deadline.
     deadline: Option<Instant>,
@@ -375,6 +385,11 @@ impl UpstreamStream {
             };
             match tokio::time::timeout_at(deadline, self.body.next()).await {
                 Err(_) => return Err(UpstreamError::Timeout(waited)),
+                Ok(None) if self.whole.is_some() => {
+                    self.finished = true;
+                    let body = self.whole.take().unwrap_or_default();
+                    return Ok(Some(Chunk::from_json_body(&body)));
+                }
                 Ok(None) => {
                     self.finished = true;
                     return Err(UpstreamError::Truncated);
@@ -383,7 +398,19 @@ impl UpstreamStream {
                     self.finished = true;
                     return Err(UpstreamError::Body(describe(err)));
                 }
-                Ok(Some(Ok(bytes))) => self.parser.push(&bytes),
+                Ok(Some(Ok(bytes))) => match &mut self.whole {
+                    Some(whole) if whole.len() + bytes.len() > MAX_JSON_ANSWER => {
+                        self.finished = true;
+                        return Err(UpstreamError::Body(format!(
+                            "the answer is larger than {MAX_JSON_ANSWER} bytes"
+                        )));
+                    }
+                    Some(whole) => {
+                        self.deadline = None;
+                        whole.extend_from_slice(&bytes);
+                    }
+                    None => self.parser.push(&bytes),
+                },
             }
         }
     }

@@ -106,7 +106,11 @@ async fn run(
         .filter(|_| settings.cache_sampled || !request.is_sampled())
         .map(|key| scoped(settings.cache_scope, &ctx.identity, key));
     let deliver_usage_chunk = !request.is_stream() || request.wants_usage_chunk();
-    let filters = FilterChain::new(state.policy.token_filters(ctx));
+    // Token filters act on generated text; other answers pass as they came.
+    let filters = FilterChain::new(match request.route().generates() {
+        true => state.policy.token_filters(ctx),
+        false => Vec::new(),
+    });
     let lookups = &state.cache_metrics.lookups;
     record.looked_up = true;
     let mut lookup = record.trace.stage("cache.lookup");

@@ -170,6 +170,7 @@ impl Drop for RequestRecord {
         self.trace.span.in_scope(|| {
             tracing::info!(
                 request_id = self.request_id.as_str(),
+                route = self.route.path(),
                 key = self.key_name.as_str(),
                 key_id = self.key_id.as_deref().unwrap_or("-"),
                 model = self.model.as_str(),

@@ -84,6 +84,25 @@ impl PluginHost {
         Self::by_policy(plugin, request_id)
     }
 
+    /// Applies the `on_error` policy of a plugin whose hook cannot read a
+    /// request of `route` (the plugin interface has no record for it yet):
+    /// a fail-closed plugin refuses it, a fail-open one lets it pass unread.
+    pub(super) fn cannot_read_route(
+        plugin: &LoadedPlugin,
+        hook: &str,
+        route: &str,
+        request_id: &str,
+    ) -> Result<(), GatewayError> {
+        if plugin.config.on_error == OnError::FailClosed {
+            tracing::warn!(
+                plugin = %plugin.name, hook, route, request_id,
+                "plugins cannot read requests of this route; refusing the request \
+                 (on_error = \"fail-closed\")"
+            );
+        }
+        Self::by_policy(plugin, request_id)
+    }
+
     fn by_policy(plugin: &LoadedPlugin, request_id: &str) -> Result<(), GatewayError> {
         match plugin.config.on_error {
             OnError::FailOpen => Ok(()),
@@ -104,9 +123,12 @@ pub(super) fn wit_context(ctx: &RequestContext) -> WitContext {
     }
 }
 
-pub(super) fn wit_request(request: &InferenceRequest) -> WitRequest {
+/// The request as plugins see it; `None` for a route the plugin interface
+/// has no record for.
+pub(super) fn wit_request(request: &InferenceRequest) -> Option<WitRequest> {
     let body_json = request.to_json();
-    match request {
+    Some(match request {
+        InferenceRequest::Pooling(_) => return None,
         InferenceRequest::Completion(request) => {
             WitRequest::Completion(bindings::CompletionRequest {
                 model: request.model.clone(),
@@ -135,7 +157,7 @@ pub(super) fn wit_request(request: &InferenceRequest) -> WitRequest {
             user: request.user.clone(),
             body_json,
         }),
-    }
+    })
 }
 
 /// Applies a plugin's rewritten request, refusing results the gateway could not send.
@@ -156,6 +178,9 @@ fn apply(
         )),
         (InferenceRequest::Chat(_), WitRequest::Completion(_)) => Err(PluginFailure::Invalid(
             "rewrote a chat request as a completion request".into(),
+        )),
+        (InferenceRequest::Pooling(_), _) => Err(PluginFailure::Invalid(
+            "rewrote a request plugins cannot read".into(),
         )),
     }
 }
@@ -305,7 +330,11 @@ impl PluginHost {
                 Ok(RequestDecision::Proceed) => {}
                 Ok(RequestDecision::Modify(modified)) => {
                     match apply(request, modified, self.max_body_bytes) {
-                        Ok(()) => *wit_req = wit_request(request),
+                        Ok(()) => {
+                            if let Some(rewritten) = wit_request(request) {
+                                *wit_req = rewritten;
+                            }
+                        }
                         Err(failure) => {
                             metrics.traps.inc();
                             Self::on_failure(plugin, "on-request", &ctx.request_id, failure)?;

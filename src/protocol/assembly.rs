@@ -12,6 +12,8 @@ use super::Route;
 pub enum ResponseAssembler {
     Completion(CompletionAssembler),
     Chat(ChatAssembler),
+    /// A route answered with one JSON body: that body, as it came.
+    Whole(Vec<u8>),
 }
 
 impl ResponseAssembler {
@@ -19,6 +21,7 @@ impl ResponseAssembler {
         match route {
             Route::Completions => Self::Completion(CompletionAssembler::default()),
             Route::ChatCompletions => Self::Chat(ChatAssembler::default()),
+            Route::Embeddings | Route::Tokenize | Route::Detokenize => Self::Whole(Vec::new()),
         }
     }
 
@@ -26,6 +29,7 @@ impl ResponseAssembler {
         match self {
             Self::Completion(asm) => asm.push(payload),
             Self::Chat(asm) => asm.push(payload),
+            Self::Whole(body) => body.extend_from_slice(payload),
         }
     }
 
@@ -33,6 +37,8 @@ impl ResponseAssembler {
         match self {
             Self::Completion(asm) => asm.finish(),
             Self::Chat(asm) => asm.finish(),
+            Self::Whole(body) => String::from_utf8(body)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
         }
     }
 }

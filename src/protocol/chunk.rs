@@ -30,6 +30,21 @@ impl Chunk {
         }
     }
 
+    /// Frames a whole JSON answer (a route answered with one body) as one
+    /// event. Line breaks in valid JSON can only be whitespace (a string
+    /// escapes them), so they are dropped to keep the event one line.
+    pub fn from_json_body(body: &[u8]) -> Self {
+        if memchr::memchr2(b'\n', b'\r', body).is_none() {
+            return Self::from_payload(body);
+        }
+        let compact: Vec<u8> = body
+            .iter()
+            .copied()
+            .filter(|&b| b != b'\n' && b != b'\r')
+            .collect();
+        Self::from_payload(&compact)
+    }
+
     /// Wraps bytes that are already exactly `data: <payload>\n\n`.
     pub fn from_framed(framed: Bytes) -> Option<Self> {
         (framed.len() >= SSE_PREFIX.len() + SSE_SUFFIX.len()
@@ -226,12 +241,18 @@ impl ChunkSummary {
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_zero")]
     pub prompt_tokens: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_zero")]
     pub completion_tokens: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_zero")]
     pub total_tokens: u64,
+}
+
+/// vLLM writes `null` for counts that do not apply (`completion_tokens` of
+/// an embedding, in some versions).
+fn null_as_zero<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    Ok(Option::<u64>::deserialize(deserializer)?.unwrap_or(0))
 }
 
 #[cfg(test)]

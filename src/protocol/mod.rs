@@ -1,5 +1,6 @@
 //! The vLLM/OpenAI wire formats, one file each: the completion request
-//! (`completion`) and the chat request (`chat`) sluice accepts, the
+//! (`completion`) and the chat request (`chat`) sluice accepts, requests
+//! answered with one JSON body (`pooling`: embeddings, tokenize), the
 //! stream `chunk`s it relays, upstream `errors` in a stream, the
 //! `assembly` of a non-streaming answer from those chunks, and incremental
 //! [`sse`] parsing.
@@ -13,6 +14,7 @@ mod chat;
 mod chunk;
 mod completion;
 mod errors;
+mod pooling;
 pub mod sse;
 
 use bytes::Bytes;
@@ -28,22 +30,35 @@ pub use chat::{ChatMessage, ChatRequest, Content};
 pub use chunk::{ChoiceView, Chunk, ChunkSummary, ChunkView, Usage};
 pub use completion::{CompletionRequest, Prompt, Stop, StreamOptions};
 pub use errors::{error_info_from_value, parse_error_event};
+pub use pooling::PoolingRequest;
 
 /// The inference routes, each proxied to the same path upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Route {
     Completions,
     ChatCompletions,
+    Embeddings,
+    Tokenize,
+    Detokenize,
 }
 
 impl Route {
-    pub const ALL: [Route; 2] = [Route::Completions, Route::ChatCompletions];
+    pub const ALL: [Route; 5] = [
+        Route::Completions,
+        Route::ChatCompletions,
+        Route::Embeddings,
+        Route::Tokenize,
+        Route::Detokenize,
+    ];
 
     /// The path, on the gateway and on the upstream.
     pub fn path(self) -> &'static str {
         match self {
             Route::Completions => "/v1/completions",
             Route::ChatCompletions => "/v1/chat/completions",
+            Route::Embeddings => "/v1/embeddings",
+            Route::Tokenize => "/tokenize",
+            Route::Detokenize => "/detokenize",
         }
     }
 
@@ -52,7 +67,16 @@ impl Route {
         match self {
             Route::Completions => "POST /v1/completions",
             Route::ChatCompletions => "POST /v1/chat/completions",
+            Route::Embeddings => "POST /v1/embeddings",
+            Route::Tokenize => "POST /tokenize",
+            Route::Detokenize => "POST /detokenize",
         }
+    }
+
+    /// Whether the answer is generated token by token (and can stream); the
+    /// other routes answer with one JSON body.
+    pub fn generates(self) -> bool {
+        matches!(self, Route::Completions | Route::ChatCompletions)
     }
 
     pub fn from_path(path: &str) -> Option<Self> {
@@ -60,11 +84,13 @@ impl Route {
     }
 }
 
-/// A parsed request of either route.
+/// A parsed request of any route.
 #[derive(Debug, Clone, PartialEq)]
 pub enum InferenceRequest {
     Completion(CompletionRequest),
     Chat(ChatRequest),
+    /// A route answered with one JSON body (embeddings, tokenize, ...).
+    Pooling(PoolingRequest),
 }
 
 impl InferenceRequest {
@@ -73,6 +99,7 @@ impl InferenceRequest {
         match route {
             Route::Completions => CompletionRequest::parse(body).map(Self::Completion),
             Route::ChatCompletions => ChatRequest::parse(body).map(Self::Chat),
+            _ => PoolingRequest::parse(route, body).map(Self::Pooling),
         }
     }
 
@@ -80,6 +107,7 @@ impl InferenceRequest {
         match self {
             Self::Completion(_) => Route::Completions,
             Self::Chat(_) => Route::ChatCompletions,
+            Self::Pooling(r) => r.route(),
         }
     }
 
@@ -87,6 +115,7 @@ impl InferenceRequest {
         match self {
             Self::Completion(r) => &r.model,
             Self::Chat(r) => &r.model,
+            Self::Pooling(r) => r.model(),
         }
     }
 
@@ -95,6 +124,7 @@ impl InferenceRequest {
         match self {
             Self::Completion(r) => r.n,
             Self::Chat(r) => r.n,
+            Self::Pooling(_) => None,
         }
         .unwrap_or(1)
     }
@@ -103,6 +133,7 @@ impl InferenceRequest {
         match self {
             Self::Completion(r) => r.is_stream(),
             Self::Chat(r) => r.is_stream(),
+            Self::Pooling(_) => false,
         }
     }
 
@@ -138,6 +169,7 @@ impl InferenceRequest {
                     .map(|ids| &ids[..ids.len().min(64)])
                     .hash(&mut hasher),
             },
+            Self::Pooling(r) => r.texts().first().map(|t| prefix_of(t)).hash(&mut hasher),
         }
         hasher.finish()
     }
@@ -147,6 +179,7 @@ impl InferenceRequest {
         match self {
             Self::Completion(r) => r.model = model,
             Self::Chat(r) => r.model = model,
+            Self::Pooling(r) => r.set_model(model),
         }
     }
 
@@ -159,6 +192,8 @@ impl InferenceRequest {
                 r.temperature,
                 r.extra.get("seed").is_some_and(|seed| !seed.is_null()),
             ),
+            // Deterministic: the same input always gets the same answer.
+            Self::Pooling(_) => return false,
         };
         !seeded && temperature.is_none_or(|t| t > 0.0)
     }
@@ -168,6 +203,7 @@ impl InferenceRequest {
         match self {
             Self::Completion(r) => r.max_tokens,
             Self::Chat(r) => r.output_limit(),
+            Self::Pooling(_) => Some(0),
         }
     }
 
@@ -175,7 +211,7 @@ impl InferenceRequest {
     pub fn choices(&self) -> u64 {
         let prompts = match self {
             Self::Completion(r) => r.prompt.count() as u64,
-            Self::Chat(_) => 1,
+            Self::Chat(_) | Self::Pooling(_) => 1,
         };
         u64::from(self.n()) * prompts
     }
@@ -202,6 +238,7 @@ impl InferenceRequest {
                     None => 0,
                 })
                 .sum(),
+            Self::Pooling(r) => r.input_bytes(),
         }
     }
 
@@ -209,6 +246,7 @@ impl InferenceRequest {
         match self {
             Self::Completion(r) => r.wants_usage_chunk(),
             Self::Chat(r) => r.wants_usage_chunk(),
+            Self::Pooling(_) => false,
         }
     }
 
@@ -216,6 +254,7 @@ impl InferenceRequest {
         match self {
             Self::Completion(r) => r.upstream_body(),
             Self::Chat(r) => r.upstream_body(),
+            Self::Pooling(r) => r.upstream_body(),
         }
     }
 
@@ -223,6 +262,7 @@ impl InferenceRequest {
         match self {
             Self::Completion(r) => r.default_cache_key(),
             Self::Chat(r) => r.default_cache_key(),
+            Self::Pooling(r) => r.default_cache_key(),
         }
     }
 
@@ -231,6 +271,7 @@ impl InferenceRequest {
         match self {
             Self::Completion(r) => serde_json::to_string(r),
             Self::Chat(r) => serde_json::to_string(r),
+            Self::Pooling(r) => return r.to_json(),
         }
         .unwrap_or_default()
     }

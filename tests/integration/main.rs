@@ -2,7 +2,8 @@
 //! librdkafka and sqlx; one link instead of ten). Every module is one area a
 //! user would notice: the edge under hostile clients, embedded mode, the
 //! production mode on PostgreSQL, Redis and Kafka, the fleet, tenants and
-//! limits, plugins, the official OpenAI SDK, a browser. The tracing suites
+//! limits, plugins, the official OpenAI SDK, vLLM's routes beside generation,
+//! a browser. The tracing suites
 //! install a global tracer and stay binaries of their own.
 
 // A test's unwrap is its assertion: a failure fails the test with the value.
@@ -22,4 +23,5 @@ mod observability;
 mod openai_sdk;
 mod plugins;
 mod production;
+mod routes;
 mod tenants;

@@ -3,7 +3,8 @@
 //! [`backends`]: the store, the cache and their outages; [`workers`]: edges
 //! and workers through Kafka, and losing either; [`stalled_client`]: a
 //! client that stops reading a flood of chunks (on a broker of its own);
-//! [`brokers`]: the broker itself misbehaving, slow, restarted or sent garbage.
+//! [`routes`]: embeddings and the tokenizer through Kafka; [`brokers`]: the
+//! broker itself misbehaving, slow, restarted or sent garbage.
 
 macro_rules! services {
     () => {
@@ -16,6 +17,7 @@ macro_rules! services {
 
 mod backends;
 mod brokers;
+mod routes;
 mod stalled_client;
 mod workers;
 

@@ -171,22 +171,8 @@ impl Generation {
         let Some(Value::Array(messages)) = body.get("messages") else {
             return Err("messages is required".into());
         };
-        let text_of = |message: &Value| match message.get("content") {
-            Some(Value::String(text)) => text.clone(),
-            Some(Value::Array(parts)) => parts
-                .iter()
-                .filter_map(|p| p.get("text").and_then(Value::as_str))
-                .collect::<Vec<_>>()
-                .join("\n"),
-            _ => String::new(),
-        };
-        let conversation: String = messages
-            .iter()
-            .map(|m| {
-                let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
-                format!("<{role}> {}\n", text_of(m))
-            })
-            .collect();
+        let text_of = message_text;
+        let conversation = chat_template(messages);
         let mut prompt_body = body.clone();
         if let Value::Object(fields) = &mut prompt_body {
             fields.insert("prompt".into(), Value::String(conversation));
@@ -402,6 +388,30 @@ impl Generation {
             token_ids: None,
         }
     }
+}
+
+/// A message's text: its `content` string, or its text parts joined.
+pub(crate) fn message_text(message: &Value) -> String {
+    match message.get("content") {
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
+/// The simulator's chat template: a conversation as one prompt.
+pub(crate) fn chat_template(messages: &[Value]) -> String {
+    messages
+        .iter()
+        .map(|m| {
+            let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
+            format!("<{role}> {}\n", message_text(m))
+        })
+        .collect()
 }
 
 /// The `logprobs.content` entry of a chat token (its own token as the top one).

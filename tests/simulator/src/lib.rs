@@ -3,6 +3,9 @@
 //! A crate of its own that imports nothing from the gateway, so that what the
 //! gateway gets wrong about vLLM's wire format cannot be mirrored here.
 //!
+//! Beside generation it answers `/v1/embeddings`, `/tokenize`, `/detokenize`,
+//! `/version` and `/ping` in vLLM's shapes (see `pooling`).
+//!
 //! It speaks vLLM's OpenAI-compatible `/v1/completions` and
 //! `/v1/chat/completions` wire formats: chunk ids `cmpl-<X-Request-Id>` and
 //! `chatcmpl-<X-Request-Id>`, per-choice `index`, `finish_reason`/
@@ -31,6 +34,7 @@
 //! aborted (connection closed before the end), so tests can assert both.
 
 mod generation;
+mod pooling;
 mod prefix_cache;
 mod routes;
 mod stream;
@@ -76,6 +80,9 @@ pub struct SimulatorConfig {
     /// Blocks of 16 prompt words the prefix cache holds (least recently used
     /// evicted first); 0: no prefix cache.
     pub prefix_cache_blocks: usize,
+    /// The length of the vectors `/v1/embeddings` answers with (a request's
+    /// `dimensions` may ask for fewer).
+    pub embedding_dimensions: usize,
 }
 
 impl Default for SimulatorConfig {
@@ -90,8 +97,18 @@ impl Default for SimulatorConfig {
             record_emit_times: false,
             prefill_per_token: Duration::ZERO,
             prefix_cache_blocks: 0,
+            embedding_dimensions: 384,
         }
     }
+}
+
+/// The vLLM release whose wire format this simulates (`GET /version`).
+pub const VLLM_VERSION: &str = "0.11.0";
+
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// One request as the simulator received it.
@@ -169,6 +186,11 @@ impl Simulator {
             .route("/v1/completions", post(routes::completions))
             .route("/v1/chat/completions", post(routes::chat_completions))
             .route("/v1/models", get(routes::models))
+            .route("/v1/embeddings", post(pooling::embeddings))
+            .route("/tokenize", post(pooling::tokenize_route))
+            .route("/detokenize", post(pooling::detokenize_route))
+            .route("/version", get(routes::version))
+            .route("/ping", get(routes::health).post(routes::health))
             .route("/health", get(routes::health))
             .route("/metrics", get(routes::vllm_metrics))
             .with_state(state.clone());

@@ -1,4 +1,6 @@
-//! The simulator's HTTP routes: generation, `/v1/models`, `/health` and vLLM's `/metrics`.
+//! The simulator's HTTP routes: generation, `/v1/models`, `/health`, `/ping`,
+//! `/version` and vLLM's `/metrics` (the pooling and tokenizer routes are in
+//! `pooling`).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -27,12 +29,12 @@ fn vllm_error_type(status: StatusCode) -> &'static str {
     }
 }
 
-fn error_response(status: StatusCode, kind: &str, message: &str) -> Response {
+pub(crate) fn error_response(status: StatusCode, kind: &str, message: &str) -> Response {
     error_with_param(status, kind, message, None)
 }
 
 /// vLLM's error body; `param` names the field at fault, when there is one.
-fn error_with_param(
+pub(crate) fn error_with_param(
     status: StatusCode,
     kind: &str,
     message: &str,
@@ -45,6 +47,11 @@ fn error_with_param(
         body.to_string(),
     )
         .into_response()
+}
+
+/// vLLM's `/version`.
+pub(crate) async fn version() -> Response {
+    axum::Json(serde_json::json!({"version": crate::VLLM_VERSION})).into_response()
 }
 
 pub(crate) async fn health(State(state): State<Arc<SimState>>) -> Response {
@@ -118,35 +125,35 @@ pub(crate) async fn chat_completions(
     generate(state, headers, body, true).await
 }
 
-async fn generate(
-    State(state): State<Arc<SimState>>,
-    headers: HeaderMap,
-    body: Bytes,
-    chat: bool,
-) -> Response {
+/// What every inference route does first: a killed or failing replica
+/// refuses; the body must be a JSON object; the request is recorded; a
+/// `sim_error_status` is answered; a model this replica does not serve gets
+/// vLLM's 404 (a route whose `model` is optional takes a missing one as this
+/// replica's). Returns the request id (`X-Request-Id`) and the body.
+pub(crate) fn admit(
+    state: &SimState,
+    headers: &HeaderMap,
+    body: &[u8],
+    model_required: bool,
+) -> Result<(String, Value), Box<Response>> {
     if state.killed.load(Ordering::Relaxed) {
-        let mut response = StatusCode::SERVICE_UNAVAILABLE.into_response();
-        response.headers_mut().insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("close"),
-        );
-        return response;
+        return Err(Box::new(killed()));
     }
     if state.failing.load(Ordering::Relaxed) {
-        return error_response(
+        return Err(Box::new(error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             vllm_error_type(StatusCode::SERVICE_UNAVAILABLE),
             "simulated replica failure",
-        );
+        )));
     }
-    let body: Value = match serde_json::from_slice(&body) {
+    let body: Value = match serde_json::from_slice(body) {
         Ok(value @ Value::Object(_)) => value,
         _ => {
-            return error_response(
+            return Err(Box::new(error_response(
                 StatusCode::BAD_REQUEST,
                 "BadRequestError",
                 "request body must be a JSON object",
-            );
+            )));
         }
     };
     let request_id = headers
@@ -167,23 +174,36 @@ async fn generate(
             .ok()
             .and_then(|s| StatusCode::from_u16(s).ok())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return error_response(
+        return Err(Box::new(error_response(
             status,
             vllm_error_type(status),
             "simulated upstream failure",
-        );
+        )));
     }
-    let model = body
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let model = match body.get("model") {
+        None | Some(Value::Null) if !model_required => state.config.model.as_str(),
+        model => model.and_then(Value::as_str).unwrap_or_default(),
+    };
     if model != state.config.model {
-        return error_response(
+        return Err(Box::new(error_response(
             StatusCode::NOT_FOUND,
             "NotFoundError",
             &format!("The model `{model}` does not exist."),
-        );
+        )));
     }
+    Ok((request_id, body))
+}
+
+async fn generate(
+    State(state): State<Arc<SimState>>,
+    headers: HeaderMap,
+    body: Bytes,
+    chat: bool,
+) -> Response {
+    let (request_id, body) = match admit(&state, &headers, &body, true) {
+        Ok(admitted) => admitted,
+        Err(response) => return *response,
+    };
     let parsed = match chat {
         true => Generation::from_chat_body(&state.config, request_id.clone(), &body),
         false => Generation::from_body(&state.config, request_id.clone(), &body),

@@ -1,0 +1,291 @@
+//! Requests whose answer is one JSON body rather than a stream of tokens:
+//! `POST /v1/embeddings`, `/tokenize` and `/detokenize`. Sluice reads only
+//! what it routes, limits, caches and logs by (`model`, the inputs) and
+//! forwards the body's own bytes unchanged, unless it must set the model (an
+//! alias). vLLM checks the rest.
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::Route;
+use crate::error::GatewayError;
+
+/// A request on a route answered with one JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolingRequest {
+    route: Route,
+    model: String,
+    /// The body as the client sent it.
+    raw: Bytes,
+    /// The body parsed; authoritative once the model was changed.
+    body: Map<String, Value>,
+    model_changed: bool,
+    /// The texts the request carries (inputs, prompt, messages' text).
+    texts: Vec<String>,
+    /// Token ids given in place of text.
+    token_ids: usize,
+}
+
+fn bad(field: &str, message: &str) -> GatewayError {
+    GatewayError::BadRequest(format!("invalid value for `{field}`: {message}"))
+}
+
+fn token_ids(value: &Value) -> Option<usize> {
+    let items = value.as_array()?;
+    items.iter().all(Value::is_u64).then_some(items.len())
+}
+
+/// Whether `value` is a chat conversation: a non-empty list of messages.
+fn is_conversation(value: &Value) -> bool {
+    value.as_array().is_some_and(|items| {
+        !items.is_empty()
+            && items
+                .iter()
+                .all(|m| m.get("role").is_some_and(Value::is_string))
+    })
+}
+
+/// The text of a conversation's messages (string content, or text parts).
+fn conversation_texts(messages: &Value) -> Vec<String> {
+    let mut texts = Vec::new();
+    for message in messages.as_array().into_iter().flatten() {
+        match message.get("content") {
+            Some(Value::String(text)) => texts.push(text.clone()),
+            Some(Value::Array(parts)) => texts.extend(
+                parts
+                    .iter()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .map(String::from),
+            ),
+            _ => {}
+        }
+    }
+    texts
+}
+
+/// The prefix of a route's default cache keys (versioned, as the
+/// generation routes' are, so a change of key format starts afresh).
+fn cache_namespace(route: Route) -> &'static str {
+    match route {
+        Route::Tokenize => "tokenize-v1",
+        Route::Detokenize => "detokenize-v1",
+        _ => "embeddings-v1",
+    }
+}
+
+impl PoolingRequest {
+    /// Parses and checks a body sent to `route` (one of the JSON-answer routes).
+    pub fn parse(route: Route, raw: &[u8]) -> Result<Self, GatewayError> {
+        let body: Map<String, Value> = super::parse_body(raw)?;
+        let model = match body.get("model") {
+            Some(Value::String(model)) if !model.trim().is_empty() => model.clone(),
+            Some(Value::String(_)) => return Err(bad("model", "must not be empty")),
+            Some(_) => return Err(bad("model", "must be a string")),
+            None => {
+                return Err(GatewayError::BadRequest(
+                    "`model` is required: the gateway routes by it".into(),
+                ));
+            }
+        };
+        let mut texts = Vec::new();
+        let mut ids = 0;
+        match route {
+            Route::Embeddings => {
+                let conversation = body
+                    .get("messages")
+                    .or_else(|| body.get("input").filter(|i| is_conversation(i)));
+                if let Some(messages) = conversation {
+                    if !is_conversation(messages) {
+                        return Err(bad("messages", "must be a non-empty list of messages"));
+                    }
+                    texts = conversation_texts(messages);
+                } else {
+                    match body.get("input") {
+                        None => {
+                            return Err(GatewayError::BadRequest("`input` is required".into()));
+                        }
+                        Some(Value::String(text)) => texts.push(text.clone()),
+                        Some(Value::Array(items)) if items.is_empty() => {
+                            return Err(bad("input", "must not be empty"));
+                        }
+                        Some(input @ Value::Array(items)) => match token_ids(input) {
+                            Some(n) => ids = n,
+                            None => {
+                                for (i, item) in items.iter().enumerate() {
+                                    match (item, token_ids(item)) {
+                                        (Value::String(text), _) => texts.push(text.clone()),
+                                        (_, Some(n)) => ids += n,
+                                        _ => {
+                                            return Err(bad(
+                                                &format!("input[{i}]"),
+                                                "must be a string or a list of token ids",
+                                            ));
+                                        }
+                                    }
+                                }
+                            }
+                        },
+                        Some(_) => {
+                            return Err(bad(
+                                "input",
+                                "must be a string, a list of strings, token ids or lists of token ids",
+                            ));
+                        }
+                    }
+                }
+            }
+            Route::Tokenize => match (body.get("prompt"), body.get("messages")) {
+                (Some(Value::String(prompt)), _) => texts.push(prompt.clone()),
+                (Some(_), _) => return Err(bad("prompt", "must be a string")),
+                (None, Some(messages)) if is_conversation(messages) => {
+                    texts = conversation_texts(messages);
+                }
+                (None, Some(_)) => {
+                    return Err(bad("messages", "must be a non-empty list of messages"));
+                }
+                (None, None) => {
+                    return Err(GatewayError::BadRequest(
+                        "`prompt` or `messages` is required".into(),
+                    ));
+                }
+            },
+            Route::Detokenize => match body.get("tokens").map(token_ids) {
+                Some(Some(n)) => ids = n,
+                Some(None) => return Err(bad("tokens", "must be a list of token ids")),
+                None => return Err(GatewayError::BadRequest("`tokens` is required".into())),
+            },
+            Route::Completions | Route::ChatCompletions => {
+                return Err(GatewayError::Internal(format!(
+                    "{} is not a JSON-answer route",
+                    route.path()
+                )));
+            }
+        }
+        Ok(Self {
+            route,
+            model,
+            raw: Bytes::copy_from_slice(raw),
+            body,
+            model_changed: false,
+            texts,
+            token_ids: ids,
+        })
+    }
+
+    pub fn route(&self) -> Route {
+        self.route
+    }
+
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// Sends the request for `model` instead (an alias resolved).
+    pub fn set_model(&mut self, model: String) {
+        self.body
+            .insert("model".into(), Value::String(model.clone()));
+        self.model = model;
+        self.model_changed = true;
+    }
+
+    /// The texts the request carries, for limits, logs and plugins.
+    pub fn texts(&self) -> &[String] {
+        &self.texts
+    }
+
+    /// The bytes of input text (token ids: 4 per id), to estimate its tokens.
+    pub fn input_bytes(&self) -> usize {
+        self.texts.iter().map(String::len).sum::<usize>() + self.token_ids * 4
+    }
+
+    /// The body for the upstream: the client's own bytes, unless the model changed.
+    pub fn upstream_body(&self) -> Bytes {
+        match self.model_changed {
+            false => self.raw.clone(),
+            true => Bytes::from(serde_json::to_vec(&self.body).unwrap_or_default()),
+        }
+    }
+
+    /// A digest of the body (the model as sent upstream), in the route's own
+    /// namespace: an embedding and a tokenization of one text never share an entry.
+    pub fn default_cache_key(&self) -> String {
+        let json = serde_json::to_vec(&self.body).unwrap_or_default();
+        format!(
+            "{}:{}",
+            cache_namespace(self.route),
+            hex::encode(Sha256::digest(&json))
+        )
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&self.body).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(route: Route, body: &str) -> Result<PoolingRequest, String> {
+        PoolingRequest::parse(route, body.as_bytes()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn embedding_inputs_in_every_shape_vllm_takes() {
+        let one = parse(Route::Embeddings, r#"{"model":"m","input":"hello"}"#).unwrap();
+        assert_eq!(one.texts(), ["hello"]);
+        let many = parse(Route::Embeddings, r#"{"model":"m","input":["a","bc"]}"#).unwrap();
+        assert_eq!(many.input_bytes(), 3);
+        let ids = parse(Route::Embeddings, r#"{"model":"m","input":[1,2,3]}"#).unwrap();
+        assert_eq!(ids.input_bytes(), 12);
+        let batches = parse(Route::Embeddings, r#"{"model":"m","input":[[1,2],[3]]}"#).unwrap();
+        assert_eq!(batches.input_bytes(), 12);
+        let chat = parse(
+            Route::Embeddings,
+            r#"{"model":"m","input":[{"role":"user","content":"hi there"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(chat.texts(), ["hi there"]);
+    }
+
+    #[test]
+    fn malformed_bodies_are_refused_naming_the_field() {
+        for (route, body, field) in [
+            (Route::Embeddings, r#"{"input":"x"}"#, "model"),
+            (Route::Embeddings, r#"{"model":"m"}"#, "input"),
+            (Route::Embeddings, r#"{"model":"m","input":[]}"#, "input"),
+            (
+                Route::Embeddings,
+                r#"{"model":"m","input":["a",{}]}"#,
+                "input[1]",
+            ),
+            (Route::Embeddings, r#"{"model":"m","input":7}"#, "input"),
+            (Route::Tokenize, r#"{"model":"m"}"#, "prompt"),
+            (Route::Tokenize, r#"{"model":"m","prompt":3}"#, "prompt"),
+            (
+                Route::Detokenize,
+                r#"{"model":"m","tokens":["a"]}"#,
+                "tokens",
+            ),
+            (Route::Detokenize, r#"{"model":"m"}"#, "tokens"),
+        ] {
+            let err = parse(route, body).unwrap_err();
+            assert!(err.contains(&format!("`{field}`")), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_body_goes_upstream_unchanged_unless_the_model_is_set() {
+        let body = r#"{"model":"alias",  "input":"x","extra_field":{"kept":true}}"#;
+        let mut request = parse(Route::Embeddings, body).unwrap();
+        assert_eq!(request.upstream_body(), body.as_bytes());
+        let key = request.default_cache_key();
+        request.set_model("real".into());
+        let sent: Value = serde_json::from_slice(&request.upstream_body()).unwrap();
+        assert_eq!(sent["model"], "real");
+        assert_eq!(sent["extra_field"]["kept"], true);
+        assert_ne!(request.default_cache_key(), key);
+        assert!(key.starts_with("embeddings-v1:"));
+    }
+}

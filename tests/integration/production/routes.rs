@@ -1,0 +1,70 @@
+//! vLLM's routes beside generation through Kafka: an edge and two workers
+//! answer `/v1/embeddings` (the official OpenAI SDK, every input shape),
+//! `/tokenize` and `/detokenize` as the simulated vLLM does when called directly.
+
+use super::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_and_tokenize_through_kafka_and_two_workers_match_the_upstream() {
+    let Some(python) = python_with_openai() else {
+        return;
+    };
+    let services = services!();
+    let sim = Simulator::start(sim_config()).await.unwrap();
+    let config = || services.config(&sim.url(), &services.kafka_queue(false));
+    let (worker_1, worker_2) = (Isolated::new("worker-1"), Isolated::new("worker-2"));
+    worker_1.start_worker(config()).await;
+    worker_2.start_worker(config()).await;
+    let edge = Isolated::new("edge");
+    let (url, store) = edge.start_edge(config()).await;
+    let key = sluice::tenancy::keys::create_key(store.as_ref(), "routes")
+        .await
+        .unwrap()
+        .secret;
+
+    let result = run_sdk_script(
+        &python,
+        "openai_embeddings.py",
+        &[&url, &sim.url(), &key, MODEL],
+    )
+    .await;
+    for (name, both) in result.as_object().unwrap() {
+        assert_eq!(both["gateway"], both["upstream"], "{name}");
+    }
+    let http = reqwest::Client::new();
+    for (path, body) in [
+        (
+            "/tokenize",
+            json!({"model": MODEL, "prompt": "through kafka", "return_token_strs": true}),
+        ),
+        (
+            "/detokenize",
+            json!({"model": MODEL, "tokens": [107, 97, 102, 107, 97]}),
+        ),
+    ] {
+        let through: Value = http
+            .post(format!("{url}{path}"))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let direct: Value = http
+            .post(format!("{}{path}", sim.url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(through, direct, "{path}");
+    }
+    for rt in [edge, worker_1, worker_2] {
+        rt.kill();
+    }
+    services.drop_database().await;
+}

@@ -1,0 +1,274 @@
+//! vLLM's routes beside generation, through the whole gateway in embedded
+//! mode: `/v1/embeddings` with the official OpenAI SDK in every input shape,
+//! `/tokenize` and `/detokenize`, each compared field by field with the
+//! simulated vLLM called directly; limits counted from the answer's usage,
+//! the cache scoped per key, malformed bodies refused before the upstream.
+
+use crate::common::*;
+use serde_json::{Value, json};
+use sluice::tenancy::tenants::{self, KeyPatch};
+
+async fn post_json(http: &reqwest::Client, url: &str, key: &str, body: &Value) -> (u16, Value) {
+    let response = http
+        .post(url)
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// An answer with the fields that name one call (`id`, `created`) left out.
+fn unnamed(mut answer: Value) -> Value {
+    if let Some(fields) = answer.as_object_mut() {
+        fields.remove("id");
+        fields.remove("created");
+    }
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openai_sdk_embeddings_match_the_upstream_in_every_shape() {
+    let Some(python) = python_with_openai() else {
+        return;
+    };
+    let gw = TestGateway::start().await;
+    let sim_url = gw.sim.url();
+    let result = run_sdk_script(
+        &python,
+        "openai_embeddings.py",
+        &[&gw.url, &sim_url, &gw.key, MODEL],
+    )
+    .await;
+    let scenarios = result.as_object().unwrap();
+    assert_eq!(scenarios.len(), 5);
+    for (name, both) in scenarios {
+        assert_eq!(both["gateway"], both["upstream"], "{name}");
+        // A list of floats, or (asked for explicitly) a base64 string.
+        let embedding = &both["gateway"]["data"][0]["embedding"];
+        let filled = embedding.as_array().is_some_and(|v| !v.is_empty())
+            || embedding.as_str().is_some_and(|v| !v.is_empty());
+        assert!(filled, "{name}: {both}");
+        assert!(
+            both["gateway"]["usage"]["prompt_tokens"].as_u64() > Some(0),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        scenarios["fewer dimensions"]["gateway"]["data"][0]["embedding"]
+            .as_array()
+            .map(Vec::len),
+        Some(8)
+    );
+    // Five scenarios through the gateway, each also sent straight upstream.
+    assert_eq!(gw.sim.received().len(), 10);
+}
+
+#[tokio::test]
+async fn tokenize_and_detokenize_answer_as_vllm_does() {
+    let gw = TestGateway::start().await;
+    let sim = gw.sim.url();
+    let http = &gw.http;
+    let cases = [
+        (
+            "/tokenize",
+            json!({"model": MODEL, "prompt": "Hello, wörld", "return_token_strs": true}),
+        ),
+        (
+            "/tokenize",
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+        (
+            "/detokenize",
+            json!({"model": MODEL, "tokens": [75, 104, 111]}),
+        ),
+    ];
+    for (path, body) in cases {
+        let (status, through) = post_json(http, &format!("{}{path}", gw.url), &gw.key, &body).await;
+        let (direct_status, direct) = post_json(http, &format!("{sim}{path}"), "", &body).await;
+        assert_eq!(
+            (status, direct_status),
+            (200, 200),
+            "{path} {body}: {through}"
+        );
+        assert_eq!(through, direct, "{path} {body}");
+    }
+    // What one route splits, the other puts back together.
+    let url = |path: &str| format!("{}{path}", gw.url);
+    let (_, tokens) = post_json(
+        http,
+        &url("/tokenize"),
+        &gw.key,
+        &json!({"model": MODEL, "prompt": "round trip"}),
+    )
+    .await;
+    assert_eq!(tokens["count"], 10);
+    let (_, text) = post_json(
+        http,
+        &url("/detokenize"),
+        &gw.key,
+        &json!({"model": MODEL, "tokens": tokens["tokens"]}),
+    )
+    .await;
+    assert_eq!(text["prompt"], "round trip");
+}
+
+#[tokio::test]
+async fn malformed_bodies_are_refused_naming_the_field_without_calling_upstream() {
+    let gw = TestGateway::start().await;
+    for (path, body, field) in [
+        (
+            "/v1/embeddings",
+            json!({"model": MODEL, "input": 7}),
+            "input",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": MODEL, "input": ["a", {"x": 1}]}),
+            "input[1]",
+        ),
+        ("/v1/embeddings", json!({"input": "no model"}), "model"),
+        (
+            "/tokenize",
+            json!({"model": MODEL, "prompt": ["not", "a string"]}),
+            "prompt",
+        ),
+        (
+            "/detokenize",
+            json!({"model": MODEL, "tokens": "abc"}),
+            "tokens",
+        ),
+    ] {
+        let (status, error) =
+            post_json(&gw.http, &format!("{}{path}", gw.url), &gw.key, &body).await;
+        assert_eq!(status, 400, "{path} {body}: {error}");
+        let message = error["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(&format!("`{field}`")),
+            "{path} {body}: {error}"
+        );
+        assert_eq!(error["error"]["type"], "BadRequestError", "{error}");
+    }
+    assert!(gw.sim.received().is_empty());
+    // vLLM's own refusals come back as it wrote them.
+    let (status, error) = post_json(
+        &gw.http,
+        &format!("{}/v1/embeddings", gw.url),
+        &gw.key,
+        &json!({"model": "no-such-model", "input": "x"}),
+    )
+    .await;
+    assert_eq!(status, 404, "{error}");
+    assert_eq!(error["error"]["type"], "NotFoundError", "{error}");
+}
+
+/// Waits until `n` answers are in the cache (written after the answer went out).
+async fn stored(gw: &TestGateway, n: f64) {
+    let series = r#"sluice_cache_stores_total{result="stored"}"#;
+    let done = eventually(std::time::Duration::from_secs(5), || async {
+        (metric(&gw.metrics().await, series) == Some(n)).then_some(())
+    })
+    .await;
+    assert!(done.is_some(), "{n} answers stored in the cache");
+}
+
+#[tokio::test]
+async fn an_embedding_is_cached_for_its_key_only_and_a_hit_skips_the_upstream() {
+    let gw = TestGateway::start().await;
+    let url = format!("{}/v1/embeddings", gw.url);
+    let body = json!({"model": MODEL, "input": ["cache me", "and me"], "encoding_format": "float"});
+    let first = gw
+        .http
+        .post(&url)
+        .bearer_auth(&gw.key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let first_id = request_id(&first);
+    let first: Value = first.json().await.unwrap();
+    assert_eq!(first["id"], format!("embd-{first_id}"));
+    stored(&gw, 1.0).await;
+    let second = gw
+        .http
+        .post(&url)
+        .bearer_auth(&gw.key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let second_id = request_id(&second);
+    let second: Value = second.json().await.unwrap();
+    assert_eq!(
+        gw.sim.received().len(),
+        1,
+        "the hit was served without vLLM"
+    );
+    // Renamed for the request that got it, as vLLM would have named it.
+    assert_eq!(second["id"], format!("embd-{second_id}"));
+    assert_eq!(unnamed(first.clone()), unnamed(second));
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric(&metrics, r#"sluice_cache_lookups_total{result="hit"}"#),
+        Some(1.0)
+    );
+
+    // Another key asking the same is not served from the first key's entry.
+    let other = tenants::create_key(gw.store.as_ref(), "other", &KeyPatch::default(), None)
+        .await
+        .unwrap()
+        .secret;
+    let (status, answer) = post_json(&gw.http, &url, &other, &body).await;
+    stored(&gw, 2.0).await;
+    assert_eq!(status, 200);
+    assert_eq!(gw.sim.received().len(), 2, "a miss for the other key");
+    assert_eq!(unnamed(answer), unnamed(first));
+}
+
+#[tokio::test]
+async fn embeddings_count_their_usage_against_token_limits_and_are_counted_by_route() {
+    let gw = TestGateway::start().await;
+    let patch = KeyPatch {
+        limits: serde_json::from_value(json!({"tokens_per_minute": 100})).unwrap(),
+        ..KeyPatch::default()
+    };
+    let key = tenants::create_key(gw.store.as_ref(), "tokens", &patch, None)
+        .await
+        .unwrap()
+        .secret;
+    let url = format!("{}/v1/embeddings", gw.url);
+    // 40 bytes each: the simulator's tokenizer counts 40 tokens, the
+    // gateway's estimate before the answer is 10 (4 bytes a token). Each is
+    // different (a hit would cost nothing).
+    let body = |i: usize| json!({"model": MODEL, "input": format!("{i:02} thirty-eight more bytes of input text")});
+    let prompt_tokens = format!(r#"sluice_prompt_tokens_total{{model="{MODEL}"}}"#);
+    for i in 0..3 {
+        let (status, answer) = post_json(&gw.http, &url, &key, &body(i)).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["usage"]["prompt_tokens"], 40, "{answer}");
+        // Settled (after the answer went out) before the next one asks.
+        let settled = eventually(std::time::Duration::from_secs(5), || async {
+            let counted = metric(&gw.metrics().await, &prompt_tokens);
+            (counted == Some(40.0 * (i + 1) as f64)).then_some(())
+        })
+        .await;
+        assert!(settled.is_some(), "request {i} counted");
+    }
+    // Each was settled with its usage (40), not the estimate (10): 120 are
+    // used, and a fourth does not fit (had the estimates stood, 30 would be
+    // used and it would).
+    let (fourth, error) = post_json(&gw.http, &url, &key, &body(3)).await;
+    assert_eq!(fourth, 429, "{error}");
+    assert_eq!(error["error"]["type"], "tokens", "{error}");
+
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"sluice_requests_total{route="/v1/embeddings",status="2xx",transport="json"}"#
+        ),
+        Some(3.0)
+    );
+}
