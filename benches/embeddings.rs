@@ -80,13 +80,23 @@ async fn one(client: &reqwest::Client, target: &Target, body: &Value) -> Duratio
     }
     let sent = Instant::now();
     let response = request.send().await.expect("request");
-    assert!(response.status().is_success(), "status {}", response.status());
+    assert!(
+        response.status().is_success(),
+        "status {}",
+        response.status()
+    );
     response.bytes().await.expect("body");
     sent.elapsed()
 }
 
 /// `clients` clients, each sending `rounds` unique requests back to back.
-async fn misses(client: &reqwest::Client, target: &Arc<Target>, args: &Arc<Args>, clients: usize, rounds: usize) -> Vec<Duration> {
+async fn misses(
+    client: &reqwest::Client,
+    target: &Arc<Target>,
+    args: &Arc<Args>,
+    clients: usize,
+    rounds: usize,
+) -> Vec<Duration> {
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
             let (client, target, args) = (client.clone(), target.clone(), args.clone());

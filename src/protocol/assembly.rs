@@ -21,7 +21,7 @@ impl ResponseAssembler {
         match route {
             Route::Completions => Self::Completion(CompletionAssembler::default()),
             Route::ChatCompletions => Self::Chat(ChatAssembler::default()),
-            Route::Embeddings | Route::Tokenize | Route::Detokenize => Self::Whole(Vec::new()),
+            _ => Self::Whole(Vec::new()),
         }
     }
 

@@ -38,15 +38,27 @@ pub enum Route {
     Completions,
     ChatCompletions,
     Embeddings,
+    /// `/rerank`, as vLLM and Jina name it (`/v1/rerank` and `/v2/rerank`,
+    /// Cohere's, take the same body).
+    Rerank,
+    RerankV1,
+    RerankV2,
+    Score,
+    ScoreV1,
     Tokenize,
     Detokenize,
 }
 
 impl Route {
-    pub const ALL: [Route; 5] = [
+    pub const ALL: [Route; 10] = [
         Route::Completions,
         Route::ChatCompletions,
         Route::Embeddings,
+        Route::Rerank,
+        Route::RerankV1,
+        Route::RerankV2,
+        Route::Score,
+        Route::ScoreV1,
         Route::Tokenize,
         Route::Detokenize,
     ];
@@ -57,6 +69,11 @@ impl Route {
             Route::Completions => "/v1/completions",
             Route::ChatCompletions => "/v1/chat/completions",
             Route::Embeddings => "/v1/embeddings",
+            Route::Rerank => "/rerank",
+            Route::RerankV1 => "/v1/rerank",
+            Route::RerankV2 => "/v2/rerank",
+            Route::Score => "/score",
+            Route::ScoreV1 => "/v1/score",
             Route::Tokenize => "/tokenize",
             Route::Detokenize => "/detokenize",
         }
@@ -68,6 +85,11 @@ impl Route {
             Route::Completions => "POST /v1/completions",
             Route::ChatCompletions => "POST /v1/chat/completions",
             Route::Embeddings => "POST /v1/embeddings",
+            Route::Rerank => "POST /rerank",
+            Route::RerankV1 => "POST /v1/rerank",
+            Route::RerankV2 => "POST /v2/rerank",
+            Route::Score => "POST /score",
+            Route::ScoreV1 => "POST /v1/score",
             Route::Tokenize => "POST /tokenize",
             Route::Detokenize => "POST /detokenize",
         }

@@ -1,5 +1,6 @@
 //! Requests whose answer is one JSON body rather than a stream of tokens:
-//! `POST /v1/embeddings`, `/tokenize` and `/detokenize`. Sluice reads only
+//! `POST /v1/embeddings`, rerank (`/rerank`, `/v1/rerank`, `/v2/rerank`),
+//! score (`/score`, `/v1/score`), `/tokenize` and `/detokenize`. Sluice reads only
 //! what it routes, limits, caches and logs by (`model`, the inputs) and
 //! forwards the body's own bytes unchanged, unless it must set the model (an
 //! alias). vLLM checks the rest.
@@ -68,9 +69,47 @@ fn conversation_texts(messages: &Value) -> Vec<String> {
 /// generation routes' are, so a change of key format starts afresh).
 fn cache_namespace(route: Route) -> &'static str {
     match route {
+        // One body and one answer on all three paths.
+        Route::Rerank | Route::RerankV1 | Route::RerankV2 => "rerank-v1",
+        Route::Score | Route::ScoreV1 => "score-v1",
         Route::Tokenize => "tokenize-v1",
         Route::Detokenize => "detokenize-v1",
         _ => "embeddings-v1",
+    }
+}
+
+/// The texts of a scoring input: a string, a list of strings, or
+/// multimodal content (`{"content": [parts]}`, whose text parts count).
+fn score_texts(field: &str, value: &Value, texts: &mut Vec<String>) -> Result<(), GatewayError> {
+    let one = |item: &Value, texts: &mut Vec<String>| match item {
+        Value::String(text) => {
+            texts.push(text.clone());
+            true
+        }
+        Value::Object(object) => {
+            let parts = object.get("content").and_then(Value::as_array);
+            texts.extend(
+                parts
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .map(String::from),
+            );
+            parts.is_some()
+        }
+        _ => false,
+    };
+    let valid = match value {
+        Value::Array(items) if items.is_empty() => false,
+        Value::Array(items) => items.iter().all(|item| one(item, texts)),
+        item => one(item, texts),
+    };
+    match valid {
+        true => Ok(()),
+        false => Err(bad(
+            field,
+            "must be a string, multimodal content, or a non-empty list of them",
+        )),
     }
 }
 
@@ -133,6 +172,34 @@ impl PoolingRequest {
                             ));
                         }
                     }
+                }
+            }
+            Route::Rerank | Route::RerankV1 | Route::RerankV2 => {
+                for field in ["query", "documents"] {
+                    let value = body.get(field).ok_or_else(|| {
+                        GatewayError::BadRequest(format!("`{field}` is required"))
+                    })?;
+                    score_texts(field, value, &mut texts)?;
+                }
+            }
+            Route::Score | Route::ScoreV1 => {
+                // vLLM's four spellings of the two sides of a score.
+                let pairs = [
+                    ("queries", "documents"),
+                    ("queries", "items"),
+                    ("data_1", "data_2"),
+                    ("text_1", "text_2"),
+                ];
+                let Some((first, second)) = pairs
+                    .into_iter()
+                    .find(|(a, b)| body.contains_key(*a) && body.contains_key(*b))
+                else {
+                    return Err(GatewayError::BadRequest(
+                        "two sides to score are required: `queries` and `documents` (or `items`), `data_1` and `data_2`, or `text_1` and `text_2`".into(),
+                    ));
+                };
+                for field in [first, second] {
+                    score_texts(field, &body[field], &mut texts)?;
                 }
             }
             Route::Tokenize => match (body.get("prompt"), body.get("messages")) {
@@ -269,6 +336,39 @@ mod tests {
                 "tokens",
             ),
             (Route::Detokenize, r#"{"model":"m"}"#, "tokens"),
+        ] {
+            let err = parse(route, body).unwrap_err();
+            assert!(err.contains(&format!("`{field}`")), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn rerank_and_score_read_both_sides() {
+        let rerank = parse(
+            Route::RerankV2,
+            r#"{"model":"m","query":"q","documents":["a",{"content":[{"type":"text","text":"b"}]}],"top_n":1}"#,
+        )
+        .unwrap();
+        assert_eq!(rerank.texts(), ["q", "a", "b"]);
+        let score = parse(
+            Route::Score,
+            r#"{"model":"m","text_1":"q","text_2":["a","b"]}"#,
+        )
+        .unwrap();
+        assert_eq!(score.texts(), ["q", "a", "b"]);
+        for (route, body, field) in [
+            (Route::Rerank, r#"{"model":"m","documents":["a"]}"#, "query"),
+            (
+                Route::Rerank,
+                r#"{"model":"m","query":"q","documents":[]}"#,
+                "documents",
+            ),
+            (
+                Route::ScoreV1,
+                r#"{"model":"m","queries":"q","documents":[1]}"#,
+                "documents",
+            ),
+            (Route::Score, r#"{"model":"m","text_1":"q"}"#, "text_2"),
         ] {
             let err = parse(route, body).unwrap_err();
             assert!(err.contains(&format!("`{field}`")), "{body}: {err}");

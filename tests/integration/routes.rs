@@ -1,6 +1,7 @@
 //! vLLM's routes beside generation, through the whole gateway in embedded
 //! mode: `/v1/embeddings` with the official OpenAI SDK in every input shape,
-//! `/tokenize` and `/detokenize`, each compared field by field with the
+//! rerank and score on each of their paths, `/tokenize` and `/detokenize`,
+//! each compared field by field with the
 //! simulated vLLM called directly; limits counted from the answer's usage,
 //! the cache scoped per key, malformed bodies refused before the upstream.
 
@@ -116,6 +117,57 @@ async fn tokenize_and_detokenize_answer_as_vllm_does() {
 }
 
 #[tokio::test]
+async fn rerank_and_score_answer_as_vllm_does_on_every_path() {
+    let gw = TestGateway::start().await;
+    let sim = gw.sim.url();
+    let documents = json!([
+        "the river flows to the sea",
+        "a mountain of granite",
+        "rain feeds the river"
+    ]);
+    let rerank =
+        json!({"model": MODEL, "query": "where does the river go?", "documents": documents});
+    let top = json!({"model": MODEL, "query": "rivers", "documents": documents, "top_n": 2});
+    let cases = [
+        ("/rerank", rerank.clone()),
+        ("/v1/rerank", rerank.clone()),
+        ("/v2/rerank", top),
+        (
+            "/score",
+            json!({"model": MODEL, "text_1": "rivers", "text_2": documents}),
+        ),
+        (
+            "/v1/score",
+            json!({"model": MODEL, "queries": ["a", "b"], "documents": ["c", "d"]}),
+        ),
+    ];
+    for (path, body) in cases {
+        let (status, through) =
+            post_json(&gw.http, &format!("{}{path}", gw.url), &gw.key, &body).await;
+        let (_, direct) = post_json(&gw.http, &format!("{sim}{path}"), "", &body).await;
+        assert_eq!(status, 200, "{path}: {through}");
+        assert_eq!(unnamed(through.clone()), unnamed(direct), "{path}");
+        // vLLM names the answer after the request id sluice sent it.
+        assert!(
+            through["id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("score-")),
+            "{through}"
+        );
+    }
+    let (_, ranked) = post_json(
+        &gw.http,
+        &format!("{}/v2/rerank", gw.url),
+        &gw.key,
+        &json!({"model": MODEL, "query": "q", "documents": documents, "top_n": 2}),
+    )
+    .await;
+    let results = ranked["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "{ranked}");
+    assert!(results[0]["relevance_score"].as_f64() >= results[1]["relevance_score"].as_f64());
+}
+
+#[tokio::test]
 async fn malformed_bodies_are_refused_naming_the_field_without_calling_upstream() {
     let gw = TestGateway::start().await;
     for (path, body, field) in [
@@ -139,6 +191,16 @@ async fn malformed_bodies_are_refused_naming_the_field_without_calling_upstream(
             "/detokenize",
             json!({"model": MODEL, "tokens": "abc"}),
             "tokens",
+        ),
+        (
+            "/rerank",
+            json!({"model": MODEL, "documents": ["a"]}),
+            "query",
+        ),
+        (
+            "/score",
+            json!({"model": MODEL, "text_1": "a", "text_2": []}),
+            "text_2",
         ),
     ] {
         let (status, error) =

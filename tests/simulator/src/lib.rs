@@ -3,7 +3,8 @@
 //! A crate of its own that imports nothing from the gateway, so that what the
 //! gateway gets wrong about vLLM's wire format cannot be mirrored here.
 //!
-//! Beside generation it answers `/v1/embeddings`, `/tokenize`, `/detokenize`,
+//! Beside generation it answers `/v1/embeddings`, rerank and score,
+//! `/tokenize`, `/detokenize`,
 //! `/version` and `/ping` in vLLM's shapes (see `pooling`).
 //!
 //! It speaks vLLM's OpenAI-compatible `/v1/completions` and
@@ -37,6 +38,7 @@ mod generation;
 mod pooling;
 mod prefix_cache;
 mod routes;
+mod scoring;
 mod stream;
 mod wire;
 
@@ -187,6 +189,11 @@ impl Simulator {
             .route("/v1/chat/completions", post(routes::chat_completions))
             .route("/v1/models", get(routes::models))
             .route("/v1/embeddings", post(pooling::embeddings))
+            .route("/rerank", post(scoring::rerank))
+            .route("/v1/rerank", post(scoring::rerank))
+            .route("/v2/rerank", post(scoring::rerank))
+            .route("/score", post(scoring::score))
+            .route("/v1/score", post(scoring::score))
             .route("/tokenize", post(pooling::tokenize_route))
             .route("/detokenize", post(pooling::detokenize_route))
             .route("/version", get(routes::version))

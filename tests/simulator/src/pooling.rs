@@ -1,5 +1,6 @@
-//! vLLM's pooling and tokenizer routes: `/v1/embeddings` (OpenAI's shape,
-//! `float` or `base64`), `/tokenize` and `/detokenize`.
+//! vLLM's embedding and tokenizer routes: `/v1/embeddings` (OpenAI's shape,
+//! `float` or `base64`), `/tokenize` and `/detokenize` (rerank and score,
+//! which compare embeddings, are in `scoring`).
 //!
 //! Tokens here are UTF-8 bytes (id = byte + 3, as byte-level tokenizers
 //! number them after their special tokens), so `/detokenize` inverts
@@ -42,7 +43,7 @@ fn detokenize(tokens: &[u64]) -> Result<String, u64> {
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-fn bad_request(message: &str, param: Option<&str>) -> Response {
+pub(crate) fn bad_request(message: &str, param: Option<&str>) -> Response {
     error_with_param(StatusCode::BAD_REQUEST, "BadRequestError", message, param)
 }
 
@@ -126,7 +127,7 @@ fn is_chat(value: &Value) -> bool {
 }
 
 /// A unit vector of `dimensions` drawn from a hash of the model and `key`.
-fn embedding(model: &str, key: &str, dimensions: usize) -> Vec<f32> {
+pub(crate) fn embedding(model: &str, key: &str, dimensions: usize) -> Vec<f32> {
     let mut hasher = std::hash::DefaultHasher::new();
     (model, key).hash(&mut hasher);
     let mut state = hasher.finish() | 1;
@@ -253,11 +254,11 @@ struct EmbeddingData {
 
 /// vLLM's `UsageInfo` as a pooling answer fills it.
 #[derive(Serialize)]
-struct PoolingUsage {
-    prompt_tokens: usize,
-    total_tokens: usize,
-    completion_tokens: usize,
-    prompt_tokens_details: Option<Value>,
+pub(crate) struct PoolingUsage {
+    pub(crate) prompt_tokens: usize,
+    pub(crate) total_tokens: usize,
+    pub(crate) completion_tokens: usize,
+    pub(crate) prompt_tokens_details: Option<Value>,
 }
 
 /// vLLM's `TokenizeResponse`.
