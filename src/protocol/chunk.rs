@@ -114,6 +114,23 @@ pub struct ChunkView<'a> {
     pub choices: Vec<ChoiceView<'a>>,
     #[serde(default)]
     pub usage: Option<Usage>,
+    /// Cohere's embed answer (`/v2/embed`) counts its tokens here, not in `usage`.
+    #[serde(default)]
+    meta: Option<CohereMeta>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+struct CohereMeta {
+    #[serde(default)]
+    billed_units: Option<BilledUnits>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+struct BilledUnits {
+    #[serde(default, deserialize_with = "null_as_zero")]
+    input_tokens: u64,
+    #[serde(default, deserialize_with = "null_as_zero")]
+    image_tokens: u64,
 }
 
 /// One choice of a chunk: a completion's `text`, or a chat chunk's `delta`.
@@ -211,6 +228,7 @@ impl<'a> ChunkView<'a> {
                 .map(ChoiceView::into_owned)
                 .collect(),
             usage: self.usage,
+            meta: self.meta,
         }
     }
 
@@ -218,7 +236,15 @@ impl<'a> ChunkView<'a> {
         ChunkSummary {
             choices: self.choices.len(),
             outputs: self.choices.iter().filter(|c| c.has_output()).count(),
-            usage: self.usage,
+            usage: self.usage.or_else(|| {
+                let billed = self.meta?.billed_units?;
+                let tokens = billed.input_tokens + billed.image_tokens;
+                Some(Usage {
+                    prompt_tokens: tokens,
+                    completion_tokens: 0,
+                    total_tokens: tokens,
+                })
+            }),
         }
     }
 }
@@ -258,6 +284,21 @@ fn null_as_zero<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Er
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_whole_json_answer_is_one_event_and_its_usage_is_read() {
+        let cohere = Chunk::from_json_body(
+            br#"{"id":"embd-1","embeddings":{"float":[[0.1]]},"meta":{"api_version":{"version":"2"},"billed_units":{"input_tokens":7,"image_tokens":null}}}"#,
+        );
+        let usage = cohere.summary().usage.unwrap();
+        assert_eq!((usage.prompt_tokens, usage.total_tokens), (7, 7));
+        // Pretty-printed, with a null count: one line, usage still read.
+        let pretty = Chunk::from_json_body(
+            b"{\n  \"id\": \"embd-2\",\n  \"usage\": {\"prompt_tokens\": 3, \"completion_tokens\": null}\n}",
+        );
+        assert!(!pretty.payload_slice().contains(&b'\n'));
+        assert_eq!(pretty.summary().usage.unwrap().prompt_tokens, 3);
+    }
 
     #[test]
     fn a_chunk_can_be_renamed_for_another_request() {

@@ -38,6 +38,8 @@ pub enum Route {
     Completions,
     ChatCompletions,
     Embeddings,
+    /// Cohere's embed API, `/v2/embed`.
+    EmbedV2,
     /// `/rerank`, as vLLM and Jina name it (`/v1/rerank` and `/v2/rerank`,
     /// Cohere's, take the same body).
     Rerank,
@@ -45,20 +47,25 @@ pub enum Route {
     RerankV2,
     Score,
     ScoreV1,
+    Classify,
+    Pooling,
     Tokenize,
     Detokenize,
 }
 
 impl Route {
-    pub const ALL: [Route; 10] = [
+    pub const ALL: [Route; 13] = [
         Route::Completions,
         Route::ChatCompletions,
         Route::Embeddings,
+        Route::EmbedV2,
         Route::Rerank,
         Route::RerankV1,
         Route::RerankV2,
         Route::Score,
         Route::ScoreV1,
+        Route::Classify,
+        Route::Pooling,
         Route::Tokenize,
         Route::Detokenize,
     ];
@@ -69,11 +76,14 @@ impl Route {
             Route::Completions => "/v1/completions",
             Route::ChatCompletions => "/v1/chat/completions",
             Route::Embeddings => "/v1/embeddings",
+            Route::EmbedV2 => "/v2/embed",
             Route::Rerank => "/rerank",
             Route::RerankV1 => "/v1/rerank",
             Route::RerankV2 => "/v2/rerank",
             Route::Score => "/score",
             Route::ScoreV1 => "/v1/score",
+            Route::Classify => "/classify",
+            Route::Pooling => "/pooling",
             Route::Tokenize => "/tokenize",
             Route::Detokenize => "/detokenize",
         }
@@ -85,11 +95,14 @@ impl Route {
             Route::Completions => "POST /v1/completions",
             Route::ChatCompletions => "POST /v1/chat/completions",
             Route::Embeddings => "POST /v1/embeddings",
+            Route::EmbedV2 => "POST /v2/embed",
             Route::Rerank => "POST /rerank",
             Route::RerankV1 => "POST /v1/rerank",
             Route::RerankV2 => "POST /v2/rerank",
             Route::Score => "POST /score",
             Route::ScoreV1 => "POST /v1/score",
+            Route::Classify => "POST /classify",
+            Route::Pooling => "POST /pooling",
             Route::Tokenize => "POST /tokenize",
             Route::Detokenize => "POST /detokenize",
         }

@@ -1,6 +1,7 @@
 //! Requests whose answer is one JSON body rather than a stream of tokens:
-//! `POST /v1/embeddings`, rerank (`/rerank`, `/v1/rerank`, `/v2/rerank`),
-//! score (`/score`, `/v1/score`), `/tokenize` and `/detokenize`. Sluice reads only
+//! `POST /v1/embeddings`, Cohere's `/v2/embed`, rerank (`/rerank`,
+//! `/v1/rerank`, `/v2/rerank`), score (`/score`, `/v1/score`), `/classify`,
+//! `/pooling`, `/tokenize` and `/detokenize`. Sluice reads only
 //! what it routes, limits, caches and logs by (`model`, the inputs) and
 //! forwards the body's own bytes unchanged, unless it must set the model (an
 //! alias). vLLM checks the rest.
@@ -65,6 +66,102 @@ fn conversation_texts(messages: &Value) -> Vec<String> {
     texts
 }
 
+/// The inputs of an embedding-style request (`/v1/embeddings`, `/classify`,
+/// `/pooling`): `input` as a string, strings, token ids or lists of them, or
+/// a conversation (`messages`, or `input` holding messages).
+fn embedding_inputs(
+    body: &Map<String, Value>,
+    texts: &mut Vec<String>,
+    ids: &mut usize,
+) -> Result<(), GatewayError> {
+    let conversation = body
+        .get("messages")
+        .or_else(|| body.get("input").filter(|i| is_conversation(i)));
+    if let Some(messages) = conversation {
+        if !is_conversation(messages) {
+            return Err(bad("messages", "must be a non-empty list of messages"));
+        }
+        *texts = conversation_texts(messages);
+    } else {
+        match body.get("input") {
+            None => {
+                return Err(GatewayError::BadRequest("`input` is required".into()));
+            }
+            Some(Value::String(text)) => texts.push(text.clone()),
+            Some(Value::Array(items)) if items.is_empty() => {
+                return Err(bad("input", "must not be empty"));
+            }
+            Some(input @ Value::Array(items)) => match token_ids(input) {
+                Some(n) => *ids = n,
+                None => {
+                    for (i, item) in items.iter().enumerate() {
+                        match (item, token_ids(item)) {
+                            (Value::String(text), _) => texts.push(text.clone()),
+                            (_, Some(n)) => *ids += n,
+                            _ => {
+                                return Err(bad(
+                                    &format!("input[{i}]"),
+                                    "must be a string or a list of token ids",
+                                ));
+                            }
+                        }
+                    }
+                }
+            },
+            Some(_) => {
+                return Err(bad(
+                    "input",
+                    "must be a string, a list of strings, token ids or lists of token ids",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The inputs of Cohere's embed request (`/v2/embed`): exactly one of
+/// `texts`, `images` (data URIs, no text) or `inputs` (content parts).
+fn cohere_inputs(body: &Map<String, Value>, texts: &mut Vec<String>) -> Result<(), GatewayError> {
+    let given: Vec<&str> = ["texts", "images", "inputs"]
+        .into_iter()
+        .filter(|f| body.get(*f).is_some_and(|v| !v.is_null()))
+        .collect();
+    let [field] = given[..] else {
+        return Err(GatewayError::BadRequest(
+            "exactly one of `texts`, `images` or `inputs` is required".into(),
+        ));
+    };
+    let items = match body.get(field).and_then(Value::as_array) {
+        Some(items) if !items.is_empty() => items,
+        _ => return Err(bad(field, "must be a non-empty list")),
+    };
+    for (i, item) in items.iter().enumerate() {
+        match (field, item) {
+            ("texts", Value::String(text)) => texts.push(text.clone()),
+            ("images", Value::String(_)) => {}
+            ("inputs", Value::Object(input)) => texts.extend(
+                input
+                    .get("content")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .map(String::from),
+            ),
+            _ => {
+                return Err(bad(
+                    &format!("{field}[{i}]"),
+                    match field {
+                        "inputs" => "must be an object with `content`",
+                        _ => "must be a string",
+                    },
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The prefix of a route's default cache keys (versioned, as the
 /// generation routes' are, so a change of key format starts afresh).
 fn cache_namespace(route: Route) -> &'static str {
@@ -72,6 +169,9 @@ fn cache_namespace(route: Route) -> &'static str {
         // One body and one answer on all three paths.
         Route::Rerank | Route::RerankV1 | Route::RerankV2 => "rerank-v1",
         Route::Score | Route::ScoreV1 => "score-v1",
+        Route::Classify => "classify-v1",
+        Route::Pooling => "pooling-v1",
+        Route::EmbedV2 => "cohere-embed-v1",
         Route::Tokenize => "tokenize-v1",
         Route::Detokenize => "detokenize-v1",
         _ => "embeddings-v1",
@@ -130,50 +230,11 @@ impl PoolingRequest {
         let mut texts = Vec::new();
         let mut ids = 0;
         match route {
-            Route::Embeddings => {
-                let conversation = body
-                    .get("messages")
-                    .or_else(|| body.get("input").filter(|i| is_conversation(i)));
-                if let Some(messages) = conversation {
-                    if !is_conversation(messages) {
-                        return Err(bad("messages", "must be a non-empty list of messages"));
-                    }
-                    texts = conversation_texts(messages);
-                } else {
-                    match body.get("input") {
-                        None => {
-                            return Err(GatewayError::BadRequest("`input` is required".into()));
-                        }
-                        Some(Value::String(text)) => texts.push(text.clone()),
-                        Some(Value::Array(items)) if items.is_empty() => {
-                            return Err(bad("input", "must not be empty"));
-                        }
-                        Some(input @ Value::Array(items)) => match token_ids(input) {
-                            Some(n) => ids = n,
-                            None => {
-                                for (i, item) in items.iter().enumerate() {
-                                    match (item, token_ids(item)) {
-                                        (Value::String(text), _) => texts.push(text.clone()),
-                                        (_, Some(n)) => ids += n,
-                                        _ => {
-                                            return Err(bad(
-                                                &format!("input[{i}]"),
-                                                "must be a string or a list of token ids",
-                                            ));
-                                        }
-                                    }
-                                }
-                            }
-                        },
-                        Some(_) => {
-                            return Err(bad(
-                                "input",
-                                "must be a string, a list of strings, token ids or lists of token ids",
-                            ));
-                        }
-                    }
-                }
-            }
+            Route::Embeddings | Route::Classify => embedding_inputs(&body, &mut texts, &mut ids)?,
+            // An IO-processor plugin's request carries `data` of its own shape.
+            Route::Pooling if body.contains_key("data") && !body.contains_key("input") => {}
+            Route::Pooling => embedding_inputs(&body, &mut texts, &mut ids)?,
+            Route::EmbedV2 => cohere_inputs(&body, &mut texts)?,
             Route::Rerank | Route::RerankV1 | Route::RerankV2 => {
                 for field in ["query", "documents"] {
                     let value = body.get(field).ok_or_else(|| {

@@ -1,6 +1,7 @@
 //! vLLM's routes beside generation, through the whole gateway in embedded
 //! mode: `/v1/embeddings` with the official OpenAI SDK in every input shape,
-//! rerank and score on each of their paths, `/tokenize` and `/detokenize`,
+//! Cohere's `/v2/embed`, rerank and score on each of their paths,
+//! `/classify`, `/pooling`, `/tokenize` and `/detokenize`,
 //! each compared field by field with the
 //! simulated vLLM called directly; limits counted from the answer's usage,
 //! the cache scoped per key, malformed bodies refused before the upstream.
@@ -168,6 +169,48 @@ async fn rerank_and_score_answer_as_vllm_does_on_every_path() {
 }
 
 #[tokio::test]
+async fn classify_pooling_and_cohere_embed_answer_as_vllm_does() {
+    let gw = TestGateway::start().await;
+    let sim = gw.sim.url();
+    let cases = [
+        (
+            "/classify",
+            json!({"model": MODEL, "input": ["great service", "awful wait"]}),
+        ),
+        (
+            "/classify",
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "fine"}]}),
+        ),
+        ("/pooling", json!({"model": MODEL, "input": "pool me"})),
+        (
+            "/v2/embed",
+            json!({"model": MODEL, "texts": ["hello", "world"], "input_type": "search_document", "embedding_types": ["float", "base64", "binary"]}),
+        ),
+        (
+            "/v2/embed",
+            json!({"model": MODEL, "inputs": [{"content": [{"type": "text", "text": "parts"}]}]}),
+        ),
+    ];
+    for (path, body) in cases {
+        let (status, through) =
+            post_json(&gw.http, &format!("{}{path}", gw.url), &gw.key, &body).await;
+        let (_, direct) = post_json(&gw.http, &format!("{sim}{path}"), "", &body).await;
+        assert_eq!(status, 200, "{path}: {through}");
+        assert_eq!(unnamed(through), unnamed(direct), "{path} {body}");
+    }
+    // Cohere's answer counts its tokens in meta.billed_units: counted too.
+    let series = format!(r#"sluice_prompt_tokens_total{{model="{MODEL}"}}"#);
+    // 23 + 12 bytes classified, 7 pooled, 10 + 5 embedded (a part's text).
+    let expected = (23 + "<user> fine\n".len() + 7 + 10 + 5) as f64;
+    let counted = eventually(std::time::Duration::from_secs(5), || async {
+        let counted = metric(&gw.metrics().await, &series);
+        (counted == Some(expected)).then_some(())
+    })
+    .await;
+    assert!(counted.is_some(), "{}", gw.metrics().await);
+}
+
+#[tokio::test]
 async fn malformed_bodies_are_refused_naming_the_field_without_calling_upstream() {
     let gw = TestGateway::start().await;
     for (path, body, field) in [
@@ -197,6 +240,8 @@ async fn malformed_bodies_are_refused_naming_the_field_without_calling_upstream(
             json!({"model": MODEL, "documents": ["a"]}),
             "query",
         ),
+        ("/v2/embed", json!({"model": MODEL, "texts": []}), "texts"),
+        ("/classify", json!({"model": MODEL, "input": 5}), "input"),
         (
             "/score",
             json!({"model": MODEL, "text_1": "a", "text_2": []}),

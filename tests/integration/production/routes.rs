@@ -49,6 +49,11 @@ async fn embeddings_and_tokenize_through_kafka_and_two_workers_match_the_upstrea
             "/score",
             json!({"model": MODEL, "text_1": "q", "text_2": ["a", "b"]}),
         ),
+        (
+            "/v2/embed",
+            json!({"model": MODEL, "texts": ["through", "kafka"]}),
+        ),
+        ("/classify", json!({"model": MODEL, "input": "fine"})),
     ] {
         let through: Value = http
             .post(format!("{url}{path}"))

@@ -3,7 +3,8 @@
 //! A crate of its own that imports nothing from the gateway, so that what the
 //! gateway gets wrong about vLLM's wire format cannot be mirrored here.
 //!
-//! Beside generation it answers `/v1/embeddings`, rerank and score,
+//! Beside generation it answers `/v1/embeddings`, `/v2/embed`, rerank and
+//! score, `/classify`, `/pooling`,
 //! `/tokenize`, `/detokenize`,
 //! `/version` and `/ping` in vLLM's shapes (see `pooling`).
 //!
@@ -36,6 +37,7 @@
 
 mod generation;
 mod pooling;
+mod pooling_tasks;
 mod prefix_cache;
 mod routes;
 mod scoring;
@@ -189,6 +191,9 @@ impl Simulator {
             .route("/v1/chat/completions", post(routes::chat_completions))
             .route("/v1/models", get(routes::models))
             .route("/v1/embeddings", post(pooling::embeddings))
+            .route("/v2/embed", post(pooling_tasks::cohere_embed))
+            .route("/classify", post(pooling_tasks::classify))
+            .route("/pooling", post(pooling_tasks::pooling))
             .route("/rerank", post(scoring::rerank))
             .route("/v1/rerank", post(scoring::rerank))
             .route("/v2/rerank", post(scoring::rerank))

@@ -48,20 +48,20 @@ pub(crate) fn bad_request(message: &str, param: Option<&str>) -> Response {
 }
 
 /// One embedding input: text, or token ids (embedded as the text they stand for).
-enum Input {
+pub(crate) enum Input {
     Text(String),
     Tokens(Vec<u64>),
 }
 
 impl Input {
-    fn tokens(&self) -> usize {
+    pub(crate) fn tokens(&self) -> usize {
         match self {
             Input::Text(text) => text.len(),
             Input::Tokens(tokens) => tokens.len(),
         }
     }
 
-    fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         match self {
             Input::Text(text) => text.clone(),
             Input::Tokens(tokens) => detokenize(tokens).unwrap_or_default(),
@@ -77,7 +77,7 @@ fn token_list(value: &Value) -> Option<Vec<u64>> {
 /// string, a list of strings, a list of token ids or a list of such lists;
 /// or a chat conversation (`messages`, or `input` holding messages), one
 /// input of its messages' text.
-fn inputs(body: &Value) -> Result<Vec<Input>, Box<Response>> {
+pub(crate) fn inputs(body: &Value) -> Result<Vec<Input>, Box<Response>> {
     let messages = body
         .get("messages")
         .or_else(|| body.get("input").filter(|input| is_chat(input)));
