@@ -219,6 +219,7 @@ impl Drop for RequestRecord {
             self.state.inference_log.log(InferenceRecord {
                 request_id: std::mem::take(&mut self.request_id),
                 key_id,
+                route: self.route.path().to_string(),
                 model: std::mem::take(&mut self.model),
                 prompt_tokens: saturating_i64(usage.prompt_tokens),
                 completion_tokens: saturating_i64(completion_tokens),

@@ -297,6 +297,15 @@ async fn an_embedding_is_cached_for_its_key_only_and_a_hit_skips_the_upstream() 
     let first_id = request_id(&first);
     let first: Value = first.json().await.unwrap();
     assert_eq!(first["id"], format!("embd-{first_id}"));
+    // The inference log's row names the route, with the answer's tokens.
+    let row = eventually(std::time::Duration::from_secs(5), || async {
+        gw.store.inferences_for(&first_id).await.unwrap().pop()
+    })
+    .await
+    .expect("the request was logged");
+    assert_eq!(row.route, "/v1/embeddings");
+    assert_eq!(row.prompt_tokens, 14, "{row:?}");
+    assert!(!row.cache_hit);
     stored(&gw, 1.0).await;
     let second = gw
         .http

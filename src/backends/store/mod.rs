@@ -85,6 +85,8 @@ pub struct ActiveKey {
 pub struct InferenceRecord {
     pub request_id: String,
     pub key_id: String,
+    /// The path the request was sent to (`/v1/chat/completions`, `/v1/embeddings`, ...).
+    pub route: String,
     pub model: String,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,

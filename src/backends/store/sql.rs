@@ -27,9 +27,9 @@ const INSERT_TEAM: &str =
     "INSERT INTO teams (id, name, limits, created_at) VALUES ($1, $2, $3, $4)";
 const TEAM_COLUMNS: &str = "id, name, limits, created_at";
 const UPDATE_TEAM: &str = "UPDATE teams SET limits = $1 WHERE id = $2";
-const INSERT_INFERENCES: &str = "INSERT INTO inference_logs (request_id, key_id, model, prompt_tokens, \
+const INSERT_INFERENCES: &str = "INSERT INTO inference_logs (request_id, key_id, route, model, prompt_tokens, \
      completion_tokens, cache_hit, status, ttft_ms, total_ms, created_at) ";
-const INFERENCES_FOR: &str = "SELECT request_id, key_id, model, prompt_tokens, completion_tokens, cache_hit, \
+const INFERENCES_FOR: &str = "SELECT request_id, key_id, route, model, prompt_tokens, completion_tokens, cache_hit, \
      status, ttft_ms, total_ms, created_at FROM inference_logs WHERE request_id = $1";
 const KEY_USAGE: &str = "SELECT l.key_id AS key_id, MAX(k.name) AS name, COUNT(*) AS requests, \
      CAST(COALESCE(SUM(CASE WHEN l.status BETWEEN 200 AND 299 THEN 1 ELSE 0 END), 0) AS BIGINT) AS served, \
@@ -265,6 +265,7 @@ macro_rules! sql_store {
                     query.push_values(batch, |mut row, r| {
                         row.push_bind(&r.request_id)
                             .push_bind(&r.key_id)
+                            .push_bind(&r.route)
                             .push_bind(&r.model)
                             .push_bind(r.prompt_tokens)
                             .push_bind(r.completion_tokens)
