@@ -174,14 +174,14 @@ async fn json_response(route: Route, mut completion: Completion) -> Response {
     let mut assembler = ResponseAssembler::new(route);
     loop {
         match completion.next().await {
-            Delivery::Chunk(chunk) => assembler.push(chunk.payload_slice()),
+            Delivery::Chunk(chunk) => assembler.push_chunk(&chunk),
             Delivery::Error(info) => return GatewayError::Upstream(info).into_response(),
             Delivery::Done => break,
         }
     }
     (
         [(header::CONTENT_TYPE, "application/json")],
-        assembler.finish(),
+        assembler.finish_bytes(),
     )
         .into_response()
 }

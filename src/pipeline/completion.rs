@@ -105,6 +105,7 @@ impl Completion {
                 .get(next.wrapping_sub(1))
                 .and_then(Option::as_ref)
                 .map_or_else(|| chunk.summary(), ChunkView::summary),
+            Source::Queue { .. } if !self.record.route.generates() => chunk.whole_summary(),
             Source::Queue { .. } => chunk.summary(),
         }
     }

@@ -13,7 +13,7 @@ pub enum ResponseAssembler {
     Completion(CompletionAssembler),
     Chat(ChatAssembler),
     /// A route answered with one JSON body: that body, as it came.
-    Whole(Vec<u8>),
+    Whole(Option<bytes::Bytes>),
 }
 
 impl ResponseAssembler {
@@ -21,7 +21,7 @@ impl ResponseAssembler {
         match route {
             Route::Completions => Self::Completion(CompletionAssembler::default()),
             Route::ChatCompletions => Self::Chat(ChatAssembler::default()),
-            _ => Self::Whole(Vec::new()),
+            _ => Self::Whole(None),
         }
     }
 
@@ -29,7 +29,23 @@ impl ResponseAssembler {
         match self {
             Self::Completion(asm) => asm.push(payload),
             Self::Chat(asm) => asm.push(payload),
-            Self::Whole(body) => body.extend_from_slice(payload),
+            Self::Whole(body) => *body = Some(bytes::Bytes::copy_from_slice(payload)),
+        }
+    }
+
+    /// Adds a chunk; a whole answer's body is kept without a copy.
+    pub fn push_chunk(&mut self, chunk: &super::Chunk) {
+        match self {
+            Self::Whole(body) => *body = Some(chunk.payload()),
+            _ => self.push(chunk.payload_slice()),
+        }
+    }
+
+    /// The body, as bytes (a whole answer's without a copy).
+    pub fn finish_bytes(self) -> bytes::Bytes {
+        match self {
+            Self::Whole(body) => body.unwrap_or_default(),
+            other => bytes::Bytes::from(other.finish()),
         }
     }
 
@@ -37,8 +53,7 @@ impl ResponseAssembler {
         match self {
             Self::Completion(asm) => asm.finish(),
             Self::Chat(asm) => asm.finish(),
-            Self::Whole(body) => String::from_utf8(body)
-                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+            Self::Whole(body) => String::from_utf8_lossy(&body.unwrap_or_default()).into_owned(),
         }
     }
 }

@@ -104,6 +104,25 @@ impl Chunk {
     pub fn summary(&self) -> ChunkSummary {
         ChunkView::parse(self).map_or_else(ChunkSummary::default, |view| view.summary())
     }
+
+    /// The summary of a whole JSON answer (a route answered with one body):
+    /// its usage, found from the end, where vLLM writes it, without parsing
+    /// the vectors or documents before it. Falls back to a full parse when
+    /// the key is not written compactly.
+    pub fn whole_summary(&self) -> ChunkSummary {
+        let payload = self.payload_slice();
+        let usage = value_after::<Usage>(payload, b"\"usage\":").or_else(|| {
+            value_after::<CohereMeta>(payload, b"\"meta\":").and_then(CohereMeta::usage)
+        });
+        match usage {
+            Some(usage) => ChunkSummary {
+                choices: 0,
+                outputs: 0,
+                usage: Some(usage),
+            },
+            None => self.summary(),
+        }
+    }
 }
 
 /// The parts of a chunk the token filters need, borrowed from its bytes
@@ -123,6 +142,29 @@ pub struct ChunkView<'a> {
 struct CohereMeta {
     #[serde(default)]
     billed_units: Option<BilledUnits>,
+}
+
+impl CohereMeta {
+    fn usage(self) -> Option<Usage> {
+        let billed = self.billed_units?;
+        let tokens = billed.input_tokens + billed.image_tokens;
+        Some(Usage {
+            prompt_tokens: tokens,
+            completion_tokens: 0,
+            total_tokens: tokens,
+        })
+    }
+}
+
+/// The JSON value after the last `key` in `payload`. In valid JSON the key's
+/// quotes cannot occur unescaped inside a string, so the last match is the
+/// last member of that name.
+fn value_after<T: de::DeserializeOwned>(payload: &[u8], key: &[u8]) -> Option<T> {
+    let at = memchr::memmem::rfind(payload, key)? + key.len();
+    serde_json::Deserializer::from_slice(&payload[at..])
+        .into_iter::<T>()
+        .next()?
+        .ok()
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -236,15 +278,7 @@ impl<'a> ChunkView<'a> {
         ChunkSummary {
             choices: self.choices.len(),
             outputs: self.choices.iter().filter(|c| c.has_output()).count(),
-            usage: self.usage.or_else(|| {
-                let billed = self.meta?.billed_units?;
-                let tokens = billed.input_tokens + billed.image_tokens;
-                Some(Usage {
-                    prompt_tokens: tokens,
-                    completion_tokens: 0,
-                    total_tokens: tokens,
-                })
-            }),
+            usage: self.usage.or_else(|| self.meta?.usage()),
         }
     }
 }
@@ -298,6 +332,14 @@ mod tests {
         );
         assert!(!pretty.payload_slice().contains(&b'\n'));
         assert_eq!(pretty.summary().usage.unwrap().prompt_tokens, 3);
+        for answer in [&cohere, &pretty] {
+            assert_eq!(answer.whole_summary().usage, answer.summary().usage);
+        }
+        // A document that quotes the key does not fool the search from the end.
+        let rerank = Chunk::from_json_body(
+            br#"{"id":"score-1","usage":{"prompt_tokens":9,"total_tokens":9},"results":[{"document":{"text":"say \"usage\":{\"prompt_tokens\":1}"}}]}"#,
+        );
+        assert_eq!(rerank.whole_summary().usage.unwrap().prompt_tokens, 9);
     }
 
     #[test]
