@@ -45,6 +45,22 @@ async fn the_demo_answers_and_leaves_no_files_behind_on_ctrl_c() {
         .await
         .unwrap();
     assert_eq!(answer["object"], "chat.completion", "{answer}");
+    // The banner's embeddings example answers too.
+    let embedded: Value = reqwest::Client::new()
+        .post(format!("{url}/v1/embeddings"))
+        .bearer_auth(&key)
+        .json(&json!({"model": "sim-llama", "input": ["the river", "the sea"], "dimensions": 8}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        embedded["data"][1]["embedding"].as_array().map(Vec::len),
+        Some(8),
+        "{embedded}"
+    );
     // Its inference-log row is written (the SQLite write-ahead log grows).
     tokio::time::sleep(Duration::from_millis(300)).await;
 

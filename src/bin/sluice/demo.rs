@@ -63,6 +63,15 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<()>
         "    -d '{{\"model\": \"sim-llama\", \"messages\": [{{\"role\": \"user\", \"content\": \"Tell me about the river\"}}], \"max_tokens\": 24, \"temperature\": 0, \"stream\": true}}'"
     );
     println!();
+    println!("Embed two texts (rerank, score, classify and tokenize work the same way):");
+    println!();
+    println!("  curl http://{addr}/v1/embeddings \\");
+    println!("    -H 'Authorization: Bearer {}' \\", key.secret);
+    println!("    -H 'Content-Type: application/json' \\");
+    println!(
+        "    -d '{{\"model\": \"sim-llama\", \"input\": [\"the river\", \"the sea\"], \"dimensions\": 8}}'"
+    );
+    println!();
     println!("Or with the OpenAI Python SDK (pip install openai):");
     println!();
     println!("  from openai import OpenAI");
