@@ -217,36 +217,44 @@ pub(crate) async fn embeddings(
             }
         })
         .collect();
-    state.record(|r| r.completed.push(request_id.clone()));
-    axum::Json(EmbeddingResponse {
-        id: format!("embd-{request_id}"),
-        object: "list",
-        created: crate::unix_now(),
-        model,
-        data,
-        usage: PoolingUsage {
-            prompt_tokens,
-            total_tokens: prompt_tokens,
-            completion_tokens: 0,
-            prompt_tokens_details: None,
-        },
-    })
-    .into_response()
+    list_answer(&state, "embd", &request_id, data, prompt_tokens)
 }
 
-/// vLLM's `EmbeddingResponse`, fields in its order (`id` first).
+/// vLLM's list answers (`EmbeddingResponse`, `ScoreResponse`,
+/// `ClassificationResponse`, `PoolingResponse`), fields in its order (`id` first).
 #[derive(Serialize)]
-struct EmbeddingResponse<'a> {
+struct ListResponse<'a, T> {
     id: String,
     object: &'static str,
     created: u64,
     model: &'a str,
-    data: Vec<EmbeddingData>,
+    data: Vec<T>,
     usage: PoolingUsage,
 }
 
+/// A list answer named `<prefix>-<request id>`, as vLLM names it, with the
+/// request counted as completed.
+pub(crate) fn list_answer<T: Serialize>(
+    state: &SimState,
+    prefix: &str,
+    request_id: &str,
+    data: Vec<T>,
+    prompt_tokens: usize,
+) -> Response {
+    state.record(|r| r.completed.push(request_id.to_string()));
+    axum::Json(ListResponse {
+        id: format!("{prefix}-{request_id}"),
+        object: "list",
+        created: crate::unix_now(),
+        model: &state.config.model,
+        data,
+        usage: PoolingUsage::of(prompt_tokens),
+    })
+    .into_response()
+}
+
 #[derive(Serialize)]
-struct EmbeddingData {
+pub(crate) struct EmbeddingData {
     index: usize,
     object: &'static str,
     embedding: Value,
@@ -255,10 +263,21 @@ struct EmbeddingData {
 /// vLLM's `UsageInfo` as a pooling answer fills it.
 #[derive(Serialize)]
 pub(crate) struct PoolingUsage {
-    pub(crate) prompt_tokens: usize,
-    pub(crate) total_tokens: usize,
-    pub(crate) completion_tokens: usize,
-    pub(crate) prompt_tokens_details: Option<Value>,
+    prompt_tokens: usize,
+    total_tokens: usize,
+    completion_tokens: usize,
+    prompt_tokens_details: Option<Value>,
+}
+
+impl PoolingUsage {
+    pub(crate) fn of(prompt_tokens: usize) -> Self {
+        Self {
+            prompt_tokens,
+            total_tokens: prompt_tokens,
+            completion_tokens: 0,
+            prompt_tokens_details: None,
+        }
+    }
 }
 
 /// vLLM's `TokenizeResponse`.

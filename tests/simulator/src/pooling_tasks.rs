@@ -15,31 +15,14 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::SimState;
-use crate::pooling::{Input, PoolingUsage, bad_request, embedding, inputs};
+use crate::pooling::{Input, bad_request, embedding, inputs, list_answer};
 use crate::routes::admit;
 
 /// The labels of the simulated classifier, as its `id2label` would name them.
 const LABELS: [&str; 2] = ["negative", "positive"];
 
-fn usage(inputs: &[Input]) -> PoolingUsage {
-    let tokens = inputs.iter().map(Input::tokens).sum();
-    PoolingUsage {
-        prompt_tokens: tokens,
-        total_tokens: tokens,
-        completion_tokens: 0,
-        prompt_tokens_details: None,
-    }
-}
-
-/// vLLM's `ClassificationResponse` and `PoolingResponse`, fields in its order.
-#[derive(Serialize)]
-struct ListResponse<'a, T> {
-    id: String,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    data: Vec<T>,
-    usage: PoolingUsage,
+fn tokens(inputs: &[Input]) -> usize {
+    inputs.iter().map(Input::tokens).sum()
 }
 
 #[derive(Serialize)]
@@ -78,7 +61,7 @@ pub(crate) async fn classify(
         Err(response) => return *response,
     };
     let model = state.config.model.as_str();
-    let data = inputs
+    let data: Vec<ClassificationData> = inputs
         .iter()
         .enumerate()
         .map(|(index, input)| {
@@ -93,16 +76,7 @@ pub(crate) async fn classify(
             }
         })
         .collect();
-    state.record(|r| r.completed.push(request_id.clone()));
-    axum::Json(ListResponse {
-        id: format!("classify-{request_id}"),
-        object: "list",
-        created: crate::unix_now(),
-        model,
-        data,
-        usage: usage(&inputs),
-    })
-    .into_response()
+    list_answer(&state, "classify", &request_id, data, tokens(&inputs))
 }
 
 pub(crate) async fn pooling(
@@ -116,7 +90,7 @@ pub(crate) async fn pooling(
     };
     let model = state.config.model.as_str();
     let dimensions = state.config.embedding_dimensions;
-    let data = inputs
+    let data: Vec<PoolingData> = inputs
         .iter()
         .enumerate()
         .map(|(index, input)| PoolingData {
@@ -128,16 +102,7 @@ pub(crate) async fn pooling(
                 .collect(),
         })
         .collect();
-    state.record(|r| r.completed.push(request_id.clone()));
-    axum::Json(ListResponse {
-        id: format!("pool-{request_id}"),
-        object: "list",
-        created: crate::unix_now(),
-        model,
-        data,
-        usage: usage(&inputs),
-    })
-    .into_response()
+    list_answer(&state, "pool", &request_id, data, tokens(&inputs))
 }
 
 /// Bits of a vector, positive as 1, packed eight to a byte, most significant

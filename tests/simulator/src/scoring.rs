@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::SimState;
-use crate::pooling::{PoolingUsage, bad_request, embedding};
+use crate::pooling::{bad_request, embedding, list_answer};
 use crate::routes::admit;
 
 /// The texts of one side of a score: a string, multimodal content (its text
@@ -87,17 +87,6 @@ struct RerankResult {
 struct RerankDocument {
     text: Option<String>,
     multi_modal: Option<Value>,
-}
-
-/// vLLM's `ScoreResponse`.
-#[derive(Serialize)]
-struct ScoreResponse<'a> {
-    id: String,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    data: Vec<ScoreData>,
-    usage: PoolingUsage,
 }
 
 #[derive(Serialize)]
@@ -199,7 +188,7 @@ pub(crate) async fn score(
         Err(message) => return bad_request(&message, Some(second)),
     };
     let model = state.config.model.as_str();
-    let data = pairs
+    let data: Vec<ScoreData> = pairs
         .iter()
         .enumerate()
         .map(|(index, &(q, d))| ScoreData {
@@ -212,19 +201,5 @@ pub(crate) async fn score(
         .iter()
         .map(|&(q, d)| queries[q].len() + documents[d].len())
         .sum();
-    state.record(|r| r.completed.push(request_id.clone()));
-    axum::Json(ScoreResponse {
-        id: format!("score-{request_id}"),
-        object: "list",
-        created: crate::unix_now(),
-        model,
-        data,
-        usage: PoolingUsage {
-            prompt_tokens,
-            total_tokens: prompt_tokens,
-            completion_tokens: 0,
-            prompt_tokens_details: None,
-        },
-    })
-    .into_response()
+    list_answer(&state, "score", &request_id, data, prompt_tokens)
 }
