@@ -88,6 +88,9 @@ pub enum QueueError {
     Unavailable(String),
     #[error("no worker serving {0} is alive (none heard from within queue.worker_timeout_ms)")]
     NoWorker(String),
+    /// The request does not fit in one queue message.
+    #[error("the request body is larger than a queue message may be ({limit} bytes)")]
+    TooLarge { limit: usize },
 }
 
 impl From<QueueError> for GatewayError {
@@ -97,6 +100,7 @@ impl From<QueueError> for GatewayError {
                 GatewayError::Overloaded(err.to_string())
             }
             QueueError::Unavailable(_) => GatewayError::Backend(err.to_string()),
+            QueueError::TooLarge { limit } => GatewayError::PayloadTooLarge { limit },
         }
     }
 }

@@ -88,3 +88,56 @@ async fn embeddings_and_tokenize_through_kafka_and_two_workers_match_the_upstrea
     }
     services.drop_database().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_larger_than_a_queue_message_are_refused_and_say_so() {
+    let services = services!();
+    let sim = Simulator::start(sim_config()).await.unwrap();
+    let small_messages = "[queue.producer]\n\"message.max.bytes\" = 20000\n";
+    let (edge, worker, url, key) =
+        edge_and_worker_with(&services, &sim, "large", small_messages).await;
+    let http = reqwest::Client::new();
+    let embed = |body: Value| {
+        http.post(format!("{url}/v1/embeddings"))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+    };
+
+    // A request that cannot travel in one message: 413 before anything is sent.
+    let long = "word ".repeat(5000);
+    let refused = embed(json!({"model": MODEL, "input": long})).await.unwrap();
+    assert_eq!(refused.status(), 413);
+    let error: Value = refused.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limit"),
+        "{error}"
+    );
+    assert!(sim.received().is_empty(), "nothing reached vLLM");
+
+    // An answer that cannot: its request ends with an error naming the limit.
+    let inputs: Vec<String> = (0..16).map(|i| format!("text {i}")).collect();
+    let answer = embed(json!({"model": MODEL, "input": inputs, "encoding_format": "float"}))
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 500);
+    let error: Value = answer.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("larger than the queue's message limit"),
+        "{error}"
+    );
+    // A small one still passes.
+    let small = embed(json!({"model": MODEL, "input": "short", "dimensions": 8}))
+        .await
+        .unwrap();
+    assert_eq!(small.status(), 200);
+    edge.kill();
+    worker.kill();
+    services.drop_database().await;
+}

@@ -31,6 +31,10 @@ use crate::protocol::sse::SseParser;
 /// rather than stalling every other stream of this edge.
 const ROUTE_BUFFER: usize = 1024;
 
+/// Room for a request message's record overhead and headers (ids, route,
+/// model, trace context) within the producer's `message.max.bytes`.
+const REQUEST_OVERHEAD: usize = 2048;
+
 struct Route {
     tx: mpsc::Sender<Frame>,
     overflowed: Arc<AtomicBool>,
@@ -361,6 +365,15 @@ impl Queue for ReconnectingQueue {
 #[async_trait]
 impl Queue for KafkaQueue {
     async fn submit(&self, request: QueuedRequest) -> Result<Box<dyn ResponseStream>, QueueError> {
+        // Refused here, with a 413, rather than by the producer after the fact.
+        let limit = self
+            .shared
+            .kafka
+            .max_message_bytes
+            .saturating_sub(REQUEST_OVERHEAD);
+        if request.body.len() > limit {
+            return Err(QueueError::TooLarge { limit });
+        }
         if !self.shared.workers.serve(&request.model) {
             let model = match request.model.as_str() {
                 "" => "any model".to_string(),
