@@ -55,6 +55,8 @@ pub fn router(state: Arc<Edge>) -> Router {
         )
         .route("/v1/models", get(models::list))
         .route("/health", get(ops::health))
+        .route("/ping", get(ops::ping).post(ops::ping))
+        .route("/version", get(ops::version))
         .route("/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
         .fallback(not_found)

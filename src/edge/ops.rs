@@ -1,4 +1,5 @@
-//! Operational endpoints: liveness, readiness per backend, Prometheus metrics.
+//! Operational endpoints: liveness (`/health`, and vLLM's `/ping`), the
+//! gateway's version, readiness per backend, Prometheus metrics.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +20,17 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Liveness: the process is up and serving HTTP.
 pub async fn health() -> Response {
     Json(json!({"status": "ok"})).into_response()
+}
+
+/// vLLM's `/ping` (a load balancer's or SageMaker's liveness probe): 200, empty.
+pub async fn ping() -> StatusCode {
+    StatusCode::OK
+}
+
+/// `/version`, in vLLM's shape: the version of the gateway answering (a
+/// fleet's replicas may run different vLLM versions; each says its own).
+pub async fn version() -> Response {
+    Json(json!({"version": env!("CARGO_PKG_VERSION")})).into_response()
 }
 
 pub async fn check<E: std::fmt::Display>(

@@ -388,3 +388,37 @@ async fn embeddings_count_their_usage_against_token_limits_and_are_counted_by_ro
         Some(3.0)
     );
 }
+
+#[tokio::test]
+async fn ping_and_version_answer_in_vllms_shape_without_a_key() {
+    let gw = TestGateway::start().await;
+    let sim = gw.sim.url();
+    for method in [reqwest::Method::GET, reqwest::Method::POST] {
+        for base in [&gw.url, &sim] {
+            let ping = gw
+                .http
+                .request(method.clone(), format!("{base}/ping"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(ping.status(), 200, "{base} {method}");
+        }
+    }
+    let version = |base: String| async move {
+        let answer: Value = reqwest::get(format!("{base}/version"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        answer
+    };
+    let (ours, vllms) = (version(gw.url.clone()).await, version(sim).await);
+    // The same shape; each names its own version.
+    assert_eq!(ours["version"], env!("CARGO_PKG_VERSION"));
+    assert!(vllms["version"].is_string(), "{vllms}");
+    assert_eq!(
+        ours.as_object().map(|o| o.keys().collect::<Vec<_>>()),
+        vllms.as_object().map(|o| o.keys().collect::<Vec<_>>())
+    );
+}
