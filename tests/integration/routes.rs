@@ -422,3 +422,56 @@ async fn ping_and_version_answer_in_vllms_shape_without_a_key() {
         vllms.as_object().map(|o| o.keys().collect::<Vec<_>>())
     );
 }
+
+#[tokio::test]
+async fn an_embedding_model_is_its_own_pool_and_its_alias_is_sent_as_its_name() {
+    use sluice::config::{Balance, ModelConfig};
+    const EMBEDDER: &str = "sim-bge";
+    let embedder = sluice_simulator::Simulator::start(sluice_simulator::SimulatorConfig {
+        model: EMBEDDER.into(),
+        ..sim_config()
+    })
+    .await
+    .unwrap();
+    let embedder_url = embedder.url().parse().unwrap();
+    let gw = TestGateway::start_with(sim_config(), move |c| {
+        let chat_url = c.upstream.urls[0].clone();
+        c.models = vec![
+            ModelConfig {
+                name: MODEL.into(),
+                aliases: Vec::new(),
+                endpoints: vec![chat_url],
+                upstream_model: None,
+                balance: Balance::RoundRobin,
+            },
+            ModelConfig {
+                name: EMBEDDER.into(),
+                aliases: vec!["embedder".into()],
+                endpoints: vec![embedder_url],
+                upstream_model: None,
+                balance: Balance::RoundRobin,
+            },
+        ];
+    })
+    .await;
+    let url = format!("{}/v1/embeddings", gw.url);
+    let body = json!({"model": "embedder", "input": ["by alias"], "extra_field": {"kept": true}});
+    let (status, through) = post_json(&gw.http, &url, &gw.key, &body).await;
+    assert_eq!(status, 200, "{through}");
+    // The embedding pool got it under the model's own name, the rest of the
+    // body as the client wrote it; the chat pool saw nothing.
+    let received = embedder.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].body["model"], EMBEDDER);
+    assert_eq!(received[0].body["extra_field"]["kept"], true);
+    assert!(gw.sim.received().is_empty());
+    let direct = json!({"model": EMBEDDER, "input": ["by alias"]});
+    let (_, expected) = post_json(
+        &gw.http,
+        &format!("{}/v1/embeddings", embedder.url()),
+        "",
+        &direct,
+    )
+    .await;
+    assert_eq!(unnamed(through), unnamed(expected));
+}
