@@ -222,12 +222,13 @@ impl UpstreamClient {
                 }
                 Err(err) if err.is_endpoint_failure() => {
                     endpoint.failed(self.fleet.eject, self.fleet.max_eject);
-                    match tried.len() < self.fleet.max_attempts as usize {
+                    let attempts = self.fleet.max_attempts as usize;
+                    match tried.len() < attempts.min(pool.endpoints.len()) {
                         true => {
                             tracing::warn!(endpoint = %endpoint.url, %err, attempt = tried.len(), "upstream endpoint failed before the first chunk; trying another")
                         }
                         false => {
-                            tracing::warn!(endpoint = %endpoint.url, %err, attempt = tried.len(), "upstream endpoint failed before the first chunk; no attempts left (upstream.max_attempts)")
+                            tracing::warn!(endpoint = %endpoint.url, %err, attempt = tried.len(), "upstream endpoint failed before the first chunk; no attempts left (upstream.max_attempts, or the pool's size)")
                         }
                     }
                     last = Some(err);
@@ -458,7 +459,8 @@ mod tests {
             drop(listener);
             Url::parse(&url).unwrap()
         }
-        for (attempts, trying_another) in [(1, 0), (2, 1), (3, 2)] {
+        // (max_attempts, endpoints in the pool, "trying another" lines)
+        for (attempts, endpoints, trying_another) in [(1, 3, 0), (2, 3, 1), (3, 3, 2), (3, 1, 0)] {
             let lines = Lines::default();
             let writer = lines.clone();
             let subscriber = tracing_subscriber::fmt()
@@ -467,11 +469,13 @@ mod tests {
                 .finish();
             let _logging = tracing::subscriber::set_default(subscriber);
             let config = UpstreamConfig {
-                urls: vec![
-                    refused_url().await,
-                    refused_url().await,
-                    refused_url().await,
-                ],
+                urls: {
+                    let mut urls = Vec::new();
+                    for _ in 0..endpoints {
+                        urls.push(refused_url().await);
+                    }
+                    urls
+                },
                 max_attempts: std::num::NonZeroU32::new(attempts).unwrap(),
                 ..UpstreamConfig::default()
             };
@@ -487,10 +491,10 @@ mod tests {
                 log.matches("failed before the first chunk; trying another")
                     .count(),
                 trying_another,
-                "max_attempts = {attempts}: {log}"
+                "max_attempts = {attempts}, {endpoints} endpoints: {log}"
             );
             assert_eq!(
-                log.matches("no attempts left (upstream.max_attempts)")
+                log.matches("no attempts left (upstream.max_attempts, or the pool's size)")
                     .count(),
                 1,
                 "max_attempts = {attempts}: {log}"
