@@ -475,3 +475,36 @@ async fn an_embedding_model_is_its_own_pool_and_its_alias_is_sent_as_its_name() 
     .await;
     assert_eq!(unnamed(through), unnamed(expected));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_an_embedding_request_stops_it_upstream() {
+    let gw = TestGateway::start().await;
+    let (url, key) = (format!("{}/v1/embeddings", gw.url), gw.key.clone());
+    let body = json!({"model": MODEL, "input": "a slow batch", "sim_first_token_delay_ms": 5000});
+    let client = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(url)
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+    });
+    let id = eventually(std::time::Duration::from_secs(5), || async {
+        gw.sim.received().first().map(|r| r.request_id.clone())
+    })
+    .await
+    .expect("the request reached vLLM");
+    client.abort();
+    assert!(
+        gw.sim
+            .wait_for_abort(&id, std::time::Duration::from_secs(3))
+            .await,
+        "the upstream request was dropped with its client"
+    );
+    let series = r#"sluice_requests_total{route="/v1/embeddings",status="4xx",transport="json"}"#;
+    let counted = eventually(std::time::Duration::from_secs(5), || async {
+        (metric(&gw.metrics().await, series) == Some(1.0)).then_some(())
+    })
+    .await;
+    assert!(counted.is_some(), "counted as the client's leaving (499)");
+}

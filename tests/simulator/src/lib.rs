@@ -26,7 +26,7 @@
 //! | `sim_error_after: N` | after N tokens, send an error event and `[DONE]` |
 //! | `sim_stall_after: N` | after N tokens, send nothing more |
 //! | `sim_drop_after: N` | after N tokens, cut the connection |
-//! | `sim_token_delay_ms`, `sim_first_token_delay_ms` | override the delays |
+//! | `sim_token_delay_ms`, `sim_first_token_delay_ms` | override the delays (on `/v1/embeddings`, the second delays the answer) |
 //! | `sim_no_usage: true` | no usage chunk, even when `stream_options.include_usage` asks |
 //!
 //! [`Simulator::set_failing`] turns it into a failing replica (503s, its

@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use crate::SimState;
 use crate::generation::chat_template;
 use crate::routes::{admit, error_with_param};
+use crate::stream::AbortGuard;
 
 /// Token ids below this are the tokenizer's special tokens.
 const FIRST_BYTE_ID: u64 = 3;
@@ -160,6 +161,12 @@ pub(crate) async fn embeddings(
         Ok(inputs) => inputs,
         Err(response) => return *response,
     };
+    // A slow model: the answer waits; a client gone meanwhile is recorded as an abort.
+    if let Some(ms) = body.get("sim_first_token_delay_ms").and_then(Value::as_u64) {
+        let mut guard = AbortGuard::new(state.clone(), request_id.clone());
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        guard.finished = true;
+    }
     let format = body
         .get("encoding_format")
         .and_then(Value::as_str)
