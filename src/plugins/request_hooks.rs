@@ -126,6 +126,9 @@ pub(super) fn wit_context(ctx: &RequestContext) -> WitContext {
 /// The request as plugins see it; `None` for a route the plugin interface
 /// has no record for.
 pub(super) fn wit_request(request: &InferenceRequest) -> Option<WitRequest> {
+    if let InferenceRequest::Pooling(_) = request {
+        return None;
+    }
     let body_json = request.to_json();
     Some(match request {
         InferenceRequest::Pooling(_) => return None,

@@ -491,6 +491,31 @@ pub fn without_created(event: &str) -> Value {
     }
     value
 }
+
+/// POSTs `body` as JSON with `key` as the bearer token (none sent when
+/// empty: the simulator called directly); returns the status and the JSON
+/// answer (`null` when there is none).
+pub async fn post_json(http: &reqwest::Client, url: &str, key: &str, body: &Value) -> (u16, Value) {
+    let mut request = http.post(url).json(body);
+    if !key.is_empty() {
+        request = request.bearer_auth(key);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// An answer without the fields that name one call (`id`, `created`): the
+/// same request sent twice, or once through the gateway and once directly,
+/// compares equal.
+pub fn unnamed(mut answer: Value) -> Value {
+    if let Some(fields) = answer.as_object_mut() {
+        fields.remove("id");
+        fields.remove("created");
+    }
+    answer
+}
+
 pub mod processes;
 pub mod services;
 

@@ -10,27 +10,6 @@ use crate::common::*;
 use serde_json::{Value, json};
 use sluice::tenancy::tenants::{self, KeyPatch};
 
-async fn post_json(http: &reqwest::Client, url: &str, key: &str, body: &Value) -> (u16, Value) {
-    let response = http
-        .post(url)
-        .bearer_auth(key)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
-/// An answer with the fields that name one call (`id`, `created`) left out.
-fn unnamed(mut answer: Value) -> Value {
-    if let Some(fields) = answer.as_object_mut() {
-        fields.remove("id");
-        fields.remove("created");
-    }
-    answer
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn openai_sdk_embeddings_match_the_upstream_in_every_shape() {
     let Some(python) = python_with_openai() else {
@@ -286,14 +265,8 @@ async fn an_embedding_is_cached_for_its_key_only_and_a_hit_skips_the_upstream() 
     let gw = TestGateway::start().await;
     let url = format!("{}/v1/embeddings", gw.url);
     let body = json!({"model": MODEL, "input": ["cache me", "and me"], "encoding_format": "float"});
-    let first = gw
-        .http
-        .post(&url)
-        .bearer_auth(&gw.key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let send = || gw.http.post(&url).bearer_auth(&gw.key).json(&body).send();
+    let first = send().await.unwrap();
     let first_id = request_id(&first);
     let first: Value = first.json().await.unwrap();
     assert_eq!(first["id"], format!("embd-{first_id}"));
@@ -307,14 +280,7 @@ async fn an_embedding_is_cached_for_its_key_only_and_a_hit_skips_the_upstream() 
     assert_eq!(row.prompt_tokens, 14, "{row:?}");
     assert!(!row.cache_hit);
     stored(&gw, 1.0).await;
-    let second = gw
-        .http
-        .post(&url)
-        .bearer_auth(&gw.key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let second = send().await.unwrap();
     let second_id = request_id(&second);
     let second: Value = second.json().await.unwrap();
     assert_eq!(

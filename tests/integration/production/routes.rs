@@ -55,32 +55,8 @@ async fn embeddings_and_tokenize_through_kafka_and_two_workers_match_the_upstrea
         ),
         ("/classify", json!({"model": MODEL, "input": "fine"})),
     ] {
-        let through: Value = http
-            .post(format!("{url}{path}"))
-            .bearer_auth(&key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let direct: Value = http
-            .post(format!("{}{path}", sim.url()))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let unnamed = |mut v: Value| {
-            if let Some(fields) = v.as_object_mut() {
-                fields.remove("id");
-                fields.remove("created");
-            }
-            v
-        };
+        let (_, through) = post_json(&http, &format!("{url}{path}"), &key, &body).await;
+        let (_, direct) = post_json(&http, &format!("{}{path}", sim.url()), "", &body).await;
         assert_eq!(unnamed(through), unnamed(direct), "{path}");
     }
     for rt in [edge, worker_1, worker_2] {

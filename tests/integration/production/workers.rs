@@ -100,6 +100,25 @@ async fn a_killed_edges_requests_are_cancelled_on_the_worker() {
     services.drop_database().await;
 }
 
+/// Asks for a short completion that must be refused with a 503 whose
+/// message says `says`; returns how long the refusal took.
+async fn refused_with_503(http: &reqwest::Client, url: &str, key: &str, says: &str) -> Duration {
+    let started = Instant::now();
+    let response = http
+        .post(format!("{url}/v1/completions"))
+        .bearer_auth(key)
+        .json(&json!({"model": MODEL, "prompt": "anyone there?", "max_tokens": 2, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(response.status(), 503);
+    let error: Value = response.json().await.unwrap();
+    let message = error["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(says), "{error}");
+    waited
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_worker_alive_a_request_gets_503_at_once() {
     let services = services!();
@@ -116,24 +135,7 @@ async fn with_no_worker_alive_a_request_gets_503_at_once() {
         .unwrap()
         .secret;
     tokio::time::sleep(Duration::from_millis(1600)).await;
-    let started = Instant::now();
-    let response = reqwest::Client::new()
-        .post(format!("{url}/v1/completions"))
-        .bearer_auth(&key)
-        .json(&json!({"model": MODEL, "prompt": "anyone there?", "max_tokens": 2, "stream": true}))
-        .send()
-        .await
-        .unwrap();
-    let waited = started.elapsed();
-    assert_eq!(response.status(), 503);
-    let error: Value = response.json().await.unwrap();
-    assert!(
-        error["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("no worker serving"),
-        "{error}"
-    );
+    let waited = refused_with_503(&reqwest::Client::new(), &url, &key, "no worker serving").await;
     assert!(
         waited < Duration::from_secs(1),
         "not after max_attempts × queue_timeout_ms: {waited:?}"
@@ -172,24 +174,7 @@ async fn a_request_a_live_worker_never_picks_up_gets_503_after_its_attempts() {
         .await
         .is_some()
     );
-    let started = Instant::now();
-    let response = http
-        .post(format!("{url}/v1/completions"))
-        .bearer_auth(&key)
-        .json(&json!({"model": MODEL, "prompt": "anyone there?", "max_tokens": 2, "stream": true}))
-        .send()
-        .await
-        .unwrap();
-    let waited = started.elapsed();
-    assert_eq!(response.status(), 503);
-    let error: Value = response.json().await.unwrap();
-    assert!(
-        error["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("no worker picked the request up"),
-        "{error}"
-    );
+    let waited = refused_with_503(&http, &url, &key, "no worker picked the request up").await;
     // After max_attempts × queue_timeout_ms, as documented: each send waits its own.
     assert!(
         waited >= Duration::from_millis(4400) && waited < Duration::from_millis(7000),

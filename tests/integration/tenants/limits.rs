@@ -402,21 +402,10 @@ async fn when_the_limiters_redis_dies_each_edge_checks_its_share_or_refuses() {
 
 #[tokio::test]
 async fn a_teams_refusal_names_the_team_and_the_headers_show_the_binding_limit() {
-    refusals_name_their_scope(TestGateway::start().await).await;
-}
-
-#[tokio::test]
-async fn in_redis_too_a_teams_refusal_names_the_team_and_the_headers_show_the_binding_limit() {
-    let Some(services) = Services::fresh().await else {
-        return;
-    };
-    let gw = TestGateway::start_with(sim_config(), |c| {
-        c.limits.url = services.redis.clone().into();
-        c.limits.key_prefix = format!("sluice-test-{}:", services.id);
-    })
-    .await;
-    refusals_name_their_scope(gw).await;
-    services.drop_database().await;
+    for store in limit_stores() {
+        let gw = TestGateway::start_with(sim_config(), |c| count_limits_in(c, &store)).await;
+        refusals_name_their_scope(gw).await;
+    }
 }
 
 async fn refusals_name_their_scope(gw: TestGateway) {
@@ -478,21 +467,10 @@ async fn refusals_name_their_scope(gw: TestGateway) {
 
 #[tokio::test]
 async fn requests_for_a_model_the_key_may_not_use_cost_it_nothing() {
-    requests_for_other_models_cost_nothing(TestGateway::start().await).await;
-}
-
-#[tokio::test]
-async fn in_redis_too_requests_for_a_model_the_key_may_not_use_cost_it_nothing() {
-    let Some(services) = Services::fresh().await else {
-        return;
-    };
-    let gw = TestGateway::start_with(sim_config(), |c| {
-        c.limits.url = services.redis.clone().into();
-        c.limits.key_prefix = format!("sluice-test-{}:", services.id);
-    })
-    .await;
-    requests_for_other_models_cost_nothing(gw).await;
-    services.drop_database().await;
+    for store in limit_stores() {
+        let gw = TestGateway::start_with(sim_config(), |c| count_limits_in(c, &store)).await;
+        requests_for_other_models_cost_nothing(gw).await;
+    }
 }
 
 async fn requests_for_other_models_cost_nothing(gw: TestGateway) {
