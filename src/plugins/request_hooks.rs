@@ -17,7 +17,9 @@ use super::{Chain, HookMetrics, MAX_PLUGIN_TEXT, PluginHost, PluginMetrics, no_h
 use crate::error::GatewayError;
 use crate::observe::telemetry::StageSpan;
 use crate::pipeline::policy::RequestContext;
-use crate::protocol::{ChatMessage, ChatRequest, CompletionRequest, InferenceRequest, Prompt};
+use crate::protocol::{
+    ChatMessage, ChatRequest, CompletionRequest, InferenceRequest, PoolingRequest, Prompt,
+};
 
 impl PluginHost {
     pub(super) fn metrics_of<'p>(&self, plugin: &'p LoadedPlugin) -> &'p PluginMetrics {
@@ -67,26 +69,9 @@ impl PluginHost {
         Self::by_policy(plugin, request_id)
     }
 
-    /// Applies the `on_error` policy of a plugin whose hook cannot run for a
-    /// chat request (a component built against `sluice:plugin@0.1.0`).
-    fn cannot_read_chat(
-        plugin: &LoadedPlugin,
-        hook: &str,
-        request_id: &str,
-    ) -> Result<(), GatewayError> {
-        if plugin.config.on_error == OnError::FailClosed {
-            tracing::warn!(
-                plugin = %plugin.name, hook, request_id,
-                "the plugin is built against sluice:plugin@0.1.0 and cannot read chat requests; \
-                 refusing the request (on_error = \"fail-closed\")"
-            );
-        }
-        Self::by_policy(plugin, request_id)
-    }
-
     /// Applies the `on_error` policy of a plugin whose hook cannot read a
-    /// request of `route` (the plugin interface has no record for it yet):
-    /// a fail-closed plugin refuses it, a fail-open one lets it pass unread.
+    /// request of `route` (built against a WIT version without a record for
+    /// it): a fail-closed plugin refuses it, a fail-open one lets it pass unread.
     pub(super) fn cannot_read_route(
         plugin: &LoadedPlugin,
         hook: &str,
@@ -94,10 +79,11 @@ impl PluginHost {
         request_id: &str,
     ) -> Result<(), GatewayError> {
         if plugin.config.on_error == OnError::FailClosed {
+            let package = plugin.exports.hooks().version.package();
             tracing::warn!(
                 plugin = %plugin.name, hook, route, request_id,
-                "plugins cannot read requests of this route; refusing the request \
-                 (on_error = \"fail-closed\")"
+                "the plugin is built against {package}, which cannot read requests of this route; \
+                 refusing the request (on_error = \"fail-closed\")"
             );
         }
         Self::by_policy(plugin, request_id)
@@ -123,15 +109,10 @@ pub(super) fn wit_context(ctx: &RequestContext) -> WitContext {
     }
 }
 
-/// The request as plugins see it; `None` for a route the plugin interface
-/// has no record for.
-pub(super) fn wit_request(request: &InferenceRequest) -> Option<WitRequest> {
-    if let InferenceRequest::Pooling(_) = request {
-        return None;
-    }
+/// The request as plugins see it.
+pub(super) fn wit_request(request: &InferenceRequest) -> WitRequest {
     let body_json = request.to_json();
-    Some(match request {
-        InferenceRequest::Pooling(_) => return None,
+    match request {
         InferenceRequest::Completion(request) => {
             WitRequest::Completion(bindings::CompletionRequest {
                 model: request.model.clone(),
@@ -160,7 +141,12 @@ pub(super) fn wit_request(request: &InferenceRequest) -> Option<WitRequest> {
             user: request.user.clone(),
             body_json,
         }),
-    })
+        InferenceRequest::Pooling(request) => WitRequest::Pooling(bindings::PoolingRequest {
+            model: request.model().to_string(),
+            texts: request.texts().to_vec(),
+            body_json,
+        }),
+    }
 }
 
 /// Applies a plugin's rewritten request, refusing results the gateway could not send.
@@ -176,16 +162,42 @@ fn apply(
         (InferenceRequest::Chat(request), WitRequest::Chat(modified)) => {
             apply_chat(request, modified, max_bytes)
         }
-        (InferenceRequest::Completion(_), WitRequest::Chat(_)) => Err(PluginFailure::Invalid(
-            "rewrote a completion request as a chat request".into(),
-        )),
-        (InferenceRequest::Chat(_), WitRequest::Completion(_)) => Err(PluginFailure::Invalid(
-            "rewrote a chat request as a completion request".into(),
-        )),
-        (InferenceRequest::Pooling(_), _) => Err(PluginFailure::Invalid(
-            "rewrote a request plugins cannot read".into(),
-        )),
+        (InferenceRequest::Pooling(request), WitRequest::Pooling(modified)) => {
+            apply_pooling(request, modified, max_bytes)
+        }
+        (request, modified) => Err(PluginFailure::Invalid(format!(
+            "rewrote a {:?} request as a {:?} request",
+            wit_request(request).kind(),
+            modified.kind()
+        ))),
     }
+}
+
+fn apply_pooling(
+    request: &mut PoolingRequest,
+    modified: bindings::PoolingRequest,
+    max_bytes: usize,
+) -> Result<(), PluginFailure> {
+    let size = modified.model.len() + modified.texts.iter().map(String::len).sum::<usize>();
+    if size > max_bytes {
+        return Err(PluginFailure::Invalid(format!(
+            "rewritten request is {size} bytes, over the {max_bytes}-byte limit"
+        )));
+    }
+    if modified.model.trim().is_empty() {
+        return Err(PluginFailure::Invalid(
+            "rewritten request has an empty model".into(),
+        ));
+    }
+    if modified.model != request.model() {
+        request.set_model(modified.model);
+    }
+    if modified.texts != request.texts() {
+        request
+            .set_texts(modified.texts)
+            .map_err(PluginFailure::Invalid)?;
+    }
+    Ok(())
 }
 
 fn apply_chat(
@@ -311,10 +323,10 @@ impl PluginHost {
         request: &mut InferenceRequest,
         wit_req: &mut WitRequest,
     ) -> Result<(), GatewayError> {
-        let chat = matches!(request, InferenceRequest::Chat(_));
+        let kind = wit_req.kind();
         for plugin in plugins {
-            if chat && !plugin.exports.hooks().reads_chat() {
-                Self::cannot_read_chat(plugin, "on-request", &ctx.request_id)?;
+            if !plugin.exports.hooks().reads(kind) {
+                Self::cannot_read_route(plugin, "on-request", ctx.route, &ctx.request_id)?;
                 continue;
             }
             let metrics = &self.metrics_of(plugin).on_request;
@@ -333,11 +345,7 @@ impl PluginHost {
                 Ok(RequestDecision::Proceed) => {}
                 Ok(RequestDecision::Modify(modified)) => {
                     match apply(request, modified, self.max_body_bytes) {
-                        Ok(()) => {
-                            if let Some(rewritten) = wit_request(request) {
-                                *wit_req = rewritten;
-                            }
-                        }
+                        Ok(()) => *wit_req = wit_request(request),
                         Err(failure) => {
                             metrics.traps.inc();
                             Self::on_failure(plugin, "on-request", &ctx.request_id, failure)?;
@@ -378,10 +386,10 @@ impl PluginHost {
         wit_req: &WitRequest,
         mut key: String,
     ) -> Result<Option<String>, GatewayError> {
-        let chat = matches!(wit_req, WitRequest::Chat(_));
+        let kind = wit_req.kind();
         for plugin in plugins {
-            if chat && !plugin.exports.hooks().reads_chat() {
-                Self::cannot_read_chat(plugin, "cache-key", &ctx.request_id)?;
+            if !plugin.exports.hooks().reads(kind) {
+                Self::cannot_read_route(plugin, "cache-key", ctx.route, &ctx.request_id)?;
                 continue;
             }
             let metrics = &self.metrics_of(plugin).cache_key;

@@ -13,10 +13,11 @@ use wasmtime::{
     Trap, UpdateDeadline,
 };
 
+pub use super::bindings::RequestKind;
 use super::bindings::{
     self, CacheKeyGuest, CacheKeyIndices, LifecycleIndices, PluginState, RequestGuest,
     RequestIndices, TokenBatchGuest, TokenBatchIndices, TokenGuest, TokenIndices, ToolCallGuest,
-    ToolCallIndices, WitVersion, find_tool_call,
+    ToolCallIndices, WitVersion,
 };
 use super::{PluginConfig, PluginHostConfig};
 
@@ -95,9 +96,10 @@ impl Hooks {
         self.on_request || self.cache_key || self.on_token || self.on_tool_call
     }
 
-    /// Whether the request hooks read chat requests (0.1.0 components see completions only).
-    pub fn reads_chat(&self) -> bool {
-        self.version != WitVersion::V0_1
+    /// Whether the request hooks read requests of `kind` (older components
+    /// have no record for the kinds added after them).
+    pub fn reads(&self, kind: RequestKind) -> bool {
+        self.version.reads(kind)
     }
 }
 
@@ -263,7 +265,7 @@ impl Runtime {
                 })?;
         let lifecycle = LifecycleIndices::detect(&pre).ok_or_else(|| LoadError::MissingExport {
             path: path.to_string(),
-            interface: "sluice:plugin/lifecycle@0.2.0",
+            interface: "sluice:plugin/lifecycle@0.3.0",
         })?;
         let version = lifecycle.version();
         let exports = Exports {
@@ -272,7 +274,7 @@ impl Runtime {
             cache_key: CacheKeyIndices::find(version, &pre),
             token: TokenIndices::find(version, &pre),
             token_batch: TokenBatchIndices::find(version, &pre),
-            tool_call: find_tool_call(version, &pre),
+            tool_call: ToolCallIndices::find(version, &pre),
         };
         if !exports.hooks().any() {
             return Err(LoadError::NoHooks {

@@ -98,7 +98,7 @@ impl WasmTokenFilter {
             arguments: piece.arguments.to_owned(),
         };
         let action = guest
-            .call_on_tool_call(&mut live.store, index, &piece)
+            .on_tool_call(&mut live.store, index, &piece)
             .await
             .map_err(PluginFailure::from_wasmtime)?;
         Ok(Some(match action {

@@ -20,9 +20,9 @@ pub struct PoolingRequest {
     model: String,
     /// The body as the client sent it.
     raw: Bytes,
-    /// The body parsed; authoritative once the model was changed.
+    /// The body parsed; authoritative once the model or a text was changed.
     body: Map<String, Value>,
-    model_changed: bool,
+    edited: bool,
     /// The texts the request carries (inputs, prompt, messages' text).
     texts: Vec<String>,
     /// Token ids given in place of text.
@@ -48,32 +48,10 @@ fn is_conversation(value: &Value) -> bool {
     })
 }
 
-/// The text of a conversation's messages (string content, or text parts).
-fn conversation_texts(messages: &Value) -> Vec<String> {
-    let mut texts = Vec::new();
-    for message in messages.as_array().into_iter().flatten() {
-        match message.get("content") {
-            Some(Value::String(text)) => texts.push(text.clone()),
-            Some(Value::Array(parts)) => texts.extend(
-                parts
-                    .iter()
-                    .filter_map(|p| p.get("text").and_then(Value::as_str))
-                    .map(String::from),
-            ),
-            _ => {}
-        }
-    }
-    texts
-}
-
 /// The inputs of an embedding-style request (`/v1/embeddings`, `/classify`,
 /// `/pooling`): `input` as a string, strings, token ids or lists of them, or
 /// a conversation (`messages`, or `input` holding messages).
-fn embedding_inputs(
-    body: &Map<String, Value>,
-    texts: &mut Vec<String>,
-    ids: &mut usize,
-) -> Result<(), GatewayError> {
+fn embedding_inputs(body: &Map<String, Value>, ids: &mut usize) -> Result<(), GatewayError> {
     let conversation = body
         .get("messages")
         .or_else(|| body.get("input").filter(|i| is_conversation(i)));
@@ -81,13 +59,12 @@ fn embedding_inputs(
         if !is_conversation(messages) {
             return Err(bad("messages", "must be a non-empty list of messages"));
         }
-        *texts = conversation_texts(messages);
     } else {
         match body.get("input") {
             None => {
                 return Err(GatewayError::BadRequest("`input` is required".into()));
             }
-            Some(Value::String(text)) => texts.push(text.clone()),
+            Some(Value::String(_)) => {}
             Some(Value::Array(items)) if items.is_empty() => {
                 return Err(bad("input", "must not be empty"));
             }
@@ -96,7 +73,7 @@ fn embedding_inputs(
                 None => {
                     for (i, item) in items.iter().enumerate() {
                         match (item, token_ids(item)) {
-                            (Value::String(text), _) => texts.push(text.clone()),
+                            (Value::String(_), _) => {}
                             (_, Some(n)) => *ids += n,
                             _ => {
                                 return Err(bad(
@@ -121,7 +98,7 @@ fn embedding_inputs(
 
 /// The inputs of Cohere's embed request (`/v2/embed`): exactly one of
 /// `texts`, `images` (data URIs, no text) or `inputs` (content parts).
-fn cohere_inputs(body: &Map<String, Value>, texts: &mut Vec<String>) -> Result<(), GatewayError> {
+fn cohere_inputs(body: &Map<String, Value>) -> Result<(), GatewayError> {
     let given: Vec<&str> = ["texts", "images", "inputs"]
         .into_iter()
         .filter(|f| body.get(*f).is_some_and(|v| !v.is_null()))
@@ -137,17 +114,8 @@ fn cohere_inputs(body: &Map<String, Value>, texts: &mut Vec<String>) -> Result<(
     };
     for (i, item) in items.iter().enumerate() {
         match (field, item) {
-            ("texts", Value::String(text)) => texts.push(text.clone()),
-            ("images", Value::String(_)) => {}
-            ("inputs", Value::Object(input)) => texts.extend(
-                input
-                    .get("content")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|p| p.get("text").and_then(Value::as_str))
-                    .map(String::from),
-            ),
+            ("texts" | "images", Value::String(_)) => {}
+            ("inputs", Value::Object(input)) if input.contains_key("content") => {}
             _ => {
                 return Err(bad(
                     &format!("{field}[{i}]"),
@@ -178,31 +146,18 @@ fn cache_namespace(route: Route) -> &'static str {
     }
 }
 
-/// The texts of a scoring input: a string, a list of strings, or
-/// multimodal content (`{"content": [parts]}`, whose text parts count).
-fn score_texts(field: &str, value: &Value, texts: &mut Vec<String>) -> Result<(), GatewayError> {
-    let one = |item: &Value, texts: &mut Vec<String>| match item {
-        Value::String(text) => {
-            texts.push(text.clone());
-            true
-        }
-        Value::Object(object) => {
-            let parts = object.get("content").and_then(Value::as_array);
-            texts.extend(
-                parts
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|p| p.get("text").and_then(Value::as_str))
-                    .map(String::from),
-            );
-            parts.is_some()
-        }
+/// Checks a scoring input: a string, multimodal content (`{"content":
+/// [parts]}`, whose text parts are its texts), or a list of them.
+fn score_input(field: &str, value: &Value) -> Result<(), GatewayError> {
+    let one = |item: &Value| match item {
+        Value::String(_) => true,
+        Value::Object(object) => object.get("content").is_some_and(Value::is_array),
         _ => false,
     };
     let valid = match value {
         Value::Array(items) if items.is_empty() => false,
-        Value::Array(items) => items.iter().all(|item| one(item, texts)),
-        item => one(item, texts),
+        Value::Array(items) => items.iter().all(one),
+        item => one(item),
     };
     match valid {
         true => Ok(()),
@@ -213,10 +168,123 @@ fn score_texts(field: &str, value: &Value, texts: &mut Vec<String>) -> Result<()
     }
 }
 
+/// The two sides of a score request, by the first of vLLM's four spellings the body uses.
+fn score_sides(body: &Map<String, Value>) -> Option<(&'static str, &'static str)> {
+    [
+        ("queries", "documents"),
+        ("queries", "items"),
+        ("data_1", "data_2"),
+        ("text_1", "text_2"),
+    ]
+    .into_iter()
+    .find(|(a, b)| body.contains_key(*a) && body.contains_key(*b))
+}
+
+/// Whether a `/pooling` body is an IO-processor plugin's request (`data` of its own shape).
+fn is_plugin_data(route: Route, body: &Map<String, Value>) -> bool {
+    route == Route::Pooling && body.contains_key("data") && !body.contains_key("input")
+}
+
+/// Calls `f` on each text of a checked body, in body order: the one walk
+/// that both reads the texts (for limits, logs and plugins) and writes back
+/// the texts a plugin rewrote.
+fn visit_texts(route: Route, body: &mut Map<String, Value>, f: &mut dyn FnMut(&mut String)) {
+    fn parts(parts: Option<&mut Value>, f: &mut dyn FnMut(&mut String)) {
+        let parts = parts.and_then(Value::as_array_mut).into_iter().flatten();
+        for part in parts {
+            if let Some(Value::String(text)) = part.get_mut("text") {
+                f(text);
+            }
+        }
+    }
+    fn conversation(messages: &mut Value, f: &mut dyn FnMut(&mut String)) {
+        for message in messages.as_array_mut().into_iter().flatten() {
+            match message.get_mut("content") {
+                Some(Value::String(text)) => f(text),
+                content @ Some(Value::Array(_)) => parts(content, f),
+                _ => {}
+            }
+        }
+    }
+    fn score_input(value: &mut Value, f: &mut dyn FnMut(&mut String)) {
+        match value {
+            Value::String(text) => f(text),
+            Value::Object(object) => parts(object.get_mut("content"), f),
+            Value::Array(items) => items.iter_mut().for_each(|item| score_input(item, f)),
+            _ => {}
+        }
+    }
+    match route {
+        _ if is_plugin_data(route, body) => {}
+        Route::Embeddings | Route::Classify | Route::Pooling => {
+            if body.contains_key("messages") {
+                body.get_mut("messages")
+                    .into_iter()
+                    .for_each(|m| conversation(m, f));
+            } else if let Some(input) = body.get_mut("input") {
+                match input {
+                    input if is_conversation(input) => conversation(input, f),
+                    Value::String(text) => f(text),
+                    Value::Array(items) => items.iter_mut().for_each(|item| {
+                        if let Value::String(text) = item {
+                            f(text);
+                        }
+                    }),
+                    _ => {}
+                }
+            }
+        }
+        Route::EmbedV2 => {
+            for text in body
+                .get_mut("texts")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                if let Value::String(text) = text {
+                    f(text);
+                }
+            }
+            for input in body
+                .get_mut("inputs")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                parts(input.get_mut("content"), f);
+            }
+        }
+        Route::Rerank | Route::RerankV1 | Route::RerankV2 => {
+            for field in ["query", "documents"] {
+                body.get_mut(field)
+                    .into_iter()
+                    .for_each(|v| score_input(v, f));
+            }
+        }
+        Route::Score | Route::ScoreV1 => {
+            if let Some((first, second)) = score_sides(body) {
+                for field in [first, second] {
+                    body.get_mut(field)
+                        .into_iter()
+                        .for_each(|v| score_input(v, f));
+                }
+            }
+        }
+        Route::Tokenize => match body.get_mut("prompt") {
+            Some(Value::String(prompt)) => f(prompt),
+            _ => body
+                .get_mut("messages")
+                .into_iter()
+                .for_each(|m| conversation(m, f)),
+        },
+        Route::Detokenize | Route::Completions | Route::ChatCompletions => {}
+    }
+}
+
 impl PoolingRequest {
     /// Parses and checks a body sent to `route` (one of the JSON-answer routes).
     pub fn parse(route: Route, raw: &[u8]) -> Result<Self, GatewayError> {
-        let body: Map<String, Value> = super::parse_body(raw)?;
+        let mut body: Map<String, Value> = super::parse_body(raw)?;
         let model = match body.get("model") {
             Some(Value::String(model)) if !model.trim().is_empty() => model.clone(),
             Some(Value::String(_)) => return Err(bad("model", "must not be empty")),
@@ -227,48 +295,35 @@ impl PoolingRequest {
                 ));
             }
         };
-        let mut texts = Vec::new();
         let mut ids = 0;
         match route {
-            Route::Embeddings | Route::Classify => embedding_inputs(&body, &mut texts, &mut ids)?,
-            // An IO-processor plugin's request carries `data` of its own shape.
-            Route::Pooling if body.contains_key("data") && !body.contains_key("input") => {}
-            Route::Pooling => embedding_inputs(&body, &mut texts, &mut ids)?,
-            Route::EmbedV2 => cohere_inputs(&body, &mut texts)?,
+            _ if is_plugin_data(route, &body) => {}
+            Route::Embeddings | Route::Classify | Route::Pooling => {
+                embedding_inputs(&body, &mut ids)?
+            }
+            Route::EmbedV2 => cohere_inputs(&body)?,
             Route::Rerank | Route::RerankV1 | Route::RerankV2 => {
                 for field in ["query", "documents"] {
                     let value = body.get(field).ok_or_else(|| {
                         GatewayError::BadRequest(format!("`{field}` is required"))
                     })?;
-                    score_texts(field, value, &mut texts)?;
+                    score_input(field, value)?;
                 }
             }
             Route::Score | Route::ScoreV1 => {
-                // vLLM's four spellings of the two sides of a score.
-                let pairs = [
-                    ("queries", "documents"),
-                    ("queries", "items"),
-                    ("data_1", "data_2"),
-                    ("text_1", "text_2"),
-                ];
-                let Some((first, second)) = pairs
-                    .into_iter()
-                    .find(|(a, b)| body.contains_key(*a) && body.contains_key(*b))
-                else {
+                let Some((first, second)) = score_sides(&body) else {
                     return Err(GatewayError::BadRequest(
                         "two sides to score are required: `queries` and `documents` (or `items`), `data_1` and `data_2`, or `text_1` and `text_2`".into(),
                     ));
                 };
                 for field in [first, second] {
-                    score_texts(field, &body[field], &mut texts)?;
+                    score_input(field, &body[field])?;
                 }
             }
             Route::Tokenize => match (body.get("prompt"), body.get("messages")) {
-                (Some(Value::String(prompt)), _) => texts.push(prompt.clone()),
+                (Some(Value::String(_)), _) => {}
                 (Some(_), _) => return Err(bad("prompt", "must be a string")),
-                (None, Some(messages)) if is_conversation(messages) => {
-                    texts = conversation_texts(messages);
-                }
+                (None, Some(messages)) if is_conversation(messages) => {}
                 (None, Some(_)) => {
                     return Err(bad("messages", "must be a non-empty list of messages"));
                 }
@@ -290,12 +345,14 @@ impl PoolingRequest {
                 )));
             }
         }
+        let mut texts = Vec::new();
+        visit_texts(route, &mut body, &mut |text| texts.push(text.clone()));
         Ok(Self {
             route,
             model,
             raw: Bytes::copy_from_slice(raw),
             body,
-            model_changed: false,
+            edited: false,
             texts,
             token_ids: ids,
         })
@@ -314,12 +371,33 @@ impl PoolingRequest {
         self.body
             .insert("model".into(), Value::String(model.clone()));
         self.model = model;
-        self.model_changed = true;
+        self.edited = true;
     }
 
     /// The texts the request carries, for limits, logs and plugins.
     pub fn texts(&self) -> &[String] {
         &self.texts
+    }
+
+    /// Puts `texts` where the request's texts were read from (a plugin's
+    /// rewrite); there must be as many as [`Self::texts`] returned.
+    pub fn set_texts(&mut self, texts: Vec<String>) -> Result<(), String> {
+        if texts.len() != self.texts.len() {
+            return Err(format!(
+                "returned {} texts for the {} it was given",
+                texts.len(),
+                self.texts.len()
+            ));
+        }
+        let mut replacements = texts.iter();
+        visit_texts(self.route, &mut self.body, &mut |text| {
+            if let Some(replacement) = replacements.next() {
+                replacement.clone_into(text);
+            }
+        });
+        self.texts = texts;
+        self.edited = true;
+        Ok(())
     }
 
     /// The bytes of input text (token ids: 4 per id), to estimate its tokens.
@@ -329,7 +407,7 @@ impl PoolingRequest {
 
     /// The body for the upstream: the client's own bytes, unless the model changed.
     pub fn upstream_body(&self) -> Bytes {
-        match self.model_changed {
+        match self.edited {
             false => self.raw.clone(),
             true => Bytes::from(serde_json::to_vec(&self.body).unwrap_or_default()),
         }
@@ -434,6 +512,44 @@ mod tests {
             let err = parse(route, body).unwrap_err();
             assert!(err.contains(&format!("`{field}`")), "{body}: {err}");
         }
+    }
+
+    #[test]
+    fn rewritten_texts_go_back_where_they_were_read() {
+        for (route, body) in [
+            (
+                Route::Embeddings,
+                r#"{"model":"m","input":["a",[1,2],"b"]}"#,
+            ),
+            (
+                Route::Embeddings,
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"image_url"}]},{"role":"assistant","content":"b"}]}"#,
+            ),
+            (
+                Route::EmbedV2,
+                r#"{"model":"m","inputs":[{"content":[{"type":"text","text":"a"}]}]}"#,
+            ),
+            (
+                Route::RerankV1,
+                r#"{"model":"m","query":"q","documents":["a",{"content":[{"type":"text","text":"b"}]}]}"#,
+            ),
+            (
+                Route::Score,
+                r#"{"model":"m","queries":["q","r"],"items":"a","text_1":"unused"}"#,
+            ),
+            (Route::Tokenize, r#"{"model":"m","prompt":"p"}"#),
+        ] {
+            let mut request = parse(route, body).unwrap();
+            assert!(!request.texts().is_empty(), "{body}");
+            let upper: Vec<String> = request.texts().iter().map(|t| t.to_uppercase()).collect();
+            request.set_texts(upper.clone()).unwrap();
+            let sent = PoolingRequest::parse(route, &request.upstream_body()).unwrap();
+            assert_eq!(sent.texts(), upper, "{body}");
+            assert_eq!(request.texts(), upper);
+        }
+        let mut request = parse(Route::Embeddings, r#"{"model":"m","input":"a"}"#).unwrap();
+        let err = request.set_texts(vec![]).unwrap_err();
+        assert!(err.contains("0 texts for the 1"), "{err}");
     }
 
     #[test]

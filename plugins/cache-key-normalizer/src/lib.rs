@@ -3,9 +3,12 @@
 //!
 //! The key is built from the request body with `user` (and the transport
 //! fields `stream`, `stream_options`) removed and every prompt (on the chat
-//! route: the text of every message) lower-cased with runs of whitespace
-//! folded to one space. Config: `ignore = ["user"]`
-//! (body fields left out of the key; default `["user"]`).
+//! route: the text of every message; on the embedding, rerank, score,
+//! classify, pooling and tokenize routes: every input text, query and
+//! document) lower-cased with runs of whitespace folded to one space. Use it
+//! on those routes only for models that do not tell case apart (uncased
+//! embedding models). Config: `ignore = ["user"]` (body fields left out of
+//! the key; default `["user"]`).
 
 use std::collections::BTreeMap;
 
@@ -60,6 +63,34 @@ pub fn normalize_text(text: &str) -> String {
 /// Fields other than the prompt are copied as written: the gateway hands
 /// plugins its own compact serialisation, so equal values are equal text.
 pub fn key(config: &Config, body_json: &str) -> Option<String> {
+    build_key(config, body_json, &[])
+}
+
+/// The fields of the embedding, rerank, score, classify, pooling and
+/// tokenize routes that carry text, besides `prompt` and `messages`.
+const POOLING_TEXT_FIELDS: &[&str] = &[
+    "input",
+    "texts",
+    "inputs",
+    "query",
+    "documents",
+    "queries",
+    "items",
+    "text_1",
+    "text_2",
+    "data_1",
+    "data_2",
+];
+
+/// The normalized key for a request on one of the routes answered with one
+/// JSON body: its route (equal bodies on `/v1/embeddings` and `/classify`
+/// get different answers) and the body with every input text normalized.
+pub fn pooling_key(config: &Config, route: &str, body_json: &str) -> Option<String> {
+    let key = build_key(config, body_json, POOLING_TEXT_FIELDS)?;
+    Some(format!("{route} {key}"))
+}
+
+fn build_key(config: &Config, body_json: &str, text_fields: &[&str]) -> Option<String> {
     let mut body: BTreeMap<&str, &RawValue> = serde_json::from_str(body_json).ok()?;
     for field in config
         .ignore
@@ -103,6 +134,10 @@ pub fn key(config: &Config, body_json: &str) -> Option<String> {
                 }
                 _ => out.push_str(value.get()),
             }
+        } else if text_fields.contains(&name) {
+            let mut value: Value = serde_json::from_str(value.get()).ok()?;
+            normalize_inputs(&mut value);
+            out.push_str(&value.to_string());
         } else if name == "messages" {
             let mut messages: Value = serde_json::from_str(value.get()).ok()?;
             for message in messages.as_array_mut().into_iter().flatten() {
@@ -115,6 +150,18 @@ pub fn key(config: &Config, body_json: &str) -> Option<String> {
     }
     out.push('}');
     Some(out)
+}
+
+/// Normalizes the texts of a pooling input: strings, lists of them,
+/// messages, and the text parts of multimodal content. Token ids and
+/// images (data URIs are case-sensitive) are left alone.
+fn normalize_inputs(value: &mut Value) {
+    match value {
+        Value::String(text) => *text = normalize_text(text),
+        Value::Array(items) => items.iter_mut().for_each(normalize_inputs),
+        Value::Object(_) => normalize_content(value),
+        _ => {}
+    }
 }
 
 /// Normalizes a chat message's text: string content, or its text parts.
@@ -154,7 +201,7 @@ fn push_normalized(out: &mut String, text: &str) {
 mod component {
     use std::cell::RefCell;
 
-    use super::{Config, key};
+    use super::{Config, key, pooling_key};
 
     wit_bindgen::generate!({ path: "../../wit", world: "cache-key-plugin" });
 
@@ -180,15 +227,18 @@ mod component {
 
     impl CacheKeyHook for Plugin {
         fn cache_key(
-            _ctx: RequestContext,
+            ctx: RequestContext,
             request: InferenceRequest,
             _default_key: String,
         ) -> CacheKeyDecision {
-            let body_json = match &request {
-                InferenceRequest::Completion(request) => &request.body_json,
-                InferenceRequest::Chat(request) => &request.body_json,
-            };
-            match CONFIG.with(|c| key(&c.borrow(), body_json)) {
+            let key = CONFIG.with(|c| match &request {
+                InferenceRequest::Completion(request) => key(&c.borrow(), &request.body_json),
+                InferenceRequest::Chat(request) => key(&c.borrow(), &request.body_json),
+                InferenceRequest::Pooling(request) => {
+                    pooling_key(&c.borrow(), &ctx.route, &request.body_json)
+                }
+            });
+            match key {
                 Some(key) => CacheKeyDecision::Custom(key),
                 None => CacheKeyDecision::UseDefault,
             }
@@ -201,6 +251,41 @@ mod component {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn embedding_inputs_queries_and_documents_are_normalized_but_not_images_or_ids() {
+        let c = Config::default();
+        let a = pooling_key(
+            &c,
+            "/v1/embeddings",
+            r#"{"model":"m","input":["Hello  World",[1,2]],"user":"a"}"#,
+        );
+        let b = pooling_key(
+            &c,
+            "/v1/embeddings",
+            r#"{"model":"m","input":[" hello world",[1,2]],"user":"b"}"#,
+        );
+        assert_eq!(a, b);
+        assert_ne!(
+            a,
+            pooling_key(
+                &c,
+                "/classify",
+                r#"{"model":"m","input":["hello world",[1,2]]}"#
+            )
+        );
+        let rerank = |query: &str, image: &str| {
+            pooling_key(
+                &c,
+                "/v1/rerank",
+                &format!(
+                    r#"{{"model":"m","query":"{query}","documents":["A b",{{"content":[{{"type":"text","text":"C"}},{{"type":"image_url","image_url":{{"url":"{image}"}}}}]}}]}}"#
+                ),
+            )
+        };
+        assert_eq!(rerank("What?", "data:x/AbC"), rerank("what?", "data:x/AbC"));
+        assert_ne!(rerank("what?", "data:x/AbC"), rerank("what?", "data:x/abc"));
+    }
 
     #[test]
     fn case_whitespace_and_user_do_not_change_the_key() {

@@ -1,6 +1,7 @@
-//! pii-redactor: replaces e-mail addresses and phone numbers in prompts and
-//! in the text of every chat message before they reach the model (or the
-//! cache key).
+//! pii-redactor: replaces e-mail addresses and phone numbers in prompts, in
+//! the text of every chat message, and in every text an embedding, rerank,
+//! score, classify, pooling or tokenize request carries (inputs, queries,
+//! documents) before they reach the model (or the cache key).
 //!
 //! Config: `email = "[EMAIL]"`, `phone = "[PHONE]"` (the replacements).
 
@@ -197,6 +198,11 @@ mod component {
                     }
                     InferenceRequest::Chat(chat) => {
                         for text in chat.messages.iter_mut().filter_map(|m| m.content.as_mut()) {
+                            changed |= redact_in_place(&config, text);
+                        }
+                    }
+                    InferenceRequest::Pooling(pooling) => {
+                        for text in &mut pooling.texts {
                             changed |= redact_in_place(&config, text);
                         }
                     }

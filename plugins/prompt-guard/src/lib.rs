@@ -1,7 +1,10 @@
 //! prompt-guard: rejects prompts and conversations that contain configured
-//! phrases (case-insensitive, in any message), can prepend an instruction
-//! to every prompt (on the chat route: a system message first), and can stop
-//! an answer that calls a forbidden tool before the call reaches the client.
+//! phrases (case-insensitive, in any message; on the embedding, rerank,
+//! score, classify, pooling and tokenize routes, in any text the request
+//! carries), can prepend an instruction to every prompt (on the chat route:
+//! a system message first; never to texts that are embedded or scored, whose
+//! vectors it would change), and can stop an answer that calls a forbidden
+//! tool before the call reaches the client.
 //!
 //! Config: `block = ["ignore previous instructions"]`, `status = 400`,
 //! `message = "..."`, `prepend = "You are a careful assistant.\n"`,
@@ -190,6 +193,10 @@ mod component {
                             None => RequestDecision::Proceed,
                         }
                     }
+                    InferenceRequest::Pooling(pooling) => match guard.blocked(&pooling.texts) {
+                        Some(rejection) => reject(&ctx, rejection),
+                        None => RequestDecision::Proceed,
+                    },
                 }
             })
         }

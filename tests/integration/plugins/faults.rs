@@ -486,12 +486,12 @@ fn plugin_check_stdout(name: &str) -> String {
 fn plugin_check_reports_the_version_routes_and_hooks() {
     let guard = plugin_check_stdout("prompt_guard");
     assert!(
-        guard.contains("a valid sluice:plugin@0.2.0 component"),
+        guard.contains("a valid sluice:plugin@0.3.0 component"),
         "{guard}"
     );
     assert!(
         guard.contains(
-            "on-request (request-hook):     yes, on /v1/completions and /v1/chat/completions"
+            "on-request (request-hook):     yes, on every route (generation, embeddings, rerank"
         ),
         "{guard}"
     );
@@ -502,6 +502,14 @@ fn plugin_check_reports_the_version_routes_and_hooks() {
     assert!(
         guard.contains("on-tool-call (tool-call-hook): yes, on /v1/chat/completions"),
         "{guard}"
+    );
+    let v2 = plugin_check_stdout("v2_guard");
+    assert!(v2.contains("a valid sluice:plugin@0.2.0 component"), "{v2}");
+    assert!(
+        v2.contains(
+            "on-request (request-hook):     yes, on /v1/completions and /v1/chat/completions only"
+        ),
+        "{v2}"
     );
     let old = plugin_check_stdout("v1_guard");
     assert!(

@@ -8,6 +8,7 @@
 mod chat;
 mod examples;
 mod faults;
+mod pooling;
 
 use crate::common::*;
 use futures::SinkExt;

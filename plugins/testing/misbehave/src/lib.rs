@@ -1,7 +1,8 @@
 //! A plugin that misbehaves on purpose, for the host's isolation tests.
 //!
 //! Config: `mode` = `loop` | `alloc` | `trap` | `bad-utf8` | `huge` |
-//! `short` (`on-tokens` only: answers no text) | `init-fail` | `recall`
+//! `short` (`on-tokens` only: answers no text) | `one-text` (`on-request`
+//! only: rewrites to one text, "replaced", however many there were) | `init-fail` | `recall`
 //! (`on-request` only: keeps the last request's text in a global and refuses
 //! with 409 naming it, to show which requests share an instance) | `none`,
 //! and `hook` = `on-request` | `cache-key` | `on-token` | `on-tokens` |
@@ -47,6 +48,7 @@ fn recall(request: &InferenceRequest) -> Option<String> {
             .filter_map(|m| m.content.clone())
             .collect::<Vec<_>>()
             .join(" "),
+        InferenceRequest::Pooling(p) => p.texts.join(" "),
     };
     LAST.with(|last| last.borrow_mut().replace(text))
 }
@@ -75,6 +77,7 @@ fn misbehave(hook: &str) -> Option<String> {
         // SAFETY: deliberately not UTF-8; the host must refuse it.
         "bad-utf8" => Some(unsafe { String::from_utf8_unchecked(vec![0xff, 0xfe, 0xfd]) }),
         "huge" => Some("x".repeat(8 << 20)),
+        "one-text" => Some("replaced".into()),
         _ => None,
     }
 }
@@ -114,6 +117,11 @@ impl RequestHook for Plugin {
                     message.content = Some(text.clone());
                 }
                 RequestDecision::Modify(InferenceRequest::Chat(request))
+            }
+            // One text, whatever the request had: a batch of two comes back short.
+            (Some(text), InferenceRequest::Pooling(mut request)) => {
+                request.texts = vec![text];
+                RequestDecision::Modify(InferenceRequest::Pooling(request))
             }
             (None, _) => RequestDecision::Proceed,
         }

@@ -59,11 +59,20 @@ pub(super) async fn check_plugin(
         file.display(),
         hooks.version.package()
     );
+    use sluice::plugins::RequestKind;
     let both = "/v1/completions and /v1/chat/completions";
-    let request_routes = match hooks.reads_chat() {
-        true => both,
-        false => {
-            "/v1/completions only (built against 0.1.0: on chat it is skipped when fail-open, refuses when fail-closed)"
+    let request_routes = match (
+        hooks.reads(RequestKind::Chat),
+        hooks.reads(RequestKind::Pooling),
+    ) {
+        (true, true) => {
+            "every route (generation, embeddings, rerank, score, classify, pooling, tokenize)"
+        }
+        (true, false) => {
+            "/v1/completions and /v1/chat/completions only (built against 0.2.0: on the other routes it is skipped when fail-open, refuses when fail-closed)"
+        }
+        (false, _) => {
+            "/v1/completions only (built against 0.1.0: on the other routes it is skipped when fail-open, refuses when fail-closed)"
         }
     };
     for (hook, served, routes) in [
