@@ -1,7 +1,8 @@
 //! The REST inference routes: `POST /v1/completions` and
 //! `POST /v1/chat/completions` (SSE when `stream: true`, the assembled JSON
-//! body otherwise), and the routes answered with one JSON body
-//! (`/v1/embeddings`, `/tokenize`, `/detokenize`).
+//! body otherwise), the routes answered with one JSON body
+//! (`/v1/embeddings`, `/tokenize`, `/detokenize`, ...), and speech to text
+//! (multipart uploads; SSE when the form's `stream` is true).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use super::Edge;
 use crate::error::GatewayError;
 use crate::pipeline::policy::RequestContext;
 use crate::pipeline::{self, Completion, Delivery, RequestRecord};
-use crate::protocol::{InferenceRequest, ResponseAssembler, Route};
+use crate::protocol::{AudioRequest, InferenceRequest, ResponseAssembler, Route};
 use crate::tenancy::auth::presented_secret;
 
 pub async fn completions(
@@ -79,17 +80,26 @@ async fn handle(
     };
     record.identify(&identity);
     let server = &state.server;
-    let body = tokio::time::timeout(
-        server.body_timeout,
-        read_body(&headers, body, server.max_body_bytes.get()),
-    )
-    .await;
+    let limit = match route.takes_upload() {
+        true => server.max_upload_bytes.get(),
+        false => server.max_body_bytes.get(),
+    };
+    let body = tokio::time::timeout(server.body_timeout, read_body(&headers, body, limit)).await;
     let body = match body {
         Ok(Ok(body)) => body,
         Ok(Err(err)) => bail!(err),
         Err(_) => bail!(GatewayError::RequestTimeout(server.body_timeout)),
     };
-    let request = match InferenceRequest::parse(route, &body) {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let parsed = match route.takes_upload() {
+        true => AudioRequest::parse(route, content_type, body)
+            .await
+            .map(InferenceRequest::Audio),
+        false => InferenceRequest::parse(route, &body),
+    };
+    let request = match parsed {
         Ok(request) => request,
         Err(err) => bail!(err),
     };

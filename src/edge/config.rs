@@ -17,6 +17,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: NonZeroUsize,
+    /// Largest upload accepted on the speech-to-text routes (a multipart
+    /// form with the audio), in bytes.
+    pub max_upload_bytes: NonZeroUsize,
     /// How long in-flight streams may run on after a shutdown signal.
     #[serde(rename = "shutdown_grace_ms", deserialize_with = "millis")]
     pub shutdown_grace: Duration,
@@ -56,6 +59,8 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: const { nonzero(1024 * 1024) },
+            // OpenAI's limit for an audio file.
+            max_upload_bytes: const { nonzero(25 * 1024 * 1024) },
             shutdown_grace: Duration::from_secs(10),
             listen_backlog: const { NonZeroU32::new(4096).expect("not zero") },
             max_connections: None,

@@ -251,17 +251,23 @@ impl UpstreamClient {
         let mut url = base.clone();
         let path = format!("{}{}", url.path().trim_end_matches('/'), route.path());
         url.set_path(&path);
-        let accept = match route.generates() {
-            true => "text/event-stream",
-            false => "application/json",
+        let accept = match (route.generates(), route.takes_upload()) {
+            (true, _) => "text/event-stream",
+            (false, true) => "application/json, text/event-stream",
+            (false, false) => "application/json",
         };
+        let is_content_type = |name: &str| name.eq_ignore_ascii_case("content-type");
+        let content_type = headers
+            .iter()
+            .find(|(name, _)| is_content_type(name))
+            .map_or("application/json", |(_, value)| value.as_str());
         let mut builder = self
             .http
             .post(url)
-            .header("content-type", "application/json")
+            .header("content-type", content_type)
             .header("accept", accept)
             .body(body);
-        for (name, value) in headers {
+        for (name, value) in headers.iter().filter(|(name, _)| !is_content_type(name)) {
             builder = builder.header(name.as_str(), value.as_str());
         }
         if let Some(key) = &self.api_key {
@@ -280,9 +286,16 @@ impl UpstreamClient {
             };
             return Err(UpstreamError::Status(error_from_body(status, &body)));
         }
+        // A speech-to-text answer streams when the form asked for it.
+        let streamed = route.generates()
+            || response
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("text/event-stream"));
         Ok(UpstreamStream {
             body: response.bytes_stream().boxed(),
-            whole: (!route.generates()).then(bytes::BytesMut::new),
+            whole: (!streamed).then(bytes::BytesMut::new),
             parser: SseParser::new(),
             deadline: Some(deadline),
             first_chunk_timeout: self.first_chunk_timeout,

@@ -113,8 +113,11 @@ impl Worker {
             let _ = job.sink.send(ResponseEvent::Error(error.info())).await;
             return "expired";
         }
-        let mut headers = Vec::with_capacity(1 + job.request.trace_context.len());
+        let mut headers = Vec::with_capacity(2 + job.request.trace_context.len());
         headers.push(("x-request-id".to_string(), job.request.request_id.clone()));
+        if let Some(content_type) = &job.request.content_type {
+            headers.push(("content-type".to_string(), content_type.clone()));
+        }
         headers.extend(job.request.trace_context.iter().cloned());
         let request = &job.request;
         if request.buffered {

@@ -157,6 +157,7 @@ async fn run(
         queued.prefix = request.prefix_key();
     }
     queued.buffered = !request.is_stream();
+    queued.content_type = request.content_type().map(str::to_string);
     let mut responses = state
         .queue
         .submit(queued)

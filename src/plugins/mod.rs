@@ -96,7 +96,13 @@ impl Policy for PluginHost {
         if rewriters.is_empty() && keyers.is_empty() {
             return Ok(cached.then(|| request.default_cache_key()));
         }
-        let mut wit_req = wit_request(request);
+        let Some(mut wit_req) = wit_request(request) else {
+            let hooks = rewriters.iter().map(|p| (p, "on-request"));
+            for (plugin, hook) in hooks.chain(keyers.iter().map(|p| (p, "cache-key"))) {
+                Self::cannot_read_route(plugin, hook, ctx.route, &ctx.request_id)?;
+            }
+            return Ok(cached.then(|| request.default_cache_key()));
+        };
         let wit_ctx = wit_context(ctx);
         self.rewrite(&rewriters, ctx, &wit_ctx, request, &mut wit_req)
             .await?;

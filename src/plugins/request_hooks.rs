@@ -109,10 +109,15 @@ pub(super) fn wit_context(ctx: &RequestContext) -> WitContext {
     }
 }
 
-/// The request as plugins see it.
-pub(super) fn wit_request(request: &InferenceRequest) -> WitRequest {
+/// The request as plugins see it; `None` for a route the plugin interface
+/// has no record for (speech to text).
+pub(super) fn wit_request(request: &InferenceRequest) -> Option<WitRequest> {
+    if let InferenceRequest::Audio(_) = request {
+        return None;
+    }
     let body_json = request.to_json();
-    match request {
+    Some(match request {
+        InferenceRequest::Audio(_) => return None,
         InferenceRequest::Completion(request) => {
             WitRequest::Completion(bindings::CompletionRequest {
                 model: request.model.clone(),
@@ -146,7 +151,7 @@ pub(super) fn wit_request(request: &InferenceRequest) -> WitRequest {
             texts: request.texts().to_vec(),
             body_json,
         }),
-    }
+    })
 }
 
 /// Applies a plugin's rewritten request, refusing results the gateway could not send.
@@ -166,8 +171,8 @@ fn apply(
             apply_pooling(request, modified, max_bytes)
         }
         (request, modified) => Err(PluginFailure::Invalid(format!(
-            "rewrote a {:?} request as a {:?} request",
-            wit_request(request).kind(),
+            "rewrote a {} request as a {:?} request",
+            request.route().path(),
             modified.kind()
         ))),
     }
@@ -345,7 +350,11 @@ impl PluginHost {
                 Ok(RequestDecision::Proceed) => {}
                 Ok(RequestDecision::Modify(modified)) => {
                     match apply(request, modified, self.max_body_bytes) {
-                        Ok(()) => *wit_req = wit_request(request),
+                        Ok(()) => {
+                            if let Some(rewritten) = wit_request(request) {
+                                *wit_req = rewritten;
+                            }
+                        }
                         Err(failure) => {
                             metrics.traps.inc();
                             Self::on_failure(plugin, "on-request", &ctx.request_id, failure)?;

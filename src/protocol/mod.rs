@@ -10,6 +10,7 @@
 //! no re-serialisation.
 
 mod assembly;
+mod audio;
 mod chat;
 mod chunk;
 mod completion;
@@ -26,6 +27,7 @@ use sha2::{Digest, Sha256};
 use crate::error::GatewayError;
 
 pub use assembly::{ChatAssembler, CompletionAssembler, ResponseAssembler};
+pub use audio::AudioRequest;
 pub use chat::{ChatMessage, ChatRequest, Content};
 pub use chunk::{ChoiceView, Chunk, ChunkSummary, ChunkView, Usage};
 pub use completion::{CompletionRequest, Prompt, Stop, StreamOptions};
@@ -51,10 +53,13 @@ pub enum Route {
     Pooling,
     Tokenize,
     Detokenize,
+    /// Speech to text, multipart uploads.
+    Transcriptions,
+    Translations,
 }
 
 impl Route {
-    pub const ALL: [Route; 13] = [
+    pub const ALL: [Route; 15] = [
         Route::Completions,
         Route::ChatCompletions,
         Route::Embeddings,
@@ -68,6 +73,8 @@ impl Route {
         Route::Pooling,
         Route::Tokenize,
         Route::Detokenize,
+        Route::Transcriptions,
+        Route::Translations,
     ];
 
     /// The path, on the gateway and on the upstream.
@@ -86,6 +93,8 @@ impl Route {
             Route::Pooling => "/pooling",
             Route::Tokenize => "/tokenize",
             Route::Detokenize => "/detokenize",
+            Route::Transcriptions => "/v1/audio/transcriptions",
+            Route::Translations => "/v1/audio/translations",
         }
     }
 
@@ -105,13 +114,22 @@ impl Route {
             Route::Pooling => "POST /pooling",
             Route::Tokenize => "POST /tokenize",
             Route::Detokenize => "POST /detokenize",
+            Route::Transcriptions => "POST /v1/audio/transcriptions",
+            Route::Translations => "POST /v1/audio/translations",
         }
     }
 
-    /// Whether the answer is generated token by token (and can stream); the
-    /// other routes answer with one JSON body.
+    /// Whether the answer is generated token by token and always streamed
+    /// from the upstream (a JSON answer is assembled by sluice); the other
+    /// routes answer with one JSON body, or (speech to text) stream only
+    /// when the client asks.
     pub fn generates(self) -> bool {
         matches!(self, Route::Completions | Route::ChatCompletions)
+    }
+
+    /// Whether the body is a multipart upload rather than JSON.
+    pub fn takes_upload(self) -> bool {
+        matches!(self, Route::Transcriptions | Route::Translations)
     }
 
     pub fn from_path(path: &str) -> Option<Self> {
@@ -126,15 +144,30 @@ pub enum InferenceRequest {
     Chat(ChatRequest),
     /// A route answered with one JSON body (embeddings, tokenize, ...).
     Pooling(PoolingRequest),
+    /// Speech to text (a multipart upload).
+    Audio(AudioRequest),
 }
 
 impl InferenceRequest {
-    /// Parses and validates a body sent to `route`.
+    /// Parses and validates a JSON body sent to `route` (uploads, to the
+    /// speech-to-text routes, are parsed by [`AudioRequest::parse`]).
     pub fn parse(route: Route, body: &[u8]) -> Result<Self, GatewayError> {
         match route {
             Route::Completions => CompletionRequest::parse(body).map(Self::Completion),
             Route::ChatCompletions => ChatRequest::parse(body).map(Self::Chat),
+            Route::Transcriptions | Route::Translations => Err(GatewayError::BadRequest(format!(
+                "{} takes a multipart/form-data upload",
+                route.path()
+            ))),
             _ => PoolingRequest::parse(route, body).map(Self::Pooling),
+        }
+    }
+
+    /// The body's `content-type`, when it is not JSON.
+    pub fn content_type(&self) -> Option<&str> {
+        match self {
+            Self::Audio(r) => Some(r.content_type()),
+            _ => None,
         }
     }
 
@@ -143,6 +176,7 @@ impl InferenceRequest {
             Self::Completion(_) => Route::Completions,
             Self::Chat(_) => Route::ChatCompletions,
             Self::Pooling(r) => r.route(),
+            Self::Audio(r) => r.route(),
         }
     }
 
@@ -151,6 +185,7 @@ impl InferenceRequest {
             Self::Completion(r) => &r.model,
             Self::Chat(r) => &r.model,
             Self::Pooling(r) => r.model(),
+            Self::Audio(r) => r.model(),
         }
     }
 
@@ -159,7 +194,7 @@ impl InferenceRequest {
         match self {
             Self::Completion(r) => r.n,
             Self::Chat(r) => r.n,
-            Self::Pooling(_) => None,
+            Self::Pooling(_) | Self::Audio(_) => None,
         }
         .unwrap_or(1)
     }
@@ -169,6 +204,7 @@ impl InferenceRequest {
             Self::Completion(r) => r.is_stream(),
             Self::Chat(r) => r.is_stream(),
             Self::Pooling(_) => false,
+            Self::Audio(r) => r.is_stream(),
         }
     }
 
@@ -205,6 +241,7 @@ impl InferenceRequest {
                     .hash(&mut hasher),
             },
             Self::Pooling(r) => r.texts().first().map(|t| prefix_of(t)).hash(&mut hasher),
+            Self::Audio(r) => prefix_of(r.prompt()).hash(&mut hasher),
         }
         hasher.finish()
     }
@@ -215,6 +252,7 @@ impl InferenceRequest {
             Self::Completion(r) => r.model = model,
             Self::Chat(r) => r.model = model,
             Self::Pooling(r) => r.set_model(model),
+            Self::Audio(r) => r.set_model(model),
         }
     }
 
@@ -229,6 +267,8 @@ impl InferenceRequest {
             ),
             // Deterministic: the same input always gets the same answer.
             Self::Pooling(_) => return false,
+            // An upload is rarely sent twice: cached only with `cache.sampled`.
+            Self::Audio(_) => return true,
         };
         !seeded && temperature.is_none_or(|t| t > 0.0)
     }
@@ -239,6 +279,7 @@ impl InferenceRequest {
             Self::Completion(r) => r.max_tokens,
             Self::Chat(r) => r.output_limit(),
             Self::Pooling(_) => Some(0),
+            Self::Audio(_) => None,
         }
     }
 
@@ -246,7 +287,7 @@ impl InferenceRequest {
     pub fn choices(&self) -> u64 {
         let prompts = match self {
             Self::Completion(r) => r.prompt.count() as u64,
-            Self::Chat(_) | Self::Pooling(_) => 1,
+            Self::Chat(_) | Self::Pooling(_) | Self::Audio(_) => 1,
         };
         u64::from(self.n()) * prompts
     }
@@ -274,6 +315,8 @@ impl InferenceRequest {
                 })
                 .sum(),
             Self::Pooling(r) => r.input_bytes(),
+            // The audio's tokens are the model's to count; the prompt is text.
+            Self::Audio(r) => r.prompt().len(),
         }
     }
 
@@ -282,6 +325,7 @@ impl InferenceRequest {
             Self::Completion(r) => r.wants_usage_chunk(),
             Self::Chat(r) => r.wants_usage_chunk(),
             Self::Pooling(_) => false,
+            Self::Audio(r) => r.wants_usage_chunk(),
         }
     }
 
@@ -290,6 +334,7 @@ impl InferenceRequest {
             Self::Completion(r) => r.upstream_body(),
             Self::Chat(r) => r.upstream_body(),
             Self::Pooling(r) => r.upstream_body(),
+            Self::Audio(r) => r.upstream_body(),
         }
     }
 
@@ -298,6 +343,7 @@ impl InferenceRequest {
             Self::Completion(r) => r.default_cache_key(),
             Self::Chat(r) => r.default_cache_key(),
             Self::Pooling(r) => r.default_cache_key(),
+            Self::Audio(r) => r.default_cache_key(),
         }
     }
 
@@ -307,6 +353,7 @@ impl InferenceRequest {
             Self::Completion(r) => serde_json::to_string(r),
             Self::Chat(r) => serde_json::to_string(r),
             Self::Pooling(r) => return r.to_json(),
+            Self::Audio(r) => return r.to_json(),
         }
         .unwrap_or_default()
     }

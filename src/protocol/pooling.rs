@@ -277,7 +277,11 @@ fn visit_texts(route: Route, body: &mut Map<String, Value>, f: &mut dyn FnMut(&m
                 .into_iter()
                 .for_each(|m| conversation(m, f)),
         },
-        Route::Detokenize | Route::Completions | Route::ChatCompletions => {}
+        Route::Detokenize
+        | Route::Completions
+        | Route::ChatCompletions
+        | Route::Transcriptions
+        | Route::Translations => {}
     }
 }
 
@@ -338,7 +342,10 @@ impl PoolingRequest {
                 Some(None) => return Err(bad("tokens", "must be a list of token ids")),
                 None => return Err(GatewayError::BadRequest("`tokens` is required".into())),
             },
-            Route::Completions | Route::ChatCompletions => {
+            Route::Completions
+            | Route::ChatCompletions
+            | Route::Transcriptions
+            | Route::Translations => {
                 return Err(GatewayError::Internal(format!(
                     "{} is not a JSON-answer route",
                     route.path()

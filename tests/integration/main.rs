@@ -12,6 +12,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod audio;
 mod browser;
 mod chat;
 mod demo;

@@ -37,8 +37,11 @@ pub struct QueuedRequest {
     pub buffered: bool,
     /// The upstream route the body is for.
     pub route: Route,
-    /// The JSON body for the upstream's route (already `stream: true`).
+    /// The body for the upstream's route (JSON, already `stream: true`, on
+    /// the generation routes).
     pub body: Bytes,
+    /// The body's `content-type` when it is not JSON (a multipart upload).
+    pub content_type: Option<String>,
     /// W3C trace context (`traceparent`, `tracestate`) of the edge span.
     pub trace_context: Vec<(String, String)>,
     /// When the edge submitted it, in Unix milliseconds.
@@ -60,6 +63,7 @@ impl QueuedRequest {
             buffered: false,
             route,
             body,
+            content_type: None,
             trace_context,
             submitted_at_ms: chrono::Utc::now().timestamp_millis(),
         }

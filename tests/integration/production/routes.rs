@@ -1,6 +1,7 @@
 //! vLLM's routes beside generation through Kafka: an edge and two workers
 //! answer `/v1/embeddings` (the official OpenAI SDK, every input shape),
-//! rerank, score, `/tokenize` and `/detokenize` as the simulated vLLM does when called directly.
+//! rerank, score, `/tokenize`, `/detokenize` and speech to text (the SDK
+//! with a WAV file, streamed and not) as the simulated vLLM does when called directly.
 
 use super::*;
 
@@ -59,6 +60,12 @@ async fn embeddings_and_tokenize_through_kafka_and_two_workers_match_the_upstrea
         let (_, direct) = post_json(&http, &format!("{}{path}", sim.url()), "", &body).await;
         assert_eq!(unnamed(through), unnamed(direct), "{path}");
     }
+    // Uploads travel with their content-type; a streamed transcription
+    // comes back token to token.
+    let result = run_sdk_script(&python, "openai_audio.py", &[&url, &sim.url(), &key, MODEL]).await;
+    for (name, both) in result.as_object().unwrap() {
+        assert_eq!(both["gateway"], both["upstream"], "{name}");
+    }
     for rt in [edge, worker_1, worker_2] {
         rt.kill();
     }
@@ -113,6 +120,21 @@ async fn bodies_larger_than_a_queue_message_are_refused_and_say_so() {
         .await
         .unwrap();
     assert_eq!(small.status(), 200);
+
+    // An audio upload is a request like any other: too large, it is refused.
+    let upload = |millis: u32| {
+        let file =
+            reqwest::multipart::Part::bytes(sluice_simulator::wav(millis, 1)).file_name("long.wav");
+        let form = reqwest::multipart::Form::new()
+            .part("file", file)
+            .text("model", MODEL);
+        http.post(format!("{url}/v1/audio/transcriptions"))
+            .bearer_auth(&key)
+            .multipart(form)
+            .send()
+    };
+    assert_eq!(upload(1000).await.unwrap().status(), 413, "32 KB of audio");
+    assert_eq!(upload(300).await.unwrap().status(), 200, "10 KB of audio");
     edge.kill();
     worker.kill();
     services.drop_database().await;

@@ -35,6 +35,7 @@
 //! It records every request it receives and every generation a client
 //! aborted (connection closed before the end), so tests can assert both.
 
+mod audio;
 mod generation;
 mod pooling;
 mod pooling_tasks;
@@ -105,6 +106,8 @@ impl Default for SimulatorConfig {
         }
     }
 }
+
+pub use audio::wav;
 
 /// The vLLM release whose wire format this simulates (`GET /version`).
 pub const VLLM_VERSION: &str = "0.11.0";
@@ -201,6 +204,8 @@ impl Simulator {
             .route("/v1/score", post(scoring::score))
             .route("/tokenize", post(pooling::tokenize_route))
             .route("/detokenize", post(pooling::detokenize_route))
+            .route("/v1/audio/transcriptions", post(audio::transcriptions))
+            .route("/v1/audio/translations", post(audio::translations))
             .route("/version", get(routes::version))
             .route("/ping", get(routes::health).post(routes::health))
             .route("/health", get(routes::health))

@@ -1,6 +1,6 @@
 //! The simulator's HTTP routes: generation, `/v1/models`, `/health`, `/ping`,
 //! `/version` and vLLM's `/metrics` (the pooling and tokenizer routes are in
-//! `pooling`).
+//! `pooling`, speech to text in `audio`).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -136,16 +136,7 @@ pub(crate) fn admit(
     body: &[u8],
     model_required: bool,
 ) -> Result<(String, Value), Box<Response>> {
-    if state.killed.load(Ordering::Relaxed) {
-        return Err(Box::new(killed()));
-    }
-    if state.failing.load(Ordering::Relaxed) {
-        return Err(Box::new(error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            vllm_error_type(StatusCode::SERVICE_UNAVAILABLE),
-            "simulated replica failure",
-        )));
-    }
+    refuse_if_down(state)?;
     let body: Value = match serde_json::from_slice(body) {
         Ok(value @ Value::Object(_)) => value,
         _ => {
@@ -156,6 +147,31 @@ pub(crate) fn admit(
             )));
         }
     };
+    admit_parsed(state, headers, body, model_required)
+}
+
+/// A killed replica closes the connection; a failing one answers 503.
+pub(crate) fn refuse_if_down(state: &SimState) -> Result<(), Box<Response>> {
+    if state.killed.load(Ordering::Relaxed) {
+        return Err(Box::new(killed()));
+    }
+    if state.failing.load(Ordering::Relaxed) {
+        return Err(Box::new(error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            vllm_error_type(StatusCode::SERVICE_UNAVAILABLE),
+            "simulated replica failure",
+        )));
+    }
+    Ok(())
+}
+
+/// [`admit`] for a body already read into JSON (a multipart form's fields).
+pub(crate) fn admit_parsed(
+    state: &SimState,
+    headers: &HeaderMap,
+    body: Value,
+    model_required: bool,
+) -> Result<(String, Value), Box<Response>> {
     let request_id = headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())

@@ -85,6 +85,9 @@ impl EdgeShared {
         if request.buffered {
             pairs.push((H_BUFFERED, "1"));
         }
+        if let Some(content_type) = &request.content_type {
+            pairs.push((H_CONTENT_TYPE, content_type.as_str()));
+        }
         for (name, value) in &request.trace_context {
             pairs.push((name.as_str(), value.as_str()));
         }

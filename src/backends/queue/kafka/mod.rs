@@ -46,6 +46,8 @@ const H_MODEL: &str = "sluice-model";
 const H_PREFIX: &str = "sluice-prefix";
 /// `1` when the client gets nothing before the whole answer (absent: it streams).
 const H_BUFFERED: &str = "sluice-buffered";
+/// The body's `content-type` when it is not JSON (a multipart upload); absent means JSON.
+const H_CONTENT_TYPE: &str = "sluice-content-type";
 const H_WORKER: &str = "sluice-worker";
 /// The queue protocol's version, on every message: what the message's
 /// headers and frames mean. Absent means 1 (the version before it was sent).

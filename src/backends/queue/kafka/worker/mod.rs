@@ -198,7 +198,10 @@ impl KafkaJobSource {
             return Err("malformed");
         };
         let body = message.payload().unwrap_or_default();
-        if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() {
+        let content_type = h.str(H_CONTENT_TYPE).map(str::to_string);
+        // A body without a content-type of its own is JSON (an upload is a multipart form).
+        if content_type.is_none() && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err()
+        {
             return Err("malformed");
         }
         let route = match h.str(H_ROUTE) {
@@ -215,6 +218,7 @@ impl KafkaJobSource {
             buffered: h.str(H_BUFFERED) == Some("1"),
             route,
             body: Bytes::copy_from_slice(body),
+            content_type,
             trace_context: h.trace_context(),
             submitted_at_ms,
         };
