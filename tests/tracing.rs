@@ -229,17 +229,97 @@ async fn one_request_through_kafka_is_one_trace_from_client_to_worker() {
         .unwrap();
     assert_eq!(response.status(), 200);
     response.bytes().await.unwrap();
-    let spans = eventually(Duration::from_secs(10), || {
+    let spans = route_spans(
+        &received,
+        &telemetry,
+        "POST /v1/chat/completions",
+        chat_parent,
+    )
+    .await;
+    let (chat, worker) = spans.expect("the chat's request span and its worker span across Kafka");
+    assert_eq!(chat.parent, chat_parent);
+    assert_eq!(chat.trace_id, client_trace);
+    assert_eq!(chat.attributes["completion_tokens"], json!(4));
+    assert_eq!(worker.attributes["outcome"], json!("completed"));
+
+    // So are an embedding and a transcription (a multipart upload).
+    let embedding_parent = "c7ad6b7169203332";
+    let response = gw
+        .http
+        .post(format!("{}/v1/embeddings", gw.url))
+        .bearer_auth(&gw.key)
+        .header(
+            "traceparent",
+            format!("00-{client_trace}-{embedding_parent}-01"),
+        )
+        .json(&json!({"model": MODEL, "input": ["trace", "this batch"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    let (embedding, _) = route_spans(
+        &received,
+        &telemetry,
+        "POST /v1/embeddings",
+        embedding_parent,
+    )
+    .await
+    .expect("the embedding's request span and its worker span across Kafka");
+    assert_eq!(embedding.attributes["status"], json!(200));
+    let transcription_parent = "d7ad6b7169203333";
+    let file = reqwest::multipart::Part::bytes(sluice_simulator::wav(500, 2)).file_name("a.wav");
+    let form = reqwest::multipart::Form::new()
+        .part("file", file)
+        .text("model", MODEL)
+        .text("stream", "true");
+    let response = gw
+        .http
+        .post(format!("{}/v1/audio/transcriptions", gw.url))
+        .bearer_auth(&gw.key)
+        .header(
+            "traceparent",
+            format!("00-{client_trace}-{transcription_parent}-01"),
+        )
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    let (transcription, worker) = route_spans(
+        &received,
+        &telemetry,
+        "POST /v1/audio/transcriptions",
+        transcription_parent,
+    )
+    .await
+    .expect("the transcription's request span and its worker span across Kafka");
+    assert_eq!(transcription.attributes["completion_tokens"], json!(1));
+    assert_eq!(worker.attributes["outcome"], json!("completed"));
+    gw.stop().await;
+    services.drop_database().await;
+}
+
+/// The request span named `name` whose parent is `parent`, and the worker
+/// span under its `queue.submit`, once both are exported.
+async fn route_spans(
+    received: &Arc<Mutex<Vec<Span>>>,
+    telemetry: &sluice::observe::telemetry::Telemetry,
+    name: &str,
+    parent: &str,
+) -> Option<(Span, Span)> {
+    eventually(Duration::from_secs(10), || {
         telemetry.flush();
         let spans = received.lock().unwrap().clone();
-        let chat = spans
+        let request = spans
             .iter()
-            .find(|s| s.name == "POST /v1/chat/completions")
+            .find(|s| s.name == name && s.parent == parent)
             .cloned();
-        let submit = chat.as_ref().and_then(|chat| {
+        let submit = request.as_ref().and_then(|request| {
             spans
                 .iter()
-                .find(|s| s.name == "queue.submit" && s.parent == chat.span_id)
+                .find(|s| s.name == "queue.submit" && s.parent == request.span_id)
                 .cloned()
         });
         let worker = submit.as_ref().and_then(|submit| {
@@ -248,14 +328,7 @@ async fn one_request_through_kafka_is_one_trace_from_client_to_worker() {
                 .find(|s| s.name == "worker.upstream" && s.parent == submit.span_id)
                 .cloned()
         });
-        async move { chat.zip(worker) }
+        async move { request.zip(worker) }
     })
-    .await;
-    let (chat, worker) = spans.expect("the chat's request span and its worker span across Kafka");
-    assert_eq!(chat.parent, chat_parent);
-    assert_eq!(chat.trace_id, client_trace);
-    assert_eq!(chat.attributes["completion_tokens"], json!(4));
-    assert_eq!(worker.attributes["outcome"], json!("completed"));
-    gw.stop().await;
-    services.drop_database().await;
+    .await
 }
