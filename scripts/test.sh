@@ -65,16 +65,20 @@ log "testing the plugins' logic"
 CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/plugins/target}/sluice-plugins-host" \
   cargo test --quiet --locked --manifest-path plugins/Cargo.toml
 
-# --- Python with the OpenAI SDK (compatibility test) ----------------------
+# --- Python with the OpenAI and Anthropic SDKs (compatibility tests) -------
 VENV="$CACHE/venv"
-if ! "$VENV/bin/python" -c "import openai" >/dev/null 2>&1; then
-  log "creating $VENV with the openai package"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet openai
+if ! "$VENV/bin/python" -c "import openai, anthropic" >/dev/null 2>&1; then
+  log "creating $VENV with the openai and anthropic packages"
+  [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet openai anthropic
 fi
 export SLUICE_PYTHON="$VENV/bin/python"
 
 # Tests that need a backend fail instead of skipping.
 export SLUICE_REQUIRE_SERVICES=1
+# The fault tests run the simulated vLLM as a process of its own (SIGKILLed
+# mid-answer); `cargo test` builds only the test harness of a binary.
+log "building the simulator binary"
+cargo build --locked --quiet -p sluice-simulator --bin sluice-simulator
 log "running cargo test"
 cargo test --locked --workspace "$@"

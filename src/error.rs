@@ -76,6 +76,25 @@ impl ErrorInfo {
     }
 }
 
+/// The error body of Anthropic's API, `{"type": "error", "error": {"type", "message"}}`.
+pub fn anthropic_json(kind: &str, message: &str) -> String {
+    serde_json::json!({"type": "error", "error": {"type": kind, "message": message}}).to_string()
+}
+
+/// Anthropic's error `type` for a status the gateway answers with.
+pub fn anthropic_kind_for_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        s if s >= 500 => "api_error",
+        _ => "invalid_request_error",
+    }
+}
+
 /// A request refused by a limit of its key or team: a 429 in OpenAI's
 /// rate-limit shape, with the `x-ratelimit-*` headers and `retry-after`.
 #[derive(Debug)]
@@ -227,6 +246,30 @@ pub fn kind_for_status(status: StatusCode) -> &'static str {
 impl From<ErrorInfo> for GatewayError {
     fn from(info: ErrorInfo) -> Self {
         Self::Upstream(info)
+    }
+}
+
+impl GatewayError {
+    /// The error's body in Anthropic's shape: the upstream's own `type`
+    /// when vLLM answered with the error, Anthropic's name for the status
+    /// when the gateway did.
+    pub fn anthropic_json(&self) -> String {
+        let info = self.info();
+        let kind = match self {
+            Self::Upstream(info) => info.kind.as_str(),
+            other => anthropic_kind_for_status(other.status()),
+        };
+        anthropic_json(kind, &info.message)
+    }
+
+    /// The response for a client of Anthropic's API (`/v1/messages`): its
+    /// error shape, the same status and headers as [`IntoResponse`].
+    pub fn into_anthropic_response(self) -> Response {
+        let body = self.anthropic_json();
+        let mut response = self.into_response();
+        *response.body_mut() = axum::body::Body::from(body);
+        response.headers_mut().remove(header::CONTENT_LENGTH);
+        response
     }
 }
 

@@ -67,7 +67,7 @@ async fn handle(
         ($err:expr) => {{
             let err: GatewayError = $err;
             record.fail(&err);
-            return err.into_response();
+            return refusal(route, err);
         }};
     }
     let authenticate = state
@@ -114,7 +114,7 @@ async fn handle(
     };
     let completion = match pipeline::start(&state.stages, &ctx, request, record).await {
         Ok(completion) => completion,
-        Err((err, _record)) => return err.into_response(),
+        Err((err, _record)) => return refusal(route, err),
     };
     // OpenAI's x-ratelimit-* headers, for keys with limits.
     let limit_headers = completion
@@ -123,7 +123,7 @@ async fn handle(
         .as_ref()
         .map(|admission| admission.standing.headers());
     let mut response = match stream {
-        true => sse_response(completion),
+        true => sse_response(route, completion),
         false => json_response(route, completion).await,
     };
     if let Some(headers) = limit_headers {
@@ -153,19 +153,57 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
 }
 
 const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
+const MESSAGE_STOP_EVENT: &[u8] = b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
 
-fn sse_response(completion: Completion) -> Response {
+/// An error in the route's API shape.
+fn refusal(route: Route, err: GatewayError) -> Response {
+    match route.is_anthropic() {
+        true => err.into_anthropic_response(),
+        false => err.into_response(),
+    }
+}
+
+/// An Anthropic event, `event: <type>` before its data: the type is the
+/// payload's first field, as vLLM and Anthropic write it.
+fn anthropic_event(chunk: &crate::protocol::Chunk) -> Bytes {
+    const TYPE: &[u8] = b"{\"type\":\"";
+    let payload = chunk.payload_slice();
+    let kind = payload
+        .strip_prefix(TYPE)
+        .and_then(|rest| rest.iter().position(|&b| b == b'"').map(|end| &rest[..end]));
+    let Some(kind) = kind else {
+        return chunk.framed().clone();
+    };
+    let mut framed = Vec::with_capacity(chunk.framed().len() + kind.len() + 8);
+    framed.extend_from_slice(b"event: ");
+    framed.extend_from_slice(kind);
+    framed.push(b'\n');
+    framed.extend_from_slice(chunk.framed());
+    Bytes::from(framed)
+}
+
+fn sse_response(route: Route, completion: Completion) -> Response {
+    let anthropic = route.is_anthropic();
     // Not instrumented per chunk (that costs a span enter and exit per token);
     // spans created while streaming name their parent explicitly.
-    let events = futures::stream::unfold(Some(completion), |completion| async move {
+    let events = futures::stream::unfold(Some(completion), move |completion| async move {
         let mut completion = completion?;
-        let (bytes, rest) = match completion.next().await {
-            Delivery::Chunk(chunk) => (chunk.framed().clone(), Some(completion)),
-            Delivery::Error(info) => (
+        let (bytes, rest) = match (completion.next().await, anthropic) {
+            (Delivery::Chunk(chunk), false) => (chunk.framed().clone(), Some(completion)),
+            (Delivery::Chunk(chunk), true) => (anthropic_event(&chunk), Some(completion)),
+            (Delivery::Error(info), false) => (
                 Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", info.to_json())),
                 None,
             ),
-            Delivery::Done => (Bytes::from_static(DONE_EVENT), None),
+            (Delivery::Error(info), true) => (
+                Bytes::from(format!(
+                    "event: error\ndata: {}\n\n",
+                    GatewayError::Upstream(info).anthropic_json()
+                )),
+                None,
+            ),
+            (Delivery::Done, false) => (Bytes::from_static(DONE_EVENT), None),
+            (Delivery::Done, true) => (Bytes::from_static(MESSAGE_STOP_EVENT), None),
         };
         Some((Ok::<_, Infallible>(bytes), rest))
     });
@@ -185,7 +223,7 @@ async fn json_response(route: Route, mut completion: Completion) -> Response {
     loop {
         match completion.next().await {
             Delivery::Chunk(chunk) => assembler.push_chunk(&chunk),
-            Delivery::Error(info) => return GatewayError::Upstream(info).into_response(),
+            Delivery::Error(info) => return refusal(route, GatewayError::Upstream(info)),
             Delivery::Done => break,
         }
     }

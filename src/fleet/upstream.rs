@@ -251,7 +251,7 @@ impl UpstreamClient {
         let mut url = base.clone();
         let path = format!("{}{}", url.path().trim_end_matches('/'), route.path());
         url.set_path(&path);
-        let accept = match (route.generates(), route.takes_upload()) {
+        let accept = match (route.generates(), route.streams_when_asked()) {
             (true, _) => "text/event-stream",
             (false, true) => "application/json, text/event-stream",
             (false, false) => "application/json",
@@ -286,7 +286,7 @@ impl UpstreamClient {
             };
             return Err(UpstreamError::Status(error_from_body(status, &body)));
         }
-        // A speech-to-text answer streams when the form asked for it.
+        // Speech to text and Messages stream when the request asked.
         let streamed = route.generates()
             || response
                 .headers()

@@ -110,14 +110,14 @@ pub(super) fn wit_context(ctx: &RequestContext) -> WitContext {
 }
 
 /// The request as plugins see it; `None` for a route the plugin interface
-/// has no record for (speech to text).
+/// has no record for (speech to text, Messages).
 pub(super) fn wit_request(request: &InferenceRequest) -> Option<WitRequest> {
-    if let InferenceRequest::Audio(_) = request {
+    if let InferenceRequest::Audio(_) | InferenceRequest::Messages(_) = request {
         return None;
     }
     let body_json = request.to_json();
     Some(match request {
-        InferenceRequest::Audio(_) => return None,
+        InferenceRequest::Audio(_) | InferenceRequest::Messages(_) => return None,
         InferenceRequest::Completion(request) => {
             WitRequest::Completion(bindings::CompletionRequest {
                 model: request.model.clone(),

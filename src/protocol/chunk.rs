@@ -71,14 +71,20 @@ impl Chunk {
     /// This chunk with its response `id` naming `request_id`, as vLLM names
     /// the chunks of its answer to `X-Request-Id: <request_id>`
     /// (`cmpl-<request_id>`; the prefix up to the first `-` is kept).
-    /// Unchanged when the payload does not begin with an `"id"`.
+    /// Unchanged when the payload does not begin with an `"id"` (or, in an
+    /// Anthropic `message_start`, its message's).
     pub fn naming(&self, request_id: &str) -> Chunk {
-        const KEY: &[u8] = b"\"id\":\"";
+        const OPENAI: &[u8] = b"{\"id\":\"";
+        const ANTHROPIC: &[u8] = b"{\"type\":\"message_start\",\"message\":{\"id\":\"";
         let payload = self.payload_slice();
-        let Some(at) = memchr::memmem::find(&payload[..payload.len().min(16)], KEY) else {
+        let Some(key_end) = [OPENAI, ANTHROPIC]
+            .into_iter()
+            .find(|prefix| payload.starts_with(prefix))
+            .map(<[u8]>::len)
+        else {
             return self.clone();
         };
-        let start = SSE_PREFIX.len() + at + KEY.len();
+        let start = SSE_PREFIX.len() + key_end;
         let Some(len) = memchr::memchr(b'"', &self.framed[start..]) else {
             return self.clone();
         };
@@ -301,9 +307,11 @@ impl ChunkSummary {
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
-    #[serde(default, deserialize_with = "null_as_zero")]
+    /// `input_tokens` in Anthropic's usage.
+    #[serde(default, alias = "input_tokens", deserialize_with = "null_as_zero")]
     pub prompt_tokens: u64,
-    #[serde(default, deserialize_with = "null_as_zero")]
+    /// `output_tokens` in Anthropic's usage.
+    #[serde(default, alias = "output_tokens", deserialize_with = "null_as_zero")]
     pub completion_tokens: u64,
     #[serde(default, deserialize_with = "null_as_zero")]
     pub total_tokens: u64,
@@ -354,6 +362,13 @@ mod tests {
         assert_eq!(renamed.naming("r-42"), renamed, "already named");
         let no_id = Chunk::from_payload(br#"{"object":"text_completion","id":"x"}"#);
         assert_eq!(no_id.naming("r-42"), no_id);
+        let start = Chunk::from_payload(
+            br#"{"type":"message_start","message":{"id":"chatcmpl-old","content":[]}}"#,
+        );
+        assert_eq!(
+            start.naming("r-42").payload_slice(),
+            br#"{"type":"message_start","message":{"id":"chatcmpl-r-42","content":[]}}"#
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod chat;
 mod chunk;
 mod completion;
 mod errors;
+mod messages;
 mod pooling;
 pub mod sse;
 
@@ -32,6 +33,7 @@ pub use chat::{ChatMessage, ChatRequest, Content};
 pub use chunk::{ChoiceView, Chunk, ChunkSummary, ChunkView, Usage};
 pub use completion::{CompletionRequest, Prompt, Stop, StreamOptions};
 pub use errors::{error_info_from_value, parse_error_event};
+pub use messages::MessagesRequest;
 pub use pooling::PoolingRequest;
 
 /// The inference routes, each proxied to the same path upstream.
@@ -56,10 +58,13 @@ pub enum Route {
     /// Speech to text, multipart uploads.
     Transcriptions,
     Translations,
+    /// Anthropic's Messages API.
+    Messages,
+    MessagesCountTokens,
 }
 
 impl Route {
-    pub const ALL: [Route; 15] = [
+    pub const ALL: [Route; 17] = [
         Route::Completions,
         Route::ChatCompletions,
         Route::Embeddings,
@@ -75,6 +80,8 @@ impl Route {
         Route::Detokenize,
         Route::Transcriptions,
         Route::Translations,
+        Route::Messages,
+        Route::MessagesCountTokens,
     ];
 
     /// The path, on the gateway and on the upstream.
@@ -95,6 +102,8 @@ impl Route {
             Route::Detokenize => "/detokenize",
             Route::Transcriptions => "/v1/audio/transcriptions",
             Route::Translations => "/v1/audio/translations",
+            Route::Messages => "/v1/messages",
+            Route::MessagesCountTokens => "/v1/messages/count_tokens",
         }
     }
 
@@ -116,6 +125,8 @@ impl Route {
             Route::Detokenize => "POST /detokenize",
             Route::Transcriptions => "POST /v1/audio/transcriptions",
             Route::Translations => "POST /v1/audio/translations",
+            Route::Messages => "POST /v1/messages",
+            Route::MessagesCountTokens => "POST /v1/messages/count_tokens",
         }
     }
 
@@ -132,6 +143,17 @@ impl Route {
         matches!(self, Route::Transcriptions | Route::Translations)
     }
 
+    /// Whether the upstream streams its answer when the request asks
+    /// (speech to text, Messages) rather than always or never.
+    pub fn streams_when_asked(self) -> bool {
+        self.takes_upload() || self == Route::Messages
+    }
+
+    /// Whether the route speaks Anthropic's API (its errors, its events).
+    pub fn is_anthropic(self) -> bool {
+        matches!(self, Route::Messages | Route::MessagesCountTokens)
+    }
+
     pub fn from_path(path: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|route| route.path() == path)
     }
@@ -146,6 +168,8 @@ pub enum InferenceRequest {
     Pooling(PoolingRequest),
     /// Speech to text (a multipart upload).
     Audio(AudioRequest),
+    /// Anthropic's Messages API.
+    Messages(MessagesRequest),
 }
 
 impl InferenceRequest {
@@ -159,6 +183,9 @@ impl InferenceRequest {
                 "{} takes a multipart/form-data upload",
                 route.path()
             ))),
+            Route::Messages | Route::MessagesCountTokens => {
+                MessagesRequest::parse(route, body).map(Self::Messages)
+            }
             _ => PoolingRequest::parse(route, body).map(Self::Pooling),
         }
     }
@@ -177,6 +204,7 @@ impl InferenceRequest {
             Self::Chat(_) => Route::ChatCompletions,
             Self::Pooling(r) => r.route(),
             Self::Audio(r) => r.route(),
+            Self::Messages(r) => r.route(),
         }
     }
 
@@ -186,6 +214,7 @@ impl InferenceRequest {
             Self::Chat(r) => &r.model,
             Self::Pooling(r) => r.model(),
             Self::Audio(r) => r.model(),
+            Self::Messages(r) => r.model(),
         }
     }
 
@@ -194,7 +223,7 @@ impl InferenceRequest {
         match self {
             Self::Completion(r) => r.n,
             Self::Chat(r) => r.n,
-            Self::Pooling(_) | Self::Audio(_) => None,
+            Self::Pooling(_) | Self::Audio(_) | Self::Messages(_) => None,
         }
         .unwrap_or(1)
     }
@@ -205,6 +234,7 @@ impl InferenceRequest {
             Self::Chat(r) => r.is_stream(),
             Self::Pooling(_) => false,
             Self::Audio(r) => r.is_stream(),
+            Self::Messages(r) => r.is_stream(),
         }
     }
 
@@ -242,6 +272,7 @@ impl InferenceRequest {
             },
             Self::Pooling(r) => r.texts().first().map(|t| prefix_of(t)).hash(&mut hasher),
             Self::Audio(r) => prefix_of(r.prompt()).hash(&mut hasher),
+            Self::Messages(r) => prefix_of(&r.prefix_text()).hash(&mut hasher),
         }
         hasher.finish()
     }
@@ -253,6 +284,7 @@ impl InferenceRequest {
             Self::Chat(r) => r.model = model,
             Self::Pooling(r) => r.set_model(model),
             Self::Audio(r) => r.set_model(model),
+            Self::Messages(r) => r.set_model(model),
         }
     }
 
@@ -269,6 +301,7 @@ impl InferenceRequest {
             Self::Pooling(_) => return false,
             // An upload is rarely sent twice: cached only with `cache.sampled`.
             Self::Audio(_) => return true,
+            Self::Messages(r) => return r.is_sampled(),
         };
         !seeded && temperature.is_none_or(|t| t > 0.0)
     }
@@ -280,6 +313,7 @@ impl InferenceRequest {
             Self::Chat(r) => r.output_limit(),
             Self::Pooling(_) => Some(0),
             Self::Audio(_) => None,
+            Self::Messages(r) => r.max_tokens(),
         }
     }
 
@@ -287,7 +321,7 @@ impl InferenceRequest {
     pub fn choices(&self) -> u64 {
         let prompts = match self {
             Self::Completion(r) => r.prompt.count() as u64,
-            Self::Chat(_) | Self::Pooling(_) | Self::Audio(_) => 1,
+            Self::Chat(_) | Self::Pooling(_) | Self::Audio(_) | Self::Messages(_) => 1,
         };
         u64::from(self.n()) * prompts
     }
@@ -317,6 +351,7 @@ impl InferenceRequest {
             Self::Pooling(r) => r.input_bytes(),
             // The audio's tokens are the model's to count; the prompt is text.
             Self::Audio(r) => r.prompt().len(),
+            Self::Messages(r) => r.text_bytes(),
         }
     }
 
@@ -326,6 +361,8 @@ impl InferenceRequest {
             Self::Chat(r) => r.wants_usage_chunk(),
             Self::Pooling(_) => false,
             Self::Audio(r) => r.wants_usage_chunk(),
+            // Usage rides on Anthropic's own events, which every client gets.
+            Self::Messages(_) => true,
         }
     }
 
@@ -335,6 +372,7 @@ impl InferenceRequest {
             Self::Chat(r) => r.upstream_body(),
             Self::Pooling(r) => r.upstream_body(),
             Self::Audio(r) => r.upstream_body(),
+            Self::Messages(r) => r.upstream_body(),
         }
     }
 
@@ -344,6 +382,7 @@ impl InferenceRequest {
             Self::Chat(r) => r.default_cache_key(),
             Self::Pooling(r) => r.default_cache_key(),
             Self::Audio(r) => r.default_cache_key(),
+            Self::Messages(r) => r.default_cache_key(),
         }
     }
 
@@ -354,6 +393,7 @@ impl InferenceRequest {
             Self::Chat(r) => serde_json::to_string(r),
             Self::Pooling(r) => return r.to_json(),
             Self::Audio(r) => return r.to_json(),
+            Self::Messages(r) => return r.to_json(),
         }
         .unwrap_or_default()
     }

@@ -281,7 +281,9 @@ fn visit_texts(route: Route, body: &mut Map<String, Value>, f: &mut dyn FnMut(&m
         | Route::Completions
         | Route::ChatCompletions
         | Route::Transcriptions
-        | Route::Translations => {}
+        | Route::Translations
+        | Route::Messages
+        | Route::MessagesCountTokens => {}
     }
 }
 
@@ -345,7 +347,9 @@ impl PoolingRequest {
             Route::Completions
             | Route::ChatCompletions
             | Route::Transcriptions
-            | Route::Translations => {
+            | Route::Translations
+            | Route::Messages
+            | Route::MessagesCountTokens => {
                 return Err(GatewayError::Internal(format!(
                     "{} is not a JSON-answer route",
                     route.path()

@@ -17,9 +17,15 @@ pub struct SseEvent {
     pub chunk: Chunk,
 }
 
+/// The payload of Anthropic's last event: the end of a Messages stream, as
+/// `[DONE]` ends an OpenAI one (an edge sends it back at the end).
+pub const MESSAGE_STOP: &[u8] = br#"{"type":"message_stop"}"#;
+
 impl SseEvent {
+    /// Whether the event ends the stream: `[DONE]`, or Anthropic's `message_stop`.
     pub fn is_done(&self) -> bool {
-        self.chunk.payload_slice() == b"[DONE]"
+        let payload = self.chunk.payload_slice();
+        payload == b"[DONE]" || payload == MESSAGE_STOP
     }
 }
 

@@ -59,8 +59,9 @@ impl AuthConfig {
     }
 }
 
-/// The presented secret: `Authorization: Bearer <key>`, or the `api_key`
-/// query parameter for browsers opening a WebSocket.
+/// The presented secret: `Authorization: Bearer <key>`, `x-api-key: <key>`
+/// (Anthropic's clients), or the `api_key` query parameter for browsers
+/// opening a WebSocket.
 pub fn presented_secret<'a>(headers: &'a HeaderMap, query_key: Option<&'a str>) -> Option<&'a str> {
     headers
         .get(axum::http::header::AUTHORIZATION)
@@ -69,6 +70,8 @@ pub fn presented_secret<'a>(headers: &'a HeaderMap, query_key: Option<&'a str>) 
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         })
+        // Anthropic's clients send the key in `x-api-key`.
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
         .map(str::trim)
         .or(query_key)
         .filter(|s| !s.is_empty())

@@ -357,9 +357,18 @@ pub async fn direct_chat(sim: &Simulator, body: &Value, request_id: &str) -> req
 /// `None` (the test skips with a message) only outside CI; with `CI` set a
 /// missing one fails the test.
 pub fn python_with_openai() -> Option<String> {
+    python_with("openai")
+}
+
+/// A Python with the `anthropic` package, as [`python_with_openai`].
+pub fn python_with_anthropic() -> Option<String> {
+    python_with("anthropic")
+}
+
+fn python_with(package: &str) -> Option<String> {
     let candidate = std::env::var("SLUICE_PYTHON").unwrap_or_else(|_| "python3".into());
     let ok = std::process::Command::new(&candidate)
-        .args(["-c", "import openai"])
+        .args(["-c", &format!("import {package}")])
         .output()
         .is_ok_and(|o| o.status.success());
     if ok {
@@ -367,10 +376,10 @@ pub fn python_with_openai() -> Option<String> {
     }
     assert!(
         std::env::var_os("CI").is_none(),
-        "CI is set but no Python with the openai package was found (set SLUICE_PYTHON)"
+        "CI is set but no Python with the {package} package was found (set SLUICE_PYTHON)"
     );
     eprintln!(
-        "SKIPPED: no Python with the openai package; run scripts/test.sh or set SLUICE_PYTHON"
+        "SKIPPED: no Python with the {package} package; run scripts/test.sh or set SLUICE_PYTHON"
     );
     None
 }

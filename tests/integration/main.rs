@@ -20,6 +20,7 @@ mod edge;
 mod embedded;
 mod fleet;
 mod layering;
+mod messages;
 mod observability;
 mod openai_sdk;
 mod plugins;

@@ -1,7 +1,8 @@
 //! vLLM's routes beside generation through Kafka: an edge and two workers
 //! answer `/v1/embeddings` (the official OpenAI SDK, every input shape),
-//! rerank, score, `/tokenize`, `/detokenize` and speech to text (the SDK
-//! with a WAV file, streamed and not) as the simulated vLLM does when called directly.
+//! rerank, score, `/tokenize`, `/detokenize`, speech to text (the SDK
+//! with a WAV file, streamed and not) and Anthropic's Messages API (its SDK)
+//! as the simulated vLLM does when called directly.
 
 use super::*;
 
@@ -66,6 +67,26 @@ async fn embeddings_and_tokenize_through_kafka_and_two_workers_match_the_upstrea
     for (name, both) in result.as_object().unwrap() {
         assert_eq!(both["gateway"], both["upstream"], "{name}");
     }
+    // Anthropic's Messages API: its events end with message_stop across Kafka.
+    let python = python_with_anthropic().expect("the anthropic package");
+    let patch = sluice::tenancy::tenants::KeyPatch {
+        limits: serde_json::from_value(json!({"requests_per_minute": 1})).unwrap(),
+        ..Default::default()
+    };
+    let limited = sluice::tenancy::tenants::create_key(store.as_ref(), "limited", &patch, None)
+        .await
+        .unwrap()
+        .secret;
+    let result = run_sdk_script(
+        &python,
+        "anthropic_messages.py",
+        &[&url, &sim.url(), &key, MODEL, &limited],
+    )
+    .await;
+    for (name, both) in result["compared"].as_object().unwrap() {
+        assert_eq!(both["gateway"], both["upstream"], "{name}");
+    }
+    assert_eq!(result["rate limited"][1]["class"], "RateLimitError");
     for rt in [edge, worker_1, worker_2] {
         rt.kill();
     }

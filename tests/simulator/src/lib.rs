@@ -37,6 +37,7 @@
 
 mod audio;
 mod generation;
+mod messages;
 mod pooling;
 mod pooling_tasks;
 mod prefix_cache;
@@ -206,6 +207,8 @@ impl Simulator {
             .route("/detokenize", post(pooling::detokenize_route))
             .route("/v1/audio/transcriptions", post(audio::transcriptions))
             .route("/v1/audio/translations", post(audio::translations))
+            .route("/v1/messages", post(messages::messages))
+            .route("/v1/messages/count_tokens", post(messages::count_tokens))
             .route("/version", get(routes::version))
             .route("/ping", get(routes::health).post(routes::health))
             .route("/health", get(routes::health))
