@@ -1,6 +1,7 @@
 """The Anthropic Python SDK's messages API through sluice and straight to
 the upstream (vLLM's /v1/messages): a message, a stream of events, the
-stream helper, count_tokens; and the SDK's exceptions for an invalid key
+stream helper, count_tokens, a tool use round (a tool_use block, then the
+tool_result sent back), a streamed tool use; and the SDK's exceptions for an invalid key
 and a rate-limited one.
 
 Usage: python anthropic_messages.py GATEWAY_URL UPSTREAM_URL API_KEY MODEL LIMITED_KEY
@@ -55,6 +56,33 @@ def count(client):
     ).model_dump()
 
 
+tools = [{
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}]
+question = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def tool_round(client):
+    first = client.messages.create(model=model, max_tokens=32, tools=tools, messages=question)
+    use = next(block for block in first.content if block.type == "tool_use")
+    answer = [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny, 21 C"}]
+    second = client.messages.create(
+        model=model, max_tokens=8, tools=tools,
+        messages=question + [
+            {"role": "assistant", "content": [block.model_dump() for block in first.content]},
+            {"role": "user", "content": answer},
+        ],
+    )
+    return {"first": unnamed(first), "second": unnamed(second)}
+
+
+def tool_stream(client):
+    with client.messages.stream(model=model, max_tokens=32, tools=tools, messages=question) as stream:
+        return unnamed(stream.get_final_message())
+
+
 def error(call):
     try:
         call()
@@ -73,6 +101,8 @@ print(json.dumps({
             "events": events,
             "stream helper": helper,
             "count_tokens": count,
+            "tool round": tool_round,
+            "tool stream": tool_stream,
         }.items()
     },
     "invalid key": error(lambda: anthropic.Anthropic(

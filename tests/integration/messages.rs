@@ -1,7 +1,7 @@
 //! Anthropic's Messages API through the whole gateway in embedded mode:
 //! the official anthropic SDK against sluice and against the simulated vLLM
 //! directly (a message, its stream of events, the stream helper,
-//! count_tokens), compared field by field; its exceptions for a wrong key and
+//! count_tokens, a tool use round, a streamed tool use), compared field by field; its exceptions for a wrong key and
 //! a limited one; usage counted and logged; Anthropic-shaped errors.
 
 use crate::common::*;
@@ -29,7 +29,7 @@ async fn the_anthropic_sdk_gets_what_vllm_answers() {
     )
     .await;
     let compared = result["compared"].as_object().unwrap();
-    assert_eq!(compared.len(), 4);
+    assert_eq!(compared.len(), 6);
     for (name, both) in compared {
         assert_eq!(both["gateway"], both["upstream"], "{name}");
     }

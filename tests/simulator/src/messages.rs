@@ -6,7 +6,9 @@
 //! `entrypoints/anthropic` (its pydantic dumps: `exclude_none` on a whole
 //! message, `exclude_unset` on events, so a `message_start`'s message has no
 //! `type` or `role`). Like vLLM, it converts the request to a chat (the
-//! `system` first, text blocks joined) and answers it as the chat route would.
+//! `system` first, text blocks joined, tools as functions, tool results as
+//! tool messages) and answers it as the chat route would: text, or a
+//! `tool_use` block (streamed as `input_json_delta` pieces).
 //! Errors are Anthropic-shaped with vLLM's OpenAI-style `type` names.
 
 use std::convert::Infallible;
@@ -30,10 +32,52 @@ struct Usage {
     output_tokens: u64,
 }
 
+/// `AnthropicContentBlock`: text, or a tool call (`input` its arguments).
 #[derive(Serialize)]
-struct TextBlock<'a> {
+struct Block<'a> {
     r#type: &'static str,
-    text: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input: Option<Value>,
+}
+
+impl<'a> Block<'a> {
+    fn text(text: &'a str) -> Self {
+        Self {
+            r#type: "text",
+            text: Some(text),
+            id: None,
+            name: None,
+            input: None,
+        }
+    }
+
+    fn tool_use(id: &'a str, name: &'a str, input: Value) -> Self {
+        Self {
+            r#type: "tool_use",
+            text: None,
+            id: Some(id),
+            name: Some(name),
+            input: Some(input),
+        }
+    }
+}
+
+/// `AnthropicCountTokensResponse`.
+#[derive(Serialize)]
+struct TokenCount {
+    input_tokens: u64,
+    context_management: ContextManagement,
+}
+
+#[derive(Serialize)]
+struct ContextManagement {
+    original_input_tokens: u64,
 }
 
 /// `AnthropicMessagesResponse` dumped with `exclude_none`.
@@ -42,7 +86,7 @@ struct Message<'a> {
     id: &'a str,
     r#type: &'static str,
     role: &'static str,
-    content: Vec<TextBlock<'a>>,
+    content: Vec<Block<'a>>,
     model: &'a str,
     stop_reason: &'static str,
     usage: Usage,
@@ -59,12 +103,14 @@ struct StartMessage<'a> {
     usage: Usage,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Default)]
 struct Delta<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     r#type: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     text: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partial_json: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     stop_reason: Option<&'static str>,
 }
@@ -78,7 +124,7 @@ struct Event<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     delta: Option<Delta<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    content_block: Option<TextBlock<'a>>,
+    content_block: Option<Block<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     index: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -111,26 +157,55 @@ fn text_of(value: Option<&Value>) -> String {
     }
 }
 
-/// The chat request vLLM makes of a Messages request.
+/// The chat request vLLM makes of a Messages request: `system` first, text
+/// blocks as content, `tool_result` blocks as tool messages, tools as
+/// functions (`tool_choice` `any` as `required`, `tool` as a named function).
 fn as_chat(body: &Value) -> Value {
     let mut messages = Vec::new();
     let system = text_of(body.get("system"));
     if !system.is_empty() {
         messages.push(json!({"role": "system", "content": system}));
     }
-    for message in body
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    let all = body.get("messages").and_then(Value::as_array);
+    for message in all.into_iter().flatten() {
         let role = message
             .get("role")
             .and_then(Value::as_str)
             .unwrap_or("user");
-        messages.push(json!({"role": role, "content": text_of(message.get("content"))}));
+        let blocks = message.get("content").and_then(Value::as_array);
+        let results: Vec<&Value> = blocks
+            .into_iter()
+            .flatten()
+            .filter(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
+            .collect();
+        for result in &results {
+            messages.push(
+                json!({"role": "tool", "tool_call_id": result.get("tool_use_id"),
+                "content": text_of(result.get("content"))}),
+            );
+        }
+        if results.is_empty() {
+            messages.push(json!({"role": role, "content": text_of(message.get("content"))}));
+        }
     }
     let mut chat = json!({"model": body.get("model"), "messages": messages});
+    if let Some(tools) = body.get("tools").and_then(Value::as_array) {
+        let tools: Vec<Value> = tools
+            .iter()
+            .map(|t| {
+                json!({"type": "function", "function": {"name": t.get("name"),
+                    "description": t.get("description"), "parameters": t.get("input_schema")}})
+            })
+            .collect();
+        chat["tools"] = json!(tools);
+        chat["tool_choice"] = match body.pointer("/tool_choice/type").and_then(Value::as_str) {
+            Some("any") => json!("required"),
+            Some("none") => json!("none"),
+            Some("tool") => json!({"type": "function",
+                "function": {"name": body.pointer("/tool_choice/name")}}),
+            _ => json!("auto"),
+        };
+    }
     for field in [
         "max_tokens",
         "temperature",
@@ -178,7 +253,14 @@ pub(crate) async fn count_tokens(
     match Generation::from_chat_body(&state.config, request_id.clone(), &chat) {
         Ok(generation) => {
             state.record(|r| r.completed.push(request_id));
-            axum::Json(json!({"input_tokens": generation.prompt_tokens()})).into_response()
+            let input_tokens = generation.prompt_tokens();
+            axum::Json(TokenCount {
+                input_tokens,
+                context_management: ContextManagement {
+                    original_input_tokens: input_tokens,
+                },
+            })
+            .into_response()
         }
         Err(message) => bad_request(&message).await,
     }
@@ -210,30 +292,40 @@ pub(crate) async fn messages(
             Ok(generation) => generation,
             Err(message) => return bad_request(&message).await,
         };
-    let tokens: Vec<String> = (0..generation.text_len)
-        .map(|step| generation.token(0, 0, step))
-        .collect();
-    let stop_reason = match generation.text_finish() {
-        "length" => "max_tokens",
-        _ => "end_turn",
+    let tool = generation.chat.as_ref().and_then(|plan| plan.tool.as_ref());
+    let tokens: Vec<String> = match tool {
+        Some(_) => Vec::new(),
+        None => (0..generation.text_len)
+            .map(|step| generation.token(0, 0, step))
+            .collect(),
+    };
+    let stop_reason = match (tool, generation.text_finish()) {
+        (Some(_), _) => "tool_use",
+        (None, "length") => "max_tokens",
+        (None, _) => "end_turn",
     };
     let usage = || Usage {
         input_tokens: generation.prompt_tokens(),
-        output_tokens: tokens.len() as u64,
+        output_tokens: u64::from(generation.steps()),
     };
+    let arguments = tool.map(|tool| tool.pieces.concat()).unwrap_or_default();
     let mut guard = AbortGuard::new(state.clone(), request_id);
     if !body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
         tokio::time::sleep(generation.first_token_delay).await;
         guard.finish();
         let text = tokens.concat();
+        let content = match tool {
+            Some(tool) => {
+                let input = serde_json::from_str(&arguments).unwrap_or(Value::Null);
+                vec![Block::tool_use(&tool.id, &tool.name, input)]
+            }
+            None => vec![Block::text(&text)],
+        };
         return axum::Json(Message {
             id: &generation.id,
             r#type: "message",
             role: "assistant",
-            content: vec![TextBlock {
-                r#type: "text",
-                text: &text,
-            }],
+            content,
             model: &generation.model,
             stop_reason,
             usage: usage(),
@@ -259,11 +351,12 @@ pub(crate) async fn messages(
         }),
         ..Event::of("message_start")
     });
+    let block = match tool {
+        Some(tool) => Block::tool_use(&tool.id, &tool.name, json!({})),
+        None => Block::text(""),
+    };
     push(Event {
-        content_block: Some(TextBlock {
-            r#type: "text",
-            text: "",
-        }),
+        content_block: Some(block),
         index: Some(0),
         ..Event::of("content_block_start")
     });
@@ -272,7 +365,22 @@ pub(crate) async fn messages(
             delta: Some(Delta {
                 r#type: Some("text_delta"),
                 text: Some(token),
-                stop_reason: None,
+                ..Delta::default()
+            }),
+            index: Some(0),
+            ..Event::of("content_block_delta")
+        });
+    }
+    for piece in tool
+        .iter()
+        .flat_map(|tool| &tool.pieces)
+        .filter(|p| !p.is_empty())
+    {
+        push(Event {
+            delta: Some(Delta {
+                r#type: Some("input_json_delta"),
+                partial_json: Some(piece),
+                ..Delta::default()
             }),
             index: Some(0),
             ..Event::of("content_block_delta")
@@ -284,9 +392,8 @@ pub(crate) async fn messages(
     });
     push(Event {
         delta: Some(Delta {
-            r#type: None,
-            text: None,
             stop_reason: Some(stop_reason),
+            ..Delta::default()
         }),
         usage: Some(usage()),
         ..Event::of("message_delta")
