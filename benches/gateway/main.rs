@@ -15,6 +15,7 @@
 //!     cargo bench --bench gateway                          # embedded mode
 //!     cargo bench --bench gateway -- --queue kafka://127.0.0.1:9092
 //!     cargo bench --bench gateway -- --route chat          # /v1/chat/completions
+//!     cargo bench --bench gateway -- --route messages      # /v1/messages (Anthropic's events)
 //!     cargo bench --bench gateway -- --limits redis://127.0.0.1:6379
 //!
 //! With a Kafka queue it also measures two broker baselines, each a bare
@@ -71,8 +72,8 @@ struct Args {
     token_delay_ms: u64,
     rounds: usize,
     hit_seconds: u64,
-    /// Stream chats (`/v1/chat/completions`) instead of completions.
-    chat: bool,
+    /// The route streamed: completions, chat or Anthropic's messages.
+    route: Route,
     /// `limits.url`: measure a limited key against an unlimited one.
     limits: Option<String>,
     /// Kafka workers as separate `sluice worker` processes (0: in the edge's process).
@@ -81,22 +82,32 @@ struct Args {
     hop_prefills: Vec<usize>,
 }
 
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Route {
+    Completions,
+    Chat,
+    Messages,
+}
+
 impl Args {
     fn path(&self) -> &'static str {
-        match self.chat {
-            true => "/v1/chat/completions",
-            false => "/v1/completions",
+        match self.route {
+            Route::Chat => "/v1/chat/completions",
+            Route::Completions => "/v1/completions",
+            Route::Messages => "/v1/messages",
         }
     }
 
     /// A streamed request for `prompt` on the benchmarked route.
     /// (Greedy: a sampled request is not cached, and the cache-hit run needs hits.)
     fn body(&self, prompt: &str) -> serde_json::Value {
-        match self.chat {
-            true => json!({"model": "sim-llama", "messages": [{"role": "user", "content": prompt}],
+        match self.route {
+            Route::Chat | Route::Messages => {
+                json!({"model": "sim-llama", "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": self.tokens, "temperature": 0, "stream": true})
+            }
+            Route::Completions => json!({"model": "sim-llama", "prompt": prompt,
                 "max_tokens": self.tokens, "temperature": 0, "stream": true}),
-            false => json!({"model": "sim-llama", "prompt": prompt, "max_tokens": self.tokens,
-                "temperature": 0, "stream": true}),
         }
     }
 }
@@ -110,7 +121,7 @@ fn args() -> Args {
         token_delay_ms: 10,
         rounds: 5,
         hit_seconds: 5,
-        chat: false,
+        route: Route::Completions,
         limits: None,
         worker_processes: 0,
         hop_prefills: Vec::new(),
@@ -128,7 +139,13 @@ fn args() -> Args {
             "--hit-seconds" => args.hit_seconds = value().parse().unwrap_or(args.hit_seconds),
             "--telemetry" => args.telemetry = true,
             "--hits-only" => args.hits_only = true,
-            "--route" => args.chat = value() == "chat",
+            "--route" => {
+                args.route = match value().as_str() {
+                    "chat" => Route::Chat,
+                    "messages" => Route::Messages,
+                    _ => Route::Completions,
+                }
+            }
             "--limits" => args.limits = Some(value()),
             "--worker-processes" => args.worker_processes = value().parse().unwrap_or(0),
             "--hop-prefills" => {

@@ -23,6 +23,7 @@ pub(crate) async fn one_stream(
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let body = args.body(&format!("benchmark prompt {n}"));
     let tokens = args.tokens;
+    let messages = args.route == Route::Messages;
     let mut request = client
         .post(format!("{}{}", target.url, args.path()))
         .json(&body);
@@ -53,11 +54,19 @@ pub(crate) async fn one_stream(
             if event.is_done() {
                 break 'read;
             }
-            received.push(now);
+            // Of Anthropic's events, only the deltas carry tokens.
+            let token = !messages
+                || event
+                    .chunk
+                    .payload_slice()
+                    .starts_with(br#"{"type":"content_block_delta""#);
+            if token {
+                received.push(now);
+            }
         }
     }
     // A chat's role chunk leaves with its first token, in the same step.
-    if args.chat {
+    if args.route == Route::Chat {
         received.remove(0);
     }
     let emitted = sim.emit_times(&id);

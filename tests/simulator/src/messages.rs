@@ -400,15 +400,23 @@ pub(crate) async fn messages(
     });
     push(Event::of("message_stop"));
     let (first_delay, delay) = (generation.first_token_delay, generation.token_delay);
+    let record_emit_times = generation.record_emit_times;
     let frames = futures::stream::unfold(
         (events.into_iter().enumerate().peekable(), guard),
         move |(mut events, mut guard)| async move {
             let (i, event) = events.next()?;
             // Tokens take time; the framing events around them do not.
+            let token = event.starts_with("event: content_block_delta");
             if i == 0 {
                 tokio::time::sleep(first_delay).await;
-            } else if event.starts_with("event: content_block_delta") {
+            } else if token {
                 tokio::time::sleep(delay).await;
+            }
+            if token && record_emit_times {
+                let (id, now) = (guard.request_id.clone(), std::time::Instant::now());
+                guard
+                    .state
+                    .record(|r| r.emitted.entry(id).or_default().push(now));
             }
             if events.peek().is_none() {
                 guard.finish();
