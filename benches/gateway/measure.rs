@@ -154,7 +154,11 @@ pub(crate) async fn cache_hit_rate(
             .expect("request");
         assert!(response.status().is_success());
         let bytes = response.bytes().await.expect("body");
-        assert!(bytes.ends_with(b"data: [DONE]\n\n"));
+        // OpenAI's streams end with [DONE], Anthropic's with message_stop.
+        assert!(
+            bytes.ends_with(b"data: [DONE]\n\n")
+                || bytes.ends_with(b"data: {\"type\":\"message_stop\"}\n\n")
+        );
     };
     send(client.clone(), target.clone(), body.clone()).await;
     tokio::time::sleep(Duration::from_millis(200)).await;

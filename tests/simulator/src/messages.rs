@@ -402,16 +402,18 @@ pub(crate) async fn messages(
     let (first_delay, delay) = (generation.first_token_delay, generation.token_delay);
     let record_emit_times = generation.record_emit_times;
     let frames = futures::stream::unfold(
-        (events.into_iter().enumerate().peekable(), guard),
-        move |(mut events, mut guard)| async move {
+        (events.into_iter().enumerate().peekable(), guard, true),
+        move |(mut events, mut guard, mut first_token)| async move {
             let (i, event) = events.next()?;
-            // Tokens take time; the framing events around them do not.
+            // As vLLM's, the events up to the first token's leave with it
+            // (after the first-token delay); each later token takes a step.
             let token = event.starts_with("event: content_block_delta");
             if i == 0 {
                 tokio::time::sleep(first_delay).await;
-            } else if token {
+            } else if token && !first_token {
                 tokio::time::sleep(delay).await;
             }
+            first_token &= !token;
             if token && record_emit_times {
                 let (id, now) = (guard.request_id.clone(), std::time::Instant::now());
                 guard
@@ -421,7 +423,8 @@ pub(crate) async fn messages(
             if events.peek().is_none() {
                 guard.finish();
             }
-            Some((Ok::<_, Infallible>(Bytes::from(event)), (events, guard)))
+            let frame = Bytes::from(event);
+            Some((Ok::<_, Infallible>(frame), (events, guard, first_token)))
         },
     );
     let mut response = Body::from_stream(frames).into_response();
