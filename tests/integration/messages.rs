@@ -194,3 +194,42 @@ async fn a_greedy_message_stream_is_cached_and_replayed_under_the_new_requests_i
     assert_eq!(message["type"], "message");
     assert_eq!(gw.sim.received().len(), 2);
 }
+
+#[tokio::test]
+async fn a_replica_failing_mid_stream_ends_it_with_anthropics_error_event() {
+    let gw = TestGateway::start().await;
+    let body = json!({"model": MODEL, "max_tokens": 8, "stream": true, "sim_drop_after": 2,
+        "messages": [{"role": "user", "content": "this stream breaks"}]});
+    let response = gw
+        .http
+        .post(format!("{}/v1/messages", gw.url))
+        .header("x-api-key", &gw.key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "the failure came after the first byte"
+    );
+    let text = response.text().await.unwrap();
+    let deltas = text.matches("event: content_block_delta").count();
+    assert_eq!(deltas, 2, "{text}");
+    let (_, last) = text.trim_end().rsplit_once("\n\n").unwrap();
+    let data = last
+        .strip_prefix("event: error\ndata: ")
+        .unwrap_or_else(|| panic!("ends with an error event: {text}"));
+    let error: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(error["type"], "error");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{error}"
+    );
+    assert!(
+        !text.contains("message_stop") && !text.contains("[DONE]"),
+        "{text}"
+    );
+}

@@ -11,7 +11,6 @@
 //! `tool_use` block (streamed as `input_json_delta` pieces).
 //! Errors are Anthropic-shaped with vLLM's OpenAI-style `type` names.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
@@ -189,6 +188,12 @@ fn as_chat(body: &Value) -> Value {
         }
     }
     let mut chat = json!({"model": body.get("model"), "messages": messages});
+    // The simulator's own knobs (`sim_drop_after`, delays...) apply as on chat.
+    for (name, value) in body.as_object().into_iter().flatten() {
+        if name.starts_with("sim_") {
+            chat[name] = value.clone();
+        }
+    }
     if let Some(tools) = body.get("tools").and_then(Value::as_array) {
         let tools: Vec<Value> = tools
             .iter()
@@ -401,19 +406,27 @@ pub(crate) async fn messages(
     push(Event::of("message_stop"));
     let (first_delay, delay) = (generation.first_token_delay, generation.token_delay);
     let record_emit_times = generation.record_emit_times;
+    let drop_after = generation.drop_after;
     let frames = futures::stream::unfold(
-        (events.into_iter().enumerate().peekable(), guard, true),
-        move |(mut events, mut guard, mut first_token)| async move {
+        (events.into_iter().enumerate().peekable(), guard, 0u32),
+        move |(mut events, mut guard, mut sent_tokens)| async move {
+            if sent_tokens == u32::MAX {
+                return None;
+            }
             let (i, event) = events.next()?;
             // As vLLM's, the events up to the first token's leave with it
             // (after the first-token delay); each later token takes a step.
             let token = event.starts_with("event: content_block_delta");
             if i == 0 {
                 tokio::time::sleep(first_delay).await;
-            } else if token && !first_token {
+            } else if token && sent_tokens > 0 {
                 tokio::time::sleep(delay).await;
             }
-            first_token &= !token;
+            if token && drop_after == Some(sent_tokens) {
+                let drop = std::io::Error::other("simulated connection drop");
+                return Some((Err(drop), (events, guard, u32::MAX)));
+            }
+            sent_tokens += u32::from(token);
             if token && record_emit_times {
                 let (id, now) = (guard.request_id.clone(), std::time::Instant::now());
                 guard
@@ -424,7 +437,7 @@ pub(crate) async fn messages(
                 guard.finish();
             }
             let frame = Bytes::from(event);
-            Some((Ok::<_, Infallible>(frame), (events, guard, first_token)))
+            Some((Ok::<_, std::io::Error>(frame), (events, guard, sent_tokens)))
         },
     );
     let mut response = Body::from_stream(frames).into_response();
