@@ -242,7 +242,7 @@ async fn one_request_through_kafka_is_one_trace_from_client_to_worker() {
     assert_eq!(chat.attributes["completion_tokens"], json!(4));
     assert_eq!(worker.attributes["outcome"], json!("completed"));
 
-    // So are an embedding and a transcription (a multipart upload).
+    // So are an embedding, a transcription (a multipart upload) and a message.
     let embedding_parent = "c7ad6b7169203332";
     let response = gw
         .http
@@ -296,6 +296,29 @@ async fn one_request_through_kafka_is_one_trace_from_client_to_worker() {
     .await
     .expect("the transcription's request span and its worker span across Kafka");
     assert_eq!(transcription.attributes["completion_tokens"], json!(1));
+    assert_eq!(worker.attributes["outcome"], json!("completed"));
+
+    // And an Anthropic message, authenticated by x-api-key.
+    let message_parent = "e7ad6b7169203334";
+    let response = gw
+        .http
+        .post(format!("{}/v1/messages", gw.url))
+        .header("x-api-key", &gw.key)
+        .header(
+            "traceparent",
+            format!("00-{client_trace}-{message_parent}-01"),
+        )
+        .json(&json!({"model": MODEL, "max_tokens": 3, "stream": true,
+            "messages": [{"role": "user", "content": "trace this message"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    let (message, worker) = route_spans(&received, &telemetry, "POST /v1/messages", message_parent)
+        .await
+        .expect("the message's request span and its worker span across Kafka");
+    assert_eq!(message.attributes["completion_tokens"], json!(3));
     assert_eq!(worker.attributes["outcome"], json!("completed"));
     gw.stop().await;
     services.drop_database().await;
