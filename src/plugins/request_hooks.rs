@@ -112,10 +112,7 @@ pub(super) fn wit_context(ctx: &RequestContext) -> WitContext {
 /// The request as plugins see it; `None` for a route the plugin interface
 /// has no record for (speech to text, Messages).
 pub(super) fn wit_request(request: &InferenceRequest) -> Option<WitRequest> {
-    if let InferenceRequest::Audio(_) | InferenceRequest::Messages(_) = request {
-        return None;
-    }
-    let body_json = request.to_json();
+    let body_json = || request.to_json();
     Some(match request {
         InferenceRequest::Audio(_) | InferenceRequest::Messages(_) => return None,
         InferenceRequest::Completion(request) => {
@@ -126,7 +123,7 @@ pub(super) fn wit_request(request: &InferenceRequest) -> Option<WitRequest> {
                 temperature: request.temperature,
                 top_p: request.top_p,
                 user: request.user.clone(),
-                body_json,
+                body_json: body_json(),
             })
         }
         InferenceRequest::Chat(request) => WitRequest::Chat(bindings::ChatRequest {
@@ -144,12 +141,12 @@ pub(super) fn wit_request(request: &InferenceRequest) -> Option<WitRequest> {
             temperature: request.temperature,
             top_p: request.top_p,
             user: request.user.clone(),
-            body_json,
+            body_json: body_json(),
         }),
         InferenceRequest::Pooling(request) => WitRequest::Pooling(bindings::PoolingRequest {
             model: request.model().to_string(),
             texts: request.texts().to_vec(),
-            body_json,
+            body_json: body_json(),
         }),
     })
 }
@@ -178,22 +175,28 @@ fn apply(
     }
 }
 
+/// What every rewritten request must be: within the size limit, with a model.
+fn check_rewrite(model: &str, size: usize, max_bytes: usize) -> Result<(), PluginFailure> {
+    if size > max_bytes {
+        return Err(PluginFailure::Invalid(format!(
+            "rewritten request is {size} bytes, over the {max_bytes}-byte limit"
+        )));
+    }
+    if model.trim().is_empty() {
+        return Err(PluginFailure::Invalid(
+            "rewritten request has an empty model".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn apply_pooling(
     request: &mut PoolingRequest,
     modified: bindings::PoolingRequest,
     max_bytes: usize,
 ) -> Result<(), PluginFailure> {
     let size = modified.model.len() + modified.texts.iter().map(String::len).sum::<usize>();
-    if size > max_bytes {
-        return Err(PluginFailure::Invalid(format!(
-            "rewritten request is {size} bytes, over the {max_bytes}-byte limit"
-        )));
-    }
-    if modified.model.trim().is_empty() {
-        return Err(PluginFailure::Invalid(
-            "rewritten request has an empty model".into(),
-        ));
-    }
+    check_rewrite(&modified.model, size, max_bytes)?;
     if modified.model != request.model() {
         request.set_model(modified.model);
     }
@@ -216,16 +219,7 @@ fn apply_chat(
             .iter()
             .map(|m| m.json.len() + m.content.as_ref().map_or(0, String::len))
             .sum::<usize>();
-    if size > max_bytes {
-        return Err(PluginFailure::Invalid(format!(
-            "rewritten request is {size} bytes, over the {max_bytes}-byte limit"
-        )));
-    }
-    if modified.model.trim().is_empty() {
-        return Err(PluginFailure::Invalid(
-            "rewritten request has an empty model".into(),
-        ));
-    }
+    check_rewrite(&modified.model, size, max_bytes)?;
     if modified.messages.is_empty() {
         return Err(PluginFailure::Invalid(
             "rewritten request has no messages".into(),
@@ -270,16 +264,7 @@ fn apply_completion(
     max_bytes: usize,
 ) -> Result<(), PluginFailure> {
     let size = modified.model.len() + modified.prompts.iter().map(String::len).sum::<usize>();
-    if size > max_bytes {
-        return Err(PluginFailure::Invalid(format!(
-            "rewritten request is {size} bytes, over the {max_bytes}-byte limit"
-        )));
-    }
-    if modified.model.trim().is_empty() {
-        return Err(PluginFailure::Invalid(
-            "rewritten request has an empty model".into(),
-        ));
-    }
+    check_rewrite(&modified.model, size, max_bytes)?;
     match &request.prompt {
         Prompt::Text(_) | Prompt::Texts(_) => {
             if modified.prompts.is_empty() || modified.prompts.iter().any(String::is_empty) {

@@ -12,6 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
 use super::Route;
+use super::forwarded::invalid as bad;
 use crate::error::GatewayError;
 
 /// One part of the form, as received.
@@ -30,6 +31,9 @@ pub struct AudioRequest {
     model: String,
     /// The body's `content-type` (with its boundary) and bytes as sent upstream.
     content_type: String,
+    /// The client's boundary, which its form's content does not hold: a
+    /// re-encoded form keeps it.
+    boundary: String,
     raw: Bytes,
     fields: Vec<FormField>,
     stream: bool,
@@ -37,10 +41,6 @@ pub struct AudioRequest {
     include_usage: bool,
     file_bytes: usize,
     prompt: String,
-}
-
-fn bad(field: &str, message: &str) -> GatewayError {
-    GatewayError::BadRequest(format!("invalid value for `{field}`: {message}"))
 }
 
 /// A form boolean as vLLM's (pydantic's) form parsing reads it.
@@ -73,7 +73,7 @@ impl AudioRequest {
         let body = futures::stream::once(std::future::ready(Ok::<_, std::convert::Infallible>(
             raw.clone(),
         )));
-        let mut form = multer::Multipart::new(body, boundary);
+        let mut form = multer::Multipart::new(body, boundary.clone());
         let mut fields = Vec::new();
         loop {
             let field = match form.next_field().await {
@@ -102,6 +102,7 @@ impl AudioRequest {
             route,
             model: String::new(),
             content_type: content_type.to_string(),
+            boundary,
             raw,
             fields,
             stream: false,
@@ -188,7 +189,7 @@ impl AudioRequest {
     }
 
     /// Sets a text field (replacing every field of that name) and re-encodes
-    /// the form with a boundary of its own.
+    /// the form (with the client's boundary and content-type).
     fn set_field(&mut self, name: &str, value: &str) {
         self.fields.retain(|field| field.name != name);
         self.fields.push(FormField {
@@ -197,7 +198,7 @@ impl AudioRequest {
             content_type: None,
             data: Bytes::copy_from_slice(value.as_bytes()),
         });
-        let boundary = format!("sluice-{}", &self.digest()[..32]);
+        let boundary = &self.boundary;
         let mut body = BytesMut::with_capacity(self.raw.len() + 256);
         for field in &self.fields {
             body.put_slice(format!("--{boundary}\r\n").as_bytes());
@@ -219,7 +220,6 @@ impl AudioRequest {
         }
         body.put_slice(format!("--{boundary}--\r\n").as_bytes());
         self.raw = body.freeze();
-        self.content_type = format!("multipart/form-data; boundary={boundary}");
     }
 
     /// A digest of the form's fields in order (not of its boundary, which

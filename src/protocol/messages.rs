@@ -6,29 +6,22 @@
 //! only `model` for an alias. vLLM checks the rest (tools, content blocks).
 
 use bytes::Bytes;
-use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
+use serde_json::Value;
 
 use super::Route;
+use super::forwarded::{ForwardedJson, invalid as bad};
 use crate::error::GatewayError;
 
 /// A Messages or count-tokens request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MessagesRequest {
     route: Route,
-    model: String,
-    raw: Bytes,
-    body: Map<String, Value>,
-    model_changed: bool,
+    json: ForwardedJson,
     stream: bool,
     max_tokens: Option<u32>,
     temperature: Option<f64>,
     /// The bytes of text in `system` and the messages' text blocks.
     text_bytes: usize,
-}
-
-fn bad(field: &str, message: &str) -> GatewayError {
-    GatewayError::BadRequest(format!("invalid value for `{field}`: {message}"))
 }
 
 /// The bytes of text in a `content` or `system` value: a string, or the
@@ -53,17 +46,8 @@ fn text_bytes(value: &Value) -> usize {
 impl MessagesRequest {
     /// Parses and checks a body sent to `route` (`/v1/messages` or its count_tokens).
     pub fn parse(route: Route, raw: &[u8]) -> Result<Self, GatewayError> {
-        let body: Map<String, Value> = super::parse_body(raw)?;
-        let model = match body.get("model") {
-            Some(Value::String(model)) if !model.trim().is_empty() => model.clone(),
-            Some(Value::String(_)) => return Err(bad("model", "must not be empty")),
-            Some(_) => return Err(bad("model", "must be a string")),
-            None => {
-                return Err(GatewayError::BadRequest(
-                    "`model` is required: the gateway routes by it".into(),
-                ));
-            }
-        };
+        let json = ForwardedJson::parse(raw)?;
+        let body = json.body();
         let messages = match body.get("messages") {
             Some(Value::Array(messages)) => messages,
             Some(_) => return Err(bad("messages", "must be a list of messages")),
@@ -109,10 +93,7 @@ impl MessagesRequest {
         };
         Ok(Self {
             route,
-            model,
-            raw: Bytes::copy_from_slice(raw),
-            body,
-            model_changed: false,
+            json,
             stream,
             max_tokens,
             temperature,
@@ -125,7 +106,7 @@ impl MessagesRequest {
     }
 
     pub fn model(&self) -> &str {
-        &self.model
+        self.json.model()
     }
 
     pub fn is_stream(&self) -> bool {
@@ -148,10 +129,10 @@ impl MessagesRequest {
 
     /// The text of the first `system` or message content, for prefix routing.
     pub fn prefix_text(&self) -> String {
-        let first = self
-            .body
+        let body = self.json.body();
+        let first = body
             .get("system")
-            .or_else(|| self.body.get("messages")?.get(0)?.get("content"));
+            .or_else(|| body.get("messages")?.get(0)?.get("content"));
         match first {
             Some(Value::String(text)) => text.clone(),
             Some(Value::Array(blocks)) => blocks
@@ -166,32 +147,24 @@ impl MessagesRequest {
 
     /// Sends the request for `model` instead (an alias resolved).
     pub fn set_model(&mut self, model: String) {
-        self.body
-            .insert("model".into(), Value::String(model.clone()));
-        self.model = model;
-        self.model_changed = true;
+        self.json.set_model(model);
     }
 
     pub fn upstream_body(&self) -> Bytes {
-        match self.model_changed {
-            false => self.raw.clone(),
-            true => Bytes::from(serde_json::to_vec(&self.body).unwrap_or_default()),
-        }
+        self.json.upstream_body()
     }
 
     /// A digest of the body (`stream` included: a stream of events and one
     /// message are different answers), in the Messages API's own namespace.
     pub fn default_cache_key(&self) -> String {
-        let json = serde_json::to_vec(&self.body).unwrap_or_default();
-        let namespace = match self.route {
+        self.json.cache_key(match self.route {
             Route::MessagesCountTokens => "anthropic-count-v1",
             _ => "anthropic-messages-v1",
-        };
-        format!("{namespace}:{}", hex::encode(Sha256::digest(&json)))
+        })
     }
 
     pub fn to_json(&self) -> String {
-        serde_json::to_string(&self.body).unwrap_or_default()
+        self.json.to_json()
     }
 }
 

@@ -15,6 +15,7 @@ mod chat;
 mod chunk;
 mod completion;
 mod errors;
+mod forwarded;
 mod messages;
 mod pooling;
 pub mod sse;

@@ -8,29 +8,20 @@
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 
 use super::Route;
+use super::forwarded::{ForwardedJson, invalid as bad};
 use crate::error::GatewayError;
 
 /// A request on a route answered with one JSON body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolingRequest {
     route: Route,
-    model: String,
-    /// The body as the client sent it.
-    raw: Bytes,
-    /// The body parsed; authoritative once the model or a text was changed.
-    body: Map<String, Value>,
-    edited: bool,
+    json: ForwardedJson,
     /// The texts the request carries (inputs, prompt, messages' text).
     texts: Vec<String>,
     /// Token ids given in place of text.
     token_ids: usize,
-}
-
-fn bad(field: &str, message: &str) -> GatewayError {
-    GatewayError::BadRequest(format!("invalid value for `{field}`: {message}"))
 }
 
 fn token_ids(value: &Value) -> Option<usize> {
@@ -290,24 +281,15 @@ fn visit_texts(route: Route, body: &mut Map<String, Value>, f: &mut dyn FnMut(&m
 impl PoolingRequest {
     /// Parses and checks a body sent to `route` (one of the JSON-answer routes).
     pub fn parse(route: Route, raw: &[u8]) -> Result<Self, GatewayError> {
-        let mut body: Map<String, Value> = super::parse_body(raw)?;
-        let model = match body.get("model") {
-            Some(Value::String(model)) if !model.trim().is_empty() => model.clone(),
-            Some(Value::String(_)) => return Err(bad("model", "must not be empty")),
-            Some(_) => return Err(bad("model", "must be a string")),
-            None => {
-                return Err(GatewayError::BadRequest(
-                    "`model` is required: the gateway routes by it".into(),
-                ));
-            }
-        };
+        let mut json = ForwardedJson::parse(raw)?;
+        let body = json.body();
         let mut ids = 0;
         match route {
-            _ if is_plugin_data(route, &body) => {}
+            _ if is_plugin_data(route, body) => {}
             Route::Embeddings | Route::Classify | Route::Pooling => {
-                embedding_inputs(&body, &mut ids)?
+                embedding_inputs(body, &mut ids)?
             }
-            Route::EmbedV2 => cohere_inputs(&body)?,
+            Route::EmbedV2 => cohere_inputs(body)?,
             Route::Rerank | Route::RerankV1 | Route::RerankV2 => {
                 for field in ["query", "documents"] {
                     let value = body.get(field).ok_or_else(|| {
@@ -317,7 +299,7 @@ impl PoolingRequest {
                 }
             }
             Route::Score | Route::ScoreV1 => {
-                let Some((first, second)) = score_sides(&body) else {
+                let Some((first, second)) = score_sides(body) else {
                     return Err(GatewayError::BadRequest(
                         "two sides to score are required: `queries` and `documents` (or `items`), `data_1` and `data_2`, or `text_1` and `text_2`".into(),
                     ));
@@ -357,13 +339,10 @@ impl PoolingRequest {
             }
         }
         let mut texts = Vec::new();
-        visit_texts(route, &mut body, &mut |text| texts.push(text.clone()));
+        json.read_mut(|body| visit_texts(route, body, &mut |text| texts.push(text.clone())));
         Ok(Self {
             route,
-            model,
-            raw: Bytes::copy_from_slice(raw),
-            body,
-            edited: false,
+            json,
             texts,
             token_ids: ids,
         })
@@ -374,15 +353,12 @@ impl PoolingRequest {
     }
 
     pub fn model(&self) -> &str {
-        &self.model
+        self.json.model()
     }
 
     /// Sends the request for `model` instead (an alias resolved).
     pub fn set_model(&mut self, model: String) {
-        self.body
-            .insert("model".into(), Value::String(model.clone()));
-        self.model = model;
-        self.edited = true;
+        self.json.set_model(model);
     }
 
     /// The texts the request carries, for limits, logs and plugins.
@@ -401,13 +377,12 @@ impl PoolingRequest {
             ));
         }
         let mut replacements = texts.iter();
-        visit_texts(self.route, &mut self.body, &mut |text| {
+        visit_texts(self.route, self.json.body_mut(), &mut |text| {
             if let Some(replacement) = replacements.next() {
                 replacement.clone_into(text);
             }
         });
         self.texts = texts;
-        self.edited = true;
         Ok(())
     }
 
@@ -416,27 +391,19 @@ impl PoolingRequest {
         self.texts.iter().map(String::len).sum::<usize>() + self.token_ids * 4
     }
 
-    /// The body for the upstream: the client's own bytes, unless the model changed.
+    /// The body for the upstream: the client's own bytes, unless sluice changed it.
     pub fn upstream_body(&self) -> Bytes {
-        match self.edited {
-            false => self.raw.clone(),
-            true => Bytes::from(serde_json::to_vec(&self.body).unwrap_or_default()),
-        }
+        self.json.upstream_body()
     }
 
     /// A digest of the body (the model as sent upstream), in the route's own
     /// namespace: an embedding and a tokenization of one text never share an entry.
     pub fn default_cache_key(&self) -> String {
-        let json = serde_json::to_vec(&self.body).unwrap_or_default();
-        format!(
-            "{}:{}",
-            cache_namespace(self.route),
-            hex::encode(Sha256::digest(&json))
-        )
+        self.json.cache_key(cache_namespace(self.route))
     }
 
     pub fn to_json(&self) -> String {
-        serde_json::to_string(&self.body).unwrap_or_default()
+        self.json.to_json()
     }
 }
 
