@@ -9,6 +9,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{BACKEND_CHECK_EVERY, report};
+use crate::backends::affinity::{self, AffinityMap};
 use crate::backends::cache::{self, CacheMetrics};
 use crate::backends::queue::kafka::{ReconnectingJobSource, ReconnectingQueue};
 use crate::backends::queue::{JobSource, MemoryQueue, Queue, QueueBackend, QueueMetrics};
@@ -68,6 +69,7 @@ impl Gateway {
         if config.limits.redis_url().is_some() {
             registry.backend_up.with_label_values(&["limits"]).set(1);
         }
+        let affinity = affinity::open(&config.responses, config.responses_redis()).await;
         let (inference_log, log_task) =
             InferenceLogger::start(store.clone(), config.store.log_buffer.get(), &registry);
 
@@ -91,6 +93,7 @@ impl Gateway {
                     upstream.clone(),
                     source,
                     fleet_metrics.clone(),
+                    affinity.clone(),
                     worker_shutdown.clone(),
                 )?);
                 queue
@@ -107,6 +110,7 @@ impl Gateway {
                         upstream.clone(),
                         Arc::new(source),
                         fleet_metrics.clone(),
+                        affinity.clone(),
                         worker_shutdown.clone(),
                     )?);
                 }
@@ -129,6 +133,8 @@ impl Gateway {
                 max_prompts: config.server.max_prompts.get(),
                 cache_scope: config.cache.scope,
                 cache_sampled: config.cache.sampled,
+                background_poll: config.responses.background_poll,
+                background_ttl: config.responses.ttl,
             },
             auth: Authenticator::new(
                 store.clone(),
@@ -144,6 +150,7 @@ impl Gateway {
             store,
             inference_log,
             fleet: upstream.as_ref().map(|u| u.fleet().clone()),
+            affinity,
             registry,
             metrics: request_metrics,
             cache_metrics,
@@ -283,6 +290,7 @@ pub(super) fn spawn_worker(
     upstream: Option<Arc<UpstreamClient>>,
     source: Arc<dyn JobSource>,
     metrics: Arc<FleetMetrics>,
+    affinity: Arc<dyn AffinityMap>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<JoinHandle<()>> {
     let upstream = match upstream {
@@ -298,6 +306,7 @@ pub(super) fn spawn_worker(
         metrics,
         config.worker.concurrency.get(),
         config.queue.queue_timeout,
+        affinity,
     ));
     Ok(tokio::spawn(worker.run(
         source,

@@ -63,11 +63,19 @@ impl StandaloneWorker {
                 report(&outage, "queue", &result);
             }
         });
+        let redis = config.responses_redis();
+        if redis.is_none() {
+            tracing::warn!(
+                "the map of stored responses is in this process (no responses.url or limits.url in Redis): edges cannot see which replica holds a stored response, so Responses API follow-ups through this worker will fail"
+            );
+        }
+        let affinity = crate::backends::affinity::open(&config.responses, redis).await;
         let task = super::gateway::spawn_worker(
             config,
             None,
             source.clone(),
             fleet_metrics,
+            affinity,
             shutdown.clone(),
         )?;
         Ok(Self {

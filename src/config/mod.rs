@@ -23,6 +23,7 @@ use figment::Figment;
 use figment::providers::{Format, Toml};
 use serde::Deserialize;
 
+pub use crate::backends::affinity::ResponsesConfig;
 pub use crate::backends::cache::{CacheBackend, CacheConfig, CacheScope};
 pub use crate::backends::queue::kafka::KafkaConfig;
 pub use crate::backends::queue::{QueueBackend, QueueConfig, QueueSection};
@@ -71,6 +72,7 @@ pub struct RawConfig {
     pub store: StoreConfig,
     pub cache: CacheConfig,
     pub limits: LimitsConfig,
+    pub responses: ResponsesConfig,
     pub admin: AdminConfig,
     pub queue: QueueSection,
     pub worker: WorkerConfig,
@@ -91,6 +93,8 @@ pub struct Config {
     pub store: StoreConfig,
     pub cache: CacheConfig,
     pub limits: LimitsConfig,
+    /// `[responses]`: the map of stored responses to their replicas.
+    pub responses: ResponsesConfig,
     pub admin: AdminConfig,
     pub queue: QueueConfig,
     pub worker: WorkerConfig,
@@ -136,6 +140,23 @@ impl Config {
     /// What the plugin host starts with: its section, the chain, and the
     /// config file to watch (read again, with this process's environment,
     /// when it changes).
+    /// The Redis URL of the map of stored responses, if it is in Redis:
+    /// `responses.url`, or unset, the limits' Redis, else the cache's.
+    pub fn responses_redis(&self) -> Option<&str> {
+        let cache = match self.cache.backend() {
+            CacheBackend::Redis => Some(secrecy::ExposeSecret::expose_secret(&self.cache.url)),
+            _ => None,
+        };
+        match self.responses.in_process() {
+            true => None,
+            false => self
+                .responses
+                .redis_url()
+                .or(self.limits.redis_url())
+                .or(cache),
+        }
+    }
+
     pub fn plugin_setup(&self) -> HostSetup {
         HostSetup {
             host: self.plugin_host.clone(),
@@ -209,6 +230,7 @@ impl RawConfig {
         self.store.validate().map_err(located)?;
         self.cache.validate().map_err(located)?;
         self.limits.validate().map_err(located)?;
+        self.responses.validate().map_err(located)?;
         self.upstream.validate(&self.models).map_err(located)?;
         self.log.validate().map_err(located)?;
         self.telemetry.validate().map_err(located)?;
@@ -239,6 +261,7 @@ impl RawConfig {
             store: self.store,
             cache: self.cache,
             limits: self.limits,
+            responses: self.responses,
             admin: self.admin,
             queue,
             worker: self.worker,

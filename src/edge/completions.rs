@@ -2,7 +2,9 @@
 //! `POST /v1/chat/completions` (SSE when `stream: true`, the assembled JSON
 //! body otherwise), the routes answered with one JSON body
 //! (`/v1/embeddings`, `/tokenize`, `/detokenize`, ...), and speech to text
-//! (multipart uploads; SSE when the form's `stream` is true).
+//! (multipart uploads; SSE when the form's `stream` is true), Anthropic's
+//! Messages and OpenAI's Responses API (their typed events, `event: <type>`
+//! before each `data:`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -27,7 +29,7 @@ pub async fn completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    serve(state, Route::Completions, headers, body).await
+    serve(state, Route::Completions, headers, Incoming::Body(body)).await
 }
 
 pub async fn chat_completions(
@@ -35,10 +37,22 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    serve(state, Route::ChatCompletions, headers, body).await
+    serve(state, Route::ChatCompletions, headers, Incoming::Body(body)).await
 }
 
-pub async fn serve(state: Arc<Edge>, route: Route, headers: HeaderMap, body: Body) -> Response {
+/// What a request arrives with: a body to read and parse, or the request
+/// its path names (a stored response's retrieve or cancel).
+pub enum Incoming {
+    Body(Body),
+    Named(Result<InferenceRequest, GatewayError>),
+}
+
+pub async fn serve(
+    state: Arc<Edge>,
+    route: Route,
+    headers: HeaderMap,
+    incoming: Incoming,
+) -> Response {
     let received_at = Instant::now();
     let request_id = super::new_request_id();
     let record = RequestRecord::new(
@@ -50,7 +64,7 @@ pub async fn serve(state: Arc<Edge>, route: Route, headers: HeaderMap, body: Bod
         &crate::observe::telemetry::trace_headers(&headers),
     );
     let span = record.trace.span.clone();
-    let response = handle(state, route, headers, body, record)
+    let response = handle(state, route, headers, incoming, record)
         .instrument(span)
         .await;
     super::with_request_id(response, &request_id)
@@ -60,7 +74,7 @@ async fn handle(
     state: Arc<Edge>,
     route: Route,
     headers: HeaderMap,
-    body: Body,
+    incoming: Incoming,
     mut record: RequestRecord,
 ) -> Response {
     macro_rules! bail {
@@ -79,31 +93,16 @@ async fn handle(
         Err(err) => bail!(err),
     };
     record.identify(&identity);
-    let server = &state.server;
-    let limit = match route.takes_upload() {
-        true => server.max_upload_bytes.get(),
-        false => server.max_body_bytes.get(),
+    let request = match incoming {
+        Incoming::Body(body) => read_request(&state, route, &headers, body).await,
+        Incoming::Named(request) => request,
     };
-    let body = tokio::time::timeout(server.body_timeout, read_body(&headers, body, limit)).await;
-    let body = match body {
-        Ok(Ok(body)) => body,
-        Ok(Err(err)) => bail!(err),
-        Err(_) => bail!(GatewayError::RequestTimeout(server.body_timeout)),
-    };
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    let parsed = match route.takes_upload() {
-        true => AudioRequest::parse(route, content_type, body)
-            .await
-            .map(InferenceRequest::Audio),
-        false => InferenceRequest::parse(route, &body),
-    };
-    let request = match parsed {
+    let request = match request {
         Ok(request) => request,
         Err(err) => bail!(err),
     };
     let stream = request.is_stream();
+    let background = matches!(&request, InferenceRequest::Responses(r) if r.is_background());
     record.transport = if stream { "sse" } else { "json" };
     let ctx = RequestContext {
         request_id: record.request_id.clone(),
@@ -124,12 +123,46 @@ async fn handle(
         .map(|admission| admission.standing.headers());
     let mut response = match stream {
         true => sse_response(route, completion),
-        false => json_response(route, completion).await,
+        false => {
+            let mut completion = completion;
+            let (response, answer) = json_response(route, &mut completion).await;
+            // Counted and logged when the background response ends.
+            if let (true, Some(answer)) = (background, answer) {
+                super::responses::watch_background(&state.stages, completion, &answer);
+            }
+            response
+        }
     };
     if let Some(headers) = limit_headers {
         response.headers_mut().extend(headers);
     }
     response
+}
+
+/// Reads and parses the body of a request to `route`.
+async fn read_request(
+    state: &Edge,
+    route: Route,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<InferenceRequest, GatewayError> {
+    let server = &state.server;
+    let limit = match route.takes_upload() {
+        true => server.max_upload_bytes.get(),
+        false => server.max_body_bytes.get(),
+    };
+    let body = tokio::time::timeout(server.body_timeout, read_body(headers, body, limit))
+        .await
+        .map_err(|_| GatewayError::RequestTimeout(server.body_timeout))??;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    match route.takes_upload() {
+        true => AudioRequest::parse(route, content_type, body)
+            .await
+            .map(InferenceRequest::Audio),
+        false => InferenceRequest::parse(route, &body),
+    }
 }
 
 /// Reads the body, refusing more than `limit` bytes (before reading, when Content-Length says so).
@@ -163,14 +196,15 @@ fn refusal(route: Route, err: GatewayError) -> Response {
     }
 }
 
-/// An Anthropic event, `event: <type>` before its data: the type is the
-/// payload's first field, as vLLM and Anthropic write it.
-fn anthropic_event(chunk: &crate::protocol::Chunk) -> Bytes {
+/// A typed event, `event: <type>` before its data: Anthropic's events
+/// have their `type` first, the Responses API's (OpenAI's models) last.
+fn typed_event(chunk: &crate::protocol::Chunk) -> Bytes {
     const TYPE: &[u8] = b"{\"type\":\"";
     let payload = chunk.payload_slice();
-    let kind = payload
-        .strip_prefix(TYPE)
-        .and_then(|rest| rest.iter().position(|&b| b == b'"').map(|end| &rest[..end]));
+    let kind = match payload.strip_prefix(TYPE) {
+        Some(rest) => rest.iter().position(|&b| b == b'"').map(|end| &rest[..end]),
+        None => crate::protocol::event_type(payload).map(str::as_bytes),
+    };
     let Some(kind) = kind else {
         return chunk.framed().clone();
     };
@@ -182,28 +216,45 @@ fn anthropic_event(chunk: &crate::protocol::Chunk) -> Bytes {
     Bytes::from(framed)
 }
 
+/// How a stream ends, in each API's way: `[DONE]` (OpenAI's chat and
+/// completions), Anthropic's `message_stop` or `error` event, or the
+/// Responses API's `error` event (its last event already ended a success).
+fn stream_end(route: Route, error: Option<crate::error::ErrorInfo>, sequence_number: u64) -> Bytes {
+    match (error, route.is_anthropic(), route.is_responses()) {
+        (None, true, _) => Bytes::from_static(MESSAGE_STOP_EVENT),
+        (None, false, true) => Bytes::new(),
+        (None, false, false) => Bytes::from_static(DONE_EVENT),
+        (Some(info), true, _) => Bytes::from(format!(
+            "event: error\ndata: {}\n\n",
+            GatewayError::Upstream(info).anthropic_json()
+        )),
+        (Some(info), false, true) => {
+            let event = serde_json::json!({
+                "type": "error",
+                "code": info.kind,
+                "message": info.message,
+                "param": info.param,
+                "sequence_number": sequence_number,
+            });
+            Bytes::from(format!("event: error\ndata: {event}\n\n"))
+        }
+        (Some(info), false, false) => {
+            Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", info.to_json()))
+        }
+    }
+}
+
 fn sse_response(route: Route, completion: Completion) -> Response {
-    let anthropic = route.is_anthropic();
+    let typed = route.has_typed_events();
     // Not instrumented per chunk (that costs a span enter and exit per token);
     // spans created while streaming name their parent explicitly.
-    let events = futures::stream::unfold(Some(completion), move |completion| async move {
-        let mut completion = completion?;
-        let (bytes, rest) = match (completion.next().await, anthropic) {
-            (Delivery::Chunk(chunk), false) => (chunk.framed().clone(), Some(completion)),
-            (Delivery::Chunk(chunk), true) => (anthropic_event(&chunk), Some(completion)),
-            (Delivery::Error(info), false) => (
-                Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", info.to_json())),
-                None,
-            ),
-            (Delivery::Error(info), true) => (
-                Bytes::from(format!(
-                    "event: error\ndata: {}\n\n",
-                    GatewayError::Upstream(info).anthropic_json()
-                )),
-                None,
-            ),
-            (Delivery::Done, false) => (Bytes::from_static(DONE_EVENT), None),
-            (Delivery::Done, true) => (Bytes::from_static(MESSAGE_STOP_EVENT), None),
+    let events = futures::stream::unfold(Some((completion, 0u64)), move |state| async move {
+        let (mut completion, sent) = state?;
+        let (bytes, rest) = match completion.next().await {
+            Delivery::Chunk(chunk) if typed => (typed_event(&chunk), Some((completion, sent + 1))),
+            Delivery::Chunk(chunk) => (chunk.framed().clone(), Some((completion, sent + 1))),
+            Delivery::Error(info) => (stream_end(route, Some(info), sent), None),
+            Delivery::Done => (stream_end(route, None, sent), None),
         };
         Some((Ok::<_, Infallible>(bytes), rest))
     });
@@ -218,18 +269,17 @@ fn sse_response(route: Route, completion: Completion) -> Response {
     response
 }
 
-async fn json_response(route: Route, mut completion: Completion) -> Response {
+/// The JSON answer, and (on success) its body.
+async fn json_response(route: Route, completion: &mut Completion) -> (Response, Option<Bytes>) {
     let mut assembler = ResponseAssembler::new(route);
     loop {
         match completion.next().await {
             Delivery::Chunk(chunk) => assembler.push_chunk(&chunk),
-            Delivery::Error(info) => return refusal(route, GatewayError::Upstream(info)),
+            Delivery::Error(info) => return (refusal(route, GatewayError::Upstream(info)), None),
             Delivery::Done => break,
         }
     }
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        assembler.finish_bytes(),
-    )
-        .into_response()
+    let body = assembler.finish_bytes();
+    let response = ([(header::CONTENT_TYPE, "application/json")], body.clone()).into_response();
+    (response, Some(body))
 }

@@ -7,6 +7,7 @@ mod completions;
 mod config;
 mod models;
 pub mod ops;
+mod responses;
 pub mod server;
 mod state;
 mod ws;
@@ -32,14 +33,17 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 pub fn router(state: Arc<Edge>) -> Router {
     let mut router = Router::new();
-    for route in Route::ALL.into_iter().filter(|r| !r.generates()) {
+    let posted_bodies = Route::ALL.into_iter().filter(|r| {
+        !r.generates() && !matches!(r, Route::ResponsesRetrieve | Route::ResponsesCancel)
+    });
+    for route in posted_bodies {
         router = router.route(
             route.path(),
             post(
                 move |state: axum::extract::State<Arc<Edge>>,
                       headers: axum::http::HeaderMap,
                       body: axum::body::Body| {
-                    completions::serve(state.0, route, headers, body)
+                    completions::serve(state.0, route, headers, completions::Incoming::Body(body))
                 },
             ),
         );
@@ -53,6 +57,8 @@ pub fn router(state: Arc<Edge>) -> Router {
             "/v1/chat/completions",
             post(completions::chat_completions).get(ws::chat_completions),
         )
+        .route(Route::ResponsesRetrieve.path(), get(responses::retrieve))
+        .route(Route::ResponsesCancel.path(), post(responses::cancel))
         .route("/v1/models", get(models::list))
         .route("/health", get(ops::health))
         .route("/ping", get(ops::ping).post(ops::ping))

@@ -45,6 +45,13 @@ pub enum UpstreamError {
     Body(String),
     #[error("the upstream closed the stream before [DONE]")]
     Truncated,
+    /// The endpoint that holds a stored response is down or ejected: no
+    /// other replica knows the response.
+    #[error("{0}")]
+    HolderDown(String),
+    /// The endpoint that held a stored response is no longer in the fleet.
+    #[error("{0}")]
+    HolderGone(String),
 }
 
 impl UpstreamError {
@@ -55,6 +62,8 @@ impl UpstreamError {
             Self::Connect(_) | Self::Body(_) | Self::Truncated => {
                 GatewayError::UpstreamUnavailable(self.to_string()).info()
             }
+            Self::HolderDown(message) => GatewayError::Overloaded(message.clone()).info(),
+            Self::HolderGone(message) => GatewayError::NotFound(message.clone()).info(),
         }
     }
 
@@ -65,7 +74,7 @@ impl UpstreamError {
         match self {
             Self::Connect(_) | Self::Timeout(_) | Self::Body(_) | Self::Truncated => true,
             Self::Status(info) => info.status >= 500,
-            Self::Event(_) => false,
+            Self::Event(_) | Self::HolderDown(_) | Self::HolderGone(_) => false,
         }
     }
 
@@ -78,8 +87,27 @@ impl UpstreamError {
             Self::Event(_) => "stream_error",
             Self::Body(_) => "body",
             Self::Truncated => "truncated",
+            Self::HolderDown(_) | Self::HolderGone(_) => "holder",
         }
     }
+}
+
+/// One upstream call: what to send, and which endpoints may take it.
+#[derive(Clone, Copy)]
+pub struct Call<'a> {
+    /// The pool (`[[models]]`); "" for the single pool.
+    pub model: &'a str,
+    /// A hash of the prompt's start, for prefix-affine balancing.
+    pub prefix: u64,
+    pub route: Route,
+    /// The body (for a `GET`, its query string).
+    pub body: &'a bytes::Bytes,
+    /// Request id, trace context, and a non-JSON body's `content-type`.
+    pub headers: &'a [(String, String)],
+    /// The stored response the call is about: its path names it, and it
+    /// runs only on `pinned`, the endpoint that holds it.
+    pub response_id: Option<&'a str>,
+    pub pinned: Option<&'a str>,
 }
 
 pub struct UpstreamClient {
@@ -119,56 +147,49 @@ impl UpstreamClient {
         &self.fleet
     }
 
-    /// Starts the request for `body` (the JSON of a streamed completion or
-    /// chat) on an endpoint of `model`'s pool with `headers` (request id,
-    /// trace context) and waits for its first event. An endpoint that fails
-    /// before then is ejected and another one tried, up to
-    /// `upstream.max_attempts`; nothing has reached the client yet, so the
-    /// retry is invisible to it.
-    pub async fn open(
-        &self,
-        model: &str,
-        prefix: u64,
-        route: Route,
-        body: bytes::Bytes,
-        headers: &[(String, String)],
-    ) -> Result<UpstreamStream, UpstreamError> {
+    /// Starts `call` (the JSON of a streamed completion or chat, or any
+    /// route's body) on an endpoint of its model's pool and waits for its
+    /// first event. An endpoint that fails before then is ejected and
+    /// another one tried, up to `upstream.max_attempts`; nothing has reached
+    /// the client yet, so the retry is invisible to it. A pinned call runs
+    /// on its endpoint or fails.
+    pub async fn open(&self, call: Call<'_>) -> Result<UpstreamStream, UpstreamError> {
         let mut tried = Vec::with_capacity(2);
-        self.open_untried(model, prefix, route, body, headers, &mut tried)
-            .await
+        self.open_untried(call, &mut tried).await
     }
 
-    /// The whole answer to `body`, for a client that gets nothing before
-    /// the end (a JSON answer): an endpoint that fails at any point before
-    /// the last chunk is ejected and the request run again on another, up to
-    /// `upstream.max_attempts` endpoints in all, so a replica dying
-    /// mid-generation costs the client time, not an error.
-    pub async fn complete(
-        &self,
-        model: &str,
-        prefix: u64,
-        route: Route,
-        body: bytes::Bytes,
-        headers: &[(String, String)],
-    ) -> Result<Vec<Chunk>, UpstreamError> {
+    /// The whole answer to `call`, for a client that gets nothing before
+    /// the end (a JSON answer), and the endpoint that gave it: an endpoint
+    /// that fails at any point before the last chunk is ejected and the
+    /// request run again on another, up to `upstream.max_attempts`
+    /// endpoints in all, so a replica dying mid-generation costs the client
+    /// time, not an error.
+    pub async fn complete(&self, call: Call<'_>) -> Result<(Vec<Chunk>, Url), UpstreamError> {
         let mut tried = Vec::with_capacity(2);
         loop {
-            let mut stream = self
-                .open_untried(model, prefix, route, body.clone(), headers, &mut tried)
-                .await?;
+            let mut stream = self.open_untried(call, &mut tried).await?;
             let mut chunks = Vec::new();
             let failure = loop {
                 match stream.next().await {
                     Ok(Some(chunk)) => chunks.push(chunk),
-                    Ok(None) => return Ok(chunks),
+                    Ok(None) => {
+                        let endpoint = stream.endpoint().cloned();
+                        return Ok((
+                            chunks,
+                            endpoint.unwrap_or_else(|| {
+                                Url::parse("http://unknown").expect("a valid URL")
+                            }),
+                        ));
+                    }
                     Err(err) => break err,
                 }
             };
             let endpoints = self
                 .fleet
-                .pool(model)
+                .pool(call.model)
                 .map_or(0, |pool| pool.endpoints.len());
-            let left = tried.len() < (self.fleet.max_attempts as usize).min(endpoints);
+            let left = call.pinned.is_none()
+                && tried.len() < (self.fleet.max_attempts as usize).min(endpoints);
             let endpoint = stream.in_flight.as_ref().map(|f| f.endpoint().clone());
             match (failure.is_endpoint_failure(), endpoint) {
                 (true, Some(endpoint)) => {
@@ -188,29 +209,36 @@ impl UpstreamClient {
     /// which it adds those it tries).
     async fn open_untried(
         &self,
-        model: &str,
-        prefix: u64,
-        route: Route,
-        body: bytes::Bytes,
-        headers: &[(String, String)],
+        call: Call<'_>,
         tried: &mut Vec<usize>,
     ) -> Result<UpstreamStream, UpstreamError> {
+        let model = call.model;
         let pool = self
             .fleet
             .pool(model)
             .ok_or_else(|| UpstreamError::Connect(format!("no endpoint serves `{model}`")))?;
+        let pinned = match call.pinned {
+            Some(url) => Some(pinned_endpoint(
+                pool,
+                url,
+                call.response_id.unwrap_or_default(),
+            )?),
+            None => None,
+        };
         let mut last = None;
         while tried.len() < self.fleet.max_attempts as usize {
-            let Some(at) = pool.pick(prefix, tried) else {
-                break;
+            let at = match pinned {
+                Some(at) if tried.is_empty() => at,
+                Some(_) => break,
+                None => match pool.pick(call.prefix, tried) {
+                    Some(at) => at,
+                    None => break,
+                },
             };
             tried.push(at);
             let endpoint = &pool.endpoints[at];
             let in_flight = endpoint.start();
-            let opened = match self
-                .attempt(&endpoint.url, route, body.clone(), headers)
-                .await
-            {
+            let opened = match self.attempt(&endpoint.url, call).await {
                 Ok(mut stream) => stream.prefetch().await.map(|()| stream),
                 Err(err) => Err(err),
             };
@@ -219,6 +247,11 @@ impl UpstreamClient {
                     endpoint.succeeded();
                     stream.in_flight = Some(in_flight);
                     return Ok(stream);
+                }
+                Err(err) if err.is_endpoint_failure() && pinned.is_some() => {
+                    endpoint.failed(self.fleet.eject, self.fleet.max_eject);
+                    tracing::warn!(endpoint = %endpoint.url, %err, "the endpoint that holds a stored response failed; no other replica has it");
+                    return Err(holder_down(call.response_id.unwrap_or_default()));
                 }
                 Err(err) if err.is_endpoint_failure() => {
                     endpoint.failed(self.fleet.eject, self.fleet.max_eject);
@@ -240,16 +273,15 @@ impl UpstreamClient {
     }
 
     /// One attempt on one endpoint; resolves once response headers arrive.
-    async fn attempt(
-        &self,
-        base: &Url,
-        route: Route,
-        body: bytes::Bytes,
-        headers: &[(String, String)],
-    ) -> Result<UpstreamStream, UpstreamError> {
+    async fn attempt(&self, base: &Url, call: Call<'_>) -> Result<UpstreamStream, UpstreamError> {
+        let (route, headers) = (call.route, call.headers);
         let deadline = Instant::now() + self.first_chunk_timeout;
         let mut url = base.clone();
-        let path = format!("{}{}", url.path().trim_end_matches('/'), route.path());
+        let path = format!(
+            "{}{}",
+            url.path().trim_end_matches('/'),
+            route.upstream_path(call.response_id)
+        );
         url.set_path(&path);
         let accept = match (route.generates(), route.streams_when_asked()) {
             (true, _) => "text/event-stream",
@@ -261,12 +293,23 @@ impl UpstreamClient {
             .iter()
             .find(|(name, _)| is_content_type(name))
             .map_or("application/json", |(_, value)| value.as_str());
-        let mut builder = self
-            .http
-            .post(url)
-            .header("content-type", content_type)
-            .header("accept", accept)
-            .body(body);
+        let mut builder = match route.is_get() {
+            true => {
+                url.set_query(
+                    std::str::from_utf8(call.body)
+                        .ok()
+                        .filter(|q| !q.is_empty()),
+                );
+                self.http.get(url).header("accept", accept)
+            }
+            false if call.body.is_empty() => self.http.post(url).header("accept", accept),
+            false => self
+                .http
+                .post(url)
+                .header("content-type", content_type)
+                .header("accept", accept)
+                .body(call.body.clone()),
+        };
         for (name, value) in headers.iter().filter(|(name, _)| !is_content_type(name)) {
             builder = builder.header(name.as_str(), value.as_str());
         }
@@ -301,10 +344,40 @@ impl UpstreamClient {
             first_chunk_timeout: self.first_chunk_timeout,
             idle_timeout: self.idle_timeout,
             finished: false,
+            typed_end: route.is_responses(),
+            ended: false,
             first: None,
             in_flight: None,
         })
     }
+}
+
+/// The index of the endpoint at `url` in `pool`, if it may take a request
+/// now: the holder of stored response `id` (no other replica knows it).
+fn pinned_endpoint(
+    pool: &crate::fleet::endpoints::Pool,
+    url: &str,
+    id: &str,
+) -> Result<usize, UpstreamError> {
+    let at = pool
+        .endpoints
+        .iter()
+        .position(|e| e.url.as_str() == url)
+        .ok_or_else(|| {
+            UpstreamError::HolderGone(format!(
+                "Response with id '{id}' not found: the replica that held it is no longer in the fleet."
+            ))
+        })?;
+    match pool.endpoints[at].available() {
+        true => Ok(at),
+        false => Err(holder_down(id)),
+    }
+}
+
+fn holder_down(id: &str) -> UpstreamError {
+    UpstreamError::HolderDown(format!(
+        "The replica that holds response '{id}' is unavailable (down or ejected after failures); no other replica has it. Try again later, or start a new response without `previous_response_id`."
+    ))
 }
 
 /// A reqwest error with its causes, without the URL (it may carry credentials).
@@ -355,6 +428,10 @@ pub struct UpstreamStream {
     first_chunk_timeout: Duration,
     idle_timeout: Duration,
     finished: bool,
+    /// Whether the stream ends with a terminal event of its own (the
+    /// Responses API), and whether that event has arrived.
+    typed_end: bool,
+    ended: bool,
     /// The first chunk, read while choosing the endpoint.
     first: Option<Chunk>,
     /// Counts the stream as running on its endpoint.
@@ -362,6 +439,11 @@ pub struct UpstreamStream {
 }
 
 impl UpstreamStream {
+    /// The endpoint it runs on.
+    pub fn endpoint(&self) -> Option<&Url> {
+        self.in_flight.as_ref().map(|f| &f.endpoint().url)
+    }
+
     /// Reads the first event ahead, so that a failure before it can be retried elsewhere.
     async fn prefetch(&mut self) -> Result<(), UpstreamError> {
         self.first = self.read().await?;
@@ -386,6 +468,11 @@ impl UpstreamStream {
                     self.finished = true;
                     return Ok(None);
                 }
+                // The Responses API ends with its last event, not `[DONE]`.
+                if self.typed_end && crate::protocol::is_terminal_event(event.chunk.payload_slice())
+                {
+                    self.ended = true;
+                }
                 if let Some(info) = parse_error_event(event.chunk.payload_slice()) {
                     self.finished = true;
                     return Err(UpstreamError::Event(info));
@@ -403,6 +490,10 @@ impl UpstreamStream {
                     self.finished = true;
                     let body = self.whole.take().unwrap_or_default();
                     return Ok(Some(Chunk::from_json_body(&body)));
+                }
+                Ok(None) if self.ended => {
+                    self.finished = true;
+                    return Ok(None);
                 }
                 Ok(None) => {
                     self.finished = true;
@@ -497,7 +588,16 @@ mod tests {
             );
             let client = UpstreamClient::new(&config, &[], &FleetMetrics::new(&registry)).unwrap();
             let body = bytes::Bytes::from_static(br#"{"model":"m","prompt":"hi"}"#);
-            let opened = client.open("m", 0, Route::Completions, body, &[]).await;
+            let call = Call {
+                model: "m",
+                prefix: 0,
+                route: Route::Completions,
+                body: &body,
+                headers: &[],
+                response_id: None,
+                pinned: None,
+            };
+            let opened = client.open(call).await;
             assert!(opened.is_err(), "no endpoint listens");
             let log = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
             assert_eq!(

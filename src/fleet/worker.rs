@@ -5,6 +5,10 @@
 //! when it has room, so a busy worker leaves work in the queue for others.
 //! When a job is cancelled, its upstream request is dropped at once, closing
 //! the connection so vLLM stops generating.
+//!
+//! A job about a stored response (`pinned_to`) runs on the endpoint the
+//! [`AffinityMap`] says holds it, or fails with a clear error; a job whose
+//! answer is stored (`stores`) records the endpoint that ran it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,9 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::FleetMetrics;
-use crate::backends::queue::{Job, JobSource, ResponseEvent};
+use crate::backends::affinity::AffinityMap;
+use crate::backends::queue::{Job, JobSource, QueuedRequest, ResponseEvent};
 use crate::error::GatewayError;
-use crate::fleet::upstream::{UpstreamClient, UpstreamError};
+use crate::fleet::upstream::{Call, UpstreamClient, UpstreamError};
 use crate::observe::telemetry::RequestTrace;
 
 pub struct Worker {
@@ -25,6 +30,7 @@ pub struct Worker {
     concurrency: usize,
     /// A job older than this when taken is answered with 503 instead of run.
     queue_timeout: Duration,
+    affinity: Arc<dyn AffinityMap>,
 }
 
 impl Worker {
@@ -33,12 +39,14 @@ impl Worker {
         metrics: Arc<FleetMetrics>,
         concurrency: usize,
         queue_timeout: Duration,
+        affinity: Arc<dyn AffinityMap>,
     ) -> Self {
         Self {
             upstream,
             metrics,
             concurrency,
             queue_timeout,
+            affinity,
         }
     }
 
@@ -120,23 +128,46 @@ impl Worker {
         }
         headers.extend(job.request.trace_context.iter().cloned());
         let request = &job.request;
+        let pinned = match &request.pinned_to {
+            None => None,
+            Some(id) => match self.holder_of(id).await {
+                Ok(endpoint) => Some(endpoint),
+                Err(err) => return self.upstream_failed(job, err).await,
+            },
+        };
+        let call = Call {
+            model: &request.model,
+            prefix: request.prefix,
+            route: request.route,
+            body: &request.body,
+            headers: &headers,
+            response_id: request.pinned_to.as_deref(),
+            pinned: pinned.as_deref(),
+        };
         if request.buffered {
-            return self.relay_whole(job, &headers).await;
+            let answer = self.upstream.complete(call).await;
+            let chunks = match answer {
+                Ok((chunks, endpoint)) => {
+                    self.place(request, endpoint.as_str()).await;
+                    chunks
+                }
+                Err(err) => return self.upstream_failed(job, err).await,
+            };
+            for chunk in chunks {
+                if job.sink.send(ResponseEvent::Chunk(chunk)).await.is_err() {
+                    return "cancelled";
+                }
+            }
+            let _ = job.sink.send(ResponseEvent::Done).await;
+            return "completed";
         }
-        let opened = self
-            .upstream
-            .open(
-                &request.model,
-                request.prefix,
-                request.route,
-                request.body.clone(),
-                &headers,
-            )
-            .await;
-        let mut stream = match opened {
+        let mut stream = match self.upstream.open(call).await {
             Ok(stream) => stream,
             Err(err) => return self.upstream_failed(job, err).await,
         };
+        if let Some(endpoint) = stream.endpoint() {
+            self.place(request, endpoint.as_str()).await;
+        }
         loop {
             let event = match stream.next().await {
                 Ok(Some(chunk)) => ResponseEvent::Chunk(chunk),
@@ -152,32 +183,24 @@ impl Worker {
         }
     }
 
-    /// A job whose client gets nothing before the end: the whole answer
-    /// first (run again on another endpoint if one fails mid-answer), then
-    /// every chunk at once.
-    async fn relay_whole(&self, job: &mut Job, headers: &[(String, String)]) -> &'static str {
-        let request = &job.request;
-        let answer = self
-            .upstream
-            .complete(
-                &request.model,
-                request.prefix,
-                request.route,
-                request.body.clone(),
-                headers,
-            )
-            .await;
-        let chunks = match answer {
-            Ok(chunks) => chunks,
-            Err(err) => return self.upstream_failed(job, err).await,
-        };
-        for chunk in chunks {
-            if job.sink.send(ResponseEvent::Chunk(chunk)).await.is_err() {
-                return "cancelled";
-            }
+    /// The endpoint that holds stored response `id`.
+    async fn holder_of(&self, id: &str) -> Result<String, UpstreamError> {
+        match self.affinity.find(id).await {
+            Ok(Some(holder)) => holder.endpoint.ok_or_else(|| not_found(id)),
+            Ok(None) => Err(not_found(id)),
+            Err(err) => Err(UpstreamError::HolderDown(format!(
+                "cannot find the replica that holds response '{id}': {err}"
+            ))),
         }
-        let _ = job.sink.send(ResponseEvent::Done).await;
-        "completed"
+    }
+
+    /// Records where a stored answer is held, before any of it is sent:
+    /// a client can name it only once it has its id.
+    async fn place(&self, request: &QueuedRequest, endpoint: &str) {
+        let Some(id) = &request.stores else { return };
+        if let Err(err) = self.affinity.place(id, endpoint).await {
+            tracing::warn!(%err, response_id = %id, "could not record which replica holds a stored response; follow-ups naming it will fail");
+        }
     }
 
     /// Counts an upstream failure and passes it on to the requester.
@@ -189,4 +212,8 @@ impl Worker {
         let _ = job.sink.send(ResponseEvent::Error(err.info())).await;
         "upstream_error"
     }
+}
+
+fn not_found(id: &str) -> UpstreamError {
+    UpstreamError::HolderGone(format!("Response with id '{id}' not found."))
 }

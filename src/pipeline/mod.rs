@@ -10,6 +10,7 @@ pub mod models;
 pub mod policy;
 mod record;
 pub mod state;
+mod stored;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -72,6 +73,7 @@ async fn run(
     mut request: InferenceRequest,
     record: &mut RequestRecord,
 ) -> Result<Started, GatewayError> {
+    let pinned_to = stored::check_owner(&*state.affinity, &ctx.identity, &mut request).await?;
     record.model = request.model().to_string();
     within_limits(&state.settings, &request)?;
     // Before the hooks: a request over its key's limits costs no plugin work.
@@ -98,11 +100,30 @@ async fn run(
     if !resolved.pool.is_empty() {
         record.model = resolved.pool.clone();
     }
+    let requested = request.model().to_string();
+    let placement = stored::claim(
+        &*state.affinity,
+        &ctx.identity,
+        &mut request,
+        &requested,
+        pinned_to,
+    )
+    .await;
+    let placement = match placement {
+        Ok(placement) => placement,
+        Err(err) => {
+            if let Some(admission) = record.admission.take() {
+                admission.refund().await;
+            }
+            return Err(err);
+        }
+    };
     if resolved.upstream != request.model() {
         request.set_model(resolved.upstream.clone());
     }
     let settings = &state.settings;
     let cache_key = cache_key
+        .filter(|_| request.is_cacheable())
         .filter(|_| settings.cache_sampled || !request.is_sampled())
         .map(|key| scoped(settings.cache_scope, &ctx.identity, key));
     let deliver_usage_chunk = !request.is_stream() || request.wants_usage_chunk();
@@ -158,6 +179,8 @@ async fn run(
     }
     queued.buffered = !request.is_stream();
     queued.content_type = request.content_type().map(str::to_string);
+    queued.pinned_to = placement.pinned_to;
+    queued.stores = placement.stores;
     let mut responses = state
         .queue
         .submit(queued)

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::metrics::RequestMetrics;
 use super::models::ModelCatalog;
 use super::policy::Policy;
+use crate::backends::affinity::AffinityMap;
 use crate::backends::cache::{Cache, CacheMetrics, CacheScope};
 use crate::backends::queue::{Queue, QueueMetrics};
 use crate::backends::store::Store;
@@ -27,6 +28,11 @@ pub struct PipelineSettings {
     pub cache_scope: CacheScope,
     /// Whether answers of requests that sample are cached (`cache.sampled`).
     pub cache_sampled: bool,
+    /// How often a background response's replica is asked whether it has
+    /// finished (`responses.background_poll_ms`).
+    pub background_poll: std::time::Duration,
+    /// How long a background response is watched at most (`responses.ttl_secs`).
+    pub background_ttl: std::time::Duration,
 }
 
 /// The stages, shared by every request.
@@ -42,6 +48,8 @@ pub struct Stages {
     pub inference_log: InferenceLogger,
     /// The in-process worker's endpoints (`/ready` reports each model's).
     pub fleet: Option<Arc<Fleet>>,
+    /// Which key owns each stored response, and which replica holds it.
+    pub affinity: Arc<dyn AffinityMap>,
     /// Every family of the process, for `/metrics`.
     pub registry: Arc<MetricsRegistry>,
     pub metrics: Arc<RequestMetrics>,

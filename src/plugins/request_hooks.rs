@@ -114,7 +114,10 @@ pub(super) fn wit_context(ctx: &RequestContext) -> WitContext {
 pub(super) fn wit_request(request: &InferenceRequest) -> Option<WitRequest> {
     let body_json = || request.to_json();
     Some(match request {
-        InferenceRequest::Audio(_) | InferenceRequest::Messages(_) => return None,
+        InferenceRequest::Audio(_)
+        | InferenceRequest::Messages(_)
+        | InferenceRequest::Responses(_)
+        | InferenceRequest::StoredResponse(_) => return None,
         InferenceRequest::Completion(request) => {
             WitRequest::Completion(bindings::CompletionRequest {
                 model: request.model.clone(),

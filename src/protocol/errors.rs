@@ -22,6 +22,10 @@ pub fn parse_error_event(payload: &[u8]) -> Option<ErrorInfo> {
         #[serde(default)]
         code: Option<u16>,
     }
+    // The Responses API's error event: flat, its `type` last.
+    if payload.ends_with(br#""type":"error"}"#) {
+        return responses_error(payload);
+    }
     // Cheap pre-check: chunks start with {"id"; only errors mention "error" early.
     let head = &payload[..payload.len().min(64)];
     if !head.windows(5).any(|w| w == b"error") {
@@ -44,6 +48,34 @@ pub fn parse_error_event(payload: &[u8]) -> Option<ErrorInfo> {
         }),
         _ => None,
     }
+}
+
+/// A Responses `error` event (`{"code", "message", "param", "sequence_number", "type": "error"}`).
+fn responses_error(payload: &[u8]) -> Option<ErrorInfo> {
+    #[derive(Deserialize)]
+    struct Event {
+        #[serde(default)]
+        code: Option<Value>,
+        #[serde(default)]
+        message: String,
+        #[serde(default)]
+        param: Option<String>,
+    }
+    let event: Event = serde_json::from_slice(payload).ok()?;
+    let status = event
+        .code
+        .as_ref()
+        .and_then(|c| c.as_u64().or_else(|| c.as_str()?.parse().ok()))
+        .and_then(|c| u16::try_from(c).ok())
+        .filter(|c| (400..600).contains(c))
+        .unwrap_or(500);
+    Some(ErrorInfo {
+        status,
+        kind: "InternalServerError".into(),
+        message: event.message,
+        param: event.param,
+        code: None,
+    })
 }
 
 /// Builds an [`ErrorInfo`] from the `error` object of an upstream body.

@@ -18,6 +18,7 @@ mod errors;
 mod forwarded;
 mod messages;
 mod pooling;
+mod responses;
 pub mod sse;
 
 use bytes::Bytes;
@@ -36,6 +37,7 @@ pub use completion::{CompletionRequest, Prompt, Stop, StreamOptions};
 pub use errors::{error_info_from_value, parse_error_event};
 pub use messages::MessagesRequest;
 pub use pooling::PoolingRequest;
+pub use responses::{ResponsesRequest, StoredResponseRequest, event_type, is_terminal_event};
 
 /// The inference routes, each proxied to the same path upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -62,10 +64,14 @@ pub enum Route {
     /// Anthropic's Messages API.
     Messages,
     MessagesCountTokens,
+    /// OpenAI's Responses API: create, and a stored response's retrieve and cancel.
+    Responses,
+    ResponsesRetrieve,
+    ResponsesCancel,
 }
 
 impl Route {
-    pub const ALL: [Route; 17] = [
+    pub const ALL: [Route; 20] = [
         Route::Completions,
         Route::ChatCompletions,
         Route::Embeddings,
@@ -83,9 +89,13 @@ impl Route {
         Route::Translations,
         Route::Messages,
         Route::MessagesCountTokens,
+        Route::Responses,
+        Route::ResponsesRetrieve,
+        Route::ResponsesCancel,
     ];
 
-    /// The path, on the gateway and on the upstream.
+    /// The path, on the gateway and on the upstream (`{response_id}` stands
+    /// for the id in a stored response's path: see [`Route::upstream_path`]).
     pub fn path(self) -> &'static str {
         match self {
             Route::Completions => "/v1/completions",
@@ -105,7 +115,25 @@ impl Route {
             Route::Translations => "/v1/audio/translations",
             Route::Messages => "/v1/messages",
             Route::MessagesCountTokens => "/v1/messages/count_tokens",
+            Route::Responses => "/v1/responses",
+            Route::ResponsesRetrieve => "/v1/responses/{response_id}",
+            Route::ResponsesCancel => "/v1/responses/{response_id}/cancel",
         }
+    }
+
+    /// The path to call upstream, with the stored response's id in place.
+    pub fn upstream_path(self, response_id: Option<&str>) -> std::borrow::Cow<'static, str> {
+        match (self, response_id) {
+            (Route::ResponsesRetrieve | Route::ResponsesCancel, Some(id)) => {
+                self.path().replace("{response_id}", id).into()
+            }
+            _ => self.path().into(),
+        }
+    }
+
+    /// Whether the upstream call is a `GET` (a retrieve; every other route posts).
+    pub fn is_get(self) -> bool {
+        self == Route::ResponsesRetrieve
     }
 
     /// The name of a request's server span: `POST <path>`.
@@ -128,6 +156,9 @@ impl Route {
             Route::Translations => "POST /v1/audio/translations",
             Route::Messages => "POST /v1/messages",
             Route::MessagesCountTokens => "POST /v1/messages/count_tokens",
+            Route::Responses => "POST /v1/responses",
+            Route::ResponsesRetrieve => "GET /v1/responses/{response_id}",
+            Route::ResponsesCancel => "POST /v1/responses/{response_id}/cancel",
         }
     }
 
@@ -145,9 +176,27 @@ impl Route {
     }
 
     /// Whether the upstream streams its answer when the request asks
-    /// (speech to text, Messages) rather than always or never.
+    /// (speech to text, Messages, Responses) rather than always or never.
     pub fn streams_when_asked(self) -> bool {
-        self.takes_upload() || self == Route::Messages
+        self.takes_upload()
+            || matches!(
+                self,
+                Route::Messages | Route::Responses | Route::ResponsesRetrieve
+            )
+    }
+
+    /// Whether the stream's events are typed (`event: <type>` before each
+    /// `data:`), as Anthropic's and the Responses API's are.
+    pub fn has_typed_events(self) -> bool {
+        self.is_anthropic() || self.is_responses()
+    }
+
+    /// Whether the route is the Responses API's.
+    pub fn is_responses(self) -> bool {
+        matches!(
+            self,
+            Route::Responses | Route::ResponsesRetrieve | Route::ResponsesCancel
+        )
     }
 
     /// Whether the route speaks Anthropic's API (its errors, its events).
@@ -171,6 +220,10 @@ pub enum InferenceRequest {
     Audio(AudioRequest),
     /// Anthropic's Messages API.
     Messages(MessagesRequest),
+    /// OpenAI's Responses API: a new response.
+    Responses(ResponsesRequest),
+    /// A stored response's retrieve or cancel.
+    StoredResponse(StoredResponseRequest),
 }
 
 impl InferenceRequest {
@@ -187,14 +240,20 @@ impl InferenceRequest {
             Route::Messages | Route::MessagesCountTokens => {
                 MessagesRequest::parse(route, body).map(Self::Messages)
             }
+            Route::Responses => ResponsesRequest::parse(body).map(Self::Responses),
+            Route::ResponsesRetrieve | Route::ResponsesCancel => Err(GatewayError::BadRequest(
+                "a stored response is named by its path".into(),
+            )),
             _ => PoolingRequest::parse(route, body).map(Self::Pooling),
         }
     }
 
-    /// The body's `content-type`, when it is not JSON.
+    /// The body's `content-type`, when it is not JSON (an upload, or a
+    /// stored response's query).
     pub fn content_type(&self) -> Option<&str> {
         match self {
             Self::Audio(r) => Some(r.content_type()),
+            Self::StoredResponse(_) => Some(FORM_CONTENT_TYPE),
             _ => None,
         }
     }
@@ -206,6 +265,8 @@ impl InferenceRequest {
             Self::Pooling(r) => r.route(),
             Self::Audio(r) => r.route(),
             Self::Messages(r) => r.route(),
+            Self::Responses(_) => Route::Responses,
+            Self::StoredResponse(r) => r.route(),
         }
     }
 
@@ -216,6 +277,8 @@ impl InferenceRequest {
             Self::Pooling(r) => r.model(),
             Self::Audio(r) => r.model(),
             Self::Messages(r) => r.model(),
+            Self::Responses(r) => r.model(),
+            Self::StoredResponse(r) => r.model(),
         }
     }
 
@@ -224,7 +287,7 @@ impl InferenceRequest {
         match self {
             Self::Completion(r) => r.n,
             Self::Chat(r) => r.n,
-            Self::Pooling(_) | Self::Audio(_) | Self::Messages(_) => None,
+            _ => None,
         }
         .unwrap_or(1)
     }
@@ -236,6 +299,18 @@ impl InferenceRequest {
             Self::Pooling(_) => false,
             Self::Audio(r) => r.is_stream(),
             Self::Messages(r) => r.is_stream(),
+            Self::Responses(r) => r.is_stream(),
+            Self::StoredResponse(r) => r.is_stream(),
+        }
+    }
+
+    /// Whether the answer may come from the cache: not when it depends on
+    /// or leaves state on a replica (a stored response, a follow-up).
+    pub fn is_cacheable(&self) -> bool {
+        match self {
+            Self::Responses(r) => !r.is_stateful(),
+            Self::StoredResponse(_) => false,
+            _ => true,
         }
     }
 
@@ -274,6 +349,8 @@ impl InferenceRequest {
             Self::Pooling(r) => r.texts().first().map(|t| prefix_of(t)).hash(&mut hasher),
             Self::Audio(r) => prefix_of(r.prompt()).hash(&mut hasher),
             Self::Messages(r) => prefix_of(&r.prefix_text()).hash(&mut hasher),
+            Self::Responses(r) => prefix_of(&r.prefix_text()).hash(&mut hasher),
+            Self::StoredResponse(r) => r.id().hash(&mut hasher),
         }
         hasher.finish()
     }
@@ -286,6 +363,8 @@ impl InferenceRequest {
             Self::Pooling(r) => r.set_model(model),
             Self::Audio(r) => r.set_model(model),
             Self::Messages(r) => r.set_model(model),
+            Self::Responses(r) => r.set_model(model),
+            Self::StoredResponse(r) => r.set_model(model),
         }
     }
 
@@ -303,6 +382,8 @@ impl InferenceRequest {
             // An upload is rarely sent twice: cached only with `cache.sampled`.
             Self::Audio(_) => return true,
             Self::Messages(r) => return r.is_sampled(),
+            Self::Responses(r) => return r.is_sampled(),
+            Self::StoredResponse(_) => return false,
         };
         !seeded && temperature.is_none_or(|t| t > 0.0)
     }
@@ -315,6 +396,9 @@ impl InferenceRequest {
             Self::Pooling(_) => Some(0),
             Self::Audio(_) => None,
             Self::Messages(r) => r.max_tokens(),
+            Self::Responses(r) => r.max_output_tokens(),
+            // It generates nothing (a cancel, or a stored answer read back).
+            Self::StoredResponse(_) => Some(0),
         }
     }
 
@@ -322,7 +406,7 @@ impl InferenceRequest {
     pub fn choices(&self) -> u64 {
         let prompts = match self {
             Self::Completion(r) => r.prompt.count() as u64,
-            Self::Chat(_) | Self::Pooling(_) | Self::Audio(_) | Self::Messages(_) => 1,
+            _ => 1,
         };
         u64::from(self.n()) * prompts
     }
@@ -353,6 +437,8 @@ impl InferenceRequest {
             // The audio's tokens are the model's to count; the prompt is text.
             Self::Audio(r) => r.prompt().len(),
             Self::Messages(r) => r.text_bytes(),
+            Self::Responses(r) => r.text_bytes(),
+            Self::StoredResponse(_) => 0,
         }
     }
 
@@ -362,8 +448,8 @@ impl InferenceRequest {
             Self::Chat(r) => r.wants_usage_chunk(),
             Self::Pooling(_) => false,
             Self::Audio(r) => r.wants_usage_chunk(),
-            // Usage rides on Anthropic's own events, which every client gets.
-            Self::Messages(_) => true,
+            // Usage rides on the APIs' own events, which every client gets.
+            Self::Messages(_) | Self::Responses(_) | Self::StoredResponse(_) => true,
         }
     }
 
@@ -374,6 +460,8 @@ impl InferenceRequest {
             Self::Pooling(r) => r.upstream_body(),
             Self::Audio(r) => r.upstream_body(),
             Self::Messages(r) => r.upstream_body(),
+            Self::Responses(r) => r.upstream_body(),
+            Self::StoredResponse(r) => r.upstream_body(),
         }
     }
 
@@ -384,6 +472,8 @@ impl InferenceRequest {
             Self::Pooling(r) => r.default_cache_key(),
             Self::Audio(r) => r.default_cache_key(),
             Self::Messages(r) => r.default_cache_key(),
+            Self::Responses(r) => r.default_cache_key(),
+            Self::StoredResponse(r) => format!("openai-responses-stored:{}", r.id()),
         }
     }
 
@@ -395,10 +485,16 @@ impl InferenceRequest {
             Self::Pooling(r) => return r.to_json(),
             Self::Audio(r) => return r.to_json(),
             Self::Messages(r) => return r.to_json(),
+            Self::Responses(r) => return r.to_json(),
+            Self::StoredResponse(r) => return r.to_json(),
         }
         .unwrap_or_default()
     }
 }
+
+/// The content type of a stored response's request as it is queued: its
+/// query (`stream`, `starting_after`), sent upstream as the URL's query.
+pub const FORM_CONTENT_TYPE: &str = "application/x-www-form-urlencoded";
 
 /// The first 256 bytes of `text` (at a character boundary).
 fn prefix_of(text: &str) -> &str {

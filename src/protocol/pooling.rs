@@ -274,7 +274,10 @@ fn visit_texts(route: Route, body: &mut Map<String, Value>, f: &mut dyn FnMut(&m
         | Route::Transcriptions
         | Route::Translations
         | Route::Messages
-        | Route::MessagesCountTokens => {}
+        | Route::MessagesCountTokens
+        | Route::Responses
+        | Route::ResponsesRetrieve
+        | Route::ResponsesCancel => {}
     }
 }
 
@@ -331,7 +334,10 @@ impl PoolingRequest {
             | Route::Transcriptions
             | Route::Translations
             | Route::Messages
-            | Route::MessagesCountTokens => {
+            | Route::MessagesCountTokens
+            | Route::Responses
+            | Route::ResponsesRetrieve
+            | Route::ResponsesCancel => {
                 return Err(GatewayError::Internal(format!(
                     "{} is not a JSON-answer route",
                     route.path()

@@ -25,5 +25,6 @@ mod observability;
 mod openai_sdk;
 mod plugins;
 mod production;
+mod responses;
 mod routes;
 mod tenants;

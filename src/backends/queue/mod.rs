@@ -42,6 +42,13 @@ pub struct QueuedRequest {
     pub body: Bytes,
     /// The body's `content-type` when it is not JSON (a multipart upload).
     pub content_type: Option<String>,
+    /// The stored response the request is about (a follow-up's
+    /// `previous_response_id`, a retrieve's or a cancel's id): it runs on
+    /// the endpoint that holds it, and nowhere else.
+    pub pinned_to: Option<String>,
+    /// The id its answer is stored under upstream: the worker records the
+    /// endpoint that ran it.
+    pub stores: Option<String>,
     /// W3C trace context (`traceparent`, `tracestate`) of the edge span.
     pub trace_context: Vec<(String, String)>,
     /// When the edge submitted it, in Unix milliseconds.
@@ -64,6 +71,8 @@ impl QueuedRequest {
             route,
             body,
             content_type: None,
+            pinned_to: None,
+            stores: None,
             trace_context,
             submitted_at_ms: chrono::Utc::now().timestamp_millis(),
         }

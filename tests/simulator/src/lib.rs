@@ -5,7 +5,8 @@
 //!
 //! Beside generation it answers `/v1/embeddings`, `/v2/embed`, rerank and
 //! score, `/classify`, `/pooling`,
-//! `/tokenize`, `/detokenize`,
+//! `/tokenize`, `/detokenize`, Anthropic's `/v1/messages`, the Responses
+//! API (`/v1/responses`, stored responses kept per instance),
 //! `/version` and `/ping` in vLLM's shapes (see `pooling`).
 //!
 //! It speaks vLLM's OpenAI-compatible `/v1/completions` and
@@ -41,6 +42,7 @@ mod messages;
 mod pooling;
 mod pooling_tasks;
 mod prefix_cache;
+mod responses;
 mod routes;
 mod scoring;
 mod stream;
@@ -147,6 +149,8 @@ pub(crate) struct SimState {
     pub(crate) prefix_cache: std::sync::Mutex<PrefixCache>,
     /// Requests generating now (`vllm:num_requests_running`).
     pub(crate) running: std::sync::atomic::AtomicI64,
+    /// The Responses API's stored responses, in this replica's memory only.
+    pub(crate) responses: std::sync::Mutex<responses::Store>,
 }
 
 impl SimState {
@@ -189,6 +193,7 @@ impl Simulator {
             killed: Default::default(),
             prefix_cache: Default::default(),
             running: Default::default(),
+            responses: Default::default(),
         });
         let app = Router::new()
             .route("/v1/completions", post(routes::completions))
@@ -209,6 +214,9 @@ impl Simulator {
             .route("/v1/audio/translations", post(audio::translations))
             .route("/v1/messages", post(messages::messages))
             .route("/v1/messages/count_tokens", post(messages::count_tokens))
+            .route("/v1/responses", post(responses::create))
+            .route("/v1/responses/{id}", get(responses::retrieve))
+            .route("/v1/responses/{id}/cancel", post(responses::cancel))
             .route("/version", get(routes::version))
             .route("/ping", get(routes::health).post(routes::health))
             .route("/health", get(routes::health))

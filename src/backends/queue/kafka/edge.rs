@@ -88,6 +88,12 @@ impl EdgeShared {
         if let Some(content_type) = &request.content_type {
             pairs.push((H_CONTENT_TYPE, content_type.as_str()));
         }
+        if let Some(id) = &request.pinned_to {
+            pairs.push((H_PINNED_TO, id.as_str()));
+        }
+        if let Some(id) = &request.stores {
+            pairs.push((H_STORES, id.as_str()));
+        }
         for (name, value) in &request.trace_context {
             pairs.push((name.as_str(), value.as_str()));
         }

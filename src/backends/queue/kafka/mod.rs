@@ -48,6 +48,10 @@ const H_PREFIX: &str = "sluice-prefix";
 const H_BUFFERED: &str = "sluice-buffered";
 /// The body's `content-type` when it is not JSON (a multipart upload); absent means JSON.
 const H_CONTENT_TYPE: &str = "sluice-content-type";
+/// The stored response a request must run beside (`QueuedRequest::pinned_to`).
+const H_PINNED_TO: &str = "sluice-pinned-to";
+/// The id a request's answer is stored under (`QueuedRequest::stores`).
+const H_STORES: &str = "sluice-stores";
 const H_WORKER: &str = "sluice-worker";
 /// The queue protocol's version, on every message: what the message's
 /// headers and frames mean. Absent means 1 (the version before it was sent).

@@ -219,6 +219,8 @@ impl KafkaJobSource {
             route,
             body: Bytes::copy_from_slice(body),
             content_type,
+            pinned_to: h.str(H_PINNED_TO).map(str::to_string),
+            stores: h.str(H_STORES).map(str::to_string),
             trace_context: h.trace_context(),
             submitted_at_ms,
         };
