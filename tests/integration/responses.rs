@@ -258,3 +258,42 @@ async fn a_background_response_is_counted_and_logged_when_it_ends() {
         .count();
     assert_eq!(stored_calls, 2, "a stored response is generated each time");
 }
+
+/// A replica failing after the first events ends the client's stream with
+/// the Responses API's `error` event, numbered after the last event it got
+/// (no `[DONE]`, which this API never sends), and the request counts as failed.
+#[tokio::test]
+async fn a_replica_failing_mid_stream_ends_it_with_an_error_event() {
+    let gw = TestGateway::start().await;
+    let body = json!({"model": MODEL, "input": "break", "stream": true, "store": false,
+        "max_output_tokens": 10, "sim_drop_after": 3});
+    let response = gw
+        .http
+        .post(format!("{}/v1/responses", gw.url))
+        .bearer_auth(&gw.key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let id = request_id(&response);
+    let text = response.text().await.unwrap();
+    let events: Vec<&str> = text.split_terminator("\n\n").collect();
+    let last = events.last().unwrap();
+    assert!(last.starts_with("event: error\ndata: "), "{text}");
+    let error: Value = serde_json::from_str(last.split_once("data: ").unwrap().1).unwrap();
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["sequence_number"], events.len() as u64 - 1, "{text}");
+    let deltas = events
+        .iter()
+        .filter(|e| e.starts_with("event: response.output_text.delta\n"))
+        .count();
+    assert_eq!(deltas, 3, "{text}");
+    assert!(!text.contains("[DONE]") && !text.contains("response.completed"));
+    let row = eventually(Duration::from_secs(5), || async {
+        gw.store.inferences_for(&id).await.unwrap().pop()
+    })
+    .await
+    .expect("logged");
+    assert!(row.status >= 500, "{row:?}");
+}

@@ -160,3 +160,120 @@ async fn bodies_larger_than_a_queue_message_are_refused_and_say_so() {
     worker.kill();
     services.drop_database().await;
 }
+
+/// The Responses API across two edges, two workers and two replicas, over
+/// Kafka with the map of stored responses in Redis: a chain of follow-ups
+/// alternating edges (and streams) each reaches the replica holding its
+/// predecessor; a retrieve on the other edge finds it; a background
+/// response made on one edge is polled to its end on the other; another
+/// key's request for it is not found; the SDK gets what vLLM answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_responses_are_followed_up_from_any_edge_through_kafka() {
+    let Some(python) = python_with_openai() else {
+        return;
+    };
+    let services = services!();
+    let replicas = [
+        Simulator::start(sim_config()).await.unwrap(),
+        Simulator::start(sim_config()).await.unwrap(),
+    ];
+    let extra = format!(
+        "{}\n[upstream]\nurls = [\"{}\", \"{}\"]\nbalance = \"round_robin\"\n",
+        services.kafka_queue(false),
+        replicas[0].url(),
+        replicas[1].url()
+    );
+    let config = || services.config(&replicas[0].url(), &extra);
+    let (worker_1, worker_2) = (Isolated::new("worker-1"), Isolated::new("worker-2"));
+    worker_1.start_worker(config()).await;
+    worker_2.start_worker(config()).await;
+    let (edge_a, edge_b) = (Isolated::new("edge-a"), Isolated::new("edge-b"));
+    let (url_a, store) = edge_a.start_edge(config()).await;
+    let (url_b, _) = edge_b.start_edge(config()).await;
+    let key = sluice::tenancy::keys::create_key(store.as_ref(), "agents")
+        .await
+        .unwrap()
+        .secret;
+    let other = sluice::tenancy::keys::create_key(store.as_ref(), "other")
+        .await
+        .unwrap()
+        .secret;
+    let http = reqwest::Client::new();
+    let edges = [url_a.as_str(), url_b.as_str()];
+    let first = json!({"model": MODEL, "input": "start", "max_output_tokens": 4});
+    let (status, answer) = post_json(&http, &format!("{url_a}/v1/responses"), &key, &first).await;
+    assert_eq!(status, 200, "{answer}");
+    let mut previous = answer["id"].as_str().unwrap().to_string();
+    for turn in 0..4 {
+        let edge = edges[(turn + 1) % 2];
+        let body = json!({"model": MODEL, "input": format!("turn {turn}"),
+            "previous_response_id": previous, "max_output_tokens": 4, "stream": turn % 2 == 0});
+        let response = http
+            .post(format!("{edge}/v1/responses"))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "turn {turn}");
+        let text = response.text().await.unwrap();
+        let answer: Value = match text.starts_with("event: ") {
+            false => serde_json::from_str(&text).unwrap(),
+            true => {
+                let completed = text
+                    .split("\n\n")
+                    .find(|e| e.starts_with("event: response.completed\n"))
+                    .unwrap_or_else(|| panic!("turn {turn}: {text}"));
+                serde_json::from_str::<Value>(completed.split_once("data: ").unwrap().1).unwrap()
+                    ["response"]
+                    .clone()
+            }
+        };
+        assert_eq!(
+            answer["previous_response_id"],
+            previous.as_str(),
+            "turn {turn}"
+        );
+        previous = answer["id"].as_str().unwrap().to_string();
+    }
+    let get = |edge: &str, key: &str, id: &str| {
+        http.get(format!("{edge}/v1/responses/{id}"))
+            .bearer_auth(key)
+            .send()
+    };
+    let found = get(&url_b, &key, &previous).await.unwrap();
+    assert_eq!(found.status(), 200);
+    assert_eq!(get(&url_b, &other, &previous).await.unwrap().status(), 404);
+
+    let background =
+        json!({"model": MODEL, "input": "later", "background": true, "max_output_tokens": 8});
+    let (status, queued) =
+        post_json(&http, &format!("{url_b}/v1/responses"), &key, &background).await;
+    assert_eq!(
+        (status, queued["status"].as_str()),
+        (200, Some("queued")),
+        "{queued}"
+    );
+    let id = queued["id"].as_str().unwrap();
+    let ended = eventually(Duration::from_secs(20), || async {
+        let polled: Value = get(&url_a, &key, id).await.ok()?.json().await.ok()?;
+        (polled["status"] != "queued" && polled["status"] != "in_progress").then_some(polled)
+    })
+    .await
+    .expect("the background response ends");
+    assert_eq!(ended["usage"]["output_tokens"], 8, "{ended}");
+
+    let result = run_sdk_script(
+        &python,
+        "openai_responses.py",
+        &[&url_a, &replicas[0].url(), &key, MODEL, &other],
+    )
+    .await;
+    for (name, both) in result["compared"].as_object().unwrap() {
+        assert_eq!(both["gateway"], both["upstream"], "{name}");
+    }
+    for rt in [edge_a, edge_b, worker_1, worker_2] {
+        rt.kill();
+    }
+    services.drop_database().await;
+}
