@@ -67,10 +67,10 @@ CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/plugins/target}/sluice-plugins-host" 
 
 # --- Python with the OpenAI and Anthropic SDKs (compatibility tests) -------
 VENV="$CACHE/venv"
-if ! "$VENV/bin/python" -c "import openai, anthropic" >/dev/null 2>&1; then
-  log "creating $VENV with the openai and anthropic packages"
+if ! "$VENV/bin/python" -c "import openai, anthropic, agents" >/dev/null 2>&1; then
+  log "creating $VENV with the openai, anthropic and openai-agents packages"
   [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet openai anthropic
+  "$VENV/bin/pip" install --quiet openai anthropic openai-agents
 fi
 export SLUICE_PYTHON="$VENV/bin/python"
 

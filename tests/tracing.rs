@@ -320,6 +320,50 @@ async fn one_request_through_kafka_is_one_trace_from_client_to_worker() {
         .expect("the message's request span and its worker span across Kafka");
     assert_eq!(message.attributes["completion_tokens"], json!(3));
     assert_eq!(worker.attributes["outcome"], json!("completed"));
+
+    // And a streamed response of the Responses API, then a retrieve of it.
+    let response_parent = "f8be7c827a314445";
+    let response = gw
+        .http
+        .post(format!("{}/v1/responses", gw.url))
+        .bearer_auth(&gw.key)
+        .header("traceparent", format!("00-{client_trace}-{response_parent}-01"))
+        .json(&json!({"model": MODEL, "max_output_tokens": 3, "stream": true,
+            "input": "trace this response"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let events = String::from_utf8(response.bytes().await.unwrap().to_vec()).unwrap();
+    let (created, worker) =
+        route_spans(&received, &telemetry, "POST /v1/responses", response_parent)
+            .await
+            .expect("the response's request span and its worker span across Kafka");
+    assert_eq!(created.attributes["completion_tokens"], json!(3));
+    assert_eq!(worker.attributes["outcome"], json!("completed"));
+    let id = events
+        .split("\"id\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap();
+    let retrieve_parent = "09cf8d938b425556";
+    let response = gw
+        .http
+        .get(format!("{}/v1/responses/{id}", gw.url))
+        .bearer_auth(&gw.key)
+        .header("traceparent", format!("00-{client_trace}-{retrieve_parent}-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    route_spans(
+        &received,
+        &telemetry,
+        "GET /v1/responses/{response_id}",
+        retrieve_parent,
+    )
+    .await
+    .expect("the retrieve's request span and its worker span");
     gw.stop().await;
     services.drop_database().await;
 }

@@ -16,6 +16,7 @@
 //!     cargo bench --bench gateway -- --queue kafka://127.0.0.1:9092
 //!     cargo bench --bench gateway -- --route chat          # /v1/chat/completions
 //!     cargo bench --bench gateway -- --route messages      # /v1/messages (Anthropic's events)
+//!     cargo bench --bench gateway -- --route responses     # /v1/responses (its typed events)
 //!     cargo bench --bench gateway -- --limits redis://127.0.0.1:6379
 //!
 //! With a Kafka queue it also measures two broker baselines, each a bare
@@ -72,7 +73,7 @@ struct Args {
     token_delay_ms: u64,
     rounds: usize,
     hit_seconds: u64,
-    /// The route streamed: completions, chat or Anthropic's messages.
+    /// The route streamed: completions, chat, Anthropic's messages or OpenAI's responses.
     route: Route,
     /// `limits.url`: measure a limited key against an unlimited one.
     limits: Option<String>,
@@ -87,6 +88,7 @@ pub(crate) enum Route {
     Completions,
     Chat,
     Messages,
+    Responses,
 }
 
 impl Args {
@@ -95,6 +97,7 @@ impl Args {
             Route::Chat => "/v1/chat/completions",
             Route::Completions => "/v1/completions",
             Route::Messages => "/v1/messages",
+            Route::Responses => "/v1/responses",
         }
     }
 
@@ -108,6 +111,9 @@ impl Args {
             }
             Route::Completions => json!({"model": "sim-llama", "prompt": prompt,
                 "max_tokens": self.tokens, "temperature": 0, "stream": true}),
+            // Not stored: a stored response is never cached.
+            Route::Responses => json!({"model": "sim-llama", "input": prompt, "store": false,
+                "max_output_tokens": self.tokens, "temperature": 0, "stream": true}),
         }
     }
 }
@@ -143,6 +149,7 @@ fn args() -> Args {
                 args.route = match value().as_str() {
                     "chat" => Route::Chat,
                     "messages" => Route::Messages,
+                    "responses" => Route::Responses,
                     _ => Route::Completions,
                 }
             }

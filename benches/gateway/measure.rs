@@ -23,7 +23,7 @@ pub(crate) async fn one_stream(
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let body = args.body(&format!("benchmark prompt {n}"));
     let tokens = args.tokens;
-    let messages = args.route == Route::Messages;
+    let route = args.route;
     let mut request = client
         .post(format!("{}{}", target.url, args.path()))
         .json(&body);
@@ -54,12 +54,13 @@ pub(crate) async fn one_stream(
             if event.is_done() {
                 break 'read;
             }
-            // Of Anthropic's events, only the deltas carry tokens.
-            let token = !messages
-                || event
-                    .chunk
-                    .payload_slice()
-                    .starts_with(br#"{"type":"content_block_delta""#);
+            // Of Anthropic's and the Responses API's events, only the deltas carry tokens.
+            let payload = event.chunk.payload_slice();
+            let token = match route {
+                Route::Messages => payload.starts_with(br#"{"type":"content_block_delta""#),
+                Route::Responses => payload.ends_with(br#""type":"response.output_text.delta"}"#),
+                Route::Completions | Route::Chat => true,
+            };
             if token {
                 received.push(now);
             }
@@ -154,10 +155,12 @@ pub(crate) async fn cache_hit_rate(
             .expect("request");
         assert!(response.status().is_success());
         let bytes = response.bytes().await.expect("body");
-        // OpenAI's streams end with [DONE], Anthropic's with message_stop.
+        // OpenAI's streams end with [DONE], Anthropic's with message_stop,
+        // the Responses API's with response.completed.
         assert!(
             bytes.ends_with(b"data: [DONE]\n\n")
                 || bytes.ends_with(b"data: {\"type\":\"message_stop\"}\n\n")
+                || bytes.ends_with(b"\"type\":\"response.completed\"}\n\n")
         );
     };
     send(client.clone(), target.clone(), body.clone()).await;

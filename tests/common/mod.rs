@@ -365,6 +365,12 @@ pub fn python_with_anthropic() -> Option<String> {
     python_with("anthropic")
 }
 
+/// A Python with the OpenAI Agents SDK (`agents`), as [`python_with_openai`].
+#[allow(dead_code)] // used by the integration tests only
+pub fn python_with_agents() -> Option<String> {
+    python_with("agents")
+}
+
 fn python_with(package: &str) -> Option<String> {
     let candidate = std::env::var("SLUICE_PYTHON").unwrap_or_else(|_| "python3".into());
     let ok = std::process::Command::new(&candidate)

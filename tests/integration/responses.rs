@@ -297,3 +297,32 @@ async fn a_replica_failing_mid_stream_ends_it_with_an_error_event() {
     .expect("logged");
     assert!(row.status >= 500, "{row:?}");
 }
+
+/// An agent of the OpenAI Agents SDK, on its default Responses API model,
+/// calls its function tool and answers through sluice; a second run
+/// continues the first by `previous_response_id`.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_openai_agents_sdk_agent_runs_its_tool_through_sluice() {
+    let Some(python) = python_with_agents() else {
+        return;
+    };
+    let gw = TestGateway::start().await;
+    let result = run_sdk_script(&python, "openai_agents.py", &[&gw.url, &gw.key, MODEL]).await;
+    let calls = result["calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "{result}");
+    let items = &result["first"]["items"];
+    for kind in ["tool_call_item", "tool_call_output_item", "message_output_item"] {
+        assert!(items.as_array().unwrap().contains(&json!(kind)), "{kind}: {result}");
+    }
+    for run in ["first", "second"] {
+        let output = result[run]["output"].as_str().unwrap_or_default();
+        assert!(!output.is_empty(), "{run}: {result}");
+    }
+    let responses = gw
+        .sim
+        .received()
+        .iter()
+        .filter(|r| r.body.get("input").is_some())
+        .count();
+    assert_eq!(responses, 3, "two model calls, then one continuing them");
+}

@@ -457,6 +457,7 @@ fn stream_events(
         generation.token_delay,
         generation.drop_after,
     );
+    let record_emit_times = generation.record_emit_times;
     let frames = futures::stream::unfold(
         (events.into_iter().enumerate().peekable(), guard, 0u32),
         move |(mut events, mut guard, mut tokens)| async move {
@@ -482,6 +483,12 @@ fn stream_events(
                 return Some((Err(drop), (events, guard, u32::MAX)));
             }
             tokens += u32::from(token);
+            if token && record_emit_times {
+                let (id, now) = (guard.request_id.clone(), std::time::Instant::now());
+                guard
+                    .state
+                    .record(|r| r.emitted.entry(id).or_default().push(now));
+            }
             if events.peek().is_none() {
                 guard.finish();
             }
