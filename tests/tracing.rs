@@ -327,9 +327,14 @@ async fn one_request_through_kafka_is_one_trace_from_client_to_worker() {
         .http
         .post(format!("{}/v1/responses", gw.url))
         .bearer_auth(&gw.key)
-        .header("traceparent", format!("00-{client_trace}-{response_parent}-01"))
-        .json(&json!({"model": MODEL, "max_output_tokens": 3, "stream": true,
-            "input": "trace this response"}))
+        .header(
+            "traceparent",
+            format!("00-{client_trace}-{response_parent}-01"),
+        )
+        .json(
+            &json!({"model": MODEL, "max_output_tokens": 3, "stream": true,
+            "input": "trace this response"}),
+        )
         .send()
         .await
         .unwrap();
@@ -351,7 +356,10 @@ async fn one_request_through_kafka_is_one_trace_from_client_to_worker() {
         .http
         .get(format!("{}/v1/responses/{id}", gw.url))
         .bearer_auth(&gw.key)
-        .header("traceparent", format!("00-{client_trace}-{retrieve_parent}-01"))
+        .header(
+            "traceparent",
+            format!("00-{client_trace}-{retrieve_parent}-01"),
+        )
         .send()
         .await
         .unwrap();

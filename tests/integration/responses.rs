@@ -306,13 +306,25 @@ async fn an_openai_agents_sdk_agent_runs_its_tool_through_sluice() {
     let Some(python) = python_with_agents() else {
         return;
     };
-    let gw = TestGateway::start().await;
+    // Short answers: without `max_output_tokens` an answer runs to its end.
+    let sim = sluice_simulator::SimulatorConfig {
+        answer_tokens: 4..12,
+        ..sim_config()
+    };
+    let gw = TestGateway::start_with(sim, |_| {}).await;
     let result = run_sdk_script(&python, "openai_agents.py", &[&gw.url, &gw.key, MODEL]).await;
     let calls = result["calls"].as_array().unwrap();
     assert_eq!(calls.len(), 1, "{result}");
     let items = &result["first"]["items"];
-    for kind in ["tool_call_item", "tool_call_output_item", "message_output_item"] {
-        assert!(items.as_array().unwrap().contains(&json!(kind)), "{kind}: {result}");
+    for kind in [
+        "tool_call_item",
+        "tool_call_output_item",
+        "message_output_item",
+    ] {
+        assert!(
+            items.as_array().unwrap().contains(&json!(kind)),
+            "{kind}: {result}"
+        );
     }
     for run in ["first", "second"] {
         let output = result[run]["output"].as_str().unwrap_or_default();

@@ -279,11 +279,22 @@ pub(crate) async fn create(
         || format!("resp_{}", uuid::Uuid::new_v4().simple()),
         str::to_string,
     );
-    let (chat, mut messages) = as_chat(&body, previous.as_ref());
-    let generation = match Generation::from_chat_body(&state.config, request_id.clone(), &chat) {
+    let (mut chat, mut messages) = as_chat(&body, previous.as_ref());
+    let mut generation = match Generation::from_chat_body(&state.config, request_id.clone(), &chat)
+    {
         Ok(generation) => generation,
         Err(message) => return bad_request(&message, "input"),
     };
+    // Without `max_output_tokens`, vLLM lets the answer run to the end of
+    // the context (`get_max_tokens`), not to the chat route's default.
+    if body.get("max_output_tokens").is_none_or(Value::is_null) {
+        let room = u64::from(state.config.max_model_len).saturating_sub(generation.prompt_tokens());
+        chat["max_tokens"] = json!(room.max(1));
+        generation = match Generation::from_chat_body(&state.config, request_id.clone(), &chat) {
+            Ok(generation) => generation,
+            Err(message) => return bad_request(&message, "input"),
+        };
+    }
     let answer = answer(&generation);
     messages.push(answer.message.clone());
     let final_usage = usage(generation.prompt_tokens(), u64::from(generation.steps()));
