@@ -47,6 +47,8 @@ pub struct Completion {
     last_chunk: Option<Chunk>,
     /// A chunk that must go out before `Done` (flushed held text).
     pending_done: bool,
+    /// A chunk that goes out next (the second of a [`Filtered::Then`]).
+    pending_chunk: Option<Chunk>,
     /// Whether the answer comes from the cache.
     replayed: bool,
     finished: bool,
@@ -75,6 +77,7 @@ impl Completion {
             to_cache,
             last_chunk: None,
             pending_done: false,
+            pending_chunk: None,
             finished: false,
         }
     }
@@ -113,6 +116,10 @@ impl Completion {
     /// The next thing to send. After `Error` or `Done`, always `Done`.
     pub async fn next(&mut self) -> Delivery {
         loop {
+            if let Some(chunk) = self.pending_chunk.take() {
+                self.record.chunk_sent();
+                return self.deliver(chunk);
+            }
             if self.pending_done {
                 self.pending_done = false;
                 return self.complete();
@@ -140,7 +147,9 @@ impl Completion {
                     if let Some((_, raw)) = &mut self.to_cache {
                         raw.push(chunk.clone());
                     }
-                    if summary.is_usage_only() {
+                    // A typed API's events and whole answers carry usage
+                    // beside their text: they go through the filters.
+                    if summary.is_usage_only() && !self.filters.is_typed() {
                         if self.deliver_usage_chunk {
                             return self.deliver(chunk);
                         }
@@ -157,6 +166,11 @@ impl Completion {
                             return self.deliver(chunk);
                         }
                         Ok(Filtered::Skip) => continue,
+                        Ok(Filtered::Then(first, second)) => {
+                            self.pending_chunk = Some(second);
+                            self.record.chunk_sent();
+                            return self.deliver(first);
+                        }
                         Ok(Filtered::Stop(chunk)) => {
                             // The response ends here: release the upstream now and do not cache a partial answer.
                             self.source = Source::Cached {

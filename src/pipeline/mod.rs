@@ -20,10 +20,10 @@ use opentelemetry::trace::SpanKind;
 use crate::backends::cache::CacheScope;
 use crate::backends::queue::{QueuedRequest, ResponseEvent};
 use crate::error::GatewayError;
-use crate::protocol::InferenceRequest;
+use crate::protocol::{InferenceRequest, Route};
 use crate::tenancy::Identity;
 use completion::Source;
-use filter_chain::FilterChain;
+use filter_chain::{FilterChain, TypedApi};
 use policy::RequestContext;
 use state::{PipelineSettings, Stages};
 
@@ -127,11 +127,19 @@ async fn run(
         .filter(|_| settings.cache_sampled || !request.is_sampled())
         .map(|key| scoped(settings.cache_scope, &ctx.identity, key));
     let deliver_usage_chunk = !request.is_stream() || request.wants_usage_chunk();
-    // Token filters act on generated text; other answers pass as they came.
-    let filters = FilterChain::new(match request.route().generates() {
+    // Token filters act on generated text (chat and completion chunks, the
+    // typed APIs' text deltas); other answers pass as they came.
+    let route = request.route();
+    let typed = match route {
+        Route::Messages => Some(TypedApi::Anthropic),
+        Route::Responses | Route::ResponsesRetrieve => Some(TypedApi::Responses),
+        _ => None,
+    };
+    let filters = FilterChain::new(match route.generates() || typed.is_some() {
         true => state.policy.token_filters(ctx),
         false => Vec::new(),
-    });
+    })
+    .for_api(typed);
     let lookups = &state.cache_metrics.lookups;
     record.looked_up = true;
     let mut lookup = record.trace.stage("cache.lookup");

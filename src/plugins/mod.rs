@@ -120,8 +120,12 @@ impl Policy for PluginHost {
             .plugins
             .iter()
             .filter(|p| {
-                let chat = ctx.route == crate::protocol::Route::ChatCompletions.path();
-                (p.exports.token.is_some() || (chat && p.exports.tool_call.is_some()))
+                use crate::protocol::Route;
+                // The routes whose answers carry tool calls.
+                let tools = [Route::ChatCompletions, Route::Messages, Route::Responses]
+                    .iter()
+                    .any(|route| ctx.route == route.path());
+                (p.exports.token.is_some() || (tools && p.exports.tool_call.is_some()))
                     && p.applies_to(&ctx.identity.key_name)
             })
             .map(|plugin| {

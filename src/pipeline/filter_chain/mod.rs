@@ -9,6 +9,7 @@ mod batch;
 mod rebuild;
 #[cfg(test)]
 mod tests;
+mod typed;
 
 use std::borrow::Cow;
 
@@ -18,6 +19,7 @@ use crate::error::GatewayError;
 use crate::pipeline::policy::{TokenAction, TokenFilter, ToolCallAction, ToolCallPiece};
 use crate::protocol::{Chunk, ChunkView};
 use rebuild::{ChoiceOutput, assemble, has_tool_calls};
+pub use typed::TypedApi;
 
 /// What applying the filters to one chunk produced.
 pub enum Filtered {
@@ -26,6 +28,8 @@ pub enum Filtered {
     Skip,
     /// The chunk to send last: a filter stopped the response.
     Stop(Chunk),
+    /// Two chunks, in order: held text let out before the event that ends its block.
+    Then(Chunk, Chunk),
 }
 
 /// The token filters of one response, applied to each chunk in order.
@@ -38,6 +42,10 @@ pub struct FilterChain {
     /// (flushed): at the end of a stream, only the difference needs work.
     seen: Vec<u32>,
     finished: Vec<u32>,
+    /// The API whose typed events the chain reads (Messages, Responses);
+    /// `None`: OpenAI's completion and chat chunks.
+    typed_api: Option<TypedApi>,
+    typed: typed::TypedState,
 }
 
 impl FilterChain {
@@ -48,7 +56,20 @@ impl FilterChain {
             filters,
             seen: Vec::new(),
             finished: Vec::new(),
+            typed_api: None,
+            typed: Default::default(),
         }
+    }
+
+    /// The chain for an API of typed events.
+    pub fn for_api(mut self, api: Option<TypedApi>) -> Self {
+        self.typed_api = api;
+        self
+    }
+
+    /// Whether the chain reads a typed API's events (Messages, Responses).
+    pub fn is_typed(&self) -> bool {
+        self.typed_api.is_some()
     }
 
     pub fn has_filters(&self) -> bool {
@@ -89,6 +110,12 @@ impl FilterChain {
     /// Filters one chunk. A chunk whose text no filter changed is returned as
     /// it came, without re-serialising it.
     pub async fn apply(&mut self, chunk: Chunk) -> Result<Filtered, GatewayError> {
+        if let Some(api) = self.typed_api {
+            if !self.text_filters && !self.tool_call_filters {
+                return Ok(Filtered::Chunk(chunk));
+            }
+            return self.apply_typed(api, chunk).await;
+        }
         let tool_calls = self.tool_call_filters && has_tool_calls(chunk.payload_slice());
         if !self.text_filters && !tool_calls {
             return Ok(Filtered::Chunk(chunk));
@@ -205,7 +232,8 @@ impl FilterChain {
         &mut self,
         template: Option<&Chunk>,
     ) -> Result<Option<Chunk>, GatewayError> {
-        if self.filters.is_empty() {
+        // A typed API's held text comes out at the end of its block or item.
+        if self.filters.is_empty() || self.typed_api.is_some() {
             return Ok(None);
         }
         let Some(template) = template else {

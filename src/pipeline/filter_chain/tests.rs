@@ -5,6 +5,7 @@ use super::*;
 use crate::backends::cache::CachedChunks;
 use crate::protocol::ChunkSummary;
 use async_trait::async_trait;
+use serde_json::json;
 
 /// Upper-cases text, holding anything after a `#` until the end.
 struct Upper {
@@ -38,6 +39,7 @@ fn text_of(filtered: Filtered) -> Option<String> {
             Some(v["choices"][0]["text"].as_str().unwrap().to_string())
         }
         Filtered::Skip => None,
+        Filtered::Then(..) => panic!("completion chunks come one at a time"),
     }
 }
 
@@ -127,6 +129,7 @@ fn payloads(results: Vec<Filtered>) -> Vec<Option<(bool, String)>> {
             Filtered::Chunk(c) => Some((false, String::from_utf8_lossy(c.payload_slice()).into())),
             Filtered::Stop(c) => Some((true, String::from_utf8_lossy(c.payload_slice()).into())),
             Filtered::Skip => None,
+            Filtered::Then(..) => panic!("completion chunks come one at a time"),
         })
         .collect()
 }
@@ -225,6 +228,7 @@ fn delta_of(filtered: Filtered) -> Option<Value> {
             Some(v["choices"][0]["delta"].clone())
         }
         Filtered::Skip => None,
+        Filtered::Then(..) => panic!("chat chunks come one at a time"),
     }
 }
 
@@ -369,4 +373,144 @@ async fn tool_calls_reach_only_the_filters_that_ask_for_them() {
             matches!(upper.apply(chunk.clone()).await.unwrap(), Filtered::Chunk(c) if c == chunk)
         );
     }
+}
+
+fn event(body: Value) -> Chunk {
+    Chunk::from_payload(body.to_string().as_bytes())
+}
+
+fn events_of(filtered: Filtered) -> Vec<Value> {
+    let parse = |c: Chunk| serde_json::from_slice::<Value>(c.payload_slice()).unwrap();
+    match filtered {
+        Filtered::Chunk(c) | Filtered::Stop(c) => vec![parse(c)],
+        Filtered::Then(a, b) => vec![parse(a), parse(b)],
+        Filtered::Skip => Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn responses_deltas_are_filtered_held_text_flushed_and_done_events_agree() {
+    let mut chain = FilterChain::new(vec![Box::new(Upper {
+        held: String::new(),
+    })])
+    .for_api(Some(TypedApi::Responses));
+    let delta = |seq: u64, text: &str| {
+        event(
+            json!({"content_index":0,"delta":text,"item_id":"m","logprobs":[],"output_index":0,
+            "sequence_number":seq,"type":"response.output_text.delta"}),
+        )
+    };
+    let mut out = Vec::new();
+    for chunk in [
+        delta(4, "ab"),
+        delta(5, "c#d"),
+        delta(6, "e"),
+        event(
+            json!({"content_index":0,"item_id":"m","logprobs":[],"output_index":0,
+            "sequence_number":7,"text":"abc#de","type":"response.output_text.done"}),
+        ),
+        event(
+            json!({"content_index":0,"item_id":"m","output_index":0,"part":{"text":"abc#de","type":"output_text"},
+            "sequence_number":8,"type":"response.content_part.done"}),
+        ),
+        event(
+            json!({"item":{"content":[{"text":"abc#de","type":"output_text"}],"type":"message"},
+            "output_index":0,"sequence_number":9,"type":"response.output_item.done"}),
+        ),
+        event(
+            json!({"response":{"output":[{"content":[{"text":"abc#de","type":"output_text"}],
+            "type":"message"}],"status":"completed"},"sequence_number":10,"type":"response.completed"}),
+        ),
+    ] {
+        out.extend(events_of(chain.apply(chunk).await.unwrap()));
+    }
+    let summary: Vec<(u64, &str)> = out
+        .iter()
+        .map(|e| {
+            (
+                e["sequence_number"].as_u64().unwrap(),
+                e["type"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (4, "response.output_text.delta"),
+            (7, "response.output_text.delta"),
+            (8, "response.output_text.done"),
+            (9, "response.content_part.done"),
+            (10, "response.output_item.done"),
+            (11, "response.completed"),
+        ]
+    );
+    assert_eq!(
+        (out[0]["delta"].as_str(), out[1]["delta"].as_str()),
+        (Some("AB"), Some("c#de"))
+    );
+    for text in [
+        &out[2]["text"],
+        &out[3]["part"]["text"],
+        &out[4]["item"]["content"][0]["text"],
+        &out[5]["response"]["output"][0]["content"][0]["text"],
+    ] {
+        assert_eq!(text, "ABc#de");
+    }
+}
+
+#[tokio::test]
+async fn anthropic_text_deltas_are_filtered_and_held_text_precedes_the_block_stop() {
+    let mut chain = FilterChain::new(vec![Box::new(Upper {
+        held: String::new(),
+    })])
+    .for_api(Some(TypedApi::Anthropic));
+    let delta = |text: &str| {
+        event(
+            json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":text}}),
+        )
+    };
+    let first = events_of(chain.apply(delta("hi")).await.unwrap());
+    assert_eq!(first[0]["delta"]["text"], "HI");
+    assert!(events_of(chain.apply(delta(" #x")).await.unwrap()).is_empty());
+    let stop = events_of(
+        chain
+            .apply(event(json!({"type":"content_block_stop","index":0})))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(stop.len(), 2);
+    assert_eq!(stop[0]["delta"]["text"], " #x");
+    assert_eq!(stop[1]["type"], "content_block_stop");
+    let untouched = event(
+        json!({"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":3}}),
+    );
+    assert_eq!(
+        events_of(chain.apply(untouched.clone()).await.unwrap()).len(),
+        1
+    );
+
+    // A whole message: each text block through the filters.
+    let mut chain = FilterChain::new(vec![Box::new(Upper {
+        held: String::new(),
+    })])
+    .for_api(Some(TypedApi::Anthropic));
+    let message = event(json!({"id":"msg","type":"message","role":"assistant",
+        "content":[{"type":"text","text":"whole"}],"usage":{"input_tokens":1,"output_tokens":1}}));
+    let out = events_of(chain.apply(message).await.unwrap());
+    assert_eq!(out[0]["content"][0]["text"], "WHOLE");
+}
+
+#[tokio::test]
+async fn a_whole_response_is_filtered() {
+    let mut chain = FilterChain::new(vec![Box::new(Upper {
+        held: String::new(),
+    })])
+    .for_api(Some(TypedApi::Responses));
+    let response = event(
+        json!({"id":"resp_1","object":"response","output":[{"id":"msg_1",
+        "content":[{"annotations":[],"text":"whole","type":"output_text","logprobs":null}],
+        "role":"assistant","status":"completed","type":"message"}],"status":"completed","user":null}),
+    );
+    let out = events_of(chain.apply(response).await.unwrap());
+    assert_eq!(out[0]["output"][0]["content"][0]["text"], "WHOLE");
 }

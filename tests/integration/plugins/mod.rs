@@ -3,8 +3,10 @@
 //!
 //! [`examples`]: the example plugins on completions; [`chat`]: on
 //! conversations and tool calls; [`faults`]: plugins that trap, hoard, fail
-//! to load or are replaced while streams run.
+//! to load or are replaced while streams run; [`agents`]: token filters on
+//! the Messages and Responses APIs.
 
+mod agents;
 mod chat;
 mod examples;
 mod faults;

@@ -1,0 +1,136 @@
+//! Token filters on the agent APIs: the example token-censor masks a word in
+//! Anthropic's Messages (streamed text deltas and a whole message) and in
+//! the Responses API (streamed deltas, whose `done` events and final
+//! response carry the masked text too, and a whole response), as on chat.
+
+use super::*;
+
+/// A word of `text` (its third), for the censor to mask.
+fn a_word_of(text: &str) -> String {
+    text.split_whitespace()
+        .nth(2)
+        .expect("a few words")
+        .to_string()
+}
+
+/// The `data:` JSON of each event of an SSE body.
+fn datas(body: &str) -> Vec<Value> {
+    body.split("\n\n")
+        .filter_map(|event| event.split_once("data: "))
+        .map(|(_, data)| serde_json::from_str(data).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn token_censor_masks_messages_and_responses_streamed_and_whole() {
+    let sim = Simulator::start(sim_config()).await.unwrap();
+    let message = json!({"model": MODEL, "max_tokens": 12, "temperature": 0,
+        "messages": [{"role": "user", "content": "censor this message"}]});
+    let response = json!({"model": MODEL, "max_output_tokens": 12, "store": false,
+        "input": "censor this response"});
+    let http = reqwest::Client::new();
+    let (_, raw_message) =
+        post_json(&http, &format!("{}/v1/messages", sim.url()), "", &message).await;
+    let (_, raw_response) =
+        post_json(&http, &format!("{}/v1/responses", sim.url()), "", &response).await;
+    let raw_message = raw_message["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let raw_response = raw_response["output"][0]["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (word_1, word_2) = (a_word_of(&raw_message), a_word_of(&raw_response));
+    drop(sim);
+    let gw = gateway_with(vec![plugin(
+        "censor",
+        "token_censor",
+        FailClosed,
+        json!({"words": [word_1, word_2], "mask": "[censored]"}),
+    )])
+    .await;
+    let mask = |text: &str| {
+        censored(
+            &censored(text, &word_1, "[censored]"),
+            &word_2,
+            "[censored]",
+        )
+    };
+    let post = |path: &str, body: Value| {
+        gw.http
+            .post(format!("{}{path}", gw.url))
+            .bearer_auth(&gw.key)
+            .json(&body)
+            .send()
+    };
+
+    // Messages: the whole message, then its stream of text deltas.
+    let whole: Value = post("/v1/messages", message.clone())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(whole["content"][0]["text"], mask(&raw_message).as_str());
+    let mut streamed = message.clone();
+    streamed["stream"] = json!(true);
+    let body = post("/v1/messages", streamed)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let text: String = datas(&body)
+        .iter()
+        .filter(|e| e["type"] == "content_block_delta")
+        .map(|e| e["delta"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, mask(&raw_message), "{body}");
+    assert!(body.ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
+
+    // Responses: the whole response, then the stream; every event that
+    // carries the text agrees with the deltas, numbered without a gap.
+    let whole: Value = post("/v1/responses", response.clone())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        whole["output"][0]["content"][0]["text"],
+        mask(&raw_response).as_str()
+    );
+    let mut streamed = response.clone();
+    streamed["stream"] = json!(true);
+    let body = post("/v1/responses", streamed)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events = datas(&body);
+    let text: String = events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
+    let masked = mask(&raw_response);
+    assert_eq!(text, masked, "{body}");
+    let done = events
+        .iter()
+        .find(|e| e["type"] == "response.output_text.done")
+        .unwrap();
+    assert_eq!(done["text"], masked.as_str());
+    let completed = events.last().unwrap();
+    assert_eq!(completed["type"], "response.completed");
+    assert_eq!(
+        completed["response"]["output"][0]["content"][0]["text"],
+        masked.as_str()
+    );
+    let numbers: Vec<u64> = events
+        .iter()
+        .map(|e| e["sequence_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, (0..events.len() as u64).collect::<Vec<_>>());
+}
