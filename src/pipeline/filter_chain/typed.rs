@@ -31,8 +31,6 @@ pub enum TypedApi {
 pub(super) struct TypedState {
     /// The filtered text of each block or item so far.
     texts: HashMap<u32, String>,
-    /// The tool (function) name of each tool-use block or call item.
-    tools: HashMap<u32, String>,
     /// How many events were added so far (Responses' numbering shifts by it).
     added: u64,
 }
@@ -140,8 +138,26 @@ impl FilterChain {
         let Some(Value::Array(items)) = body.get_mut(key) else {
             return Ok(None);
         };
+        let mut stopped_at = None;
         for (i, item) in items.iter_mut().enumerate() {
             let index = u32::try_from(i).unwrap_or(u32::MAX);
+            let tool_call = matches!(
+                (api, item["type"].as_str()),
+                (TypedApi::Anthropic, Some("tool_use"))
+                    | (TypedApi::Responses, Some("function_call"))
+            );
+            if tool_call {
+                if self.tool_call_filters {
+                    let (edited, stop) = self.whole_tool_call(api, index, item).await?;
+                    changed |= edited;
+                    if stop {
+                        stopped = true;
+                        stopped_at = Some(i);
+                        break;
+                    }
+                }
+                continue;
+            }
             let text = match api {
                 TypedApi::Anthropic if item["type"] == "text" => item.get_mut("text"),
                 TypedApi::Responses if item["type"] == "message" => {
@@ -161,7 +177,15 @@ impl FilterChain {
             }
             if stop {
                 stopped = true;
+                stopped_at = Some(i);
                 break;
+            }
+        }
+        // A stopped answer ends at the item that stopped it.
+        if let Some(at) = stopped_at {
+            items.truncate(at + 1);
+            if api == TypedApi::Anthropic {
+                body.insert("stop_reason".into(), json!("end_turn"));
             }
         }
         Ok(changed.then(|| {
@@ -184,7 +208,13 @@ impl FilterChain {
                 if at(body, "/content_block/type") == Some(&json!("tool_use"))
                     && let Some(name) = at(body, "/content_block/name").and_then(Value::as_str)
                 {
-                    self.typed.tools.insert(index, name.to_string());
+                    let name = name.to_string();
+                    // The tool's name leaves with the block's start: the hooks see it first.
+                    if let Some(text) = self.stopped_at_start(index, &name).await? {
+                        let start = json!({"type": "content_block_start", "index": index,
+                            "content_block": {"type": "text", "text": text}});
+                        return Ok(Some(Filtered::Stop(serialize(&start))));
+                    }
                 }
                 Ok(None)
             }
@@ -238,7 +268,17 @@ impl FilterChain {
                 if at(body, "/item/type") == Some(&json!("function_call"))
                     && let Some(name) = at(body, "/item/name").and_then(Value::as_str)
                 {
-                    self.typed.tools.insert(index, name.to_string());
+                    let name = name.to_string();
+                    if let Some(text) = self.stopped_at_start(index, &name).await? {
+                        let mut delta = json!({"content_index": 0, "delta": text,
+                            "item_id": at(body, "/item/id"), "logprobs": [], "output_index": index,
+                            "sequence_number": body.get("sequence_number"),
+                            "type": "response.output_text.delta"});
+                        if let Value::Object(map) = &mut delta {
+                            self.number(map);
+                        }
+                        return Ok(Some(Filtered::Stop(serialize(&delta))));
+                    }
                 }
                 Ok(None)
             }
@@ -350,43 +390,30 @@ impl FilterChain {
         body: &mut Map<String, Value>,
         pointer: &str,
     ) -> Result<Option<Filtered>, GatewayError> {
-        let name = self.typed.tools.get(&index).cloned();
-        let mut arguments = piece.clone();
-        for filter in self.filters.iter_mut().filter(|f| f.filters_tool_calls()) {
-            let call = ToolCallPiece {
-                call_index: index,
-                name: name.as_deref(),
-                arguments: &arguments,
-            };
-            match filter.on_tool_call(index, call).await? {
-                ToolCallAction::Pass => {}
-                ToolCallAction::Replace(text) => arguments = text,
-                ToolCallAction::Stop(text) => {
-                    // The response ends with the stop text, as a text delta.
-                    let (text, _) = self.run(index, &text, true).await?;
-                    self.finished.push(index);
-                    let mut event = match api {
-                        TypedApi::Anthropic => {
-                            json!({"type": "content_block_delta", "index": index,
-                            "delta": {"type": "text_delta", "text": text}})
-                        }
-                        TypedApi::Responses => {
-                            let mut event = Value::Object(std::mem::take(body));
-                            event["type"] = json!("response.output_text.delta");
-                            event["delta"] = json!(text);
-                            event
-                        }
-                    };
-                    if let Value::Object(map) = &mut event {
-                        self.number(map);
+        // As on chat, the name comes with the call's first piece (its start).
+        let arguments = match self.tool_action(index, None, &piece).await? {
+            ToolCallAction::Pass => return Ok(None),
+            ToolCallAction::Replace(arguments) => arguments,
+            ToolCallAction::Stop(text) => {
+                // The response ends with the stop text, as a text delta.
+                let (text, _) = self.run(index, &text, true).await?;
+                self.finished.push(index);
+                let mut event = match api {
+                    TypedApi::Anthropic => json!({"type": "content_block_delta", "index": index,
+                        "delta": {"type": "text_delta", "text": text}}),
+                    TypedApi::Responses => {
+                        let mut event = Value::Object(std::mem::take(body));
+                        event["type"] = json!("response.output_text.delta");
+                        event["delta"] = json!(text);
+                        event
                     }
-                    return Ok(Some(Filtered::Stop(serialize(&event))));
+                };
+                if let Value::Object(map) = &mut event {
+                    self.number(map);
                 }
+                return Ok(Some(Filtered::Stop(serialize(&event))));
             }
-        }
-        if arguments == piece {
-            return Ok(None);
-        }
+        };
         let mut value = Value::Object(std::mem::take(body));
         if let Some(slot) = value.pointer_mut(pointer) {
             *slot = Value::String(arguments);
@@ -395,6 +422,93 @@ impl FilterChain {
             self.number(map);
         }
         Ok(Some(Filtered::Chunk(serialize(&value))))
+    }
+
+    /// A tool call as it starts (its name, no arguments yet) through the
+    /// tool-call filters: the stop text (after the text filters) if one
+    /// stops the answer there.
+    async fn stopped_at_start(
+        &mut self,
+        index: u32,
+        name: &str,
+    ) -> Result<Option<String>, GatewayError> {
+        if !self.tool_call_filters {
+            return Ok(None);
+        }
+        match self.tool_action(index, Some(name), "").await? {
+            ToolCallAction::Stop(text) => {
+                let (text, _) = self.run(index, &text, true).await?;
+                self.finished.push(index);
+                Ok(Some(text))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// A tool call's arguments (a piece, or all of them) through the filters
+    /// that read tool calls: `Pass` when none changed them.
+    async fn tool_action(
+        &mut self,
+        index: u32,
+        name: Option<&str>,
+        piece: &str,
+    ) -> Result<ToolCallAction, GatewayError> {
+        let mut arguments = std::borrow::Cow::Borrowed(piece);
+        for filter in self.filters.iter_mut().filter(|f| f.filters_tool_calls()) {
+            let call = ToolCallPiece {
+                call_index: index,
+                name,
+                arguments: &arguments,
+            };
+            match filter.on_tool_call(index, call).await? {
+                ToolCallAction::Pass => {}
+                ToolCallAction::Replace(text) => arguments = std::borrow::Cow::Owned(text),
+                stop @ ToolCallAction::Stop(_) => return Ok(stop),
+            }
+        }
+        Ok(match arguments {
+            std::borrow::Cow::Borrowed(_) => ToolCallAction::Pass,
+            std::borrow::Cow::Owned(arguments) => ToolCallAction::Replace(arguments),
+        })
+    }
+
+    /// A whole answer's tool call (a `tool_use` block, a `function_call`
+    /// item) through the tool-call filters, its arguments as one piece; on a
+    /// stop, the item becomes the stop text. Whether it stopped the answer.
+    async fn whole_tool_call(
+        &mut self,
+        api: TypedApi,
+        index: u32,
+        item: &mut Value,
+    ) -> Result<(bool, bool), GatewayError> {
+        let name = item["name"].as_str().map(str::to_owned);
+        let arguments = match api {
+            TypedApi::Anthropic => item["input"].to_string(),
+            TypedApi::Responses => item["arguments"].as_str().unwrap_or("").to_string(),
+        };
+        match self.tool_action(index, name.as_deref(), &arguments).await? {
+            ToolCallAction::Pass => Ok((false, false)),
+            ToolCallAction::Replace(arguments) => {
+                match api {
+                    TypedApi::Anthropic => {
+                        item["input"] = serde_json::from_str(&arguments).unwrap_or(Value::Null)
+                    }
+                    TypedApi::Responses => item["arguments"] = json!(arguments),
+                }
+                Ok((true, false))
+            }
+            ToolCallAction::Stop(text) => {
+                let (text, _) = self.run(index, &text, true).await?;
+                self.finished.push(index);
+                *item = match api {
+                    TypedApi::Anthropic => json!({"type": "text", "text": text}),
+                    TypedApi::Responses => json!({"id": item["id"], "type": "message",
+                        "role": "assistant", "status": "completed",
+                        "content": [{"type": "output_text", "text": text, "annotations": []}]}),
+                };
+                Ok((true, true))
+            }
+        }
     }
 
     /// The text the filters still hold for a block or item that ends here.

@@ -134,3 +134,96 @@ async fn token_censor_masks_messages_and_responses_streamed_and_whole() {
         .collect();
     assert_eq!(numbers, (0..events.len() as u64).collect::<Vec<_>>());
 }
+
+/// The example prompt-guard's tool-call hook on the agent APIs (fail-open:
+/// its request hook has no record of these routes yet): a blocked tool's
+/// call never reaches the client, streamed or whole; an allowed one passes
+/// as vLLM sent it.
+#[tokio::test]
+async fn prompt_guard_stops_blocked_tool_calls_on_messages_and_responses() {
+    let gw = gateway_with(vec![plugin(
+        "prompt-guard",
+        "prompt_guard",
+        FailOpen,
+        json!({"blocked_tools": ["delete_file"]}),
+    )])
+    .await;
+    let schema =
+        json!({"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]});
+    let message = |tool: &str, stream: bool| {
+        json!({"model": MODEL, "max_tokens": 20, "stream": stream,
+            "tools": [{"name": tool, "input_schema": schema}],
+            "messages": [{"role": "user", "content": "tidy up"}]})
+    };
+    let response = |tool: &str, stream: bool| {
+        json!({"model": MODEL, "stream": stream, "store": false, "input": "tidy up",
+            "tools": [{"type": "function", "name": tool, "parameters": schema}]})
+    };
+    let post = |path: &'static str, body: Value| {
+        gw.http
+            .post(format!("{}{path}", gw.url))
+            .bearer_auth(&gw.key)
+            .json(&body)
+            .send()
+    };
+    let note = "[the call of tool \"delete_file\" was blocked by policy]";
+
+    // Messages: an allowed call streams its input; a blocked one becomes the note.
+    let allowed = post("/v1/messages", message("list_files", true))
+        .await
+        .unwrap();
+    let allowed = allowed.text().await.unwrap();
+    assert!(allowed.contains("\"input_json_delta\""), "{allowed}");
+    let blocked = post("/v1/messages", message("delete_file", true))
+        .await
+        .unwrap();
+    let blocked = blocked.text().await.unwrap();
+    assert!(
+        !blocked.contains("tool_use") && !blocked.contains("input_json_delta"),
+        "{blocked}"
+    );
+    assert!(
+        blocked.contains(r#"tool \"delete_file\" was blocked by policy"#),
+        "{blocked}"
+    );
+    assert!(blocked.ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
+    let whole: Value = post("/v1/messages", message("delete_file", false))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        whole["content"],
+        json!([{"type": "text", "text": note}]),
+        "{whole}"
+    );
+    assert_eq!(whole["stop_reason"], "end_turn");
+
+    // Responses: the same, on function-call items.
+    let allowed = post("/v1/responses", response("list_files", true))
+        .await
+        .unwrap();
+    let allowed = allowed.text().await.unwrap();
+    assert!(
+        allowed.contains("response.function_call_arguments.delta"),
+        "{allowed}"
+    );
+    let blocked = post("/v1/responses", response("delete_file", true))
+        .await
+        .unwrap();
+    let blocked = blocked.text().await.unwrap();
+    assert!(!blocked.contains("function_call"), "{blocked}");
+    assert!(
+        blocked.contains(r#"tool \"delete_file\" was blocked by policy"#),
+        "{blocked}"
+    );
+    let whole: Value = post("/v1/responses", response("delete_file", false))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(whole["output"][0]["type"], "message", "{whole}");
+    assert_eq!(whole["output"][0]["content"][0]["text"], note);
+}
