@@ -125,18 +125,7 @@ async fn follow_ups_reach_the_replica_that_holds_them_until_it_dies() {
             .unwrap();
         assert_eq!(response.status(), 200, "turn {turn}");
         let text = response.text().await.unwrap();
-        let answer: Value = match turn % 2 {
-            0 => serde_json::from_str(&text).unwrap(),
-            _ => {
-                let completed = text
-                    .split("\n\n")
-                    .find(|e| e.starts_with("event: response.completed\n"))
-                    .unwrap_or_else(|| panic!("turn {turn} completes: {text}"));
-                let data: Value =
-                    serde_json::from_str(completed.split_once("data: ").unwrap().1).unwrap();
-                data["response"].clone()
-            }
-        };
+        let answer = response_object(&text);
         assert_eq!(answer["previous_response_id"], previous.as_str());
         previous = answer["id"].as_str().unwrap().to_string();
         assert_eq!(held_by(&replicas, &previous).await, holder, "turn {turn}");

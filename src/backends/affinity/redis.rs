@@ -32,6 +32,19 @@ impl RedisAffinity {
     fn key(&self, id: &str) -> String {
         format!("{}{id}", self.key_prefix)
     }
+
+    /// Sets fields of `id`'s hash and its TTL, in one round trip.
+    async fn set(&self, id: &str, fields: &[(&str, &str)]) -> Result<(), AffinityError> {
+        let key = self.key(id);
+        let pipeline = self.client.with_options(&self.options).pipeline();
+        let _: () = pipeline.hset(&key, fields.to_vec()).await.map_err(failed)?;
+        let _: () = pipeline
+            .expire(&key, self.ttl_secs, None)
+            .await
+            .map_err(failed)?;
+        let _: ((), ()) = pipeline.all().await.map_err(failed)?;
+        Ok(())
+    }
 }
 
 fn failed(err: Error) -> AffinityError {
@@ -41,35 +54,13 @@ fn failed(err: Error) -> AffinityError {
 #[async_trait]
 impl AffinityMap for RedisAffinity {
     async fn claim(&self, id: &str, owner: &str, model: &str) -> Result<(), AffinityError> {
-        let key = self.key(id);
-        let pipeline = self.client.with_options(&self.options).pipeline();
-        let _: () = pipeline
-            .hset(&key, [("owner", owner), ("model", model)])
-            .await
-            .map_err(failed)?;
-        let _: () = pipeline
-            .expire(&key, self.ttl_secs, None)
-            .await
-            .map_err(failed)?;
-        let _: ((), ()) = pipeline.all().await.map_err(failed)?;
-        Ok(())
+        self.set(id, &[("owner", owner), ("model", model)]).await
     }
 
     async fn place(&self, id: &str, endpoint: &str) -> Result<(), AffinityError> {
         // With the TTL again: a write after the claim expired leaves no
         // lasting key (and, without an owner, is never found).
-        let key = self.key(id);
-        let pipeline = self.client.with_options(&self.options).pipeline();
-        let _: () = pipeline
-            .hset(&key, [("endpoint", endpoint)])
-            .await
-            .map_err(failed)?;
-        let _: () = pipeline
-            .expire(&key, self.ttl_secs, None)
-            .await
-            .map_err(failed)?;
-        let _: ((), ()) = pipeline.all().await.map_err(failed)?;
-        Ok(())
+        self.set(id, &[("endpoint", endpoint)]).await
     }
 
     async fn find(&self, id: &str) -> Result<Option<Holder>, AffinityError> {

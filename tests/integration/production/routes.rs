@@ -217,18 +217,7 @@ async fn stored_responses_are_followed_up_from_any_edge_through_kafka() {
             .unwrap();
         assert_eq!(response.status(), 200, "turn {turn}");
         let text = response.text().await.unwrap();
-        let answer: Value = match text.starts_with("event: ") {
-            false => serde_json::from_str(&text).unwrap(),
-            true => {
-                let completed = text
-                    .split("\n\n")
-                    .find(|e| e.starts_with("event: response.completed\n"))
-                    .unwrap_or_else(|| panic!("turn {turn}: {text}"));
-                serde_json::from_str::<Value>(completed.split_once("data: ").unwrap().1).unwrap()
-                    ["response"]
-                    .clone()
-            }
-        };
+        let answer = response_object(&text);
         assert_eq!(
             answer["previous_response_id"],
             previous.as_str(),

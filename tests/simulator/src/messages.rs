@@ -13,9 +13,9 @@
 
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -404,46 +404,9 @@ pub(crate) async fn messages(
         ..Event::of("message_delta")
     });
     push(Event::of("message_stop"));
-    let (first_delay, delay) = (generation.first_token_delay, generation.token_delay);
-    let record_emit_times = generation.record_emit_times;
-    let drop_after = generation.drop_after;
-    let frames = futures::stream::unfold(
-        (events.into_iter().enumerate().peekable(), guard, 0u32),
-        move |(mut events, mut guard, mut sent_tokens)| async move {
-            if sent_tokens == u32::MAX {
-                return None;
-            }
-            let (i, event) = events.next()?;
-            // As vLLM's, the events up to the first token's leave with it
-            // (after the first-token delay); each later token takes a step.
-            let token = event.starts_with("event: content_block_delta");
-            if i == 0 {
-                tokio::time::sleep(first_delay).await;
-            } else if token && sent_tokens > 0 {
-                tokio::time::sleep(delay).await;
-            }
-            if token && drop_after == Some(sent_tokens) {
-                let drop = std::io::Error::other("simulated connection drop");
-                return Some((Err(drop), (events, guard, u32::MAX)));
-            }
-            sent_tokens += u32::from(token);
-            if token && record_emit_times {
-                let (id, now) = (guard.request_id.clone(), std::time::Instant::now());
-                guard
-                    .state
-                    .record(|r| r.emitted.entry(id).or_default().push(now));
-            }
-            if events.peek().is_none() {
-                guard.finish();
-            }
-            let frame = Bytes::from(event);
-            Some((Ok::<_, std::io::Error>(frame), (events, guard, sent_tokens)))
-        },
-    );
-    let mut response = Body::from_stream(frames).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
-    response
+    let events = events
+        .into_iter()
+        .map(|event| (event.starts_with("event: content_block_delta"), event))
+        .collect();
+    crate::stream::typed_events(events, &generation, guard)
 }

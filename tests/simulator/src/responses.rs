@@ -19,9 +19,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
@@ -63,19 +63,6 @@ fn bad_request(message: &str, param: &str) -> Response {
     )
 }
 
-/// The text of an input item's `content`: a string, or its parts' `text`.
-fn content_text(content: Option<&Value>) -> String {
-    match content {
-        Some(Value::String(text)) => text.clone(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => String::new(),
-    }
-}
-
 /// The chat vLLM builds of a request (`construct_input_messages`): the
 /// instructions as a system message, the stored conversation of the
 /// previous response, then the input (messages, function calls and their
@@ -106,7 +93,7 @@ fn as_chat(body: &Value, previous: Option<&Stored>) -> (Value, Vec<Value>) {
                         "tool_call_id": item["call_id"], "content": item["output"]})),
                     _ => messages.push(json!({
                         "role": item.get("role").and_then(Value::as_str).unwrap_or("user"),
-                        "content": content_text(item.get("content")),
+                        "content": crate::generation::message_text(item),
                     })),
                 }
             }
@@ -463,58 +450,7 @@ fn stream_events(
         false,
         json!({"response": done, "type": "response.completed"}),
     );
-    let (first_delay, delay, drop_after) = (
-        generation.first_token_delay,
-        generation.token_delay,
-        generation.drop_after,
-    );
-    let record_emit_times = generation.record_emit_times;
-    let frames = futures::stream::unfold(
-        (events.into_iter().enumerate().peekable(), guard, 0u32),
-        move |(mut events, mut guard, mut tokens)| async move {
-            if tokens == u32::MAX {
-                return None;
-            }
-            let (i, (token, event)) = events.next()?;
-            if guard
-                .state
-                .killed
-                .load(std::sync::atomic::Ordering::Relaxed)
-            {
-                let crash = std::io::Error::other("simulated replica crash");
-                return Some((Err(crash), (events, guard, u32::MAX)));
-            }
-            if i == 0 {
-                tokio::time::sleep(first_delay).await;
-            } else if token && tokens > 0 {
-                tokio::time::sleep(delay).await;
-            }
-            if token && drop_after == Some(tokens) {
-                let drop = std::io::Error::other("simulated connection drop");
-                return Some((Err(drop), (events, guard, u32::MAX)));
-            }
-            tokens += u32::from(token);
-            if token && record_emit_times {
-                let (id, now) = (guard.request_id.clone(), std::time::Instant::now());
-                guard
-                    .state
-                    .record(|r| r.emitted.entry(id).or_default().push(now));
-            }
-            if events.peek().is_none() {
-                guard.finish();
-            }
-            Some((
-                Ok::<_, std::io::Error>(Bytes::from(event)),
-                (events, guard, tokens),
-            ))
-        },
-    );
-    let mut response = Body::from_stream(frames).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
-    response
+    crate::stream::typed_events(events, generation, guard)
 }
 
 pub(crate) async fn retrieve(

@@ -269,3 +269,59 @@ pub(crate) fn full_chat_body(g: &Generation, plan: &ChatPlan) -> Value {
         "prompt_logprobs": null, "kv_transfer_params": null,
     })
 }
+
+/// A typed-event answer (Anthropic's Messages, the Responses API): `events`
+/// are whole SSE events, those marked `true` carrying a token. As vLLM's,
+/// the events up to the first token's leave with it (after the first-token
+/// delay); each later token takes a step. `sim_drop_after` cuts the
+/// connection after that many tokens; a killed replica breaks the stream.
+pub(crate) fn typed_events(
+    events: Vec<(bool, String)>,
+    generation: &Generation,
+    guard: AbortGuard,
+) -> Response {
+    let (first_delay, delay) = (generation.first_token_delay, generation.token_delay);
+    let (drop_after, record_emit_times) = (generation.drop_after, generation.record_emit_times);
+    let frames = futures::stream::unfold(
+        (events.into_iter().enumerate().peekable(), guard, 0u32),
+        move |(mut events, mut guard, mut tokens)| async move {
+            if tokens == u32::MAX {
+                return None;
+            }
+            let (i, (token, event)) = events.next()?;
+            if guard.state.killed.load(Ordering::Relaxed) {
+                let crash = std::io::Error::other("simulated replica crash");
+                return Some((Err(crash), (events, guard, u32::MAX)));
+            }
+            if i == 0 {
+                tokio::time::sleep(first_delay).await;
+            } else if token && tokens > 0 {
+                tokio::time::sleep(delay).await;
+            }
+            if token && drop_after == Some(tokens) {
+                let drop = std::io::Error::other("simulated connection drop");
+                return Some((Err(drop), (events, guard, u32::MAX)));
+            }
+            tokens += u32::from(token);
+            if token && record_emit_times {
+                let (id, now) = (guard.request_id.clone(), std::time::Instant::now());
+                guard
+                    .state
+                    .record(|r| r.emitted.entry(id).or_default().push(now));
+            }
+            if events.peek().is_none() {
+                guard.finish();
+            }
+            Some((
+                Ok::<_, std::io::Error>(Bytes::from(event)),
+                (events, guard, tokens),
+            ))
+        },
+    );
+    let mut response = Body::from_stream(frames).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    response
+}
