@@ -7,6 +7,7 @@
 //! before each `data:`).
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -111,7 +112,19 @@ async fn handle(
         transport: record.transport,
         trace: record.trace.context().clone(),
     };
-    let completion = match pipeline::start(&state.stages, &ctx, request, record).await {
+    let stages = state.stages.clone();
+    let mut start: Starting =
+        Box::pin(async move { pipeline::start(&stages, &ctx, request, record).await });
+    let keepalive = state.server.sse_keepalive;
+    let started = match stream && !keepalive.is_zero() {
+        true => tokio::select! {
+            started = &mut start => started,
+            // No first event yet: answer now, and keep the line busy until it comes.
+            () = tokio::time::sleep(keepalive) => return kept_alive(route, start, keepalive),
+        },
+        false => start.await,
+    };
+    let completion = match started {
         Ok(completion) => completion,
         Err((err, _record)) => return refusal(route, err),
     };
@@ -244,11 +257,56 @@ fn stream_end(route: Route, error: Option<crate::error::ErrorInfo>, sequence_num
     }
 }
 
+/// A request on its way through the pipeline to its first event.
+type Starting = std::pin::Pin<
+    Box<dyn Future<Output = Result<Completion, (GatewayError, RequestRecord)>> + Send>,
+>;
+
+/// The SSE comment a waiting stream sends (clients skip comments).
+const KEEPALIVE: &[u8] = b": keepalive\n\n";
+
+/// A stream whose first event has not come within `server.sse_keepalive_ms`:
+/// its headers go out now, then a comment line every interval while it
+/// waits, then its events; a failure before the first event ends it with
+/// the API's error event (the status is already 200).
+fn kept_alive(route: Route, start: Starting, interval: std::time::Duration) -> Response {
+    use futures::StreamExt;
+    enum Next {
+        Bytes(Bytes),
+        Started(Completion),
+    }
+    let waiting = futures::stream::unfold(Some(start), move |start| async move {
+        let mut start = start?;
+        tokio::select! {
+            started = &mut start => match started {
+                Ok(completion) => Some((Next::Started(completion), None)),
+                Err((err, _record)) => Some((Next::Bytes(stream_end(route, Some(err.info()), 0)), None)),
+            },
+            () = tokio::time::sleep(interval) => {
+                Some((Next::Bytes(Bytes::from_static(KEEPALIVE)), Some(start)))
+            }
+        }
+    });
+    let events = waiting.flat_map(move |next| match next {
+        Next::Bytes(bytes) => futures::stream::iter([Ok::<_, Infallible>(bytes)]).boxed(),
+        Next::Started(completion) => sse_events(route, completion).boxed(),
+    });
+    sse_body(Body::from_stream(events))
+}
+
 fn sse_response(route: Route, completion: Completion) -> Response {
+    sse_body(Body::from_stream(sse_events(route, completion)))
+}
+
+/// The events of a completion as the route's clients read them.
+fn sse_events(
+    route: Route,
+    completion: Completion,
+) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send {
     let typed = route.has_typed_events();
     // Not instrumented per chunk (that costs a span enter and exit per token);
     // spans created while streaming name their parent explicitly.
-    let events = futures::stream::unfold(Some((completion, 0u64)), move |state| async move {
+    futures::stream::unfold(Some((completion, 0u64)), move |state| async move {
         let (mut completion, sent) = state?;
         let (bytes, rest) = match completion.next().await {
             Delivery::Chunk(chunk) if typed => (typed_event(&chunk), Some((completion, sent + 1))),
@@ -257,8 +315,11 @@ fn sse_response(route: Route, completion: Completion) -> Response {
             Delivery::Done => (stream_end(route, None, sent), None),
         };
         Some((Ok::<_, Infallible>(bytes), rest))
-    });
-    let mut response = Body::from_stream(events).into_response();
+    })
+}
+
+fn sse_body(body: Body) -> Response {
+    let mut response = body.into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,

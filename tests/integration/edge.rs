@@ -546,3 +546,69 @@ async fn each_websocket_request_learns_its_id_from_its_chunks() {
         assert_eq!(row.cache_hit, hit);
     }
 }
+
+/// A stream whose first token is slow (a long queue or prefill) answers at
+/// once and sends `: keepalive` comment lines until it comes, so proxies
+/// with idle timeouts keep it; the openai SDK reads the answer through
+/// them. A stream that then fails ends with the error event (its status
+/// already sent), and one that answers in time has no comment at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_first_token_is_kept_alive_with_sse_comments() {
+    let gw = TestGateway::start_with(sim_config(), |c| {
+        c.server.sse_keepalive = Duration::from_millis(100);
+        c.upstream.first_chunk_timeout = Duration::from_millis(2500);
+        c.cache.url = "off".to_string().into();
+    })
+    .await;
+    let slow = json!({"model": MODEL, "messages": [{"role": "user", "content": "take your time"}],
+        "max_tokens": 6, "stream": true, "sim_first_token_delay_ms": 2000});
+    let started = Instant::now();
+    let response = gw.post_chat(&slow).await;
+    assert_eq!(response.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "the headers come before the first token"
+    );
+    let body = response.text().await.unwrap();
+    let comments = body.matches(": keepalive\n\n").count();
+    assert!(comments >= 5, "{body}");
+    let first_data = body.find("data: ").unwrap();
+    assert_eq!(
+        body[..first_data].matches(": keepalive").count(),
+        comments,
+        "only before the first event"
+    );
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    let direct = sse_events(direct_chat(&gw.sim, &slow, "direct").await).await;
+    let through: Vec<String> = body
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: ").map(str::to_string))
+        .collect();
+    assert_eq!(texts(&through), texts(&direct), "the same answer");
+
+    let fast = json!({"model": MODEL, "messages": [{"role": "user", "content": "quick"}],
+        "max_tokens": 3, "stream": true});
+    let body = gw.post_chat(&fast).await.text().await.unwrap();
+    assert!(!body.contains(": keepalive"), "{body}");
+
+    // Past the upstream's first-chunk deadline: the error, as an event.
+    let too_slow = json!({"model": MODEL, "messages": [{"role": "user", "content": "too slow"}],
+        "max_tokens": 3, "stream": true, "sim_first_token_delay_ms": 5000});
+    let response = gw.post_chat(&too_slow).await;
+    assert_eq!(response.status(), 200);
+    let body = response.text().await.unwrap();
+    assert!(body.starts_with(": keepalive\n\n"), "{body}");
+    assert!(body.contains("data: {\"error\":"), "{body}");
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+
+    if let Some(python) = python_with_openai() {
+        let result = run_sdk_script(
+            &python,
+            "openai_keepalive.py",
+            &[&gw.url, &gw.key, MODEL, "700"],
+        )
+        .await;
+        assert!(result["chunks"].as_u64().unwrap() > 1, "{result}");
+        assert!(!result["text"].as_str().unwrap().is_empty(), "{result}");
+    }
+}
