@@ -273,13 +273,13 @@ fn kept_alive(route: Route, start: Starting, interval: std::time::Duration) -> R
     use futures::StreamExt;
     enum Next {
         Bytes(Bytes),
-        Started(Completion),
+        Started(Box<Completion>),
     }
     let waiting = futures::stream::unfold(Some(start), move |start| async move {
         let mut start = start?;
         tokio::select! {
             started = &mut start => match started {
-                Ok(completion) => Some((Next::Started(completion), None)),
+                Ok(completion) => Some((Next::Started(Box::new(completion)), None)),
                 Err((err, _record)) => Some((Next::Bytes(stream_end(route, Some(err.info()), 0)), None)),
             },
             () = tokio::time::sleep(interval) => {
@@ -289,7 +289,7 @@ fn kept_alive(route: Route, start: Starting, interval: std::time::Duration) -> R
     });
     let events = waiting.flat_map(move |next| match next {
         Next::Bytes(bytes) => futures::stream::iter([Ok::<_, Infallible>(bytes)]).boxed(),
-        Next::Started(completion) => sse_events(route, completion).boxed(),
+        Next::Started(completion) => sse_events(route, *completion).boxed(),
     });
     sse_body(Body::from_stream(events))
 }
