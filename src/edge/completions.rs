@@ -115,7 +115,7 @@ async fn handle(
     let stages = state.stages.clone();
     let mut start: Starting =
         Box::pin(async move { pipeline::start(&stages, &ctx, request, record).await });
-    let keepalive = state.server.sse_keepalive;
+    let keepalive = state.server.wait_keepalive;
     let started = match stream && !keepalive.is_zero() {
         true => tokio::select! {
             started = &mut start => started,
@@ -265,7 +265,7 @@ type Starting = std::pin::Pin<
 /// The SSE comment a waiting stream sends (clients skip comments).
 const KEEPALIVE: &[u8] = b": keepalive\n\n";
 
-/// A stream whose first event has not come within `server.sse_keepalive_ms`:
+/// A stream whose first event has not come within `server.wait_keepalive_ms`:
 /// its headers go out now, then a comment line every interval while it
 /// waits, then its events; a failure before the first event ends it with
 /// the API's error event (the status is already 200).

@@ -49,10 +49,10 @@ pub struct ServerConfig {
     pub max_prompts: NonZeroUsize,
     /// A stream still waiting for its first event this long (queued, or in
     /// a long prefill) starts with its headers and then an SSE comment line
-    /// this often until the answer comes, so proxies with idle timeouts do
-    /// not cut it. 0: wait silently.
-    #[serde(rename = "sse_keepalive_ms", deserialize_with = "millis")]
-    pub sse_keepalive: Duration,
+    /// this often until the answer comes (a WebSocket gets a ping), so
+    /// proxies with idle timeouts do not cut it. 0: wait silently.
+    #[serde(rename = "wait_keepalive_ms", deserialize_with = "millis")]
+    pub wait_keepalive: Duration,
 }
 
 /// `n`, checked for 0 when the constant is evaluated.
@@ -77,7 +77,7 @@ impl Default for ServerConfig {
             ws_max_sockets_per_key: const { nonzero(100) },
             max_n: const { NonZeroU32::new(128).expect("not zero") },
             max_prompts: const { nonzero(2048) },
-            sse_keepalive: Duration::from_secs(15),
+            wait_keepalive: Duration::from_secs(15),
         }
     }
 }

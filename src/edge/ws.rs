@@ -402,7 +402,25 @@ async fn serve_request(
         transport: "ws",
         trace: record.trace.context().clone(),
     };
-    let mut completion = match pipeline::start(&state.stages, &ctx, request, record).await {
+    // While the first event is awaited (a long queue or prefill), a ping
+    // every `server.wait_keepalive_ms` keeps proxies from closing the socket.
+    let start = pipeline::start(&state.stages, &ctx, request, record);
+    tokio::pin!(start);
+    let keepalive = state.server.wait_keepalive;
+    let started = loop {
+        if keepalive.is_zero() {
+            break start.await;
+        }
+        tokio::select! {
+            started = &mut start => break started,
+            () = tokio::time::sleep(keepalive) => {
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    return false;
+                }
+            }
+        }
+    };
+    let mut completion = match started {
         Ok(completion) => completion,
         Err((err, _record)) => return send_error(sink, &err.info()).await,
     };

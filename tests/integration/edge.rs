@@ -548,14 +548,14 @@ async fn each_websocket_request_learns_its_id_from_its_chunks() {
 }
 
 /// A stream whose first token is slow (a long queue or prefill) answers at
-/// once and sends `: keepalive` comment lines until it comes, so proxies
-/// with idle timeouts keep it; the openai SDK reads the answer through
-/// them. A stream that then fails ends with the error event (its status
+/// once and sends `: keepalive` comment lines until it comes (a WebSocket,
+/// pings), so proxies with idle timeouts keep it; the openai SDK reads the
+/// answer through them. A stream that then fails ends with the error event (its status
 /// already sent), and one that answers in time has no comment at all.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_first_token_is_kept_alive_with_sse_comments() {
     let gw = TestGateway::start_with(sim_config(), |c| {
-        c.server.sse_keepalive = Duration::from_millis(100);
+        c.server.wait_keepalive = Duration::from_millis(100);
         c.upstream.first_chunk_timeout = Duration::from_millis(2500);
         c.cache.url = "off".to_string().into();
     })
@@ -601,11 +601,32 @@ async fn a_slow_first_token_is_kept_alive_with_sse_comments() {
     assert!(body.contains("data: {\"error\":"), "{body}");
     assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
 
+    // Over a WebSocket: pings while the first token is awaited, then the answer.
+    let mut ws = gw.chat_ws().await;
+    ws.send(Message::text(slow.to_string())).await.unwrap();
+    let (mut pings, mut frames) = (0, Vec::new());
+    while let Some(Ok(message)) = ws.next().await {
+        match message {
+            Message::Ping(_) if frames.is_empty() => pings += 1,
+            Message::Text(text) if text.as_str() == "[DONE]" => {
+                break;
+            }
+            Message::Text(text) => frames.push(text.to_string()),
+            _ => {}
+        }
+    }
+    assert!(pings >= 5, "{pings} pings before the first token");
+    assert_eq!(
+        texts(&frames),
+        texts(&direct),
+        "the same answer over the WebSocket"
+    );
+
     if let Some(python) = python_with_openai() {
         let result = run_sdk_script(
             &python,
             "openai_keepalive.py",
-            &[&gw.url, &gw.key, MODEL, "700"],
+            &[&gw.url, &gw.key, MODEL, "2000"],
         )
         .await;
         assert!(result["chunks"].as_u64().unwrap() > 1, "{result}");
