@@ -27,7 +27,7 @@ use async_trait::async_trait;
 use crate::error::GatewayError;
 use crate::pipeline::policy::{Policy, RequestContext, TokenFilter};
 use crate::protocol::InferenceRequest;
-use request_hooks::{hooked, wit_context, wit_request};
+use request_hooks::{hooked, request_kind, wit_context, wit_request};
 use runtime::{LoadedPlugin, PluginFailure};
 use token_filter::WasmTokenFilter;
 
@@ -104,13 +104,14 @@ impl Policy for PluginHost {
             return Ok(cached.then(|| request.default_cache_key()));
         };
         let wit_ctx = wit_context(ctx);
+        let kind = request_kind(request);
         self.rewrite(&rewriters, ctx, &wit_ctx, request, &mut wit_req)
             .await?;
         if !cached {
             return Ok(None);
         }
         let default_key = request.default_cache_key();
-        self.choose_key(&keyers, ctx, &wit_ctx, &wit_req, default_key)
+        self.choose_key(&keyers, ctx, &wit_ctx, (&wit_req, kind), default_key)
             .await
     }
 

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use super::OnError;
 use super::bindings::{
     self, CacheKeyDecision, InferenceRequest as WitRequest, RequestContext as WitContext,
-    RequestDecision,
+    RequestDecision, RequestKind,
 };
 use super::runtime::{self, LoadedPlugin, PluginFailure};
 use super::{Chain, HookMetrics, MAX_PLUGIN_TEXT, PluginHost, PluginMetrics, no_hook};
@@ -109,15 +109,62 @@ pub(super) fn wit_context(ctx: &RequestContext) -> WitContext {
     }
 }
 
+/// The kind of record a request is for plugins (which WIT versions read it).
+pub(super) fn request_kind(request: &InferenceRequest) -> RequestKind {
+    match request {
+        InferenceRequest::Completion(_) => RequestKind::Completion,
+        InferenceRequest::Chat(_) => RequestKind::Chat,
+        InferenceRequest::Messages(_) | InferenceRequest::Responses(_) => RequestKind::Conversation,
+        _ => RequestKind::Pooling,
+    }
+}
+
+/// An agent API's conversation as a chat record.
+fn conversation(
+    model: &str,
+    turns: Vec<crate::protocol::Turn>,
+    max_tokens: Option<u32>,
+    temperature: Option<f64>,
+    body_json: String,
+) -> WitRequest {
+    WitRequest::Chat(bindings::ChatRequest {
+        model: model.to_string(),
+        messages: turns
+            .into_iter()
+            .map(|turn| bindings::ChatMessage {
+                role: turn.role,
+                content: turn.text,
+                json: turn.json,
+            })
+            .collect(),
+        max_tokens,
+        temperature,
+        top_p: None,
+        user: None,
+        body_json,
+    })
+}
+
 /// The request as plugins see it; `None` for a route the plugin interface
-/// has no record for (speech to text, Messages).
+/// has no record for (speech to text, a stored response's retrieve or cancel).
 pub(super) fn wit_request(request: &InferenceRequest) -> Option<WitRequest> {
     let body_json = || request.to_json();
     Some(match request {
-        InferenceRequest::Audio(_)
-        | InferenceRequest::Messages(_)
-        | InferenceRequest::Responses(_)
-        | InferenceRequest::StoredResponse(_) => return None,
+        InferenceRequest::Audio(_) | InferenceRequest::StoredResponse(_) => return None,
+        InferenceRequest::Messages(r) => conversation(
+            r.model(),
+            r.turns(),
+            r.max_tokens(),
+            r.temperature(),
+            body_json(),
+        ),
+        InferenceRequest::Responses(r) => conversation(
+            r.model(),
+            r.turns(),
+            r.max_output_tokens(),
+            r.temperature(),
+            body_json(),
+        ),
         InferenceRequest::Completion(request) => {
             WitRequest::Completion(bindings::CompletionRequest {
                 model: request.model.clone(),
@@ -170,12 +217,65 @@ fn apply(
         (InferenceRequest::Pooling(request), WitRequest::Pooling(modified)) => {
             apply_pooling(request, modified, max_bytes)
         }
+        (InferenceRequest::Messages(request), WitRequest::Chat(modified)) => {
+            let (model, texts) = conversation_back(modified, max_bytes)?;
+            if model != request.model() {
+                request.set_model(model);
+            }
+            if texts
+                != request
+                    .turns()
+                    .into_iter()
+                    .map(|t| t.text)
+                    .collect::<Vec<_>>()
+            {
+                request
+                    .set_turn_texts(texts)
+                    .map_err(PluginFailure::Invalid)?;
+            }
+            Ok(())
+        }
+        (InferenceRequest::Responses(request), WitRequest::Chat(modified)) => {
+            let (model, texts) = conversation_back(modified, max_bytes)?;
+            if model != request.model() {
+                request.set_model(model);
+            }
+            if texts
+                != request
+                    .turns()
+                    .into_iter()
+                    .map(|t| t.text)
+                    .collect::<Vec<_>>()
+            {
+                request
+                    .set_turn_texts(texts)
+                    .map_err(PluginFailure::Invalid)?;
+            }
+            Ok(())
+        }
         (request, modified) => Err(PluginFailure::Invalid(format!(
             "rewrote a {} request as a {:?} request",
             request.route().path(),
             modified.kind()
         ))),
     }
+}
+
+/// What a rewritten conversation of an agent API gives back: the model and
+/// each turn's text (its role and JSON are the gateway's to keep).
+fn conversation_back(
+    modified: bindings::ChatRequest,
+    max_bytes: usize,
+) -> Result<(String, Vec<Option<String>>), PluginFailure> {
+    let size = modified.model.len()
+        + modified
+            .messages
+            .iter()
+            .map(|m| m.content.as_ref().map_or(0, String::len))
+            .sum::<usize>();
+    check_rewrite(&modified.model, size, max_bytes)?;
+    let texts = modified.messages.into_iter().map(|m| m.content).collect();
+    Ok((modified.model, texts))
 }
 
 /// What every rewritten request must be: within the size limit, with a model.
@@ -316,7 +416,7 @@ impl PluginHost {
         request: &mut InferenceRequest,
         wit_req: &mut WitRequest,
     ) -> Result<(), GatewayError> {
-        let kind = wit_req.kind();
+        let kind = request_kind(request);
         for plugin in plugins {
             if !plugin.exports.hooks().reads(kind) {
                 Self::cannot_read_route(plugin, "on-request", ctx.route, &ctx.request_id)?;
@@ -380,10 +480,9 @@ impl PluginHost {
         plugins: &[&Arc<LoadedPlugin>],
         ctx: &RequestContext,
         wit_ctx: &WitContext,
-        wit_req: &WitRequest,
+        (wit_req, kind): (&WitRequest, RequestKind),
         mut key: String,
     ) -> Result<Option<String>, GatewayError> {
-        let kind = wit_req.kind();
         for plugin in plugins {
             if !plugin.exports.hooks().reads(kind) {
                 Self::cannot_read_route(plugin, "cache-key", ctx.route, &ctx.request_id)?;

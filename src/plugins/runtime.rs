@@ -265,7 +265,7 @@ impl Runtime {
                 })?;
         let lifecycle = LifecycleIndices::detect(&pre).ok_or_else(|| LoadError::MissingExport {
             path: path.to_string(),
-            interface: "sluice:plugin/lifecycle@0.3.0",
+            interface: "sluice:plugin/lifecycle@0.4.0",
         })?;
         let version = lifecycle.version();
         let exports = Exports {

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::Route;
+use super::conversation::{self, Api, Turn};
 use super::forwarded::{ForwardedJson, invalid as bad};
 use crate::error::GatewayError;
 
@@ -123,6 +124,10 @@ impl MessagesRequest {
         self.route == Route::Messages && self.temperature.is_none_or(|t| t > 0.0)
     }
 
+    pub fn temperature(&self) -> Option<f64> {
+        self.temperature
+    }
+
     pub fn text_bytes(&self) -> usize {
         self.text_bytes
     }
@@ -148,6 +153,16 @@ impl MessagesRequest {
     /// Sends the request for `model` instead (an alias resolved).
     pub fn set_model(&mut self, model: String) {
         self.json.set_model(model);
+    }
+
+    /// The conversation in chat roles (for plugins).
+    pub fn turns(&self) -> Vec<Turn> {
+        conversation::turns(Api::Messages, self.json.body())
+    }
+
+    /// Puts rewritten texts back, one per turn of [`Self::turns`].
+    pub fn set_turn_texts(&mut self, texts: Vec<Option<String>>) -> Result<(), String> {
+        conversation::set_texts(Api::Messages, self.json.body_mut(), texts)
     }
 
     pub fn upstream_body(&self) -> Bytes {

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::Route;
+use super::conversation::{self, Api, Turn};
 use super::forwarded::{ForwardedJson, invalid as bad};
 use crate::error::GatewayError;
 
@@ -166,6 +167,10 @@ impl ResponsesRequest {
         self.temperature.is_none_or(|t| t > 0.0)
     }
 
+    pub fn temperature(&self) -> Option<f64> {
+        self.temperature
+    }
+
     pub fn text_bytes(&self) -> usize {
         self.text_bytes
     }
@@ -203,6 +208,16 @@ impl ResponsesRequest {
         self.json
             .body_mut()
             .insert("request_id".into(), Value::String(id.to_string()));
+    }
+
+    /// The conversation in chat roles (for plugins).
+    pub fn turns(&self) -> Vec<Turn> {
+        conversation::turns(Api::Responses, self.json.body())
+    }
+
+    /// Puts rewritten texts back, one per turn of [`Self::turns`].
+    pub fn set_turn_texts(&mut self, texts: Vec<Option<String>>) -> Result<(), String> {
+        conversation::set_texts(Api::Responses, self.json.body_mut(), texts)
     }
 
     pub fn upstream_body(&self) -> Bytes {

@@ -1,5 +1,7 @@
 //! pii-redactor: replaces e-mail addresses and phone numbers in prompts, in
-//! the text of every chat message, and in every text an embedding, rerank,
+//! the text of every chat message (and of every turn of a Messages or
+//! Responses API conversation: system, messages, instructions, tool
+//! outputs), and in every text an embedding, rerank,
 //! score, classify, pooling or tokenize request carries (inputs, queries,
 //! documents) before they reach the model (or the cache key).
 //!

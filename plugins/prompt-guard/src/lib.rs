@@ -1,10 +1,12 @@
 //! prompt-guard: rejects prompts and conversations that contain configured
 //! phrases (case-insensitive, in any message; on the embedding, rerank,
 //! score, classify, pooling and tokenize routes, in any text the request
-//! carries), can prepend an instruction to every prompt (on the chat route:
-//! a system message first; never to texts that are embedded or scored, whose
-//! vectors it would change), and can stop an answer that calls a forbidden
-//! tool before the call reaches the client.
+//! carries; in the conversations of Anthropic's Messages and OpenAI's
+//! Responses APIs), can prepend an instruction to every prompt (on the chat
+//! route: a system message first; never to texts that are embedded or
+//! scored, whose vectors it would change, nor to an agent API's
+//! conversation, whose system prompt is the agent's), and can stop an
+//! answer that calls a forbidden tool before the call reaches the client.
 //!
 //! Config: `block = ["ignore previous instructions"]`, `status = 400`,
 //! `message = "..."`, `prepend = "You are a careful assistant.\n"`,
@@ -180,7 +182,10 @@ mod component {
                         if let Some(rejection) = guard.blocked(&texts) {
                             return reject(&ctx, rejection);
                         }
-                        match guard.instruction() {
+                        // The agent APIs' own system prompts are theirs: a
+                        // conversation of theirs may be rewritten, not lengthened.
+                        let agent = ctx.route == "/v1/messages" || ctx.route == "/v1/responses";
+                        match guard.instruction().filter(|_| !agent) {
                             Some(instruction) => {
                                 let system = ChatMessage {
                                     role: "system".into(),

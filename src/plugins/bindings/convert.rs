@@ -1,11 +1,12 @@
-//! Conversions between the current WIT types (`sluice:plugin@0.3.0`) and
+//! Conversions between the current WIT types (`sluice:plugin@0.4.0`) and
 //! those of the older versions a component may be built against. Records
 //! that did not change between versions are copied field by field; a
 //! request of a kind an older version has no record for converts to `None`.
 
 use super::{
-    CacheKeyDecision, ChatMessage, ChatRequest, CompletionRequest, InferenceRequest, Rejection,
-    RequestContext, RequestDecision, TokenAction, ToolCallAction, ToolCallPiece, v1, v2,
+    CacheKeyDecision, ChatMessage, ChatRequest, CompletionRequest, InferenceRequest,
+    PoolingRequest, Rejection, RequestContext, RequestDecision, TokenAction, ToolCallAction,
+    ToolCallPiece, v1, v2, v3,
 };
 
 /// A record of another version with the same fields, cloned from `$from`.
@@ -16,8 +17,8 @@ macro_rules! copy {
     }};
 }
 
-/// Conversions shared by 0.1.0 and 0.2.0, whose completion records, contexts
-/// and hook results are the same as 0.3.0's.
+/// Conversions shared by 0.1.0, 0.2.0 and 0.3.0, whose completion records,
+/// contexts and hook results are the same as 0.4.0's.
 macro_rules! common {
     ($version:ident, $module:ident, $modified:ident) => {
         pub mod $module {
@@ -81,6 +82,7 @@ macro_rules! common {
 // What a request hook of each version may return as a rewritten request.
 common!(v1, legacy_v1, CompletionRequest);
 common!(v2, legacy_v2, InferenceRequest);
+common!(v3, legacy_v3, InferenceRequest);
 
 /// 0.1.0 reads completions only.
 pub fn to_v1(request: &InferenceRequest) -> Option<v1::sluice::plugin::types::CompletionRequest> {
@@ -152,6 +154,84 @@ pub fn tool_action_back(
     action: v2::exports::sluice::plugin::tool_call_hook::ToolCallAction,
 ) -> ToolCallAction {
     use v2::exports::sluice::plugin::tool_call_hook::ToolCallAction as Old;
+    match action {
+        Old::Pass => ToolCallAction::Pass,
+        Old::Replace(text) => ToolCallAction::Replace(text),
+        Old::Stop(text) => ToolCallAction::Stop(text),
+    }
+}
+
+/// 0.3.0 reads completions, chats and the pooling routes: the same records
+/// as 0.4.0 (which adds the agent APIs' conversations, as chats: the
+/// caller does not hand those to a 0.3.0 component).
+pub fn to_v3(request: &InferenceRequest) -> Option<v3::sluice::plugin::types::InferenceRequest> {
+    use v3::sluice::plugin::types as old;
+    Some(match request {
+        InferenceRequest::Completion(completion) => {
+            old::InferenceRequest::Completion(legacy_v3::completion(completion))
+        }
+        InferenceRequest::Chat(chat) => old::InferenceRequest::Chat(old::ChatRequest {
+            model: chat.model.clone(),
+            messages: chat
+                .messages
+                .iter()
+                .map(|m| copy!(m => old::ChatMessage { role, content, json }))
+                .collect(),
+            max_tokens: chat.max_tokens,
+            temperature: chat.temperature,
+            top_p: chat.top_p,
+            user: chat.user.clone(),
+            body_json: chat.body_json.clone(),
+        }),
+        InferenceRequest::Pooling(pooling) => old::InferenceRequest::Pooling(
+            copy!(pooling => old::PoolingRequest { model, texts, body_json }),
+        ),
+    })
+}
+
+pub fn from_v3(request: v3::sluice::plugin::types::InferenceRequest) -> InferenceRequest {
+    use v3::sluice::plugin::types as old;
+    match request {
+        old::InferenceRequest::Completion(completion) => {
+            InferenceRequest::Completion(legacy_v3::completion_back(&completion))
+        }
+        old::InferenceRequest::Chat(chat) => InferenceRequest::Chat(ChatRequest {
+            messages: chat
+                .messages
+                .into_iter()
+                .map(|m| ChatMessage {
+                    role: m.role,
+                    content: m.content,
+                    json: m.json,
+                })
+                .collect(),
+            model: chat.model,
+            max_tokens: chat.max_tokens,
+            temperature: chat.temperature,
+            top_p: chat.top_p,
+            user: chat.user,
+            body_json: chat.body_json,
+        }),
+        old::InferenceRequest::Pooling(pooling) => InferenceRequest::Pooling(PoolingRequest {
+            model: pooling.model,
+            texts: pooling.texts,
+            body_json: pooling.body_json,
+        }),
+    }
+}
+
+pub fn v3_piece(
+    piece: &ToolCallPiece,
+) -> v3::exports::sluice::plugin::tool_call_hook::ToolCallPiece {
+    copy!(piece => v3::exports::sluice::plugin::tool_call_hook::ToolCallPiece {
+        call_index, name, arguments
+    })
+}
+
+pub fn v3_tool_action_back(
+    action: v3::exports::sluice::plugin::tool_call_hook::ToolCallAction,
+) -> ToolCallAction {
+    use v3::exports::sluice::plugin::tool_call_hook::ToolCallAction as Old;
     match action {
         Old::Pass => ToolCallAction::Pass,
         Old::Replace(text) => ToolCallAction::Replace(text),

@@ -6,7 +6,7 @@ use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{ResourceLimiter, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::{LogLevel, v1, v2, v3};
+use super::{LogLevel, v1, v2, v3, v4};
 
 /// Longest log line a plugin may write.
 const MAX_LOG_LINE: usize = 4096;
@@ -103,6 +103,7 @@ macro_rules! host_interface {
 host_interface!(v1);
 host_interface!(v2);
 host_interface!(v3);
+host_interface!(v4);
 
 /// A linker with WASI (granting nothing) and the `host` interface of every version.
 pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<PluginState>> {
@@ -120,6 +121,6 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<PluginState>
             )?;
         )*};
     }
-    link!(v1, v2, v3);
+    link!(v1, v2, v3, v4);
     Ok(linker)
 }

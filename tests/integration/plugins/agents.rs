@@ -227,3 +227,114 @@ async fn prompt_guard_stops_blocked_tool_calls_on_messages_and_responses() {
     assert_eq!(whole["output"][0]["type"], "message", "{whole}");
     assert_eq!(whole["output"][0]["content"][0]["text"], note);
 }
+
+/// Request hooks read the agent APIs' conversations (0.4.0): the example
+/// prompt-guard refuses a blocked phrase wherever it hides (a system
+/// prompt, a message's text block, a Responses function output) before the
+/// upstream, in each API's error shape; the pii-redactor's rewrite is what
+/// vLLM receives, other blocks and items untouched. A 0.3.0 component has
+/// no record of these routes: fail-closed it refuses them, fail-open it
+/// lets them pass unread, and it still reads the routes it knows.
+#[tokio::test]
+async fn request_hooks_read_and_rewrite_the_agent_apis_conversations() {
+    let gw = gateway_with(vec![
+        plugin(
+            "guard",
+            "prompt_guard",
+            FailClosed,
+            json!({"block": ["forbidden"]}),
+        ),
+        plugin("pii", "pii_redactor", FailClosed, json!({})),
+    ])
+    .await;
+    let post = |path: &'static str, body: Value| {
+        gw.http
+            .post(format!("{}{path}", gw.url))
+            .bearer_auth(&gw.key)
+            .json(&body)
+            .send()
+    };
+    for (path, body) in [
+        (
+            "/v1/messages",
+            json!({"model": MODEL, "max_tokens": 3, "system": "this is forbidden",
+            "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+        (
+            "/v1/messages",
+            json!({"model": MODEL, "max_tokens": 3, "messages": [{"role": "user",
+            "content": [{"type": "text", "text": "fine"}, {"type": "text", "text": "FORBIDDEN"}]}]}),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": MODEL, "input": [
+            {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c", "output": "now do the forbidden thing"}]}),
+        ),
+    ] {
+        let response = post(path, body).await.unwrap();
+        assert_eq!(response.status(), 400, "{path}");
+        let error: Value = response.json().await.unwrap();
+        let message = match path {
+            "/v1/messages" => {
+                assert_eq!(error["type"], "error", "{error}");
+                &error["error"]["message"]
+            }
+            _ => &error["error"]["message"],
+        };
+        assert!(message.as_str().unwrap().contains("forbidden"), "{error}");
+    }
+    assert!(gw.sim.received().is_empty(), "refused before the upstream");
+
+    let message = json!({"model": MODEL, "max_tokens": 3, "system": "reply to ann@example.com",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "call +1 415 555 0100"},
+            {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}]}]});
+    assert_eq!(post("/v1/messages", message).await.unwrap().status(), 200);
+    let response = json!({"model": MODEL, "store": false, "instructions": "mail bob@example.org",
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "me: eve@example.net"}]}]});
+    assert_eq!(post("/v1/responses", response).await.unwrap().status(), 200);
+    let received = gw.sim.received();
+    let sent = &received[0].body;
+    assert_eq!(sent["system"], "reply to [EMAIL]");
+    assert_eq!(
+        sent["messages"][0]["content"],
+        json!([{"type": "text", "text": "call [PHONE]"},
+            {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}])
+    );
+    let sent = &received[1].body;
+    assert_eq!(sent["instructions"], "mail [EMAIL]");
+    assert_eq!(
+        sent["input"][0]["content"],
+        json!([{"type": "input_text", "text": "me: [EMAIL]"}])
+    );
+
+    // A 0.3.0 component: no record of the agent APIs.
+    for (on_error, status) in [(FailClosed, 500), (FailOpen, 200)] {
+        let gw = gateway_with(vec![plugin("v3", "v3_guard", on_error, json!({}))]).await;
+        let body = json!({"model": MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": "forbidden?"}]});
+        let (got, _) =
+            post_json(&gw.http, &format!("{}/v1/messages", gw.url), &gw.key, &body).await;
+        assert_eq!(got, status, "{on_error:?}");
+        let (got, answer) = post_json(
+            &gw.http,
+            &format!("{}/v1/embeddings", gw.url),
+            &gw.key,
+            &json!({"model": MODEL, "input": "shout"}),
+        )
+        .await;
+        assert_eq!(got, 200, "{answer}");
+        let sent = gw.sim.received().last().unwrap().body.clone();
+        assert_eq!(
+            sent["input"], "SHOUT",
+            "a 0.3.0 rewrite of a route it knows"
+        );
+        let (got, _) = post_json(
+            &gw.http,
+            &gw.chat_url(),
+            &gw.key,
+            &json!({"model": MODEL, "messages": [{"role": "user", "content": "forbidden"}]}),
+        )
+        .await;
+        assert_eq!(got, 403);
+    }
+}

@@ -486,7 +486,7 @@ fn plugin_check_stdout(name: &str) -> String {
 fn plugin_check_reports_the_version_routes_and_hooks() {
     let guard = plugin_check_stdout("prompt_guard");
     assert!(
-        guard.contains("a valid sluice:plugin@0.3.0 component"),
+        guard.contains("a valid sluice:plugin@0.4.0 component"),
         "{guard}"
     );
     assert!(
@@ -500,7 +500,7 @@ fn plugin_check_reports_the_version_routes_and_hooks() {
         "{guard}"
     );
     assert!(
-        guard.contains("on-tool-call (tool-call-hook): yes, on /v1/chat/completions"),
+        guard.contains("on-tool-call (tool-call-hook): yes, on /v1/chat/completions, /v1/messages and /v1/responses"),
         "{guard}"
     );
     let v2 = plugin_check_stdout("v2_guard");
@@ -522,7 +522,7 @@ fn plugin_check_reports_the_version_routes_and_hooks() {
     );
     assert!(
         old.contains(
-            "on-token (token-hook):         yes, on /v1/completions and /v1/chat/completions"
+            "on-token (token-hook):         yes, on /v1/completions, /v1/chat/completions, /v1/messages and /v1/responses"
         ),
         "{old}"
     );

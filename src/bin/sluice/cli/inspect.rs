@@ -60,18 +60,22 @@ pub(super) async fn check_plugin(
         hooks.version.package()
     );
     use sluice::plugins::RequestKind;
-    let both = "/v1/completions and /v1/chat/completions";
+    let both = "/v1/completions, /v1/chat/completions, /v1/messages and /v1/responses";
     let request_routes = match (
         hooks.reads(RequestKind::Chat),
         hooks.reads(RequestKind::Pooling),
+        hooks.reads(RequestKind::Conversation),
     ) {
-        (true, true) => {
-            "every route (generation, embeddings, rerank, score, classify, pooling, tokenize)"
+        (true, true, true) => {
+            "every route (generation, embeddings, rerank, score, classify, pooling, tokenize, the Messages and Responses APIs' conversations)"
         }
-        (true, false) => {
+        (true, true, false) => {
+            "every route but the Messages and Responses APIs (built against 0.3.0: on those it is skipped when fail-open, refuses when fail-closed)"
+        }
+        (true, false, _) => {
             "/v1/completions and /v1/chat/completions only (built against 0.2.0: on the other routes it is skipped when fail-open, refuses when fail-closed)"
         }
-        (false, _) => {
+        (false, _, _) => {
             "/v1/completions only (built against 0.1.0: on the other routes it is skipped when fail-open, refuses when fail-closed)"
         }
     };
@@ -91,7 +95,7 @@ pub(super) async fn check_plugin(
         (
             "on-tool-call (tool-call-hook):",
             hooks.on_tool_call,
-            "/v1/chat/completions",
+            "/v1/chat/completions, /v1/messages and /v1/responses",
         ),
     ] {
         match served {
