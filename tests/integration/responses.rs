@@ -327,3 +327,57 @@ async fn an_openai_agents_sdk_agent_runs_its_tool_through_sluice() {
         .count();
     assert_eq!(responses, 3, "two model calls, then one continuing them");
 }
+
+/// A key's limits and the gateway's metrics apply to the Responses API as
+/// to chat: over its requests per minute a key gets OpenAI's 429 with
+/// `retry-after`, and requests are counted under the route's label (a
+/// retrieve under its path template, not one series per id).
+#[tokio::test]
+async fn limits_and_metrics_apply_to_the_responses_api() {
+    use sluice::tenancy::tenants::{self, KeyPatch};
+    let gw = TestGateway::start().await;
+    let patch = KeyPatch {
+        limits: serde_json::from_value(json!({"requests_per_minute": 2})).unwrap(),
+        ..KeyPatch::default()
+    };
+    let limited = tenants::create_key(gw.store.as_ref(), "limited", &patch, None)
+        .await
+        .unwrap()
+        .secret;
+    let url = format!("{}/v1/responses", gw.url);
+    let body = json!({"model": MODEL, "input": "count me", "max_output_tokens": 2});
+    let (status, created) = post_json(&gw.http, &url, &limited, &body).await;
+    assert_eq!(status, 200, "{created}");
+    let id = created["id"].as_str().unwrap();
+    let retrieved = gw
+        .http
+        .get(format!("{url}/{id}"))
+        .bearer_auth(&limited)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retrieved.status(), 200);
+    let refused = gw
+        .http
+        .post(&url)
+        .bearer_auth(&limited)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "rate_limit_exceeded", "{error}");
+    let metrics = gw.metrics().await;
+    for (route, status) in [
+        ("/v1/responses", "2xx"),
+        ("/v1/responses/{response_id}", "2xx"),
+        ("/v1/responses", "4xx"),
+    ] {
+        let series = format!(
+            r#"sluice_requests_total{{route="{route}",status="{status}",transport="json"}}"#
+        );
+        assert_eq!(metric(&metrics, &series), Some(1.0), "{series}");
+    }
+}

@@ -261,6 +261,20 @@ async fn stored_responses_are_followed_up_from_any_edge_through_kafka() {
     for (name, both) in result["compared"].as_object().unwrap() {
         assert_eq!(both["gateway"], both["upstream"], "{name}");
     }
+    // An OpenAI Agents SDK agent calls its tool through Kafka too.
+    let agents = python_with_agents().expect("the openai-agents package");
+    let result = run_sdk_script(&agents, "openai_agents.py", &[&url_b, &key, MODEL]).await;
+    assert_eq!(
+        result["calls"].as_array().map(Vec::len),
+        Some(1),
+        "{result}"
+    );
+    assert!(
+        !result["second"]["output"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty()
+    );
     for rt in [edge_a, edge_b, worker_1, worker_2] {
         rt.kill();
     }
