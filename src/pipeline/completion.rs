@@ -140,7 +140,7 @@ impl Completion {
                 ResponseEvent::Chunk(chunk) => {
                     let prefiltered = self.prefiltered.as_mut().and_then(|f| f.pop_front());
                     let summary = self.summary_of(&chunk);
-                    if summary.usage.is_some() {
+                    if summary.usage.is_some() && self.record.route.counts_usage() {
                         self.record.usage = summary.usage;
                     }
                     self.record.generated += summary.outputs as u64;

@@ -193,6 +193,12 @@ impl Route {
         self.is_anthropic() || self.is_responses()
     }
 
+    /// Whether the answer's `usage` is this request's cost: not for a stored
+    /// response read back or cancelled (its tokens were counted when made).
+    pub fn counts_usage(self) -> bool {
+        !matches!(self, Route::ResponsesRetrieve | Route::ResponsesCancel)
+    }
+
     /// Whether the route is the Responses API's.
     pub fn is_responses(self) -> bool {
         matches!(

@@ -357,6 +357,19 @@ async fn limits_and_metrics_apply_to_the_responses_api() {
         .await
         .unwrap();
     assert_eq!(retrieved.status(), 200);
+    // Reading a response back costs no tokens: they were counted when it was made.
+    let read_id = request_id(&retrieved);
+    let row = eventually(Duration::from_secs(5), || async {
+        gw.store.inferences_for(&read_id).await.unwrap().pop()
+    })
+    .await
+    .expect("the retrieve is logged");
+    assert_eq!(row.route, "/v1/responses/{response_id}");
+    assert_eq!(
+        (row.prompt_tokens, row.completion_tokens),
+        (0, 0),
+        "{row:?}"
+    );
     let refused = gw
         .http
         .post(&url)
