@@ -217,6 +217,36 @@ async fn a_background_response_is_counted_and_logged_when_it_ends() {
     assert_eq!(row.completion_tokens, 30, "{row:?}");
     assert!(row.prompt_tokens > 0, "{row:?}");
     let id = queued["id"].as_str().unwrap();
+    // Its events, streamed again after the third (vLLM's `starting_after`),
+    // through the replica that holds them: as the simulator sends them.
+    let events_url = format!("{url}/{id}?stream=true&starting_after=3");
+    let through = gw
+        .http
+        .get(&events_url)
+        .bearer_auth(&gw.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(through.status(), 200);
+    let through = through.text().await.unwrap();
+    let direct = format!(
+        "{}/v1/responses/{id}?stream=true&starting_after=3",
+        gw.sim.url()
+    );
+    let direct = gw
+        .http
+        .get(direct)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(through, direct);
+    assert!(through.starts_with("event: "), "{through}");
+    assert!(through.contains(r#""sequence_number":4,"#), "{through}");
+    assert!(!through.contains(r#""sequence_number":3,"#), "{through}");
+    assert_eq!(response_object(&through)["id"], id);
     let (status, done) = get_json(&gw, &format!("{url}/{id}")).await;
     assert_eq!((status, done["status"].as_str()), (200, Some("incomplete")));
     assert_eq!(done["usage"]["output_tokens"], 30);

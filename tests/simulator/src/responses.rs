@@ -13,14 +13,17 @@
 //! field) or a new `resp_` id; it is stored in this instance's memory with
 //! the conversation, so `previous_response_id` continues it here and only
 //! here, as on a real replica. `background: true` answers `queued` at once
-//! and finishes later; `GET /v1/responses/{id}` and
-//! `POST /v1/responses/{id}/cancel` read and cancel it.
+//! (with `stream: true`, its events as they are due) and finishes later;
+//! `GET /v1/responses/{id}` reads it (with `?stream=true&starting_after=N`,
+//! a background response's events after the `N`th, as they are due) and
+//! `POST /v1/responses/{id}/cancel` cancels it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -38,9 +41,14 @@ pub(crate) struct Stored {
     messages: Vec<Value>,
 }
 
+/// A background response's events, each with when it is due from the start.
+type Scheduled = Arc<(std::time::Instant, Vec<(Duration, String)>)>;
+
 #[derive(Default)]
 pub(crate) struct Store {
     responses: HashMap<String, Stored>,
+    /// Background responses' events, for `GET ...?stream=true`.
+    events: HashMap<String, Scheduled>,
     /// Background generations, cancelled by `POST .../cancel`.
     running: HashMap<String, tokio_util::sync::CancellationToken>,
 }
@@ -307,29 +315,37 @@ pub(crate) async fn create(
     if background {
         let queued = response_object(&id, &body, &generation, "queued", json!([]), Value::Null);
         keep(&state, &queued);
+        let events = stream_events(&id, &body, &generation, &answer, done.clone());
+        let scheduled = Arc::new((std::time::Instant::now(), schedule(events, &generation)));
+        if let Ok(mut store) = state.responses.lock() {
+            store.events.insert(id.clone(), scheduled);
+        }
         let cancel = tokio_util::sync::CancellationToken::new();
         if let Ok(mut store) = state.responses.lock() {
             store.running.insert(id.clone(), cancel.clone());
         }
-        let (state, id, done) = (state.clone(), id.clone(), done.clone());
+        let (task_state, task_id, done) = (state.clone(), id.clone(), done.clone());
         let took = generation.first_token_delay + generation.token_delay * generation.steps();
         tokio::spawn(async move {
-            let guard = AbortGuard::new(state.clone(), request_id);
+            let guard = AbortGuard::new(task_state.clone(), request_id);
             tokio::select! {
                 () = tokio::time::sleep(took) => {}
                 () = cancel.cancelled() => return,
             }
             let mut guard = guard;
             guard.finish();
-            if let Ok(mut store) = state.responses.lock() {
-                store.running.remove(&id);
-                if let Some(stored) = store.responses.get_mut(&id)
+            if let Ok(mut store) = task_state.responses.lock() {
+                store.running.remove(&task_id);
+                if let Some(stored) = store.responses.get_mut(&task_id)
                     && stored.response["status"] != "cancelled"
                 {
                     stored.response = done;
                 }
             }
         });
+        if stream {
+            return background_events(&state, &id, None);
+        }
         return axum::Json(queued).into_response();
     }
     let mut guard = AbortGuard::new(state.clone(), request_id);
@@ -344,7 +360,8 @@ pub(crate) async fn create(
     if store {
         keep(&state, &done);
     }
-    stream_events(&id, &body, &generation, &answer, done, guard)
+    let events = stream_events(&id, &body, &generation, &answer, done);
+    crate::stream::typed_events(events, &generation, guard)
 }
 
 /// The events of a streamed response, sent a token's delay apart.
@@ -354,8 +371,7 @@ fn stream_events(
     generation: &Generation,
     answer: &Answer,
     done: Value,
-    guard: AbortGuard,
-) -> Response {
+) -> Vec<(bool, String)> {
     let mut events: Vec<(bool, String)> = Vec::new();
     let mut push = |token: bool, mut event: Value| {
         event["sequence_number"] = json!(events.len());
@@ -450,27 +466,81 @@ fn stream_events(
         false,
         json!({"response": done, "type": "response.completed"}),
     );
-    crate::stream::typed_events(events, generation, guard)
+    events
+}
+
+/// When each event of a stream is due, from its start: the first with the
+/// first token's delay, each later token a step after the one before.
+fn schedule(events: Vec<(bool, String)>, generation: &Generation) -> Vec<(Duration, String)> {
+    let mut at = generation.first_token_delay;
+    let mut tokens = 0u32;
+    events
+        .into_iter()
+        .map(|(token, event)| {
+            if token && tokens > 0 {
+                at += generation.token_delay;
+            }
+            tokens += u32::from(token);
+            (at, event)
+        })
+        .collect()
 }
 
 pub(crate) async fn retrieve(
     State(state): State<Arc<SimState>>,
     Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
     if let Err(response) = crate::routes::refuse_if_down(&state) {
         return *response;
     }
-    record(&state, &headers, json!({"retrieve": id}));
-    match state
+    record(&state, &headers, json!({"retrieve": id, "query": query}));
+    let stored = state
         .responses
         .lock()
         .ok()
-        .and_then(|s| s.responses.get(&id).cloned())
-    {
-        Some(stored) => axum::Json(stored.response).into_response(),
-        None => not_found(&id),
+        .and_then(|s| s.responses.get(&id).cloned());
+    let Some(stored) = stored else {
+        return not_found(&id);
+    };
+    if query.get("stream").map(String::as_str) == Some("true") {
+        let after = query
+            .get("starting_after")
+            .and_then(|n| n.parse::<usize>().ok());
+        return background_events(&state, &id, after);
     }
+    axum::Json(stored.response).into_response()
+}
+
+/// A background response's events after `starting_after`, each sent when
+/// it is due (vLLM's `responses_background_stream_generator`); a response
+/// that was not made in the background has none (vLLM's 400).
+fn background_events(state: &Arc<SimState>, id: &str, starting_after: Option<usize>) -> Response {
+    let scheduled = state
+        .responses
+        .lock()
+        .ok()
+        .and_then(|s| s.events.get(id).cloned());
+    let Some(scheduled) = scheduled else {
+        return bad_request(&format!("Unknown response_id: {id}"), "response_id");
+    };
+    let first = starting_after.map_or(0, |n| n + 1);
+    let frames = futures::stream::unfold(first, move |i| {
+        let scheduled = scheduled.clone();
+        async move {
+            let (started, events) = &*scheduled;
+            let (due, event) = events.get(i)?;
+            tokio::time::sleep_until((*started + *due).into()).await;
+            Some((Ok::<_, std::io::Error>(Bytes::from(event.clone())), i + 1))
+        }
+    });
+    let mut response = axum::body::Body::from_stream(frames).into_response();
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    response
 }
 
 pub(crate) async fn cancel(
