@@ -18,7 +18,8 @@ use crate::error::GatewayError;
 use crate::observe::telemetry::StageSpan;
 use crate::pipeline::policy::RequestContext;
 use crate::protocol::{
-    ChatMessage, ChatRequest, CompletionRequest, InferenceRequest, PoolingRequest, Prompt,
+    ChatMessage, ChatRequest, CompletionRequest, Conversation, InferenceRequest, PoolingRequest,
+    Prompt,
 };
 
 impl PluginHost {
@@ -218,40 +219,10 @@ fn apply(
             apply_pooling(request, modified, max_bytes)
         }
         (InferenceRequest::Messages(request), WitRequest::Chat(modified)) => {
-            let (model, texts) = conversation_back(modified, max_bytes)?;
-            if model != request.model() {
-                request.set_model(model);
-            }
-            if texts
-                != request
-                    .turns()
-                    .into_iter()
-                    .map(|t| t.text)
-                    .collect::<Vec<_>>()
-            {
-                request
-                    .set_turn_texts(texts)
-                    .map_err(PluginFailure::Invalid)?;
-            }
-            Ok(())
+            apply_conversation(request, modified, max_bytes)
         }
         (InferenceRequest::Responses(request), WitRequest::Chat(modified)) => {
-            let (model, texts) = conversation_back(modified, max_bytes)?;
-            if model != request.model() {
-                request.set_model(model);
-            }
-            if texts
-                != request
-                    .turns()
-                    .into_iter()
-                    .map(|t| t.text)
-                    .collect::<Vec<_>>()
-            {
-                request
-                    .set_turn_texts(texts)
-                    .map_err(PluginFailure::Invalid)?;
-            }
-            Ok(())
+            apply_conversation(request, modified, max_bytes)
         }
         (request, modified) => Err(PluginFailure::Invalid(format!(
             "rewrote a {} request as a {:?} request",
@@ -261,12 +232,13 @@ fn apply(
     }
 }
 
-/// What a rewritten conversation of an agent API gives back: the model and
-/// each turn's text (its role and JSON are the gateway's to keep).
-fn conversation_back(
+/// Applies a rewritten conversation of an agent API: the model and each
+/// turn's text (its role and JSON are the gateway's to keep).
+fn apply_conversation(
+    request: &mut dyn Conversation,
     modified: bindings::ChatRequest,
     max_bytes: usize,
-) -> Result<(String, Vec<Option<String>>), PluginFailure> {
+) -> Result<(), PluginFailure> {
     let size = modified.model.len()
         + modified
             .messages
@@ -274,8 +246,22 @@ fn conversation_back(
             .map(|m| m.content.as_ref().map_or(0, String::len))
             .sum::<usize>();
     check_rewrite(&modified.model, size, max_bytes)?;
-    let texts = modified.messages.into_iter().map(|m| m.content).collect();
-    Ok((modified.model, texts))
+    if modified.model != request.model() {
+        request.set_model(modified.model);
+    }
+    let texts: Vec<Option<String>> = modified.messages.into_iter().map(|m| m.content).collect();
+    if texts
+        != request
+            .turns()
+            .into_iter()
+            .map(|t| t.text)
+            .collect::<Vec<_>>()
+    {
+        request
+            .set_turn_texts(texts)
+            .map_err(PluginFailure::Invalid)?;
+    }
+    Ok(())
 }
 
 /// What every rewritten request must be: within the size limit, with a model.

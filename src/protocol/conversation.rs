@@ -15,6 +15,16 @@ pub struct Turn {
     pub json: String,
 }
 
+/// A request of an agent API, as plugins read and rewrite it.
+pub trait Conversation {
+    fn model(&self) -> &str;
+    fn set_model(&mut self, model: String);
+    /// The conversation in chat roles.
+    fn turns(&self) -> Vec<Turn>;
+    /// Puts rewritten texts back, one per turn of [`Conversation::turns`].
+    fn set_turn_texts(&mut self, texts: Vec<Option<String>>) -> Result<(), String>;
+}
+
 /// Which API's body a conversation is read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Api {

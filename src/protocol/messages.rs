@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::Route;
-use super::conversation::{self, Api, Turn};
+use super::conversation::{self, Api, Conversation, Turn};
 use super::forwarded::{ForwardedJson, invalid as bad};
 use crate::error::GatewayError;
 
@@ -155,16 +155,6 @@ impl MessagesRequest {
         self.json.set_model(model);
     }
 
-    /// The conversation in chat roles (for plugins).
-    pub fn turns(&self) -> Vec<Turn> {
-        conversation::turns(Api::Messages, self.json.body())
-    }
-
-    /// Puts rewritten texts back, one per turn of [`Self::turns`].
-    pub fn set_turn_texts(&mut self, texts: Vec<Option<String>>) -> Result<(), String> {
-        conversation::set_texts(Api::Messages, self.json.body_mut(), texts)
-    }
-
     pub fn upstream_body(&self) -> Bytes {
         self.json.upstream_body()
     }
@@ -180,6 +170,24 @@ impl MessagesRequest {
 
     pub fn to_json(&self) -> String {
         self.json.to_json()
+    }
+}
+
+impl Conversation for MessagesRequest {
+    fn model(&self) -> &str {
+        self.json.model()
+    }
+
+    fn set_model(&mut self, model: String) {
+        self.json.set_model(model);
+    }
+
+    fn turns(&self) -> Vec<Turn> {
+        conversation::turns(Api::Messages, self.json.body())
+    }
+
+    fn set_turn_texts(&mut self, texts: Vec<Option<String>>) -> Result<(), String> {
+        conversation::set_texts(Api::Messages, self.json.body_mut(), texts)
     }
 }
 

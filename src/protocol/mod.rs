@@ -35,7 +35,7 @@ pub use audio::AudioRequest;
 pub use chat::{ChatMessage, ChatRequest, Content};
 pub use chunk::{ChoiceView, Chunk, ChunkSummary, ChunkView, Usage};
 pub use completion::{CompletionRequest, Prompt, Stop, StreamOptions};
-pub use conversation::Turn;
+pub use conversation::{Conversation, Turn};
 pub use errors::{error_info_from_value, parse_error_event};
 pub use messages::MessagesRequest;
 pub use pooling::PoolingRequest;

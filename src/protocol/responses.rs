@@ -16,7 +16,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::Route;
-use super::conversation::{self, Api, Turn};
+use super::conversation::{self, Api, Conversation, Turn};
 use super::forwarded::{ForwardedJson, invalid as bad};
 use crate::error::GatewayError;
 
@@ -210,16 +210,6 @@ impl ResponsesRequest {
             .insert("request_id".into(), Value::String(id.to_string()));
     }
 
-    /// The conversation in chat roles (for plugins).
-    pub fn turns(&self) -> Vec<Turn> {
-        conversation::turns(Api::Responses, self.json.body())
-    }
-
-    /// Puts rewritten texts back, one per turn of [`Self::turns`].
-    pub fn set_turn_texts(&mut self, texts: Vec<Option<String>>) -> Result<(), String> {
-        conversation::set_texts(Api::Responses, self.json.body_mut(), texts)
-    }
-
     pub fn upstream_body(&self) -> Bytes {
         self.json.upstream_body()
     }
@@ -354,6 +344,24 @@ pub fn event_type(payload: &[u8]) -> Option<&str> {
 /// Whether a Responses event ends its stream.
 pub fn is_terminal_event(payload: &[u8]) -> bool {
     event_type(payload).is_some_and(|kind| TERMINAL_EVENTS.contains(&kind.as_bytes()))
+}
+
+impl Conversation for ResponsesRequest {
+    fn model(&self) -> &str {
+        self.json.model()
+    }
+
+    fn set_model(&mut self, model: String) {
+        self.json.set_model(model);
+    }
+
+    fn turns(&self) -> Vec<Turn> {
+        conversation::turns(Api::Responses, self.json.body())
+    }
+
+    fn set_turn_texts(&mut self, texts: Vec<Option<String>>) -> Result<(), String> {
+        conversation::set_texts(Api::Responses, self.json.body_mut(), texts)
+    }
 }
 
 #[cfg(test)]
