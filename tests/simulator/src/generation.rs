@@ -1,5 +1,12 @@
 //! One generation: what a request asks for, and its deterministic tokens
 //! (a function of prompt, seed, choice and step).
+//!
+//! Like a model decoding greedily, the simulator continues its own answer:
+//! a prompt that ends with the first `k` tokens it answers to the text
+//! before them (an answer cut off, sent back to be continued; for chat, the
+//! partial answer as the final assistant message with
+//! `continue_final_message`) is answered with the rest of that answer,
+//! token for token, as if it had never been interrupted.
 
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
@@ -44,6 +51,9 @@ pub(crate) struct Generation {
     pub(crate) first_token_delay: Duration,
     pub(crate) token_delay: Duration,
     pub(crate) record_emit_times: bool,
+    /// Tokens of the answer the prompt already ends with (a continuation):
+    /// this generation starts after them.
+    pub(crate) continued: u32,
 }
 
 impl Generation {
@@ -73,6 +83,16 @@ impl Generation {
                 .collect(),
             _ => return Err("prompt is required".into()),
         };
+        let seed = body.get("seed").and_then(Value::as_i64).unwrap_or(0);
+        // A single prompt ending with the start of its own answer continues it.
+        let mut prompts = prompts;
+        let mut continued = 0;
+        if let [(prompt, _)] = &mut prompts[..]
+            && let Some((split, tokens)) = continuation(prompt, seed)
+        {
+            prompt.truncate(split);
+            continued = tokens;
+        }
         let number = |name: &str| body.get(name).and_then(Value::as_u64);
         let ms =
             |name: &str, default: Duration| number(name).map_or(default, Duration::from_millis);
@@ -95,7 +115,7 @@ impl Generation {
             n: number("n").map_or(1, |n| n.max(1) as u32),
             max_tokens: number("max_tokens").map_or(config.default_max_tokens, |n| n as u32),
             text_len: 0,
-            seed: body.get("seed").and_then(Value::as_i64).unwrap_or(0),
+            seed,
             echo: body.get("echo").and_then(Value::as_bool).unwrap_or(false),
             logprobs: number("logprobs").map(|n| n as u32),
             include_usage: option("include_usage")
@@ -110,6 +130,7 @@ impl Generation {
             first_token_delay: ms("sim_first_token_delay_ms", config.first_token_delay),
             token_delay: ms("sim_token_delay_ms", config.token_delay),
             record_emit_times: config.record_emit_times,
+            continued,
         }
         .end_naturally(config, body))
     }
@@ -126,7 +147,9 @@ impl Generation {
             + (self.hash_of("length") % u64::from((range.end - range.start).max(1))) as u32;
         self.text_len = match ignore_eos {
             true => self.max_tokens,
-            false => self.max_tokens.min(natural),
+            false => self
+                .max_tokens
+                .min(natural.saturating_sub(self.continued).max(1)),
         };
         self
     }
@@ -172,7 +195,19 @@ impl Generation {
             return Err("messages is required".into());
         };
         let text_of = message_text;
-        let conversation = chat_template(messages);
+        // vLLM's `continue_final_message`: the final assistant message is the
+        // start of the answer, continued rather than answered.
+        let continue_final = body.get("continue_final_message").and_then(Value::as_bool)
+            == Some(true)
+            && messages
+                .last()
+                .and_then(|m| m.get("role"))
+                .and_then(Value::as_str)
+                == Some("assistant");
+        let conversation = match (continue_final, messages.split_last()) {
+            (true, Some((last, before))) => chat_template(before) + &text_of(last),
+            _ => chat_template(messages),
+        };
         let mut prompt_body = body.clone();
         if let Value::Object(fields) = &mut prompt_body {
             fields.insert("prompt".into(), Value::String(conversation));
@@ -335,10 +370,12 @@ impl Generation {
     }
 
     pub(crate) fn token(&self, prompt: usize, choice: u32, step: u32) -> String {
-        let mut hasher = std::hash::DefaultHasher::new();
-        (&self.prompts[prompt].0, self.seed, choice, step).hash(&mut hasher);
-        let word = VOCABULARY[(hasher.finish() % VOCABULARY.len() as u64) as usize];
-        format!(" {word}")
+        token_of(
+            &self.prompts[prompt].0,
+            self.seed,
+            choice,
+            step + self.continued,
+        )
     }
 
     pub(crate) fn prompt_tokens(&self) -> u64 {
@@ -388,6 +425,46 @@ impl Generation {
             token_ids: None,
         }
     }
+}
+
+/// The token at `step` of the answer to `prompt`.
+fn token_of(prompt: &str, seed: i64, choice: u32, step: u32) -> String {
+    let mut hasher = std::hash::DefaultHasher::new();
+    (prompt, seed, choice, step).hash(&mut hasher);
+    let word = VOCABULARY[(hasher.finish() % VOCABULARY.len() as u64) as usize];
+    format!(" {word}")
+}
+
+/// Where `prompt`'s own continuation starts, and how many tokens of its
+/// answer it already holds: the longest tail of whole words (up to 512)
+/// that is the start of the answer to the text before it. `None` for a
+/// prompt that does not end with one.
+fn continuation(prompt: &str, seed: i64) -> Option<(usize, u32)> {
+    let last = prompt.rsplit(' ').next()?;
+    if !VOCABULARY.contains(&last) {
+        return None;
+    }
+    let mut best = None;
+    let splits = prompt
+        .match_indices(' ')
+        .map(|(i, _)| i)
+        .collect::<Vec<_>>();
+    for &split in splits.iter().rev().take(512) {
+        let (head, tail) = prompt.split_at(split);
+        let mut expected = String::with_capacity(tail.len());
+        let mut step = 0;
+        while expected.len() < tail.len() {
+            expected.push_str(&token_of(head, seed, 0, step));
+            step += 1;
+            if !tail.starts_with(expected.as_str()) {
+                break;
+            }
+        }
+        if expected == tail {
+            best = Some((split, step));
+        }
+    }
+    best
 }
 
 /// A message's text: its `content` string, or its text parts joined.
@@ -513,5 +590,71 @@ pub(crate) fn arguments_for(schema: Option<&Value>, words: &str) -> Value {
         "boolean" => Value::Bool(true),
         "null" => Value::Null,
         _ => Value::from(words),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn tokens(generation: &Generation) -> Vec<String> {
+        (0..generation.text_len)
+            .map(|step| generation.token(0, 0, step))
+            .collect()
+    }
+
+    #[test]
+    fn a_cut_off_completion_is_continued_token_for_token() {
+        let config = SimulatorConfig::default();
+        let whole = Generation::from_body(
+            &config,
+            "a".into(),
+            &json!({"prompt": "Once upon a time", "max_tokens": 12, "seed": 3}),
+        )
+        .unwrap();
+        let full = tokens(&whole);
+        assert_eq!(full.len(), 12);
+        let sent = full[..5].concat();
+        let rest = Generation::from_body(
+            &config,
+            "b".into(),
+            &json!({"prompt": format!("Once upon a time{sent}"), "max_tokens": 7, "seed": 3}),
+        )
+        .unwrap();
+        assert_eq!(tokens(&rest), full[5..]);
+        assert_eq!(rest.prompt_tokens(), 4 + 5, "the prompt as sent is counted");
+        // A prompt that only happens to end with vocabulary words is answered afresh.
+        let fresh = Generation::from_body(
+            &config,
+            "c".into(),
+            &json!({"prompt": "the river", "max_tokens": 4}),
+        )
+        .unwrap();
+        assert_eq!(fresh.continued, 0);
+    }
+
+    #[test]
+    fn a_cut_off_chat_answer_is_continued_as_the_final_assistant_message() {
+        let config = SimulatorConfig::default();
+        let ask =
+            json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]);
+        let whole = Generation::from_chat_body(
+            &config,
+            "a".into(),
+            &json!({"messages": ask, "max_tokens": 10}),
+        )
+        .unwrap();
+        let full = tokens(&whole);
+        let mut messages = ask.as_array().unwrap().clone();
+        messages.push(json!({"role": "assistant", "content": full[..4].concat()}));
+        let rest = Generation::from_chat_body(
+            &config,
+            "b".into(),
+            &json!({"messages": messages, "max_tokens": 6,
+                "continue_final_message": true, "add_generation_prompt": false}),
+        )
+        .unwrap();
+        assert_eq!(tokens(&rest), full[4..]);
     }
 }
