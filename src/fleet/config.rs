@@ -51,6 +51,9 @@ pub struct UpstreamConfig {
     pub eject: Duration,
     #[serde(rename = "max_eject_ms", deserialize_with = "millis")]
     pub max_eject: Duration,
+    /// How many times a stream whose endpoint fails after its first chunk
+    /// is continued on another endpoint (0: the client gets the error).
+    pub max_continuations: u32,
 }
 
 /// How a pool picks an endpoint for a request.
@@ -114,6 +117,7 @@ impl Default for UpstreamConfig {
             max_attempts: const { NonZeroU32::new(3).expect("not zero") },
             eject: Duration::from_secs(1),
             max_eject: Duration::from_secs(30),
+            max_continuations: 1,
         }
     }
 }

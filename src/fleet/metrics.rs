@@ -12,6 +12,7 @@ pub struct FleetMetrics {
     pub endpoint_up: IntGaugeVec,
     pub endpoint_in_flight: IntGaugeVec,
     pub endpoint_requests: IntCounterVec,
+    pub continuations: IntCounterVec,
 }
 
 impl FleetMetrics {
@@ -31,6 +32,9 @@ impl FleetMetrics {
             "truncated",
         ] {
             metrics.upstream_errors.with_label_values(&[kind]);
+        }
+        for outcome in ["continued", "not_continuable", "failed"] {
+            metrics.continuations.with_label_values(&[outcome]);
         }
         metrics
     }
@@ -71,6 +75,12 @@ impl FleetMetrics {
                 "sluice_endpoint_requests_total",
                 "Requests sent to the vLLM endpoint by result: ok (its first chunk arrived) or failed (before the first byte; another endpoint was tried)",
                 &["model", "endpoint", "result"],
+            ),
+            continuations: registry.counter_vec(
+                Roles::WORKER,
+                "sluice_stream_continuations_total",
+                "Streams whose endpoint failed after their first chunk: continued on another endpoint, not continuable (the client got the error), or failed again",
+                &["outcome"],
             ),
         }
     }

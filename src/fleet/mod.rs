@@ -3,6 +3,7 @@
 //! [`worker`] that takes jobs from the queue and relays every chunk.
 
 mod config;
+mod continuation;
 pub mod endpoints;
 mod metrics;
 pub mod upstream;

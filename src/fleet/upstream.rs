@@ -116,6 +116,8 @@ pub struct UpstreamClient {
     api_key: Option<secrecy::SecretString>,
     first_chunk_timeout: Duration,
     idle_timeout: Duration,
+    /// `upstream.max_continuations`.
+    pub max_continuations: u32,
 }
 
 impl UpstreamClient {
@@ -140,6 +142,7 @@ impl UpstreamClient {
             api_key: config.api_key.clone(),
             first_chunk_timeout: config.first_chunk_timeout,
             idle_timeout: config.idle_timeout,
+            max_continuations: config.max_continuations,
         })
     }
 
@@ -155,6 +158,19 @@ impl UpstreamClient {
     /// on its endpoint or fails.
     pub async fn open(&self, call: Call<'_>) -> Result<UpstreamStream, UpstreamError> {
         let mut tried = Vec::with_capacity(2);
+        self.open_untried(call, &mut tried).await
+    }
+
+    /// As [`UpstreamClient::open`], on an endpoint other than `failed` (a
+    /// continuation goes to another replica, or nowhere).
+    pub async fn open_elsewhere(
+        &self,
+        call: Call<'_>,
+        failed: &Url,
+    ) -> Result<UpstreamStream, UpstreamError> {
+        let pool = self.fleet.pool(call.model);
+        let failed = pool.and_then(|pool| pool.endpoints.iter().position(|e| &e.url == failed));
+        let mut tried: Vec<usize> = failed.into_iter().collect();
         self.open_untried(call, &mut tried).await
     }
 
@@ -442,6 +458,14 @@ impl UpstreamStream {
     /// The endpoint it runs on.
     pub fn endpoint(&self) -> Option<&Url> {
         self.in_flight.as_ref().map(|f| &f.endpoint().url)
+    }
+
+    /// Leaves its endpoint out after it failed mid-answer (as before the
+    /// first chunk), so a continuation goes elsewhere.
+    pub fn eject(&self, fleet: &Fleet) {
+        if let Some(in_flight) = &self.in_flight {
+            in_flight.endpoint().failed(fleet.eject, fleet.max_eject);
+        }
     }
 
     /// Reads the first event ahead, so that a failure before it can be retried elsewhere.

@@ -21,8 +21,10 @@ use super::FleetMetrics;
 use crate::backends::affinity::AffinityMap;
 use crate::backends::queue::{Job, JobSource, QueuedRequest, ResponseEvent};
 use crate::error::GatewayError;
+use crate::fleet::continuation::{self, Continuation};
 use crate::fleet::upstream::{Call, UpstreamClient, UpstreamError};
 use crate::observe::telemetry::RequestTrace;
+use crate::protocol::Chunk;
 
 pub struct Worker {
     upstream: Arc<UpstreamClient>,
@@ -168,16 +170,77 @@ impl Worker {
         if let Some(endpoint) = stream.endpoint() {
             self.place(request, endpoint.as_str()).await;
         }
+        // The chunks sent, kept (shared bytes, never parsed) in case the
+        // endpoint fails mid-answer and the stream is continued elsewhere.
+        let continuable = request.route.generates() && self.upstream.max_continuations > 0;
+        let mut sent: Vec<Chunk> = Vec::new();
+        let mut continued: Option<Continuation> = None;
+        let mut continuations = 0;
         loop {
-            let event = match stream.next().await {
-                Ok(Some(chunk)) => ResponseEvent::Chunk(chunk),
+            let chunk = match stream.next().await {
+                Ok(Some(chunk)) => chunk,
                 Ok(None) => {
                     let _ = job.sink.send(ResponseEvent::Done).await;
                     return "completed";
                 }
+                Err(err) if continuable && err.is_endpoint_failure() && !sent.is_empty() => {
+                    let request = &job.request;
+                    stream.eject(self.upstream.fleet());
+                    let failed = stream.endpoint().cloned();
+                    let plan = match continuations < self.upstream.max_continuations {
+                        true => continuation::plan(request.route, &request.body, &sent),
+                        false => None,
+                    };
+                    let Some(plan) = plan else {
+                        self.metrics
+                            .continuations
+                            .with_label_values(&["not_continuable"])
+                            .inc();
+                        return self.upstream_failed(job, err).await;
+                    };
+                    let call = Call {
+                        body: &plan.body,
+                        ..call
+                    };
+                    let reopened = match &failed {
+                        Some(failed) => self.upstream.open_elsewhere(call, failed).await,
+                        None => self.upstream.open(call).await,
+                    };
+                    match reopened {
+                        Ok(next) => {
+                            tracing::warn!(%err, continuation = continuations + 1, "upstream endpoint failed mid-answer; continuing the stream on another endpoint");
+                            self.metrics
+                                .continuations
+                                .with_label_values(&["continued"])
+                                .inc();
+                            continuations += 1;
+                            stream = next;
+                            continued = Some(plan);
+                            continue;
+                        }
+                        Err(again) => {
+                            tracing::warn!(%err, %again, "upstream endpoint failed mid-answer and no other endpoint could continue it");
+                            self.metrics
+                                .continuations
+                                .with_label_values(&["failed"])
+                                .inc();
+                            return self.upstream_failed(job, err).await;
+                        }
+                    }
+                }
                 Err(err) => return self.upstream_failed(job, err).await,
             };
-            if job.sink.send(event).await.is_err() {
+            let chunk = match &mut continued {
+                Some(plan) => match plan.follow(chunk) {
+                    Some(chunk) => chunk,
+                    None => continue,
+                },
+                None => chunk,
+            };
+            if continuable {
+                sent.push(chunk.clone());
+            }
+            if job.sink.send(ResponseEvent::Chunk(chunk)).await.is_err() {
                 return "cancelled";
             }
         }

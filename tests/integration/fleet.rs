@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::common::processes::SimulatorProcess;
 use crate::common::*;
 use futures::future::join_all;
 use serde_json::{Value, json};
@@ -319,5 +320,138 @@ async fn a_json_answer_survives_its_replica_dying_mid_generation() {
             "request {i} got the whole answer, once: {answer}"
         );
         assert_eq!(answer["usage"]["completion_tokens"], 20, "{answer}");
+    }
+}
+
+/// The replica running a stream, asked of each directly (vLLM's
+/// `num_requests_running`).
+async fn running_on(replicas: &[SimulatorProcess]) -> Option<usize> {
+    for (i, replica) in replicas.iter().enumerate() {
+        let metrics = scrape_metrics(&replica.url).await.unwrap_or_default();
+        if metric(
+            &metrics,
+            r#"vllm:num_requests_running{model_name="sim-llama"}"#,
+        ) == Some(1.0)
+        {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// A stream whose replica is SIGKILLed mid-answer is continued on the other
+/// replica: the client reads one uninterrupted stream, the same ids, no
+/// duplicate or missing text (exactly the undisturbed greedy answer), and a
+/// usage chunk counting what it received; for a completion and for a chat.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_survives_its_replica_dying_mid_answer() {
+    for chat in [false, true] {
+        let args = ["--token-delay-ms", "25", "--first-token-delay-ms", "20"];
+        let mut replicas = [
+            SimulatorProcess::start(&args),
+            SimulatorProcess::start(&args),
+        ];
+        let endpoints = replicas.iter().map(|r| r.url.parse().unwrap()).collect();
+        let fleet = vec![ModelConfig {
+            name: MODEL.into(),
+            aliases: Vec::new(),
+            endpoints,
+            upstream_model: None,
+            balance: Balance::RoundRobin,
+        }];
+        let gw = TestGateway::start_with(sim_config(), move |c| {
+            c.models = fleet;
+            c.cache.url = "off".to_string().into();
+        })
+        .await;
+        let (url, body) = match chat {
+            false => (
+                gw.completions_url(),
+                json!({"model": MODEL, "prompt": "a long story", "max_tokens": 40, "ignore_eos": true,
+                    "stream": true, "stream_options": {"include_usage": true}}),
+            ),
+            true => (
+                gw.chat_url(),
+                json!({"model": MODEL, "messages": [{"role": "user", "content": "a long story"}],
+                    "max_tokens": 40, "ignore_eos": true, "stream": true,
+                    "stream_options": {"include_usage": true}}),
+            ),
+        };
+        let response = gw
+            .http
+            .post(&url)
+            .bearer_auth(&gw.key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let id = request_id(&response);
+        let mut reader = SseReader::new(response);
+        let mut events = Vec::new();
+        // Ten tokens in, the replica generating it dies.
+        while events.len() < 10 {
+            events.push(reader.next().await.expect("an event"));
+        }
+        let serving = running_on(&replicas)
+            .await
+            .expect("a replica is generating it");
+        replicas[serving].kill();
+        while let Some(event) = reader.next().await {
+            events.push(event);
+        }
+        assert_eq!(
+            events.last().map(String::as_str),
+            Some("[DONE]"),
+            "chat={chat}: {events:?}"
+        );
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        assert!(
+            chunks.iter().all(|c| c.get("error").is_none()),
+            "{events:?}"
+        );
+        let prefix = if chat { "chatcmpl-" } else { "cmpl-" };
+        assert!(
+            chunks.iter().all(|c| c["id"] == format!("{prefix}{id}")),
+            "one stream, one id: {events:?}"
+        );
+        let roles = chunks
+            .iter()
+            .filter(|c| c["choices"][0]["delta"].get("role").is_some())
+            .count();
+        assert_eq!(roles, usize::from(chat), "one role chunk");
+        // The undisturbed answer, from the replica still alive.
+        let survivor = &replicas[1 - serving].url;
+        let direct = gw
+            .http
+            .post(format!("{survivor}{}", url.trim_start_matches(&gw.url)))
+            .header("x-request-id", "undisturbed")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let direct = sse_events(direct).await;
+        assert_eq!(
+            texts(&events),
+            texts(&direct),
+            "chat={chat}: the same text, once"
+        );
+        let usage = &chunks.last().unwrap()["usage"];
+        assert_eq!(usage["completion_tokens"], 40, "{usage}");
+        let undisturbed: Value = serde_json::from_str(&direct[direct.len() - 2]).unwrap();
+        assert_eq!(
+            usage["prompt_tokens"],
+            undisturbed["usage"]["prompt_tokens"]
+        );
+        let metrics = gw.metrics().await;
+        assert_eq!(
+            metric(
+                &metrics,
+                r#"sluice_stream_continuations_total{outcome="continued"}"#
+            ),
+            Some(1.0)
+        );
     }
 }
