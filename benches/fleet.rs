@@ -102,6 +102,7 @@ async fn run(mode: Balance, args: &Args) -> Outcome {
             .collect(),
         upstream_model: None,
         balance: mode,
+        continue_streams: true,
     }];
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -101,6 +101,14 @@ pub struct ModelConfig {
     pub upstream_model: Option<String>,
     #[serde(default)]
     pub balance: Balance,
+    /// Whether a stream whose endpoint fails mid-answer is continued on
+    /// another (up to `upstream.max_continuations`).
+    #[serde(default = "yes")]
+    pub continue_streams: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for UpstreamConfig {

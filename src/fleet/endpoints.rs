@@ -137,6 +137,8 @@ pub struct Pool {
     pub name: String,
     pub endpoints: Vec<Arc<Endpoint>>,
     balance: Balance,
+    /// Whether its streams are continued on another endpoint when theirs fails.
+    pub continue_streams: bool,
     next: AtomicUsize,
     /// For `prefix`: where each prefix went, and how many prefixes each endpoint holds.
     affinity: std::sync::Mutex<Affinity>,
@@ -253,7 +255,7 @@ pub struct Fleet {
 impl Fleet {
     pub fn new(config: &UpstreamConfig, models: &[ModelConfig], metrics: &FleetMetrics) -> Self {
         let epoch = Instant::now();
-        let pool = |name: &str, urls: &[Url], balance: Balance| {
+        let pool = |name: &str, urls: &[Url], balance: Balance, continue_streams: bool| {
             let label = if name.is_empty() { "*" } else { name };
             let endpoints: Vec<Arc<Endpoint>> = urls
                 .iter()
@@ -286,15 +288,21 @@ impl Fleet {
                 affinity: Default::default(),
                 endpoints,
                 balance,
+                continue_streams,
                 next: AtomicUsize::new(0),
             })
         };
         let mut pools = HashMap::new();
-        pools.insert(String::new(), pool("", &config.urls, config.balance));
+        pools.insert(String::new(), pool("", &config.urls, config.balance, true));
         for model in models {
             pools.insert(
                 model.name.clone(),
-                pool(&model.name, &model.endpoints, model.balance),
+                pool(
+                    &model.name,
+                    &model.endpoints,
+                    model.balance,
+                    model.continue_streams,
+                ),
             );
         }
         Self {

@@ -96,7 +96,7 @@ impl Worker {
         self.metrics.worker_inflight.inc();
         let cancel = job.cancel.clone();
         let outcome = tokio::select! {
-            outcome = self.relay(&mut job).instrument(span.clone()) => outcome,
+            outcome = self.relay(&mut job, &trace).instrument(span.clone()) => outcome,
             () = cancel.cancelled() => "cancelled",
         };
         self.metrics.worker_inflight.dec();
@@ -114,7 +114,7 @@ impl Worker {
     }
 
     /// Streams one job; returns its outcome label.
-    async fn relay(&self, job: &mut Job) -> &'static str {
+    async fn relay(&self, job: &mut Job, trace: &RequestTrace) -> &'static str {
         if job.request.age() > self.queue_timeout {
             let error = GatewayError::Overloaded(format!(
                 "the request waited more than {:?} for a worker",
@@ -172,7 +172,13 @@ impl Worker {
         }
         // The chunks sent, kept (shared bytes, never parsed) in case the
         // endpoint fails mid-answer and the stream is continued elsewhere.
-        let continuable = request.route.generates() && self.upstream.max_continuations > 0;
+        let continuable = request.route.generates()
+            && self.upstream.max_continuations > 0
+            && self
+                .upstream
+                .fleet()
+                .pool(&request.model)
+                .is_none_or(|pool| pool.continue_streams);
         let mut sent: Vec<Chunk> = Vec::new();
         let mut continued: Option<Continuation> = None;
         let mut continuations = 0;
@@ -214,6 +220,13 @@ impl Worker {
                                 .with_label_values(&["continued"])
                                 .inc();
                             continuations += 1;
+                            let count = i64::from(continuations);
+                            trace.record(|span| {
+                                span.set_attribute(opentelemetry::KeyValue::new(
+                                    "continuations",
+                                    count,
+                                ));
+                            });
                             stream = next;
                             continued = Some(plan);
                             continue;

@@ -234,6 +234,7 @@ async fn an_upload_to_an_alias_goes_upstream_as_its_models_name() {
             endpoints: c.upstream.urls.clone(),
             upstream_model: None,
             balance: Balance::RoundRobin,
+            continue_streams: true,
         }];
     })
     .await;

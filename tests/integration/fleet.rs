@@ -33,6 +33,7 @@ fn model(name: &str, aliases: &[&str], replicas: &[&Simulator], balance: Balance
         endpoints: replicas.iter().map(|r| r.url().parse().unwrap()).collect(),
         upstream_model: None,
         balance,
+        continue_streams: true,
     }
 }
 
@@ -205,6 +206,7 @@ async fn an_endpoint_answering_garbage_is_a_502_and_counted() {
         endpoints: vec![url.parse().unwrap()],
         upstream_model: None,
         balance: Balance::RoundRobin,
+        continue_streams: true,
     }];
     let gw = TestGateway::start_with(sim_config(), move |c| c.models = fleet).await;
     let response = tokio::time::timeout(Duration::from_secs(10), gw.post(&request("broken", 0)))
@@ -292,6 +294,7 @@ async fn a_json_answer_survives_its_replica_dying_mid_generation() {
         endpoints,
         upstream_model: None,
         balance: Balance::RoundRobin,
+        continue_streams: true,
     }];
     let gw = TestGateway::start_with(sim_config(), move |c| {
         c.models = fleet;
@@ -345,7 +348,8 @@ async fn running_on(replicas: &[SimulatorProcess]) -> Option<usize> {
 /// usage chunk counting what it received; for a completion and for a chat.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_survives_its_replica_dying_mid_answer() {
-    for chat in [false, true] {
+    // The third time, the model's switch is off: the client gets the error.
+    for (chat, continue_streams) in [(false, true), (true, true), (false, false)] {
         let args = ["--token-delay-ms", "25", "--first-token-delay-ms", "20"];
         let mut replicas = [
             SimulatorProcess::start(&args),
@@ -358,6 +362,7 @@ async fn a_stream_survives_its_replica_dying_mid_answer() {
             endpoints,
             upstream_model: None,
             balance: Balance::RoundRobin,
+            continue_streams,
         }];
         let gw = TestGateway::start_with(sim_config(), move |c| {
             c.models = fleet;
@@ -404,6 +409,11 @@ async fn a_stream_survives_its_replica_dying_mid_answer() {
             Some("[DONE]"),
             "chat={chat}: {events:?}"
         );
+        if !continue_streams {
+            let error: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+            assert_eq!(error["error"]["code"], 502, "{events:?}");
+            continue;
+        }
         let chunks: Vec<Value> = events[..events.len() - 1]
             .iter()
             .map(|e| serde_json::from_str(e).unwrap())

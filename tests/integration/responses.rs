@@ -97,6 +97,7 @@ async fn follow_ups_reach_the_replica_that_holds_them_until_it_dies() {
         endpoints: replicas.iter().map(|r| r.url.parse().unwrap()).collect(),
         upstream_model: None,
         balance: Balance::RoundRobin,
+        continue_streams: true,
     }];
     let gw = TestGateway::start_with(sim_config(), move |c| c.models = fleet).await;
     let url = format!("{}/v1/responses", gw.url);

@@ -409,6 +409,7 @@ async fn an_embedding_model_is_its_own_pool_and_its_alias_is_sent_as_its_name() 
                 endpoints: vec![chat_url],
                 upstream_model: None,
                 balance: Balance::RoundRobin,
+                continue_streams: true,
             },
             ModelConfig {
                 name: EMBEDDER.into(),
@@ -416,6 +417,7 @@ async fn an_embedding_model_is_its_own_pool_and_its_alias_is_sent_as_its_name() 
                 endpoints: vec![embedder_url],
                 upstream_model: None,
                 balance: Balance::RoundRobin,
+                continue_streams: true,
             },
         ];
     })
