@@ -64,18 +64,15 @@ pub(super) async fn claim(
     model: &str,
     pinned_to: Option<String>,
 ) -> Result<Placement, GatewayError> {
-    let InferenceRequest::Responses(responses) = request else {
-        return Ok(Placement {
-            pinned_to,
-            stores: None,
-        });
+    let responses = match request {
+        InferenceRequest::Responses(responses) if responses.is_stored() => responses,
+        _ => {
+            return Ok(Placement {
+                pinned_to,
+                stores: None,
+            });
+        }
     };
-    if !responses.is_stored() {
-        return Ok(Placement {
-            pinned_to,
-            stores: None,
-        });
-    }
     let id = format!("resp_{}", uuid::Uuid::new_v4().simple());
     responses.set_response_id(&id);
     affinity

@@ -117,6 +117,12 @@ impl Chunk {
     /// the key is not written compactly.
     pub fn whole_summary(&self) -> ChunkSummary {
         let payload = self.payload_slice();
+        // Most events of the typed APIs (a Messages or Responses text delta)
+        // carry neither usage nor choices: nothing to parse.
+        let holds = |key: &[u8]| memchr::memmem::find(payload, key).is_some();
+        if !holds(b"\"usage\"") && !holds(b"\"meta\"") && !holds(b"\"choices\"") {
+            return ChunkSummary::default();
+        }
         let usage = value_after::<Usage>(payload, b"\"usage\":").or_else(|| {
             value_after::<CohereMeta>(payload, b"\"meta\":").and_then(CohereMeta::usage)
         });

@@ -25,6 +25,31 @@ pub trait Conversation {
     fn set_turn_texts(&mut self, texts: Vec<Option<String>>) -> Result<(), String>;
 }
 
+/// Implements [`Conversation`] for a request type of `$api` that holds
+/// its body as a `ForwardedJson` named `json`.
+macro_rules! impl_conversation {
+    ($request:ty, $api:expr) => {
+        impl $crate::protocol::conversation::Conversation for $request {
+            fn model(&self) -> &str {
+                self.json.model()
+            }
+
+            fn set_model(&mut self, model: String) {
+                self.json.set_model(model);
+            }
+
+            fn turns(&self) -> Vec<$crate::protocol::conversation::Turn> {
+                $crate::protocol::conversation::turns($api, self.json.body())
+            }
+
+            fn set_turn_texts(&mut self, texts: Vec<Option<String>>) -> Result<(), String> {
+                $crate::protocol::conversation::set_texts($api, self.json.body_mut(), texts)
+            }
+        }
+    };
+}
+pub(crate) use impl_conversation;
+
 /// Which API's body a conversation is read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Api {

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::Route;
-use super::conversation::{self, Api, Conversation, Turn};
+use super::conversation::Api;
 use super::forwarded::{ForwardedJson, invalid as bad};
 use crate::error::GatewayError;
 
@@ -173,23 +173,7 @@ impl MessagesRequest {
     }
 }
 
-impl Conversation for MessagesRequest {
-    fn model(&self) -> &str {
-        self.json.model()
-    }
-
-    fn set_model(&mut self, model: String) {
-        self.json.set_model(model);
-    }
-
-    fn turns(&self) -> Vec<Turn> {
-        conversation::turns(Api::Messages, self.json.body())
-    }
-
-    fn set_turn_texts(&mut self, texts: Vec<Option<String>>) -> Result<(), String> {
-        conversation::set_texts(Api::Messages, self.json.body_mut(), texts)
-    }
-}
+super::conversation::impl_conversation!(MessagesRequest, Api::Messages);
 
 #[cfg(test)]
 mod tests {

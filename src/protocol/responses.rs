@@ -16,7 +16,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::Route;
-use super::conversation::{self, Api, Conversation, Turn};
+use super::conversation::Api;
 use super::forwarded::{ForwardedJson, invalid as bad};
 use crate::error::GatewayError;
 
@@ -346,23 +346,7 @@ pub fn is_terminal_event(payload: &[u8]) -> bool {
     event_type(payload).is_some_and(|kind| TERMINAL_EVENTS.contains(&kind.as_bytes()))
 }
 
-impl Conversation for ResponsesRequest {
-    fn model(&self) -> &str {
-        self.json.model()
-    }
-
-    fn set_model(&mut self, model: String) {
-        self.json.set_model(model);
-    }
-
-    fn turns(&self) -> Vec<Turn> {
-        conversation::turns(Api::Responses, self.json.body())
-    }
-
-    fn set_turn_texts(&mut self, texts: Vec<Option<String>>) -> Result<(), String> {
-        conversation::set_texts(Api::Responses, self.json.body_mut(), texts)
-    }
-}
+super::conversation::impl_conversation!(ResponsesRequest, Api::Responses);
 
 #[cfg(test)]
 mod tests {

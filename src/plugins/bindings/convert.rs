@@ -84,6 +84,51 @@ common!(v1, legacy_v1, CompletionRequest);
 common!(v2, legacy_v2, InferenceRequest);
 common!(v3, legacy_v3, InferenceRequest);
 
+/// The chat record of an older version (the same fields as 0.4.0's), to it and back.
+macro_rules! chat_records {
+    ($version:ident, $to:ident, $back:ident) => {
+        fn $to(chat: &ChatRequest) -> $version::sluice::plugin::types::ChatRequest {
+            use $version::sluice::plugin::types as old;
+            old::ChatRequest {
+                model: chat.model.clone(),
+                messages: chat
+                    .messages
+                    .iter()
+                    .map(|m| copy!(m => old::ChatMessage { role, content, json }))
+                    .collect(),
+                max_tokens: chat.max_tokens,
+                temperature: chat.temperature,
+                top_p: chat.top_p,
+                user: chat.user.clone(),
+                body_json: chat.body_json.clone(),
+            }
+        }
+
+        fn $back(chat: $version::sluice::plugin::types::ChatRequest) -> ChatRequest {
+            ChatRequest {
+                messages: chat
+                    .messages
+                    .into_iter()
+                    .map(|m| ChatMessage {
+                        role: m.role,
+                        content: m.content,
+                        json: m.json,
+                    })
+                    .collect(),
+                model: chat.model,
+                max_tokens: chat.max_tokens,
+                temperature: chat.temperature,
+                top_p: chat.top_p,
+                user: chat.user,
+                body_json: chat.body_json,
+            }
+        }
+    };
+}
+
+chat_records!(v2, chat_to_v2, chat_from_v2);
+chat_records!(v3, chat_to_v3, chat_from_v3);
+
 /// 0.1.0 reads completions only.
 pub fn to_v1(request: &InferenceRequest) -> Option<v1::sluice::plugin::types::CompletionRequest> {
     match request {
@@ -99,19 +144,7 @@ pub fn to_v2(request: &InferenceRequest) -> Option<v2::sluice::plugin::types::In
         InferenceRequest::Completion(completion) => {
             old::InferenceRequest::Completion(legacy_v2::completion(completion))
         }
-        InferenceRequest::Chat(chat) => old::InferenceRequest::Chat(old::ChatRequest {
-            model: chat.model.clone(),
-            messages: chat
-                .messages
-                .iter()
-                .map(|m| copy!(m => old::ChatMessage { role, content, json }))
-                .collect(),
-            max_tokens: chat.max_tokens,
-            temperature: chat.temperature,
-            top_p: chat.top_p,
-            user: chat.user.clone(),
-            body_json: chat.body_json.clone(),
-        }),
+        InferenceRequest::Chat(chat) => old::InferenceRequest::Chat(chat_to_v2(chat)),
         InferenceRequest::Pooling(_) => return None,
     })
 }
@@ -122,23 +155,7 @@ pub fn from_v2(request: v2::sluice::plugin::types::InferenceRequest) -> Inferenc
         old::InferenceRequest::Completion(completion) => {
             InferenceRequest::Completion(legacy_v2::completion_back(&completion))
         }
-        old::InferenceRequest::Chat(chat) => InferenceRequest::Chat(ChatRequest {
-            messages: chat
-                .messages
-                .into_iter()
-                .map(|m| ChatMessage {
-                    role: m.role,
-                    content: m.content,
-                    json: m.json,
-                })
-                .collect(),
-            model: chat.model,
-            max_tokens: chat.max_tokens,
-            temperature: chat.temperature,
-            top_p: chat.top_p,
-            user: chat.user,
-            body_json: chat.body_json,
-        }),
+        old::InferenceRequest::Chat(chat) => InferenceRequest::Chat(chat_from_v2(chat)),
     }
 }
 
@@ -170,19 +187,7 @@ pub fn to_v3(request: &InferenceRequest) -> Option<v3::sluice::plugin::types::In
         InferenceRequest::Completion(completion) => {
             old::InferenceRequest::Completion(legacy_v3::completion(completion))
         }
-        InferenceRequest::Chat(chat) => old::InferenceRequest::Chat(old::ChatRequest {
-            model: chat.model.clone(),
-            messages: chat
-                .messages
-                .iter()
-                .map(|m| copy!(m => old::ChatMessage { role, content, json }))
-                .collect(),
-            max_tokens: chat.max_tokens,
-            temperature: chat.temperature,
-            top_p: chat.top_p,
-            user: chat.user.clone(),
-            body_json: chat.body_json.clone(),
-        }),
+        InferenceRequest::Chat(chat) => old::InferenceRequest::Chat(chat_to_v3(chat)),
         InferenceRequest::Pooling(pooling) => old::InferenceRequest::Pooling(
             copy!(pooling => old::PoolingRequest { model, texts, body_json }),
         ),
@@ -195,23 +200,7 @@ pub fn from_v3(request: v3::sluice::plugin::types::InferenceRequest) -> Inferenc
         old::InferenceRequest::Completion(completion) => {
             InferenceRequest::Completion(legacy_v3::completion_back(&completion))
         }
-        old::InferenceRequest::Chat(chat) => InferenceRequest::Chat(ChatRequest {
-            messages: chat
-                .messages
-                .into_iter()
-                .map(|m| ChatMessage {
-                    role: m.role,
-                    content: m.content,
-                    json: m.json,
-                })
-                .collect(),
-            model: chat.model,
-            max_tokens: chat.max_tokens,
-            temperature: chat.temperature,
-            top_p: chat.top_p,
-            user: chat.user,
-            body_json: chat.body_json,
-        }),
+        old::InferenceRequest::Chat(chat) => InferenceRequest::Chat(chat_from_v3(chat)),
         old::InferenceRequest::Pooling(pooling) => InferenceRequest::Pooling(PoolingRequest {
             model: pooling.model,
             texts: pooling.texts,
