@@ -130,6 +130,10 @@ pub enum GatewayError {
     MethodNotAllowed,
     #[error("{0}")]
     Conflict(String),
+    /// What was asked for existed but is no longer available (a stream that
+    /// outgrew its replay buffer).
+    #[error("{0}")]
+    Gone(String),
     /// A plugin's `on-request` hook rejected the request.
     #[error("{message}")]
     Rejected { status: StatusCode, message: String },
@@ -164,6 +168,7 @@ impl GatewayError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Gone(_) => StatusCode::GONE,
             Self::Rejected { status, .. } => *status,
             Self::Upstream(info) => info.status_code(),
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
@@ -210,6 +215,7 @@ impl GatewayError {
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Conflict(_) => "conflict",
+            Self::Gone(_) => "gone",
             Self::Rejected { .. } => "plugin_rejected",
             Self::Upstream(_) => "upstream_error",
             Self::UpstreamUnavailable(_) => "upstream_unavailable",
@@ -232,6 +238,7 @@ pub fn kind_for_status(status: StatusCode) -> &'static str {
         405 => "MethodNotAllowedError",
         408 => "RequestTimeoutError",
         409 => "ConflictError",
+        410 => "GoneError",
         413 => "PayloadTooLargeError",
         422 => "UnprocessableEntityError",
         429 => "RateLimitError",

@@ -13,6 +13,7 @@ use crate::backends::affinity::{self, AffinityMap};
 use crate::backends::cache::{self, CacheMetrics};
 use crate::backends::queue::kafka::{ReconnectingJobSource, ReconnectingQueue};
 use crate::backends::queue::{JobSource, MemoryQueue, Queue, QueueBackend, QueueMetrics};
+use crate::backends::replay;
 use crate::backends::store::inference_log::InferenceLogger;
 use crate::backends::store::{self, Store};
 use crate::config::Config;
@@ -25,6 +26,7 @@ use crate::observe::outage::Outage;
 use crate::pipeline::RequestMetrics;
 use crate::pipeline::models::ModelCatalog;
 use crate::pipeline::policy::{NoPolicy, Policy};
+use crate::pipeline::resumable::{ResumeMetrics, Resumption};
 use crate::pipeline::state::{PipelineSettings, Stages};
 use crate::plugins::{PluginFamilies, PluginHost};
 use crate::tenancy::TenancyMetrics;
@@ -70,6 +72,14 @@ impl Gateway {
             registry.backend_up.with_label_values(&["limits"]).set(1);
         }
         let affinity = affinity::open(&config.responses, config.responses_redis()).await;
+        let resumption = match config.resume.enabled {
+            true => Some(Arc::new(Resumption {
+                log: replay::open(&config.resume, config.resume_redis()).await,
+                grace: config.resume.grace,
+                metrics: ResumeMetrics::new(&registry),
+            })),
+            false => None,
+        };
         let (inference_log, log_task) =
             InferenceLogger::start(store.clone(), config.store.log_buffer.get(), &registry);
 
@@ -151,6 +161,7 @@ impl Gateway {
             inference_log,
             fleet: upstream.as_ref().map(|u| u.fleet().clone()),
             affinity,
+            resumption,
             registry,
             metrics: request_metrics,
             cache_metrics,

@@ -9,4 +9,5 @@ pub mod affinity;
 pub mod cache;
 pub mod queue;
 pub mod redis;
+pub mod replay;
 pub mod store;

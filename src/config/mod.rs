@@ -27,6 +27,7 @@ pub use crate::backends::affinity::ResponsesConfig;
 pub use crate::backends::cache::{CacheBackend, CacheConfig, CacheScope};
 pub use crate::backends::queue::kafka::KafkaConfig;
 pub use crate::backends::queue::{QueueBackend, QueueConfig, QueueSection};
+pub use crate::backends::replay::ResumeConfig;
 pub use crate::backends::store::{StoreConfig, StoreKind};
 pub use crate::edge::{AdminConfig, CorsConfig, ServerConfig};
 pub use crate::fleet::{Balance, ModelConfig, UpstreamConfig, WorkerConfig};
@@ -73,6 +74,7 @@ pub struct RawConfig {
     pub cache: CacheConfig,
     pub limits: LimitsConfig,
     pub responses: ResponsesConfig,
+    pub resume: ResumeConfig,
     pub admin: AdminConfig,
     pub queue: QueueSection,
     pub worker: WorkerConfig,
@@ -95,6 +97,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// `[responses]`: the map of stored responses to their replicas.
     pub responses: ResponsesConfig,
+    /// `[resume]`: resumable streams and their replay buffer.
+    pub resume: ResumeConfig,
     pub admin: AdminConfig,
     pub queue: QueueConfig,
     pub worker: WorkerConfig,
@@ -154,6 +158,15 @@ impl Config {
                 .redis_url()
                 .or(self.limits.redis_url())
                 .or(cache),
+        }
+    }
+
+    /// The Redis URL of the replay buffer of resumable streams, if it is in
+    /// Redis: `resume.url`, or unset, the Redis of stored responses.
+    pub fn resume_redis(&self) -> Option<&str> {
+        match self.resume.in_process() {
+            true => None,
+            false => self.resume.redis_url().or(self.responses_redis()),
         }
     }
 
@@ -231,6 +244,7 @@ impl RawConfig {
         self.cache.validate().map_err(located)?;
         self.limits.validate().map_err(located)?;
         self.responses.validate().map_err(located)?;
+        self.resume.validate().map_err(located)?;
         self.upstream.validate(&self.models).map_err(located)?;
         self.log.validate().map_err(located)?;
         self.telemetry.validate().map_err(located)?;
@@ -262,6 +276,7 @@ impl RawConfig {
             cache: self.cache,
             limits: self.limits,
             responses: self.responses,
+            resume: self.resume,
             admin: self.admin,
             queue,
             worker: self.worker,

@@ -15,12 +15,15 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, BytesMut};
 use http_body_util::{BodyExt, Limited};
 use tracing::Instrument;
 
 use super::Edge;
+use crate::backends::queue::ResponseEvent;
 use crate::error::GatewayError;
 use crate::pipeline::policy::RequestContext;
+use crate::pipeline::resumable::{Events, Resumption};
 use crate::pipeline::{self, Completion, Delivery, RequestRecord};
 use crate::protocol::{AudioRequest, InferenceRequest, ResponseAssembler, Route};
 use crate::tenancy::auth::presented_secret;
@@ -94,6 +97,16 @@ async fn handle(
         Err(err) => bail!(err),
     };
     record.identify(&identity);
+    // A client reconnecting with the id of an event of one of its streams
+    // resumes that stream; the body (the same request again) is not read.
+    let posted = matches!(incoming, Incoming::Body(_));
+    if let Some((id, after)) = super::resume::named_in(&headers)
+        && posted
+        && (route.generates() || route.streams_when_asked())
+    {
+        record.discard();
+        return super::resume::resume(&state, &headers, &id, after, Some(route)).await;
+    }
     let request = match incoming {
         Incoming::Body(body) => read_request(&state, route, &headers, body).await,
         Incoming::Named(request) => request,
@@ -120,7 +133,9 @@ async fn handle(
         true => tokio::select! {
             started = &mut start => started,
             // No first event yet: answer now, and keep the line busy until it comes.
-            () = tokio::time::sleep(keepalive) => return kept_alive(route, start, keepalive),
+            () = tokio::time::sleep(keepalive) => {
+                return kept_alive(route, start, keepalive, state.stages.resumption.clone());
+            }
         },
         false => start.await,
     };
@@ -135,7 +150,10 @@ async fn handle(
         .as_ref()
         .map(|admission| admission.standing.headers());
     let mut response = match stream {
-        true => sse_response(route, completion),
+        true => sse_response(
+            route,
+            Events::of(completion, state.stages.resumption.as_ref()),
+        ),
         false => {
             let mut completion = completion;
             let (response, answer) = json_response(route, &mut completion).await;
@@ -269,7 +287,12 @@ const KEEPALIVE: &[u8] = b": keepalive\n\n";
 /// its headers go out now, then a comment line every interval while it
 /// waits, then its events; a failure before the first event ends it with
 /// the API's error event (the status is already 200).
-fn kept_alive(route: Route, start: Starting, interval: std::time::Duration) -> Response {
+fn kept_alive(
+    route: Route,
+    start: Starting,
+    interval: std::time::Duration,
+    resumption: Option<Arc<Resumption>>,
+) -> Response {
     use futures::StreamExt;
     enum Next {
         Bytes(Bytes),
@@ -289,36 +312,76 @@ fn kept_alive(route: Route, start: Starting, interval: std::time::Duration) -> R
     });
     let events = waiting.flat_map(move |next| match next {
         Next::Bytes(bytes) => futures::stream::iter([Ok::<_, Infallible>(bytes)]).boxed(),
-        Next::Started(completion) => sse_events(route, *completion).boxed(),
+        Next::Started(completion) => {
+            sse_events(route, Events::of(*completion, resumption.as_ref()), 0).boxed()
+        }
     });
     sse_body(Body::from_stream(events))
 }
 
-fn sse_response(route: Route, completion: Completion) -> Response {
-    sse_body(Body::from_stream(sse_events(route, completion)))
+fn sse_response(route: Route, events: Events) -> Response {
+    sse_body(Body::from_stream(sse_events(route, events, 0)))
 }
 
-/// The events of a completion as the route's clients read them.
-fn sse_events(
+/// The events of a stream as the route's clients read them, numbered from
+/// `after + 1`; a resumable stream's events carry their id
+/// (`id: <request id>.<n>`).
+pub(super) fn sse_events(
     route: Route,
-    completion: Completion,
+    events: Events,
+    after: u64,
 ) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send {
-    let typed = route.has_typed_events();
+    let id = events.resumable_id().map(str::to_string);
     // Not instrumented per chunk (that costs a span enter and exit per token);
     // spans created while streaming name their parent explicitly.
-    futures::stream::unfold(Some((completion, 0u64)), move |state| async move {
-        let (mut completion, sent) = state?;
-        let (bytes, rest) = match completion.next().await {
-            Delivery::Chunk(chunk) if typed => (typed_event(&chunk), Some((completion, sent + 1))),
-            Delivery::Chunk(chunk) => (chunk.framed().clone(), Some((completion, sent + 1))),
-            Delivery::Error(info) => (stream_end(route, Some(info), sent), None),
-            Delivery::Done => (stream_end(route, None, sent), None),
-        };
-        Some((Ok::<_, Infallible>(bytes), rest))
+    futures::stream::unfold(Some((events, after)), move |state| {
+        let id = id.clone();
+        async move {
+            let (mut events, sent) = state?;
+            let event = events.next().await?;
+            let end = !matches!(event, ResponseEvent::Chunk(_));
+            let bytes = event_bytes(route, &event, sent);
+            let bytes = match &id {
+                Some(id) => numbered(id, sent + 1, bytes),
+                None => bytes,
+            };
+            Some((
+                Ok::<_, Infallible>(bytes),
+                (!end).then_some((events, sent + 1)),
+            ))
+        }
     })
 }
 
-fn sse_body(body: Body) -> Response {
+/// One event as the route's clients read it; `sent` events went before it.
+fn event_bytes(route: Route, event: &ResponseEvent, sent: u64) -> Bytes {
+    match event {
+        ResponseEvent::Chunk(chunk) if route.has_typed_events() => typed_event(chunk),
+        ResponseEvent::Chunk(chunk) => chunk.framed().clone(),
+        ResponseEvent::Error(info) => stream_end(route, Some(info.clone()), sent),
+        ResponseEvent::Done => stream_end(route, None, sent),
+    }
+}
+
+/// An event with its id field, `id: <stream>.<n>` (nothing for an event
+/// with no bytes: the Responses API's end).
+fn numbered(id: &str, n: u64, event: Bytes) -> Bytes {
+    if event.is_empty() {
+        return event;
+    }
+    let mut number = itoa::Buffer::new();
+    let number = number.format(n);
+    let mut framed = BytesMut::with_capacity(event.len() + id.len() + number.len() + 6);
+    framed.put_slice(b"id: ");
+    framed.put_slice(id.as_bytes());
+    framed.put_u8(b'.');
+    framed.put_slice(number.as_bytes());
+    framed.put_u8(b'\n');
+    framed.put_slice(&event);
+    framed.freeze()
+}
+
+pub(super) fn sse_body(body: Body) -> Response {
     let mut response = body.into_response();
     let headers = response.headers_mut();
     headers.insert(

@@ -8,6 +8,7 @@ mod config;
 mod models;
 pub mod ops;
 mod responses;
+mod resume;
 pub mod server;
 mod state;
 mod ws;
@@ -59,6 +60,7 @@ pub fn router(state: Arc<Edge>) -> Router {
         )
         .route(Route::ResponsesRetrieve.path(), get(responses::retrieve))
         .route(Route::ResponsesCancel.path(), post(responses::cancel))
+        .route("/v1/streams/{stream_id}", get(resume::stream))
         .route("/v1/models", get(models::list))
         .route("/health", get(ops::health))
         .route("/ping", get(ops::ping).post(ops::ping))

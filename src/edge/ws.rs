@@ -3,7 +3,12 @@
 //! client is one request body; the server answers with text frames that
 //! carry exactly what SSE `data:` events would (chunks, or an error object),
 //! always ending with `[DONE]`. The connection then takes the next request.
-//! Closing the socket mid-stream cancels the upstream generation.
+//! Closing the socket mid-stream cancels the upstream generation, unless
+//! streams are resumable (`[resume]`): then it goes on for
+//! `resume.grace_ms`, and a text frame `{"resume": "<id>", "after": N}`
+//! (the id is the request id, the tail of each chunk's `id`; `N` the
+//! frames of that answer already received) sends the frames after the
+//! `N`-th, then the rest, on this socket or a new one.
 //!
 //! A browser cannot set headers on a WebSocket, so besides `Authorization`
 //! and `?api_key=`, the key may come as a subprotocol: the page offers
@@ -34,10 +39,12 @@ use serde::Deserialize;
 use tracing::Instrument;
 
 use super::Edge;
+use crate::backends::queue::ResponseEvent;
 use crate::edge::server::ConnectionSlot;
 use crate::error::{ErrorInfo, GatewayError};
 use crate::pipeline::policy::RequestContext;
-use crate::pipeline::{self, Delivery, RequestRecord};
+use crate::pipeline::resumable::Events;
+use crate::pipeline::{self, RequestRecord};
 use crate::protocol::{InferenceRequest, ResponseAssembler, Route};
 use crate::tenancy::Identity;
 use crate::tenancy::auth::presented_secret;
@@ -345,6 +352,15 @@ async fn serve_socket(
                 },
             },
         };
+        if let Some(resume) = Resume::parse(&text) {
+            if let Err(err) = login.recheck(&state).await {
+                return logged_out(&mut sink, &err).await;
+            }
+            if !serve_resume(&state, &login, resume, &mut sink, &mut stream, &mut queued).await {
+                return;
+            }
+            continue;
+        }
         let mut record = RequestRecord::new(
             state.stages.clone(),
             crate::edge::new_request_id(),
@@ -420,18 +436,76 @@ async fn serve_request(
             }
         }
     };
-    let mut completion = match started {
+    let completion = match started {
         Ok(completion) => completion,
         Err((err, _record)) => return send_error(sink, &err.info()).await,
     };
+    let (events, assembler) = match stream_mode {
+        true => (
+            Events::of(completion, state.stages.resumption.as_ref()),
+            None,
+        ),
+        false => (
+            Events::of(completion, None),
+            Some(ResponseAssembler::new(route)),
+        ),
+    };
+    deliver_watching(state, login, events, assembler, sink, stream, queued).await
+}
+
+/// A resume message, `{"resume": "<stream id>", "after": N}`: the frames
+/// after the `N`-th of that stream, then the rest as it is generated.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Resume {
+    resume: String,
+    #[serde(default)]
+    after: u64,
+}
+
+impl Resume {
+    fn parse(text: &str) -> Option<Self> {
+        memchr::memmem::find(text.as_bytes(), b"\"resume\"")?;
+        serde_json::from_str(text).ok()
+    }
+}
+
+/// Serves a resume message; returns false when the connection is gone.
+async fn serve_resume(
+    state: &Arc<Edge>,
+    login: &Login,
+    resume: Resume,
+    sink: &mut Sink,
+    stream: &mut SplitStream<WebSocket>,
+    queued: &mut VecDeque<Utf8Bytes>,
+) -> bool {
+    let reopened =
+        super::resume::reopen(state, &login.identity, &resume.resume, resume.after, None).await;
+    match reopened {
+        Ok((_, events)) => deliver_watching(state, login, events, None, sink, stream, queued).await,
+        Err(err) => send_error(sink, &err.info()).await,
+    }
+}
+
+/// Sends a response's frames (or, with an assembler, its one assembled
+/// answer) while watching the socket; returns false when the connection
+/// is gone.
+async fn deliver_watching(
+    state: &Arc<Edge>,
+    login: &Login,
+    mut events: Events,
+    mut assembler: Option<ResponseAssembler>,
+    sink: &mut Sink,
+    stream: &mut SplitStream<WebSocket>,
+    queued: &mut VecDeque<Utf8Bytes>,
+) -> bool {
     // Deliver the response while watching the socket: a new request frame is
     // queued for later, a close cancels the response. Only the watcher is ever
     // cancelled mid-await, so no chunk (or plugin call) is cut in half.
     let deliver = async {
-        let mut assembler = (!stream_mode).then(|| ResponseAssembler::new(route));
         loop {
-            let sent = match completion.next().await {
-                Delivery::Chunk(chunk) => match &mut assembler {
+            let sent = match events.next().await {
+                Some(ResponseEvent::Chunk(chunk)) => match &mut assembler {
                     Some(assembler) => {
                         assembler.push(chunk.payload_slice());
                         true
@@ -447,8 +521,8 @@ async fn serve_request(
                         }
                     },
                 },
-                Delivery::Error(info) => return send_error(sink, &info).await,
-                Delivery::Done => {
+                Some(ResponseEvent::Error(info)) => return send_error(sink, &info).await,
+                Some(ResponseEvent::Done) | None => {
                     if let Some(assembler) = assembler.take()
                         && !send_text(sink, assembler.finish()).await
                     {

@@ -9,6 +9,7 @@ mod metrics;
 pub mod models;
 pub mod policy;
 mod record;
+pub mod resumable;
 pub mod state;
 mod stored;
 

@@ -50,6 +50,8 @@ pub struct Stages {
     pub fleet: Option<Arc<Fleet>>,
     /// Which key owns each stored response, and which replica holds it.
     pub affinity: Arc<dyn AffinityMap>,
+    /// The replay buffer of resumable streams (`None`: `resume.enabled` is false).
+    pub resumption: Option<Arc<super::resumable::Resumption>>,
     /// Every family of the process, for `/metrics`.
     pub registry: Arc<MetricsRegistry>,
     pub metrics: Arc<RequestMetrics>,

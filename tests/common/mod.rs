@@ -365,16 +365,25 @@ pub fn python_with_anthropic() -> Option<String> {
     python_with("anthropic")
 }
 
+/// An SSE body without its `id:` lines (the ids a client resumes a stream
+/// by), to compare with what vLLM itself sends.
+#[allow(dead_code)] // used by the integration tests only
+pub fn without_ids(body: &str) -> String {
+    body.split_inclusive('\n')
+        .filter(|line| !line.starts_with("id: "))
+        .collect()
+}
+
 /// The response object of a Responses API answer: the JSON body, or the
 /// `response` of a stream's `response.completed` event.
 #[allow(dead_code)] // used by the integration tests only
 pub fn response_object(body: &str) -> Value {
-    if !body.starts_with("event: ") {
+    if !body.contains("event: ") {
         return serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
     }
     let completed = body
         .split("\n\n")
-        .find(|e| e.starts_with("event: response.completed\n"))
+        .find(|e| e.contains("event: response.completed\n"))
         .unwrap_or_else(|| panic!("the stream completes: {body}"));
     let data: Value = serde_json::from_str(completed.split_once("data: ").unwrap().1).unwrap();
     data["response"].clone()

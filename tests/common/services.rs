@@ -97,6 +97,8 @@ impl Services {
             url = "{redis}"
             key_prefix = "sluice-test-{id}:"
             sampled = true
+            [resume]
+            key_prefix = "sluice-test-{id}:stream:"
             [upstream]
             urls = ["{upstream}"]
             idle_timeout_ms = 10000

@@ -38,7 +38,7 @@ async fn post_form(base: &str, path: &str, key: &str, form: Form) -> (u16, Strin
 /// The data of each SSE event, `id` and `created` left out of JSON ones.
 fn events(body: &str) -> Vec<Value> {
     body.split("\n\n")
-        .filter_map(|event| event.strip_prefix("data: "))
+        .filter_map(|event| event.split_once("data: ").map(|(_, data)| data))
         .map(|data| match serde_json::from_str::<Value>(data) {
             Ok(value) => unnamed(value),
             Err(_) => Value::String(data.to_string()),

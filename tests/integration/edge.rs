@@ -582,7 +582,7 @@ async fn a_slow_first_token_is_kept_alive_with_sse_comments() {
     let direct = sse_events(direct_chat(&gw.sim, &slow, "direct").await).await;
     let through: Vec<String> = body
         .split("\n\n")
-        .filter_map(|e| e.strip_prefix("data: ").map(str::to_string))
+        .filter_map(|e| e.split_once("data: ").map(|(_, data)| data.to_string()))
         .collect();
     assert_eq!(texts(&through), texts(&direct), "the same answer");
 

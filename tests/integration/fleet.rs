@@ -465,3 +465,114 @@ async fn a_stream_survives_its_replica_dying_mid_answer() {
         );
     }
 }
+
+/// Fifty greedy streams (completions and chats) through `url`, spread over
+/// `replicas`; once each has had five chunks, the first replica is
+/// SIGKILLed. Every client gets the whole answer, exactly what the
+/// surviving replica answers undisturbed, with no error event.
+pub(crate) async fn fifty_streams_survive_a_replica_kill(
+    url: &str,
+    key: &str,
+    replicas: &mut [SimulatorProcess; 2],
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const STREAMS: usize = 50;
+    let http = reqwest::Client::new();
+    let ready = Arc::new(AtomicUsize::new(0));
+    let kill = Arc::new(tokio::sync::Notify::new());
+    let body = |i: usize| -> (&'static str, Value) {
+        match i % 2 {
+            0 => (
+                "/v1/completions",
+                json!({"model": MODEL, "prompt": format!("story {i}"),
+                "max_tokens": 60, "ignore_eos": true, "temperature": 0, "stream": true}),
+            ),
+            _ => (
+                "/v1/chat/completions",
+                json!({"model": MODEL,
+                "messages": [{"role": "user", "content": format!("story {i}")}],
+                "max_tokens": 60, "ignore_eos": true, "temperature": 0, "stream": true}),
+            ),
+        }
+    };
+    let clients: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let (path, body) = body(i);
+            let request = http
+                .post(format!("{url}{path}"))
+                .bearer_auth(key)
+                .json(&body);
+            let (ready, kill) = (ready.clone(), kill.clone());
+            tokio::spawn(async move {
+                let response = request.send().await.unwrap();
+                assert_eq!(response.status(), 200);
+                let mut reader = SseReader::new(response);
+                let mut events = Vec::new();
+                while let Some(event) = reader.next().await {
+                    events.push(event);
+                    if events.len() == 5 && ready.fetch_add(1, Ordering::SeqCst) + 1 == STREAMS {
+                        kill.notify_one();
+                    }
+                }
+                events
+            })
+        })
+        .collect();
+    tokio::time::timeout(Duration::from_secs(60), kill.notified())
+        .await
+        .expect("every stream started");
+    replicas[0].kill();
+    let survivor = replicas[1].url.clone();
+    for (i, client) in clients.into_iter().enumerate() {
+        let events = client.await.unwrap();
+        assert_eq!(
+            events.last().map(String::as_str),
+            Some("[DONE]"),
+            "stream {i}: {events:?}"
+        );
+        assert!(
+            events.iter().all(|e| !e.contains("\"error\"")),
+            "stream {i}: {events:?}"
+        );
+        let (path, body) = body(i);
+        let direct = http
+            .post(format!("{survivor}{path}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let direct = sse_events(direct).await;
+        assert_eq!(
+            texts(&events),
+            texts(&direct),
+            "stream {i}: the whole answer, once"
+        );
+    }
+}
+
+/// Fifty concurrent streams, one replica SIGKILLed mid-answer: every
+/// stream continues on the other.
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_streams_survive_their_replica_dying() {
+    let args = ["--token-delay-ms", "25", "--first-token-delay-ms", "20"];
+    let mut replicas = [
+        SimulatorProcess::start(&args),
+        SimulatorProcess::start(&args),
+    ];
+    let endpoints = replicas.iter().map(|r| r.url.parse().unwrap()).collect();
+    let fleet = vec![ModelConfig {
+        name: MODEL.into(),
+        aliases: Vec::new(),
+        endpoints,
+        upstream_model: None,
+        balance: Balance::RoundRobin,
+        continue_streams: true,
+    }];
+    let gw = TestGateway::start_with(sim_config(), move |c| {
+        c.models = fleet;
+        c.cache.url = "off".to_string().into();
+    })
+    .await;
+    fifty_streams_survive_a_replica_kill(&gw.url, &gw.key, &mut replicas).await;
+}

@@ -26,5 +26,6 @@ mod openai_sdk;
 mod plugins;
 mod production;
 mod responses;
+mod resume;
 mod routes;
 mod tenants;

@@ -86,7 +86,7 @@ async fn a_message_is_counted_and_logged_by_its_usage_and_errors_are_anthropics(
         .unwrap();
     let status = response.status();
     let id = request_id(&response);
-    let text = response.text().await.unwrap();
+    let text = without_ids(&response.text().await.unwrap());
     assert_eq!(status, 200, "{text}");
     assert!(text.starts_with("event: message_start\ndata: "), "{text}");
     assert!(

@@ -17,6 +17,7 @@ macro_rules! services {
 
 mod backends;
 mod brokers;
+mod resume;
 mod routes;
 mod stalled_client;
 mod workers;
