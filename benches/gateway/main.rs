@@ -17,6 +17,7 @@
 //!     cargo bench --bench gateway -- --route chat          # /v1/chat/completions
 //!     cargo bench --bench gateway -- --route messages      # /v1/messages (Anthropic's events)
 //!     cargo bench --bench gateway -- --route responses     # /v1/responses (its typed events)
+//!     cargo bench --bench gateway -- --resume-ab           # resumable streams on against off
 //!     cargo bench --bench gateway -- --limits redis://127.0.0.1:6379
 //!
 //! With a Kafka queue it also measures two broker baselines, each a bare
@@ -81,6 +82,8 @@ struct Args {
     worker_processes: usize,
     /// Only the broker hop, on partitions first filled with each of these batch counts.
     hop_prefills: Vec<usize>,
+    /// Compare resumable streams on and off, two gateways side by side.
+    resume_ab: bool,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -131,6 +134,7 @@ fn args() -> Args {
         limits: None,
         worker_processes: 0,
         hop_prefills: Vec::new(),
+        resume_ab: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -154,6 +158,7 @@ fn args() -> Args {
                 }
             }
             "--limits" => args.limits = Some(value()),
+            "--resume-ab" => args.resume_ab = true,
             "--worker-processes" => args.worker_processes = value().parse().unwrap_or(0),
             "--hop-prefills" => {
                 args.hop_prefills = value().split(',').filter_map(|n| n.parse().ok()).collect()
@@ -330,6 +335,67 @@ fn main() {
                 added(pct(&rows[1], 0.5), pct(&rows[0], 0.5)),
                 added(pct(&rows[1], 0.99), pct(&rows[0], 0.99))
             );
+            return;
+        }
+
+        if args.resume_ab {
+            // The same gateway with streams not resumable, on topics of its own.
+            let toml = gateway_toml(&args, &sim.url(), &dir.path().join("off.db"))
+                .replace("bench.", "bench-off.")
+                .replace("bench-workers.", "bench-off-workers.")
+                + "\n[resume]\nenabled = false\n";
+            let path = dir.path().join("off.toml");
+            std::fs::write(&path, toml).expect("write config");
+            let config = Config::load(Some(&path)).expect("valid bench config");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let off_addr = listener.local_addr().expect("addr");
+            let gateway = sluice::Gateway::start(config).await.expect("gateway");
+            let off_key = sluice::tenancy::keys::create_key(gateway.store().as_ref(), "bench").await.expect("key");
+            tokio::spawn(gateway.serve(listener, std::future::pending()));
+            let off = Arc::new(Target { url: format!("http://{off_addr}"), key: Some(off_key.secret) });
+            let stream_time = Duration::from_millis(20 + args.token_delay_ms * u64::from(args.tokens));
+            for target in [&direct, &through, &off] {
+                measure(&client, &sim, target, 100, 1, &args, stream_time).await;
+            }
+            println!(
+                "sluice resumable streams on and off: {}, queue {}, {} tokens per stream, {} ms per token, {} rounds x 3 alternations\n",
+                args.path(), args.queue, args.tokens, args.token_delay_ms, args.rounds
+            );
+            println!("| streams | resumable | TTFT p50 (ms) | TTFT p99 (ms) | per-token p50 (ms) | per-token p99 (ms) | added per-token p50 / p99 (ms) |");
+            println!("|---|---|---|---|---|---|---|");
+            for concurrency in [1usize, 100] {
+                let rounds = if concurrency == 1 { args.rounds * 10 } else { args.rounds };
+                let mut runs: [(Vec<Duration>, Vec<Duration>); 3] = Default::default();
+                for _ in 0..3 {
+                    for (i, target) in [&direct, &through, &off].into_iter().enumerate() {
+                        let (ttft, tok) = measure(&client, &sim, target, concurrency, rounds, &args, stream_time).await;
+                        runs[i].0.extend(ttft);
+                        runs[i].1.extend(tok);
+                    }
+                }
+                for run in &mut runs {
+                    run.0.sort();
+                    run.1.sort();
+                }
+                let added_tok = |i: usize, p: f64| pct(&runs[i].1, p).as_secs_f64() * 1000.0 - pct(&runs[0].1, p).as_secs_f64() * 1000.0;
+                for (i, name) in [(0, "direct"), (1, "on"), (2, "off")] {
+                    println!(
+                        "| {concurrency} | {name} | {} | {} | {} | {} | {:+.3} / {:+.3} |",
+                        ms(pct(&runs[i].0, 0.5)),
+                        ms(pct(&runs[i].0, 0.99)),
+                        ms(pct(&runs[i].1, 0.5)),
+                        ms(pct(&runs[i].1, 0.99)),
+                        added_tok(i, 0.5),
+                        added_tok(i, 0.99),
+                    );
+                }
+                let ratio = |p: f64| pct(&runs[1].1, p).as_secs_f64() / pct(&runs[2].1, p).as_secs_f64();
+                println!(
+                    "| {concurrency} | on / off | | | {:.2} x | {:.2} x | |",
+                    ratio(0.5),
+                    ratio(0.99)
+                );
+            }
             return;
         }
 

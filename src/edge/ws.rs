@@ -499,8 +499,10 @@ async fn deliver_watching(
     stream: &mut SplitStream<WebSocket>,
     queued: &mut VecDeque<Utf8Bytes>,
 ) -> bool {
+    let stopper = events.stopper();
     // Deliver the response while watching the socket: a new request frame is
-    // queued for later, a close cancels the response. Only the watcher is ever
+    // queued for later, a close cancels the response (after the grace period,
+    // when resumable). Only the watcher is ever
     // cancelled mid-await, so no chunk (or plugin call) is cut in half.
     let deliver = async {
         loop {
@@ -564,7 +566,8 @@ async fn deliver_watching(
         interrupt = watch => interrupt,
         err = login.refused(state) => Interrupt::LoggedOut(err),
     };
-    // The response was dropped with `deliver`, which cancels its upstream request.
+    // The response was dropped with `deliver`, which cancels its upstream
+    // request (a resumable one, when nobody resumes it in time).
     match interrupt {
         Interrupt::TooBig => too_big(sink).await,
         Interrupt::Closed => {
@@ -578,7 +581,13 @@ async fn deliver_watching(
                 close(sink, close_code::POLICY, "too many queued requests").await;
             }
         }
-        Interrupt::LoggedOut(err) => logged_out(sink, &err).await,
+        Interrupt::LoggedOut(err) => {
+            // Nobody may resume it with that key now.
+            if let Some(stopper) = stopper {
+                stopper.cancel();
+            }
+            logged_out(sink, &err).await
+        }
     }
     false
 }

@@ -69,6 +69,8 @@ impl ResumeMetrics {
 pub struct Live {
     pub id: String,
     events: mpsc::Receiver<ResponseEvent>,
+    /// Cancels the generation at once, with no grace period.
+    stop: CancellationToken,
 }
 
 impl Live {
@@ -91,8 +93,18 @@ impl Resumption {
             id.clone(),
             abandon.clone(),
         ));
-        tokio::spawn(deliver(completion, recorder, live, abandon, watchdog));
-        Live { id, events }
+        tokio::spawn(deliver(
+            completion,
+            recorder,
+            live,
+            abandon.clone(),
+            watchdog,
+        ));
+        Live {
+            id,
+            events,
+            stop: abandon,
+        }
     }
 
     /// Once the client is gone, cancels the stream when nobody has followed
@@ -215,6 +227,15 @@ impl Events {
         match self {
             Self::Live(Live { id, .. }) | Self::Resumed { id, .. } => Some(id),
             Self::Direct { .. } => None,
+        }
+    }
+
+    /// What cancels a live stream's generation at once (when its client
+    /// may not come back: its key was revoked).
+    pub fn stopper(&self) -> Option<CancellationToken> {
+        match self {
+            Self::Live(live) => Some(live.stop.clone()),
+            _ => None,
         }
     }
 

@@ -99,6 +99,7 @@ impl Services {
             sampled = true
             [resume]
             key_prefix = "sluice-test-{id}:stream:"
+            grace_ms = 200
             [upstream]
             urls = ["{upstream}"]
             idle_timeout_ms = 10000

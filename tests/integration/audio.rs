@@ -258,7 +258,10 @@ async fn a_client_that_leaves_a_streamed_transcription_stops_it_upstream() {
         token_delay: std::time::Duration::from_millis(300),
         ..sim_config()
     };
-    let gw = TestGateway::start_with(slow, |_| {}).await;
+    let gw = TestGateway::start_with(slow, |c| {
+        c.resume.grace = std::time::Duration::from_millis(100)
+    })
+    .await;
     let form = upload(5000, &[("model", MODEL), ("stream", "true")]);
     let response = reqwest::Client::new()
         .post(format!("{}/v1/audio/transcriptions", gw.url))

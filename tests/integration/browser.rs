@@ -37,7 +37,7 @@ async function viaFetch() {
     if (done) break;
     text += new TextDecoder().decode(value);
   }
-  result.fetch_events = text.split("\n\n").filter(e => e.startsWith("data: ")).length;
+  result.fetch_events = text.split("\n\n").filter(e => e.includes("data: ")).length;
 }
 
 function viaSocket(protocols) {

@@ -207,7 +207,8 @@ async fn closing_a_chat_stream_cancels_the_upstream_generation() {
         token_delay: Duration::from_millis(50),
         ..sim_config()
     };
-    let gw = TestGateway::start_with(slow, |_| {}).await;
+    // Resumable, the stream waits this long for its client to come back.
+    let gw = TestGateway::start_with(slow, |c| c.resume.grace = Duration::from_millis(100)).await;
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "go on forever"}],
         "max_tokens": 1000, "stream": true});
     let response = gw.post_chat(&body).await;

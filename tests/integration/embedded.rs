@@ -480,7 +480,8 @@ async fn client_disconnect_aborts_the_upstream_generation() {
         token_delay: Duration::from_millis(50),
         ..sim_config()
     };
-    let gw = TestGateway::start_with(slow, |_| {}).await;
+    // Resumable, the stream waits this long for its client to come back.
+    let gw = TestGateway::start_with(slow, |c| c.resume.grace = Duration::from_millis(100)).await;
     let response = gw
         .post(&json!({"model": MODEL, "prompt": "long", "max_tokens": 1000, "stream": true}))
         .await;

@@ -184,7 +184,7 @@ async fn a_greedy_message_stream_is_cached_and_replayed_under_the_new_requests_i
         start(&second_text)["message"]["id"],
         format!("chatcmpl-{second_id}")
     );
-    let rest = |text: &str| text.split_once("\n\n").unwrap().1.to_string();
+    let rest = |text: &str| without_ids(text.split_once("\n\n").unwrap().1);
     assert_eq!(rest(&first_text), rest(&second_text));
     // A message (not streamed) is another entry.
     let mut whole = body.clone();
@@ -213,7 +213,7 @@ async fn a_replica_failing_mid_stream_ends_it_with_anthropics_error_event() {
         200,
         "the failure came after the first byte"
     );
-    let text = response.text().await.unwrap();
+    let text = without_ids(&response.text().await.unwrap());
     let deltas = text.matches("event: content_block_delta").count();
     assert_eq!(deltas, 2, "{text}");
     let (_, last) = text.trim_end().rsplit_once("\n\n").unwrap();

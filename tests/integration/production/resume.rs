@@ -91,8 +91,8 @@ async fn fifty_streams_through_kafka_survive_a_replica_dying() {
     let services = services!();
     let args = ["--token-delay-ms", "25", "--first-token-delay-ms", "20"];
     let mut replicas = [
-        crate::common::processes::SimulatorProcess::start(&args),
-        crate::common::processes::SimulatorProcess::start(&args),
+        SimulatorProcess::start(&args),
+        SimulatorProcess::start(&args),
     ];
     let extra = format!(
         "{}\n[upstream]\nurls = [\"{}\", \"{}\"]\nbalance = \"round_robin\"\n[cache]\nurl = \"off\"\n",
