@@ -13,6 +13,14 @@
 //!
 //!     cargo bench --bench fleet
 //!     cargo bench --bench fleet -- --requests 800 --cache-blocks 80
+//!
+//! With `--failover`, it measures instead how long a stream waits when its
+//! replica dies mid-answer: 50 greedy chat streams over two replicas, the
+//! first killed once every stream has had 20 chunks; for each stream that
+//! was on it, the time from the kill to its next chunk reaching the client
+//! (continued on the other replica), against the streams that were not.
+//!
+//!     cargo bench --bench fleet -- --failover
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +36,7 @@ const REPLICAS: usize = 4;
 const CLIENTS: usize = 16;
 
 struct Args {
+    failover: bool,
     requests: usize,
     cache_blocks: usize,
     prefill: Duration,
@@ -35,6 +44,7 @@ struct Args {
 
 fn args() -> Args {
     let mut args = Args {
+        failover: false,
         requests: 800,
         cache_blocks: 80,
         prefill: Duration::from_micros(100),
@@ -43,6 +53,7 @@ fn args() -> Args {
     while let Some(flag) = it.next() {
         let mut value = || it.next().unwrap_or_default();
         match flag.as_str() {
+            "--failover" => args.failover = true,
             "--requests" => args.requests = value().parse().unwrap_or(args.requests),
             "--cache-blocks" => args.cache_blocks = value().parse().unwrap_or(args.cache_blocks),
             "--prefill-us" => args.prefill = Duration::from_micros(value().parse().unwrap_or(100)),
@@ -177,7 +188,10 @@ async fn run(mode: Balance, args: &Args) -> Outcome {
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0
+    match sorted.len() {
+        0 => f64::NAN,
+        n => sorted[((n as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0,
+    }
 }
 
 fn main() {
@@ -187,6 +201,9 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(async move {
+        if args.failover {
+            return failover().await;
+        }
         // The simulator renders a chat as "<system> …\n<user> …": the system
         // prompt's whole 16-word blocks are what a replica can have cached.
         let prompt_words = (1 + SYSTEM_WORDS + 1 + USER_WORDS) as f64;
@@ -227,4 +244,139 @@ fn main() {
             cacheable * args.prefill.as_secs_f64() * 1000.0
         );
     });
+}
+
+/// Streams, rounds and the chunk at which the replica dies, for `--failover`.
+const FAILOVER_STREAMS: usize = 50;
+const FAILOVER_ROUNDS: usize = 5;
+const KILL_AFTER_CHUNKS: usize = 20;
+
+async fn failover() {
+    println!(
+        "sluice failover benchmark: {FAILOVER_STREAMS} greedy chat streams of 200 tokens over 2 replicas (10 ms per token), the first replica killed after {KILL_AFTER_CHUNKS} chunks of every stream; {FAILOVER_ROUNDS} rounds\n"
+    );
+    let (mut continued, mut undisturbed) = (Vec::new(), Vec::new());
+    for _ in 0..FAILOVER_ROUNDS {
+        let (c, u) = failover_round().await;
+        continued.extend(c);
+        undisturbed.extend(u);
+    }
+    continued.sort();
+    undisturbed.sort();
+    println!("| streams | count | kill to next chunk p50 (ms) | p99 (ms) | max (ms) |");
+    println!("|---|---|---|---|---|");
+    for (name, gaps) in [
+        ("on the killed replica (continued)", &continued),
+        ("on the other replica", &undisturbed),
+    ] {
+        println!(
+            "| {name} | {} | {:.2} | {:.2} | {:.2} |",
+            gaps.len(),
+            pct(gaps, 0.5),
+            pct(gaps, 0.99),
+            pct(gaps, 1.0)
+        );
+    }
+}
+
+/// One round: the gaps from the kill to the next chunk, for the streams on
+/// the killed replica and for the others.
+async fn failover_round() -> (Vec<Duration>, Vec<Duration>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let config = SimulatorConfig {
+            token_delay: Duration::from_millis(10),
+            first_token_delay: Duration::from_millis(20),
+            ..SimulatorConfig::default()
+        };
+        replicas.push(Simulator::start(config).await.expect("replica"));
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = Config::default();
+    config.store.url = format!("sqlite://{}", dir.path().join("bench.db").display()).into();
+    config.cache.url = "off".to_string().into();
+    config.log.level = "error".into();
+    config.models = vec![ModelConfig {
+        name: "sim-llama".into(),
+        aliases: Vec::new(),
+        endpoints: replicas
+            .iter()
+            .map(|r| r.url().parse().expect("url"))
+            .collect(),
+        upstream_model: None,
+        balance: Balance::RoundRobin,
+        continue_streams: true,
+    }];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let gateway = sluice::Gateway::start(config).await.expect("gateway");
+    let key = sluice::tenancy::keys::create_key(gateway.store().as_ref(), "bench")
+        .await
+        .expect("key")
+        .secret;
+    tokio::spawn(gateway.serve(listener, std::future::pending()));
+    let client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .build()
+        .expect("client");
+    let ready = Arc::new(AtomicUsize::new(0));
+    let all_ready = Arc::new(tokio::sync::Notify::new());
+    let streams: Vec<_> = (0..FAILOVER_STREAMS)
+        .map(|i| {
+            let body = json!({"model": "sim-llama", "max_tokens": 200, "ignore_eos": true,
+                "temperature": 0, "stream": true,
+                "messages": [{"role": "user", "content": format!("story {i}")}]});
+            let request = client
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(&key)
+                .json(&body);
+            let (ready, all_ready) = (ready.clone(), all_ready.clone());
+            tokio::spawn(async move {
+                let mut response = request.send().await.expect("request");
+                let id = response
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                let (mut arrivals, mut chunks) = (Vec::new(), 0);
+                while let Ok(Some(bytes)) = response.chunk().await {
+                    arrivals.push(Instant::now());
+                    let before = chunks;
+                    chunks += bytes.windows(6).filter(|w| w == b"data: ").count();
+                    if before < KILL_AFTER_CHUNKS
+                        && chunks >= KILL_AFTER_CHUNKS
+                        && ready.fetch_add(1, Ordering::SeqCst) + 1 == FAILOVER_STREAMS
+                    {
+                        all_ready.notify_one();
+                    }
+                }
+                (id, arrivals)
+            })
+        })
+        .collect();
+    all_ready.notified().await;
+    let killed_at = Instant::now();
+    replicas[0].kill();
+    let on_killed: std::collections::HashSet<String> = replicas[0]
+        .received()
+        .into_iter()
+        .map(|r| r.request_id)
+        .collect();
+    let (mut continued, mut undisturbed) = (Vec::new(), Vec::new());
+    for stream in streams {
+        let (id, arrivals) = stream.await.expect("client");
+        let Some(next) = arrivals.iter().find(|at| **at > killed_at) else {
+            continue;
+        };
+        let gap = *next - killed_at;
+        match on_killed.contains(&id) {
+            true => continued.push(gap),
+            false => undisturbed.push(gap),
+        }
+    }
+    (continued, undisturbed)
 }

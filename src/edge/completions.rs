@@ -334,22 +334,17 @@ pub(super) fn sse_events(
     let id = events.resumable_id().map(str::to_string);
     // Not instrumented per chunk (that costs a span enter and exit per token);
     // spans created while streaming name their parent explicitly.
-    futures::stream::unfold(Some((events, after)), move |state| {
-        let id = id.clone();
-        async move {
-            let (mut events, sent) = state?;
-            let event = events.next().await?;
-            let end = !matches!(event, ResponseEvent::Chunk(_));
-            let bytes = event_bytes(route, &event, sent);
-            let bytes = match &id {
-                Some(id) => numbered(id, sent + 1, bytes),
-                None => bytes,
-            };
-            Some((
-                Ok::<_, Infallible>(bytes),
-                (!end).then_some((events, sent + 1)),
-            ))
-        }
+    futures::stream::unfold(Some((events, id, after)), move |state| async move {
+        let (mut events, id, sent) = state?;
+        let event = events.next().await?;
+        let end = !matches!(event, ResponseEvent::Chunk(_));
+        let bytes = event_bytes(route, &event, sent);
+        let bytes = match &id {
+            Some(id) => numbered(id, sent + 1, bytes),
+            None => bytes,
+        };
+        let next = (!end).then_some((events, id, sent + 1));
+        Some((Ok::<_, Infallible>(bytes), next))
     })
 }
 

@@ -46,8 +46,11 @@ impl Stream {
         self.log.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Wakes followers, if any (a stream nobody follows pays no wake-up).
     fn notify(&self) {
-        self.changed.send_modify(|version| *version += 1);
+        if self.changed.receiver_count() > 0 {
+            self.changed.send_modify(|version| *version += 1);
+        }
     }
 }
 
@@ -212,5 +215,83 @@ impl Drop for MemoryRecorder {
             drop(log);
             stream.notify();
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Chunk;
+    use futures::StreamExt;
+
+    fn chunk(text: &str) -> ResponseEvent {
+        ResponseEvent::Chunk(Chunk::from_payload(
+            format!("{{\"text\":\"{text}\"}}").as_bytes(),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_follower_reads_what_was_recorded_then_what_comes() {
+        let replay = MemoryReplay::new(&ResumeConfig::default());
+        let mut recorder = replay.record("s1", "key-a", Route::Completions);
+        for text in ["a", "b", "c"] {
+            recorder.record(&chunk(text));
+        }
+        assert_eq!(replay.find("s1").await.unwrap().unwrap().owner, "key-a");
+        let mut follow = replay.follow("s1", 1);
+        assert_eq!(follow.next().await, Some(Ok(chunk("b"))));
+        assert_eq!(follow.next().await, Some(Ok(chunk("c"))));
+        let later = tokio::spawn(async move {
+            let rest: Vec<_> = follow.collect().await;
+            rest
+        });
+        recorder.record(&chunk("d"));
+        recorder.record(&ResponseEvent::Done);
+        let rest = later.await.unwrap();
+        assert_eq!(rest, vec![Ok(chunk("d")), Ok(ResponseEvent::Done)]);
+        assert!(replay.find("nope").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_stream_over_its_bound_stops_being_resumable_and_gives_its_bytes_back() {
+        let config = ResumeConfig {
+            max_stream_bytes: std::num::NonZeroUsize::new(200).unwrap(),
+            ..ResumeConfig::default()
+        };
+        let replay = MemoryReplay::new(&config);
+        let mut recorder = replay.record("s1", "key-a", Route::Completions);
+        recorder.record(&chunk("a"));
+        assert!(recorder.resumable());
+        assert!(replay.budget.used() > 0);
+        for _ in 0..10 {
+            recorder.record(&chunk("a longer piece of text"));
+        }
+        assert!(!recorder.resumable());
+        assert_eq!(replay.budget.used(), 0);
+        let mut follow = replay.follow("s1", 0);
+        assert_eq!(follow.next().await, Some(Err(ReplayError::Outgrown)));
+    }
+
+    #[tokio::test]
+    async fn the_total_bound_is_shared_by_all_streams() {
+        let config = ResumeConfig {
+            max_stream_bytes: std::num::NonZeroUsize::new(200).unwrap(),
+            max_total_bytes: std::num::NonZeroUsize::new(300).unwrap(),
+            ..ResumeConfig::default()
+        };
+        let replay = MemoryReplay::new(&config);
+        let mut first = replay.record("s1", "k", Route::Completions);
+        let mut second = replay.record("s2", "k", Route::Completions);
+        for _ in 0..3 {
+            first.record(&chunk("some text"));
+        }
+        for _ in 0..3 {
+            second.record(&chunk("some text"));
+        }
+        assert!(first.resumable());
+        assert!(
+            !second.resumable(),
+            "the second did not fit beside the first"
+        );
     }
 }
