@@ -101,6 +101,33 @@ pub fn scheme(url: &str) -> Option<&str> {
     url.split_once("://").map(|(scheme, _)| scheme)
 }
 
+/// `url` when it names Redis (`redis://` or `rediss://`).
+pub fn redis_url(url: &str) -> Option<&str> {
+    matches!(scheme(url), Some("redis" | "rediss")).then_some(url)
+}
+
+/// Checks that `key`'s `url`, if set, is `memory://` or a Redis URL.
+pub fn memory_or_redis(key: &str, url: Option<&SecretString>) -> Result<(), Invalid> {
+    use secrecy::ExposeSecret;
+    match url.map(|url| url.expose_secret()) {
+        None => Ok(()),
+        Some(url) if scheme(url) == Some("memory") || redis_url(url).is_some() => Ok(()),
+        Some(url) => Err(Invalid::new(
+            key,
+            format!(
+                "`{}` must be memory:// or redis://HOST:PORT",
+                redact_url(url)
+            ),
+        )),
+    }
+}
+
+/// Whether `url` is set to `memory://` (the in-process implementation).
+pub fn names_memory(url: Option<&SecretString>) -> bool {
+    use secrecy::ExposeSecret;
+    url.is_some_and(|url| scheme(url.expose_secret()) == Some("memory"))
+}
+
 /// A URL with any password replaced by `***`, safe for logs and error messages.
 pub fn redact_url(url: &str) -> String {
     match Url::parse(url) {

@@ -118,6 +118,13 @@ fn invalid_values_name_the_key() {
             "[queue]\nurl = \"kafka://k:9092\"\n[queue.producer]\n\"message.max.bytes\" = \"1MB\"\n[worker]\nin_process = false\n",
             "queue.producer.message.max.bytes",
         ),
+        ("[resume]\nurl = \"kafka://k\"\n", "resume.url"),
+        ("[responses]\nurl = \"http://x\"\n", "responses.url"),
+        (
+            "[resume]\nmax_stream_bytes = 2000\nmax_total_bytes = 1000\n",
+            "resume.max_stream_bytes",
+        ),
+        ("[resume]\ngrace_ms = 0\n", "resume.grace_ms"),
     ] {
         let err = load(toml, &[]).unwrap_err().to_string();
         assert!(err.contains(key), "{toml}: {err}");

@@ -282,25 +282,7 @@ async fn conversations_sharing_a_system_prompt_go_to_one_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_json_answer_survives_its_replica_dying_mid_generation() {
-    let args = ["--token-delay-ms", "20", "--first-token-delay-ms", "20"];
-    let mut replicas = [
-        SimulatorProcess::start(&args),
-        SimulatorProcess::start(&args),
-    ];
-    let endpoints = replicas.iter().map(|r| r.url.parse().unwrap()).collect();
-    let fleet = vec![ModelConfig {
-        name: MODEL.into(),
-        aliases: Vec::new(),
-        endpoints,
-        upstream_model: None,
-        balance: Balance::RoundRobin,
-        continue_streams: true,
-    }];
-    let gw = TestGateway::start_with(sim_config(), move |c| {
-        c.models = fleet;
-        c.cache.url = "off".to_string().into();
-    })
-    .await;
+    let (mut replicas, gw) = two_replicas("20", true).await;
     // Ten JSON answers of 20 tokens (about half a second each), five on
     // each replica; one replica is SIGKILLed 150 ms in.
     let body = |i: usize| json!({"model": MODEL, "prompt": format!("whole answer {i}"), "max_tokens": 20, "stream": false});
@@ -324,6 +306,39 @@ async fn a_json_answer_survives_its_replica_dying_mid_generation() {
         );
         assert_eq!(answer["usage"]["completion_tokens"], 20, "{answer}");
     }
+}
+
+/// Two simulator processes (`token_delay_ms` per token, 20 ms to the first)
+/// as one model's round-robin pool behind a gateway with no cache.
+async fn two_replicas(
+    token_delay_ms: &str,
+    continue_streams: bool,
+) -> ([SimulatorProcess; 2], TestGateway) {
+    let args = [
+        "--token-delay-ms",
+        token_delay_ms,
+        "--first-token-delay-ms",
+        "20",
+    ];
+    let replicas = [
+        SimulatorProcess::start(&args),
+        SimulatorProcess::start(&args),
+    ];
+    let endpoints = replicas.iter().map(|r| r.url.parse().unwrap()).collect();
+    let fleet = vec![ModelConfig {
+        name: MODEL.into(),
+        aliases: Vec::new(),
+        endpoints,
+        upstream_model: None,
+        balance: Balance::RoundRobin,
+        continue_streams,
+    }];
+    let gw = TestGateway::start_with(sim_config(), move |c| {
+        c.models = fleet;
+        c.cache.url = "off".to_string().into();
+    })
+    .await;
+    (replicas, gw)
 }
 
 /// The replica running a stream, asked of each directly (vLLM's
@@ -350,25 +365,7 @@ async fn running_on(replicas: &[SimulatorProcess]) -> Option<usize> {
 async fn a_stream_survives_its_replica_dying_mid_answer() {
     // The third time, the model's switch is off: the client gets the error.
     for (chat, continue_streams) in [(false, true), (true, true), (false, false)] {
-        let args = ["--token-delay-ms", "25", "--first-token-delay-ms", "20"];
-        let mut replicas = [
-            SimulatorProcess::start(&args),
-            SimulatorProcess::start(&args),
-        ];
-        let endpoints = replicas.iter().map(|r| r.url.parse().unwrap()).collect();
-        let fleet = vec![ModelConfig {
-            name: MODEL.into(),
-            aliases: Vec::new(),
-            endpoints,
-            upstream_model: None,
-            balance: Balance::RoundRobin,
-            continue_streams,
-        }];
-        let gw = TestGateway::start_with(sim_config(), move |c| {
-            c.models = fleet;
-            c.cache.url = "off".to_string().into();
-        })
-        .await;
+        let (mut replicas, gw) = two_replicas("25", continue_streams).await;
         let (url, body) = match chat {
             false => (
                 gw.completions_url(),
@@ -555,24 +552,6 @@ pub(crate) async fn fifty_streams_survive_a_replica_kill(
 /// stream continues on the other.
 #[tokio::test(flavor = "multi_thread")]
 async fn fifty_streams_survive_their_replica_dying() {
-    let args = ["--token-delay-ms", "25", "--first-token-delay-ms", "20"];
-    let mut replicas = [
-        SimulatorProcess::start(&args),
-        SimulatorProcess::start(&args),
-    ];
-    let endpoints = replicas.iter().map(|r| r.url.parse().unwrap()).collect();
-    let fleet = vec![ModelConfig {
-        name: MODEL.into(),
-        aliases: Vec::new(),
-        endpoints,
-        upstream_model: None,
-        balance: Balance::RoundRobin,
-        continue_streams: true,
-    }];
-    let gw = TestGateway::start_with(sim_config(), move |c| {
-        c.models = fleet;
-        c.cache.url = "off".to_string().into();
-    })
-    .await;
+    let (mut replicas, gw) = two_replicas("25", true).await;
     fifty_streams_survive_a_replica_kill(&gw.url, &gw.key, &mut replicas).await;
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::settings::{Invalid, positive_millis, redact_url, scheme};
+use crate::settings::{Invalid, positive_millis};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -57,15 +57,12 @@ impl Default for ResumeConfig {
 impl ResumeConfig {
     /// `url` when it is a Redis URL.
     pub fn redis_url(&self) -> Option<&str> {
-        let url = self.url.as_ref()?.expose_secret();
-        matches!(scheme(url), Some("redis" | "rediss")).then_some(url)
+        crate::settings::redis_url(self.url.as_ref()?.expose_secret())
     }
 
-    /// Whether `url` names the in-process buffer explicitly.
+    /// Whether `url` names the in-process implementation explicitly.
     pub fn in_process(&self) -> bool {
-        self.url
-            .as_ref()
-            .is_some_and(|url| scheme(url.expose_secret()) == Some("memory"))
+        crate::settings::names_memory(self.url.as_ref())
     }
 
     pub fn validate(&self) -> Result<(), Invalid> {
@@ -78,16 +75,6 @@ impl ResumeConfig {
                 ),
             ));
         }
-        match self.url.as_ref().map(|url| url.expose_secret()) {
-            None => Ok(()),
-            Some(url) if matches!(scheme(url), Some("memory" | "redis" | "rediss")) => Ok(()),
-            Some(url) => Err(Invalid::new(
-                "resume.url",
-                format!(
-                    "`{}` must be memory:// or redis://HOST:PORT",
-                    redact_url(url)
-                ),
-            )),
-        }
+        crate::settings::memory_or_redis("resume.url", self.url.as_ref())
     }
 }
