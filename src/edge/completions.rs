@@ -354,7 +354,7 @@ fn event_bytes(route: Route, event: &ResponseEvent, sent: u64) -> Bytes {
         ResponseEvent::Chunk(chunk) if route.has_typed_events() => typed_event(chunk),
         ResponseEvent::Chunk(chunk) => chunk.framed().clone(),
         ResponseEvent::Error(info) => stream_end(route, Some(info.clone()), sent),
-        ResponseEvent::Done => stream_end(route, None, sent),
+        ResponseEvent::Done(_) => stream_end(route, None, sent),
     }
 }
 

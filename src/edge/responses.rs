@@ -144,7 +144,7 @@ async fn ask(
     loop {
         match responses.next().await {
             ResponseEvent::Chunk(chunk) => body = Some(chunk.payload()),
-            ResponseEvent::Done => break,
+            ResponseEvent::Done(_) => break,
             ResponseEvent::Error(info) if info.status == 404 || info.status == 503 => {
                 return Err(info.status);
             }

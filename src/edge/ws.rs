@@ -524,7 +524,7 @@ async fn deliver_watching(
                     },
                 },
                 Some(ResponseEvent::Error(info)) => return send_error(sink, &info).await,
-                Some(ResponseEvent::Done) | None => {
+                Some(ResponseEvent::Done(_)) | None => {
                     if let Some(assembler) = assembler.take()
                         && !send_text(sink, assembler.finish()).await
                     {

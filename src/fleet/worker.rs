@@ -160,7 +160,7 @@ impl Worker {
                     return "cancelled";
                 }
             }
-            let _ = job.sink.send(ResponseEvent::Done).await;
+            let _ = job.sink.send(ResponseEvent::Done(0)).await;
             return "completed";
         }
         let mut stream = match self.upstream.open(call).await {
@@ -186,7 +186,7 @@ impl Worker {
             let chunk = match stream.next().await {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => {
-                    let _ = job.sink.send(ResponseEvent::Done).await;
+                    let _ = job.sink.send(ResponseEvent::Done(continuations)).await;
                     return "completed";
                 }
                 Err(err) if continuable && err.is_endpoint_failure() && !sent.is_empty() => {

@@ -89,7 +89,7 @@ impl Completion {
                     *next += 1;
                     ResponseEvent::Chunk(chunk.clone())
                 }
-                None => ResponseEvent::Done,
+                None => ResponseEvent::Done(0),
             },
             Source::Queue { responses, first } => match first.take() {
                 Some(event) => event,
@@ -186,15 +186,18 @@ impl Completion {
                     }
                 }
                 ResponseEvent::Error(info) => return self.fail(info),
-                ResponseEvent::Done => match self.filters.finish(self.last_chunk.as_ref()).await {
-                    Ok(Some(chunk)) => {
-                        self.pending_done = true;
-                        self.record.chunk_sent();
-                        return self.deliver(chunk);
+                ResponseEvent::Done(continuations) => {
+                    self.record.continuations = continuations;
+                    match self.filters.finish(self.last_chunk.as_ref()).await {
+                        Ok(Some(chunk)) => {
+                            self.pending_done = true;
+                            self.record.chunk_sent();
+                            return self.deliver(chunk);
+                        }
+                        Ok(None) => return self.complete(),
+                        Err(err) => return self.fail(err.info()),
                     }
-                    Ok(None) => return self.complete(),
-                    Err(err) => return self.fail(err.info()),
-                },
+                }
             }
         }
     }

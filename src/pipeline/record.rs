@@ -32,6 +32,8 @@ pub struct RequestRecord {
     pub key_id: Option<String>,
     pub model: String,
     pub cache_hit: bool,
+    /// Times the stream was continued on another endpoint after its own failed.
+    pub continuations: u32,
     /// Whether the cache was consulted (false when the request failed first).
     pub(super) looked_up: bool,
     /// Cleared by [`RequestRecord::discard`]: nothing is reported.
@@ -68,6 +70,7 @@ impl RequestRecord {
             key_id: None,
             model: String::new(),
             cache_hit: false,
+            continuations: 0,
             looked_up: false,
             report: true,
             status: CLIENT_CLOSED,
@@ -224,6 +227,7 @@ impl Drop for RequestRecord {
                 prompt_tokens: saturating_i64(usage.prompt_tokens),
                 completion_tokens: saturating_i64(completion_tokens),
                 cache_hit: self.cache_hit,
+                continuations: i32::try_from(self.continuations).unwrap_or(i32::MAX),
                 status: i32::from(self.status),
                 ttft_ms,
                 total_ms: elapsed.as_secs_f64() * 1000.0,

@@ -155,7 +155,7 @@ async fn deliver(
         let event = match delivery {
             Delivery::Chunk(chunk) => ResponseEvent::Chunk(chunk),
             Delivery::Error(info) => ResponseEvent::Error(info),
-            Delivery::Done => ResponseEvent::Done,
+            Delivery::Done => ResponseEvent::Done(0),
         };
         let end = !matches!(event, ResponseEvent::Chunk(_));
         recorder.record(&event);
@@ -247,7 +247,7 @@ impl Events {
                 let event = match completion.next().await {
                     Delivery::Chunk(chunk) => return Some(ResponseEvent::Chunk(chunk)),
                     Delivery::Error(info) => ResponseEvent::Error(info),
-                    Delivery::Done => ResponseEvent::Done,
+                    Delivery::Done => ResponseEvent::Done(0),
                 };
                 *ended = true;
                 Some(event)

@@ -460,18 +460,26 @@ async fn a_stream_survives_its_replica_dying_mid_answer() {
             ),
             Some(1.0)
         );
+        let row = eventually(Duration::from_secs(5), || async {
+            gw.store.inferences_for(&id).await.unwrap().pop()
+        })
+        .await
+        .expect("an inference-log row");
+        assert_eq!(row.continuations, 1, "{row:?}");
+        assert_eq!(row.status, 200, "{row:?}");
     }
 }
 
 /// Fifty greedy streams (completions and chats) through `url`, spread over
 /// `replicas`; once each has had five chunks, the first replica is
 /// SIGKILLed. Every client gets the whole answer, exactly what the
-/// surviving replica answers undisturbed, with no error event.
+/// surviving replica answers undisturbed, with no error event. Returns
+/// the streams' request ids.
 pub(crate) async fn fifty_streams_survive_a_replica_kill(
     url: &str,
     key: &str,
     replicas: &mut [SimulatorProcess; 2],
-) {
+) -> Vec<String> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     const STREAMS: usize = 50;
@@ -504,6 +512,7 @@ pub(crate) async fn fifty_streams_survive_a_replica_kill(
             tokio::spawn(async move {
                 let response = request.send().await.unwrap();
                 assert_eq!(response.status(), 200);
+                let id = request_id(&response);
                 let mut reader = SseReader::new(response);
                 let mut events = Vec::new();
                 while let Some(event) = reader.next().await {
@@ -512,7 +521,7 @@ pub(crate) async fn fifty_streams_survive_a_replica_kill(
                         kill.notify_one();
                     }
                 }
-                events
+                (id, events)
             })
         })
         .collect();
@@ -521,8 +530,10 @@ pub(crate) async fn fifty_streams_survive_a_replica_kill(
         .expect("every stream started");
     replicas[0].kill();
     let survivor = replicas[1].url.clone();
+    let mut ids = Vec::new();
     for (i, client) in clients.into_iter().enumerate() {
-        let events = client.await.unwrap();
+        let (id, events) = client.await.unwrap();
+        ids.push(id);
         assert_eq!(
             events.last().map(String::as_str),
             Some("[DONE]"),
@@ -546,6 +557,24 @@ pub(crate) async fn fifty_streams_survive_a_replica_kill(
             "stream {i}: the whole answer, once"
         );
     }
+    ids
+}
+
+/// How many of `ids` the inference log shows continued.
+pub(crate) async fn continued_in_the_log(
+    store: &dyn sluice::backends::store::Store,
+    ids: &[String],
+) -> usize {
+    let mut continued = 0;
+    for id in ids {
+        let row = eventually(Duration::from_secs(5), || async {
+            store.inferences_for(id).await.unwrap().pop()
+        })
+        .await
+        .unwrap_or_else(|| panic!("no inference-log row for {id}"));
+        continued += usize::from(row.continuations > 0);
+    }
+    continued
 }
 
 /// Fifty concurrent streams, one replica SIGKILLed mid-answer: every
@@ -553,5 +582,10 @@ pub(crate) async fn fifty_streams_survive_a_replica_kill(
 #[tokio::test(flavor = "multi_thread")]
 async fn fifty_streams_survive_their_replica_dying() {
     let (mut replicas, gw) = two_replicas("25", true).await;
-    fifty_streams_survive_a_replica_kill(&gw.url, &gw.key, &mut replicas).await;
+    let ids = fifty_streams_survive_a_replica_kill(&gw.url, &gw.key, &mut replicas).await;
+    let continued = continued_in_the_log(gw.store.as_ref(), &ids).await;
+    assert!(
+        (1..50).contains(&continued),
+        "{continued} of 50 logged as continued"
+    );
 }

@@ -90,7 +90,9 @@ impl QueuedRequest {
 pub enum ResponseEvent {
     Chunk(Chunk),
     Error(ErrorInfo),
-    Done,
+    /// The end, and how many times the stream was continued on another
+    /// endpoint after its own failed mid-answer.
+    Done(u32),
 }
 
 #[derive(Debug, thiserror::Error)]

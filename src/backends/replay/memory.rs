@@ -246,9 +246,9 @@ mod tests {
             rest
         });
         recorder.record(&chunk("d"));
-        recorder.record(&ResponseEvent::Done);
+        recorder.record(&ResponseEvent::Done(0));
         let rest = later.await.unwrap();
-        assert_eq!(rest, vec![Ok(chunk("d")), Ok(ResponseEvent::Done)]);
+        assert_eq!(rest, vec![Ok(chunk("d")), Ok(ResponseEvent::Done(0))]);
         assert!(replay.find("nope").await.unwrap().is_none());
     }
 

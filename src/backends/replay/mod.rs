@@ -93,7 +93,7 @@ pub fn event_bytes(event: &ResponseEvent) -> usize {
     let held = match event {
         ResponseEvent::Chunk(chunk) => chunk.framed().len(),
         ResponseEvent::Error(info) => info.message.len() + info.kind.len() + 64,
-        ResponseEvent::Done => 0,
+        ResponseEvent::Done(_) => 0,
     };
     held + EVENT_OVERHEAD
 }

@@ -283,7 +283,7 @@ fn decode(mut fields: HashMap<String, Value>) -> Result<ResponseEvent, ReplayErr
             .map_err(|err| ReplayError::Unavailable(err.to_string()));
     }
     if fields.contains_key("d") {
-        return Ok(ResponseEvent::Done);
+        return Ok(ResponseEvent::Done(0));
     }
     Err(ReplayError::Outgrown)
 }
@@ -343,7 +343,7 @@ impl Recorder for RedisRecorder {
                 "e",
                 Value::from(serde_json::to_string(info).unwrap_or_default()),
             ),
-            ResponseEvent::Done => ("d", Value::from("")),
+            ResponseEvent::Done(_) => ("d", Value::from("")),
         };
         self.ended = !matches!(event, ResponseEvent::Chunk(_));
         self.sent += 1;

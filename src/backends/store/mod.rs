@@ -91,6 +91,9 @@ pub struct InferenceRecord {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub cache_hit: bool,
+    /// Times the stream was continued on another replica after its own
+    /// failed mid-answer.
+    pub continuations: i32,
     /// HTTP status, or 499 when the client went away first.
     pub status: i32,
     pub ttft_ms: Option<f64>,

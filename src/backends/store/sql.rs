@@ -28,9 +28,9 @@ const INSERT_TEAM: &str =
 const TEAM_COLUMNS: &str = "id, name, limits, created_at";
 const UPDATE_TEAM: &str = "UPDATE teams SET limits = $1 WHERE id = $2";
 const INSERT_INFERENCES: &str = "INSERT INTO inference_logs (request_id, key_id, route, model, prompt_tokens, \
-     completion_tokens, cache_hit, status, ttft_ms, total_ms, created_at) ";
+     completion_tokens, cache_hit, continuations, status, ttft_ms, total_ms, created_at) ";
 const INFERENCES_FOR: &str = "SELECT request_id, key_id, route, model, prompt_tokens, completion_tokens, cache_hit, \
-     status, ttft_ms, total_ms, created_at FROM inference_logs WHERE request_id = $1";
+     continuations, status, ttft_ms, total_ms, created_at FROM inference_logs WHERE request_id = $1";
 const KEY_USAGE: &str = "SELECT l.key_id AS key_id, MAX(k.name) AS name, COUNT(*) AS requests, \
      CAST(COALESCE(SUM(CASE WHEN l.status BETWEEN 200 AND 299 THEN 1 ELSE 0 END), 0) AS BIGINT) AS served, \
      CAST(COALESCE(SUM(CASE WHEN l.status BETWEEN 400 AND 498 THEN 1 ELSE 0 END), 0) AS BIGINT) AS refused, \
@@ -270,6 +270,7 @@ macro_rules! sql_store {
                             .push_bind(r.prompt_tokens)
                             .push_bind(r.completion_tokens)
                             .push_bind(r.cache_hit)
+                            .push_bind(r.continuations)
                             .push_bind(r.status)
                             .push_bind(r.ttft_ms)
                             .push_bind(r.total_ms)

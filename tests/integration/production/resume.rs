@@ -110,7 +110,13 @@ async fn fifty_streams_through_kafka_survive_a_replica_dying() {
         .await
         .unwrap()
         .secret;
-    crate::fleet::fifty_streams_survive_a_replica_kill(&url, &key, &mut replicas).await;
+    let ids = crate::fleet::fifty_streams_survive_a_replica_kill(&url, &key, &mut replicas).await;
+    // The worker's count reached the edge's inference log through Kafka.
+    let continued = crate::fleet::continued_in_the_log(store.as_ref(), &ids).await;
+    assert!(
+        (1..50).contains(&continued),
+        "{continued} of 50 logged as continued"
+    );
     for rt in [edge, worker_1, worker_2] {
         rt.kill();
     }

@@ -585,7 +585,11 @@ impl KafkaResponses {
                     });
                 Some(self.finish(ResponseEvent::Error(info)))
             }
-            FrameKind::Done => Some(self.finish(ResponseEvent::Done)),
+            FrameKind::Done => {
+                let continuations =
+                    <[u8; 4]>::try_from(frame.payload.as_ref()).map_or(0, u32::from_be_bytes);
+                Some(self.finish(ResponseEvent::Done(continuations)))
+            }
         }
     }
 }
@@ -598,7 +602,7 @@ impl ResponseStream for KafkaResponses {
                 return ResponseEvent::Chunk(chunk);
             }
             if self.finished {
-                return ResponseEvent::Done;
+                return ResponseEvent::Done(0);
             }
             // Cancel-safe: state changes only after a frame has been received.
             let frame = match tokio::time::timeout_at(self.deadline, self.rx.recv()).await {

@@ -346,9 +346,12 @@ impl ResponseSink for KafkaSink {
                     .send_frame(&self.reply, FrameKind::Error, seq, &payload);
                 self.ended = true;
             }
-            ResponseEvent::Done => {
+            ResponseEvent::Done(continuations) => {
+                // Empty when 0, as an edge from before the count expects.
+                let count = continuations.to_be_bytes();
+                let payload: &[u8] = if *continuations == 0 { &[] } else { &count };
                 self.shared
-                    .send_frame(&self.reply, FrameKind::Done, seq, &[]);
+                    .send_frame(&self.reply, FrameKind::Done, seq, payload);
                 self.ended = true;
             }
         }
