@@ -138,6 +138,10 @@ pub async fn reopen(
             )));
         }
     };
+    if recording.outgrown {
+        outcome("outgrown");
+        return Err(ReplayError::Outgrown.into());
+    }
     // Followed from now: the generation is not abandoned while this client reads.
     let following = resumption.log.attach(id);
     let mut replay = resumption.log.follow(id, after).peekable();

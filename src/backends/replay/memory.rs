@@ -76,6 +76,7 @@ impl ReplayLog for MemoryReplay {
             recording: Recording {
                 owner: owner.to_string(),
                 route,
+                outgrown: false,
             },
             log: Mutex::default(),
             changed: watch::Sender::new(0),
@@ -93,7 +94,10 @@ impl ReplayLog for MemoryReplay {
     }
 
     async fn find(&self, id: &str) -> Result<Option<Recording>, ReplayError> {
-        Ok(self.stream(id).map(|stream| stream.recording.clone()))
+        Ok(self.stream(id).map(|stream| Recording {
+            outgrown: stream.log().outgrown,
+            ..stream.recording.clone()
+        }))
     }
 
     fn follow(&self, id: &str, after: u64) -> Replay {

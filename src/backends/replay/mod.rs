@@ -36,6 +36,8 @@ pub struct Recording {
     pub owner: String,
     /// The route it answers, which says how its events are written.
     pub route: Route,
+    /// It outgrew its buffer: it can no longer be resumed.
+    pub outgrown: bool,
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]

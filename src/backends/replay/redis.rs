@@ -140,10 +140,15 @@ impl ReplayLog for RedisReplay {
             return Ok(None);
         };
         let route = fields.get("route").and_then(|path| Route::from_path(path));
-        Ok(match (fields.remove("owner"), route) {
-            (Some(owner), Some(route)) => Some(Recording { owner, route }),
-            _ => None,
-        })
+        let (Some(owner), Some(route)) = (fields.remove("owner"), route) else {
+            return Ok(None);
+        };
+        let last = last_entry(&self.client, &self.options, &self.key(id)).await?;
+        Ok(Some(Recording {
+            owner,
+            route,
+            outgrown: matches!(last, Some(Last::Outgrown)),
+        }))
     }
 
     fn follow(&self, id: &str, after: u64) -> Replay {
@@ -166,9 +171,14 @@ impl ReplayLog for RedisReplay {
                     return Some((item, next));
                 }
                 match reader.after(after).await {
-                    Ok(events) if events.is_empty() => match reader.exists().await {
-                        Ok(true) => tokio::time::sleep(reader.poll).await,
-                        Ok(false) => return Some((Err(ReplayError::Expired), None)),
+                    Ok(events) if events.is_empty() => match reader.last().await {
+                        // Nothing after `after`, and nothing will come.
+                        Ok(Some(Last::Ended)) => return None,
+                        Ok(Some(Last::Outgrown)) => {
+                            return Some((Err(ReplayError::Outgrown), None));
+                        }
+                        Ok(Some(Last::Open)) => tokio::time::sleep(reader.poll).await,
+                        Ok(None) => return Some((Err(ReplayError::Expired), None)),
                         Err(err) => return Some((Err(err), None)),
                     },
                     Ok(events) => {
@@ -258,15 +268,40 @@ impl Reader {
             .collect())
     }
 
-    async fn exists(&self) -> Result<bool, ReplayError> {
-        let found: i64 = self
-            .client
-            .with_options(&self.options)
-            .exists(&self.key)
-            .await
-            .map_err(unavailable)?;
-        Ok(found > 0)
+    /// What the stream's last entry says; `None` when the stream is gone.
+    async fn last(&self) -> Result<Option<Last>, ReplayError> {
+        last_entry(&self.client, &self.options, &self.key).await
     }
+}
+
+/// Where a recorded stream stands, from its last entry.
+enum Last {
+    Open,
+    Ended,
+    Outgrown,
+}
+
+async fn last_entry(
+    client: &Client,
+    options: &Options,
+    key: &str,
+) -> Result<Option<Last>, ReplayError> {
+    let last: Vec<(String, HashMap<String, Value>)> = client
+        .with_options(options)
+        .xrevrange_values(key, "+", "-", Some(1))
+        .await
+        .map_err(unavailable)?;
+    Ok(last.into_iter().next().map(|(id, fields)| {
+        match (
+            id == "0-1",
+            fields.contains_key("c"),
+            fields.contains_key("x"),
+        ) {
+            (true, _, _) | (false, true, _) => Last::Open,
+            (false, false, true) => Last::Outgrown,
+            (false, false, false) => Last::Ended,
+        }
+    }))
 }
 
 /// An entry's event: `c` a chunk, `e` an error, `d` the end, `x` outgrown.

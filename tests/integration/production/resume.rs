@@ -64,6 +64,19 @@ async fn a_stream_cut_on_one_edge_resumes_on_the_other() {
     let whole = [datas(&first), datas(&rest)].concat();
     assert_eq!(texts(&whole), texts(&reference), "the whole answer");
     assert_eq!(sim.received().len(), 2, "the reference and one generation");
+    // Resumed after its last event, on the edge that did not run it: nothing more, at once.
+    let after_the_end = http
+        .get(format!("{url_b}/v1/streams/{id}?after=201"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after_the_end.status(), 200);
+    let nothing = tokio::time::timeout(Duration::from_secs(5), after_the_end.text())
+        .await
+        .expect("the resumed stream ends")
+        .unwrap();
+    assert_eq!(nothing, "");
     // Another key, on either edge: not found.
     let other = sluice::tenancy::keys::create_key(store.as_ref(), "other")
         .await
