@@ -75,6 +75,43 @@ fn words(seed: usize, n: usize) -> String {
         .join(" ")
 }
 
+/// A gateway with no cache in front of `replicas` (one model, `balance`),
+/// customized; its URL, a key, and the folder of its database.
+async fn start_gateway(
+    replicas: &[Simulator],
+    balance: Balance,
+    customize: impl FnOnce(&mut Config),
+) -> (String, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = Config::default();
+    config.store.url = format!("sqlite://{}", dir.path().join("bench.db").display()).into();
+    config.cache.url = "off".to_string().into();
+    config.log.level = "error".into();
+    config.models = vec![ModelConfig {
+        name: "sim-llama".into(),
+        aliases: Vec::new(),
+        endpoints: replicas
+            .iter()
+            .map(|r| r.url().parse().expect("url"))
+            .collect(),
+        upstream_model: None,
+        balance,
+        continue_streams: true,
+    }];
+    customize(&mut config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let gateway = sluice::Gateway::start(config).await.expect("gateway");
+    let key = sluice::tenancy::keys::create_key(gateway.store().as_ref(), "bench")
+        .await
+        .expect("key")
+        .secret;
+    tokio::spawn(gateway.serve(listener, std::future::pending()));
+    (url, key, dir)
+}
+
 struct Outcome {
     ttft: Vec<Duration>,
     per_replica: Vec<usize>,
@@ -97,34 +134,11 @@ async fn run(mode: Balance, args: &Args) -> Outcome {
             .expect("replica"),
         );
     }
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut config = Config::default();
-    config.store.url = format!("sqlite://{}", dir.path().join("bench.db").display()).into();
-    config.cache.url = "off".to_string().into();
-    config.log.level = "warn".into();
-    config.worker.concurrency = std::num::NonZeroUsize::new(512).expect("not zero");
-    config.upstream.health_interval = Duration::from_millis(200);
-    config.models = vec![ModelConfig {
-        name: "sim-llama".into(),
-        aliases: Vec::new(),
-        endpoints: replicas
-            .iter()
-            .map(|r| r.url().parse().expect("url"))
-            .collect(),
-        upstream_model: None,
-        balance: mode,
-        continue_streams: true,
-    }];
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let gateway = sluice::Gateway::start(config).await.expect("gateway");
-    let key = sluice::tenancy::keys::create_key(gateway.store().as_ref(), "bench")
-        .await
-        .expect("key")
-        .secret;
-    tokio::spawn(gateway.serve(listener, std::future::pending()));
+    let (url, key, _dir) = start_gateway(&replicas, mode, |config| {
+        config.worker.concurrency = std::num::NonZeroUsize::new(512).expect("not zero");
+        config.upstream.health_interval = Duration::from_millis(200);
+    })
+    .await;
     // Let the first scrape of vLLM's metrics happen.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -292,32 +306,7 @@ async fn failover_round() -> (Vec<Duration>, Vec<Duration>) {
         };
         replicas.push(Simulator::start(config).await.expect("replica"));
     }
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut config = Config::default();
-    config.store.url = format!("sqlite://{}", dir.path().join("bench.db").display()).into();
-    config.cache.url = "off".to_string().into();
-    config.log.level = "error".into();
-    config.models = vec![ModelConfig {
-        name: "sim-llama".into(),
-        aliases: Vec::new(),
-        endpoints: replicas
-            .iter()
-            .map(|r| r.url().parse().expect("url"))
-            .collect(),
-        upstream_model: None,
-        balance: Balance::RoundRobin,
-        continue_streams: true,
-    }];
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let gateway = sluice::Gateway::start(config).await.expect("gateway");
-    let key = sluice::tenancy::keys::create_key(gateway.store().as_ref(), "bench")
-        .await
-        .expect("key")
-        .secret;
-    tokio::spawn(gateway.serve(listener, std::future::pending()));
+    let (url, key, _dir) = start_gateway(&replicas, Balance::RoundRobin, |_| {}).await;
     let client = reqwest::Client::builder()
         .tcp_nodelay(true)
         .build()
