@@ -21,6 +21,18 @@ pub enum Delivery {
     Done,
 }
 
+impl From<Delivery> for ResponseEvent {
+    /// The same event, for a transport or a buffer (the continuation count
+    /// is in the request's record already).
+    fn from(delivery: Delivery) -> Self {
+        match delivery {
+            Delivery::Chunk(chunk) => Self::Chunk(chunk),
+            Delivery::Error(info) => Self::Error(info),
+            Delivery::Done => Self::Done(0),
+        }
+    }
+}
+
 pub(super) enum Source {
     Cached {
         chunks: CachedResponse,

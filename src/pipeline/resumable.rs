@@ -10,14 +10,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use prometheus::{IntCounter, IntCounterVec};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
-use super::{Completion, Delivery};
+use super::Completion;
 use crate::backends::queue::ResponseEvent;
-use futures::StreamExt;
-
 use crate::backends::replay::{Attachment, Recorder, Replay, ReplayLog};
 use crate::error::{ErrorInfo, GatewayError};
 use crate::observe::metrics::{MetricsRegistry, Roles};
@@ -141,7 +141,7 @@ async fn deliver(
     abandon: CancellationToken,
     watchdog: tokio::task::JoinHandle<()>,
 ) {
-    let _watchdog = AbortOnDrop(watchdog);
+    let _watchdog = AbortOnDropHandle::new(watchdog);
     let mut live = Some(live);
     loop {
         let delivery = tokio::select! {
@@ -152,11 +152,7 @@ async fn deliver(
             }
             delivery = completion.next() => delivery,
         };
-        let event = match delivery {
-            Delivery::Chunk(chunk) => ResponseEvent::Chunk(chunk),
-            Delivery::Error(info) => ResponseEvent::Error(info),
-            Delivery::Done => ResponseEvent::Done(0),
-        };
+        let event = ResponseEvent::from(delivery);
         let end = !matches!(event, ResponseEvent::Chunk(_));
         recorder.record(&event);
         if let Some(sender) = &live
@@ -171,14 +167,6 @@ async fn deliver(
         if end {
             return;
         }
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -244,12 +232,8 @@ impl Events {
         match self {
             Self::Direct { ended: true, .. } => None,
             Self::Direct { completion, ended } => {
-                let event = match completion.next().await {
-                    Delivery::Chunk(chunk) => return Some(ResponseEvent::Chunk(chunk)),
-                    Delivery::Error(info) => ResponseEvent::Error(info),
-                    Delivery::Done => ResponseEvent::Done(0),
-                };
-                *ended = true;
+                let event = ResponseEvent::from(completion.next().await);
+                *ended = !matches!(event, ResponseEvent::Chunk(_));
                 Some(event)
             }
             Self::Live(live) => live.next().await,

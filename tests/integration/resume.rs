@@ -78,6 +78,41 @@ pub(crate) fn ids(stream: &str, from: usize, to: usize) -> Vec<Option<String>> {
     (from..=to).map(|n| Some(format!("{stream}.{n}"))).collect()
 }
 
+/// Reads the first `n` events of a streamed answer, then cuts the
+/// connection: the stream's id and the events read.
+pub(crate) async fn cut_after(response: reqwest::Response, n: usize) -> (String, Vec<Event>) {
+    assert_eq!(response.status(), 200);
+    let id = request_id(&response);
+    let mut reader = EventReader::new(response);
+    let mut first = Vec::new();
+    while first.len() < n {
+        first.push(reader.next().await.expect("an event"));
+    }
+    (id, first)
+}
+
+/// A resumed stream of `reference`'s answer, cut after `first`: every
+/// later event once, in order, and with `first` the whole answer.
+pub(crate) async fn assert_resumed(
+    resumed: reqwest::Response,
+    id: &str,
+    first: &[Event],
+    reference: &[String],
+    what: &str,
+) {
+    assert_eq!(resumed.status(), 200, "{what}");
+    let rest = EventReader::new(resumed).rest().await;
+    let ids_rest: Vec<_> = rest.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(
+        ids_rest,
+        ids(id, first.len() + 1, reference.len()),
+        "{what}: each once, in order"
+    );
+    let whole = [datas(first), datas(&rest)].concat();
+    assert_eq!(texts(&whole), texts(reference), "{what}: the whole answer");
+    assert_eq!(whole.last().map(String::as_str), Some("[DONE]"), "{what}");
+}
+
 fn slow_tokens() -> SimulatorConfig {
     SimulatorConfig {
         token_delay: Duration::from_millis(8),
@@ -104,15 +139,7 @@ async fn a_stream_cut_at_chunk_20_resumes_with_last_event_id() {
     assert_eq!(reference.len(), 201, "200 tokens and [DONE]");
     for resume_on in ["the same route", "the resume URL"] {
         let before = gw.sim.received().len();
-        let response = gw.post(&body).await;
-        assert_eq!(response.status(), 200);
-        let id = request_id(&response);
-        let mut reader = EventReader::new(response);
-        let mut first = Vec::new();
-        while first.len() < 20 {
-            first.push(reader.next().await.expect("an event"));
-        }
-        drop(reader); // the connection is cut
+        let (id, first) = cut_after(gw.post(&body).await, 20).await;
         let ids_seen: Vec<_> = first.iter().map(|e| e.id.clone()).collect();
         assert_eq!(ids_seen, ids(&id, 1, 20));
         let resumed = match resume_on {
@@ -125,21 +152,7 @@ async fn a_stream_cut_at_chunk_20_resumes_with_last_event_id() {
             .send()
             .await
             .unwrap();
-        assert_eq!(resumed.status(), 200, "{resume_on}");
-        let rest = EventReader::new(resumed).rest().await;
-        let ids_rest: Vec<_> = rest.iter().map(|e| e.id.clone()).collect();
-        assert_eq!(
-            ids_rest,
-            ids(&id, 21, 201),
-            "{resume_on}: each once, in order"
-        );
-        let whole = [datas(&first), datas(&rest)].concat();
-        assert_eq!(
-            texts(&whole),
-            texts(&reference),
-            "{resume_on}: the whole answer"
-        );
-        assert_eq!(whole.last().map(String::as_str), Some("[DONE]"));
+        assert_resumed(resumed, &id, &first, &reference, resume_on).await;
         assert_eq!(
             gw.sim.received().len(),
             before + 1,

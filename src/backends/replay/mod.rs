@@ -151,13 +151,18 @@ pub async fn open(config: &ResumeConfig, redis: Option<&str>) -> Arc<dyn ReplayL
     }
 }
 
-/// Runs `f` after `delay` on the current runtime, if there is one (a
-/// recorder dropped outside any runtime has nothing left to clean up).
-fn later(delay: std::time::Duration, f: impl FnOnce() + Send + 'static) {
+/// Runs `work` on the current runtime, if there is one (a recorder or
+/// follower dropped outside any runtime has nothing left to clean up).
+fn in_background(work: impl Future<Output = ()> + Send + 'static) {
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn(async move {
-            tokio::time::sleep(delay).await;
-            f();
-        });
+        runtime.spawn(work);
     }
+}
+
+/// Runs `f` after `delay`, in the background.
+fn later(delay: std::time::Duration, f: impl FnOnce() + Send + 'static) {
+    in_background(async move {
+        tokio::time::sleep(delay).await;
+        f();
+    });
 }

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use super::{
     Attachment, Budget, Recorder, Recording, Replay, ReplayError, ReplayLog, ResumeConfig,
-    event_bytes, later,
+    event_bytes, in_background, later,
 };
 use crate::backends::queue::ResponseEvent;
 use crate::error::ErrorInfo;
@@ -211,7 +211,7 @@ impl ReplayLog for RedisReplay {
             })
         };
         Box::new(Lease {
-            renew,
+            _renew: tokio_util::task::AbortOnDropHandle::new(renew),
             client,
             lease,
         })
@@ -226,19 +226,17 @@ impl ReplayLog for RedisReplay {
 
 /// A follower's lease: renewed until dropped, then deleted.
 struct Lease {
-    renew: tokio::task::JoinHandle<()>,
+    /// Aborted when the lease is dropped.
+    _renew: tokio_util::task::AbortOnDropHandle<()>,
     client: Client,
     lease: String,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.renew.abort();
         let (client, lease) = (self.client.clone(), std::mem::take(&mut self.lease));
-        later(Duration::ZERO, move || {
-            tokio::spawn(async move {
-                let _: Result<(), _> = client.del(lease).await;
-            });
+        in_background(async move {
+            let _: Result<(), _> = client.del(lease).await;
         });
     }
 }
@@ -356,8 +354,8 @@ impl RedisRecorder {
             fields: vec![("x", Value::from(""))],
         };
         let writes = self.writes.clone();
-        later(Duration::ZERO, move || {
-            tokio::spawn(async move { writes.send(write).await });
+        in_background(async move {
+            let _ = writes.send(write).await;
         });
     }
 }

@@ -2,7 +2,7 @@
 //! by the edges, the generation through Kafka.
 
 use super::*;
-use crate::resume::{EventReader, datas, ids, long_completion};
+use crate::resume::{assert_resumed, cut_after, long_completion};
 
 /// Cut at chunk 20 of 200 on one edge, a client resumes on the other with
 /// `Last-Event-ID`: chunks 21 to 200 and the end, exactly once, from the
@@ -42,14 +42,7 @@ async fn a_stream_cut_on_one_edge_resumes_on_the_other() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
-    let id = request_id(&response);
-    let mut reader = EventReader::new(response);
-    let mut first = Vec::new();
-    while first.len() < 20 {
-        first.push(reader.next().await.expect("an event"));
-    }
-    drop(reader);
+    let (id, first) = cut_after(response, 20).await;
     let resumed = http
         .get(format!("{url_b}/v1/streams/{id}"))
         .bearer_auth(&key)
@@ -57,12 +50,7 @@ async fn a_stream_cut_on_one_edge_resumes_on_the_other() {
         .send()
         .await
         .unwrap();
-    assert_eq!(resumed.status(), 200);
-    let rest = EventReader::new(resumed).rest().await;
-    let ids_rest: Vec<_> = rest.iter().map(|e| e.id.clone()).collect();
-    assert_eq!(ids_rest, ids(&id, 21, 201), "each once, in order");
-    let whole = [datas(&first), datas(&rest)].concat();
-    assert_eq!(texts(&whole), texts(&reference), "the whole answer");
+    assert_resumed(resumed, &id, &first, &reference, "on the other edge").await;
     assert_eq!(sim.received().len(), 2, "the reference and one generation");
     // Resumed after its last event, on the edge that did not run it: nothing more, at once.
     let after_the_end = http
