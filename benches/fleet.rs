@@ -97,6 +97,7 @@ async fn start_gateway(
         upstream_model: None,
         balance,
         continue_streams: true,
+        capacity: None,
     }];
     customize(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -68,6 +68,7 @@ fn ctx() -> RequestContext {
         route: "/v1/completions",
         transport: "sse",
         trace: opentelemetry::Context::new(),
+        lane: Default::default(),
     }
 }
 

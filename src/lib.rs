@@ -5,7 +5,8 @@
 //! [`plugins`] implement; the cache), then through the queue in
 //! [`backends`] to a [`fleet`] worker, which streams it from vLLM; its chunks
 //! come back the same way. [`protocol`] holds the wire formats, [`observe`]
-//! the metrics, traces and logs. [`app`] builds all of it from a [`Config`].
+//! the metrics, traces and logs. [`batch`] runs OpenAI's Batch API on the
+//! same pipeline, in the queue's batch lane. [`app`] builds all of it from a [`Config`].
 //!
 //! Modules are layered: each may use only those below it. The order is
 //! declared once, in `docs/design.md` ("Layers"), and a test
@@ -13,6 +14,7 @@
 
 pub mod app;
 pub mod backends;
+pub mod batch;
 pub mod config;
 pub mod edge;
 pub mod error;

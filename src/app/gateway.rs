@@ -16,6 +16,8 @@ use crate::backends::queue::{JobSource, MemoryQueue, Queue, QueueBackend, QueueM
 use crate::backends::replay;
 use crate::backends::store::inference_log::InferenceLogger;
 use crate::backends::store::{self, Store};
+use crate::batch::Batches;
+use crate::batch::runner::{BatchMetrics, Runner};
 use crate::config::Config;
 use crate::edge::Edge;
 use crate::fleet::FleetMetrics;
@@ -162,18 +164,30 @@ impl Gateway {
             fleet: upstream.as_ref().map(|u| u.fleet().clone()),
             affinity,
             resumption,
-            registry,
+            registry: registry.clone(),
             metrics: request_metrics,
             cache_metrics,
             queue_metrics,
             tenancy_metrics,
         });
-        let edge = Arc::new(Edge::new(
-            stages,
+        let mut edge = Edge::new(
+            stages.clone(),
             config.server.clone(),
             config.cors.clone(),
             config.auth.cache_ttl,
-        ));
+        );
+        if config.batch.enabled {
+            let batches_registry = registry;
+            let batches = Arc::new(Batches::new(
+                stages.store.clone(),
+                stages,
+                config.batch.clone(),
+            ));
+            let runner = Runner::new(batches.clone(), BatchMetrics::new(&batches_registry));
+            tasks.push(tokio::spawn(runner.run(worker_shutdown.clone())));
+            edge.batches = Some(batches);
+        }
+        let edge = Arc::new(edge);
         let admin =
             match config.admin.listen {
                 Some(addr) => Some(TcpListener::bind(addr).await.map_err(|err| {
@@ -312,13 +326,16 @@ pub(super) fn spawn_worker(
             &metrics,
         )?),
     };
-    let worker = Arc::new(Worker::new(
-        upstream,
-        metrics,
-        config.worker.concurrency.get(),
-        config.queue.queue_timeout,
-        affinity,
-    ));
+    let worker = Arc::new(
+        Worker::new(
+            upstream,
+            metrics,
+            config.worker.concurrency.get(),
+            config.queue.queue_timeout,
+            affinity,
+        )
+        .with_batch_headroom(config.upstream.batch_headroom),
+    );
     Ok(tokio::spawn(worker.run(
         source,
         shutdown,

@@ -29,6 +29,7 @@ pub use crate::backends::queue::kafka::KafkaConfig;
 pub use crate::backends::queue::{QueueBackend, QueueConfig, QueueSection};
 pub use crate::backends::replay::ResumeConfig;
 pub use crate::backends::store::{StoreConfig, StoreKind};
+pub use crate::batch::BatchConfig;
 pub use crate::edge::{AdminConfig, CorsConfig, ServerConfig};
 pub use crate::fleet::{Balance, ModelConfig, UpstreamConfig, WorkerConfig};
 pub use crate::observe::{LogConfig, LogFormat, OtlpProtocol, TelemetryConfig};
@@ -75,6 +76,7 @@ pub struct RawConfig {
     pub limits: LimitsConfig,
     pub responses: ResponsesConfig,
     pub resume: ResumeConfig,
+    pub batch: BatchConfig,
     pub admin: AdminConfig,
     pub queue: QueueSection,
     pub worker: WorkerConfig,
@@ -99,6 +101,8 @@ pub struct Config {
     pub responses: ResponsesConfig,
     /// `[resume]`: resumable streams and their replay buffer.
     pub resume: ResumeConfig,
+    /// `[batch]`: the Files and Batch APIs.
+    pub batch: BatchConfig,
     pub admin: AdminConfig,
     pub queue: QueueConfig,
     pub worker: WorkerConfig,
@@ -245,6 +249,7 @@ impl RawConfig {
         self.limits.validate().map_err(located)?;
         self.responses.validate().map_err(located)?;
         self.resume.validate().map_err(located)?;
+        self.batch.validate().map_err(located)?;
         self.upstream.validate(&self.models).map_err(located)?;
         self.log.validate().map_err(located)?;
         self.telemetry.validate().map_err(located)?;
@@ -277,6 +282,7 @@ impl RawConfig {
             limits: self.limits,
             responses: self.responses,
             resume: self.resume,
+            batch: self.batch,
             admin: self.admin,
             queue,
             worker: self.worker,

@@ -24,8 +24,8 @@ use crate::backends::queue::ResponseEvent;
 use crate::error::GatewayError;
 use crate::pipeline::policy::RequestContext;
 use crate::pipeline::resumable::{Events, Resumption};
-use crate::pipeline::{self, Completion, Delivery, RequestRecord};
-use crate::protocol::{AudioRequest, InferenceRequest, ResponseAssembler, Route};
+use crate::pipeline::{self, Completion, RequestRecord};
+use crate::protocol::{AudioRequest, InferenceRequest, Route};
 use crate::tenancy::auth::presented_secret;
 
 pub async fn completions(
@@ -124,6 +124,7 @@ async fn handle(
         route: record.route.path(),
         transport: record.transport,
         trace: record.trace.context().clone(),
+        lane: Default::default(),
     };
     let stages = state.stages.clone();
     let mut start: Starting =
@@ -390,15 +391,10 @@ pub(super) fn sse_body(body: Body) -> Response {
 
 /// The JSON answer, and (on success) its body.
 async fn json_response(route: Route, completion: &mut Completion) -> (Response, Option<Bytes>) {
-    let mut assembler = ResponseAssembler::new(route);
-    loop {
-        match completion.next().await {
-            Delivery::Chunk(chunk) => assembler.push_chunk(&chunk),
-            Delivery::Error(info) => return (refusal(route, GatewayError::Upstream(info)), None),
-            Delivery::Done => break,
-        }
-    }
-    let body = assembler.finish_bytes();
+    let body = match completion.answer().await {
+        Ok(body) => body,
+        Err(info) => return (refusal(route, GatewayError::Upstream(info)), None),
+    };
     let response = ([(header::CONTENT_TYPE, "application/json")], body.clone()).into_response();
     (response, Some(body))
 }

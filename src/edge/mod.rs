@@ -3,6 +3,7 @@
 //! authenticate, parse, and hand off to the [`pipeline`](crate::pipeline).
 
 pub mod admin;
+mod batches;
 mod completions;
 mod config;
 mod models;
@@ -61,6 +62,18 @@ pub fn router(state: Arc<Edge>) -> Router {
         .route(Route::ResponsesRetrieve.path(), get(responses::retrieve))
         .route(Route::ResponsesCancel.path(), post(responses::cancel))
         .route("/v1/streams/{stream_id}", get(resume::stream))
+        .route("/v1/files", post(batches::upload).get(batches::list_files))
+        .route(
+            "/v1/files/{id}",
+            get(batches::file).delete(batches::delete_file),
+        )
+        .route("/v1/files/{id}/content", get(batches::file_content))
+        .route(
+            "/v1/batches",
+            post(batches::create_batch).get(batches::list_batches),
+        )
+        .route("/v1/batches/{id}", get(batches::batch))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel_batch))
         .route("/v1/models", get(models::list))
         .route("/health", get(ops::health))
         .route("/ping", get(ops::ping).post(ops::ping))

@@ -18,6 +18,8 @@ pub struct Edge {
     pub auth_recheck: Duration,
     /// Open WebSockets per API key.
     pub ws_sockets: Arc<SocketCounts>,
+    /// The Files and Batch APIs (`None`: `batch.enabled` is false).
+    pub batches: Option<Arc<crate::batch::Batches>>,
 }
 
 impl Edge {
@@ -33,6 +35,7 @@ impl Edge {
             cors,
             auth_recheck: auth_cache_ttl.max(Duration::from_millis(50)),
             ws_sockets: Default::default(),
+            batches: None,
         }
     }
 }

@@ -417,6 +417,7 @@ async fn serve_request(
         route: record.route.path(),
         transport: "ws",
         trace: record.trace.context().clone(),
+        lane: Default::default(),
     };
     // While the first event is awaited (a long queue or prefill), a ping
     // every `server.wait_keepalive_ms` keeps proxies from closing the socket.

@@ -54,6 +54,12 @@ pub struct UpstreamConfig {
     /// How many times a stream whose endpoint fails after its first chunk
     /// is continued on another endpoint (0: the client gets the error).
     pub max_continuations: u32,
+    /// Sequences one endpoint runs at once (vLLM's `--max-num-seqs`); what
+    /// the batch lane fills up to.
+    pub capacity: NonZeroU32,
+    /// The share of each pool's capacity batch lines leave free for
+    /// interactive requests, from 0 (none) to below 1.
+    pub batch_headroom: f64,
 }
 
 /// How a pool picks an endpoint for a request.
@@ -105,6 +111,9 @@ pub struct ModelConfig {
     /// another (up to `upstream.max_continuations`).
     #[serde(default = "yes")]
     pub continue_streams: bool,
+    /// `upstream.capacity` for this model's endpoints.
+    #[serde(default)]
+    pub capacity: Option<NonZeroU32>,
 }
 
 fn yes() -> bool {
@@ -126,6 +135,8 @@ impl Default for UpstreamConfig {
             eject: Duration::from_secs(1),
             max_eject: Duration::from_secs(30),
             max_continuations: 1,
+            capacity: const { NonZeroU32::new(256).expect("not zero") },
+            batch_headroom: 0.1,
         }
     }
 }
@@ -133,6 +144,15 @@ impl Default for UpstreamConfig {
 impl UpstreamConfig {
     /// The upstream with its `[[models]]`: URLs to call, unique model names.
     pub fn validate(&self, models: &[ModelConfig]) -> Result<(), Invalid> {
+        if !(0.0..1.0).contains(&self.batch_headroom) {
+            return Err(Invalid::new(
+                "upstream.batch_headroom",
+                format!(
+                    "{} is not a share of capacity from 0 to below 1",
+                    self.batch_headroom
+                ),
+            ));
+        }
         if self.urls.is_empty() {
             return Err(Invalid::new(
                 "upstream.urls",

@@ -21,6 +21,7 @@
 //! endpoint instead, without moving its prefix.
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -139,6 +140,11 @@ pub struct Pool {
     balance: Balance,
     /// Whether its streams are continued on another endpoint when theirs fails.
     pub continue_streams: bool,
+    /// Sequences one endpoint runs at once.
+    pub capacity: u64,
+    /// Jobs of this process running on the pool, counted from their start
+    /// (before an endpoint is picked), both lanes.
+    running: AtomicUsize,
     next: AtomicUsize,
     /// For `prefix`: where each prefix went, and how many prefixes each endpoint holds.
     affinity: std::sync::Mutex<Affinity>,
@@ -241,6 +247,35 @@ impl Pool {
     pub fn healthy(&self) -> usize {
         self.endpoints.iter().filter(|e| e.available()).count()
     }
+
+    /// Counts a job of this process on the pool until the guard drops.
+    pub fn run(self: &Arc<Self>) -> Running {
+        self.running.fetch_add(1, Ordering::Relaxed);
+        Running(self.clone())
+    }
+
+    /// Whether a batch line may start now: the pool's load (vLLM's running
+    /// and waiting requests, or this process's jobs when it knows of more)
+    /// leaves more than `headroom` of its available endpoints' capacity.
+    pub fn has_batch_room(&self, headroom: f64) -> bool {
+        let (endpoints, known) = self
+            .endpoints
+            .iter()
+            .filter(|e| e.available())
+            .fold((0u64, 0u64), |(n, load), e| (n + 1, load + e.load()));
+        let load = known.max(self.running.load(Ordering::Relaxed) as u64);
+        let capacity = (endpoints * self.capacity) as f64 * (1.0 - headroom);
+        (load + 1) as f64 <= capacity.floor()
+    }
+}
+
+/// A job of this process running on a pool.
+pub struct Running(Arc<Pool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Every pool: one per `[[models]]` entry, and the single pool of
@@ -255,45 +290,52 @@ pub struct Fleet {
 impl Fleet {
     pub fn new(config: &UpstreamConfig, models: &[ModelConfig], metrics: &FleetMetrics) -> Self {
         let epoch = Instant::now();
-        let pool = |name: &str, urls: &[Url], balance: Balance, continue_streams: bool| {
-            let label = if name.is_empty() { "*" } else { name };
-            let endpoints: Vec<Arc<Endpoint>> = urls
-                .iter()
-                .map(|url| {
-                    let host = url.as_str().trim_end_matches('/');
-                    let labels = [label, host];
-                    let endpoint = Endpoint {
-                        url: url.clone(),
-                        in_flight: AtomicUsize::new(0),
-                        healthy: AtomicBool::new(true),
-                        ejected_until_ms: AtomicU64::new(0),
-                        failures: AtomicU32::new(0),
-                        scraped_load: AtomicU64::new(0),
-                        epoch,
-                        up: metrics.endpoint_up.with_label_values(&labels),
-                        in_flight_gauge: metrics.endpoint_in_flight.with_label_values(&labels),
-                        succeeded: metrics
-                            .endpoint_requests
-                            .with_label_values(&[label, host, "ok"]),
-                        failed: metrics
-                            .endpoint_requests
-                            .with_label_values(&[label, host, "failed"]),
-                    };
-                    endpoint.show();
-                    Arc::new(endpoint)
+        let pool =
+            |name: &str, urls: &[Url], balance: Balance, continue_streams: bool, capacity: u32| {
+                let label = if name.is_empty() { "*" } else { name };
+                let endpoints: Vec<Arc<Endpoint>> = urls
+                    .iter()
+                    .map(|url| {
+                        let host = url.as_str().trim_end_matches('/');
+                        let labels = [label, host];
+                        let endpoint = Endpoint {
+                            url: url.clone(),
+                            in_flight: AtomicUsize::new(0),
+                            healthy: AtomicBool::new(true),
+                            ejected_until_ms: AtomicU64::new(0),
+                            failures: AtomicU32::new(0),
+                            scraped_load: AtomicU64::new(0),
+                            epoch,
+                            up: metrics.endpoint_up.with_label_values(&labels),
+                            in_flight_gauge: metrics.endpoint_in_flight.with_label_values(&labels),
+                            succeeded: metrics
+                                .endpoint_requests
+                                .with_label_values(&[label, host, "ok"]),
+                            failed: metrics
+                                .endpoint_requests
+                                .with_label_values(&[label, host, "failed"]),
+                        };
+                        endpoint.show();
+                        Arc::new(endpoint)
+                    })
+                    .collect();
+                Arc::new(Pool {
+                    name: name.to_string(),
+                    affinity: Default::default(),
+                    endpoints,
+                    balance,
+                    continue_streams,
+                    capacity: u64::from(capacity),
+                    running: AtomicUsize::new(0),
+                    next: AtomicUsize::new(0),
                 })
-                .collect();
-            Arc::new(Pool {
-                name: name.to_string(),
-                affinity: Default::default(),
-                endpoints,
-                balance,
-                continue_streams,
-                next: AtomicUsize::new(0),
-            })
-        };
+            };
         let mut pools = HashMap::new();
-        pools.insert(String::new(), pool("", &config.urls, config.balance, true));
+        let capacity = config.capacity.get();
+        pools.insert(
+            String::new(),
+            pool("", &config.urls, config.balance, true, capacity),
+        );
         for model in models {
             pools.insert(
                 model.name.clone(),
@@ -302,6 +344,7 @@ impl Fleet {
                     &model.endpoints,
                     model.balance,
                     model.continue_streams,
+                    model.capacity.map_or(capacity, NonZeroU32::get),
                 ),
             );
         }

@@ -6,6 +6,10 @@
 //! When a job is cancelled, its upstream request is dropped at once, closing
 //! the connection so vLLM stops generating.
 //!
+//! Batch lines come in a lane of their own and start only while their
+//! pool has room beyond `upstream.batch_headroom` of its capacity, so they
+//! use what interactive traffic leaves and never hold a place it needs.
+//!
 //! A job about a stored response (`pinned_to`) runs on the endpoint the
 //! [`AffinityMap`] says holds it, or fails with a clear error; a job whose
 //! answer is stored (`stores`) records the endpoint that ran it.
@@ -19,9 +23,10 @@ use tracing::Instrument;
 
 use super::FleetMetrics;
 use crate::backends::affinity::AffinityMap;
-use crate::backends::queue::{Job, JobSource, QueuedRequest, ResponseEvent};
+use crate::backends::queue::{Job, JobSource, Lane, QueuedRequest, ResponseEvent};
 use crate::error::GatewayError;
 use crate::fleet::continuation::{self, Continuation};
+use crate::fleet::endpoints::Running;
 use crate::fleet::upstream::{Call, UpstreamClient, UpstreamError};
 use crate::observe::telemetry::RequestTrace;
 use crate::protocol::Chunk;
@@ -33,7 +38,12 @@ pub struct Worker {
     /// A job older than this when taken is answered with 503 instead of run.
     queue_timeout: Duration,
     affinity: Arc<dyn AffinityMap>,
+    /// The share of capacity batch lines leave to interactive requests.
+    batch_headroom: f64,
 }
+
+/// How often a batch line waiting for room looks again.
+const BATCH_ROOM_POLL: Duration = Duration::from_millis(5);
 
 impl Worker {
     pub fn new(
@@ -49,7 +59,14 @@ impl Worker {
             concurrency,
             queue_timeout,
             affinity,
+            batch_headroom: 0.1,
         }
+    }
+
+    /// Batch lines leave this share of each pool's capacity free.
+    pub fn with_batch_headroom(mut self, headroom: f64) -> Self {
+        self.batch_headroom = headroom;
+        self
     }
 
     /// Runs until `shutdown` fires, then waits up to `grace` for running jobs.
@@ -60,6 +77,10 @@ impl Worker {
         grace: Duration,
     ) {
         let permits = Arc::new(Semaphore::new(self.concurrency));
+        let batch_lane = tokio::spawn(
+            self.clone()
+                .run_batch_lane(source.clone(), shutdown.clone()),
+        );
         loop {
             let permit = tokio::select! {
                 permit = permits.clone().acquire_owned() => match permit {
@@ -75,10 +96,11 @@ impl Worker {
             let Some(job) = job else { break };
             let worker = self.clone();
             tokio::spawn(async move {
-                worker.process(job).await;
+                worker.process(job, None).await;
                 drop(permit);
             });
         }
+        batch_lane.abort();
         let all = u32::try_from(self.concurrency).unwrap_or(u32::MAX);
         if tokio::time::timeout(grace, permits.acquire_many(all))
             .await
@@ -88,7 +110,45 @@ impl Worker {
         }
     }
 
-    async fn process(&self, mut job: Job) {
+    /// Takes batch lines one at a time, each when its pool has room.
+    async fn run_batch_lane(
+        self: Arc<Self>,
+        source: Arc<dyn JobSource>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let job = tokio::select! {
+                job = source.next_batch_job() => job,
+                () = shutdown.cancelled() => return,
+            };
+            let Some(job) = job else { return };
+            let Some(pool) = self.upstream.fleet().pool(&job.request.model).cloned() else {
+                tokio::spawn(self.clone().process(job, None));
+                continue;
+            };
+            while !pool.has_batch_room(self.batch_headroom) {
+                tokio::select! {
+                    () = tokio::time::sleep(BATCH_ROOM_POLL) => {}
+                    () = job.cancel.cancelled() => break,
+                    () = shutdown.cancelled() => return,
+                }
+            }
+            if job.cancel.is_cancelled() {
+                continue;
+            }
+            // Counted from here, so the next line sees this one.
+            let running = pool.run();
+            tokio::spawn(self.clone().process(job, Some(running)));
+        }
+    }
+
+    async fn process(self: Arc<Self>, mut job: Job, running: Option<Running>) {
+        let _running = running.or_else(|| {
+            self.upstream
+                .fleet()
+                .pool(&job.request.model)
+                .map(|pool| pool.run())
+        });
         let trace = RequestTrace::continue_job(&job.request.request_id, &job.request.trace_context);
         // vLLM continues the trace from the worker's span.
         job.request.trace_context = trace.headers();
@@ -115,7 +175,7 @@ impl Worker {
 
     /// Streams one job; returns its outcome label.
     async fn relay(&self, job: &mut Job, trace: &RequestTrace) -> &'static str {
-        if job.request.age() > self.queue_timeout {
+        if job.request.lane == Lane::Interactive && job.request.age() > self.queue_timeout {
             let error = GatewayError::Overloaded(format!(
                 "the request waited more than {:?} for a worker",
                 self.queue_timeout

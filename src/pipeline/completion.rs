@@ -224,6 +224,18 @@ impl Completion {
         }
     }
 
+    /// Reads the whole answer and assembles the route's JSON body from it.
+    pub async fn answer(&mut self) -> Result<bytes::Bytes, ErrorInfo> {
+        let mut assembler = crate::protocol::ResponseAssembler::new(self.record.route);
+        loop {
+            match self.next().await {
+                Delivery::Chunk(chunk) => assembler.push_chunk(&chunk),
+                Delivery::Error(info) => return Err(info),
+                Delivery::Done => return Ok(assembler.finish_bytes()),
+            }
+        }
+    }
+
     fn fail(&mut self, info: ErrorInfo) -> Delivery {
         self.finished = true;
         self.to_cache = None;

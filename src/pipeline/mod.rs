@@ -80,7 +80,7 @@ async fn run(
     // Before the hooks: a request over its key's limits costs no plugin work.
     record.admission = state
         .limiter
-        .admit(&ctx.identity, &ctx.request_id, &request)
+        .admit(&ctx.identity, &ctx.request_id, &request, ctx.lane)
         .await?;
     let cache_key = state
         .policy
@@ -190,6 +190,7 @@ async fn run(
     queued.content_type = request.content_type().map(str::to_string);
     queued.pinned_to = placement.pinned_to;
     queued.stores = placement.stores;
+    queued.lane = ctx.lane;
     let mut responses = state
         .queue
         .submit(queued)

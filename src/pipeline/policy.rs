@@ -22,6 +22,8 @@ pub struct RequestContext {
     pub transport: &'static str,
     /// The request's trace context: hooks' spans are children of its span.
     pub trace: opentelemetry::Context,
+    /// A batch line, or a client waiting.
+    pub lane: crate::backends::queue::Lane,
 }
 
 /// A token filter's answer for one piece of text.

@@ -158,6 +158,44 @@ impl Authenticator {
         }
     }
 
+    /// The identity of the key with this id, for work done on its behalf
+    /// after its request was answered (a batch's lines): refused as the key
+    /// itself would be once it is revoked or expired.
+    pub async fn identity_of_key(&self, key_id: &str) -> Result<Identity, GatewayError> {
+        let key = self
+            .store
+            .find_key(key_id)
+            .await
+            .map_err(|err| GatewayError::Backend(format!("cannot look up the API key: {err}")))?
+            .filter(|key| key.id == key_id && key.revoked_at.is_none())
+            .ok_or(GatewayError::Unauthorized("invalid or revoked API key"))?;
+        let team = match &key.team_id {
+            Some(team_id) => self.store.find_team(team_id).await.map_err(|err| {
+                GatewayError::Backend(format!("cannot look up the key's team: {err}"))
+            })?,
+            None => None,
+        };
+        let identity = self.identity(key.clone(), team);
+        unexpired(identity, key.expires_at)
+    }
+
+    fn identity(
+        &self,
+        key: crate::backends::store::ApiKey,
+        team: Option<crate::backends::store::Team>,
+    ) -> Identity {
+        Identity {
+            key_id: key.id,
+            key_name: key.name,
+            limits: key.limits.or(&self.default_limits),
+            team: team.map(|team| TeamIdentity {
+                id: team.id,
+                name: team.name,
+                limits: team.limits,
+            }),
+        }
+    }
+
     /// Asks the store about a key, within the lookup budget for keys not
     /// seen valid recently.
     async fn look_up(
@@ -179,18 +217,10 @@ impl Authenticator {
             return Err(LookupFailure::Unknown);
         };
         lookups.with_label_values(&["found"]).inc();
-        let identity = Identity {
-            key_id: key.id,
-            key_name: key.name,
-            limits: key.limits.or(&self.default_limits),
-            team: team.map(|team| TeamIdentity {
-                id: team.id,
-                name: team.name,
-                limits: team.limits,
-            }),
-        };
+        let expires_at = key.expires_at;
+        let identity = self.identity(key, team);
         self.vouched.insert(hash.to_string(), ()).await;
-        Ok((identity, key.expires_at))
+        Ok((identity, expires_at))
     }
 }
 

@@ -235,6 +235,7 @@ async fn an_upload_to_an_alias_goes_upstream_as_its_models_name() {
             upstream_model: None,
             balance: Balance::RoundRobin,
             continue_streams: true,
+            capacity: None,
         }];
     })
     .await;

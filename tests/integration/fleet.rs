@@ -34,6 +34,7 @@ fn model(name: &str, aliases: &[&str], replicas: &[&Simulator], balance: Balance
         upstream_model: None,
         balance,
         continue_streams: true,
+        capacity: None,
     }
 }
 
@@ -207,6 +208,7 @@ async fn an_endpoint_answering_garbage_is_a_502_and_counted() {
         upstream_model: None,
         balance: Balance::RoundRobin,
         continue_streams: true,
+        capacity: None,
     }];
     let gw = TestGateway::start_with(sim_config(), move |c| c.models = fleet).await;
     let response = tokio::time::timeout(Duration::from_secs(10), gw.post(&request("broken", 0)))
@@ -332,6 +334,7 @@ async fn two_replicas(
         upstream_model: None,
         balance: Balance::RoundRobin,
         continue_streams,
+        capacity: None,
     }];
     let gw = TestGateway::start_with(sim_config(), move |c| {
         c.models = fleet;

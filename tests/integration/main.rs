@@ -3,7 +3,7 @@
 //! user would notice: the edge under hostile clients, embedded mode, the
 //! production mode on PostgreSQL, Redis and Kafka, the fleet, tenants and
 //! limits, plugins, the official OpenAI SDK, vLLM's routes beside generation,
-//! a browser. The tracing suites
+//! OpenAI's Batch API, a browser. The tracing suites
 //! install a global tracer and stay binaries of their own.
 
 // A test's unwrap is its assertion: a failure fails the test with the value.
@@ -13,6 +13,7 @@
 mod common;
 
 mod audio;
+mod batch;
 mod browser;
 mod chat;
 mod demo;

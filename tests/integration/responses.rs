@@ -98,6 +98,7 @@ async fn follow_ups_reach_the_replica_that_holds_them_until_it_dies() {
         upstream_model: None,
         balance: Balance::RoundRobin,
         continue_streams: true,
+        capacity: None,
     }];
     let gw = TestGateway::start_with(sim_config(), move |c| c.models = fleet).await;
     let url = format!("{}/v1/responses", gw.url);

@@ -410,6 +410,7 @@ async fn an_embedding_model_is_its_own_pool_and_its_alias_is_sent_as_its_name() 
                 upstream_model: None,
                 balance: Balance::RoundRobin,
                 continue_streams: true,
+                capacity: None,
             },
             ModelConfig {
                 name: EMBEDDER.into(),
@@ -418,6 +419,7 @@ async fn an_embedding_model_is_its_own_pool_and_its_alias_is_sent_as_its_name() 
                 upstream_model: None,
                 balance: Balance::RoundRobin,
                 continue_streams: true,
+                capacity: None,
             },
         ];
     })

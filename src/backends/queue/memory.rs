@@ -1,7 +1,9 @@
 //! The in-process queue: a bounded channel of jobs to the in-process worker,
 //! and a bounded channel of events back per request. Both bounds give
 //! back-pressure: a full queue makes submitters wait (then fail with 503), a
-//! slow client makes its worker wait, which slows the upstream read.
+//! slow client makes its worker wait, which slows the upstream read. Batch
+//! lines wait in a channel of their own (the batch lane), without a
+//! deadline: the batch runner bounds how many it submits.
 
 use std::time::Duration;
 
@@ -10,8 +12,8 @@ use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{
-    Job, JobSource, Queue, QueueError, QueuedRequest, ResponseEvent, ResponseSink, ResponseStream,
-    SinkClosed,
+    Job, JobSource, Lane, Queue, QueueError, QueuedRequest, ResponseEvent, ResponseSink,
+    ResponseStream, SinkClosed,
 };
 use crate::error::ErrorInfo;
 
@@ -21,15 +23,20 @@ const RESPONSE_BUFFER: usize = 128;
 pub struct MemoryQueue {
     jobs_tx: mpsc::Sender<Job>,
     jobs_rx: Mutex<mpsc::Receiver<Job>>,
+    batch_tx: mpsc::Sender<Job>,
+    batch_rx: Mutex<mpsc::Receiver<Job>>,
     submit_timeout: Duration,
 }
 
 impl MemoryQueue {
     pub fn new(capacity: usize, submit_timeout: Duration) -> Self {
         let (jobs_tx, jobs_rx) = mpsc::channel(capacity);
+        let (batch_tx, batch_rx) = mpsc::channel(capacity);
         Self {
             jobs_tx,
             jobs_rx: Mutex::new(jobs_rx),
+            batch_tx,
+            batch_rx: Mutex::new(batch_rx),
             submit_timeout,
         }
     }
@@ -67,12 +74,19 @@ impl Queue for MemoryQueue {
     async fn submit(&self, request: QueuedRequest) -> Result<Box<dyn ResponseStream>, QueueError> {
         let (events_tx, events_rx) = mpsc::channel(RESPONSE_BUFFER);
         let cancel = CancellationToken::new();
+        let lane = request.lane;
         let job = Job {
             request,
             sink: Box::new(ChannelSink(events_tx)),
             cancel: cancel.clone(),
         };
-        match tokio::time::timeout(self.submit_timeout, self.jobs_tx.send(job)).await {
+        let sent = match lane {
+            Lane::Interactive => {
+                tokio::time::timeout(self.submit_timeout, self.jobs_tx.send(job)).await
+            }
+            Lane::Batch => Ok(self.batch_tx.send(job).await),
+        };
+        match sent {
             Ok(Ok(())) => Ok(Box::new(ChannelStream {
                 events: events_rx,
                 _cancel_on_drop: cancel.drop_guard(),
@@ -98,5 +112,9 @@ impl Queue for MemoryQueue {
 impl JobSource for MemoryQueue {
     async fn next_job(&self) -> Option<Job> {
         self.jobs_rx.lock().await.recv().await
+    }
+
+    async fn next_batch_job(&self) -> Option<Job> {
+        self.batch_rx.lock().await.recv().await
     }
 }

@@ -23,6 +23,15 @@ pub use config::{QueueBackend, QueueConfig, QueueSection};
 pub use memory::MemoryQueue;
 pub use metrics::QueueMetrics;
 
+/// Which of a worker's lanes a request waits in: interactive requests are
+/// taken first; batch lines only where the fleet has room left.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Lane {
+    #[default]
+    Interactive,
+    Batch,
+}
+
 /// A request as it travels to a worker.
 #[derive(Debug, Clone)]
 pub struct QueuedRequest {
@@ -53,6 +62,7 @@ pub struct QueuedRequest {
     pub trace_context: Vec<(String, String)>,
     /// When the edge submitted it, in Unix milliseconds.
     pub submitted_at_ms: i64,
+    pub lane: Lane,
 }
 
 impl QueuedRequest {
@@ -75,6 +85,7 @@ impl QueuedRequest {
             stores: None,
             trace_context,
             submitted_at_ms: chrono::Utc::now().timestamp_millis(),
+            lane: Lane::Interactive,
         }
     }
 
@@ -165,4 +176,10 @@ pub trait JobSource: Send + Sync + 'static {
 
     /// The next job, or `None` when the source is shut down.
     async fn next_job(&self) -> Option<Job>;
+
+    /// The next job of the batch lane (never, for a source without one:
+    /// its batch lines arrive through [`JobSource::next_job`]).
+    async fn next_batch_job(&self) -> Option<Job> {
+        std::future::pending().await
+    }
 }

@@ -1,7 +1,10 @@
 //! The `Store` stage: API keys, teams and inference logs, behind one trait with a
 //! SQLite implementation (embedded mode) and a PostgreSQL one (production).
-//! Both run the same SQL; only the migrations differ.
+//! Both run the same SQL; only the migrations differ. The files and
+//! batches of OpenAI's Batch API are kept in the same database ([`batches`]).
 
+mod batch_sql;
+pub mod batches;
 mod config;
 pub mod inference_log;
 mod limits;
@@ -122,7 +125,7 @@ pub struct KeyUsage {
 }
 
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: batches::BatchStore + Send + Sync + 'static {
     async fn insert_key(&self, key: &NewApiKey) -> Result<(), StoreError>;
     async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError>;
     /// The key with this id or name, revoked or not.

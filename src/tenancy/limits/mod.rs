@@ -28,6 +28,7 @@ use async_trait::async_trait;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::{Identity, Limits, TenancyMetrics};
+use crate::backends::queue::Lane;
 use crate::error::{GatewayError, RateLimited};
 use crate::observe::outage::Outage;
 
@@ -206,11 +207,17 @@ impl Limiter {
 
     /// The scopes a request counts in: its key's and, if any, its team's
     /// (only those with a rate or concurrency limit).
-    fn scopes(identity: &Identity) -> Vec<Scope> {
+    fn scopes(identity: &Identity, lane: Lane) -> Vec<Scope> {
+        // Batch lines count in a budget of their own, with the same limits:
+        // a key's batch never locks it out of its interactive quota.
+        let budget = match lane {
+            Lane::Interactive => "",
+            Lane::Batch => "batch:",
+        };
         let mut scopes = Vec::with_capacity(2);
         if identity.limits.counts() {
             scopes.push(Scope {
-                id: format!("key:{}", identity.key_id),
+                id: format!("{budget}key:{}", identity.key_id),
                 whose: Whose::Key,
                 limits: identity.limits.clone(),
             });
@@ -219,7 +226,7 @@ impl Limiter {
             && team.limits.counts()
         {
             scopes.push(Scope {
-                id: format!("team:{}", team.id),
+                id: format!("{budget}team:{}", team.id),
                 whose: Whose::Team,
                 limits: team.limits.clone(),
             });
@@ -238,8 +245,9 @@ impl Limiter {
         identity: &Identity,
         request_id: &str,
         request: &crate::protocol::InferenceRequest,
+        lane: Lane,
     ) -> Result<Option<Admission>, GatewayError> {
-        let scopes = Self::scopes(identity);
+        let scopes = Self::scopes(identity, lane);
         if scopes.is_empty() {
             return Ok(None);
         }

@@ -4,7 +4,8 @@
 //! and workers through Kafka, and losing either; [`stalled_client`]: a
 //! client that stops reading a flood of chunks (on a broker of its own);
 //! [`routes`]: embeddings and the tokenizer through Kafka; [`brokers`]: the
-//! broker itself misbehaving, slow, restarted or sent garbage.
+//! broker itself misbehaving, slow, restarted or sent garbage; [`batch`]: the
+//! Batch API across edges and workers, with both killed mid-batch.
 
 macro_rules! services {
     () => {
@@ -16,6 +17,7 @@ macro_rules! services {
 }
 
 mod backends;
+mod batch;
 mod brokers;
 mod resume;
 mod routes;

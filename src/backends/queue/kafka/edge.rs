@@ -22,7 +22,7 @@ use super::reconnect::{self, Consumer, Producer, Reconnecting, Session};
 use super::*;
 use crate::backends::queue::QueueConfig;
 use crate::backends::queue::QueueMetrics;
-use crate::backends::queue::{Queue, QueuedRequest, ResponseEvent, ResponseStream};
+use crate::backends::queue::{Lane, Queue, QueuedRequest, ResponseEvent, ResponseStream};
 use crate::error::{ErrorInfo, GatewayError, kind_for_status};
 use crate::protocol::Chunk;
 use crate::protocol::sse::SseParser;
@@ -93,6 +93,9 @@ impl EdgeShared {
         }
         if let Some(id) = &request.stores {
             pairs.push((H_STORES, id.as_str()));
+        }
+        if request.lane == Lane::Batch {
+            pairs.push((H_LANE, "batch"));
         }
         for (name, value) in &request.trace_context {
             pairs.push((name.as_str(), value.as_str()));

@@ -53,6 +53,9 @@ const H_PINNED_TO: &str = "sluice-pinned-to";
 /// The id a request's answer is stored under (`QueuedRequest::stores`).
 const H_STORES: &str = "sluice-stores";
 const H_WORKER: &str = "sluice-worker";
+/// `batch` on a batch line (absent: interactive): it is never expired for
+/// its time in the queue, since the batch runner paces what it submits.
+const H_LANE: &str = "sluice-lane";
 /// The queue protocol's version, on every message: what the message's
 /// headers and frames mean. Absent means 1 (the version before it was sent).
 const H_PROTOCOL: &str = "sluice-protocol";

@@ -36,7 +36,7 @@ use super::*;
 use crate::backends::queue::QueueConfig;
 use crate::backends::queue::QueueMetrics;
 use crate::backends::queue::{
-    Job, JobSource, QueuedRequest, ResponseEvent, ResponseSink, SinkClosed,
+    Job, JobSource, Lane, QueuedRequest, ResponseEvent, ResponseSink, SinkClosed,
 };
 use crate::protocol::Route;
 use group::watch_group;
@@ -223,12 +223,16 @@ impl KafkaJobSource {
             stores: h.str(H_STORES).map(str::to_string),
             trace_context: h.trace_context(),
             submitted_at_ms,
+            lane: match h.str(H_LANE) {
+                Some("batch") => Lane::Batch,
+                _ => Lane::Interactive,
+            },
         };
         self.shared
             .metrics
             .consume_delay
             .observe(request.age().as_secs_f64());
-        if request.age() > self.shared.queue_timeout {
+        if request.lane == Lane::Interactive && request.age() > self.shared.queue_timeout {
             return Err("expired");
         }
         if self.shared.was_cancelled(request_id, attempt) {
