@@ -145,9 +145,18 @@ async fn a_batch_survives_a_worker_and_an_edge_killed_mid_way() {
         .unwrap();
     let id = created["id"].as_str().unwrap().to_string();
 
-    answered(&http, &url_b, &key, &id, 400).await;
+    let running = |batch: &Value| {
+        batch["status"] == "in_progress"
+            && batch["request_counts"]["completed"].as_i64().unwrap() < 2000
+    };
+    let at_first_kill = answered(&http, &url_b, &key, &id, 400).await;
+    assert!(running(&at_first_kill), "killed mid-batch: {at_first_kill}");
     worker_1.kill();
-    answered(&http, &url_b, &key, &id, 1000).await;
+    let at_second_kill = answered(&http, &url_b, &key, &id, 1000).await;
+    assert!(
+        running(&at_second_kill),
+        "killed mid-batch: {at_second_kill}"
+    );
     edge_a.kill();
     let done = answered(&http, &url_b, &key, &id, 2000).await;
     let done = eventually(Duration::from_secs(60), || async {
