@@ -334,7 +334,8 @@ pub(super) fn spawn_worker(
             config.queue.queue_timeout,
             affinity,
         )
-        .with_batch_headroom(config.upstream.batch_headroom),
+        .with_batch_headroom(config.upstream.batch_headroom)
+        .with_vllm_priority(config.upstream.priority_scheduling),
     );
     Ok(tokio::spawn(worker.run(
         source,

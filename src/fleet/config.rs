@@ -60,6 +60,10 @@ pub struct UpstreamConfig {
     /// The share of each pool's capacity batch lines leave free for
     /// interactive requests, from 0 (none) to below 1.
     pub batch_headroom: f64,
+    /// The fleet runs vLLM with `--scheduling-policy priority`: each
+    /// request carries vLLM's `priority` for its class (0 high, 1 normal,
+    /// 2 low, 3 batch lines; lower runs first).
+    pub priority_scheduling: bool,
 }
 
 /// How a pool picks an endpoint for a request.
@@ -136,7 +140,8 @@ impl Default for UpstreamConfig {
             max_eject: Duration::from_secs(30),
             max_continuations: 1,
             capacity: const { NonZeroU32::new(256).expect("not zero") },
-            batch_headroom: 0.1,
+            batch_headroom: 0.05,
+            priority_scheduling: false,
         }
     }
 }
@@ -196,7 +201,8 @@ impl UpstreamConfig {
 pub struct WorkerConfig {
     /// Whether `sluice serve` runs a worker in the same process as the edge.
     pub in_process: bool,
-    /// Upstream requests a worker runs at once.
+    /// Requests one worker holds at once: running, or waiting for room on
+    /// their pool (each pool runs up to its endpoints' `capacity`).
     pub concurrency: NonZeroUsize,
     /// Metrics and health listener of a standalone `sluice worker`.
     pub listen: SocketAddr,
@@ -206,7 +212,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             in_process: true,
-            concurrency: const { NonZeroUsize::new(256).expect("not zero") },
+            concurrency: const { NonZeroUsize::new(4096).expect("not zero") },
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
         }
     }

@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 use url::Url;
 
 use super::FleetMetrics;
+use super::admission::FairQueue;
 use super::{Balance, ModelConfig, UpstreamConfig};
+use crate::backends::queue::Priority;
 
 /// One vLLM server of a pool.
 pub struct Endpoint {
@@ -44,6 +46,9 @@ pub struct Endpoint {
     failures: AtomicU32,
     /// Requests running and waiting by the endpoint's last scraped `/metrics`.
     scraped_load: AtomicU64,
+    /// Requests of this process that ended there since that scrape: the
+    /// scraped load, less these, is what it runs now as far as is known.
+    ended_since_scrape: AtomicU64,
     epoch: Instant,
     up: prometheus::IntGauge,
     in_flight_gauge: prometheus::IntGauge,
@@ -67,10 +72,12 @@ impl Endpoint {
     }
 
     /// Its load as best known: vLLM's running and waiting requests by the
-    /// last scrape, or this process's own count when that is higher (it
-    /// moves between scrapes).
+    /// last scrape less this process's requests that ended there since, or
+    /// this process's own count when that is higher (it moves between scrapes).
     pub fn load(&self) -> u64 {
-        (self.in_flight() as u64).max(self.scraped_load.load(Ordering::Relaxed))
+        let scraped = self.scraped_load.load(Ordering::Relaxed);
+        let ended = self.ended_since_scrape.load(Ordering::Relaxed);
+        (self.in_flight() as u64).max(scraped.saturating_sub(ended))
     }
 
     fn show(&self) {
@@ -129,6 +136,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.ended_since_scrape.fetch_add(1, Ordering::Relaxed);
         self.0.in_flight_gauge.dec();
     }
 }
@@ -145,6 +153,10 @@ pub struct Pool {
     /// Jobs of this process running on the pool, counted from their start
     /// (before an endpoint is picked), both lanes.
     running: AtomicUsize,
+    /// Interactive requests waiting for room, in weighted fair order.
+    waiting: std::sync::Mutex<FairQueue<Waiter>>,
+    waiting_gauge: prometheus::IntGaugeVec,
+    wait_seconds: prometheus::HistogramVec,
     next: AtomicUsize,
     /// For `prefix`: where each prefix went, and how many prefixes each endpoint holds.
     affinity: std::sync::Mutex<Affinity>,
@@ -251,7 +263,78 @@ impl Pool {
     /// Counts a job of this process on the pool until the guard drops.
     pub fn run(self: &Arc<Self>) -> Running {
         self.running.fetch_add(1, Ordering::Relaxed);
-        Running(self.clone())
+        Running(Some(self.clone()))
+    }
+
+    /// What the pool's available endpoints run at once (one endpoint's
+    /// worth when none is available: a request still tries the one back soonest).
+    pub fn capacity_now(&self) -> usize {
+        self.healthy().max(1) * self.capacity as usize
+    }
+
+    fn has_room(&self) -> bool {
+        self.running.load(Ordering::Relaxed) < self.capacity_now()
+    }
+
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, FairQueue<Waiter>> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A place on the pool for an interactive request of `tenant`: at once
+    /// when the pool has room and nobody waits, else in weighted fair order
+    /// among the tenants waiting. Dropping the future gives the place up.
+    pub async fn enter(self: &Arc<Self>, tenant: &str, class: Priority) -> Running {
+        let receiver = {
+            let mut waiting = self.lock_waiting();
+            if waiting.is_empty() && self.has_room() {
+                self.wait_seconds
+                    .with_label_values(&[class.name()])
+                    .observe(0.0);
+                return self.run();
+            }
+            let (sender, receiver) = tokio::sync::oneshot::channel();
+            waiting.push(tenant, class.weight(), (class, Instant::now(), sender));
+            receiver
+        };
+        self.waiting_gauge.with_label_values(&[class.name()]).inc();
+        self.dispatch();
+        match receiver.await {
+            Ok(running) => running,
+            // The pool went away (the fleet is shutting down): run anyway.
+            Err(_) => self.run(),
+        }
+    }
+
+    /// Starts waiting requests while the pool has room.
+    fn dispatch(self: &Arc<Self>) {
+        loop {
+            let next = {
+                let mut waiting = self.lock_waiting();
+                if !self.has_room() {
+                    return;
+                }
+                match waiting.pop() {
+                    Some(next) => next,
+                    None => return,
+                }
+            };
+            let (class, since, sender) = next;
+            self.waiting_gauge.with_label_values(&[class.name()]).dec();
+            self.wait_seconds
+                .with_label_values(&[class.name()])
+                .observe(since.elapsed().as_secs_f64());
+            if let Err(running) = sender.send(self.run()) {
+                // Its client left while it waited: the place goes to the next.
+                running.give_back();
+            }
+        }
+    }
+
+    /// Whether interactive requests wait for room.
+    pub fn has_waiting(&self) -> bool {
+        !self.lock_waiting().is_empty()
     }
 
     /// Whether a batch line may start now: the pool's load (vLLM's running
@@ -263,20 +346,40 @@ impl Pool {
             .iter()
             .filter(|e| e.available())
             .fold((0u64, 0u64), |(n, load), e| (n + 1, load + e.load()));
+        if self.has_waiting() {
+            return false;
+        }
         let load = known.max(self.running.load(Ordering::Relaxed) as u64);
         let capacity = (endpoints * self.capacity) as f64 * (1.0 - headroom);
         (load + 1) as f64 <= capacity.floor()
     }
 }
 
-/// A job of this process running on a pool.
-pub struct Running(Arc<Pool>);
+/// A job of this process running on a pool; its end lets the next waiting
+/// request start.
+pub struct Running(Option<Arc<Pool>>);
+
+impl Running {
+    /// Gives the place back without starting anyone (the caller is already
+    /// starting the waiting requests).
+    fn give_back(mut self) {
+        if let Some(pool) = self.0.take() {
+            pool.running.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.0.running.fetch_sub(1, Ordering::Relaxed);
+        if let Some(pool) = self.0.take() {
+            pool.running.fetch_sub(1, Ordering::Relaxed);
+            pool.dispatch();
+        }
     }
 }
+
+/// A request waiting for room: its class, since when, and where its place goes.
+type Waiter = (Priority, Instant, tokio::sync::oneshot::Sender<Running>);
 
 /// Every pool: one per `[[models]]` entry, and the single pool of
 /// `upstream.urls` (named "") for requests of any other model.
@@ -305,6 +408,7 @@ impl Fleet {
                             ejected_until_ms: AtomicU64::new(0),
                             failures: AtomicU32::new(0),
                             scraped_load: AtomicU64::new(0),
+                            ended_since_scrape: AtomicU64::new(0),
                             epoch,
                             up: metrics.endpoint_up.with_label_values(&labels),
                             in_flight_gauge: metrics.endpoint_in_flight.with_label_values(&labels),
@@ -327,6 +431,9 @@ impl Fleet {
                     continue_streams,
                     capacity: u64::from(capacity),
                     running: AtomicUsize::new(0),
+                    waiting: Default::default(),
+                    waiting_gauge: metrics.waiting.clone(),
+                    wait_seconds: metrics.wait_seconds.clone(),
                     next: AtomicUsize::new(0),
                 })
             };
@@ -408,6 +515,7 @@ impl Fleet {
                                 _ => 0,
                             };
                             endpoint.scraped_load.store(scraped, Ordering::Relaxed);
+                            endpoint.ended_since_scrape.store(0, Ordering::Relaxed);
                         }
                         let was = endpoint.available();
                         endpoint.checked(healthy);

@@ -1,9 +1,10 @@
 //! The fleet's metric families: the worker's requests and each endpoint's
 //! health, load and results.
 
-use prometheus::{IntCounterVec, IntGauge, IntGaugeVec};
+use prometheus::{HistogramVec, IntCounterVec, IntGauge, IntGaugeVec};
 
-use crate::observe::metrics::{MetricsRegistry, Roles};
+use crate::backends::queue::Priority;
+use crate::observe::metrics::{LATENCY_BUCKETS, MetricsRegistry, Roles};
 
 pub struct FleetMetrics {
     pub worker_inflight: IntGauge,
@@ -13,6 +14,9 @@ pub struct FleetMetrics {
     pub endpoint_in_flight: IntGaugeVec,
     pub endpoint_requests: IntCounterVec,
     pub continuations: IntCounterVec,
+    /// Requests waiting for room on a full pool, by priority class.
+    pub waiting: IntGaugeVec,
+    pub wait_seconds: HistogramVec,
 }
 
 impl FleetMetrics {
@@ -35,6 +39,10 @@ impl FleetMetrics {
         }
         for outcome in ["continued", "not_continuable", "failed"] {
             metrics.continuations.with_label_values(&[outcome]);
+        }
+        for class in Priority::ALL {
+            metrics.waiting.with_label_values(&[class.name()]);
+            metrics.wait_seconds.with_label_values(&[class.name()]);
         }
         metrics
     }
@@ -81,6 +89,19 @@ impl FleetMetrics {
                 "sluice_stream_continuations_total",
                 "Streams whose endpoint failed after their first chunk: continued on another endpoint, not continuable (the client got the error), or failed again",
                 &["outcome"],
+            ),
+            waiting: registry.gauge_vec(
+                Roles::WORKER,
+                "sluice_waiting_requests",
+                "Requests waiting in the worker for room on a full pool, by priority class",
+                &["class"],
+            ),
+            wait_seconds: registry.histogram_vec(
+                Roles::WORKER,
+                "sluice_wait_seconds",
+                "Time requests waited in the worker for room on their pool, by priority class (0 for those that found room at once)",
+                &["class"],
+                LATENCY_BUCKETS,
             ),
         }
     }

@@ -2,6 +2,7 @@
 //! ([`endpoints`]), the client that streams from them ([`upstream`]), and the
 //! [`worker`] that takes jobs from the queue and relays every chunk.
 
+mod admission;
 mod config;
 mod continuation;
 pub mod endpoints;

@@ -40,6 +40,8 @@ pub struct Worker {
     affinity: Arc<dyn AffinityMap>,
     /// The share of capacity batch lines leave to interactive requests.
     batch_headroom: f64,
+    /// Whether requests carry vLLM's `priority` for their class.
+    vllm_priority: bool,
 }
 
 /// How often a batch line waiting for room looks again.
@@ -59,8 +61,16 @@ impl Worker {
             concurrency,
             queue_timeout,
             affinity,
-            batch_headroom: 0.1,
+            batch_headroom: 0.05,
+            vllm_priority: false,
         }
+    }
+
+    /// Requests carry vLLM's `priority` for their class (the fleet runs
+    /// vLLM with priority scheduling).
+    pub fn with_vllm_priority(mut self, enabled: bool) -> Self {
+        self.vllm_priority = enabled;
+        self
     }
 
     /// Batch lines leave this share of each pool's capacity free.
@@ -142,21 +152,28 @@ impl Worker {
         }
     }
 
+    /// Runs a job once its pool has room for it: a batch line comes with
+    /// its place (`running`); an interactive request waits for one in
+    /// weighted fair order among the tenants waiting.
     async fn process(self: Arc<Self>, mut job: Job, running: Option<Running>) {
-        let _running = running.or_else(|| {
-            self.upstream
-                .fleet()
-                .pool(&job.request.model)
-                .map(|pool| pool.run())
-        });
         let trace = RequestTrace::continue_job(&job.request.request_id, &job.request.trace_context);
         // vLLM continues the trace from the worker's span.
         job.request.trace_context = trace.headers();
         let span = trace.span.clone();
         self.metrics.worker_inflight.inc();
         let cancel = job.cancel.clone();
+        let pool = self.upstream.fleet().pool(&job.request.model).cloned();
         let outcome = tokio::select! {
-            outcome = self.relay(&mut job, &trace).instrument(span.clone()) => outcome,
+            outcome = async {
+                let _running = match (running, pool) {
+                    (Some(running), _) => Some(running),
+                    (None, Some(pool)) => {
+                        Some(pool.enter(&job.request.tenant, job.request.priority).await)
+                    }
+                    (None, None) => None,
+                };
+                self.relay(&mut job, &trace).instrument(span.clone()).await
+            } => outcome,
             () = cancel.cancelled() => "cancelled",
         };
         self.metrics.worker_inflight.dec();
@@ -182,6 +199,15 @@ impl Worker {
             ));
             let _ = job.sink.send(ResponseEvent::Error(error.info())).await;
             return "expired";
+        }
+        if self.vllm_priority
+            && job.request.content_type.is_none()
+            && let Some(body) = with_priority(
+                &job.request.body,
+                job.request.priority.vllm_priority(job.request.lane),
+            )
+        {
+            job.request.body = body;
         }
         let mut headers = Vec::with_capacity(2 + job.request.trace_context.len());
         headers.push(("x-request-id".to_string(), job.request.request_id.clone()));
@@ -350,6 +376,48 @@ impl Worker {
     }
 }
 
+/// A JSON object's body with vLLM's `priority` set last, so that it wins
+/// over one the client sent; `None` when the body is not an object.
+fn with_priority(body: &bytes::Bytes, priority: i64) -> Option<bytes::Bytes> {
+    let end = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
+    if body[end] != b'}' {
+        return None;
+    }
+    let before = body[..end].iter().rposition(|b| !b.is_ascii_whitespace())?;
+    let mut out = Vec::with_capacity(body.len() + 16);
+    out.extend_from_slice(&body[..end]);
+    if body[before] != b'{' {
+        out.push(b',');
+    }
+    out.extend_from_slice(format!("\"priority\":{priority}}}").as_bytes());
+    Some(out.into())
+}
+
 fn not_found(id: &str) -> UpstreamError {
     UpstreamError::HolderGone(format!("Response with id '{id}' not found."))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_priority_goes_last_so_it_wins() {
+        let set = |body: &'static str| {
+            with_priority(&bytes::Bytes::from_static(body.as_bytes()), 2)
+                .map(|b| String::from_utf8(b.to_vec()).unwrap())
+        };
+        assert_eq!(
+            set(r#"{"model":"m","priority":-5} "#).unwrap(),
+            r#"{"model":"m","priority":-5,"priority":2}"#
+        );
+        assert_eq!(set("{ }").unwrap(), r#"{ "priority":2}"#);
+        assert_eq!(set("[1]"), None);
+        let parsed: serde_json::Value =
+            serde_json::from_str(&set(r#"{"priority":9}"#).unwrap()).unwrap();
+        assert_eq!(
+            parsed["priority"], 2,
+            "the last one counts, as in vLLM's parser"
+        );
+    }
 }

@@ -191,6 +191,8 @@ async fn run(
     queued.pinned_to = placement.pinned_to;
     queued.stores = placement.stores;
     queued.lane = ctx.lane;
+    queued.tenant = ctx.identity.tenant();
+    queued.priority = ctx.identity.priority();
     let mut responses = state
         .queue
         .submit(queued)

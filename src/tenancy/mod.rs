@@ -40,6 +40,23 @@ impl Identity {
         }
     }
 
+    /// Whose share of a full pool its requests take: its team's, else its own.
+    pub fn tenant(&self) -> String {
+        match &self.team {
+            Some(team) => format!("team:{}", team.id),
+            None => format!("key:{}", self.key_id),
+        }
+    }
+
+    /// Its priority class: the key's own (or the configured default's),
+    /// else its team's, else normal.
+    pub fn priority(&self) -> crate::backends::queue::Priority {
+        self.limits
+            .priority
+            .or_else(|| self.team.as_ref().and_then(|t| t.limits.priority))
+            .unwrap_or_default()
+    }
+
     /// Whether the key (and its team) may use `model`.
     pub fn allows_model(&self, model: &str) -> bool {
         self.limits.allows_model(model)

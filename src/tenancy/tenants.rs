@@ -56,6 +56,8 @@ pub struct LimitsPatch {
     pub max_concurrent: Option<Option<u64>>,
     #[serde(default, deserialize_with = "present")]
     pub models: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "present")]
+    pub priority: Option<Option<crate::backends::queue::Priority>>,
 }
 
 impl LimitsPatch {
@@ -72,6 +74,10 @@ impl LimitsPatch {
             models: match &self.models {
                 Some(models) => models.clone(),
                 None => limits.models.clone(),
+            },
+            priority: match self.priority {
+                Some(priority) => priority,
+                None => limits.priority,
             },
         };
         patched.validate().map_err(TenantError::Invalid)?;

@@ -32,6 +32,56 @@ pub enum Lane {
     Batch,
 }
 
+/// A key's (or team's) priority class: when a model's endpoints are full,
+/// waiting requests start in weighted fair order across keys and teams,
+/// each class with its weight.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// Its share of a full pool against another class's: 4, 2, 1.
+    pub fn weight(self) -> u32 {
+        match self {
+            Priority::High => 4,
+            Priority::Normal => 2,
+            Priority::Low => 1,
+        }
+    }
+
+    /// vLLM's `priority` (lower runs first) for a request of this class
+    /// in `lane`, when the fleet schedules by priority.
+    pub fn vllm_priority(self, lane: Lane) -> i64 {
+        match (lane, self) {
+            (Lane::Batch, _) => 3,
+            (_, Priority::High) => 0,
+            (_, Priority::Normal) => 1,
+            (_, Priority::Low) => 2,
+        }
+    }
+}
+
 /// A request as it travels to a worker.
 #[derive(Debug, Clone)]
 pub struct QueuedRequest {
@@ -63,6 +113,9 @@ pub struct QueuedRequest {
     /// When the edge submitted it, in Unix milliseconds.
     pub submitted_at_ms: i64,
     pub lane: Lane,
+    /// Whose share of a full pool it takes: `team:<id>` or `key:<id>`.
+    pub tenant: String,
+    pub priority: Priority,
 }
 
 impl QueuedRequest {
@@ -86,6 +139,8 @@ impl QueuedRequest {
             trace_context,
             submitted_at_ms: chrono::Utc::now().timestamp_millis(),
             lane: Lane::Interactive,
+            tenant: String::new(),
+            priority: Priority::Normal,
         }
     }
 

@@ -17,6 +17,9 @@ pub struct Limits {
     /// The models the key may use (`None`: any).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models: Option<Vec<String>>,
+    /// Its class when a model's endpoints are full (`None`: normal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<crate::backends::queue::Priority>,
 }
 
 impl Limits {
@@ -48,6 +51,7 @@ impl Limits {
             tokens_per_minute: self.tokens_per_minute.or(defaults.tokens_per_minute),
             max_concurrent: self.max_concurrent.or(defaults.max_concurrent),
             models: self.models.clone().or_else(|| defaults.models.clone()),
+            priority: self.priority.or(defaults.priority),
         }
     }
 

@@ -227,6 +227,7 @@ mod tests {
                 tokens_per_minute: tpm,
                 max_concurrent: concurrent,
                 models: None,
+                priority: None,
             },
         }
     }

@@ -48,6 +48,7 @@ fn share(limits: &Limits, parts: u64) -> Limits {
         tokens_per_minute: part(limits.tokens_per_minute),
         max_concurrent: part(limits.max_concurrent),
         models: limits.models.clone(),
+        priority: limits.priority,
     }
 }
 

@@ -91,6 +91,13 @@ pub struct SimulatorConfig {
     /// The length of the vectors `/v1/embeddings` answers with (a request's
     /// `dimensions` may ask for fewer).
     pub embedding_dimensions: usize,
+    /// Sequences generated at once (vLLM's `--max-num-seqs`); more wait
+    /// their turn (`vllm:num_requests_waiting`). 0: no limit. Applies to
+    /// completions and chat completions.
+    pub max_num_seqs: usize,
+    /// How much slower each token (the first too) comes as the replica
+    /// fills: its delay times `1 + load_slowdown × running / max_num_seqs`.
+    pub load_slowdown: f64,
 }
 
 impl Default for SimulatorConfig {
@@ -106,6 +113,8 @@ impl Default for SimulatorConfig {
             prefill_per_token: Duration::ZERO,
             prefix_cache_blocks: 0,
             embedding_dimensions: 384,
+            max_num_seqs: 0,
+            load_slowdown: 0.0,
         }
     }
 }
@@ -147,13 +156,38 @@ pub(crate) struct SimState {
     /// Killed: streams break off, connections still open get 503 and close.
     pub(crate) killed: std::sync::atomic::AtomicBool,
     pub(crate) prefix_cache: std::sync::Mutex<PrefixCache>,
-    /// Requests generating now (`vllm:num_requests_running`).
+    /// Requests generating now, and those waiting for a seat
+    /// (`vllm:num_requests_running` is the difference).
     pub(crate) running: std::sync::atomic::AtomicI64,
+    pub(crate) waiting: std::sync::atomic::AtomicI64,
+    /// `max_num_seqs` seats, when limited.
+    pub(crate) seats: Option<Arc<tokio::sync::Semaphore>>,
     /// The Responses API's stored responses, in this replica's memory only.
     pub(crate) responses: std::sync::Mutex<responses::Store>,
 }
 
 impl SimState {
+    /// A seat to generate in: at once without a capacity model, else when
+    /// one of `max_num_seqs` is free (counted as waiting meanwhile).
+    pub(crate) async fn seat(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let seats = self.seats.clone()?;
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let seat = seats.acquire_owned().await.ok();
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        seat
+    }
+
+    /// The token delay as the replica's load stretches it.
+    pub(crate) fn loaded(&self, delay: Duration) -> Duration {
+        let seqs = self.config.max_num_seqs;
+        if seqs == 0 || self.config.load_slowdown == 0.0 {
+            return delay;
+        }
+        let generating =
+            (self.running.load(Ordering::Relaxed) - self.waiting.load(Ordering::Relaxed)).max(0);
+        delay.mul_f64(1.0 + self.config.load_slowdown * generating as f64 / seqs as f64)
+    }
+
     pub(crate) fn record(&self, f: impl FnOnce(&mut Records)) {
         if let Ok(mut records) = self.records.lock() {
             f(&mut records);
@@ -185,7 +219,6 @@ impl Simulator {
     pub fn serve(config: SimulatorConfig, listener: TcpListener) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let state = Arc::new(SimState {
-            config,
             records: Default::default(),
             changed: Notify::new(),
             next_id: AtomicU64::new(1),
@@ -193,6 +226,10 @@ impl Simulator {
             killed: Default::default(),
             prefix_cache: Default::default(),
             running: Default::default(),
+            waiting: Default::default(),
+            seats: (config.max_num_seqs > 0)
+                .then(|| Arc::new(tokio::sync::Semaphore::new(config.max_num_seqs))),
+            config,
             responses: Default::default(),
         });
         let app = Router::new()

@@ -2,6 +2,7 @@
 //! replica outright (SIGKILL) and for trying sluice by hand:
 //!
 //!     sluice-simulator [--listen 127.0.0.1:0] [--token-delay-ms 20] [--model sim-llama]
+//!                      [--max-num-seqs 0] [--load-slowdown 0]
 //!
 //! Prints `listening on http://ADDR` once it accepts connections.
 
@@ -18,21 +19,28 @@ fn main() -> std::process::ExitCode {
         let parsed = match (flag.as_str(), value) {
             ("--listen", Some(v)) => {
                 listen = v;
-                Ok(())
+                Ok::<(), ()>(())
             }
             ("--token-delay-ms", Some(v)) => v
                 .parse()
-                .map(|ms| config.token_delay = Duration::from_millis(ms)),
+                .map(|ms| config.token_delay = Duration::from_millis(ms))
+                .map_err(drop),
             ("--first-token-delay-ms", Some(v)) => v
                 .parse()
-                .map(|ms| config.first_token_delay = Duration::from_millis(ms)),
+                .map(|ms| config.first_token_delay = Duration::from_millis(ms))
+                .map_err(drop),
+            ("--max-num-seqs", Some(v)) => v.parse().map(|n| config.max_num_seqs = n).map_err(drop),
+            ("--load-slowdown", Some(v)) => v
+                .parse::<f64>()
+                .map(|f| config.load_slowdown = f)
+                .map_err(drop),
             ("--model", Some(v)) => {
                 config.model = v;
                 Ok(())
             }
             _ => {
                 eprintln!(
-                    "usage: sluice-simulator [--listen ADDR] [--token-delay-ms N] [--first-token-delay-ms N] [--model NAME]"
+                    "usage: sluice-simulator [--listen ADDR] [--token-delay-ms N] [--first-token-delay-ms N] [--max-num-seqs N] [--load-slowdown F] [--model NAME]"
                 );
                 return std::process::ExitCode::from(2);
             }

@@ -77,7 +77,8 @@ fn killed() -> Response {
 /// vLLM's own metrics, in its names: what load-aware routing reads.
 pub(crate) async fn vllm_metrics(State(state): State<Arc<SimState>>) -> String {
     let model = &state.config.model;
-    let running = state.running.load(Ordering::Relaxed).max(0);
+    let waiting = state.waiting.load(Ordering::Relaxed).max(0);
+    let running = (state.running.load(Ordering::Relaxed) - waiting).max(0);
     let (blocks, queried, hits) = state
         .prefix_cache
         .lock()
@@ -91,7 +92,7 @@ pub(crate) async fn vllm_metrics(State(state): State<Arc<SimState>>) -> String {
         "# TYPE vllm:num_requests_running gauge\n\
          vllm:num_requests_running{{model_name=\"{model}\"}} {running}.0\n\
          # TYPE vllm:num_requests_waiting gauge\n\
-         vllm:num_requests_waiting{{model_name=\"{model}\"}} 0.0\n\
+         vllm:num_requests_waiting{{model_name=\"{model}\"}} {waiting}.0\n\
          # TYPE vllm:gpu_cache_usage_perc gauge\n\
          vllm:gpu_cache_usage_perc{{model_name=\"{model}\"}} {usage}\n\
          # TYPE vllm:prefix_cache_queries counter\n\

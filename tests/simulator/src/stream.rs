@@ -56,6 +56,8 @@ pub(crate) struct StreamState {
     pub(crate) offsets: Vec<u64>,
     pub(crate) pending: std::collections::VecDeque<Bytes>,
     pub(crate) done: bool,
+    /// Its place among `max_num_seqs`, taken before its first token.
+    pub(crate) seat: Option<Option<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 pub(crate) fn stream_response(state: Arc<SimState>, generation: Generation) -> Response {
@@ -68,6 +70,7 @@ pub(crate) fn stream_response(state: Arc<SimState>, generation: Generation) -> R
         offsets: vec![0; choices],
         pending: Default::default(),
         done: false,
+        seat: None,
     };
     let body = futures::stream::unfold(stream_state, |mut s| async move {
         loop {
@@ -116,11 +119,16 @@ pub(crate) fn stream_response(state: Arc<SimState>, generation: Generation) -> R
                 s.guard.finish();
                 continue;
             }
-            tokio::time::sleep(if step == 0 {
+            if s.seat.is_none() {
+                s.seat = Some(s.guard.state.seat().await);
+            }
+            let g = &s.generation;
+            let state = &s.guard.state;
+            tokio::time::sleep(state.loaded(if step == 0 {
                 g.first_token_delay
             } else {
                 g.token_delay
-            })
+            }))
             .await;
             let pairs: Vec<(usize, u32)> = g.choices().collect();
             if let Some(plan) = &g.chat {
@@ -168,8 +176,12 @@ pub(crate) fn stream_response(state: Arc<SimState>, generation: Generation) -> R
 }
 
 pub(crate) async fn full_response(generation: Generation, mut guard: AbortGuard) -> Response {
+    let _seat = guard.state.seat().await;
     let g = &generation;
-    let total = g.first_token_delay + g.token_delay * g.steps().saturating_sub(1);
+    let tokens = g.steps().saturating_sub(1);
+    let total = guard
+        .state
+        .loaded(g.first_token_delay + g.token_delay * tokens);
     tokio::time::sleep(total).await;
     if let Some(plan) = &g.chat {
         let body = full_chat_body(g, plan);

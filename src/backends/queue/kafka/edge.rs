@@ -22,7 +22,7 @@ use super::reconnect::{self, Consumer, Producer, Reconnecting, Session};
 use super::*;
 use crate::backends::queue::QueueConfig;
 use crate::backends::queue::QueueMetrics;
-use crate::backends::queue::{Lane, Queue, QueuedRequest, ResponseEvent, ResponseStream};
+use crate::backends::queue::{Lane, Priority, Queue, QueuedRequest, ResponseEvent, ResponseStream};
 use crate::error::{ErrorInfo, GatewayError, kind_for_status};
 use crate::protocol::Chunk;
 use crate::protocol::sse::SseParser;
@@ -96,6 +96,12 @@ impl EdgeShared {
         }
         if request.lane == Lane::Batch {
             pairs.push((H_LANE, "batch"));
+        }
+        if !request.tenant.is_empty() {
+            pairs.push((H_TENANT, request.tenant.as_str()));
+        }
+        if request.priority != Priority::Normal {
+            pairs.push((H_PRIORITY, request.priority.name()));
         }
         for (name, value) in &request.trace_context {
             pairs.push((name.as_str(), value.as_str()));

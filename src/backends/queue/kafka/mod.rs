@@ -56,6 +56,10 @@ const H_WORKER: &str = "sluice-worker";
 /// `batch` on a batch line (absent: interactive): it is never expired for
 /// its time in the queue, since the batch runner paces what it submits.
 const H_LANE: &str = "sluice-lane";
+/// Whose share of a full pool a request takes (`QueuedRequest::tenant`).
+const H_TENANT: &str = "sluice-tenant";
+/// Its priority class (`high`, `low`; absent: normal).
+const H_PRIORITY: &str = "sluice-priority";
 /// The queue protocol's version, on every message: what the message's
 /// headers and frames mean. Absent means 1 (the version before it was sent).
 const H_PROTOCOL: &str = "sluice-protocol";

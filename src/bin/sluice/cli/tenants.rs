@@ -21,6 +21,21 @@ pub(super) struct LimitFlags {
     /// The models it may use, comma-separated ("" : any).
     #[arg(long)]
     models: Option<String>,
+    /// Its class when a model's endpoints are full: high, normal, low, or `none`.
+    #[arg(long, value_name = "high|normal|low|none", value_parser = priority)]
+    priority: Option<PriorityFlag>,
+}
+
+#[derive(Clone, Copy)]
+struct PriorityFlag(Option<sluice::backends::queue::Priority>);
+
+fn priority(value: &str) -> Result<PriorityFlag, String> {
+    match value {
+        "none" => Ok(PriorityFlag(None)),
+        name => sluice::backends::queue::Priority::parse(name)
+            .map(|p| PriorityFlag(Some(p)))
+            .ok_or_else(|| format!("`{name}` is not high, normal, low or `none`")),
+    }
 }
 
 /// A limit as given: a number, or `none` (no limit of its own).
@@ -54,6 +69,7 @@ impl LimitFlags {
                     .collect();
                 (!models.is_empty()).then_some(models)
             }),
+            priority: self.priority.map(|p| p.0),
         }
     }
 }
@@ -288,6 +304,9 @@ fn describe_limits(limits: &sluice::tenancy::Limits) -> String {
     }
     if let Some(models) = &limits.models {
         parts.push(format!("models {}", models.join(", ")));
+    }
+    if let Some(priority) = limits.priority {
+        parts.push(format!("priority {}", priority.name()));
     }
     match parts.is_empty() {
         true => "defaults".into(),

@@ -36,7 +36,7 @@ use super::*;
 use crate::backends::queue::QueueConfig;
 use crate::backends::queue::QueueMetrics;
 use crate::backends::queue::{
-    Job, JobSource, Lane, QueuedRequest, ResponseEvent, ResponseSink, SinkClosed,
+    Job, JobSource, Lane, Priority, QueuedRequest, ResponseEvent, ResponseSink, SinkClosed,
 };
 use crate::protocol::Route;
 use group::watch_group;
@@ -227,6 +227,11 @@ impl KafkaJobSource {
                 Some("batch") => Lane::Batch,
                 _ => Lane::Interactive,
             },
+            tenant: h.str(H_TENANT).unwrap_or_default().to_string(),
+            priority: h
+                .str(H_PRIORITY)
+                .and_then(Priority::parse)
+                .unwrap_or_default(),
         };
         self.shared
             .metrics
