@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -87,10 +87,14 @@ impl Worker {
         grace: Duration,
     ) {
         let permits = Arc::new(Semaphore::new(self.concurrency));
-        let batch_lane = tokio::spawn(
-            self.clone()
-                .run_batch_lane(source.clone(), shutdown.clone()),
-        );
+        // Batch lines that arrive with the interactive requests (Kafka has
+        // one request topic) go to the batch lane with their permit.
+        let (to_lane, lane) = tokio::sync::mpsc::channel(self.concurrency);
+        let batch_lane = tokio::spawn(self.clone().run_batch_lane(
+            source.clone(),
+            lane,
+            shutdown.clone(),
+        ));
         loop {
             let permit = tokio::select! {
                 permit = permits.clone().acquire_owned() => match permit {
@@ -104,6 +108,12 @@ impl Worker {
                 () = shutdown.cancelled() => break,
             };
             let Some(job) = job else { break };
+            if job.request.lane == Lane::Batch {
+                if to_lane.send((job, permit)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
             let worker = self.clone();
             tokio::spawn(async move {
                 worker.process(job, None).await;
@@ -120,20 +130,33 @@ impl Worker {
         }
     }
 
-    /// Takes batch lines one at a time, each when its pool has room.
+    /// Takes batch lines one at a time, each when its pool has room: from
+    /// the source's batch lane, and those the main loop passes on (with the
+    /// permit that counts them among the jobs the worker holds).
     async fn run_batch_lane(
         self: Arc<Self>,
         source: Arc<dyn JobSource>,
+        mut passed: tokio::sync::mpsc::Receiver<(Job, OwnedSemaphorePermit)>,
         shutdown: CancellationToken,
     ) {
         loop {
-            let job = tokio::select! {
-                job = source.next_batch_job() => job,
+            let (job, permit) = tokio::select! {
+                job = source.next_batch_job() => match job {
+                    Some(job) => (job, None),
+                    None => return,
+                },
+                passed = passed.recv() => match passed {
+                    Some((job, permit)) => (job, Some(permit)),
+                    None => return,
+                },
                 () = shutdown.cancelled() => return,
             };
-            let Some(job) = job else { return };
+            let worker = self.clone();
             let Some(pool) = self.upstream.fleet().pool(&job.request.model).cloned() else {
-                tokio::spawn(self.clone().process(job, None));
+                tokio::spawn(async move {
+                    worker.process(job, None).await;
+                    drop(permit);
+                });
                 continue;
             };
             while !pool.has_batch_room(self.batch_headroom) {
@@ -148,7 +171,10 @@ impl Worker {
             }
             // Counted from here, so the next line sees this one.
             let running = pool.run();
-            tokio::spawn(self.clone().process(job, Some(running)));
+            tokio::spawn(async move {
+                worker.process(job, Some(running)).await;
+                drop(permit);
+            });
         }
     }
 

@@ -20,6 +20,7 @@ mod demo;
 mod edge;
 mod embedded;
 mod fleet;
+mod lanes;
 mod layering;
 mod messages;
 mod observability;
