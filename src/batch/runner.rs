@@ -270,8 +270,13 @@ impl Runner {
     }
 
     /// Stops this runner's lines of batches that no longer run (expired
-    /// while they ran): their answers would not be read.
+    /// while they ran): their answers would not be read. Forgets what it
+    /// knew of them.
     fn stop_lines_of_inactive(&self, active: &[BatchRecord]) {
+        self.known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|id, _| active.iter().any(|batch| &batch.id == id));
         let mut running = self.lock_running();
         running.retain(|id, token| {
             let live = active.iter().any(|batch| &batch.id == id);

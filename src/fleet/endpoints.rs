@@ -155,8 +155,9 @@ pub struct Pool {
     running: AtomicUsize,
     /// Interactive requests waiting for room, in weighted fair order.
     waiting: std::sync::Mutex<FairQueue<Waiter>>,
-    waiting_gauge: prometheus::IntGaugeVec,
-    wait_seconds: prometheus::HistogramVec,
+    /// Per class, in `Priority::ALL`'s order (looked up once, not per request).
+    waiting_gauge: [prometheus::IntGauge; 3],
+    wait_seconds: [prometheus::Histogram; 3],
     next: AtomicUsize,
     /// For `prefix`: where each prefix went, and how many prefixes each endpoint holds.
     affinity: std::sync::Mutex<Affinity>,
@@ -289,16 +290,14 @@ impl Pool {
         let receiver = {
             let mut waiting = self.lock_waiting();
             if waiting.is_empty() && self.has_room() {
-                self.wait_seconds
-                    .with_label_values(&[class.name()])
-                    .observe(0.0);
+                self.wait_seconds[class.index()].observe(0.0);
                 return self.run();
             }
             let (sender, receiver) = tokio::sync::oneshot::channel();
             waiting.push(tenant, class.weight(), (class, Instant::now(), sender));
             receiver
         };
-        self.waiting_gauge.with_label_values(&[class.name()]).inc();
+        self.waiting_gauge[class.index()].inc();
         self.dispatch();
         match receiver.await {
             Ok(running) => running,
@@ -321,10 +320,8 @@ impl Pool {
                 }
             };
             let (class, since, sender) = next;
-            self.waiting_gauge.with_label_values(&[class.name()]).dec();
-            self.wait_seconds
-                .with_label_values(&[class.name()])
-                .observe(since.elapsed().as_secs_f64());
+            self.waiting_gauge[class.index()].dec();
+            self.wait_seconds[class.index()].observe(since.elapsed().as_secs_f64());
             if let Err(running) = sender.send(self.run()) {
                 // Its client left while it waited: the place goes to the next.
                 running.give_back();
@@ -432,8 +429,10 @@ impl Fleet {
                     capacity: u64::from(capacity),
                     running: AtomicUsize::new(0),
                     waiting: Default::default(),
-                    waiting_gauge: metrics.waiting.clone(),
-                    wait_seconds: metrics.wait_seconds.clone(),
+                    waiting_gauge: Priority::ALL
+                        .map(|class| metrics.waiting.with_label_values(&[class.name()])),
+                    wait_seconds: Priority::ALL
+                        .map(|class| metrics.wait_seconds.with_label_values(&[class.name()])),
                     next: AtomicUsize::new(0),
                 })
             };

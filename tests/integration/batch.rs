@@ -9,6 +9,67 @@ use serde_json::{Value, json};
 
 use crate::common::*;
 
+/// Uploads `lines` as a batch input file for `key`; its id.
+pub(crate) async fn upload_lines(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+    lines: &[Value],
+) -> String {
+    let content: String = lines.iter().map(|line| format!("{line}\n")).collect();
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(content.into_bytes()).file_name("input.jsonl"),
+        );
+    let response = http
+        .post(format!("{url}/v1/files"))
+        .bearer_auth(key)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Creates a batch of `file` on `endpoint`; its id.
+pub(crate) async fn create_batch(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+    file: &str,
+    endpoint: &str,
+) -> String {
+    let created: Value = http
+        .post(format!("{url}/v1/batches"))
+        .bearer_auth(key)
+        .json(&json!({"input_file_id": file, "endpoint": endpoint, "completion_window": "24h"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    created["id"].as_str().unwrap().to_string()
+}
+
+/// The batch as `GET /v1/batches/{id}` answers it.
+pub(crate) async fn batch_object(http: &reqwest::Client, url: &str, key: &str, id: &str) -> Value {
+    http.get(format!("{url}/v1/batches/{id}"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Runs one scenario of `tests/openai_batch.py` against `gw`.
 async fn scenario(gw: &TestGateway, name: &str) -> Value {
     let python = python_with_openai().expect("CI provides a Python with openai");
@@ -126,6 +187,77 @@ async fn a_malformed_input_file_fails_the_batch_naming_each_line() {
     assert_eq!(out["bad_endpoint"], 400);
     // Nothing was sent upstream.
     assert!(gw.sim.received().is_empty());
+}
+
+/// A file larger than one part goes in and out whole, and a batch reads
+/// its lines across the parts; a file over the limit is refused (413) and
+/// never listed.
+#[tokio::test(flavor = "multi_thread")]
+async fn files_are_streamed_in_parts_and_bounded() {
+    let gw = TestGateway::start_with(sim_config(), |c| {
+        c.batch.file_part_bytes = std::num::NonZeroUsize::new(4096).unwrap();
+        c.batch.max_file_bytes = std::num::NonZeroU64::new(100_000).unwrap();
+    })
+    .await;
+    let lines: Vec<Value> = (0..120)
+        .map(|i| {
+            json!({"custom_id": format!("p{i}"), "method": "POST", "url": "/v1/completions",
+                   "body": {"model": MODEL, "prompt": format!("{i} {}", "padding ".repeat(20)), "max_tokens": 2}})
+        })
+        .collect();
+    let file = upload_lines(&gw.http, &gw.url, &gw.key, &lines).await;
+    let sent: String = lines.iter().map(|line| format!("{line}\n")).collect();
+    assert!(sent.len() > 8 * 4096, "several parts: {} bytes", sent.len());
+    let content = gw
+        .http
+        .get(format!("{}/v1/files/{file}/content", gw.url))
+        .bearer_auth(&gw.key)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(content, sent);
+    let id = create_batch(&gw.http, &gw.url, &gw.key, &file, "/v1/completions").await;
+    let done = eventually(Duration::from_secs(30), || async {
+        let batch = batch_object(&gw.http, &gw.url, &gw.key, &id).await;
+        (batch["status"] == "completed").then_some(batch)
+    })
+    .await
+    .expect("the batch completes");
+    assert_eq!(done["request_counts"]["completed"], 120);
+
+    let too_big = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(vec![b'x'; 150_000]).file_name("big.jsonl"),
+        );
+    let refused = gw
+        .http
+        .post(format!("{}/v1/files", gw.url))
+        .bearer_auth(&gw.key)
+        .multipart(too_big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 413);
+    let listed: Value = gw
+        .http
+        .get(format!("{}/v1/files", gw.url))
+        .bearer_auth(&gw.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["data"].as_array().unwrap().len(),
+        2,
+        "the input and the output: {listed}"
+    );
 }
 
 /// A gateway running four batch lines at a time, so a long batch is

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 use sluice_simulator::SimulatorConfig;
 
+use crate::batch::{batch_object, create_batch, upload_lines};
 use crate::common::*;
 
 /// One replica of `seats` sequences, the gateway told its capacity.
@@ -90,44 +91,14 @@ async fn a_burst_of_one_key_takes_turns_with_another_key() {
 #[tokio::test(flavor = "multi_thread")]
 async fn batch_lines_leave_interactive_requests_their_seat() {
     let gw = seated(4).await;
-    let lines: String = (0..40)
+    let lines: Vec<serde_json::Value> = (0..40)
         .map(|i| {
-            format!(
-                "{}\n",
-                json!({"custom_id": format!("l{i}"), "method": "POST", "url": "/v1/completions",
-                       "body": {"model": MODEL, "prompt": format!("line {i}"), "max_tokens": 8, "ignore_eos": true}})
-            )
+            json!({"custom_id": format!("l{i}"), "method": "POST", "url": "/v1/completions",
+                   "body": {"model": MODEL, "prompt": format!("line {i}"), "max_tokens": 8, "ignore_eos": true}})
         })
         .collect();
-    let form = reqwest::multipart::Form::new()
-        .text("purpose", "batch")
-        .part(
-            "file",
-            reqwest::multipart::Part::bytes(lines.into_bytes()).file_name("lines.jsonl"),
-        );
-    let file: serde_json::Value = gw
-        .http
-        .post(format!("{}/v1/files", gw.url))
-        .bearer_auth(&gw.key)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let batch: serde_json::Value = gw
-        .http
-        .post(format!("{}/v1/batches", gw.url))
-        .bearer_auth(&gw.key)
-        .json(&json!({"input_file_id": file["id"], "endpoint": "/v1/completions", "completion_window": "1h"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = batch["id"].as_str().unwrap().to_string();
+    let file = upload_lines(&gw.http, &gw.url, &gw.key, &lines).await;
+    let id = create_batch(&gw.http, &gw.url, &gw.key, &file, "/v1/completions").await;
     let mut most_running = 0.0f64;
     let mut interactive = 0;
     loop {
@@ -146,16 +117,7 @@ async fn batch_lines_leave_interactive_requests_their_seat() {
             "the replica queued a request beside the batch"
         );
         most_running = most_running.max(running);
-        let state: serde_json::Value = gw
-            .http
-            .get(format!("{}/v1/batches/{id}", gw.url))
-            .bearer_auth(&gw.key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let state = batch_object(&gw.http, &gw.url, &gw.key, &id).await;
         if state["status"] == "completed" {
             assert_eq!(state["request_counts"]["completed"], 40);
             break;

@@ -57,6 +57,11 @@ impl Priority {
         }
     }
 
+    /// Its place in [`Priority::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn parse(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|p| p.name() == name)
     }

@@ -5,6 +5,7 @@
 //! exact, each `custom_id` once.
 
 use super::*;
+use crate::batch::{batch_object as batch, create_batch, upload_lines as upload};
 
 /// Both edges' config: Kafka, no in-process worker, short batch leases so a
 /// dead edge's lines run elsewhere within the test.
@@ -56,40 +57,6 @@ async fn the_openai_sdk_runs_a_batch_through_kafka() {
     services.drop_database().await;
 }
 
-/// Uploads `lines` as a batch input file; its id.
-async fn upload(http: &reqwest::Client, url: &str, key: &str, lines: &[Value]) -> String {
-    let content: String = lines.iter().map(|line| format!("{line}\n")).collect();
-    let form = reqwest::multipart::Form::new()
-        .text("purpose", "batch")
-        .part(
-            "file",
-            reqwest::multipart::Part::bytes(content.into_bytes()).file_name("input.jsonl"),
-        );
-    let response = http
-        .post(format!("{url}/v1/files"))
-        .bearer_auth(key)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
-async fn batch(http: &reqwest::Client, url: &str, key: &str, id: &str) -> Value {
-    http.get(format!("{url}/v1/batches/{id}"))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// Waits until the batch has answered `lines` lines (or ended).
 async fn answered(http: &reqwest::Client, url: &str, key: &str, id: &str, lines: i64) -> Value {
     eventually(Duration::from_secs(180), || async {
@@ -133,17 +100,7 @@ async fn a_batch_survives_a_worker_and_an_edge_killed_mid_way() {
         .map(|i| json!({"custom_id": format!("line-{i}"), "method": "POST", "url": "/v1/completions", "body": body(i)}))
         .collect();
     let file = upload(&http, &url_a, &key, &lines).await;
-    let created: Value = http
-        .post(format!("{url_a}/v1/batches"))
-        .bearer_auth(&key)
-        .json(&json!({"input_file_id": file, "endpoint": "/v1/completions", "completion_window": "24h"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = created["id"].as_str().unwrap().to_string();
+    let id = create_batch(&http, &url_a, &key, &file, "/v1/completions").await;
 
     let running = |batch: &Value| {
         batch["status"] == "in_progress"

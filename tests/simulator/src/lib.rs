@@ -171,6 +171,9 @@ impl SimState {
     /// one of `max_num_seqs` is free (counted as waiting meanwhile).
     pub(crate) async fn seat(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
         let seats = self.seats.clone()?;
+        if let Ok(seat) = seats.clone().try_acquire_owned() {
+            return Some(seat);
+        }
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let seat = seats.acquire_owned().await.ok();
         self.waiting.fetch_sub(1, Ordering::Relaxed);
