@@ -4,7 +4,7 @@
 //! serve only from the capacity interactive traffic leaves.
 //!
 //! [`Batches`] is what the edge's handlers call (each operation checks the
-//! caller owns what it names: a key, or the key's team). [`runner`] runs
+//! caller owns what it names: its tenant, the key's team or the key). [`runner`] runs
 //! the batches: every gateway runs one, and they share the work through
 //! leases in the database, so any of them may die without losing a line.
 
@@ -16,7 +16,6 @@ pub mod runner;
 mod validate;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -71,15 +70,6 @@ pub struct Batches {
     wake: Arc<Notify>,
 }
 
-/// Who a file or batch belongs to: the key's team when it has one (every
-/// key of the team sees it), else the key.
-pub fn owner_of(identity: &Identity) -> String {
-    match &identity.team {
-        Some(team) => format!("team:{}", team.id),
-        None => format!("key:{}", identity.key_id),
-    }
-}
-
 /// `POST /v1/batches`'s body.
 #[derive(Debug, Deserialize)]
 pub struct NewBatch {
@@ -121,10 +111,6 @@ impl Batches {
         }
     }
 
-    pub fn config(&self) -> &BatchConfig {
-        &self.config
-    }
-
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
@@ -136,7 +122,7 @@ impl Batches {
         identity: &Identity,
         filename: &str,
     ) -> Result<FileWriter, BatchError> {
-        let owner = owner_of(identity);
+        let owner = identity.tenant();
         let held = self.store.owner_file_bytes(&owner).await?;
         let room = self
             .config
@@ -170,7 +156,7 @@ impl Batches {
         self.store
             .find_file(id)
             .await?
-            .filter(|file| file.owner == owner_of(identity))
+            .filter(|file| file.owner == identity.tenant())
             .ok_or_else(|| BatchError::NotFound(format!("No such File object: {id}")))
     }
 
@@ -184,7 +170,7 @@ impl Batches {
         let mut files = self
             .store
             .list_files(
-                &owner_of(identity),
+                &identity.tenant(),
                 page.purpose.as_deref(),
                 page.after.as_deref(),
                 limit + 1,
@@ -233,7 +219,7 @@ impl Batches {
         let created_at = now();
         let batch = BatchRecord {
             id: format!("batch_{}", uuid::Uuid::now_v7().simple()),
-            owner: owner_of(identity),
+            owner: identity.tenant(),
             key_id: identity.key_id.clone(),
             endpoint: new.endpoint,
             input_file_id: input.id,
@@ -266,7 +252,7 @@ impl Batches {
         self.store
             .find_batch(id)
             .await?
-            .filter(|batch| batch.owner == owner_of(identity))
+            .filter(|batch| batch.owner == identity.tenant())
             .ok_or_else(|| BatchError::NotFound(format!("No such batch: {id}")))
     }
 
@@ -282,7 +268,7 @@ impl Batches {
         let limit = page.limit.unwrap_or(20).clamp(1, 100);
         let mut batches = self
             .store
-            .list_batches(&owner_of(identity), page.after.as_deref(), limit + 1)
+            .list_batches(&identity.tenant(), page.after.as_deref(), limit + 1)
             .await?;
         let has_more = batches.len() as i64 > limit;
         batches.truncate(limit as usize);
@@ -303,11 +289,6 @@ impl Batches {
         }
         self.wake.notify_one();
         self.batch_json(identity, id).await
-    }
-
-    /// How long a runner sleeps between looks when nothing wakes it.
-    fn poll(&self) -> Duration {
-        self.config.poll
     }
 }
 

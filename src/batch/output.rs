@@ -42,8 +42,8 @@ pub async fn finalize(
             file.write(line.as_bytes()).await?;
         }
     }
-    let output_id = keep_if_written(store, output).await?;
-    let error_id = keep_if_written(store, errors).await?;
+    let output_id = keep_if_written(output, "batch_output").await?;
+    let error_id = keep_if_written(errors, "batch_errors").await?;
     store
         .end_batch(&batch.id, output_id.as_deref(), error_id.as_deref(), now())
         .await?;
@@ -71,19 +71,11 @@ async fn new_file(
     FileWriter::begin(store.clone(), record, config.file_part_bytes.get()).await
 }
 
-async fn keep_if_written(
-    store: &Arc<dyn Store>,
-    file: FileWriter,
-) -> Result<Option<String>, BatchError> {
+async fn keep_if_written(file: FileWriter, purpose: &str) -> Result<Option<String>, BatchError> {
     if file.written() == 0 {
-        let id = file.id().to_string();
-        store.delete_file(&id).await?;
+        file.abort().await;
         return Ok(None);
     }
-    let purpose = match file.id().ends_with("-output") {
-        true => "batch_output",
-        false => "batch_errors",
-    };
     Ok(Some(file.finish(purpose).await?.id))
 }
 

@@ -143,7 +143,7 @@ impl Runner {
                     continue;
                 }
                 () = self.batches.wake.notified() => {}
-                () = tokio::time::sleep(self.batches.poll()) => {}
+                () = tokio::time::sleep(config.poll) => {}
             }
             look = true;
             if let Err(err) = self.maintain().await {

@@ -152,27 +152,23 @@ impl Worker {
                 () = shutdown.cancelled() => return,
             };
             let worker = self.clone();
-            let Some(pool) = self.upstream.fleet().pool(&job.request.model).cloned() else {
-                tokio::spawn(async move {
-                    worker.process(job, None).await;
-                    drop(permit);
-                });
-                continue;
-            };
-            while !pool.has_batch_room(self.batch_headroom) {
-                tokio::select! {
-                    () = tokio::time::sleep(BATCH_ROOM_POLL) => {}
-                    () = job.cancel.cancelled() => break,
-                    () = shutdown.cancelled() => return,
+            let mut running = None;
+            if let Some(pool) = self.upstream.fleet().pool(&job.request.model) {
+                while !pool.has_batch_room(self.batch_headroom) {
+                    tokio::select! {
+                        () = tokio::time::sleep(BATCH_ROOM_POLL) => {}
+                        () = job.cancel.cancelled() => break,
+                        () = shutdown.cancelled() => return,
+                    }
                 }
+                if job.cancel.is_cancelled() {
+                    continue;
+                }
+                // Counted from here, so the next line sees this one.
+                running = Some(pool.run());
             }
-            if job.cancel.is_cancelled() {
-                continue;
-            }
-            // Counted from here, so the next line sees this one.
-            let running = pool.run();
             tokio::spawn(async move {
-                worker.process(job, Some(running)).await;
+                worker.process(job, running).await;
                 drop(permit);
             });
         }

@@ -40,7 +40,9 @@ impl Identity {
         }
     }
 
-    /// Whose share of a full pool its requests take: its team's, else its own.
+    /// Its tenant, `team:<id>` or `key:<id>`: whose share of a full pool its
+    /// requests take, and who owns its files and batches (every key of a
+    /// team sees them).
     pub fn tenant(&self) -> String {
         match &self.team {
             Some(team) => format!("team:{}", team.id),
