@@ -304,7 +304,7 @@ fn main() {
             let patch: sluice::tenancy::tenants::KeyPatch = serde_json::from_value(json!({"limits": {
                 "requests_per_minute": 1_000_000_000u64, "tokens_per_minute": 1_000_000_000_000u64,
                 "max_concurrent": 100_000}})).expect("patch");
-            let limited_key = sluice::tenancy::tenants::create_key(store.as_ref(), "bench-limited", &patch, None)
+            let limited_key = sluice::tenancy::tenants::create_key(store.as_ref(), &sluice::tenancy::audit::Actor::cli(), "bench-limited", &patch, None)
                 .await
                 .expect("limited key");
             let limited = Arc::new(Target { url: through.url.clone(), key: Some(limited_key.secret) });

@@ -12,6 +12,10 @@
 //! | `GET /admin/keys/{id}/usage[?since=RFC3339]` | requests by outcome, cache hits, tokens |
 //! | `POST /admin/teams`, `GET /admin/teams`, `GET`/`PATCH /admin/teams/{id}` | teams and their limits |
 //! | `GET /admin/teams/{id}/usage[?since=]` | the team's keys' usage, summed |
+//! | `GET /admin/audit[?target=&before=&limit=]` | changes to keys and teams, newest first: who, what, when, before and after |
+//!
+//! Every change is made by [`tenants`] and recorded in the audit log with
+//! the admin token as its actor.
 
 use std::sync::Arc;
 
@@ -29,8 +33,10 @@ use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use crate::backends::store::audit::AuditQuery;
 use crate::backends::store::{ApiKey, KeyUsage, Store};
 use crate::error::GatewayError;
+use crate::tenancy::audit::Actor;
 use crate::tenancy::keys::hash_secret;
 use crate::tenancy::tenants::{self, KeyPatch, LimitsPatch};
 
@@ -58,6 +64,7 @@ pub fn router(store: Arc<dyn Store>, config: &super::AdminConfig) -> Option<Rout
             .route("/admin/teams", get(list_teams).post(create_team))
             .route("/admin/teams/{id}", get(show_team).patch(update_team))
             .route("/admin/teams/{id}/usage", get(team_usage))
+            .route("/admin/audit", get(audit))
             .fallback(|| async { GatewayError::NotFound("no such admin route".into()) })
             .method_not_allowed_fallback(|| async { GatewayError::MethodNotAllowed })
             .layer(middleware::from_fn_with_state(admin.clone(), authorize))
@@ -120,7 +127,14 @@ async fn create_key(State(admin): State<Arc<Admin>>, request: Bytes) -> Answer {
         expires_at: Some(expires_at),
     };
     let secret = secret.as_ref().map(ExposeSecret::expose_secret);
-    let created = tenants::create_key(admin.store.as_ref(), &name, &patch, secret).await?;
+    let created = tenants::create_key(
+        admin.store.as_ref(),
+        &Actor::AdminApi,
+        &name,
+        &patch,
+        secret,
+    )
+    .await?;
     let key = tenants::find_key(admin.store.as_ref(), &created.id).await?;
     let mut answer =
         serde_json::to_value(&key).map_err(|e| GatewayError::Internal(e.to_string()))?;
@@ -142,13 +156,11 @@ async fn update_key(
     request: Bytes,
 ) -> Answer {
     let patch = body(&request)?;
-    ok(tenants::update_key(admin.store.as_ref(), &id, &patch).await?)
+    ok(tenants::update_key(admin.store.as_ref(), &Actor::AdminApi, &id, &patch).await?)
 }
 
 async fn revoke_key(State(admin): State<Arc<Admin>>, Path(id): Path<String>) -> Answer {
-    let key = tenants::find_key(admin.store.as_ref(), &id).await?;
-    admin.store.revoke_key(&key.id).await.map_err(backend)?;
-    ok(tenants::find_key(admin.store.as_ref(), &key.id).await?)
+    ok(tenants::revoke_key(admin.store.as_ref(), &Actor::AdminApi, &id).await?)
 }
 
 #[derive(Deserialize)]
@@ -237,7 +249,7 @@ struct TeamPatch {
 
 async fn create_team(State(admin): State<Arc<Admin>>, request: Bytes) -> Answer {
     let NewTeam { name, limits } = body(&request)?;
-    let team = tenants::create_team(admin.store.as_ref(), &name, &limits).await?;
+    let team = tenants::create_team(admin.store.as_ref(), &Actor::AdminApi, &name, &limits).await?;
     Ok((StatusCode::CREATED, Json(team)).into_response())
 }
 
@@ -255,7 +267,7 @@ async fn update_team(
     request: Bytes,
 ) -> Answer {
     let TeamPatch { limits } = body(&request)?;
-    ok(tenants::update_team(admin.store.as_ref(), &id, &limits).await?)
+    ok(tenants::update_team(admin.store.as_ref(), &Actor::AdminApi, &id, &limits).await?)
 }
 
 async fn team_usage(
@@ -274,6 +286,35 @@ async fn team_usage(
         .filter(|k| k.team_id.as_deref() == Some(team.id.as_str()))
         .collect();
     usage_of(admin.store.as_ref(), &keys, since).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    target: Option<String>,
+    before: Option<i64>,
+    limit: Option<i64>,
+}
+
+/// The audit log, newest first; `before` (an entry's id) pages back.
+async fn audit(
+    State(admin): State<Arc<Admin>>,
+    query: Result<Query<AuditParams>, QueryRejection>,
+) -> Answer {
+    let Query(params) =
+        query.map_err(|rejection| GatewayError::BadRequest(rejection.body_text()))?;
+    let limit = params.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(GatewayError::BadRequest("limit must be 1 to 1000".into()));
+    }
+    let query = AuditQuery {
+        before_id: params.before,
+        target: params.target,
+        limit,
+    };
+    let entries = admin.store.audit_entries(&query).await.map_err(backend)?;
+    let has_more = entries.len() as i64 == limit;
+    ok(json!({"object": "list", "data": entries, "has_more": has_more}))
 }
 
 fn backend(err: crate::backends::store::StoreError) -> GatewayError {

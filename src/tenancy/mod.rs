@@ -1,7 +1,9 @@
 //! Tenancy: who may call and how much. API keys ([`keys`]) and teams
-//! ([`tenants`], the operations the CLI and the admin API share), verifying a
-//! presented key ([`auth`]), and the per-key and per-team [`limits`].
+//! ([`tenants`], the operations the CLI, the admin API and the console
+//! share, each recorded in the [`audit`] log), verifying a presented key
+//! ([`auth`]), and the per-key and per-team [`limits`].
 
+pub mod audit;
 pub mod auth;
 pub mod keys;
 pub mod limits;

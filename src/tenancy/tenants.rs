@@ -1,11 +1,13 @@
 //! Managing tenants: keys with their limits, team and expiry, and teams with
-//! theirs. The command line and the admin API both go through here, so they
-//! validate and answer alike.
+//! theirs. The command line, the admin API and the console all go through
+//! here, so they validate and answer alike, and every change is written to
+//! the audit log with its actor.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer};
 
 use super::Limits;
+use super::audit::{Actor, record};
 use super::keys::CreatedKey;
 use crate::backends::store::{ApiKey, Store, StoreError, Team};
 use crate::error::GatewayError;
@@ -118,6 +120,7 @@ fn valid_name(name: &str) -> Result<(), TenantError> {
 /// secret or the one the operator brings; the secret is in the answer only.
 pub async fn create_key(
     store: &dyn Store,
+    actor: &Actor,
     name: &str,
     patch: &KeyPatch,
     secret: Option<&str>,
@@ -132,16 +135,22 @@ pub async fn create_key(
         None => None,
     };
     let expires_at = patch.expires_at.flatten();
-    Ok(super::keys::create_key_with(store, name, limits, team, expires_at, secret).await?)
+    let created =
+        super::keys::create_key_with(store, name, limits, team, expires_at, secret).await?;
+    let key = find_key(store, &created.id).await?;
+    record(store, actor, "key.create", &key.id, None, Some(&key)).await?;
+    Ok(created)
 }
 
 /// Applies `patch` to the key with this id or name; returns the key as it now is.
 pub async fn update_key(
     store: &dyn Store,
+    actor: &Actor,
     id_or_name: &str,
     patch: &KeyPatch,
 ) -> Result<ApiKey, TenantError> {
-    let mut key = find_key(store, id_or_name).await?;
+    let before = find_key(store, id_or_name).await?;
+    let mut key = before.clone();
     key.limits = patch.limits.apply(&key.limits)?;
     if let Some(team) = &patch.team {
         key.team_id = match team {
@@ -153,7 +162,42 @@ pub async fn update_key(
         key.expires_at = expires_at;
     }
     store.update_key(&key).await?;
+    record(
+        store,
+        actor,
+        "key.update",
+        &key.id,
+        Some(&before),
+        Some(&key),
+    )
+    .await?;
     Ok(key)
+}
+
+/// Revokes the key with this id or name (its requests are refused within
+/// the auth cache's lifetime); returns it as it now is. Revoking a revoked
+/// key changes nothing and records nothing.
+pub async fn revoke_key(
+    store: &dyn Store,
+    actor: &Actor,
+    id_or_name: &str,
+) -> Result<ApiKey, TenantError> {
+    let before = find_key(store, id_or_name).await?;
+    if before.revoked_at.is_some() {
+        return Ok(before);
+    }
+    store.revoke_key(&before.id).await?;
+    let after = find_key(store, &before.id).await?;
+    record(
+        store,
+        actor,
+        "key.revoke",
+        &after.id,
+        Some(&before),
+        Some(&after),
+    )
+    .await?;
+    Ok(after)
 }
 
 pub async fn find_key(store: &dyn Store, id_or_name: &str) -> Result<ApiKey, TenantError> {
@@ -165,6 +209,7 @@ pub async fn find_key(store: &dyn Store, id_or_name: &str) -> Result<ApiKey, Ten
 
 pub async fn create_team(
     store: &dyn Store,
+    actor: &Actor,
     name: &str,
     limits: &LimitsPatch,
 ) -> Result<Team, TenantError> {
@@ -176,17 +221,29 @@ pub async fn create_team(
         created_at: Utc::now(),
     };
     store.insert_team(&team).await?;
+    record(store, actor, "team.create", &team.id, None, Some(&team)).await?;
     Ok(team)
 }
 
 pub async fn update_team(
     store: &dyn Store,
+    actor: &Actor,
     id_or_name: &str,
     limits: &LimitsPatch,
 ) -> Result<Team, TenantError> {
-    let mut team = find_team(store, id_or_name).await?;
+    let before = find_team(store, id_or_name).await?;
+    let mut team = before.clone();
     team.limits = limits.apply(&team.limits)?;
     store.update_team(&team).await?;
+    record(
+        store,
+        actor,
+        "team.update",
+        &team.id,
+        Some(&before),
+        Some(&team),
+    )
+    .await?;
     Ok(team)
 }
 

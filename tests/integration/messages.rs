@@ -18,10 +18,16 @@ async fn the_anthropic_sdk_gets_what_vllm_answers() {
         limits: serde_json::from_value(json!({"requests_per_minute": 1})).unwrap(),
         ..KeyPatch::default()
     };
-    let limited = tenants::create_key(gw.store.as_ref(), "limited", &patch, None)
-        .await
-        .unwrap()
-        .secret;
+    let limited = tenants::create_key(
+        gw.store.as_ref(),
+        &sluice::tenancy::audit::Actor::cli(),
+        "limited",
+        &patch,
+        None,
+    )
+    .await
+    .unwrap()
+    .secret;
     let result = run_sdk_script(
         &python,
         "anthropic_messages.py",

@@ -372,10 +372,16 @@ async fn limits_and_metrics_apply_to_the_responses_api() {
         limits: serde_json::from_value(json!({"requests_per_minute": 2})).unwrap(),
         ..KeyPatch::default()
     };
-    let limited = tenants::create_key(gw.store.as_ref(), "limited", &patch, None)
-        .await
-        .unwrap()
-        .secret;
+    let limited = tenants::create_key(
+        gw.store.as_ref(),
+        &sluice::tenancy::audit::Actor::cli(),
+        "limited",
+        &patch,
+        None,
+    )
+    .await
+    .unwrap()
+    .secret;
     let url = format!("{}/v1/responses", gw.url);
     let body = json!({"model": MODEL, "input": "count me", "max_output_tokens": 2});
     let (status, created) = post_json(&gw.http, &url, &limited, &body).await;

@@ -1,14 +1,18 @@
 //! The `Store` stage: API keys, teams and inference logs, behind one trait with a
 //! SQLite implementation (embedded mode) and a PostgreSQL one (production).
 //! Both run the same SQL; only the migrations differ. The files and
-//! batches of OpenAI's Batch API are kept in the same database ([`batches`]).
+//! batches of OpenAI's Batch API are kept in the same database ([`batches`]),
+//! as are the audit log of changes to tenants ([`audit`]) and the usage
+//! aggregations the console reads ([`usage`]).
 
+pub mod audit;
 mod batch_sql;
 pub mod batches;
 mod config;
 pub mod inference_log;
 mod limits;
 mod sql;
+pub mod usage;
 
 use std::sync::Arc;
 
@@ -125,7 +129,9 @@ pub struct KeyUsage {
 }
 
 #[async_trait]
-pub trait Store: batches::BatchStore + Send + Sync + 'static {
+pub trait Store:
+    batches::BatchStore + audit::AuditStore + usage::UsageStore + Send + Sync + 'static
+{
     async fn insert_key(&self, key: &NewApiKey) -> Result<(), StoreError>;
     async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError>;
     /// The key with this id or name, revoked or not.

@@ -73,10 +73,16 @@ async fn embeddings_and_tokenize_through_kafka_and_two_workers_match_the_upstrea
         limits: serde_json::from_value(json!({"requests_per_minute": 1})).unwrap(),
         ..Default::default()
     };
-    let limited = sluice::tenancy::tenants::create_key(store.as_ref(), "limited", &patch, None)
-        .await
-        .unwrap()
-        .secret;
+    let limited = sluice::tenancy::tenants::create_key(
+        store.as_ref(),
+        &sluice::tenancy::audit::Actor::cli(),
+        "limited",
+        &patch,
+        None,
+    )
+    .await
+    .unwrap()
+    .secret;
     let result = run_sdk_script(
         &python,
         "anthropic_messages.py",

@@ -274,6 +274,55 @@ async fn the_admin_api_manages_keys_teams_limits_and_usage() {
             .iter()
             .any(|k| k["name"] == "svc")
     );
+
+    // Every change is in the audit log, newest first, with the record
+    // before and after; refused changes left nothing.
+    let audit: Value = call(Method::GET, "/admin/audit", ADMIN_TOKEN, None)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let entries = audit["data"].as_array().unwrap();
+    let actions: Vec<&str> = entries
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "key.revoke",
+            "key.create",
+            "key.update",
+            "key.create",
+            "team.create"
+        ],
+        "{audit}"
+    );
+    assert!(entries.iter().all(|e| e["actor"] == "admin API token"));
+    let update = &entries[2];
+    assert_eq!(update["before"]["limits"]["requests_per_minute"], 2);
+    assert_eq!(update["after"]["limits"]["requests_per_minute"], 5);
+    assert!(entries[0]["before"]["revoked_at"].is_null());
+    assert!(entries[0]["after"]["revoked_at"].is_string());
+    assert!(!audit.to_string().contains(&secret), "no secret in the log");
+    let svc_id = entries[0]["target"].as_str().unwrap();
+    let older: Value = call(
+        Method::GET,
+        &format!(
+            "/admin/audit?target={svc_id}&limit=1&before={}",
+            entries[0]["id"]
+        ),
+        ADMIN_TOKEN,
+        None,
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(older["data"][0]["action"], "key.update", "{older}");
+    assert_eq!(older["has_more"], true);
 }
 
 /// `sluice` run against the SQLite store at `db`: its exit status, stdout and stderr.
@@ -361,4 +410,35 @@ fn the_command_line_takes_limits_as_the_admin_api_does_and_brings_secrets() {
         &format!("{brought}\n"),
     );
     assert!(!ok && stderr.contains("already exists"), "{stderr}");
+    let (ok, stdout, stderr) = cli(&db, &["keys", "revoke", "a"], "");
+    assert!(ok && stdout.contains("revoked key"), "{stdout}{stderr}");
+    let (ok, _, stderr) = cli(&db, &["keys", "revoke", "a"], "");
+    assert!(!ok && stderr.contains("no active key"), "{stderr}");
+
+    // The command line's changes are in the audit log, by the OS user.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let entries = runtime.block_on(async {
+        let store =
+            sluice::backends::store::SqliteStore::connect(&format!("sqlite://{}", db.display()), 1)
+                .await
+                .unwrap();
+        let query = sluice::backends::store::audit::AuditQuery {
+            limit: 10,
+            ..Default::default()
+        };
+        sluice::backends::store::audit::AuditStore::audit_entries(&store, &query)
+            .await
+            .unwrap()
+    });
+    let actions: Vec<&str> = entries.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        ["key.revoke", "key.create", "key.update", "key.create"]
+    );
+    assert!(
+        entries
+            .iter()
+            .all(|e| e.actor.starts_with("command line (")),
+        "{entries:?}"
+    );
 }

@@ -200,10 +200,16 @@ async fn an_expired_key_gets_401_and_a_team_limit_holds_across_its_keys() {
         expires_at: Some(Some(chrono::Utc::now() - chrono::Duration::seconds(1))),
         ..KeyPatch::default()
     };
-    let secret = tenants::create_key(store, "old", &expired, None)
-        .await
-        .unwrap()
-        .secret;
+    let secret = tenants::create_key(
+        store,
+        &sluice::tenancy::audit::Actor::cli(),
+        "old",
+        &expired,
+        None,
+    )
+    .await
+    .unwrap()
+    .secret;
     let response = post_as(&gw.http, &gw.url, &secret, small(0)).await;
     assert_eq!(response.status(), 401);
     let error: Value = response.json().await.unwrap();
@@ -216,18 +222,29 @@ async fn an_expired_key_gets_401_and_a_team_limit_holds_across_its_keys() {
 
     let team_limits: LimitsPatch =
         serde_json::from_value(json!({"requests_per_minute": 3})).unwrap();
-    tenants::create_team(store, "research", &team_limits)
-        .await
-        .unwrap();
+    tenants::create_team(
+        store,
+        &sluice::tenancy::audit::Actor::cli(),
+        "research",
+        &team_limits,
+    )
+    .await
+    .unwrap();
     let member = |name: &'static str| async move {
         let patch = KeyPatch {
             team: Some(Some("research".into())),
             ..KeyPatch::default()
         };
-        tenants::create_key(store, name, &patch, None)
-            .await
-            .unwrap()
-            .secret
+        tenants::create_key(
+            store,
+            &sluice::tenancy::audit::Actor::cli(),
+            name,
+            &patch,
+            None,
+        )
+        .await
+        .unwrap()
+        .secret
     };
     let (a, b) = (member("alice").await, member("bob").await);
     let mut responses = Vec::new();
@@ -242,9 +259,14 @@ async fn an_expired_key_gets_401_and_a_team_limit_holds_across_its_keys() {
     );
     // Raising the team's limit takes effect within a second.
     let raise: LimitsPatch = serde_json::from_value(json!({"requests_per_minute": 10})).unwrap();
-    tenants::update_team(store, "research", &raise)
-        .await
-        .unwrap();
+    tenants::update_team(
+        store,
+        &sluice::tenancy::audit::Actor::cli(),
+        "research",
+        &raise,
+    )
+    .await
+    .unwrap();
     let admitted_again = eventually(Duration::from_secs(3), || async {
         let response = post_as(&gw.http, &gw.url, &a, small(50)).await;
         (response.status() == 200).then_some(())
@@ -412,19 +434,30 @@ async fn refusals_name_their_scope(gw: TestGateway) {
     let store = gw.store.as_ref();
     let one_a_minute: LimitsPatch =
         serde_json::from_value(json!({"requests_per_minute": 1})).unwrap();
-    tenants::create_team(store, "tight", &one_a_minute)
-        .await
-        .unwrap();
+    tenants::create_team(
+        store,
+        &sluice::tenancy::audit::Actor::cli(),
+        "tight",
+        &one_a_minute,
+    )
+    .await
+    .unwrap();
     let in_team = |name: &'static str, limits: Value| async move {
         let patch = KeyPatch {
             team: Some(Some("tight".into())),
             limits: serde_json::from_value(limits).unwrap(),
             ..KeyPatch::default()
         };
-        tenants::create_key(store, name, &patch, None)
-            .await
-            .unwrap()
-            .secret
+        tenants::create_key(
+            store,
+            &sluice::tenancy::audit::Actor::cli(),
+            name,
+            &patch,
+            None,
+        )
+        .await
+        .unwrap()
+        .secret
     };
     // A key without limits of its own: the team's limit binds, and says so.
     let plain = in_team("plain", json!({})).await;

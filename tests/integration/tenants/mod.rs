@@ -30,10 +30,16 @@ pub(super) async fn key_with(
         limits: serde_json::from_value(limits).unwrap(),
         ..KeyPatch::default()
     };
-    tenants::create_key(store, name, &patch, None)
-        .await
-        .unwrap()
-        .secret
+    tenants::create_key(
+        store,
+        &sluice::tenancy::audit::Actor::cli(),
+        name,
+        &patch,
+        None,
+    )
+    .await
+    .unwrap()
+    .secret
 }
 
 pub(super) async fn post_as(

@@ -3,6 +3,7 @@
 
 use clap::Subcommand;
 use sluice::config::Config;
+use sluice::tenancy::audit::Actor;
 
 /// Limits given on the command line; a flag left out keeps the current
 /// value, `none` removes it (the configured default applies). A limit is at
@@ -158,6 +159,7 @@ pub(super) async fn keys(command: KeysCommand, config: &Config) -> anyhow::Resul
             };
             let key = sluice::tenancy::tenants::create_key(
                 store.as_ref(),
+                &Actor::cli(),
                 &name,
                 &patch,
                 brought.as_deref(),
@@ -179,8 +181,13 @@ pub(super) async fn keys(command: KeysCommand, config: &Config) -> anyhow::Resul
                 team: team.map(|t| (!t.is_empty()).then_some(t)),
                 expires_at: expires.map(Some),
             };
-            let key =
-                sluice::tenancy::tenants::update_key(store.as_ref(), &id_or_name, &patch).await?;
+            let key = sluice::tenancy::tenants::update_key(
+                store.as_ref(),
+                &Actor::cli(),
+                &id_or_name,
+                &patch,
+            )
+            .await?;
             println!(
                 "key {} ({}): {}",
                 key.id,
@@ -212,10 +219,22 @@ pub(super) async fn keys(command: KeysCommand, config: &Config) -> anyhow::Resul
                 );
             }
         }
-        KeysCommand::Revoke { id_or_name } => match store.revoke_key(&id_or_name).await? {
-            0 => anyhow::bail!("no active key with id or name `{id_or_name}`"),
-            n => println!("revoked {n} key(s); they stop working within a second"),
-        },
+        KeysCommand::Revoke { id_or_name } => {
+            let active = store
+                .find_key(&id_or_name)
+                .await?
+                .filter(|k| k.revoked_at.is_none());
+            if active.is_none() {
+                anyhow::bail!("no active key with id or name `{id_or_name}`");
+            }
+            let key =
+                sluice::tenancy::tenants::revoke_key(store.as_ref(), &Actor::cli(), &id_or_name)
+                    .await?;
+            println!(
+                "revoked key {} ({}); it stops working within a second",
+                key.id, key.name
+            );
+        }
         KeysCommand::Usage { since } => {
             println!(
                 "{:<18} {:<24} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>14} {:>18}",
@@ -254,9 +273,13 @@ pub(super) async fn teams(command: TeamsCommand, config: &Config) -> anyhow::Res
     let store = sluice::backends::store::open(&config.store).await?;
     match command {
         TeamsCommand::Create { name, limits } => {
-            let team =
-                sluice::tenancy::tenants::create_team(store.as_ref(), &name, &limits.patch())
-                    .await?;
+            let team = sluice::tenancy::tenants::create_team(
+                store.as_ref(),
+                &Actor::cli(),
+                &name,
+                &limits.patch(),
+            )
+            .await?;
             println!(
                 "created team {} ({}): {}",
                 team.id,
@@ -265,9 +288,13 @@ pub(super) async fn teams(command: TeamsCommand, config: &Config) -> anyhow::Res
             );
         }
         TeamsCommand::Limit { id_or_name, limits } => {
-            let team =
-                sluice::tenancy::tenants::update_team(store.as_ref(), &id_or_name, &limits.patch())
-                    .await?;
+            let team = sluice::tenancy::tenants::update_team(
+                store.as_ref(),
+                &Actor::cli(),
+                &id_or_name,
+                &limits.patch(),
+            )
+            .await?;
             println!(
                 "team {} ({}): {}",
                 team.id,
