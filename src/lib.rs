@@ -16,6 +16,7 @@ pub mod app;
 pub mod backends;
 pub mod batch;
 pub mod config;
+pub mod console;
 pub mod edge;
 pub mod error;
 pub mod fleet;

@@ -43,6 +43,8 @@ pub struct Gateway {
     tasks: Vec<JoinHandle<()>>,
     /// The admin API's listener, bound at start when `admin.listen` is set.
     admin: Option<TcpListener>,
+    /// The plugin host, when one runs (the console shows what it loaded).
+    plugins: Option<Arc<PluginHost>>,
 }
 
 impl Gateway {
@@ -134,10 +136,13 @@ impl Gateway {
         // With a config file to watch, the plugin host runs even with no plugins yet,
         // so plugins added to the file later are picked up.
         let watching = config.plugin_host.watch && config.source.is_some();
-        let policy: Arc<dyn Policy> = if config.plugins.is_empty() && !watching {
-            Arc::new(NoPolicy)
-        } else {
-            PluginHost::start(config.plugin_setup(), plugin_metrics).await?
+        let plugins = match config.plugins.is_empty() && !watching {
+            true => None,
+            false => Some(PluginHost::start(config.plugin_setup(), plugin_metrics).await?),
+        };
+        let policy: Arc<dyn Policy> = match &plugins {
+            Some(host) => host.clone(),
+            None => Arc::new(NoPolicy),
         };
         let stages = Arc::new(Stages {
             settings: PipelineSettings {
@@ -205,6 +210,7 @@ impl Gateway {
             worker_shutdown,
             tasks,
             admin,
+            plugins,
         })
     }
 
@@ -242,13 +248,31 @@ impl Gateway {
             "stream capacity: connections up to max_connections, upstream streams per worker up to worker.concurrency"
         );
         let admin_shutdown = CancellationToken::new();
-        let admin_router =
-            crate::edge::admin::router(self.edge.stages.store.clone(), &self.config.admin);
+        let admin_router = self.admin.as_ref().and_then(|_| {
+            let api =
+                crate::edge::admin::router(self.edge.stages.store.clone(), &self.config.admin)?;
+            let console = crate::console::router(
+                self.edge.clone(),
+                self.plugins.clone(),
+                &self.config.admin,
+                &self.config.console,
+                admin_shutdown.clone(),
+            );
+            Some(match console {
+                Some(console) => console.merge(api),
+                None => api,
+            })
+        });
         let admin_task = self.admin.zip(admin_router).map(|(listener, router)| {
             let stop = admin_shutdown.clone();
-            tracing::info!(listen = ?listener.local_addr().ok(), "admin API listening");
+            tracing::info!(
+                listen = ?listener.local_addr().ok(),
+                console = self.config.console.enabled,
+                "admin API listening"
+            );
             tokio::spawn(async move {
-                let served = axum::serve(crate::edge::nodelay(listener), router)
+                let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+                let served = axum::serve(crate::edge::nodelay(listener), service)
                     .with_graceful_shutdown(async move { stop.cancelled().await })
                     .await;
                 if let Err(err) = served {

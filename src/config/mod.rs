@@ -30,6 +30,7 @@ pub use crate::backends::queue::{QueueBackend, QueueConfig, QueueSection};
 pub use crate::backends::replay::ResumeConfig;
 pub use crate::backends::store::{StoreConfig, StoreKind};
 pub use crate::batch::BatchConfig;
+pub use crate::console::ConsoleConfig;
 pub use crate::edge::{AdminConfig, CorsConfig, ServerConfig};
 pub use crate::fleet::{Balance, ModelConfig, UpstreamConfig, WorkerConfig};
 pub use crate::observe::{LogConfig, LogFormat, OtlpProtocol, TelemetryConfig};
@@ -78,6 +79,7 @@ pub struct RawConfig {
     pub resume: ResumeConfig,
     pub batch: BatchConfig,
     pub admin: AdminConfig,
+    pub console: ConsoleConfig,
     pub queue: QueueSection,
     pub worker: WorkerConfig,
     pub upstream: UpstreamConfig,
@@ -104,6 +106,8 @@ pub struct Config {
     /// `[batch]`: the Files and Batch APIs.
     pub batch: BatchConfig,
     pub admin: AdminConfig,
+    /// `[console]`: the operator console on the admin listener.
+    pub console: ConsoleConfig,
     pub queue: QueueConfig,
     pub worker: WorkerConfig,
     pub upstream: UpstreamConfig,
@@ -250,6 +254,7 @@ impl RawConfig {
         self.responses.validate().map_err(located)?;
         self.resume.validate().map_err(located)?;
         self.batch.validate().map_err(located)?;
+        self.console.validate().map_err(located)?;
         self.upstream.validate(&self.models).map_err(located)?;
         self.log.validate().map_err(located)?;
         self.telemetry.validate().map_err(located)?;
@@ -283,6 +288,7 @@ impl RawConfig {
             responses: self.responses,
             resume: self.resume,
             batch: self.batch,
+            console: self.console,
             admin: self.admin,
             queue,
             worker: self.worker,

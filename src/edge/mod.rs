@@ -21,7 +21,7 @@ use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
-use axum::serve::{Listener, ListenerExt};
+use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::error::GatewayError;
@@ -161,10 +161,9 @@ pub fn with_request_id(mut response: Response, request_id: &str) -> Response {
 /// Sets TCP_NODELAY on every accepted connection: without it the last small
 /// SSE write of a stream waits ~40 ms for a delayed ACK. For the worker's
 /// listener and the admin API's; the edge's connections go through [`server`].
-pub fn nodelay(
-    listener: TcpListener,
-) -> impl Listener<Io = TcpStream, Addr = std::net::SocketAddr> {
-    listener.tap_io(|stream: &mut TcpStream| {
+pub fn nodelay(listener: TcpListener) -> axum::serve::TapIo<TcpListener, fn(&mut TcpStream)> {
+    fn set(stream: &mut TcpStream) {
         let _ = stream.set_nodelay(true);
-    })
+    }
+    listener.tap_io(set as fn(&mut TcpStream))
 }

@@ -38,7 +38,6 @@ impl<T> Default for FairQueue<T> {
 }
 
 impl<T> FairQueue<T> {
-    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
     }

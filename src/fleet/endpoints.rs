@@ -84,6 +84,24 @@ impl Endpoint {
         self.up.set(i64::from(self.available()));
     }
 
+    /// Whether its last health check passed.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// How much longer it is left out after failing requests, if it is.
+    pub fn ejected_for(&self) -> Option<Duration> {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        let now = self.now_ms();
+        (until > now).then(|| Duration::from_millis(until - now))
+    }
+
+    /// Requests that reached their first chunk here, and requests that
+    /// failed here before it, since the process started.
+    pub fn outcomes(&self) -> (u64, u64) {
+        (self.succeeded.get(), self.failed.get())
+    }
+
     /// A request reached its first chunk here.
     pub fn succeeded(&self) {
         self.failures.store(0, Ordering::Relaxed);
@@ -254,6 +272,14 @@ impl Pool {
             true => least_loaded,
             false => Some(home),
         }
+    }
+
+    /// Jobs of this process running on the pool, and interactive requests waiting for room.
+    pub fn occupancy(&self) -> (usize, usize) {
+        (
+            self.running.load(Ordering::Relaxed),
+            self.lock_waiting().len(),
+        )
     }
 
     /// Endpoints available now.

@@ -138,6 +138,11 @@ impl MetricsRegistry {
         )
     }
 
+    /// Every registered family's current values (the console samples them).
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
+    }
+
     /// The Prometheus text exposition of every registered family.
     pub fn render(&self) -> String {
         let mut out = Vec::new();

@@ -16,6 +16,7 @@ mod metrics;
 mod reload;
 mod request_hooks;
 mod runtime;
+mod status;
 mod token_filter;
 mod watch;
 
@@ -38,6 +39,7 @@ pub use config::{
 pub use metrics::PluginFamilies;
 pub use reload::check;
 pub use runtime::{Hooks, RequestKind};
+pub use status::{HookStatus, HostStatus, PluginStatus, ReloadReport};
 
 use metrics::{HookMetrics, PluginMetrics};
 
@@ -62,6 +64,8 @@ pub struct PluginHost {
     /// and file digest by plugin name), so a broken file is reported once,
     /// not again on every later reload while it is still in place.
     reloading: tokio::sync::Mutex<std::collections::HashMap<String, FailedVersion>>,
+    /// How the last load or reload went, for [`PluginHost::status`].
+    last_reload: std::sync::Mutex<Option<ReloadReport>>,
 }
 
 /// A plugin version that failed to load: its config and the digest of its file.

@@ -7,7 +7,10 @@ use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 
 use super::runtime::{Compiled, Hooks, LoadError, LoadedPlugin, Runtime};
-use super::{Chain, HostSetup, PluginConfig, PluginFamilies, PluginHost, PluginHostConfig, watch};
+use super::{
+    Chain, HostSetup, PluginConfig, PluginFamilies, PluginHost, PluginHostConfig, ReloadReport,
+    watch,
+};
 
 impl PluginHost {
     /// Loads every configured plugin; any that fails stops startup with its reason.
@@ -25,6 +28,7 @@ impl PluginHost {
             source: setup.source.clone(),
             max_body_bytes: setup.max_body_bytes,
             reloading: tokio::sync::Mutex::new(Default::default()),
+            last_reload: std::sync::Mutex::new(None),
         });
         let mut plugins = Vec::new();
         for plugin in &setup.plugins {
@@ -40,6 +44,14 @@ impl PluginHost {
             tracing::info!(plugin = %plugin.name, hooks = ?loaded.exports.hooks(), "plugin loaded");
             plugins.push(Arc::new(loaded));
         }
+        host.report_reload(ReloadReport {
+            at: std::time::SystemTime::now(),
+            config_error: None,
+            results: plugins
+                .iter()
+                .map(|p| (p.name.to_string(), Ok(())))
+                .collect(),
+        });
         host.chain.store(Arc::new(Chain {
             plugins,
             version: 1,
@@ -86,6 +98,11 @@ impl PluginHost {
                 Ok(plugins) => plugins,
                 Err(err) => {
                     tracing::error!(%err, "config changed but is invalid; plugins unchanged");
+                    self.report_reload(ReloadReport {
+                        at: std::time::SystemTime::now(),
+                        config_error: Some(err.to_string()),
+                        results: Vec::new(),
+                    });
                     self.metrics
                         .reloads
                         .with_label_values(&["config", "failed"])
@@ -102,6 +119,7 @@ impl PluginHost {
         };
         let current = self.chain();
         let mut next = Vec::with_capacity(configs.len());
+        let mut results = Vec::new();
         for config in configs {
             let previous = current
                 .plugins
@@ -137,6 +155,7 @@ impl PluginHost {
                     self.metrics.know(&loaded);
                     failed.remove(&name);
                     tracing::info!(plugin = %name, hooks = ?loaded.exports.hooks(), "plugin reloaded");
+                    results.push((name.clone(), Ok(())));
                     self.metrics.reloads.with_label_values(&[&name, "ok"]).inc();
                     next.push(Arc::new(loaded));
                 }
@@ -148,6 +167,7 @@ impl PluginHost {
                     if let Some(version) = version {
                         failed.insert(name.clone(), version);
                     }
+                    results.push((name.clone(), Err(err.to_string())));
                     match previous {
                         Some(previous) => {
                             tracing::error!(plugin = %name, %err, "plugin reload failed; the previous version keeps serving");
@@ -159,6 +179,13 @@ impl PluginHost {
                     }
                 }
             }
+        }
+        if !results.is_empty() || next.len() != current.plugins.len() {
+            self.report_reload(ReloadReport {
+                at: std::time::SystemTime::now(),
+                config_error: None,
+                results,
+            });
         }
         let changed = next.len() != current.plugins.len()
             || next

@@ -555,6 +555,7 @@ pub fn unnamed(mut answer: Value) -> Value {
     answer
 }
 
+pub mod chromium;
 pub mod processes;
 pub mod services;
 

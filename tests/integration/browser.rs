@@ -8,12 +8,9 @@
 //! Needs Debian's `chromium` (`scripts/test.sh` installs it); without it the
 //! test is skipped, except under CI or `SLUICE_REQUIRE_SERVICES`, where it fails.
 
-use std::time::Duration;
-
+use crate::common::chromium::Browser;
 use crate::common::*;
-use futures::{SinkExt, StreamExt};
-use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
+use serde_json::Value;
 
 const PAGE: &str = r#"<!doctype html>
 <html><body><pre id="result"></pre><script>
@@ -71,23 +68,9 @@ function viaSocket(protocols) {
 })();
 </script></body></html>"#;
 
-/// Chromium from Debian's package, if installed.
-fn chromium() -> Option<String> {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .find(|path| std::path::Path::new(path).exists())
-        .map(String::from)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_on_another_origin_streams_over_fetch_and_websocket() {
-    let Some(chromium) = chromium() else {
-        assert!(
-            std::env::var_os("CI").is_none()
-                && std::env::var_os("SLUICE_REQUIRE_SERVICES").is_none(),
-            "chromium is not installed (scripts/test.sh installs it)"
-        );
-        eprintln!("skipped: no chromium");
+    let Some(mut browser) = Browser::start().await else {
         return;
     };
     let gw = TestGateway::start().await;
@@ -102,86 +85,17 @@ async fn a_page_on_another_origin_streams_over_fetch_and_websocket() {
     tokio::spawn(async move { axum::serve(listener, site).await });
     let page = format!("{site_url}/?gateway={}&key={}", gw.url, gw.key);
 
-    let profile = tempfile::tempdir().unwrap();
-    let mut browser = tokio::process::Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--remote-debugging-port=0",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg("about:blank")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("chromium starts");
-
-    // Chromium writes the port it chose into the profile.
-    let port = eventually(Duration::from_secs(30), || async {
-        let text = std::fs::read_to_string(profile.path().join("DevToolsActivePort")).ok()?;
-        text.lines().next()?.trim().parse::<u16>().ok()
-    })
-    .await
-    .expect("chromium's DevTools port");
-    let targets: Value = eventually(Duration::from_secs(10), || async {
-        let response = reqwest::get(format!("http://127.0.0.1:{port}/json/list"))
-            .await
-            .ok()?;
-        response.json().await.ok()
-    })
-    .await
-    .expect("DevTools targets");
-    let debugger = targets
-        .as_array()
-        .and_then(|t| t.iter().find(|t| t["type"] == "page"))
-        .and_then(|t| t["webSocketDebuggerUrl"].as_str())
-        .expect("a page target")
-        .to_string();
-    let (mut devtools, _) = tokio_tungstenite::connect_async(debugger).await.unwrap();
-    let mut next_id = 0;
-    let mut call = async |method: &str, params: Value| -> Value {
-        next_id += 1;
-        let id = next_id;
-        let message = json!({"id": id, "method": method, "params": params}).to_string();
-        devtools.send(Message::Text(message.into())).await.unwrap();
-        loop {
-            let Some(Ok(Message::Text(text))) = devtools.next().await else {
-                panic!("DevTools connection lost")
-            };
-            let reply: Value = serde_json::from_str(text.as_str()).unwrap();
-            if reply["id"] == id {
-                return reply;
-            }
-        }
-    };
-    call("Page.navigate", json!({"url": page})).await;
-    let mut rendered = None;
-    for _ in 0..100 {
-        let reply = call(
-            "Runtime.evaluate",
-            json!({"expression": "document.getElementById('result') ? document.getElementById('result').textContent : ''", "returnByValue": true}),
+    browser
+        .call("Page.navigate", serde_json::json!({"url": page}))
+        .await;
+    let rendered = browser
+        .wait_for(
+            "document.getElementById('result').textContent",
+            "the page's result",
         )
         .await;
-        let text = reply["result"]["result"]["value"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        if !text.is_empty() {
-            rendered = Some(text);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let _ = browser.kill().await;
-    let rendered = rendered.expect("the page rendered no result in 20 s");
-    let result: Value = serde_json::from_str(&rendered).unwrap();
+    browser.close().await;
+    let result: Value = serde_json::from_str(rendered.as_str().unwrap()).unwrap();
     eprintln!("the page rendered {result}");
     assert!(result.get("error").is_none(), "{result}");
     assert_eq!(result["fetch_status"], 200, "{result}");

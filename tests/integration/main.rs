@@ -16,6 +16,7 @@ mod audio;
 mod batch;
 mod browser;
 mod chat;
+mod console;
 mod demo;
 mod edge;
 mod embedded;

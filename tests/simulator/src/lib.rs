@@ -376,7 +376,20 @@ impl Simulator {
     /// The completion an upstream call for `body` returns, computed without a call:
     /// the text of each choice, in index order.
     pub fn expected_texts(&self, body: &Value) -> Vec<String> {
-        match Generation::from_body(&self.state.config, "x".into(), body) {
+        self.texts_of(Generation::from_body(&self.state.config, "x".into(), body))
+    }
+
+    /// What a chat completion for `body` answers: the text of each choice.
+    pub fn expected_chat_texts(&self, body: &Value) -> Vec<String> {
+        self.texts_of(Generation::from_chat_body(
+            &self.state.config,
+            "x".into(),
+            body,
+        ))
+    }
+
+    fn texts_of(&self, generation: Result<Generation, String>) -> Vec<String> {
+        match generation {
             Ok(generation) => generation
                 .choices()
                 .map(|(p, c)| {
