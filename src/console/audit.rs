@@ -87,7 +87,10 @@ pub async fn page(
     let older = (entries.len() as i64 == PAGE)
         .then(|| entries.last().map(|e| e.id))
         .flatten()
-        .map(|id| format!("/console/audit?target={target}&before={id}"));
+        .map(|id| {
+            let target: String = url::form_urlencoded::byte_serialize(target.as_bytes()).collect();
+            format!("/console/audit?target={target}&before={id}")
+        });
     html(&AuditPage {
         layout: Layout::new("audit", "Audit log", &signed_in),
         target,

@@ -106,7 +106,19 @@ struct OverviewPage {
 }
 
 impl OverviewPage {
-    fn figure(value: &Option<f64>, unit: &str, scale: f64) -> String {
+    /// The latest sample's figure, as the page's script formats it ("–": none yet).
+    fn figure(&self, name: &str) -> String {
+        let Some(s) = &self.latest else {
+            return "–".into();
+        };
+        let (value, unit, scale) = match name {
+            "requests_per_s" => (Some(s.requests_per_s), "", 1.0),
+            "tokens_per_s" => (Some(s.tokens_per_s), "", 1.0),
+            "ttft_p50_ms" => (s.ttft_p50_ms, " ms", 1.0),
+            "ttft_p99_ms" => (s.ttft_p99_ms, " ms", 1.0),
+            "error_rate" => (s.error_rate, " %", 100.0),
+            _ => (s.cache_hit_ratio, " %", 100.0),
+        };
         value.map_or_else(|| "–".into(), |v| format!("{:.1}{unit}", v * scale))
     }
 }

@@ -37,6 +37,24 @@ pub struct LimitsForm {
     priority: String,
 }
 
+/// A page with a form: 400 when it shows the form's error.
+fn form_page(error: &Option<String>, page: &impl Template) -> Page {
+    let status = match error {
+        Some(_) => StatusCode::BAD_REQUEST,
+        None => StatusCode::OK,
+    };
+    Ok((status, Html(page.render()?)).into_response())
+}
+
+/// What a refused change says on its form (a client's mistake), or the
+/// failure itself (anything else).
+fn refusal(err: Problem) -> Result<String, Problem> {
+    match err {
+        Problem::Gateway(err) if err.status().is_client_error() => Ok(err.info().message),
+        err => Err(err),
+    }
+}
+
 fn bad(message: String) -> Problem {
     Problem::Gateway(GatewayError::BadRequest(message))
 }
@@ -117,30 +135,6 @@ fn state_of(key: &ApiKey) -> &'static str {
     }
 }
 
-/// Limits in a line: `60 req/min, 10000 tok/min, models a, b`.
-pub fn describe(limits: &Limits) -> String {
-    let mut parts = Vec::new();
-    if let Some(n) = limits.requests_per_minute {
-        parts.push(format!("{n} req/min"));
-    }
-    if let Some(n) = limits.tokens_per_minute {
-        parts.push(format!("{n} tok/min"));
-    }
-    if let Some(n) = limits.max_concurrent {
-        parts.push(format!("{n} at once"));
-    }
-    if let Some(models) = &limits.models {
-        parts.push(format!("models {}", models.join(", ")));
-    }
-    if let Some(priority) = limits.priority {
-        parts.push(format!("{} priority", priority.name()));
-    }
-    match parts.is_empty() {
-        true => "defaults".into(),
-        false => parts.join(", "),
-    }
-}
-
 fn team_name(teams: &[Team], id: Option<&str>) -> String {
     id.map(|id| {
         teams
@@ -186,7 +180,7 @@ async fn keys_page(
         .map(|key| KeyRow {
             team: team_name(&teams, key.team_id.as_deref()),
             state: state_of(&key),
-            limits: describe(&key.limits),
+            limits: key.limits.to_string(),
             key,
         })
         .filter(|row| {
@@ -196,10 +190,6 @@ async fn keys_page(
                 || row.team.to_lowercase().contains(&needle)
         })
         .collect();
-    let status = match error {
-        Some(_) => StatusCode::BAD_REQUEST,
-        None => StatusCode::OK,
-    };
     let page = KeysPage {
         layout: Layout::new("keys", "Keys", signed_in),
         query,
@@ -208,7 +198,7 @@ async fn keys_page(
         error,
         form,
     };
-    Ok((status, Html(page.render()?)).into_response())
+    form_page(&page.error, &page)
 }
 
 pub async fn keys(
@@ -290,17 +280,16 @@ pub async fn create_key(
             };
             Ok((StatusCode::CREATED, Html(page.render()?)).into_response())
         }
-        Err(Problem::Gateway(err)) if err.status().is_client_error() => {
+        Err(err) => {
             keys_page(
                 &console,
                 &signed_in,
                 String::new(),
-                Some(err.info().message),
+                Some(refusal(err)?),
                 form,
             )
             .await
         }
-        Err(err) => Err(err),
     }
 }
 
@@ -331,10 +320,6 @@ async fn key_page(
     error: Option<String>,
 ) -> Page {
     let key = tenants::find_key(console.store.as_ref(), id).await?;
-    let status = match error {
-        Some(_) => StatusCode::BAD_REQUEST,
-        None => StatusCode::OK,
-    };
     let page = KeyPage {
         layout: Layout::new("keys", format!("Key {}", key.name), signed_in),
         state: state_of(&key),
@@ -348,7 +333,7 @@ async fn key_page(
         notice,
         error,
     };
-    Ok((status, Html(page.render()?)).into_response())
+    form_page(&page.error, &page)
 }
 
 pub async fn key(
@@ -399,10 +384,7 @@ pub async fn update_key(
         Ok(key) => {
             Ok(Redirect::to(&format!("/console/keys/{}?saved=limits", key.id)).into_response())
         }
-        Err(Problem::Gateway(err)) if err.status() == StatusCode::BAD_REQUEST => {
-            key_page(&console, &signed_in, &id, None, Some(err.info().message)).await
-        }
-        Err(err) => Err(err),
+        Err(err) => key_page(&console, &signed_in, &id, None, Some(refusal(err)?)).await,
     }
 }
 
@@ -451,20 +433,16 @@ async fn teams_page(console: &Console, signed_in: &SignedIn, error: Option<Strin
                     k.team_id.as_deref() == Some(team.id.as_str()) && k.revoked_at.is_none()
                 })
                 .count(),
-            limits: describe(&team.limits),
+            limits: team.limits.to_string(),
             team,
         })
         .collect();
-    let status = match error {
-        Some(_) => StatusCode::BAD_REQUEST,
-        None => StatusCode::OK,
-    };
     let page = TeamsPage {
         layout: Layout::new("teams", "Teams", signed_in),
         teams,
         error,
     };
-    Ok((status, Html(page.render()?)).into_response())
+    form_page(&page.error, &page)
 }
 
 pub async fn teams(State(console): Shared, Extension(signed_in): Extension<SignedIn>) -> Page {
@@ -489,10 +467,7 @@ pub async fn create_team(
     };
     match attempt.await {
         Ok(team) => Ok(Redirect::to(&format!("/console/teams/{}", team.id)).into_response()),
-        Err(Problem::Gateway(err)) if err.status().is_client_error() => {
-            teams_page(&console, &signed_in, Some(err.info().message)).await
-        }
-        Err(err) => Err(err),
+        Err(err) => teams_page(&console, &signed_in, Some(refusal(err)?)).await,
     }
 }
 
@@ -522,7 +497,7 @@ pub async fn team(
         .map(|key| KeyRow {
             team: team.name.clone(),
             state: state_of(&key),
-            limits: describe(&key.limits),
+            limits: key.limits.to_string(),
             key,
         })
         .collect();

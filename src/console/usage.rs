@@ -22,6 +22,8 @@ const MAX_DAYS: i64 = 400;
 const MAX_HOURLY_DAYS: i64 = 62;
 /// Groups drawn in the charts; the rest are summed as "others".
 const CHARTED: usize = 8;
+/// Rows of the per-bucket table on the page (the CSV has them all).
+const TABLE_ROWS: usize = 2000;
 
 #[derive(Debug, Default, Deserialize)]
 pub struct Params {
@@ -85,6 +87,8 @@ struct UsagePage {
     teams: Vec<(String, String)>,
     totals: Vec<Total>,
     rows: Vec<(UsageRow, String)>,
+    /// Rows left out of the table (in the CSV).
+    more_rows: usize,
     chart: String,
     csv: String,
     took_ms: String,
@@ -242,8 +246,10 @@ pub async fn page(
         model: params.model.clone(),
         keys: keys.into_iter().map(|k| (k.id, k.name)).collect(),
         teams: teams.into_iter().map(|t| (t.id, t.name)).collect(),
+        more_rows: rows.len().saturating_sub(TABLE_ROWS),
         rows: rows
             .into_iter()
+            .take(TABLE_ROWS)
             .map(|r| {
                 let name = name_of(&r.group_id);
                 (r, name)

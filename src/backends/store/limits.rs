@@ -22,6 +22,33 @@ pub struct Limits {
     pub priority: Option<crate::backends::queue::Priority>,
 }
 
+/// Limits in one line, as the command line and the console show them:
+/// `60 requests/min, models a, b`, or `defaults` when none is set.
+impl std::fmt::Display for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(n) = self.requests_per_minute {
+            parts.push(format!("{n} requests/min"));
+        }
+        if let Some(n) = self.tokens_per_minute {
+            parts.push(format!("{n} tokens/min"));
+        }
+        if let Some(n) = self.max_concurrent {
+            parts.push(format!("{n} at once"));
+        }
+        if let Some(models) = &self.models {
+            parts.push(format!("models {}", models.join(", ")));
+        }
+        if let Some(priority) = self.priority {
+            parts.push(format!("priority {}", priority.name()));
+        }
+        match parts.is_empty() {
+            true => f.write_str("defaults"),
+            false => f.write_str(&parts.join(", ")),
+        }
+    }
+}
+
 impl Limits {
     /// Refuses limits that make no sense, naming the field.
     pub fn validate(&self) -> Result<(), String> {

@@ -400,7 +400,7 @@ pub async fn operate(
     browser.open(&format!("{admin}/console/")).await;
     let rps = browser
         .wait_for(
-            "document.querySelectorAll('#overview-charts canvas').length >= 5 && document.querySelector('[data-figure=requests_per_s]').textContent",
+            "document.querySelectorAll('#overview-charts canvas').length >= 5 && Number(document.querySelector('[data-figure=requests_per_s]').textContent) > 0 && document.querySelector('[data-figure=requests_per_s]').textContent",
             "the overview's figures",
         )
         .await;

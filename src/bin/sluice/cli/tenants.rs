@@ -188,12 +188,7 @@ pub(super) async fn keys(command: KeysCommand, config: &Config) -> anyhow::Resul
                 &patch,
             )
             .await?;
-            println!(
-                "key {} ({}): {}",
-                key.id,
-                key.name,
-                describe_limits(&key.limits)
-            );
+            println!("key {} ({}): {}", key.id, key.name, key.limits);
         }
         KeysCommand::List => {
             println!(
@@ -205,7 +200,7 @@ pub(super) async fn keys(command: KeysCommand, config: &Config) -> anyhow::Resul
                     .unwrap_or_else(|| "-".into())
             };
             for key in store.list_keys().await? {
-                let mut limits = describe_limits(&key.limits);
+                let mut limits = key.limits.to_string();
                 if let Some(at) = key.expires_at {
                     limits.push_str(&format!(", expires {}", time(Some(at))));
                 }
@@ -280,12 +275,7 @@ pub(super) async fn teams(command: TeamsCommand, config: &Config) -> anyhow::Res
                 &limits.patch(),
             )
             .await?;
-            println!(
-                "created team {} ({}): {}",
-                team.id,
-                team.name,
-                describe_limits(&team.limits)
-            );
+            println!("created team {} ({}): {}", team.id, team.name, team.limits);
         }
         TeamsCommand::Limit { id_or_name, limits } => {
             let team = sluice::tenancy::tenants::update_team(
@@ -295,22 +285,12 @@ pub(super) async fn teams(command: TeamsCommand, config: &Config) -> anyhow::Res
                 &limits.patch(),
             )
             .await?;
-            println!(
-                "team {} ({}): {}",
-                team.id,
-                team.name,
-                describe_limits(&team.limits)
-            );
+            println!("team {} ({}): {}", team.id, team.name, team.limits);
         }
         TeamsCommand::List => {
             println!("{:<18} {:<24} limits", "id", "name");
             for team in store.list_teams().await? {
-                println!(
-                    "{:<18} {:<24} {}",
-                    team.id,
-                    team.name,
-                    describe_limits(&team.limits)
-                );
+                println!("{:<18} {:<24} {}", team.id, team.name, team.limits);
             }
         }
     }
@@ -318,29 +298,6 @@ pub(super) async fn teams(command: TeamsCommand, config: &Config) -> anyhow::Res
 }
 
 /// Limits in one line: `60 requests/min, 10000 tokens/min, 4 at once, models a, b`.
-fn describe_limits(limits: &sluice::tenancy::Limits) -> String {
-    let mut parts = Vec::new();
-    if let Some(n) = limits.requests_per_minute {
-        parts.push(format!("{n} requests/min"));
-    }
-    if let Some(n) = limits.tokens_per_minute {
-        parts.push(format!("{n} tokens/min"));
-    }
-    if let Some(n) = limits.max_concurrent {
-        parts.push(format!("{n} at once"));
-    }
-    if let Some(models) = &limits.models {
-        parts.push(format!("models {}", models.join(", ")));
-    }
-    if let Some(priority) = limits.priority {
-        parts.push(format!("priority {}", priority.name()));
-    }
-    match parts.is_empty() {
-        true => "defaults".into(),
-        false => parts.join(", "),
-    }
-}
-
 /// One line of standard input, without its line ending.
 fn read_secret() -> anyhow::Result<String> {
     let mut line = String::new();
