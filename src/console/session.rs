@@ -325,6 +325,17 @@ mod tests {
     }
 
     #[test]
+    fn the_cookie_is_secure_when_the_browser_came_over_tls() {
+        let mut headers = HeaderMap::new();
+        assert!(!over_tls(&headers));
+        headers.insert(header::ORIGIN, "https://console.example".parse().unwrap());
+        assert!(over_tls(&headers));
+        let mut proxied = HeaderMap::new();
+        proxied.insert("x-forwarded-proto", "https".parse().unwrap());
+        assert!(over_tls(&proxied));
+    }
+
+    #[test]
     fn only_the_consoles_own_origin_may_change_things() {
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, "127.0.0.1:8081".parse().unwrap());

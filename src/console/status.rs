@@ -68,7 +68,13 @@ fn fleet_rows(console: &Console) -> Option<Vec<PoolRow>> {
                             {
                                 (false, _) => ("down", "its health check fails".to_string()),
                                 (true, Some(left)) => {
-                                    ("ejected", format!("after failures, for {}", seconds(left)))
+                                    let until = chrono::Utc::now() + left;
+                                    let until = until.format("%H:%M:%S UTC");
+                                    let left = seconds(left);
+                                    (
+                                        "ejected",
+                                        format!("after failures, until {until} ({left} more)"),
+                                    )
                                 }
                                 (true, None) => ("up", String::new()),
                             };

@@ -82,12 +82,26 @@ impl Browser {
             .expect("a page target")
             .to_string();
         let (devtools, _) = tokio_tungstenite::connect_async(debugger).await.unwrap();
-        Some(Self {
+        let mut browser = Self {
             child,
             devtools,
             next_id: 0,
             _profile: profile,
-        })
+        };
+        // Every page records what its Content-Security-Policy blocked.
+        browser.call("Page.enable", json!({})).await;
+        browser
+            .call(
+                "Page.addScriptToEvaluateOnNewDocument",
+                json!({"source": "window.__cspViolations = []; document.addEventListener('securitypolicyviolation', e => window.__cspViolations.push(e.violatedDirective + ' ' + e.blockedURI));"}),
+            )
+            .await;
+        Some(browser)
+    }
+
+    /// What the current page's Content-Security-Policy blocked.
+    pub async fn csp_violations(&mut self) -> Value {
+        self.eval("window.__cspViolations || []").await
     }
 
     /// One DevTools call and its reply (events in between are skipped).

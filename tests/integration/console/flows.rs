@@ -39,7 +39,13 @@ fn click(selector: &str) -> String {
     )
 }
 
+/// Checks the page broke none of its CSP's rules, and saves its picture.
 async fn shoot(browser: &mut Browser, shots: Option<&Path>, name: &str) {
+    assert_eq!(
+        browser.csp_violations().await,
+        json!([]),
+        "the {name} page within its Content-Security-Policy"
+    );
     if let Some(dir) = shots {
         std::fs::create_dir_all(dir).unwrap();
         browser.screenshot(&dir.join(format!("{name}.png"))).await;
