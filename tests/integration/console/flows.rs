@@ -399,6 +399,19 @@ pub async fn operate(
             "the team's page",
         )
         .await;
+    browser
+        .eval(&fill("input[name=requests_per_minute]", "600"))
+        .await;
+    browser.eval(&click("form.card button[type=submit]")).await;
+    browser
+        .wait_for(
+            "document.getElementById('notice')",
+            "the team's limits saved",
+        )
+        .await;
+    let team = gw.store.find_team("research").await.unwrap().unwrap();
+    assert_eq!(team.limits.requests_per_minute, Some(600));
+    assert_eq!(team.limits.tokens_per_minute, Some(100_000), "kept");
     browser.open(&format!("{admin}/console/teams")).await;
     shoot(&mut browser, shots, "teams").await;
 
@@ -440,13 +453,14 @@ pub async fn operate(
     assert_eq!(
         actions,
         json!([
+            "team.update",
             "team.create",
             "key.create",
             "key.revoke",
             "key.update",
             "key.create"
         ]),
-        "the team, the playground's key, the revocation, the limit, the key"
+        "the team's limit, the team, the playground's key, the revocation, the limit, the key"
     );
     let who = browser
         .eval("[...document.querySelectorAll('#audit tbody tr td:nth-child(2)')].map(c => c.textContent)")
