@@ -58,6 +58,17 @@ if ! command -v chromium >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 
+# --- axe-core (the console's accessibility check, in Chromium) ------------
+AXE_VERSION=4.11.4
+export SLUICE_AXE="$CACHE/axe-core-$AXE_VERSION/axe.min.js"
+if [ ! -f "$SLUICE_AXE" ]; then
+  log "fetching axe-core $AXE_VERSION (one time)"
+  rm -rf "$CACHE/axe-core-$AXE_VERSION.tmp" && mkdir -p "$CACHE/axe-core-$AXE_VERSION.tmp"
+  (cd "$CACHE/axe-core-$AXE_VERSION.tmp" && npm pack "axe-core@$AXE_VERSION" --silent >/dev/null \
+    && tar xzf "axe-core-$AXE_VERSION.tgz" --strip-components=1 && rm "axe-core-$AXE_VERSION.tgz")
+  mv "$CACHE/axe-core-$AXE_VERSION.tmp" "$CACHE/axe-core-$AXE_VERSION"
+fi
+
 # --- WebAssembly plugins --------------------------------------------------
 log "building the plugins (wasm32-wasip2)"
 scripts/build-plugins.sh

@@ -99,6 +99,34 @@ impl Browser {
         Some(browser)
     }
 
+    /// The serious and critical accessibility problems axe-core finds on the
+    /// current page (`SLUICE_AXE`: the path of `axe.min.js`, which
+    /// `scripts/test.sh` fetches), as `rule: element` lines; `None` when
+    /// axe-core is not there and neither CI nor `SLUICE_REQUIRE_SERVICES` is set.
+    pub async fn accessibility_problems(&mut self) -> Option<Value> {
+        let Some(path) = std::env::var_os("SLUICE_AXE") else {
+            assert!(
+                std::env::var_os("CI").is_none()
+                    && std::env::var_os("SLUICE_REQUIRE_SERVICES").is_none(),
+                "SLUICE_AXE is not set (scripts/test.sh fetches axe-core and sets it)"
+            );
+            return None;
+        };
+        let source = std::fs::read_to_string(&path)
+            .unwrap_or_else(|err| panic!("{}: {err}", path.to_string_lossy()));
+        // DevTools evaluation is not subject to the page's CSP.
+        self.call("Runtime.evaluate", json!({"expression": source}))
+            .await;
+        Some(
+            self.eval(
+                "axe.run(document, {resultTypes: ['violations']}).then(r => r.violations \
+                 .filter(v => v.impact === 'serious' || v.impact === 'critical') \
+                 .flatMap(v => v.nodes.map(n => v.id + ': ' + n.target.join(' '))))",
+            )
+            .await,
+        )
+    }
+
     /// What the current page's Content-Security-Policy blocked.
     pub async fn csp_violations(&mut self) -> Value {
         self.eval("window.__cspViolations || []").await

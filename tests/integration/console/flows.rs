@@ -46,6 +46,13 @@ async fn shoot(browser: &mut Browser, shots: Option<&Path>, name: &str) {
         json!([]),
         "the {name} page within its Content-Security-Policy"
     );
+    if let Some(problems) = browser.accessibility_problems().await {
+        assert_eq!(
+            problems,
+            json!([]),
+            "the {name} page's accessibility (axe-core)"
+        );
+    }
     if let Some(dir) = shots {
         std::fs::create_dir_all(dir).unwrap();
         browser.screenshot(&dir.join(format!("{name}.png"))).await;
