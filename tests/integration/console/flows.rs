@@ -270,7 +270,16 @@ pub async fn operate(
     }
     statuses.extend(before_refusal);
 
-    // Usage: every request of this key, from the inference log.
+    // Usage: every request of this key, from the inference log (written
+    // off the request path: wait for the rows before reading the page).
+    let made = statuses.len() as i64 + 1;
+    let logged = eventually(Duration::from_secs(5), || async {
+        let rows = gw.store.key_usage(None).await.unwrap();
+        let mine = rows.iter().find(|r| r.key_id == key_id)?;
+        (mine.requests == made).then_some(())
+    })
+    .await;
+    assert!(logged.is_some(), "the key's {made} requests logged");
     browser
         .open(&format!(
             "{admin}/console/usage?key={key_id}&group=key&granularity=hour"
