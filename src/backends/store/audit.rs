@@ -57,6 +57,52 @@ struct AuditRow {
     after: Option<String>,
 }
 
+impl AuditEntry {
+    /// `field: before → after` for each field that changed (limits field by
+    /// field; a missing field and `null` are the same).
+    pub fn changes(&self) -> Vec<String> {
+        changes(self.before.as_ref(), self.after.as_ref())
+    }
+}
+
+fn show(value: Option<&serde_json::Value>) -> String {
+    match value {
+        None | Some(serde_json::Value::Null) => "–".into(),
+        Some(serde_json::Value::String(text)) => text.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn changes(before: Option<&serde_json::Value>, after: Option<&serde_json::Value>) -> Vec<String> {
+    let fields = |v: Option<&serde_json::Value>| {
+        v.and_then(serde_json::Value::as_object)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let (before, after) = (fields(before), fields(after));
+    let mut names: Vec<&String> = before.keys().chain(after.keys()).collect();
+    names.sort();
+    names.dedup();
+    let mut out = Vec::new();
+    for name in names {
+        let old = before.get(name).filter(|v| !v.is_null());
+        let new = after.get(name).filter(|v| !v.is_null());
+        if old == new {
+            continue;
+        }
+        if name == "limits" {
+            out.extend(
+                changes(old, new)
+                    .into_iter()
+                    .map(|change| format!("limits.{change}")),
+            );
+            continue;
+        }
+        out.push(format!("{name}: {} → {}", show(old), show(new)));
+    }
+    out
+}
+
 fn json_text(value: &Option<serde_json::Value>) -> Option<String> {
     value.as_ref().map(serde_json::Value::to_string)
 }
@@ -122,3 +168,25 @@ macro_rules! audit_store {
 
 audit_store!(SqliteStore, sqlx::Sqlite);
 audit_store!(PostgresStore, sqlx::Postgres);
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn changes_name_each_field_that_moved() {
+        let before = json!({"name": "a", "limits": {"requests_per_minute": 2}, "revoked_at": null});
+        let after = json!({"name": "a", "limits": {"requests_per_minute": 5, "models": ["m"]}, "revoked_at": "2026-12-07T10:00:00Z"});
+        assert_eq!(
+            super::changes(Some(&before), Some(&after)),
+            [
+                "limits.models: – → [\"m\"]",
+                "limits.requests_per_minute: 2 → 5",
+                "revoked_at: – → 2026-12-07T10:00:00Z"
+            ]
+        );
+        // A record created: only what it has.
+        let created = json!({"name": "b", "team_id": null});
+        assert_eq!(super::changes(None, Some(&created)), ["name: – → b"]);
+    }
+}

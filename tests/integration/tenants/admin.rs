@@ -415,30 +415,32 @@ fn the_command_line_takes_limits_as_the_admin_api_does_and_brings_secrets() {
     let (ok, _, stderr) = cli(&db, &["keys", "revoke", "a"], "");
     assert!(!ok && stderr.contains("no active key"), "{stderr}");
 
-    // The command line's changes are in the audit log, by the OS user.
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let entries = runtime.block_on(async {
-        let store =
-            sluice::backends::store::SqliteStore::connect(&format!("sqlite://{}", db.display()), 1)
-                .await
-                .unwrap();
-        let query = sluice::backends::store::audit::AuditQuery {
-            limit: 10,
-            ..Default::default()
-        };
-        sluice::backends::store::audit::AuditStore::audit_entries(&store, &query)
-            .await
-            .unwrap()
-    });
-    let actions: Vec<&str> = entries.iter().map(|e| e.action.as_str()).collect();
+    // The command line's changes are in the audit log, by the OS user, and
+    // `sluice audit` lists them newest first.
+    let (ok, stdout, stderr) = cli(&db, &["audit"], "");
+    assert!(ok, "{stderr}");
+    let rows: Vec<&str> = stdout.lines().skip(1).collect();
+    let actions: Vec<&str> = rows
+        .iter()
+        .map(|row| {
+            ["key.create", "key.update", "key.revoke"]
+                .into_iter()
+                .find(|action| row.contains(&format!(" {action} ")))
+                .unwrap_or_default()
+        })
+        .collect();
     assert_eq!(
         actions,
-        ["key.revoke", "key.create", "key.update", "key.create"]
+        ["key.revoke", "key.create", "key.update", "key.create"],
+        "{stdout}"
     );
     assert!(
-        entries
-            .iter()
-            .all(|e| e.actor.starts_with("command line (")),
-        "{entries:?}"
+        rows.iter().all(|row| row.contains("command line (")),
+        "{stdout}"
     );
+    assert!(
+        rows[2].contains("limits.requests_per_minute: 5 → –"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(brought), "no secret in the log");
 }

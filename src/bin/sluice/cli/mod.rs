@@ -1,5 +1,5 @@
-//! The command line: `serve`, `worker`, `demo`, `keys`, `teams`, `migrate`,
-//! `config check`, `plugin check`. clap lives here, in the binary; every
+//! The command line: `serve`, `worker`, `demo`, `keys`, `teams`, `audit`,
+//! `migrate`, `config check`, `plugin check`. clap lives here, in the binary; every
 //! command calls the library.
 
 mod inspect;
@@ -50,6 +50,15 @@ enum Command {
     Teams {
         #[command(subcommand)]
         command: TeamsCommand,
+    },
+    /// Changes to keys and teams, newest first: who, what, when, before and after.
+    Audit {
+        /// Only the changes of this key or team id.
+        #[arg(long)]
+        target: Option<String>,
+        /// How many entries.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
     },
     /// Apply database migrations and exit.
     Migrate,
@@ -153,6 +162,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
         } => demo(config, listen, Duration::from_millis(token_delay_ms)).await,
         Command::Keys { command } => tenants::keys(command, &config).await,
         Command::Teams { command } => tenants::teams(command, &config).await,
+        Command::Audit { target, limit } => tenants::audit(target, limit, &config).await,
         Command::Migrate => inspect::migrate(&config).await,
         Command::Plugin {
             command:

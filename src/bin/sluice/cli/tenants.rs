@@ -298,6 +298,38 @@ pub(super) async fn teams(command: TeamsCommand, config: &Config) -> anyhow::Res
 }
 
 /// Limits in one line: `60 requests/min, 10000 tokens/min, 4 at once, models a, b`.
+/// `sluice audit`: the audit log, newest first.
+pub(super) async fn audit(
+    target: Option<String>,
+    limit: i64,
+    config: &Config,
+) -> anyhow::Result<()> {
+    if !(1..=10_000).contains(&limit) {
+        anyhow::bail!("--limit must be 1 to 10000");
+    }
+    let store = sluice::backends::store::open(&config.store).await?;
+    let query = sluice::backends::store::audit::AuditQuery {
+        before_id: None,
+        target,
+        limit,
+    };
+    println!(
+        "{:<20} {:<32} {:<12} {:<18} changes",
+        "when (UTC)", "who", "what", "which"
+    );
+    for entry in store.audit_entries(&query).await? {
+        println!(
+            "{:<20} {:<32} {:<12} {:<18} {}",
+            entry.at.format("%Y-%m-%d %H:%M:%S"),
+            entry.actor,
+            entry.action,
+            entry.target,
+            entry.changes().join("; ")
+        );
+    }
+    Ok(())
+}
+
 /// One line of standard input, without its line ending.
 fn read_secret() -> anyhow::Result<String> {
     let mut line = String::new();
