@@ -130,7 +130,15 @@ pub async fn page(
 ) -> Page {
     let today = Utc::now().date_naive();
     let to = day(&params.to, "to")?.unwrap_or(today);
-    let from = day(&params.from, "from")?.unwrap_or(to - Duration::days(6));
+    let out_of_range = || bad("the dates are out of range");
+    // The end is exclusive: the day after `to` (checked: dates come from the client).
+    let end = to.succ_opt().ok_or_else(out_of_range)?;
+    let from = match day(&params.from, "from")? {
+        Some(from) => from,
+        None => to
+            .checked_sub_signed(Duration::days(6))
+            .ok_or_else(out_of_range)?,
+    };
     let days = (to - from).num_days() + 1;
     if !(1..=MAX_DAYS).contains(&days) {
         return Err(bad(format!(
@@ -148,10 +156,7 @@ pub async fn page(
     }
     let query = UsageQuery {
         from: from.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc(),
-        to: (to + Duration::days(1))
-            .and_hms_opt(0, 0, 0)
-            .unwrap_or_default()
-            .and_utc(),
+        to: end.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc(),
         granularity,
         group: params.group,
         key_id: non_empty(&params.key),
@@ -352,6 +357,13 @@ mod tests {
 
     #[test]
     fn buckets_read_back_as_times_and_csv_fields_are_safe() {
+        assert!(
+            day("+262142-12-31", "to")
+                .unwrap()
+                .unwrap()
+                .succ_opt()
+                .is_none()
+        );
         assert_eq!(bucket_start("1970-01-02T01"), Some(86_400 + 3600));
         assert_eq!(bucket_start("1970-01-02"), Some(86_400));
         assert_eq!(bucket_start("garbage"), None);
