@@ -19,18 +19,12 @@ pub struct Params {
     before: Option<i64>,
 }
 
-pub struct Entry {
-    pub entry: AuditEntry,
-    /// `field: before → after`, for each field that changed.
-    pub changes: Vec<String>,
-}
-
 #[derive(Template)]
 #[template(path = "audit.html")]
 struct AuditPage {
     layout: Layout,
     target: String,
-    entries: Vec<Entry>,
+    entries: Vec<AuditEntry>,
     older: Option<String>,
 }
 
@@ -56,13 +50,7 @@ pub async fn page(
     html(&AuditPage {
         layout: Layout::new("audit", "Audit log", &signed_in),
         target,
-        entries: entries
-            .into_iter()
-            .map(|entry| Entry {
-                changes: entry.changes(),
-                entry,
-            })
-            .collect(),
+        entries,
         older,
     })
 }

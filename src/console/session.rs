@@ -36,7 +36,6 @@ pub struct Session {
     pub label: String,
     pub csrf: String,
     started: Instant,
-    expires: Instant,
     /// The key the playground made for this session, and its secret.
     pub playground_key: Option<(String, SecretString)>,
 }
@@ -128,11 +127,10 @@ impl Sessions {
             label: id_hash[..8].to_string(),
             csrf: random_token(),
             started: now,
-            expires: now + self.ttl,
             playground_key: None,
         };
         let mut sessions = lock(&self.sessions);
-        sessions.retain(|_, s| s.expires > now);
+        sessions.retain(|_, s| now.duration_since(s.started) < self.ttl);
         if sessions.len() >= self.max
             && let Some(oldest) = sessions
                 .iter()
@@ -151,7 +149,7 @@ impl Sessions {
         let id_hash = hash_secret(id);
         let sessions = lock(&self.sessions);
         let session = sessions.get(&id_hash)?;
-        (session.expires > Instant::now()).then(|| SignedIn {
+        (session.started.elapsed() < self.ttl).then(|| SignedIn {
             id_hash: id_hash.clone(),
             session: session.clone(),
         })

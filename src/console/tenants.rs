@@ -127,6 +127,17 @@ pub struct KeyRow {
     pub limits: String,
 }
 
+impl KeyRow {
+    fn new(key: ApiKey, team: String) -> Self {
+        Self {
+            team,
+            state: state_of(&key),
+            limits: key.limits.to_string(),
+            key,
+        }
+    }
+}
+
 fn state_of(key: &ApiKey) -> &'static str {
     match (key.revoked_at, key.expires_at) {
         (Some(_), _) => "revoked",
@@ -177,11 +188,9 @@ async fn keys_page(
         .await?
         .into_iter()
         .rev()
-        .map(|key| KeyRow {
-            team: team_name(&teams, key.team_id.as_deref()),
-            state: state_of(&key),
-            limits: key.limits.to_string(),
-            key,
+        .map(|key| {
+            let team = team_name(&teams, key.team_id.as_deref());
+            KeyRow::new(key, team)
         })
         .filter(|row| {
             needle.is_empty()
@@ -494,12 +503,7 @@ pub async fn team(
         .await?
         .into_iter()
         .filter(|k| k.team_id.as_deref() == Some(team.id.as_str()))
-        .map(|key| KeyRow {
-            team: team.name.clone(),
-            state: state_of(&key),
-            limits: key.limits.to_string(),
-            key,
-        })
+        .map(|key| KeyRow::new(key, team.name.clone()))
         .collect();
     html(&TeamPage {
         layout: Layout::new("teams", format!("Team {}", team.name), &signed_in),

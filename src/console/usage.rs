@@ -234,8 +234,8 @@ pub async fn page(
     let chart = chart(&rows, &totals, &query);
     let csv = format!(
         "/console/usage?from={from}&to={to}&granularity={}&group={}&key={}&team={}&model={}&format=csv",
-        serde_plain(&granularity),
-        serde_plain(&params.group),
+        granularity.name(),
+        params.group.name(),
         urlencode(&params.key),
         urlencode(&params.team),
         urlencode(&params.model),
@@ -269,18 +269,11 @@ pub async fn page(
 
 impl UsagePage {
     fn unit(&self) -> &'static str {
-        match self.granularity {
-            Granularity::Hour => "hour",
-            Granularity::Day => "day",
-        }
+        self.granularity.name()
     }
 
     fn per(&self) -> &'static str {
-        match self.group {
-            UsageGroup::Key => "key",
-            UsageGroup::Team => "team",
-            UsageGroup::Model => "model",
-        }
+        self.group.name()
     }
 }
 
@@ -326,13 +319,6 @@ fn chart(rows: &[UsageRow], totals: &[Total], query: &UsageQuery) -> Chart {
         series.push(others);
     }
     Chart { buckets, series }
-}
-
-fn serde_plain<T: Serialize>(value: &T) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default()
 }
 
 fn urlencode(text: &str) -> String {

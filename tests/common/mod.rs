@@ -563,6 +563,35 @@ pub mod services;
 #[allow(unused_imports)]
 pub use processes::{Isolated, SimulatorProcess};
 
+/// A completion sent as `key`, as a client sends it.
+pub async fn post_as(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: Value,
+) -> reqwest::Response {
+    http.post(format!("{url}/v1/completions"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A new key with `patch`'s limits, team and expiry, made as the command
+/// line makes it (and audited as such): its secret.
+pub async fn new_key(
+    store: &dyn Store,
+    name: &str,
+    patch: &sluice::tenancy::tenants::KeyPatch,
+) -> String {
+    let actor = sluice::tenancy::audit::Actor::cli();
+    sluice::tenancy::tenants::create_key(store, &actor, name, patch, None)
+        .await
+        .unwrap()
+        .secret
+}
+
 /// The path of a built example plugin (`plugins/wasm/<name>.wasm`), building
 /// the plugins first (scripts/build-plugins.sh) if they are missing.
 pub fn plugin_wasm(name: &str) -> std::path::PathBuf {

@@ -6,7 +6,7 @@
 
 use crate::common::*;
 use serde_json::{Value, json};
-use sluice::tenancy::tenants::{self, KeyPatch};
+use sluice::tenancy::tenants::KeyPatch;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_anthropic_sdk_gets_what_vllm_answers() {
@@ -18,16 +18,7 @@ async fn the_anthropic_sdk_gets_what_vllm_answers() {
         limits: serde_json::from_value(json!({"requests_per_minute": 1})).unwrap(),
         ..KeyPatch::default()
     };
-    let limited = tenants::create_key(
-        gw.store.as_ref(),
-        &sluice::tenancy::audit::Actor::cli(),
-        "limited",
-        &patch,
-        None,
-    )
-    .await
-    .unwrap()
-    .secret;
+    let limited = new_key(gw.store.as_ref(), "limited", &patch).await;
     let result = run_sdk_script(
         &python,
         "anthropic_messages.py",

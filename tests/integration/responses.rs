@@ -366,22 +366,13 @@ async fn an_openai_agents_sdk_agent_runs_its_tool_through_sluice() {
 /// retrieve under its path template, not one series per id).
 #[tokio::test]
 async fn limits_and_metrics_apply_to_the_responses_api() {
-    use sluice::tenancy::tenants::{self, KeyPatch};
+    use sluice::tenancy::tenants::KeyPatch;
     let gw = TestGateway::start().await;
     let patch = KeyPatch {
         limits: serde_json::from_value(json!({"requests_per_minute": 2})).unwrap(),
         ..KeyPatch::default()
     };
-    let limited = tenants::create_key(
-        gw.store.as_ref(),
-        &sluice::tenancy::audit::Actor::cli(),
-        "limited",
-        &patch,
-        None,
-    )
-    .await
-    .unwrap()
-    .secret;
+    let limited = new_key(gw.store.as_ref(), "limited", &patch).await;
     let url = format!("{}/v1/responses", gw.url);
     let body = json!({"model": MODEL, "input": "count me", "max_output_tokens": 2});
     let (status, created) = post_json(&gw.http, &url, &limited, &body).await;

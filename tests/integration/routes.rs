@@ -8,7 +8,7 @@
 
 use crate::common::*;
 use serde_json::{Value, json};
-use sluice::tenancy::tenants::{self, KeyPatch};
+use sluice::tenancy::tenants::KeyPatch;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn openai_sdk_embeddings_match_the_upstream_in_every_shape() {
@@ -298,16 +298,7 @@ async fn an_embedding_is_cached_for_its_key_only_and_a_hit_skips_the_upstream() 
     );
 
     // Another key asking the same is not served from the first key's entry.
-    let other = tenants::create_key(
-        gw.store.as_ref(),
-        &sluice::tenancy::audit::Actor::cli(),
-        "other",
-        &KeyPatch::default(),
-        None,
-    )
-    .await
-    .unwrap()
-    .secret;
+    let other = new_key(gw.store.as_ref(), "other", &KeyPatch::default()).await;
     let (status, answer) = post_json(&gw.http, &url, &other, &body).await;
     stored(&gw, 2.0).await;
     assert_eq!(status, 200);
@@ -322,16 +313,7 @@ async fn embeddings_count_their_usage_against_token_limits_and_are_counted_by_ro
         limits: serde_json::from_value(json!({"tokens_per_minute": 100})).unwrap(),
         ..KeyPatch::default()
     };
-    let key = tenants::create_key(
-        gw.store.as_ref(),
-        &sluice::tenancy::audit::Actor::cli(),
-        "tokens",
-        &patch,
-        None,
-    )
-    .await
-    .unwrap()
-    .secret;
+    let key = new_key(gw.store.as_ref(), "tokens", &patch).await;
     let url = format!("{}/v1/embeddings", gw.url);
     // 40 bytes each: the simulator's tokenizer counts 40 tokens, the
     // gateway's estimate before the answer is 10 (4 bytes a token). Each is

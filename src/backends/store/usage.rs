@@ -27,6 +27,27 @@ pub enum UsageGroup {
     Model,
 }
 
+impl Granularity {
+    /// As the query string and CSV name it: `hour`, `day`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Granularity::Hour => "hour",
+            Granularity::Day => "day",
+        }
+    }
+}
+
+impl UsageGroup {
+    /// As the query string names it: `key`, `team`, `model`.
+    pub fn name(self) -> &'static str {
+        match self {
+            UsageGroup::Key => "key",
+            UsageGroup::Team => "team",
+            UsageGroup::Model => "model",
+        }
+    }
+}
+
 /// A range of the inference log, filtered and grouped.
 #[derive(Debug, Clone)]
 pub struct UsageQuery {

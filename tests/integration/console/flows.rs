@@ -12,13 +12,8 @@ use crate::common::*;
 /// A completion as a client of `key` sends it: its HTTP status.
 async fn call_api(gw: &TestGateway, key: &str, i: usize) -> u16 {
     let body = json!({"model": MODEL, "prompt": format!("console request {i}"), "max_tokens": 3});
-    gw.http
-        .post(gw.completions_url())
-        .bearer_auth(key)
-        .json(&body)
-        .send()
+    post_as(&gw.http, &gw.url, key, body)
         .await
-        .unwrap()
         .status()
         .as_u16()
 }

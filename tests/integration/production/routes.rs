@@ -73,16 +73,7 @@ async fn embeddings_and_tokenize_through_kafka_and_two_workers_match_the_upstrea
         limits: serde_json::from_value(json!({"requests_per_minute": 1})).unwrap(),
         ..Default::default()
     };
-    let limited = sluice::tenancy::tenants::create_key(
-        store.as_ref(),
-        &sluice::tenancy::audit::Actor::cli(),
-        "limited",
-        &patch,
-        None,
-    )
-    .await
-    .unwrap()
-    .secret;
+    let limited = new_key(store.as_ref(), "limited", &patch).await;
     let result = run_sdk_script(
         &python,
         "anthropic_messages.py",

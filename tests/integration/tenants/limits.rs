@@ -200,16 +200,7 @@ async fn an_expired_key_gets_401_and_a_team_limit_holds_across_its_keys() {
         expires_at: Some(Some(chrono::Utc::now() - chrono::Duration::seconds(1))),
         ..KeyPatch::default()
     };
-    let secret = tenants::create_key(
-        store,
-        &sluice::tenancy::audit::Actor::cli(),
-        "old",
-        &expired,
-        None,
-    )
-    .await
-    .unwrap()
-    .secret;
+    let secret = new_key(store, "old", &expired).await;
     let response = post_as(&gw.http, &gw.url, &secret, small(0)).await;
     assert_eq!(response.status(), 401);
     let error: Value = response.json().await.unwrap();
@@ -235,16 +226,7 @@ async fn an_expired_key_gets_401_and_a_team_limit_holds_across_its_keys() {
             team: Some(Some("research".into())),
             ..KeyPatch::default()
         };
-        tenants::create_key(
-            store,
-            &sluice::tenancy::audit::Actor::cli(),
-            name,
-            &patch,
-            None,
-        )
-        .await
-        .unwrap()
-        .secret
+        new_key(store, name, &patch).await
     };
     let (a, b) = (member("alice").await, member("bob").await);
     let mut responses = Vec::new();
@@ -448,16 +430,7 @@ async fn refusals_name_their_scope(gw: TestGateway) {
             limits: serde_json::from_value(limits).unwrap(),
             ..KeyPatch::default()
         };
-        tenants::create_key(
-            store,
-            &sluice::tenancy::audit::Actor::cli(),
-            name,
-            &patch,
-            None,
-        )
-        .await
-        .unwrap()
-        .secret
+        new_key(store, name, &patch).await
     };
     // A key without limits of its own: the team's limit binds, and says so.
     let plain = in_team("plain", json!({})).await;

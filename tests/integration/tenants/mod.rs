@@ -30,30 +30,7 @@ pub(super) async fn key_with(
         limits: serde_json::from_value(limits).unwrap(),
         ..KeyPatch::default()
     };
-    tenants::create_key(
-        store,
-        &sluice::tenancy::audit::Actor::cli(),
-        name,
-        &patch,
-        None,
-    )
-    .await
-    .unwrap()
-    .secret
-}
-
-pub(super) async fn post_as(
-    http: &reqwest::Client,
-    url: &str,
-    key: &str,
-    body: Value,
-) -> reqwest::Response {
-    http.post(format!("{url}/v1/completions"))
-        .bearer_auth(key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
+    new_key(store, name, &patch).await
 }
 
 pub(super) fn small(i: usize) -> Value {
